@@ -1,0 +1,59 @@
+// actsim::graph configuration of what is lowered: the model, the training step, the runtime profile.
+//
+//   ModelConfig m;            // defaults: a small gpt2
+//   m.family = Family::llama;
+//   m.d_ff = default_d_ff(m.family, m.d_model);
+//
+// Values are checked by the scenario loader (sim/scenario), which knows the file and line.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "actsim/graph/types.hpp"
+
+namespace actsim::graph {
+
+enum class Family : uint8_t { gpt2, llama };
+enum class Attention : uint8_t { eager, flash };
+enum class Optimizer : uint8_t { adamw, adam, sgd, sgd_momentum };
+enum class OptimizerImpl : uint8_t { profile_default, for_loop, foreach, fused };
+enum class ProfileId : uint8_t { torch_cuda, torch_cpu };
+
+std::string_view to_string(Family f);
+std::string_view to_string(Attention a);
+std::string_view to_string(Optimizer o);
+std::string_view to_string(OptimizerImpl o);
+std::string_view to_string(ProfileId p);
+
+struct ModelConfig {
+  Family family = Family::gpt2;
+  int64_t vocab_size = 50257;
+  int64_t seq_len = 1024;
+  int64_t d_model = 768;
+  int64_t n_heads = 12;
+  int64_t n_kv_heads = 0;       // 0 = n_heads (no grouped-query attention)
+  int64_t n_layers = 12;
+  int64_t d_ff = 0;             // 0 = default_d_ff(family, d_model)
+  double dropout = 0.0;         // gpt2 only
+  Attention attention = Attention::eager;
+  int tie_embeddings = -1;      // -1 = the family's default (gpt2 tied, llama untied)
+  double rope_theta = 10000.0;
+
+  int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
+  int64_t ff() const;
+  bool tied() const { return tie_embeddings < 0 ? family == Family::gpt2 : tie_embeddings != 0; }
+};
+
+// gpt2: 4d. llama: int(2*4d/3) rounded up to a multiple of 8 (as ../shared/reference/models.py).
+int64_t default_d_ff(Family f, int64_t d_model);
+
+struct TrainingConfig {
+  int64_t batch_size = 8;
+  DType dtype = DType::f32;     // model (parameters, activations) dtype; whole-model cast
+  Optimizer optimizer = Optimizer::adamw;
+  OptimizerImpl optimizer_impl = OptimizerImpl::profile_default;
+  double weight_decay = -1;     // -1 = torch.optim's default for the optimizer
+};
+
+}  // namespace actsim::graph

@@ -1,0 +1,140 @@
+// actsim::graph::Graph — the training-step dataflow graph: ops in execution order over tensors
+// that live in storages (a view aliases its base's storage, so it costs nothing).
+//
+//   Graph g;
+//   StorageId s = g.add_storage({.bytes = 4096, .category = Category::activation});
+//   TensorId t  = g.add_tensor({.name = "x", .shape = {32, 32}, .dtype = DType::f32, .storage = s});
+//   OpId op     = g.add_op({.kind = OpKind::gelu_tanh, .phase = Phase::forward, .outputs = {t}});
+//   g.validate();   // acyclic, each tensor produced once, shapes inside their storages
+//
+// The graph is append-only and frozen after validation; rewrites (checkpointing) build a new one.
+// Analyses keep their results in side tables indexed by the ids, not in node fields.
+#pragma once
+
+#include <deque>
+#include <string>
+#include <vector>
+
+#include "actsim/graph/types.hpp"
+
+namespace actsim::graph {
+
+// Every op kind the lowering, autodiff and optimizer emit. Views cost nothing; everything else
+// that outputs a non-view tensor allocates its storage when it starts.
+enum class OpKind : uint16_t {
+  // forward: creation and data movement
+  arange, ones, triu, eq_scalar, index_rows, embedding, view, copy, stack,
+  // forward: arithmetic
+  add, sub, mul, mul_scalar, div_scalar, add_scalar, pow_scalar, rsqrt, mean_last,
+  mm, addmm, bmm, layer_norm, gelu_tanh, silu, softmax, masked_fill, dropout_noise, native_dropout,
+  flash_attention, log_softmax, nll_loss,
+  // backward
+  backward,     // one autograd node's backward (Op::forward names the op it differentiates)
+  sum_to,       // engine's reduction of a broadcast gradient to its input's shape
+  accumulate,   // gradient accumulation of a tensor with several consumers (InputBuffer / AccumulateGrad)
+  grad_seed,    // loss.backward()'s ones_like(loss)
+  // optimizer
+  optim_update,     // one in-place parameter/state update kernel
+  optim_temp,       // an optimizer temporary (sqrt, division, foreach list)
+  // release of the step's gradients (zero_grad(set_to_none=True))
+  zero_grad,
+  // checkpointing
+  recompute,
+};
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::recompute) + 1;
+std::string_view to_string(OpKind k);
+// Parses an op-kind name as written by to_string; returns false if unknown.
+bool parse_op_kind(std::string_view s, OpKind& out);
+
+struct Storage {
+  int64_t bytes = 0;                       // allocation size in bytes
+  Category category = Category::activation;
+  Location location = Location::device;
+  OpId producer = kNoOp;                   // op that allocates it; kNoOp = exists before the step
+  int32_t layer = -1;                      // block index of the producing op, -1 outside blocks
+  TensorId first = kNoTensor;              // the tensor that created it (names it in reports)
+  bool keep = false;                       // outlives the step (never freed by the engine)
+};
+
+struct Tensor {
+  std::string name;
+  Shape shape;
+  Strides strides;                         // in elements; empty = contiguous
+  int64_t offset = 0;                      // in elements, into the storage
+  DType dtype = DType::f32;
+  StorageId storage{0};
+  OpId producer = kNoOp;                   // op that outputs it; kNoOp = exists before the step
+  bool is_view = false;                    // aliases another tensor's storage
+  bool requires_grad = false;
+};
+
+// How a view op relates its output to its input (and so how its backward maps the gradient).
+enum class ViewKind : uint8_t { none, reshape, transpose, expand, unsqueeze, split, slice, select };
+
+// Small kind-specific parameters of an op.
+struct OpParams {
+  ViewKind view = ViewKind::none;
+  int16_t dim0 = 0, dim1 = 0;              // transpose dims; split/slice/select/unsqueeze dim in dim0
+  int64_t start = 0, step = 1;             // slice start and step; split chunk size in start
+  double scalar = 0;                       // scalar operand (mul_scalar, dropout p, eps, ...)
+};
+
+struct Op {
+  OpKind kind = OpKind::view;
+  Phase phase = Phase::forward;
+  int32_t layer = -1;                      // block index, -1 outside blocks
+  std::string name;                        // e.g. "blocks.3.attn.softmax"
+  std::vector<TensorId> inputs;            // tensors read
+  std::vector<TensorId> outputs;           // tensors produced (new storage, or views)
+  std::vector<TensorId> saved;             // forward ops: tensors autograd keeps for this op's backward
+  std::vector<TensorId> holds;             // kept alive until this op ends without being read
+                                           // (a Python reference going out of scope here)
+  std::vector<TensorId> releases;          // storages explicitly released when this op ends
+                                           // (zero_grad releases the gradients)
+  int64_t workspace_bytes = 0;             // transient bytes, allocated at start, freed at end
+  double flops = 0;                        // floating-point operations
+  int64_t bytes_moved = 0;                 // bytes read + written by the kernel(s)
+  int32_t kernels = 1;                     // kernel launches (launch overhead in the time model)
+  OpId forward = kNoOp;                    // backward/recompute ops: the forward op
+  int32_t stream = 0;                      // 0 = compute
+  OpParams params;
+};
+
+class Graph {
+ public:
+  StorageId add_storage(Storage s);
+  TensorId add_tensor(Tensor t);
+  OpId add_op(Op op);
+
+  const Tensor& tensor(TensorId id) const { return tensors_[index(id)]; }
+  Tensor& tensor(TensorId id) { return tensors_[index(id)]; }
+  const Storage& storage(StorageId id) const { return storages_[index(id)]; }
+  Storage& storage(StorageId id) { return storages_[index(id)]; }
+  const Op& op(OpId id) const { return ops_[index(id)]; }
+  Op& op(OpId id) { return ops_[index(id)]; }
+
+  const std::deque<Tensor>& tensors() const { return tensors_; }
+  const std::deque<Storage>& storages() const { return storages_; }
+  const std::deque<Op>& ops() const { return ops_; }
+  size_t n_ops() const { return ops_.size(); }
+
+  // Bytes of a tensor's own view (numel * dtype size), not of its storage.
+  int64_t view_bytes(TensorId id) const;
+
+  // Checks the invariants (acyclic in execution order, each tensor produced once, every tensor
+  // inside its storage, views alias and own nothing); throws via ACTSIM_ASSERT on a bug.
+  void validate() const;
+  bool is_frozen() const { return frozen_; }
+  void freeze() { validate(); frozen_ = true; }
+
+  int32_t n_layers = 0;                    // number of transformer blocks
+
+ private:
+  // Deques: references stay valid while the graph grows (builders hold them across appends).
+  std::deque<Tensor> tensors_;
+  std::deque<Storage> storages_;
+  std::deque<Op> ops_;
+  bool frozen_ = false;
+};
+
+}  // namespace actsim::graph

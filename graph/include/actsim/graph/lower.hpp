@@ -1,0 +1,34 @@
+// actsim::graph::lower_training_step — one training step of a model family as a graph.
+//
+//   ModelConfig m; TrainingConfig t;
+//   StepGraph s = lower_training_step(m, t, profile(ProfileId::torch_cuda));
+//   s.graph.ops().size();          // forward, backward, optimizer and zero_grad ops, in order
+//
+// The forward mirrors ../shared/reference/models.py op for op (every view, copy, mask, index
+// tensor and scalar); the backward is what PyTorch's autograd engine runs; the optimizer step is
+// torch.optim's implementation for the configured optimizer.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "actsim/graph/config.hpp"
+#include "actsim/graph/graph.hpp"
+#include "actsim/graph/profile.hpp"
+
+namespace actsim::graph {
+
+struct StepGraph {
+  Graph graph;
+  std::vector<TensorId> params;        // model.parameters() order (tied weights once)
+  std::vector<TensorId> param_grads;   // [params]
+  TensorId loss = kNoTensor;
+  OptimizerImpl optimizer_impl = OptimizerImpl::for_loop;  // resolved (never profile_default)
+};
+
+StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof);
+
+// The forward graph alone (params, buffers, inputs and the forward ops up to the loss).
+StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof);
+
+}  // namespace actsim::graph

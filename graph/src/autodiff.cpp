@@ -1,0 +1,454 @@
+// The backward pass as PyTorch's engine (torch/csrc/autograd/engine.cpp) runs it:
+//  - a node per forward op with an input that requires grad; its dependencies are the number of
+//    edges into it from nodes that will run;
+//  - ready nodes run highest sequence number first (ReadyQueue's CompareNodeTaskTime), i.e. the
+//    latest forward op first; AccumulateGrad has the highest priority, so it runs at once;
+//  - a node's incoming gradients and saved tensors are released when it finishes;
+//  - validate_outputs reduces a broadcast gradient with sum_to while the node's inputs are alive;
+//  - InputBuffer::accumulate adds in place when it holds the only reference to the old gradient,
+//    else out of place; AccumulateGrad steals a gradient it holds the only reference to and whose
+//    strides match the parameter's ("gradient layout contract"), else clones it.
+#include "autodiff.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <queue>
+#include <unordered_map>
+
+#include "actsim/graph/error.hpp"
+
+namespace actsim::graph {
+namespace {
+
+struct Slot {
+  TensorId grad = kNoTensor;  // accumulated gradient for this forward output
+};
+
+class Engine {
+ public:
+  Engine(Builder& b, const std::vector<TensorId>& params) : b_(b), g_(b.graph()), params_(params) {
+    param_grad_.assign(params.size(), kNoTensor);
+    param_buf_.assign(params.size(), kNoTensor);
+    param_deps_.assign(params.size(), 0);
+    for (size_t i = 0; i < params.size(); ++i) param_index_[index(params[i])] = i;
+  }
+
+  std::vector<TensorId> run(TensorId loss);
+
+ private:
+  bool is_node(OpId f) const {
+    for (TensorId t : g_.op(f).inputs) {
+      if (g_.tensor(t).requires_grad) return true;
+    }
+    return false;
+  }
+  // The edge an input's gradient flows along: a parameter, or (producer op, output index).
+  struct Edge {
+    bool is_param = false;
+    size_t param = 0;
+    OpId op = kNoOp;
+    size_t out = 0;
+  };
+  bool edge_of(TensorId t, Edge& e) const;
+  TensorId new_grad(const std::string& name, const Shape& shape, DType dt, const Strides& strides = {});
+  TensorId grad_view(TensorId g, const std::string& name, const Shape& shape, const Strides& strides, int64_t off);
+  void run_node(OpId f);
+  void deliver(TensorId grad, TensorId input, std::vector<TensorId>& node_holds);
+  void accumulate(TensorId& buf, TensorId grad, int32_t layer);
+  void accumulate_grad(size_t param);
+  void add_ref(TensorId t) { ++refs_[index(g_.tensor(t).storage)]; }
+  void drop_ref(TensorId t) { --refs_[index(g_.tensor(t).storage)]; }
+  int refs(TensorId t) { return refs_[index(g_.tensor(t).storage)]; }
+
+  Builder& b_;
+  Graph& g_;
+  const std::vector<TensorId>& params_;
+  std::unordered_map<uint32_t, size_t> param_index_;
+  std::vector<TensorId> param_grad_;
+  std::vector<TensorId> param_buf_;                        // AccumulateGrad's InputBuffer
+  std::vector<int> param_deps_;                            // AccumulateGrad's pending edges
+  std::unordered_map<uint32_t, std::vector<Slot>> slots_;  // forward op -> per-output gradient
+  std::unordered_map<uint32_t, int> deps_;                 // forward op -> pending edges
+  std::unordered_map<uint32_t, int> refs_;                 // storage -> live gradient references
+  std::priority_queue<uint32_t> ready_;                    // forward op index: latest first
+};
+
+bool Engine::edge_of(TensorId t, Edge& e) const {
+  const Tensor& tt = g_.tensor(t);
+  if (!tt.requires_grad) return false;
+  if (tt.producer == kNoOp) {
+    auto it = param_index_.find(index(t));
+    ACTSIM_ASSERT(it != param_index_.end(), "leaf requiring grad is not a parameter: " + tt.name);
+    e = {.is_param = true, .param = it->second};
+    return true;
+  }
+  const Op& p = g_.op(tt.producer);
+  for (size_t j = 0; j < p.outputs.size(); ++j) {
+    if (p.outputs[j] == t) {
+      e = {.op = tt.producer, .out = j};
+      return true;
+    }
+  }
+  ACTSIM_ASSERT(false, "tensor not among its producer's outputs");
+  return false;
+}
+
+TensorId Engine::new_grad(const std::string& name, const Shape& shape, DType dt, const Strides& strides) {
+  TensorId t = b_.fresh(name, shape, dt, Category::temporary);
+  if (!strides.empty()) g_.tensor(t).strides = strides;
+  return t;
+}
+
+TensorId Engine::grad_view(TensorId g, const std::string& name, const Shape& shape, const Strides& strides,
+                           int64_t off) {
+  return b_.alias(g, name, shape, strides, off);
+}
+
+std::vector<TensorId> Engine::run(TensorId loss) {
+  // Dependencies: count edges into each node over the nodes reachable from the loss.
+  std::vector<OpId> stack{g_.tensor(loss).producer};
+  std::unordered_map<uint32_t, bool> seen{{index(stack[0]), true}};
+  while (!stack.empty()) {
+    OpId f = stack.back();
+    stack.pop_back();
+    for (TensorId in : g_.op(f).inputs) {
+      Edge e;
+      if (!edge_of(in, e)) continue;
+      if (e.is_param) {
+        ++param_deps_[e.param];
+        continue;
+      }
+      ++deps_[index(e.op)];
+      if (!seen[index(e.op)]) {
+        seen[index(e.op)] = true;
+        stack.push_back(e.op);
+      }
+    }
+  }
+  // loss.backward(): ones_like(loss), held by autograd.backward's grad_tensors until it returns.
+  b_.set_phase(Phase::backward);
+  b_.set_layer(-1);
+  b_.set_scope("");
+  const Tensor& lt = g_.tensor(loss);
+  TensorId seed = new_grad("grad_seed", lt.shape, lt.dtype);
+  b_.emit({.kind = OpKind::grad_seed, .name = "loss.backward.ones_like", .outputs = {seed}, .bytes_moved = 4});
+  OpId root = lt.producer;
+  slots_[index(root)].resize(g_.op(root).outputs.size());
+  slots_[index(root)][0].grad = seed;
+  add_ref(seed);
+  ready_.push(index(root));
+  while (!ready_.empty()) {
+    OpId f{ready_.top()};
+    ready_.pop();
+    run_node(f);
+  }
+  b_.hold_until_last(seed);
+  return param_grad_;
+}
+
+void Engine::run_node(OpId fid) {
+  const Op f = g_.op(fid);  // copy: emitting ops may reallocate the op vector
+  b_.set_layer(f.layer);
+  b_.set_scope(f.name);
+  std::vector<Slot>& slots = slots_[index(fid)];
+  slots.resize(f.outputs.size());
+  TensorId g = slots[0].grad;
+  for (const Slot& s : slots) {
+    if (g == kNoTensor) g = s.grad;
+  }
+  ACTSIM_ASSERT(g != kNoTensor, "node ran without any incoming gradient: " + f.name);
+  auto in = [&](size_t i) -> const Tensor& { return g_.tensor(f.inputs[i]); };
+  auto needs = [&](size_t i) { return i < f.inputs.size() && in(i).requires_grad; };
+  const Tensor gt = g_.tensor(g);
+  const DType dt = gt.dtype;
+  const RuntimeProfile& prof = b_.prof();
+
+  // grads[i]: the gradient this node produces for input i (kNoTensor if none).
+  std::vector<TensorId> grads(f.inputs.size(), kNoTensor);
+  int64_t workspace = 0;
+  int kernels = 1;
+  auto fresh_for = [&](size_t i) { return new_grad(fmt::format("grad_in{}", i), in(i).shape, dt); };
+  switch (f.kind) {
+    case OpKind::view: {
+      const Tensor& x = in(0);
+      kernels = 0;
+      switch (f.params.view) {
+        case ViewKind::reshape: {
+          if (auto st = view_strides(gt.shape, gt.strides, x.shape)) {
+            grads[0] = grad_view(g, "grad_reshape", x.shape, *st, gt.offset);
+          } else {
+            grads[0] = new_grad("grad_reshape", x.shape, dt);
+            kernels = 1;
+          }
+          break;
+        }
+        case ViewKind::transpose: {
+          Shape sh = gt.shape;
+          Strides st = gt.strides;
+          std::swap(sh[f.params.dim0], sh[f.params.dim1]);
+          std::swap(st[f.params.dim0], st[f.params.dim1]);
+          grads[0] = grad_view(g, "grad_transpose", sh, st, gt.offset);
+          break;
+        }
+        case ViewKind::expand:
+          // sum_to(grad, self.sizes()): the gradient itself when nothing was expanded.
+          if (gt.shape == x.shape) {
+            grads[0] = g;
+          } else {
+            grads[0] = new_grad("grad_expand", x.shape, dt);
+            kernels = 1;
+          }
+          break;
+        case ViewKind::unsqueeze: {
+          Shape sh = gt.shape;
+          Strides st = gt.strides;
+          sh.erase(sh.begin() + f.params.dim0);
+          st.erase(st.begin() + f.params.dim0);
+          grads[0] = grad_view(g, "grad_squeeze", sh, st, gt.offset);
+          break;
+        }
+        case ViewKind::split:   // split_backward: cat of the chunks' gradients (zeros if missing)
+        case ViewKind::slice:   // slice_backward: zeros(input) with the slice copied in
+        case ViewKind::select:
+          grads[0] = new_grad("grad_" + std::string(f.params.view == ViewKind::split ? "split" : "slice"),
+                              x.shape, dt);
+          kernels = 1;
+          break;
+        case ViewKind::none: ACTSIM_ASSERT(false, "view op without a view kind");
+      }
+      break;
+    }
+    case OpKind::copy:
+    case OpKind::add_scalar:
+      grads[0] = g;  // CloneBackward0 / AddBackward1 pass the gradient through
+      kernels = 0;
+      break;
+    case OpKind::add:
+      for (size_t i = 0; i < 2; ++i) {
+        if (needs(i)) grads[i] = g;
+      }
+      kernels = 0;
+      break;
+    case OpKind::sub:
+      if (needs(0)) grads[0] = g;
+      if (needs(1)) grads[1] = new_grad("grad_neg", gt.shape, dt);
+      break;
+    case OpKind::mul:
+      // mul_tensor_backward: grad * other (broadcast shape; validate_outputs reduces it)
+      for (size_t i = 0; i < 2; ++i) {
+        if (needs(i)) grads[i] = new_grad(fmt::format("grad_mul{}", i), gt.shape, dt);
+      }
+      kernels = needs(0) + needs(1);
+      break;
+    case OpKind::mm:
+    case OpKind::addmm:
+    case OpKind::bmm: {
+      const size_t a = f.kind == OpKind::addmm ? 1 : 0;
+      if (f.kind == OpKind::addmm && needs(0)) grads[0] = g;  // bias: reduced by validate_outputs
+      for (size_t i = a; i < a + 2; ++i) {
+        if (!needs(i)) continue;
+        const Tensor& x = in(i);
+        // mm_mat{1,2}_backward: a column-major operand gets a column-major gradient.
+        if (f.kind != OpKind::bmm && x.strides[0] == 1 && x.strides[1] == x.shape[0] && x.shape[1] > 1) {
+          grads[i] = new_grad(fmt::format("grad_mm{}", i - a), x.shape, dt, {1, x.shape[0]});
+        } else {
+          grads[i] = fresh_for(i);
+        }
+      }
+      kernels = needs(a) + needs(a + 1);
+      // Transient bytes of the two products (16-bit oneDNN scratchpads on the CPU). The engine
+      // allocates both gradients at the node's start; PyTorch computes mat2's gradient first, so
+      // its scratchpad coexists with one gradient only.
+      const Tensor& x1 = in(a);
+      const Tensor& x2 = in(a + 1);
+      const size_t r = x1.shape.size();
+      const int64_t bs = f.kind == OpKind::bmm ? x1.shape[0] : 1;
+      const int64_t m = x1.shape[r - 2], k = x1.shape[r - 1], n = x2.shape[r - 1];
+      auto colmaj = [](const Tensor& t) {
+        const size_t q = t.shape.size();
+        return t.shape[q - 2] > 1 && t.strides[q - 2] == 1 && t.strides[q - 1] == t.shape[q - 2];
+      };
+      const bool g_contig = is_contiguous(gt.shape, gt.strides);
+      int64_t ws1 = 0, ws2 = 0;
+      if (needs(a)) {  // mat1: grad.mm(mat2.t()) [m x n @ n x k], or mat2.mm(grad.t()).t() if mat1 col-major
+        ws1 = (f.kind != OpKind::bmm && colmaj(x1)) ? prof.matmul_workspace(dt, bs, k, n, m, colmaj(x2))
+                                                   : prof.matmul_workspace(dt, bs, m, n, k, !g_contig && colmaj(gt));
+      }
+      if (needs(a + 1)) {  // mat2: grad.t().mm(mat1).t() if mat2 col-major, else mat1.t().mm(grad)
+        ws2 = (f.kind != OpKind::bmm && colmaj(x2)) ? prof.matmul_workspace(dt, bs, n, m, k, g_contig)
+                                                   : prof.matmul_workspace(dt, bs, k, m, n, !colmaj(x1));
+      }
+      const int64_t g1_bytes = needs(a) ? numel(x1.shape) * dtype_size(dt) : 0;
+      workspace = std::max<int64_t>({0, ws2 - g1_bytes, ws1});
+      break;
+    }
+    case OpKind::layer_norm:
+      for (size_t i = 0; i < 3; ++i) {
+        if (needs(i)) grads[i] = fresh_for(i);
+      }
+      break;
+    case OpKind::embedding:
+    case OpKind::index_rows:
+      if (needs(0)) grads[0] = fresh_for(0);
+      break;
+    case OpKind::stack:
+      // stack_tensors_backward: grad.unbind(dim) -- strided views of the gradient.
+      for (size_t i = 0; i < 2; ++i) {
+        if (!needs(i)) continue;
+        Shape sh = gt.shape;
+        Strides st = gt.strides;
+        int64_t off = gt.offset + static_cast<int64_t>(i) * st.back();
+        sh.pop_back();
+        st.pop_back();
+        grads[i] = grad_view(g, fmt::format("grad_unbind{}", i), sh, st, off);
+      }
+      kernels = 0;
+      break;
+    case OpKind::flash_attention:
+      for (size_t i = 0; i < 3; ++i) {
+        if (needs(i)) grads[i] = fresh_for(i);
+      }
+      break;
+    case OpKind::mul_scalar: case OpKind::div_scalar: case OpKind::pow_scalar: case OpKind::rsqrt:
+    case OpKind::mean_last: case OpKind::gelu_tanh: case OpKind::silu: case OpKind::softmax:
+    case OpKind::log_softmax: case OpKind::masked_fill: case OpKind::native_dropout: case OpKind::nll_loss:
+      if (needs(0)) grads[0] = fresh_for(0);
+      break;
+    default:
+      ACTSIM_ASSERT(false, fmt::format("no backward for op kind {}", to_string(f.kind)));
+  }
+
+  Op op{.kind = OpKind::backward, .name = "backward", .workspace_bytes = workspace, .kernels = kernels,
+        .forward = fid};
+  for (const Slot& s : slots) {
+    if (s.grad != kNoTensor) op.inputs.push_back(s.grad);
+  }
+  for (TensorId t : f.saved) op.inputs.push_back(t);
+  int64_t out_bytes = 0;
+  for (TensorId t : grads) {
+    if (t == kNoTensor) continue;
+    bool listed = false;
+    for (TensorId o : op.outputs) listed = listed || o == t;
+    if (g_.tensor(t).producer == kNoOp && !listed) {
+      op.outputs.push_back(t);
+      if (!g_.tensor(t).is_view) out_bytes += g_.view_bytes(t);
+    }
+  }
+  // Time model inputs: backward of a matmul costs two matmuls; others read/write their tensors.
+  op.flops = (f.kind == OpKind::mm || f.kind == OpKind::addmm || f.kind == OpKind::bmm ||
+              f.kind == OpKind::flash_attention)
+                 ? 2.0 * f.flops
+                 : 2.0 * f.flops;
+  op.bytes_moved = out_bytes + g_.view_bytes(g);
+  for (TensorId t : f.saved) op.bytes_moved += g_.view_bytes(t);
+  if (kernels == 0) op.bytes_moved = 0, op.flops = 0;
+  b_.emit(std::move(op));
+
+  // The node's outputs now reference their storages; its inputs are released after delivery's
+  // sum_to (which runs inside call_function, while they are alive).
+  for (TensorId t : grads) {
+    if (t != kNoTensor) add_ref(t);
+  }
+  std::vector<TensorId> node_holds;
+  for (const Slot& s : slots) {
+    if (s.grad != kNoTensor) node_holds.push_back(s.grad);
+  }
+  for (TensorId t : f.saved) node_holds.push_back(t);
+  std::vector<std::pair<TensorId, TensorId>> outs;  // (grad, input) after reduction
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i] == kNoTensor) continue;
+    TensorId gi = grads[i];
+    const Tensor& x = in(i);
+    if (g_.tensor(gi).shape != x.shape) {
+      // validate_outputs: at::sum_to(grad, metadata.shape()).
+      TensorId r = new_grad(fmt::format("grad_sum_to{}", i), x.shape, dt);
+      b_.emit({.kind = OpKind::sum_to, .name = "sum_to", .inputs = {gi}, .outputs = {r}, .holds = node_holds,
+               .flops = static_cast<double>(numel(g_.tensor(gi).shape)),
+               .bytes_moved = g_.view_bytes(gi) + g_.view_bytes(r)});
+      drop_ref(gi);
+      add_ref(r);
+      gi = r;
+    }
+    outs.emplace_back(gi, f.inputs[i]);
+  }
+  for (const Slot& s : slots) {
+    if (s.grad != kNoTensor) drop_ref(s.grad);
+  }
+  for (auto& [gi, x] : outs) deliver(gi, x, node_holds);
+}
+
+void Engine::accumulate(TensorId& buf, TensorId grad, int32_t layer) {
+  if (buf == kNoTensor) {
+    buf = grad;
+    return;
+  }
+  // InputBuffer::accumulate: in place when the buffer holds the last reference to the old
+  // gradient's storage and it is dense; a view keeps its base alive, so a view never qualifies.
+  const Tensor& old = g_.tensor(buf);
+  bool dense = true;
+  for (int64_t s : old.strides) dense = dense && s != 0;
+  b_.set_layer(layer);
+  if (refs(buf) == 1 && dense && !old.is_view) {
+    b_.emit({.kind = OpKind::accumulate, .name = "grad.add_", .inputs = {buf, grad},
+             .flops = static_cast<double>(numel(old.shape)), .bytes_moved = 3 * g_.view_bytes(grad)});
+    drop_ref(grad);
+    return;
+  }
+  TensorId sum = new_grad("grad_sum", old.shape, old.dtype, dense && !old.is_view ? old.strides : Strides{});
+  b_.emit({.kind = OpKind::accumulate, .name = "grad.add", .inputs = {buf, grad}, .outputs = {sum},
+           .flops = static_cast<double>(numel(old.shape)), .bytes_moved = 3 * g_.view_bytes(grad)});
+  drop_ref(grad);
+  drop_ref(buf);
+  add_ref(sum);
+  buf = sum;
+}
+
+void Engine::accumulate_grad(size_t i) {
+  // AccumulateGrad (torch/csrc/autograd/functions/accumulate_grad.h), first gradient of the step
+  // (zero_grad(set_to_none=True) left .grad empty): steal it when nothing else references it and
+  // its strides match the parameter's (the gradient layout contract), else clone it.
+  TensorId grad = param_buf_[i];
+  TensorId p = params_[i];
+  const Tensor& pt = g_.tensor(p);
+  const Tensor& gt = g_.tensor(grad);
+  b_.set_layer(g_.storage(pt.storage).layer);
+  b_.set_scope("");
+  const bool layout_ok =
+      gt.strides == pt.strides && gt.offset == 0 && g_.storage(gt.storage).bytes == g_.view_bytes(grad);
+  TensorId pg = grad;
+  if (!(refs(grad) == 1 && layout_ok)) {
+    pg = b_.fresh(pt.name + ".grad", pt.shape, pt.dtype, Category::gradient);
+    b_.emit({.kind = OpKind::copy, .name = pt.name + ".grad.clone", .inputs = {grad}, .outputs = {pg},
+             .bytes_moved = 2 * g_.view_bytes(grad)});
+    drop_ref(grad);
+    add_ref(pg);
+  }
+  g_.storage(g_.tensor(pg).storage).category = Category::gradient;
+  g_.tensor(pg).name = pt.name + ".grad";
+  param_grad_[i] = pg;
+}
+
+void Engine::deliver(TensorId grad, TensorId input, std::vector<TensorId>&) {
+  Edge e;
+  if (!edge_of(input, e)) return;
+  if (e.is_param) {
+    accumulate(param_buf_[e.param], grad, g_.storage(g_.tensor(params_[e.param]).storage).layer);
+    // AccumulateGrad has the highest priority in the ready queue: it runs as soon as ready.
+    if (--param_deps_[e.param] == 0) accumulate_grad(e.param);
+    return;
+  }
+  std::vector<Slot>& slots = slots_[index(e.op)];
+  slots.resize(g_.op(e.op).outputs.size());
+  accumulate(slots[e.out].grad, grad, g_.op(e.op).layer);
+  if (--deps_[index(e.op)] == 0) ready_.push(index(e.op));
+}
+
+}  // namespace
+
+std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params) {
+  Engine e(b, params);
+  return e.run(loss);
+}
+
+}  // namespace actsim::graph

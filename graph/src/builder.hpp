@@ -1,0 +1,98 @@
+// Private: a tracer that mirrors PyTorch eager, call for call. Each method appends the op(s) that
+// the corresponding torch call performs, with strides (so a reshape copies exactly when PyTorch's
+// would), and records what autograd saves (the profile's rules). Used by lower.cpp.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "actsim/graph/config.hpp"
+#include "actsim/graph/graph.hpp"
+#include "actsim/graph/profile.hpp"
+
+namespace actsim::graph {
+
+// PyTorch's computeStride: strides to view (shape, strides) as new_shape, or nullopt when a view
+// is impossible and reshape must copy.
+std::optional<Strides> view_strides(const Shape& shape, const Strides& strides, const Shape& new_shape);
+bool is_contiguous(const Shape& shape, const Strides& strides);
+
+class Builder {
+ public:
+  Builder(Graph& g, const RuntimeProfile& p, DType model_dtype) : g_(g), prof_(p), dt_(model_dtype) {}
+
+  // Naming and attribution of the ops that follow.
+  void set_layer(int32_t layer) { layer_ = layer; }
+  void set_scope(std::string scope) { scope_ = std::move(scope); }
+  void set_phase(Phase p) { phase_ = p; }
+  DType model_dtype() const { return dt_; }
+  Graph& graph() { return g_; }
+  const RuntimeProfile& prof() const { return prof_; }
+
+  // Tensors that exist before the step (no producing op).
+  TensorId leaf(const std::string& name, const Shape& shape, DType dt, Category c, bool requires_grad,
+                Location loc = Location::device);
+  // A fresh contiguous tensor in a new storage (output of the op about to be emitted).
+  TensorId fresh(const std::string& name, const Shape& shape, DType dt, Category c = Category::activation);
+  // A view of `base` sharing its storage.
+  TensorId alias(TensorId base, const std::string& name, const Shape& shape, const Strides& strides,
+                 int64_t offset);
+
+  // Appends an op (layer, phase and scope filled in), sets requires_grad on its outputs and the
+  // tensors it saves from the profile's rule.
+  OpId emit(Op op);
+  // The last op emitted holds `t` (a Python local released when the op's frame returns).
+  void hold_until_last(TensorId t);
+
+  // --- views (no memory) -------------------------------------------------------------------
+  TensorId view(TensorId x, const Shape& shape);              // asserts viewable
+  TensorId reshape(TensorId x, const Shape& shape);           // view, or contiguous copy + view
+  TensorId transpose(TensorId x, int d0, int d1);
+  TensorId unsqueeze(TensorId x, int dim);
+  TensorId expand(TensorId x, const Shape& shape);
+  std::vector<TensorId> split(TensorId x, int64_t size, int dim);
+  TensorId slice(TensorId x, int dim, int64_t start, int64_t end, int64_t step);
+  TensorId contiguous(TensorId x);                             // x itself if already contiguous
+
+  // --- ops ----------------------------------------------------------------------------------
+  TensorId arange(int64_t n);
+  TensorId ones_bool(int64_t rows, int64_t cols);
+  TensorId triu(TensorId x, int64_t diagonal);
+  TensorId eq_scalar(TensorId x, double v);
+  TensorId embedding(TensorId weight, TensorId idx);
+  TensorId index_rows(TensorId table, TensorId idx);
+  TensorId binary(OpKind k, TensorId a, TensorId b);          // add, sub, mul (broadcasting)
+  TensorId scalar_op(OpKind k, TensorId x, double s);         // mul_scalar, div_scalar, add_scalar
+  TensorId unary(OpKind k, TensorId x);                       // gelu_tanh, silu, rsqrt, softmax, log_softmax
+  TensorId pow2(TensorId x);
+  TensorId mean_last(TensorId x);                             // mean(-1, keepdim=True)
+  TensorId mm(TensorId a, TensorId b);
+  TensorId addmm(TensorId bias, TensorId a, TensorId b);
+  TensorId bmm(TensorId a, TensorId b);
+  TensorId matmul(TensorId a, TensorId b);                    // at::matmul's decomposition
+  TensorId linear(TensorId x, TensorId w, std::optional<TensorId> b);
+  TensorId layer_norm(TensorId x, TensorId w, TensorId b);
+  TensorId masked_fill(TensorId x, TensorId mask);
+  TensorId dropout(TensorId x, double p);
+  TensorId stack_last(TensorId a, TensorId b);                // torch.stack((a, b), dim=-1)
+  TensorId flash_attention(TensorId q, TensorId k, TensorId v, double p);
+  TensorId cross_entropy(TensorId logits2d, TensorId target1d);  // log_softmax + nll_loss
+
+ private:
+  std::string qualify(const std::string& n) const { return scope_.empty() ? n : scope_ + "." + n; }
+  TensorId view_op(TensorId x, const Shape& shape, const Strides& strides, int64_t offset,
+                   OpParams params, const std::string& what);
+  int64_t bytes(TensorId t) const { return g_.view_bytes(t); }
+  int64_t matmul_ws(TensorId a, int64_t batch, int64_t m, int64_t k, int64_t n) const;
+  const Tensor& T(TensorId t) const { return g_.tensor(t); }
+
+  Graph& g_;
+  const RuntimeProfile& prof_;
+  DType dt_;
+  int32_t layer_ = -1;
+  std::string scope_;
+  Phase phase_ = Phase::forward;
+};
+
+}  // namespace actsim::graph

@@ -1,0 +1,155 @@
+// Save rules of the runtime profiles. Sources are PyTorch's tools/autograd/derivatives.yaml (which
+// tensors each formula reads; sizes, options and scalar types are saved as metadata, not tensors)
+// and the kernels named per row. docs/torch-cuda-rules.md has the long form with quotations.
+#include "actsim/graph/profile.hpp"
+
+#include <array>
+
+namespace actsim::graph {
+namespace {
+
+constexpr int8_t in0 = 0, in1 = 1, in2 = 2;
+constexpr int8_t out0 = kOut + 0, out1 = kOut + 1, out2 = kOut + 2;
+
+// Rules shared by both runtimes (same derivatives.yaml formulas in 1.13 and 2.x).
+#define COMMON_RULES                                                                                \
+  SaveRule{OpKind::embedding, {{in1, in0}}, 1,                                                      \
+           "derivatives.yaml embedding: weight: embedding_backward(grad, indices, ...)"},         \
+      SaveRule{OpKind::index_rows, {{in1, in0}}, 1,                                                 \
+               "derivatives.yaml index.Tensor: self: index_backward(..., indices, grad)"},          \
+      SaveRule{OpKind::mul, {{in1, in0}, {in0, in1}}, 2,                                            \
+               "derivatives.yaml mul.Tensor: self: mul_tensor_backward(grad, other, ...), other: " \
+               "mul_tensor_backward(grad, self, ...); codegen saves each only if the other needs grad"}, \
+      SaveRule{OpKind::pow_scalar, {{in0}}, 1,                                                      \
+               "derivatives.yaml pow.Tensor_Scalar: self: pow_backward(grad, self, exponent)"},     \
+      SaveRule{OpKind::rsqrt, {{out0}}, 1, "derivatives.yaml rsqrt: self: -0.5 * grad * result.pow(3).conj()"}, \
+      SaveRule{OpKind::mm, {{in0, in1}, {in1, in0}}, 2,                                             \
+               "derivatives.yaml mm: self: mm_mat1_backward(grad, mat2, ...), mat2: "              \
+               "mm_mat2_backward(grad, self, ...)"},                                                 \
+      SaveRule{OpKind::addmm, {{in1, in2}, {in2, in1}}, 2,                                          \
+               "derivatives.yaml addmm: mat1: mm_mat1_backward(grad, mat2, ...), mat2: "           \
+               "mm_mat2_backward(grad, mat1, ...); self: maybe_multiply(grad, beta) saves nothing"}, \
+      SaveRule{OpKind::bmm, {{in0, in1}, {in1, in0}}, 2,                                            \
+               "derivatives.yaml bmm: self: grad.bmm(mat2.transpose(1, 2).conj()), mat2: "         \
+               "self.transpose(1, 2).conj().bmm(grad)"},                                             \
+      SaveRule{OpKind::mul_scalar, {{out1, in0}}, 1,                                                \
+               "python_arg_parser wraps a Python number as a 0-dim float64 tensor; derivatives.yaml " \
+               "mul.Tensor: self: mul_tensor_backward(grad, other, ...) keeps it"},                  \
+      SaveRule{OpKind::div_scalar, {{out1, in0}}, 1,                                                \
+               "derivatives.yaml div.Tensor: self: div_tensor_self_backward(grad, other, ...) keeps " \
+               "the wrapped 0-dim float64 `other`"},                                                 \
+      SaveRule{OpKind::gelu_tanh, {{in0}}, 1, "derivatives.yaml gelu: self: gelu_backward(grad, self, approximate)"}, \
+      SaveRule{OpKind::silu, {{in0}}, 1, "derivatives.yaml silu: self: GradMode... silu_backward(grad, self)"}, \
+      SaveRule{OpKind::softmax, {{out0}}, 1,                                                        \
+               "derivatives.yaml _softmax: self: _softmax_backward_data(grad, result, dim, self.scalar_type())"}, \
+      SaveRule{OpKind::log_softmax, {{out0}}, 1,                                                    \
+               "derivatives.yaml _log_softmax: self: _log_softmax_backward_data(grad, result, ...)"}, \
+      SaveRule{OpKind::masked_fill, {{in1}}, 1,                                                     \
+               "derivatives.yaml masked_fill.Scalar: self: grad.masked_fill(mask, 0)"},            \
+      SaveRule{OpKind::nll_loss, {{in0}, {in1}, {out1}}, 3,                                         \
+               "derivatives.yaml nll_loss_forward: self: nll_loss_backward(grad, self, target, "   \
+               "weight, reduction, ignore_index, total_weight)"},                                    \
+      SaveRule{OpKind::flash_attention, {{in0}, {in1}, {in2}, {out0}, {out1}}, 5,                   \
+               "derivatives.yaml _scaled_dot_product_flash_attention: query, key, value: "         \
+               "_scaled_dot_product_flash_attention_backward(grad, query, key, value, output, logsumexp, ...)"}
+
+constexpr std::array kCpuRules{
+    COMMON_RULES,
+    // 1.13 CPU: layer_norm_cpu allocates mean/rstd with X->options() (the input dtype).
+    SaveRule{OpKind::layer_norm, {{in0}, {in1}, {in2}, {out1}, {out2}}, 5,
+             "derivatives.yaml native_layer_norm: native_layer_norm_backward(grad, input, "
+             "normalized_shape, result1, result2, weight, bias, ...); aten/src/ATen/native/"
+             "layer_norm.cpp layer_norm_cpu: mean/rstd = at::empty({M}, X->options())"},
+    // 1.13 CPU dropout: _dropout_impl multiplies by a noise tensor; the mul saves the noise.
+    SaveRule{OpKind::dropout_noise, {}, 0,
+             "aten/src/ATen/native/Dropout.cpp _dropout_impl: noise = at::empty_like(input); "
+             "noise.bernoulli_(1 - p); noise.div_(1 - p); return input * noise"},
+    // 1.13's codegen saves `self` for mean.dim (checked: grad_fn._saved_self on Debian's torch).
+    SaveRule{OpKind::mean_last, {{in0}}, 1,
+             "derivatives.yaml (1.13) mean.dim: self: sum_backward(grad, self.sizes(), dim, keepdim)"
+             " / _safe_size(self.sizes(), dim); generated MeanBackward1 keeps self_"},
+};
+
+constexpr std::array kCudaRules{
+    COMMON_RULES,
+    // CUDA: layer_norm_cuda keeps mean/rstd in acc_type (float32 for half and bfloat16).
+    SaveRule{OpKind::layer_norm, {{in0}, {in1}, {in2}, {out1}, {out2}}, 5,
+             "derivatives.yaml native_layer_norm; aten/src/ATen/native/cuda/layer_norm_kernel.cu "
+             "layer_norm_cuda: mean/rstd = at::empty({M}, X->options().dtype(acc_type))"},
+    SaveRule{OpKind::native_dropout, {{out1}}, 1,
+             "derivatives.yaml native_dropout: input: native_dropout_backward(grad, result1, scale)"
+             "; aten/src/ATen/native/cuda/Dropout.cu: mask is kBool"},
+    SaveRule{OpKind::mean_last, {}, 0,
+             "derivatives.yaml (2.x) mean.dim: self: mean_backward(grad, self.sym_sizes(), dim, "
+             "self.sym_numel(), keepdim) -- sizes and numel only"},
+};
+
+constexpr RuntimeProfile kTorchCuda{
+    .id = ProfileId::torch_cuda,
+    .name = "torch-cuda",
+    .describes = "PyTorch 2.x eager on a CUDA GPU",
+    .dropout = DropoutImpl::bool_mask,
+    .layer_norm_stats_fp32 = true,
+    .mean_saves_input = false,
+    .step_scalar_location = Location::host,
+    .default_impl = OptimizerImpl::foreach,
+    .foreach_adam_two_lists = false,
+    .has_sdpa = true,
+    .bernoulli_int_temp = false,
+    .scalar_location = Location::host,
+    .onednn_bf16_matmul = false,
+    .rules = kCudaRules,
+};
+
+constexpr RuntimeProfile kTorchCpu{
+    .id = ProfileId::torch_cpu,
+    .name = "torch-cpu",
+    .describes = "PyTorch 1.13 eager on the CPU (Debian 12's python3-torch)",
+    .dropout = DropoutImpl::noise_in_model_dtype,
+    .layer_norm_stats_fp32 = false,
+    .mean_saves_input = true,
+    .step_scalar_location = Location::device,
+    .default_impl = OptimizerImpl::for_loop,
+    .foreach_adam_two_lists = true,
+    .has_sdpa = false,
+    .bernoulli_int_temp = false,
+    .scalar_location = Location::device,
+    .onednn_bf16_matmul = true,
+    .rules = kCpuRules,
+};
+
+}  // namespace
+
+const SaveRule* RuntimeProfile::rule(OpKind k) const {
+  for (const SaveRule& r : rules) {
+    if (r.op == k) return &r;
+  }
+  return nullptr;
+}
+
+int64_t RuntimeProfile::matmul_workspace(DType dt, int64_t batch, int64_t m, int64_t k, int64_t n,
+                                         bool a_col_major) const {
+  // torch 1.13 CPU, bfloat16: mkldnn_bf16_gemm is used when batch*m*n*k > 16*16*16
+  // (aten/src/ATen/native/mkldnn/Utils.h use_mkldnn_bf16_matmul). Measured with the CPU
+  // profiler (tests/torch): oneDNN's scratchpad is roundup(k, 32) * 128 + 768 bytes, and a
+  // column-major A is first reordered into a row-major copy of m x roundup(k, 32) bf16 (+128),
+  // one batch slice at a time.
+  if (!onednn_bf16_matmul || dt != DType::bf16 || batch * m * n * k <= 16 * 16 * 16) return 0;
+  const int64_t kp = (k + 31) / 32 * 32;
+  int64_t ws = kp * 128 + 768;
+  if (a_col_major) ws += m * kp * 2 + 128;
+  return ws;
+}
+
+const RuntimeProfile& profile(ProfileId id) {
+  return id == ProfileId::torch_cpu ? kTorchCpu : kTorchCuda;
+}
+
+bool parse_profile(std::string_view name, ProfileId& out) {
+  if (name == "torch-cuda") out = ProfileId::torch_cuda;
+  else if (name == "torch-cpu") out = ProfileId::torch_cpu;
+  else return false;
+  return true;
+}
+
+}  // namespace actsim::graph

@@ -1,0 +1,294 @@
+#include "actsim/sim/engine.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <queue>
+#include <variant>
+
+#include "actsim/graph/error.hpp"
+
+namespace actsim::sim {
+
+using graph::Category;
+using graph::Graph;
+using graph::index;
+using graph::Location;
+using graph::Op;
+using graph::OpKind;
+using graph::Phase;
+
+int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
+  if (op.kernels == 0) return 0;
+  graph::DType dt = graph::DType::f32;
+  if (!op.outputs.empty()) dt = g.tensor(op.outputs[0]).dtype;
+  else if (!op.inputs.empty()) dt = g.tensor(op.inputs[0]).dtype;
+  if (!graph::is_floating(dt)) dt = graph::DType::f32;
+  bool is_matmul = op.kind == OpKind::mm || op.kind == OpKind::addmm || op.kind == OpKind::bmm ||
+                   op.kind == OpKind::flash_attention;
+  if (op.kind == OpKind::backward) {
+    OpKind fk = g.op(op.forward).kind;
+    is_matmul = fk == OpKind::mm || fk == OpKind::addmm || fk == OpKind::bmm || fk == OpKind::flash_attention;
+  }
+  // Elementwise kernels run on the CUDA cores at the fp32 rate; matmuls on the tensor cores
+  // (fp32 matmuls stay fp32: torch.backends.cuda.matmul.allow_tf32 is False by default).
+  const double rate = is_matmul ? d.flops(dt) * d.matmul_efficiency : d.flops_fp32;
+  const double compute_s = rate > 0 ? op.flops / rate : 0;
+  const double memory_s = d.mem_bandwidth > 0 ? static_cast<double>(op.bytes_moved) / d.mem_bandwidth : 0;
+  const double s = std::max(compute_s, memory_s);
+  return static_cast<int64_t>(s * 1e9 + 0.5) + static_cast<int64_t>(op.kernels) * d.launch_overhead_ns;
+}
+
+Plan::Plan(const Graph& g, const DeviceSpec& device) : g_(g) {
+  const size_t n_ops = g.n_ops();
+  const size_t n_st = g.storages().size();
+  use_count_.assign(n_st, 0);
+  // A storage is used by its producer and by every op that reads, holds or releases one of its
+  // tensors (or outputs a view of it); it is freed when the last of those ends.
+  std::vector<uint32_t> last_seen(n_st, UINT32_MAX);
+  alloc_begin_.reserve(n_ops + 1);
+  use_begin_.reserve(n_ops + 1);
+  for (size_t i = 0; i < n_ops; ++i) {
+    const Op& op = g.ops()[i];
+    alloc_begin_.push_back(static_cast<uint32_t>(allocs_.size()));
+    use_begin_.push_back(static_cast<uint32_t>(uses_.size()));
+    auto use = [&](graph::TensorId t) {
+      StorageId s = g.tensor(t).storage;
+      if (last_seen[index(s)] == i) return;
+      last_seen[index(s)] = static_cast<uint32_t>(i);
+      uses_.push_back(s);
+      ++use_count_[index(s)];
+    };
+    for (graph::TensorId t : op.outputs) {
+      const graph::Tensor& tt = g.tensor(t);
+      if (!tt.is_view && g.storage(tt.storage).producer == graph::OpId{static_cast<uint32_t>(i)}) {
+        allocs_.push_back(tt.storage);
+      }
+      use(t);
+    }
+    for (graph::TensorId t : op.inputs) use(t);
+    for (graph::TensorId t : op.holds) use(t);
+    for (graph::TensorId t : op.releases) use(t);
+  }
+  alloc_begin_.push_back(static_cast<uint32_t>(allocs_.size()));
+  use_begin_.push_back(static_cast<uint32_t>(uses_.size()));
+  // Storages that exist before the step stay unless an op releases them (none does today).
+  for (size_t s = 0; s < n_st; ++s) {
+    if (g.storages()[s].producer == graph::kNoOp || g.storages()[s].keep) use_count_[s] = -1;
+  }
+  // Cross-stream dependencies: producers of an op's inputs that run on another stream.
+  dep_begin_.reserve(n_ops + 1);
+  for (size_t i = 0; i < n_ops; ++i) {
+    dep_begin_.push_back(static_cast<uint32_t>(deps_.size()));
+    const Op& op = g.ops()[i];
+    for (graph::TensorId t : op.inputs) {
+      OpId p = g.tensor(t).producer;
+      if (p != graph::kNoOp && g.op(p).stream != op.stream) deps_.push_back(p);
+    }
+  }
+  dep_begin_.push_back(static_cast<uint32_t>(deps_.size()));
+  duration_ns_.resize(n_ops);
+  for (size_t i = 0; i < n_ops; ++i) duration_ns_[i] = op_time_ns(g, g.ops()[i], device);
+}
+
+std::span<const StorageId> Plan::allocs(OpId op) const {
+  return {allocs_.data() + alloc_begin_[index(op)], allocs_.data() + alloc_begin_[index(op) + 1]};
+}
+std::span<const StorageId> Plan::uses(OpId op) const {
+  return {uses_.data() + use_begin_[index(op)], uses_.data() + use_begin_[index(op) + 1]};
+}
+std::span<const OpId> Plan::cross_stream_deps(OpId op) const {
+  return {deps_.data() + dep_begin_[index(op)], deps_.data() + dep_begin_[index(op) + 1]};
+}
+
+namespace {
+
+struct OpStart {
+  OpId op;
+};
+struct OpEnd {
+  OpId op;
+};
+struct Event {
+  int64_t time_ns;
+  uint64_t seq;
+  std::variant<OpStart, OpEnd> what;
+  bool operator>(const Event& o) const { return time_ns != o.time_ns ? time_ns > o.time_ns : seq > o.seq; }
+};
+
+class Engine {
+ public:
+  Engine(const Plan& p, std::span<Observer* const> obs) : p_(p), g_(p.graph()), obs_(obs) {}
+
+  SimResult run();
+
+ private:
+  void push(int64_t t, std::variant<OpStart, OpEnd> w) { q_.push({t, seq_++, w}); }
+  void try_start(int32_t stream, int64_t now);
+  void on(const OpStart& e, int64_t now);
+  void on(const OpEnd& e, int64_t now);
+  void alloc(StorageId s, OpId by, int64_t now);
+  void free(StorageId s, OpId by, int64_t now);
+
+  const Plan& p_;
+  const Graph& g_;
+  std::span<Observer* const> obs_;
+  std::priority_queue<Event, std::vector<Event>, std::greater<>> q_;
+  uint64_t seq_ = 0;
+  SimResult r_;
+  int64_t live_ = 0, host_live_ = 0, mem_events_ = 0, peak_event_ = -1;
+  std::array<int64_t, graph::kNumCategories> live_cat_{};
+  std::vector<int32_t> remaining_;        // [storages] uses left
+  std::vector<int64_t> alloc_ev_, free_ev_;  // [storages] memory-event index (-1 = none)
+  std::vector<std::vector<uint32_t>> stream_ops_;  // per stream, op indices in order
+  std::vector<size_t> stream_next_;
+  std::vector<bool> stream_busy_;
+  std::vector<bool> done_;
+  std::array<uint32_t, 3> last_of_phase_{UINT32_MAX, UINT32_MAX, UINT32_MAX};
+};
+
+void Engine::alloc(StorageId s, OpId by, int64_t now) {
+  const graph::Storage& st = g_.storage(s);
+  alloc_ev_[index(s)] = mem_events_++;
+  if (st.location == Location::host) {
+    host_live_ += st.bytes;
+    r_.host_bytes = std::max(r_.host_bytes, host_live_);
+  } else {
+    live_ += st.bytes;
+    live_cat_[static_cast<size_t>(st.category)] += st.bytes;
+  }
+  for (Observer* o : obs_) o->on_alloc(s, by, now, live_);
+}
+
+void Engine::free(StorageId s, OpId by, int64_t now) {
+  const graph::Storage& st = g_.storage(s);
+  free_ev_[index(s)] = mem_events_++;
+  if (st.location == Location::host) {
+    host_live_ -= st.bytes;
+  } else {
+    live_ -= st.bytes;
+    live_cat_[static_cast<size_t>(st.category)] -= st.bytes;
+  }
+  for (Observer* o : obs_) o->on_free(s, by, now, live_);
+}
+
+void Engine::try_start(int32_t stream, int64_t now) {
+  if (stream_busy_[stream] || stream_next_[stream] >= stream_ops_[stream].size()) return;
+  OpId op{stream_ops_[stream][stream_next_[stream]]};
+  for (OpId d : p_.cross_stream_deps(op)) {
+    if (!done_[index(d)]) return;  // retried when that producer ends
+  }
+  stream_busy_[stream] = true;
+  ++stream_next_[stream];
+  push(now, OpStart{op});
+}
+
+void Engine::on(const OpStart& e, int64_t now) {
+  const Op& op = g_.op(e.op);
+  for (Observer* o : obs_) o->on_op_start(e.op, now);
+  for (StorageId s : p_.allocs(e.op)) alloc(s, e.op, now);
+  if (op.workspace_bytes > 0) {
+    live_ += op.workspace_bytes;
+    live_cat_[static_cast<size_t>(Category::temporary)] += op.workspace_bytes;
+    ++mem_events_;
+    for (Observer* o : obs_) o->on_workspace(e.op, op.workspace_bytes, now, live_);
+  }
+  if (live_ > r_.peak_bytes) {
+    r_.peak_bytes = live_;
+    r_.peak_time_ns = now;
+    r_.peak_op = e.op;
+    r_.peak_phase = op.phase;
+    r_.peak_by_category = live_cat_;
+    peak_event_ = mem_events_ - 1;
+  }
+  push(now + p_.duration_ns(e.op), OpEnd{e.op});
+}
+
+void Engine::on(const OpEnd& e, int64_t now) {
+  const Op& op = g_.op(e.op);
+  if (op.workspace_bytes > 0) {
+    live_ -= op.workspace_bytes;
+    live_cat_[static_cast<size_t>(Category::temporary)] -= op.workspace_bytes;
+    ++mem_events_;
+    for (Observer* o : obs_) o->on_workspace(e.op, -op.workspace_bytes, now, live_);
+  }
+  for (StorageId s : p_.uses(e.op)) {
+    int32_t& left = remaining_[index(s)];
+    if (left > 0 && --left == 0) free(s, e.op, now);
+  }
+  for (Observer* o : obs_) o->on_op_end(e.op, now);
+  done_[index(e.op)] = true;
+  const uint32_t i = index(e.op);
+  if (i == last_of_phase_[0]) r_.live_end_forward = live_, r_.phase_end_ns[0] = now;
+  if (i == last_of_phase_[1]) r_.live_end_backward = live_, r_.phase_end_ns[1] = now;
+  if (i == last_of_phase_[2]) r_.live_end_optimizer = live_, r_.phase_end_ns[2] = now;
+  stream_busy_[op.stream] = false;
+  for (size_t s = 0; s < stream_ops_.size(); ++s) try_start(static_cast<int32_t>(s), now);
+}
+
+SimResult Engine::run() {
+  const size_t n_st = g_.storages().size();
+  remaining_.resize(n_st);
+  alloc_ev_.assign(n_st, -1);
+  free_ev_.assign(n_st, -1);
+  done_.assign(g_.n_ops(), false);
+  for (size_t s = 0; s < n_st; ++s) remaining_[s] = p_.use_count(StorageId{static_cast<uint32_t>(s)});
+  // Parameters, buffers, optimizer state and inputs exist before the step.
+  for (size_t s = 0; s < n_st; ++s) {
+    const graph::Storage& st = g_.storages()[s];
+    if (st.producer != graph::kNoOp) continue;
+    if (st.location == Location::host) {
+      host_live_ += st.bytes;
+    } else {
+      live_ += st.bytes;
+      live_cat_[static_cast<size_t>(st.category)] += st.bytes;
+    }
+  }
+  r_.host_bytes = host_live_;
+  r_.live_step_start = r_.peak_bytes = live_;
+  r_.step_start_by_category = r_.peak_by_category = live_cat_;
+  for (size_t i = 0; i < g_.n_ops(); ++i) {
+    const Op& op = g_.ops()[i];
+    if (static_cast<size_t>(op.stream) >= stream_ops_.size()) stream_ops_.resize(op.stream + 1);
+    stream_ops_[op.stream].push_back(static_cast<uint32_t>(i));
+    if (op.kind != OpKind::zero_grad) last_of_phase_[static_cast<size_t>(op.phase)] = static_cast<uint32_t>(i);
+  }
+  stream_next_.assign(stream_ops_.size(), 0);
+  stream_busy_.assign(stream_ops_.size(), false);
+  for (size_t s = 0; s < stream_ops_.size(); ++s) try_start(static_cast<int32_t>(s), 0);
+  int64_t now = 0;
+  while (!q_.empty()) {
+    Event ev = q_.top();
+    q_.pop();
+    ACTSIM_ASSERT(ev.time_ns >= now, "simulated time went backwards");
+    now = ev.time_ns;
+    ++r_.events;
+    std::visit([&](const auto& e) { on(e, now); }, ev.what);
+  }
+  for (size_t s = 0; s < stream_ops_.size(); ++s) {
+    ACTSIM_ASSERT(stream_next_[s] == stream_ops_[s].size(), "ops left unscheduled (a dependency never ran)");
+  }
+  r_.events += mem_events_;
+  r_.step_time_ns = now;
+  r_.live_end_step = live_;
+  // Storages live at the peak: allocated at or before the peak's event and not freed by then.
+  for (size_t s = 0; s < n_st; ++s) {
+    const graph::Storage& st = g_.storages()[s];
+    if (st.location == Location::host) continue;
+    const bool pre = st.producer == graph::kNoOp;
+    const bool allocated = pre || (alloc_ev_[s] >= 0 && alloc_ev_[s] <= peak_event_);
+    const bool freed = free_ev_[s] >= 0 && free_ev_[s] <= peak_event_;
+    if (allocated && !freed) r_.live_at_peak.push_back(StorageId{static_cast<uint32_t>(s)});
+  }
+  if (r_.peak_op == graph::kNoOp && g_.n_ops() > 0) r_.peak_op = OpId{0};
+  return r_;
+}
+
+}  // namespace
+
+SimResult simulate(const Plan& plan, std::span<Observer* const> observers) {
+  Engine e(plan, observers);
+  return e.run();
+}
+
+}  // namespace actsim::sim

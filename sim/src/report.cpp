@@ -1,0 +1,235 @@
+#include "actsim/sim/report.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <map>
+#include <tuple>
+
+#include "actsim/graph/error.hpp"
+#include "actsim/graph/profile.hpp"
+
+namespace actsim::sim {
+
+using graph::Category;
+using graph::Location;
+
+std::string human_bytes(int64_t b) {
+  const double x = static_cast<double>(b);
+  if (b < 1024) return fmt::format("{} B", b);
+  if (b < 1024 * 1024) return fmt::format("{:.2f} KiB", x / 1024);
+  if (b < 1024LL * 1024 * 1024) return fmt::format("{:.2f} MiB", x / 1048576);
+  return fmt::format("{:.2f} GiB", x / 1073741824);
+}
+
+namespace {
+std::string with_commas(int64_t v) {
+  std::string s = std::to_string(v);
+  for (int i = static_cast<int>(s.size()) - 3; i > (v < 0 ? 1 : 0); i -= 3) s.insert(static_cast<size_t>(i), ",");
+  return s;
+}
+}  // namespace
+
+Analysis analyze(const Scenario& s) {
+  Analysis a;
+  a.scenario = s;
+  a.step = std::make_unique<graph::StepGraph>(
+      graph::lower_training_step(s.model, s.training, graph::profile(s.profile)));
+  a.plan = std::make_unique<Plan>(a.step->graph, s.device);
+  a.result = simulate(*a.plan);
+  const graph::Graph& g = a.step->graph;
+  for (graph::TensorId p : a.step->params) {
+    a.params_bytes += g.storage(g.tensor(p).storage).bytes;
+    a.param_count += graph::numel(g.tensor(p).shape);
+  }
+  for (graph::TensorId t : a.step->param_grads) {
+    if (t != graph::kNoTensor) a.grads_bytes += g.storage(g.tensor(t).storage).bytes;
+  }
+  for (const graph::Storage& st : g.storages()) {
+    if (st.producer != graph::kNoOp) continue;
+    if (st.category == Category::optimizer_state) {
+      (st.location == Location::host ? a.optimizer_host_bytes : a.optimizer_bytes) += st.bytes;
+    }
+    if (st.category == Category::buffer) a.buffers_bytes += st.bytes;
+    if (st.category == Category::input) a.inputs_bytes += st.bytes;
+  }
+  // Saved for backward: each distinct non-parameter device storage, in the block whose op
+  // saves it first (forward order).
+  a.per_layer_saved.assign(static_cast<size_t>(g.n_layers), 0);
+  std::vector<bool> seen(g.storages().size(), false);
+  for (const graph::Op& op : g.ops()) {
+    if (op.phase != graph::Phase::forward) break;
+    for (graph::TensorId t : op.saved) {
+      graph::StorageId sid = g.tensor(t).storage;
+      const graph::Storage& st = g.storage(sid);
+      if (seen[graph::index(sid)] || st.category == Category::parameter || st.location == Location::host) continue;
+      seen[graph::index(sid)] = true;
+      a.saved_bytes += st.bytes;
+      if (op.layer >= 0) a.per_layer_saved[static_cast<size_t>(op.layer)] += st.bytes;
+      else a.outside_saved += st.bytes;
+    }
+  }
+  return a;
+}
+
+int64_t max_batch_size(const Scenario& s) {
+  auto fits = [&](int64_t b) {
+    Scenario t = s;
+    t.training.batch_size = b;
+    graph::StepGraph step = graph::lower_training_step(t.model, t.training, graph::profile(t.profile));
+    Plan plan(step.graph, t.device);
+    return simulate(plan).peak_bytes <= t.device.memory_bytes;
+  };
+  if (!fits(1)) return 0;
+  int64_t lo = 1, hi = 2;
+  while (fits(hi)) {
+    lo = hi;
+    hi *= 2;
+    if (hi > (int64_t{1} << 24)) return lo;
+  }
+  while (hi - lo > 1) {
+    int64_t mid = lo + (hi - lo) / 2;
+    (fits(mid) ? lo : hi) = mid;
+  }
+  return lo;
+}
+
+std::vector<PeakGroup> peak_groups(const Analysis& a) {
+  const graph::Graph& g = a.step->graph;
+  std::map<std::tuple<int, int32_t, std::string>, PeakGroup> groups;
+  for (graph::StorageId sid : a.result.live_at_peak) {
+    const graph::Storage& st = g.storage(sid);
+    std::string op = st.producer == graph::kNoOp ? "(before the step)" : g.op(st.producer).name;
+    auto key = std::make_tuple(static_cast<int>(st.category), st.layer, op);
+    PeakGroup& pg = groups[key];
+    pg.category = st.category;
+    pg.layer = st.layer;
+    pg.op = op;
+    pg.bytes += st.bytes;
+    pg.count += 1;
+  }
+  std::vector<PeakGroup> out;
+  for (auto& [k, v] : groups) out.push_back(v);
+  std::stable_sort(out.begin(), out.end(), [](const PeakGroup& x, const PeakGroup& y) { return x.bytes > y.bytes; });
+  return out;
+}
+
+nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
+  const SimResult& r = a.result;
+  const graph::Graph& g = a.step->graph;
+  const Scenario& s = a.scenario;
+  nlohmann::json j;
+  j["scenario"] = s.name;
+  j["model"] = {{"family", graph::to_string(s.model.family)}, {"vocab_size", s.model.vocab_size},
+                {"seq_len", s.model.seq_len}, {"d_model", s.model.d_model}, {"n_heads", s.model.n_heads},
+                {"n_kv_heads", s.model.kv_heads()}, {"n_layers", s.model.n_layers}, {"d_ff", s.model.ff()},
+                {"dropout", s.model.dropout}, {"attention", graph::to_string(s.model.attention)},
+                {"tie_embeddings", s.model.tied()}};
+  j["training"] = {{"batch_size", s.training.batch_size}, {"dtype", s.training.dtype == graph::DType::f32 ? "fp32"
+                                                                   : s.training.dtype == graph::DType::bf16 ? "bf16"
+                                                                                                             : "fp16"},
+                   {"optimizer", graph::to_string(s.training.optimizer)},
+                   {"optimizer_impl", graph::to_string(a.step->optimizer_impl)}};
+  j["runtime"] = {{"profile", graph::to_string(s.profile)}};
+  j["device"] = {{"name", s.device.name}, {"memory_bytes", s.device.memory_bytes}};
+  j["param_count"] = a.param_count;
+  j["params_bytes"] = a.params_bytes;
+  j["grads_bytes"] = a.grads_bytes;
+  j["optimizer_bytes"] = a.optimizer_bytes;
+  j["optimizer_host_bytes"] = a.optimizer_host_bytes;
+  j["buffers_bytes"] = a.buffers_bytes;
+  j["inputs_bytes"] = a.inputs_bytes;
+  j["activations"] = {{"saved_bytes", a.saved_bytes},
+                      {"per_layer_saved_bytes", a.per_layer_saved},
+                      {"outside_layers_saved_bytes", a.outside_saved}};
+  nlohmann::json by_cat = nlohmann::json::object();
+  for (int c = 0; c < graph::kNumCategories; ++c) {
+    by_cat[std::string(graph::to_string(static_cast<Category>(c)))] = r.peak_by_category[static_cast<size_t>(c)];
+  }
+  const graph::Op& pop = g.op(r.peak_op);
+  nlohmann::json live = nlohmann::json::array();
+  for (const PeakGroup& pg : peak_groups(a)) {
+    live.push_back({{"category", graph::to_string(pg.category)}, {"layer", pg.layer}, {"op", pg.op},
+                    {"bytes", pg.bytes}, {"storages", pg.count}});
+  }
+  j["peak"] = {{"bytes", r.peak_bytes}, {"time_ns", r.peak_time_ns}, {"phase", graph::to_string(r.peak_phase)},
+               {"op", pop.name}, {"layer", pop.layer}, {"by_category", by_cat}, {"live", live}};
+  j["live_bytes"] = {{"step_start", r.live_step_start}, {"end_forward", r.live_end_forward},
+                     {"end_backward", r.live_end_backward}, {"end_optimizer", r.live_end_optimizer},
+                     {"end_step", r.live_end_step}};
+  j["host_bytes"] = r.host_bytes;
+  j["step_time_ns"] = r.step_time_ns;
+  j["phase_end_ns"] = {{"forward", r.phase_end_ns[0]}, {"backward", r.phase_end_ns[1]},
+                       {"optimizer", r.phase_end_ns[2]}};
+  j["events"] = r.events;
+  j["ops"] = g.n_ops();
+  j["fits"] = r.peak_bytes <= s.device.memory_bytes;
+  if (max_batch >= 0) j["max_batch_size"] = max_batch;
+  return j;
+}
+
+std::string to_table(const Analysis& a, int64_t max_batch) {
+  const SimResult& r = a.result;
+  const graph::Graph& g = a.step->graph;
+  const Scenario& s = a.scenario;
+  const auto& m = s.model;
+  std::string out;
+  auto line = [&](const std::string& l) { out += l + "\n"; };
+  const char* dt = s.training.dtype == graph::DType::f32 ? "fp32" : s.training.dtype == graph::DType::bf16 ? "bf16" : "fp16";
+  line(fmt::format("actsim: {} -- {} family, {} layers, d_model {}, {} heads{}, d_ff {}, vocab {}, seq {}",
+                   s.name, graph::to_string(m.family), m.n_layers, m.d_model, m.n_heads,
+                   m.kv_heads() != m.n_heads ? fmt::format(" ({} kv)", m.kv_heads()) : "", m.ff(), m.vocab_size,
+                   m.seq_len));
+  line(fmt::format("        batch {}, {}, {} ({}), attention {}, dropout {}, profile {}, device {} ({})",
+                   s.training.batch_size, dt, graph::to_string(s.training.optimizer),
+                   graph::to_string(a.step->optimizer_impl), graph::to_string(m.attention), m.dropout,
+                   graph::to_string(s.profile), s.device.name, human_bytes(s.device.memory_bytes)));
+  line("");
+  line(fmt::format("  {:<44} {:>14}", "what", "memory"));
+  line(fmt::format("  {:<44} {:>14}", fmt::format("parameters ({} elements)", with_commas(a.param_count)),
+                   human_bytes(a.params_bytes)));
+  line(fmt::format("  {:<44} {:>14}", "gradients", human_bytes(a.grads_bytes)));
+  line(fmt::format("  {:<44} {:>14}", fmt::format("optimizer state ({})", graph::to_string(s.training.optimizer)),
+                   human_bytes(a.optimizer_bytes)));
+  if (a.buffers_bytes) line(fmt::format("  {:<44} {:>14}", "buffers (masks, RoPE tables)", human_bytes(a.buffers_bytes)));
+  line(fmt::format("  {:<44} {:>14}", "activations saved for backward", human_bytes(a.saved_bytes)));
+  const int64_t per_sample = s.training.batch_size > 0 ? a.saved_bytes / s.training.batch_size : 0;
+  line(fmt::format("  {:<44} {:>14}", "  per sample", human_bytes(per_sample)));
+  if (!a.per_layer_saved.empty()) {
+    line(fmt::format("  {:<44} {:>14}", "  per block", human_bytes(a.per_layer_saved[0])));
+    line(fmt::format("  {:<44} {:>14}", "  outside the blocks (embeddings, head, loss)", human_bytes(a.outside_saved)));
+  }
+  line(fmt::format("  {:<44} {:>14}", "peak (everything live on the device)", human_bytes(r.peak_bytes)));
+  const graph::Op& pop = g.op(r.peak_op);
+  line(fmt::format("    at {:.3f} ms in the {} pass, op {}", r.peak_time_ns / 1e6, graph::to_string(r.peak_phase),
+                   pop.name));
+  line("");
+  line("  live bytes: step start " + human_bytes(r.live_step_start) + ", end of forward " +
+       human_bytes(r.live_end_forward) + ", end of backward " + human_bytes(r.live_end_backward) +
+       ", after the optimizer " + human_bytes(r.live_end_optimizer));
+  line(fmt::format("  simulated step time: {:.3f} ms (forward {:.3f}, backward {:.3f}, optimizer {:.3f})",
+                   r.step_time_ns / 1e6, r.phase_end_ns[0] / 1e6, (r.phase_end_ns[1] - r.phase_end_ns[0]) / 1e6,
+                   (r.phase_end_ns[2] - r.phase_end_ns[1]) / 1e6));
+  line("");
+  line("  at the peak, by category:");
+  for (int c = 0; c < graph::kNumCategories; ++c) {
+    int64_t b = r.peak_by_category[static_cast<size_t>(c)];
+    if (b) line(fmt::format("    {:<20} {:>14}", graph::to_string(static_cast<Category>(c)), human_bytes(b)));
+  }
+  line("");
+  line("  top contributors at the peak (category, block, producing op):");
+  auto groups = peak_groups(a);
+  for (size_t i = 0; i < groups.size() && i < 10; ++i) {
+    const PeakGroup& pg = groups[i];
+    line(fmt::format("    {:>12}  {:<16} {:<6} {} ({} storage{})", human_bytes(pg.bytes), graph::to_string(pg.category),
+                     pg.layer >= 0 ? std::to_string(pg.layer) : "-", pg.op, pg.count, pg.count == 1 ? "" : "s"));
+  }
+  if (max_batch >= 0) {
+    line("");
+    line(fmt::format("  largest batch size that fits {} ({}): {}", s.device.name, human_bytes(s.device.memory_bytes),
+                     max_batch));
+  }
+  return out;
+}
+
+}  // namespace actsim::sim

@@ -1,0 +1,340 @@
+#include "actsim/sim/scenario.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <toml++/toml.h>
+#include <variant>
+
+#include "actsim/graph/error.hpp"
+#include "actsim/graph/profile.hpp"
+
+namespace actsim::sim {
+
+using graph::Attention;
+using graph::DType;
+using graph::Family;
+using graph::Optimizer;
+using graph::OptimizerImpl;
+
+const std::vector<std::string>& scenario_keys() {
+  static const std::vector<std::string> keys{
+      "name",
+      "description",
+      "model.family",
+      "model.vocab_size",
+      "model.seq_len",
+      "model.d_model",
+      "model.n_heads",
+      "model.n_kv_heads",
+      "model.n_layers",
+      "model.d_ff",
+      "model.dropout",
+      "model.attention",
+      "model.tie_embeddings",
+      "model.rope_theta",
+      "training.batch_size",
+      "training.dtype",
+      "training.optimizer",
+      "training.optimizer_impl",
+      "training.weight_decay",
+      "runtime.profile",
+      "device.name",
+      "checkpoint.policy",
+  };
+  return keys;
+}
+
+std::string Scenario::where(const std::string& key) const {
+  auto it = origin.find(key);
+  if (it == origin.end()) return key;
+  return it->second + ": " + key;
+}
+
+bool parse_size(const std::string& text, int64_t& bytes) {
+  size_t i = 0;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+  if (i == 0) return false;
+  double v;
+  try {
+    size_t used = 0;
+    v = std::stod(text.substr(0, i), &used);
+    if (used != i) return false;
+  } catch (...) {
+    return false;
+  }
+  std::string unit = text.substr(i);
+  while (!unit.empty() && unit.front() == ' ') unit.erase(0, 1);
+  static const std::pair<const char*, double> units[] = {
+      {"", 1},          {"B", 1},          {"KB", 1e3},         {"MB", 1e6},         {"GB", 1e9},
+      {"TB", 1e12},     {"KiB", 1024.0},   {"MiB", 1048576.0},  {"GiB", 1073741824.0},
+      {"TiB", 1099511627776.0}};
+  for (auto& [u, f] : units) {
+    if (unit == u) {
+      double b = v * f;
+      if (!std::isfinite(b) || b < 0 || b > 9.2e18) return false;
+      if (unit.empty() && text.find('.') != std::string::npos) return false;
+      bytes = static_cast<int64_t>(std::llround(b));
+      return true;
+    }
+  }
+  return false;
+}
+
+namespace {
+
+using Value = std::variant<int64_t, double, bool, std::string>;
+
+std::string type_name(const Value& v) {
+  switch (v.index()) {
+    case 0: return "an integer";
+    case 1: return "a number";
+    case 2: return "a boolean";
+    default: return "a string";
+  }
+}
+
+std::string show(const Value& v) {
+  switch (v.index()) {
+    case 0: return std::to_string(std::get<0>(v));
+    case 1: return fmt::format("{}", std::get<1>(v));
+    case 2: return std::get<2>(v) ? "true" : "false";
+    default: return "\"" + std::get<3>(v) + "\"";
+  }
+}
+
+[[noreturn]] void fail(const std::string& where, const std::string& msg) { throw InputError(where + ": " + msg); }
+
+int64_t as_int(const Value& v, const std::string& where) {
+  if (auto* i = std::get_if<int64_t>(&v)) return *i;
+  fail(where, fmt::format("expected an integer, got {} {}", type_name(v), show(v)));
+}
+double as_num(const Value& v, const std::string& where) {
+  if (auto* i = std::get_if<int64_t>(&v)) return static_cast<double>(*i);
+  if (auto* d = std::get_if<double>(&v)) return *d;
+  fail(where, fmt::format("expected a number, got {} {}", type_name(v), show(v)));
+}
+bool as_bool(const Value& v, const std::string& where) {
+  if (auto* b = std::get_if<bool>(&v)) return *b;
+  fail(where, fmt::format("expected true or false, got {} {}", type_name(v), show(v)));
+}
+std::string as_str(const Value& v, const std::string& where) {
+  if (auto* s = std::get_if<std::string>(&v)) return *s;
+  fail(where, fmt::format("expected a string, got {} {}", type_name(v), show(v)));
+}
+
+template <typename E>
+E pick(const std::string& s, const std::vector<std::pair<std::string, E>>& opts, const std::string& where,
+       const char* what) {
+  std::vector<std::string> names;
+  for (auto& [n, e] : opts) {
+    if (n == s) return e;
+    names.push_back(n);
+  }
+  std::string hint = closest(s, names);
+  fail(where, fmt::format("unknown {} \"{}\"{} (one of: {})", what, s,
+                          hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint), fmt::join(names, ", ")));
+}
+
+void set_key(Scenario& sc, const std::string& key, const Value& v, const std::string& loc) {
+  const std::string where = loc + ": " + key;
+  auto positive = [&](int64_t x) {
+    if (x <= 0) fail(where, fmt::format("must be a positive integer, got {}", x));
+    return x;
+  };
+  auto& m = sc.model;
+  auto& t = sc.training;
+  if (key == "name") sc.name = as_str(v, where);
+  else if (key == "description") (void)as_str(v, where);
+  else if (key == "model.family")
+    m.family = pick<Family>(as_str(v, where), {{"gpt2", Family::gpt2}, {"llama", Family::llama}}, where, "family");
+  else if (key == "model.vocab_size") m.vocab_size = positive(as_int(v, where));
+  else if (key == "model.seq_len") m.seq_len = positive(as_int(v, where));
+  else if (key == "model.d_model") m.d_model = positive(as_int(v, where));
+  else if (key == "model.n_heads") m.n_heads = positive(as_int(v, where));
+  else if (key == "model.n_kv_heads") m.n_kv_heads = positive(as_int(v, where));
+  else if (key == "model.n_layers") m.n_layers = positive(as_int(v, where));
+  else if (key == "model.d_ff") m.d_ff = positive(as_int(v, where));
+  else if (key == "model.dropout") {
+    m.dropout = as_num(v, where);
+    if (!(m.dropout >= 0 && m.dropout < 1)) fail(where, fmt::format("must be in [0, 1), got {}", m.dropout));
+  } else if (key == "model.attention")
+    m.attention = pick<Attention>(as_str(v, where), {{"eager", Attention::eager}, {"flash", Attention::flash}}, where,
+                                  "attention");
+  else if (key == "model.tie_embeddings") m.tie_embeddings = as_bool(v, where) ? 1 : 0;
+  else if (key == "model.rope_theta") {
+    m.rope_theta = as_num(v, where);
+    if (!(m.rope_theta > 0)) fail(where, "must be positive");
+  } else if (key == "training.batch_size") t.batch_size = positive(as_int(v, where));
+  else if (key == "training.dtype")
+    t.dtype = pick<DType>(as_str(v, where), {{"fp32", DType::f32}, {"bf16", DType::bf16}, {"fp16", DType::f16}},
+                          where, "dtype");
+  else if (key == "training.optimizer")
+    t.optimizer = pick<Optimizer>(as_str(v, where),
+                                  {{"adamw", Optimizer::adamw}, {"adam", Optimizer::adam}, {"sgd", Optimizer::sgd},
+                                   {"sgd_momentum", Optimizer::sgd_momentum}},
+                                  where, "optimizer");
+  else if (key == "training.optimizer_impl")
+    t.optimizer_impl = pick<OptimizerImpl>(
+        as_str(v, where),
+        {{"for_loop", OptimizerImpl::for_loop}, {"foreach", OptimizerImpl::foreach}, {"fused", OptimizerImpl::fused}},
+        where, "optimizer implementation");
+  else if (key == "training.weight_decay") {
+    t.weight_decay = as_num(v, where);
+    if (t.weight_decay < 0) fail(where, "must be non-negative");
+  } else if (key == "runtime.profile") {
+    std::string p = as_str(v, where);
+    if (!graph::parse_profile(p, sc.profile)) {
+      pick<int>(p, {{"torch-cuda", 0}, {"torch-cpu", 1}}, where, "runtime profile");
+    }
+  } else if (key == "device.name") sc.device = find_device(as_str(v, where), where);
+  else if (key == "checkpoint.policy") sc.checkpoint_policy = as_str(v, where);
+  else {
+    std::string hint = closest(key, scenario_keys());
+    fail(where, fmt::format("unknown key{}", hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint)));
+  }
+  sc.origin[key] = loc;
+}
+
+std::optional<Value> from_node(const toml::node& n) {
+  if (auto i = n.as_integer()) return Value{i->get()};
+  if (auto d = n.as_floating_point()) return Value{d->get()};
+  if (auto b = n.as_boolean()) return Value{b->get()};
+  if (auto s = n.as_string()) return Value{s->get()};
+  return std::nullopt;
+}
+
+void walk(Scenario& sc, const toml::table& t, const std::string& prefix, const std::string& file) {
+  for (auto&& [k, node] : t) {
+    const std::string key = prefix.empty() ? std::string(k.str()) : prefix + "." + std::string(k.str());
+    const std::string loc = fmt::format("{}:{}", file, node.source().begin.line);
+    if (auto sub = node.as_table()) {
+      bool known_table = false;
+      for (const auto& known : scenario_keys()) known_table = known_table || known.rfind(key + ".", 0) == 0;
+      if (!known_table) {
+        std::string hint = closest(key, {"model", "training", "runtime", "device", "checkpoint"});
+        fail(loc + ": " + key,
+             fmt::format("unknown table{}", hint.empty() ? "" : fmt::format("; did you mean [{}]?", hint)));
+      }
+      walk(sc, *sub, key, file);
+      continue;
+    }
+    auto v = from_node(node);
+    if (!v) fail(loc + ": " + key, "expected a number, boolean or string");
+    set_key(sc, key, *v, loc);
+  }
+}
+
+Value parse_override_value(const std::string& text) {
+  // A TOML scalar if it parses as one (42, 0.1, true, "x"), else the bare text as a string.
+  try {
+    toml::table t = toml::parse("v = " + text);
+    if (auto v = from_node(*t.get("v"))) return *v;
+  } catch (const toml::parse_error&) {
+  }
+  return Value{text};
+}
+
+// Checked product of sizes; false on int64 overflow.
+bool mul_ok(std::initializer_list<int64_t> xs, int64_t& out) {
+  __int128 p = 1;
+  for (int64_t x : xs) {
+    p *= x;
+    if (p > std::numeric_limits<int64_t>::max() / 16) return false;
+  }
+  out = static_cast<int64_t>(p);
+  return true;
+}
+
+void validate(const Scenario& sc) {
+  const auto& m = sc.model;
+  const auto& t = sc.training;
+  if (m.d_model % m.n_heads != 0) {
+    fail(sc.where("model.n_heads"),
+         fmt::format("model.n_heads = {} does not divide model.d_model = {}", m.n_heads, m.d_model));
+  }
+  if (m.n_kv_heads > 0 && m.n_heads % m.n_kv_heads != 0) {
+    fail(sc.where("model.n_kv_heads"),
+         fmt::format("model.n_kv_heads = {} does not divide model.n_heads = {}", m.n_kv_heads, m.n_heads));
+  }
+  if (m.family == Family::gpt2 && m.n_kv_heads > 0 && m.n_kv_heads != m.n_heads) {
+    fail(sc.where("model.n_kv_heads"), "gpt2 has no grouped-query attention (n_kv_heads must equal n_heads)");
+  }
+  if (m.family == Family::llama && m.dropout > 0) {
+    fail(sc.where("model.dropout"), "llama has no dropout (the reference model has none)");
+  }
+  if (m.family == Family::llama && (m.d_model / m.n_heads) % 2 != 0) {
+    fail(sc.where("model.n_heads"),
+         fmt::format("RoPE needs an even head size, d_model / n_heads = {}", m.d_model / m.n_heads));
+  }
+  if (m.attention == Attention::flash && !graph::profile(sc.profile).has_sdpa) {
+    fail(sc.where("model.attention"),
+         "attention = \"flash\" needs runtime.profile = \"torch-cuda\" (PyTorch 1.13 has no "
+         "scaled_dot_product_attention)");
+  }
+  if (t.optimizer_impl == OptimizerImpl::fused && sc.profile == graph::ProfileId::torch_cpu) {
+    fail(sc.where("training.optimizer_impl"), "torch 1.13 on the CPU has no fused optimizers");
+  }
+  // Byte counts of the largest tensors must fit int64 (with room for sums).
+  int64_t x;
+  const int64_t B = t.batch_size, T = m.seq_len, V = m.vocab_size, d = m.d_model, H = m.n_heads;
+  const int64_t ff = m.d_ff > 0 ? m.d_ff : graph::default_d_ff(m.family, d);
+  struct Check {
+    std::initializer_list<int64_t> xs;
+    const char* key;
+    const char* what;
+  };
+  const Check checks[] = {
+      {{B, T, V, 8}, "training.batch_size", "the logits (batch_size x seq_len x vocab_size)"},
+      {{B, H, T, T, 8}, "model.seq_len", "the attention scores (batch_size x n_heads x seq_len^2)"},
+      {{V, d, 8}, "model.vocab_size", "the embedding (vocab_size x d_model)"},
+      {{ff, d, 8, m.n_layers}, "model.d_ff", "the MLP weights (d_ff x d_model x n_layers)"},
+      {{d, d, 16, m.n_layers}, "model.d_model", "the weights (d_model^2 x n_layers)"},
+      {{B, T, ff, 8, m.n_layers}, "training.batch_size", "the activations (batch_size x seq_len x d_ff x n_layers)"},
+      {{T, T, 8, m.n_layers}, "model.seq_len", "the causal masks (seq_len^2 x n_layers)"},
+  };
+  for (const Check& c : checks) {
+    if (!mul_ok(c.xs, x)) fail(sc.where(c.key), fmt::format("byte count of {} overflows int64", c.what));
+  }
+}
+
+}  // namespace
+
+void apply_overrides(Scenario& sc, const std::vector<std::string>& overrides) {
+  for (const std::string& o : overrides) {
+    auto eq = o.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      throw InputError(fmt::format("--set {}: expected KEY=VALUE", o));
+    }
+    std::string key = o.substr(0, eq);
+    set_key(sc, key, parse_override_value(o.substr(eq + 1)), "--set");
+  }
+  validate(sc);
+}
+
+Scenario load_scenario(const std::string& path, const std::vector<std::string>& overrides) {
+  Scenario sc;
+  sc.name = "default";
+  sc.device = find_device("H100-SXM-80GB");
+  if (!path.empty()) {
+    sc.file = path;
+    sc.name = std::filesystem::path(path).stem().string();
+    std::ifstream in(path);
+    if (!in) throw InputError(fmt::format("{}: cannot read the scenario file", path));
+    toml::table t;
+    try {
+      t = toml::parse(in, path);
+    } catch (const toml::parse_error& e) {
+      throw InputError(fmt::format("{}:{}: {}", path, e.source().begin.line, e.description()));
+    }
+    walk(sc, t, "", path);
+  }
+  apply_overrides(sc, overrides);
+  return sc;
+}
+
+}  // namespace actsim::sim
