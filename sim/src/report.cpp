@@ -67,6 +67,12 @@ Analysis analyze(const Scenario& s) {
       a.saved_bytes += st.bytes;
       if (op.layer >= 0) a.per_layer_saved[static_cast<size_t>(op.layer)] += st.bytes;
       else a.outside_saved += st.bytes;
+      if (op.layer == 0) {
+        std::string name = op.name.rfind("blocks.0.", 0) == 0 ? op.name.substr(9) : op.name;
+        const graph::Tensor& tt = g.tensor(st.first);
+        a.block_saved.push_back({name, tt.name.rfind("blocks.0.", 0) == 0 ? tt.name.substr(9) : tt.name, tt.shape,
+                                 tt.dtype, st.bytes});
+      }
     }
   }
   return a;
@@ -139,9 +145,15 @@ nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
   j["optimizer_host_bytes"] = a.optimizer_host_bytes;
   j["buffers_bytes"] = a.buffers_bytes;
   j["inputs_bytes"] = a.inputs_bytes;
+  nlohmann::json block = nlohmann::json::array();
+  for (const auto& it : a.block_saved) {
+    block.push_back({{"op", it.op}, {"tensor", it.tensor}, {"shape", it.shape},
+                     {"dtype", graph::to_string(it.dtype)}, {"bytes", it.bytes}});
+  }
   j["activations"] = {{"saved_bytes", a.saved_bytes},
                       {"per_layer_saved_bytes", a.per_layer_saved},
-                      {"outside_layers_saved_bytes", a.outside_saved}};
+                      {"outside_layers_saved_bytes", a.outside_saved},
+                      {"block_saved", block}};
   nlohmann::json by_cat = nlohmann::json::object();
   for (int c = 0; c < graph::kNumCategories; ++c) {
     by_cat[std::string(graph::to_string(static_cast<Category>(c)))] = r.peak_by_category[static_cast<size_t>(c)];
@@ -216,13 +228,43 @@ std::string to_table(const Analysis& a, int64_t max_batch) {
     int64_t b = r.peak_by_category[static_cast<size_t>(c)];
     if (b) line(fmt::format("    {:<20} {:>14}", graph::to_string(static_cast<Category>(c)), human_bytes(b)));
   }
+  if (!a.block_saved.empty()) {
+    line("");
+    line(fmt::format("  what one block saves for backward ({} per block, largest first):", human_bytes(a.per_layer_saved[0])));
+    auto items = a.block_saved;
+    std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) { return x.bytes > y.bytes; });
+    for (size_t i = 0; i < items.size() && i < 12; ++i) {
+      line(fmt::format("    {:>12}  {:<34} {} {}", human_bytes(items[i].bytes), items[i].op,
+                       graph::to_string(items[i].dtype), graph::shape_string(items[i].shape)));
+    }
+    if (items.size() > 12) {
+      int64_t rest = 0;
+      for (size_t i = 12; i < items.size(); ++i) rest += items[i].bytes;
+      line(fmt::format("    {:>12}  ({} smaller tensors)", human_bytes(rest), items.size() - 12));
+    }
+  }
   line("");
-  line("  top contributors at the peak (category, block, producing op):");
-  auto groups = peak_groups(a);
-  for (size_t i = 0; i < groups.size() && i < 10; ++i) {
-    const PeakGroup& pg = groups[i];
-    line(fmt::format("    {:>12}  {:<16} {:<6} {} ({} storage{})", human_bytes(pg.bytes), graph::to_string(pg.category),
-                     pg.layer >= 0 ? std::to_string(pg.layer) : "-", pg.op, pg.count, pg.count == 1 ? "" : "s"));
+  line("  top contributors at the peak (category, producing op; blocks.* sums over blocks):");
+  // Aggregate the per-layer groups over blocks so that 48 identical rows read as one.
+  std::map<std::pair<int, std::string>, std::pair<int64_t, int64_t>> agg;
+  for (const PeakGroup& pg : peak_groups(a)) {
+    std::string op = pg.op;
+    if (op.rfind("blocks.", 0) == 0) {
+      size_t dot = op.find('.', 7);
+      if (dot != std::string::npos) op = "blocks.*" + op.substr(dot);
+    }
+    if (pg.op == "(before the step)" && pg.layer >= 0) op = "blocks.* (before the step)";
+    auto& v = agg[{static_cast<int>(pg.category), op}];
+    v.first += pg.bytes;
+    v.second += pg.count;
+  }
+  std::vector<std::tuple<int64_t, int, std::string, int64_t>> rows;
+  for (auto& [k, v] : agg) rows.emplace_back(v.first, k.first, k.second, v.second);
+  std::stable_sort(rows.begin(), rows.end(), [](const auto& x, const auto& y) { return std::get<0>(x) > std::get<0>(y); });
+  for (size_t i = 0; i < rows.size() && i < 10; ++i) {
+    auto& [bytes, cat, op, count] = rows[i];
+    line(fmt::format("    {:>12}  {:<16} {} ({} storage{})", human_bytes(bytes),
+                     graph::to_string(static_cast<Category>(cat)), op, count, count == 1 ? "" : "s"));
   }
   if (max_batch >= 0) {
     line("");

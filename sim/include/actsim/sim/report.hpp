@@ -32,6 +32,16 @@ struct Analysis {
   int64_t saved_bytes = 0;                 // distinct non-parameter device storages saved for backward
   std::vector<int64_t> per_layer_saved;    // [n_layers], each storage in the block that first saves it
   int64_t outside_saved = 0;
+  // What one block (block 0; every block saves the same) keeps for backward, one entry per saved
+  // storage: the op that first saves it (name without the "blocks.0." prefix), shape, dtype, bytes.
+  struct SavedItem {
+    std::string op;
+    std::string tensor;
+    graph::Shape shape;
+    graph::DType dtype;
+    int64_t bytes;
+  };
+  std::vector<SavedItem> block_saved;
 };
 
 // Lowers and simulates one scenario.

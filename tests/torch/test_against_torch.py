@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Byte-exact cross-check of actsim's torch-cpu profile against real PyTorch (Debian's 1.13, CPU).
+
+usage: test_against_torch.py ACTSIM_BINARY
+
+For each configuration of a spread (both families, fp32 and bf16, dropout 0 and > 0, GQA, odd
+sizes, every optimizer), runs the reference model with torch through tests/torch/measure.py
+(saved_tensors_hooks for what autograd saves; the CPU profiler's allocation trace for the step) and
+`actsim simulate --json` with runtime.profile=torch-cpu, and requires every figure to be equal to
+the byte: activations.saved_bytes, per-layer and outside-the-blocks saved bytes, params, optimizer
+state, buffers, live bytes at step start / end of forward / end of backward / after the optimizer,
+and the step's peak. A mismatch means a save rule or an allocation model is wrong: fix the rule.
+Exits 77 (skipped) when torch is not importable by /usr/bin/python3.
+"""
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MEASURE = os.path.join(HERE, "measure.py")
+PY = "/usr/bin/python3"
+
+BASE = dict(family="gpt2", vocab_size=97, seq_len=16, d_model=32, n_heads=4, n_layers=2, dropout=0.0,
+            batch_size=2, dtype="fp32", optimizer="adamw", optimizer_impl="for_loop")
+
+SPREAD = [
+    {},
+    {"dropout": 0.1},
+    {"dtype": "bf16"},
+    {"dtype": "bf16", "dropout": 0.1, "optimizer": "sgd_momentum"},
+    {"optimizer": "adam"},
+    {"optimizer": "sgd"},
+    {"optimizer_impl": "foreach"},
+    {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3},
+    {"family": "llama"},
+    {"family": "llama", "n_kv_heads": 2},
+    {"family": "llama", "dtype": "bf16", "n_kv_heads": 1},
+    {"family": "llama", "dtype": "bf16", "optimizer_impl": "foreach"},
+    {"family": "llama", "vocab_size": 89, "seq_len": 11, "d_model": 40, "n_heads": 10, "n_kv_heads": 5,
+     "n_layers": 3, "batch_size": 3, "d_ff": 56},
+    {"family": "llama", "vocab_size": 89, "seq_len": 20, "d_model": 48, "n_heads": 6, "n_kv_heads": 2,
+     "n_layers": 2, "batch_size": 1, "dtype": "bf16"},
+    {"family": "gpt2", "vocab_size": 211, "seq_len": 40, "d_model": 64, "n_heads": 8, "n_layers": 1,
+     "batch_size": 4, "dropout": 0.2, "dtype": "bf16"},
+]
+
+MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout"]
+TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
+
+
+def run_json(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
+    return json.loads(p.stdout)
+
+
+def check(actsim, overrides):
+    cfg = dict(BASE, **overrides)
+    kv = [f"{k}={v}" for k, v in cfg.items()]
+    sets = ["--set", "runtime.profile=torch-cpu"]
+    for k in MODEL_KEYS:
+        if k in cfg:
+            sets += ["--set", f"model.{k}={cfg[k]}"]
+    for k in TRAIN_KEYS:
+        sets += ["--set", f"training.{k}={cfg[k]}"]
+    a = run_json([actsim, "simulate", "--json", "--no-fit"] + sets)
+    s = run_json([PY, MEASURE, "--mode", "saved"] + kv)
+    m = run_json([PY, MEASURE, "--mode", "memory"] + kv)
+    pairs = [
+        ("activations.saved_bytes", a["activations"]["saved_bytes"], s["saved_bytes"]),
+        ("activations.per_layer_saved_bytes", a["activations"]["per_layer_saved_bytes"], s["per_layer_saved_bytes"]),
+        ("activations.outside_layers_saved_bytes", a["activations"]["outside_layers_saved_bytes"],
+         s["outside_layers_saved_bytes"]),
+        ("params_bytes", a["params_bytes"], m["params_bytes"]),
+        ("optimizer_bytes", a["optimizer_bytes"], m["optimizer_bytes"]),
+        ("buffers_bytes", a["buffers_bytes"], m["buffers_bytes"]),
+        ("inputs_bytes", a["inputs_bytes"], m["inputs_bytes"]),
+        ("live_bytes.step_start", a["live_bytes"]["step_start"], m["live_bytes"]["step_start"]),
+        ("live_bytes.end_forward", a["live_bytes"]["end_forward"], m["live_bytes"]["end_forward"]),
+        ("live_bytes.end_backward", a["live_bytes"]["end_backward"], m["live_bytes"]["end_backward"]),
+        ("live_bytes.end_optimizer", a["live_bytes"]["end_optimizer"], m["live_bytes"]["end_optimizer"]),
+        ("live_bytes.end_step", a["live_bytes"]["end_step"], m["live_bytes"]["after_zero_grad"]),
+        ("peak.bytes", a["peak"]["bytes"], m["peak"]["bytes"]),
+        ("peak.phase", a["peak"]["phase"], m["peak"]["phase"]),
+    ]
+    bad = [f"{name}: actsim {x} != torch {y}" for name, x, y in pairs if x != y]
+    label = " ".join(f"{k}={v}" for k, v in overrides.items()) or "(base)"
+    return label, bad, a["peak"]["bytes"]
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    actsim = sys.argv[1]
+    probe = subprocess.run([PY, "-c", "import torch"], capture_output=True)
+    if probe.returncode != 0:
+        print("skipped: /usr/bin/python3 cannot import torch (apt-get install python3-torch)")
+        return 77
+    passed = failed = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
+        for label, bad, peak in ex.map(lambda o: check(actsim, o), SPREAD):
+            if bad:
+                failed += 1
+                print(f"FAIL {label}")
+                for b in bad:
+                    print(f"     {b}")
+            else:
+                passed += 1
+                print(f"ok   {label}: every figure equal to the byte (peak {peak} B)")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
