@@ -54,7 +54,7 @@ class Engine {
   TensorId new_grad(const std::string& name, const Shape& shape, DType dt, const Strides& strides = {});
   TensorId grad_view(TensorId g, const std::string& name, const Shape& shape, const Strides& strides, int64_t off);
   void run_node(OpId f);
-  void deliver(TensorId grad, TensorId input, std::vector<TensorId>& node_holds);
+  void deliver(TensorId grad, TensorId input);
   void accumulate(TensorId& buf, TensorId grad, int32_t layer);
   void accumulate_grad(size_t param);
   void add_ref(TensorId t) { ++refs_[index(g_.tensor(t).storage)]; }
@@ -335,11 +335,9 @@ void Engine::run_node(OpId fid) {
       if (!g_.tensor(t).is_view) out_bytes += g_.view_bytes(t);
     }
   }
-  // Time model inputs: backward of a matmul costs two matmuls; others read/write their tensors.
-  op.flops = (f.kind == OpKind::mm || f.kind == OpKind::addmm || f.kind == OpKind::bmm ||
-              f.kind == OpKind::flash_attention)
-                 ? 2.0 * f.flops
-                 : 2.0 * f.flops;
+  // Time model inputs: a backward costs about twice its forward (two matmuls for a matmul's two
+  // gradients; elementwise kernels read the gradient and the saved tensors).
+  op.flops = 2.0 * f.flops;
   op.bytes_moved = out_bytes + g_.view_bytes(g);
   for (TensorId t : f.saved) op.bytes_moved += g_.view_bytes(t);
   if (kernels == 0) op.bytes_moved = 0, op.flops = 0;
@@ -375,7 +373,7 @@ void Engine::run_node(OpId fid) {
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) drop_ref(s.grad);
   }
-  for (auto& [gi, x] : outs) deliver(gi, x, node_holds);
+  for (auto& [gi, x] : outs) deliver(gi, x);
 }
 
 void Engine::accumulate(TensorId& buf, TensorId grad, int32_t layer) {
@@ -429,7 +427,7 @@ void Engine::accumulate_grad(size_t i) {
   param_grad_[i] = pg;
 }
 
-void Engine::deliver(TensorId grad, TensorId input, std::vector<TensorId>&) {
+void Engine::deliver(TensorId grad, TensorId input) {
   Edge e;
   if (!edge_of(input, e)) return;
   if (e.is_param) {

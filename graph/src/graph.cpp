@@ -157,10 +157,11 @@ void Graph::validate() const {
   G g(ops_.size());
   for (size_t i = 0; i < ops_.size(); ++i) {
     const Op& op = ops_[i];
-    for (const auto* list : {&op.inputs, &op.holds}) {
+    for (const auto* list : {&op.inputs, &op.holds, &op.saved, &op.releases}) {
       for (TensorId t : *list) {
         OpId p = tensors_.at(index(t)).producer;
-        if (p == kNoOp) continue;  // exists before the step
+        if (p == kNoOp) continue;                                   // exists before the step
+        if (list == &op.saved && index(p) == i) continue;           // an op may save its own output
         ACTSIM_ASSERT(index(p) < i, fmt::format("op {} reads {} before it is produced", op.name,
                                                  tensors_[index(t)].name));
         boost::add_edge(index(p), i, g);

@@ -466,21 +466,24 @@ void check_config(const ModelConfig& m, const RuntimeProfile& prof) {
 
 }  // namespace
 
-StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof) {
+namespace {
+void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
   check_config(model, prof);
-  Lowering l(model, training, prof);
   if (model.family == Family::gpt2) l.gpt2();
   else l.llama();
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
+}
+}  // namespace
+
+StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof) {
+  Lowering l(model, training, prof);
+  lower_model(l, model, prof);
   return std::move(l.out);
 }
 
 StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof) {
-  check_config(model, prof);
   Lowering l(model, training, prof);
-  if (model.family == Family::gpt2) l.gpt2();
-  else l.llama();
-  l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
+  lower_model(l, model, prof);
   l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params);
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;

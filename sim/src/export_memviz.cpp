@@ -148,6 +148,12 @@ struct Segment {
   bool is_small = false;
   std::map<int64_t, int64_t> free;    // offset -> bytes, coalesced
   std::map<int64_t, Block> used;      // offset -> block
+  int64_t max_free = 0;               // largest free range: lets first-fit skip full segments
+
+  void update_max_free() {
+    max_free = 0;
+    for (const auto& [off, n] : free) max_free = std::max(max_free, n);
+  }
 };
 
 class Placer {
@@ -157,13 +163,14 @@ class Placer {
     const int64_t size = round_up(std::max<int64_t>(requested, 1), kMinBlockSize);
     const bool small = size <= kSmallSize;
     for (auto& [addr, seg] : segs_) {
-      if (seg.is_small != small) continue;
+      if (seg.is_small != small || seg.max_free < size) continue;
       for (auto it = seg.free.begin(); it != seg.free.end(); ++it) {
         if (it->second < size) continue;
         const int64_t off = it->first, left = it->second - size;
         seg.free.erase(it);
         if (left > 0) seg.free.emplace(off + size, left);
         seg.used.emplace(off, Block{size, requested, owner});
+        seg.update_max_free();
         *new_segment = {0, 0};
         return addr + off;
       }
@@ -176,6 +183,7 @@ class Placer {
     seg.is_small = small;
     seg.used.emplace(0, Block{size, requested, owner});
     if (seg_size > size) seg.free.emplace(size, seg_size - size);
+    seg.update_max_free();
     *new_segment = {addr, seg_size};
     return addr;
   }
@@ -203,6 +211,7 @@ class Placer {
         seg.free.erase(it);
       }
     }
+    seg.update_max_free();
     *freed_segment = {0, 0};
     if (seg.used.empty()) {
       *freed_segment = {sit->first, seg.size};
@@ -272,14 +281,11 @@ std::string memviz_pickle(const Analysis& a, const Timeline& t, int64_t max_even
     return owner >= 0 ? g.storages()[static_cast<size_t>(owner)].category : Category::temporary;
   };
 
-  // Storages that exist before the step: placed first, not in the trace.
+  // Storages that exist before the step: placed first, not in the trace; never merged (they cost
+  // no trace entries, and the viewer needs them as its baseline).
   for (size_t s = 0; s < g.storages().size(); ++s) {
     const graph::Storage& st = g.storages()[s];
     if (st.producer != graph::kNoOp || st.location == graph::Location::host || st.bytes <= 0) continue;
-    if (st.bytes < threshold) {
-      ++omitted;
-      continue;
-    }
     std::pair<int64_t, int64_t> seg;
     addr[s] = placer.alloc(st.bytes, static_cast<int64_t>(s), &seg);
   }

@@ -175,12 +175,26 @@ std::string chart(const Analysis& a, const Timeline& t) {
                  px, py, f.top + f.plot_h(), lx, std::max(f.top + 14, py + 16), label_left ? "end" : "start",
                  html_escape(human_bytes(r.peak_bytes)), html_escape(fmt_time(r.peak_time_ns)), html_escape(pop.name),
                  graph::to_string(r.peak_phase));
-  const std::vector<PeakGroup> groups = peak_groups(a);
-  for (size_t k = 0; k < groups.size() && k < 3; ++k) {
-    const PeakGroup& pg = groups[k];
-    fmt::format_to(out, "<tspan x=\"{:.1f}\" dy=\"14\">{}: {}{} ({}x), {}</tspan>", lx, graph::to_string(pg.category),
-                   html_escape(pg.op), pg.layer >= 0 ? fmt::format(" [layer {}]", pg.layer) : "", pg.count,
-                   html_escape(human_bytes(pg.bytes)));
+  // Top contributors: the largest categories, then the largest groups made during the step.
+  std::array<int, graph::kNumCategories> order{};
+  for (int c = 0; c < graph::kNumCategories; ++c) order[static_cast<size_t>(c)] = c;
+  std::stable_sort(order.begin(), order.end(), [&](int x, int y) {
+    return r.peak_by_category[static_cast<size_t>(x)] > r.peak_by_category[static_cast<size_t>(y)];
+  });
+  for (size_t k = 0; k < 3; ++k) {
+    const int64_t b = r.peak_by_category[static_cast<size_t>(order[k])];
+    if (b == 0) break;
+    fmt::format_to(out, "<tspan x=\"{:.1f}\" dy=\"14\">{}: {} ({:.0f}%)</tspan>", lx,
+                   graph::to_string(static_cast<Category>(order[k])), html_escape(human_bytes(b)),
+                   100.0 * static_cast<double>(b) / static_cast<double>(std::max<int64_t>(1, r.peak_bytes)));
+  }
+  int shown = 0;
+  for (const PeakGroup& pg : peak_groups(a)) {
+    if (pg.op == "(before the step)") continue;
+    if (++shown > 3) break;
+    fmt::format_to(out, "<tspan x=\"{:.1f}\" dy=\"14\" fill=\"#444\">  {} from {}{} ({}x): {}</tspan>", lx,
+                   graph::to_string(pg.category), html_escape(pg.op),
+                   pg.layer >= 0 ? fmt::format(" [layer {}]", pg.layer) : "", pg.count, html_escape(human_bytes(pg.bytes)));
   }
   o += "</text>\n";
   // Legend.

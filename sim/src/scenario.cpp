@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -239,66 +240,95 @@ Value parse_override_value(const std::string& text) {
   return Value{text};
 }
 
-// Checked product of sizes; false on int64 overflow.
-bool mul_ok(std::initializer_list<int64_t> xs, int64_t& out) {
+// Whether the product of positive sizes fits int64 with room for sums (a factor of 16).
+bool fits_int64(const std::vector<int64_t>& xs) {
   __int128 p = 1;
   for (int64_t x : xs) {
     p *= x;
     if (p > std::numeric_limits<int64_t>::max() / 16) return false;
   }
-  out = static_cast<int64_t>(p);
   return true;
+}
+
+// Where to report a constraint between keys: the first of `keys` that the user set (file:line or
+// --set), so the message points at their input; the first key when all are defaults.
+std::string blame(const Scenario& sc, std::initializer_list<const char*> keys) {
+  for (const char* k : keys) {
+    if (sc.origin.count(k)) return sc.where(k);
+  }
+  return sc.where(*keys.begin());
 }
 
 void validate(const Scenario& sc) {
   const auto& m = sc.model;
+  // The graph has ~100 ops per block; beyond this a run would take minutes and gigabytes.
+  constexpr int64_t kMaxLayers = 20000;
+  if (m.n_layers > kMaxLayers) {
+    fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
+  }
   const auto& t = sc.training;
   if (m.d_model % m.n_heads != 0) {
-    fail(sc.where("model.n_heads"),
+    fail(blame(sc, {"model.n_heads", "model.d_model"}),
          fmt::format("model.n_heads = {} does not divide model.d_model = {}", m.n_heads, m.d_model));
   }
   if (m.n_kv_heads > 0 && m.n_heads % m.n_kv_heads != 0) {
-    fail(sc.where("model.n_kv_heads"),
+    fail(blame(sc, {"model.n_kv_heads", "model.n_heads"}),
          fmt::format("model.n_kv_heads = {} does not divide model.n_heads = {}", m.n_kv_heads, m.n_heads));
   }
   if (m.family == Family::gpt2 && m.n_kv_heads > 0 && m.n_kv_heads != m.n_heads) {
-    fail(sc.where("model.n_kv_heads"), "gpt2 has no grouped-query attention (n_kv_heads must equal n_heads)");
+    fail(blame(sc, {"model.n_kv_heads", "model.family", "model.n_heads"}), "gpt2 has no grouped-query attention (n_kv_heads must equal n_heads)");
   }
   if (m.family == Family::llama && m.dropout > 0) {
-    fail(sc.where("model.dropout"), "llama has no dropout (the reference model has none)");
+    fail(blame(sc, {"model.dropout", "model.family"}), "llama has no dropout (the reference model has none)");
   }
   if (m.family == Family::llama && (m.d_model / m.n_heads) % 2 != 0) {
-    fail(sc.where("model.n_heads"),
+    fail(blame(sc, {"model.n_heads", "model.d_model", "model.family"}),
          fmt::format("RoPE needs an even head size, d_model / n_heads = {}", m.d_model / m.n_heads));
   }
   if (m.attention == Attention::flash && !graph::profile(sc.profile).has_sdpa) {
-    fail(sc.where("model.attention"),
+    fail(blame(sc, {"model.attention", "runtime.profile"}),
          "attention = \"flash\" needs runtime.profile = \"torch-cuda\" (PyTorch 1.13 has no "
          "scaled_dot_product_attention)");
   }
   if (t.optimizer_impl == OptimizerImpl::fused && sc.profile == graph::ProfileId::torch_cpu) {
-    fail(sc.where("training.optimizer_impl"), "torch 1.13 on the CPU has no fused optimizers");
+    fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }
-  // Byte counts of the largest tensors must fit int64 (with room for sums).
-  int64_t x;
-  const int64_t B = t.batch_size, T = m.seq_len, V = m.vocab_size, d = m.d_model, H = m.n_heads;
+  // Byte counts of the largest tensors must fit int64 (with room for sums). An overflow is
+  // reported at the largest factor the user set: that is the value to fix.
+  const int64_t B = t.batch_size, T = m.seq_len, V = m.vocab_size, d = m.d_model, H = m.n_heads, L = m.n_layers;
   const int64_t ff = m.d_ff > 0 ? m.d_ff : graph::default_d_ff(m.family, d);
-  struct Check {
-    std::initializer_list<int64_t> xs;
+  const char* ff_key = m.d_ff > 0 ? "model.d_ff" : "model.d_model";
+  struct Factor {
+    int64_t value;
     const char* key;
+  };
+  struct Check {
+    std::initializer_list<Factor> factors;
+    int64_t bytes_per_element;
     const char* what;
   };
   const Check checks[] = {
-      {{B, T, V, 8}, "training.batch_size", "the logits (batch_size x seq_len x vocab_size)"},
-      {{B, H, T, T, 8}, "model.seq_len", "the attention scores (batch_size x n_heads x seq_len^2)"},
-      {{V, d, 8}, "model.vocab_size", "the embedding (vocab_size x d_model)"},
-      {{ff, d, 8, m.n_layers}, "model.d_ff", "the MLP weights (d_ff x d_model x n_layers)"},
-      {{d, d, 16, m.n_layers}, "model.d_model", "the weights (d_model^2 x n_layers)"},
-      {{B, T, ff, 8, m.n_layers}, "training.batch_size", "the activations (batch_size x seq_len x d_ff x n_layers)"},
-      {{T, T, 8, m.n_layers}, "model.seq_len", "the causal masks (seq_len^2 x n_layers)"},
+      {{{B, "training.batch_size"}, {T, "model.seq_len"}, {V, "model.vocab_size"}}, 8,
+       "the logits (batch_size x seq_len x vocab_size)"},
+      {{{B, "training.batch_size"}, {H, "model.n_heads"}, {T, "model.seq_len"}, {T, "model.seq_len"}}, 8,
+       "the attention scores (batch_size x n_heads x seq_len^2)"},
+      {{{V, "model.vocab_size"}, {d, "model.d_model"}}, 8, "the embedding (vocab_size x d_model)"},
+      {{{ff, ff_key}, {d, "model.d_model"}, {L, "model.n_layers"}}, 8, "the MLP weights (d_ff x d_model x n_layers)"},
+      {{{d, "model.d_model"}, {d, "model.d_model"}, {L, "model.n_layers"}}, 16, "the weights (d_model^2 x n_layers)"},
+      {{{B, "training.batch_size"}, {T, "model.seq_len"}, {ff, ff_key}, {L, "model.n_layers"}}, 8,
+       "the activations (batch_size x seq_len x d_ff x n_layers)"},
+      {{{T, "model.seq_len"}, {T, "model.seq_len"}, {L, "model.n_layers"}}, 8, "the causal masks (seq_len^2 x n_layers)"},
   };
   for (const Check& c : checks) {
-    if (!mul_ok(c.xs, x)) fail(sc.where(c.key), fmt::format("byte count of {} overflows int64", c.what));
+    std::vector<int64_t> xs{c.bytes_per_element};
+    for (const Factor& f : c.factors) xs.push_back(f.value);
+    if (fits_int64(xs)) continue;
+    const Factor* culprit = nullptr;
+    for (const Factor& f : c.factors) {
+      if (sc.origin.count(f.key) && (!culprit || f.value > culprit->value)) culprit = &f;
+    }
+    if (!culprit) culprit = c.factors.begin();
+    fail(sc.where(culprit->key), fmt::format("byte count of {} overflows int64", c.what));
   }
 }
 
@@ -323,14 +353,24 @@ Scenario load_scenario(const std::string& path, const std::vector<std::string>& 
   if (!path.empty()) {
     sc.file = path;
     sc.name = std::filesystem::path(path).stem().string();
+    // A directory opens as a stream that reads nothing: it would load as an empty file (all
+    // defaults) if not refused here.
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) {
+      throw InputError(fmt::format("{}: is a directory, not a scenario file", path));
+    }
     std::ifstream in(path);
     if (!in) throw InputError(fmt::format("{}: cannot read the scenario file", path));
     toml::table t;
     try {
       t = toml::parse(in, path);
     } catch (const toml::parse_error& e) {
-      throw InputError(fmt::format("{}:{}: {}", path, e.source().begin.line, e.description()));
+      // toml++'s descriptions are one line today; keep the error to one line regardless.
+      std::string what(e.description());
+      std::replace(what.begin(), what.end(), '\n', ' ');
+      throw InputError(fmt::format("{}:{}: {}", path, e.source().begin.line, what));
     }
+    if (in.bad()) throw InputError(fmt::format("{}: cannot read the scenario file", path));
     walk(sc, t, "", path);
   }
   apply_overrides(sc, overrides);

@@ -74,7 +74,18 @@ int cmd_simulate(const std::vector<std::string>& args) {
   po::options_description all;
   all.add(opts).add(hidden);
   po::variables_map vm;
-  po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+  size_t n_positional = 0;
+  for (const std::string& a : args) n_positional += !a.empty() && a[0] != '-';
+  try {
+    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+  } catch (const po::too_many_positional_options_error&) {
+    std::vector<std::string> extra;
+    for (const std::string& a : args) {
+      if (!a.empty() && a[0] != '-' && a.find('=') == std::string::npos) extra.push_back(a);
+    }
+    throw InputError(fmt::format("simulate takes one SCENARIO file, got {} ({})", extra.size(), fmt::join(extra, ", ")));
+  }
+  (void)n_positional;
   po::notify(vm);
   if (vm.count("help")) {
     std::cout << opts << "\nSCENARIO is a TOML file (see scenarios/); without one, defaults plus --set make one.\n\n"
@@ -107,15 +118,23 @@ int cmd_devices() {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   try {
-    if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    if (args.empty()) {
+      std::cerr << "actsim: error: no command given (see actsim --help)\n";
+      return 2;
+    }
+    if (args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
       std::cout << kUsage;
-      return args.empty() ? 2 : 0;
+      return 0;
     }
     const std::string cmd = args[0];
     args.erase(args.begin());
     if (cmd == "simulate") return cmd_simulate(args);
-    if (cmd == "devices") return cmd_devices();
-    if (cmd == "keys") {
+    if (cmd == "devices" || cmd == "keys") {
+      if (!args.empty()) {
+        std::cerr << fmt::format("actsim: error: {}: unexpected argument \"{}\" (it takes none)\n", cmd, args[0]);
+        return 2;
+      }
+      if (cmd == "devices") return cmd_devices();
       std::cout << scenario_help();
       return 0;
     }

@@ -121,8 +121,9 @@ class Graph {
   // Bytes of a tensor's own view (numel * dtype size), not of its storage.
   int64_t view_bytes(TensorId id) const;
 
-  // Checks the invariants (acyclic in execution order, each tensor produced once, every tensor
-  // inside its storage, views alias and own nothing); throws via ACTSIM_ASSERT on a bug.
+  // Checks the invariants: acyclic in execution order (each op reads, holds, saves and releases
+  // only tensors produced before it), each tensor produced once by the op listing it, every tensor
+  // inside its storage. A violation is our bug: ACTSIM_ASSERT aborts with file:line.
   void validate() const;
   bool is_frozen() const { return frozen_; }
   void freeze() { validate(); frozen_ = true; }
