@@ -321,10 +321,18 @@ void Engine::run_node(OpId fid) {
 
   Op op{.kind = OpKind::backward, .name = "backward", .workspace_bytes = workspace, .kernels = kernels,
         .forward = fid};
-  for (const Slot& s : slots) {
-    if (s.grad != kNoTensor) op.inputs.push_back(s.grad);
+  for (size_t j = 0; j < slots.size(); ++j) {
+    if (slots[j].grad == kNoTensor) continue;
+    op.inputs.push_back(slots[j].grad);
+    op.grad_in_of.push_back(static_cast<int8_t>(j));
   }
+  op.n_grad_inputs = static_cast<int8_t>(op.inputs.size());
   for (TensorId t : f.saved) op.inputs.push_back(t);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i] == kNoTensor) continue;
+    op.grad_of.push_back(static_cast<int8_t>(i));
+    op.grad_outputs.push_back(grads[i]);
+  }
   int64_t out_bytes = 0;
   for (TensorId t : grads) {
     if (t == kNoTensor) continue;

@@ -129,7 +129,7 @@ struct Lowering {
     const int64_t V = m.vocab_size, S = m.seq_len, d = m.d_model, ff = m.ff(), L = m.n_layers;
     const int64_t B = tr.batch_size, T = m.seq_len;
     // Parameters in model.parameters() order: wte (tied with lm_head), wpe, blocks, ln_f.
-    TensorId wte = param(m.tied() ? "lm_head.weight" : "wte.weight", {V, d});
+    TensorId wte = param("wte.weight", {V, d});  // named_parameters() names a tied weight once, first
     TensorId wpe = param("wpe.weight", {S, d});
     std::vector<Gpt2Block> blocks(L);
     for (int i = 0; i < L; ++i) {
@@ -351,33 +351,57 @@ struct Lowering {
     }
     auto grad_of = [&](size_t i) { return out.param_grads[i]; };
     const size_t n = out.params.size();
+    OptimParams hp{.decoupled = tr.optimizer == Optimizer::adamw, .lr = tr.lr,
+                   .weight_decay = tr.weight_decay >= 0 ? tr.weight_decay : (tr.optimizer == Optimizer::adamw ? 1e-2 : 0.0),
+                   .momentum = momentum ? tr.momentum : 0.0};
+    auto params_for = [&](OptimStep st_kind, bool full = false) {
+      OpParams p;
+      p.optim = hp;
+      p.optim.step = st_kind;
+      p.optim.full = full;
+      return p;
+    };
     // In-place updates with Python-number operands (mul_(beta1), step += 1, ...) hold a wrapped
     // scalar and its cast while they run; the largest cast is to float32 ('step').
     const int64_t scalar_ws = prof.scalar_temp_bytes(DType::f32);
-    auto elementwise = [&](size_t i, const std::string& what, std::vector<TensorId> ins, int kernels, double per,
-                           int64_t ws = 0) {
+    auto update = [&](size_t i, const std::string& what, OptimStep kind, std::vector<TensorId> ins, int kernels,
+                      double per, int64_t ws = 0) {
       const int64_t e = numel(g.tensor(out.params[i]).shape);
       b.set_layer(g.storage(g.tensor(out.params[i]).storage).layer);
       b.emit({.kind = OpKind::optim_update, .name = g.tensor(out.params[i]).name + "." + what, .inputs = std::move(ins),
-              .workspace_bytes = ws,
-              .flops = per * e, .bytes_moved = static_cast<int64_t>(kernels) * 3 * e * dtype_size(dt),
-              .kernels = kernels});
+              .workspace_bytes = ws, .flops = per * e,
+              .bytes_moved = static_cast<int64_t>(kernels) * 3 * e * dtype_size(dt), .kernels = kernels,
+              .params = params_for(kind)});
+    };
+    auto temp = [&](size_t i, const std::string& what, OptimStep kind, std::vector<TensorId> ins, int64_t ws,
+                    std::vector<TensorId> holds = {}, bool full = false) {
+      const Tensor& p = g.tensor(out.params[i]);
+      b.set_layer(g.storage(p.storage).layer);
+      TensorId o = b.fresh(p.name + "." + what, p.shape, dt, Category::temporary);
+      b.emit({.kind = OpKind::optim_temp, .name = p.name + "." + what, .inputs = std::move(ins), .outputs = {o},
+              .holds = std::move(holds), .workspace_bytes = ws, .flops = static_cast<double>(numel(p.shape)),
+              .bytes_moved = 2 * g.view_bytes(o), .params = params_for(kind, full)});
+      return o;
     };
     if (!adam) {
       for (size_t i = 0; i < n; ++i) {
         if (grad_of(i) == kNoTensor) continue;
-        std::vector<TensorId> ins{out.params[i], grad_of(i)};
-        if (momentum) ins.push_back(st[i].momentum);
         // param.add_(grad, alpha=-lr) takes a Scalar; buf.mul_(momentum) wraps a number.
-        elementwise(i, momentum ? "sgd_momentum" : "sgd", ins, momentum ? 3 : 1, momentum ? 5 : 2,
-                    momentum ? prof.scalar_temp_bytes(dt) : 0);
+        if (momentum) {
+          update(i, "sgd_momentum", OptimStep::sgd_momentum, {out.params[i], grad_of(i), st[i].momentum}, 3, 5,
+                 prof.scalar_temp_bytes(dt));
+        } else {
+          update(i, "sgd", OptimStep::sgd, {out.params[i], grad_of(i)}, 1, 2);
+        }
       }
       return;
     }
+    auto moments_in = [&](size_t i) {
+      return std::vector<TensorId>{out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step};
+    };
     if (impl == OptimizerImpl::fused) {
       for (size_t i = 0; i < n; ++i) {
-        if (grad_of(i) == kNoTensor) continue;
-        elementwise(i, "fused_adam", {out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step}, 1, 16);
+        if (grad_of(i) != kNoTensor) update(i, "fused_adam", OptimStep::adam_fused, moments_in(i), 1, 16);
       }
       return;
     }
@@ -387,58 +411,41 @@ struct Lowering {
       TensorId prev_denom = kNoTensor;
       for (size_t i = 0; i < n; ++i) {
         if (grad_of(i) == kNoTensor) continue;
-        const Tensor& p = g.tensor(out.params[i]);
-        const std::string name = p.name;
-        const Shape shape = p.shape;
-        elementwise(i, "moments", {out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step}, 5, 6,
-                    scalar_ws);
-        TensorId sq = b.fresh(name + ".sqrt", shape, dt, Category::temporary);
-        b.emit({.kind = OpKind::optim_temp, .name = name + ".sqrt", .inputs = {st[i].exp_avg_sq}, .outputs = {sq},
-                .flops = static_cast<double>(numel(shape)), .bytes_moved = 2 * g.view_bytes(sq)});
-        TensorId denom = b.fresh(name + ".denom", shape, dt, Category::temporary);
-        Op div{.kind = OpKind::optim_temp, .name = name + ".denom", .inputs = {sq}, .outputs = {denom},
-               .workspace_bytes = prof.scalar_temp_bytes(dt),  // / bias_correction2_sqrt
-               .flops = static_cast<double>(numel(shape)), .bytes_moved = 2 * g.view_bytes(sq)};
-        if (prev_denom != kNoTensor) div.holds.push_back(prev_denom);
-        b.emit(std::move(div));
-        elementwise(i, "addcdiv", {out.params[i], st[i].exp_avg, denom}, 2, 4, prof.scalar_temp_bytes(dt));  // add_(eps)
+        update(i, "moments", OptimStep::adam_moments, moments_in(i), 5, 6, scalar_ws);
+        TensorId sq = temp(i, "sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0);
+        std::vector<TensorId> holds;
+        if (prev_denom != kNoTensor) holds.push_back(prev_denom);
+        TensorId denom = temp(i, "denom", OptimStep::adam_denom, {sq, st[i].step}, prof.scalar_temp_bytes(dt), holds);
+        // param.addcdiv_(exp_avg, denom, value=-step_size); the .add_(eps) before it wraps a number.
+        update(i, "addcdiv", OptimStep::adam_update, {out.params[i], st[i].exp_avg, denom, st[i].step}, 2, 4,
+               prof.scalar_temp_bytes(dt));
         prev_denom = denom;
       }
       if (prev_denom != kNoTensor) b.hold_until_last(prev_denom);
       return;
     }
-    // foreach: _multi_tensor_adam(w) -- whole lists of temporaries.
+    // foreach: _multi_tensor_adam(w) -- whole lists of temporaries. CPU foreach falls back to
+    // per-tensor ops, so mul_(beta1), step += 1 and + eps wrap numbers there.
     std::vector<TensorId> sq(n, kNoTensor), denom(n, kNoTensor);
     for (size_t i = 0; i < n; ++i) {
+      if (grad_of(i) != kNoTensor) update(i, "foreach_moments", OptimStep::adam_moments, moments_in(i), 5, 6, scalar_ws);
+    }
+    const bool two_lists = prof.foreach_adam_two_lists;
+    for (size_t i = 0; i < n; ++i) {
       if (grad_of(i) == kNoTensor) continue;
-      // CPU foreach falls back to per-tensor ops: mul_(beta1), step += 1 wrap numbers.
-      elementwise(i, "foreach_moments", {out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step}, 5,
-                  6, scalar_ws);
+      // torch 2.x: _foreach_div_(exp_avg_sq_sqrt, bc2); _foreach_add_(exp_avg_sq_sqrt, eps) in place.
+      sq[i] = temp(i, "foreach_sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0, {}, !two_lists);
     }
     for (size_t i = 0; i < n; ++i) {
       if (grad_of(i) == kNoTensor) continue;
-      const Tensor& p = g.tensor(out.params[i]);
-      b.set_layer(g.storage(p.storage).layer);
-      sq[i] = b.fresh(p.name + ".sqrt", p.shape, dt, Category::temporary);
-      b.emit({.kind = OpKind::optim_temp, .name = p.name + ".foreach_sqrt", .inputs = {st[i].exp_avg_sq},
-              .outputs = {sq[i]}, .flops = static_cast<double>(numel(p.shape)), .bytes_moved = 2 * g.view_bytes(sq[i])});
+      denom[i] = two_lists ? temp(i, "foreach_add", OptimStep::adam_denom, {sq[i], st[i].step},
+                                  prof.scalar_temp_bytes(dt))
+                           : sq[i];
     }
-    if (prof.foreach_adam_two_lists) {
-      for (size_t i = 0; i < n; ++i) {
-        if (grad_of(i) == kNoTensor) continue;
-        const Tensor& p = g.tensor(out.params[i]);
-        b.set_layer(g.storage(p.storage).layer);
-        denom[i] = b.fresh(p.name + ".denom", p.shape, dt, Category::temporary);
-        b.emit({.kind = OpKind::optim_temp, .name = p.name + ".foreach_add", .inputs = {sq[i]}, .outputs = {denom[i]},
-                .workspace_bytes = prof.scalar_temp_bytes(dt),  // + eps
-                .flops = static_cast<double>(numel(p.shape)), .bytes_moved = 2 * g.view_bytes(sq[i])});
+    for (size_t i = 0; i < n; ++i) {
+      if (grad_of(i) != kNoTensor) {
+        update(i, "foreach_addcdiv", OptimStep::adam_update, {out.params[i], st[i].exp_avg, denom[i], st[i].step}, 1, 4);
       }
-    } else {
-      denom = sq;  // torch 2.x: _foreach_add_(exp_avg_sq_sqrt, eps) in place
-    }
-    for (size_t i = 0; i < n; ++i) {
-      if (grad_of(i) == kNoTensor) continue;
-      elementwise(i, "foreach_addcdiv", {out.params[i], st[i].exp_avg, denom[i]}, 1, 4);
     }
     // Both lists are locals of _multi_tensor_adam(w): released when it returns.
     for (size_t i = 0; i < n; ++i) {

@@ -6,7 +6,7 @@ import tempfile
 
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=32",
         "model.vocab_size=128", "training.batch_size=2"]
-# Larger, with a device limit close to the peak so the limit line is on the chart.
+# Larger: hundreds of events, several segments, every category visible on the chart.
 MEDIUM = ["model.n_layers=4", "model.d_model=256", "model.n_heads=4", "model.seq_len=128",
           "model.vocab_size=1024", "training.batch_size=4"]
 

@@ -53,7 +53,9 @@ struct TrainingConfig {
   DType dtype = DType::f32;     // model (parameters, activations) dtype; whole-model cast
   Optimizer optimizer = Optimizer::adamw;
   OptimizerImpl optimizer_impl = OptimizerImpl::profile_default;
-  double weight_decay = -1;     // -1 = torch.optim's default for the optimizer
+  double weight_decay = -1;     // -1 = torch.optim's default (AdamW 0.01, Adam and SGD 0)
+  double lr = 1e-3;
+  double momentum = 0.9;        // sgd_momentum
 };
 
 }  // namespace actsim::graph

@@ -72,11 +72,33 @@ struct Tensor {
 enum class ViewKind : uint8_t { none, reshape, transpose, expand, unsqueeze, split, slice, select };
 
 // Small kind-specific parameters of an op.
+// Which part of torch.optim's step an optimizer op is (its inputs are listed per kind).
+enum class OptimStep : uint8_t {
+  none,
+  adam_moments,   // in: param, grad, exp_avg, exp_avg_sq, step. step += 1; AdamW: param *= 1 - lr*wd;
+                  //     Adam with wd: grad + wd*param; exp_avg = b1*m + (1-b1)*g; exp_avg_sq = b2*v + (1-b2)*g^2
+  adam_sqrt,      // in: exp_avg_sq, step; out: sqrt(v), or sqrt(v)/sqrt(1-b2^t) + eps when `full` (2.x foreach)
+  adam_denom,     // in: sqrt, step; out: sqrt / sqrt(1 - b2^t) + eps
+  adam_update,    // in: param, exp_avg, denom, step. param -= lr / (1 - b1^t) * exp_avg / denom
+  adam_fused,     // in: param, grad, exp_avg, exp_avg_sq, step: the whole update in one kernel
+  sgd,            // in: param, grad. param -= lr * grad
+  sgd_momentum,   // in: param, grad, momentum_buffer. buf = m*buf + grad; param -= lr * buf
+};
+
+// Hyperparameters of an optimizer op (torch.optim's defaults unless configured).
+struct OptimParams {
+  OptimStep step = OptimStep::none;
+  bool full = false;                       // adam_sqrt: produces the whole denominator
+  bool decoupled = true;                   // AdamW (decoupled weight decay) vs Adam
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0, momentum = 0;
+};
+
 struct OpParams {
   ViewKind view = ViewKind::none;
   int16_t dim0 = 0, dim1 = 0;              // transpose dims; split/slice/select/unsqueeze dim in dim0
   int64_t start = 0, step = 1;             // slice start and step; split chunk size in start
   double scalar = 0;                       // scalar operand (mul_scalar, dropout p, eps, ...)
+  OptimParams optim;                       // optimizer ops
 };
 
 struct Op {
@@ -96,6 +118,14 @@ struct Op {
   int64_t bytes_moved = 0;                 // bytes read + written by the kernel(s)
   int32_t kernels = 1;                     // kernel launches (launch overhead in the time model)
   OpId forward = kNoOp;                    // backward/recompute ops: the forward op
+  std::vector<int8_t> grad_of;             // backward ops: [grad_outputs] forward input index whose
+                                           // gradient each entry is (see grad_outputs)
+  std::vector<TensorId> grad_outputs;      // backward ops: the gradients produced, including
+                                           // pass-throughs that alias an incoming gradient
+  int8_t n_grad_inputs = 0;                // backward ops: inputs[0..n) are incoming gradients,
+                                           // the rest the forward op's saved tensors
+  std::vector<int8_t> grad_in_of;          // backward ops: [n_grad_inputs] forward output index of
+                                           // each incoming gradient
   int32_t stream = 0;                      // 0 = compute
   OpParams params;
 };

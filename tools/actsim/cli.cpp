@@ -1,0 +1,74 @@
+#include "cli.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "actsim/graph/error.hpp"
+
+namespace actsim::cli {
+
+void write_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    if (!out) throw InputError(fmt::format("{}: cannot write the output file", path));
+    out << text;
+    if (!out.flush()) {
+      out.close();
+      std::filesystem::remove(tmp);
+      throw InputError(fmt::format("{}: cannot write the output file", path));
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp);
+    throw InputError(fmt::format("{}: cannot write the output file ({})", path, ec.message()));
+  }
+}
+
+void add_scenario_options(po::options_description& opts) {
+  opts.add_options()("set", po::value<std::vector<std::string>>()->composing(),
+                     "KEY=VALUE: override a scenario key (repeatable), e.g. --set training.batch_size=16");
+}
+
+po::variables_map parse(const std::vector<std::string>& args, const po::options_description& opts,
+                        const char* command) {
+  po::options_description hidden;
+  hidden.add_options()("scenario", po::value<std::string>());
+  po::positional_options_description pos;
+  pos.add("scenario", 1);
+  po::options_description all;
+  all.add(opts).add(hidden);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+  } catch (const po::too_many_positional_options_error&) {
+    std::vector<std::string> extra;
+    for (const std::string& a : args) {
+      if (!a.empty() && a[0] != '-' && a.find('=') == std::string::npos) extra.push_back(a);
+    }
+    throw InputError(fmt::format("{} takes one SCENARIO file, got {} ({})", command, extra.size(),
+                                 fmt::join(extra, ", ")));
+  }
+  po::notify(vm);
+  return vm;
+}
+
+sim::Scenario scenario_from(const po::variables_map& vm) {
+  const std::string path = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
+  std::vector<std::string> sets =
+      vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  return sim::load_scenario(path, sets);
+}
+
+std::string scenario_help() {
+  std::string s = "scenario keys (TOML tables, or --set with dotted keys):\n";
+  for (const std::string& k : sim::scenario_keys()) s += "  " + k + "\n";
+  return s;
+}
+
+}  // namespace actsim::cli

@@ -1,0 +1,33 @@
+// Shared helpers of the actsim command-line program: one file per command (cmd_*.cpp), each
+// exposing `int cmd_NAME(const std::vector<std::string>& args)`; main.cpp dispatches.
+#pragma once
+
+#include <boost/program_options.hpp>
+#include <string>
+#include <vector>
+
+#include "actsim/sim/scenario.hpp"
+
+namespace actsim::cli {
+
+namespace po = boost::program_options;
+
+// Writes `text` to `path` atomically (temporary file beside it, then rename): an error never
+// leaves a half-written file. Throws InputError naming the path.
+void write_atomic(const std::string& path, const std::string& text);
+
+// The scenario options every simulating command shares: [SCENARIO] and --set KEY=VALUE.
+void add_scenario_options(po::options_description& opts);
+// Parses args with `opts` (+ the positional SCENARIO); throws InputError / po::error on bad input.
+po::variables_map parse(const std::vector<std::string>& args, const po::options_description& opts,
+                        const char* command);
+// Loads the scenario named by the parsed options.
+sim::Scenario scenario_from(const po::variables_map& vm);
+
+std::string scenario_help();
+
+int cmd_simulate(const std::vector<std::string>& args);
+int cmd_devices(const std::vector<std::string>& args);
+int cmd_keys(const std::vector<std::string>& args);
+
+}  // namespace actsim::cli
