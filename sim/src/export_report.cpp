@@ -141,7 +141,8 @@ std::string chart(const Analysis& a, const Timeline& t) {
       const double x1 = f.x(static_cast<double>(i + 1 < pts.size() ? pts[i + 1].time_ns : t.step_time_ns));
       const double yu = f.y(static_cast<double>(below + pts[i].live[c])), yl = f.y(static_cast<double>(below));
       fmt::format_to(std::back_inserter(upper), "{:.1f},{:.1f} {:.1f},{:.1f} ", x0, yu, x1, yu);
-      lower.insert(0, fmt::format("{:.1f},{:.1f} {:.1f},{:.1f} ", x0, yl, x1, yl));
+      // The lower edge runs right to left, so each step is written end first.
+      lower.insert(0, fmt::format("{:.1f},{:.1f} {:.1f},{:.1f} ", x1, yl, x0, yl));
     }
     fmt::format_to(out, "<polygon class=\"area\" data-category=\"{}\" fill=\"{}\" fill-opacity=\"0.9\" points=\"{}{}\"/>\n",
                    graph::to_string(static_cast<Category>(c)), category_colour(static_cast<Category>(c)), upper, lower);

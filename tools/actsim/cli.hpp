@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "actsim/sim/report.hpp"
 #include "actsim/sim/scenario.hpp"
 
 namespace actsim::cli {
@@ -26,7 +27,12 @@ sim::Scenario scenario_from(const po::variables_map& vm);
 
 std::string scenario_help();
 
+// The exporter options (--trace, --memviz, --csv, --report, --svg, --max-events, --timeline).
+void add_export_options(po::options_description& opts);
+void write_exports_from(const sim::Analysis& a, const po::variables_map& vm);
+
 int cmd_simulate(const std::vector<std::string>& args);
+int cmd_compare(const std::vector<std::string>& args);
 int cmd_devices(const std::vector<std::string>& args);
 int cmd_keys(const std::vector<std::string>& args);
 

@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "actsim/graph/error.hpp"
+#include "actsim/sim/export.hpp"
 #include "actsim/sim/report.hpp"
 #include "cli.hpp"
 
@@ -17,6 +18,7 @@ int cmd_simulate(const std::vector<std::string>& args) {
       ("json", "print one JSON object (the contract in README.md) instead of the table")
       ("out", po::value<std::string>(), "also write the JSON to this file (atomically)")
       ("no-fit", "skip the search for the largest batch size that fits the device");
+  add_export_options(opts);
   po::variables_map vm = parse(args, opts, "simulate");
   if (vm.count("help")) {
     std::cout << opts << "\nSCENARIO is a TOML file (see scenarios/); without one, defaults plus --set make one.\n\n"
@@ -27,10 +29,54 @@ int cmd_simulate(const std::vector<std::string>& args) {
   sim::Analysis a = sim::analyze(s);
   const int64_t max_batch = vm.count("no-fit") ? -1 : sim::max_batch_size(s);
   nlohmann::json j = sim::to_json(a, max_batch);
+  if (vm.count("timeline")) j["timeline"] = sim::timeline_json(a);
+  write_exports_from(a, vm);
   if (vm.count("out")) write_atomic(vm["out"].as<std::string>(), j.dump(2) + "\n");
   if (vm.count("json")) std::cout << j.dump(2) << "\n";
   else std::cout << sim::to_table(a, max_batch);
   return 0;
+}
+
+void add_export_options(po::options_description& opts) {
+  opts.add_options()
+      ("trace", po::value<std::string>(), "FILE.json: Chrome trace (Perfetto, chrome://tracing): memory counters per "
+                                          "category, op slices per stream, the peak")
+      ("memviz", po::value<std::string>(), "FILE.pickle: snapshot for PyTorch's memory viewer (pytorch.org/memory_viz)")
+      ("csv", po::value<std::string>(), "FILE.csv: one row per memory event with live bytes per category")
+      ("report", po::value<std::string>(), "FILE.html: self-contained report (stacked memory chart, peak, tables)")
+      ("svg", po::value<std::string>(), "FILE.svg: the report's chart alone")
+      ("max-events", po::value<int64_t>()->default_value(0), "coarsen timelines to about N memory events (0 = all)")
+      ("timeline", "add the memory timeline to the JSON (for `actsim compare`)");
+}
+
+void write_exports_from(const sim::Analysis& a, const po::variables_map& vm) {
+  auto get = [&](const char* k) { return vm.count(k) ? vm[k].as<std::string>() : std::string{}; };
+  sim::ExportRequest r{.trace = get("trace"), .memviz = get("memviz"), .csv = get("csv"), .report = get("report"),
+                       .svg = get("svg"), .max_events = vm["max-events"].as<int64_t>()};
+  if (r.max_events < 0) throw InputError(fmt::format("--max-events {}: must be 0 or positive", r.max_events));
+  sim::write_exports(a, r);
+}
+
+int cmd_compare(const std::vector<std::string>& args) {
+  po::options_description opts("actsim compare A.json B.json [...] --report FILE.html");
+  opts.add_options()("help,h", "show this help")(
+      "report", po::value<std::string>(), "FILE.html: the runs' memory over time overlaid in one page");
+  po::options_description hidden;
+  hidden.add_options()("runs", po::value<std::vector<std::string>>());
+  po::positional_options_description pos;
+  pos.add("runs", -1);
+  po::options_description all;
+  all.add(opts).add(hidden);
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+  po::notify(vm);
+  if (vm.count("help")) {
+    std::cout << opts << "\nEach input is the output of `actsim simulate --json --timeline` (or plan, replay).\n";
+    return 0;
+  }
+  if (!vm.count("report")) throw InputError("compare: --report FILE.html is required");
+  std::vector<std::string> runs = vm.count("runs") ? vm["runs"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  return sim::compare_runs(runs, vm["report"].as<std::string>());
 }
 
 int cmd_devices(const std::vector<std::string>& args) {

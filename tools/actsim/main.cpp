@@ -20,6 +20,8 @@ usage: actsim <command> [options]
 
 commands:
   simulate [SCENARIO]   lower, simulate one step, and report peak memory and what makes it up
+  compare A.json B.json --report FILE.html
+                        overlay the memory timelines of several runs (simulate --json --timeline)
   devices               list the device specs (scenarios/devices.toml) and their sources
   keys                  list every scenario key
 
@@ -34,6 +36,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   const std::map<std::string, Command> commands{
       {"simulate", cli::cmd_simulate},
+      {"compare", cli::cmd_compare},
       {"devices", cli::cmd_devices},
       {"keys", cli::cmd_keys},
   };
