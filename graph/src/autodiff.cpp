@@ -32,6 +32,10 @@ class Engine {
     param_buf_.assign(params.size(), kNoTensor);
     param_deps_.assign(params.size(), 0);
     for (size_t i = 0; i < params.size(); ++i) param_index_[index(params[i])] = i;
+    for (size_t i = 0; i < g_.n_ops(); ++i) {
+      const Op& op = g_.ops()[i];
+      if (op.phase == Phase::forward && op.region >= 0) regions_[op.region].push_back(OpId{static_cast<uint32_t>(i)});
+    }
   }
 
   std::vector<TensorId> run(TensorId loss);
@@ -72,7 +76,111 @@ class Engine {
   std::unordered_map<uint32_t, int> deps_;                 // forward op -> pending edges
   std::unordered_map<uint32_t, int> refs_;                 // storage -> live gradient references
   std::priority_queue<uint32_t> ready_;                    // forward op index: latest first
+
+  // Checkpointing and offload: forward storages replaced in backward by a recomputed or
+  // prefetched copy, and the tensors viewing those copies.
+  std::unordered_map<uint32_t, StorageId> remap_;          // storage -> replacement storage
+  std::unordered_map<uint32_t, TensorId> remapped_t_;      // tensor -> same view of the replacement
+  std::unordered_map<int32_t, std::vector<OpId>> regions_; // region -> forward ops, in order
+  std::unordered_map<int32_t, bool> recomputed_;
+  std::unordered_map<int32_t, bool> prefetched_;           // block -> prefetch emitted
+  TensorId mapped(TensorId t);
+  void recompute_region(int32_t r);
+  void prefetch_block(int32_t layer);
 };
+
+TensorId Engine::mapped(TensorId t) {
+  const Tensor& tt = g_.tensor(t);
+  auto it = remap_.find(index(tt.storage));
+  if (it == remap_.end()) return t;
+  auto jt = remapped_t_.find(index(t));
+  if (jt != remapped_t_.end()) return jt->second;
+  Tensor c = tt;
+  c.storage = it->second;
+  c.producer = kNoOp;
+  c.requires_grad = false;
+  c.is_view = true;  // a view of the replacement (which has its own first tensor)
+  c.name = tt.name + ".re";
+  TensorId id = g_.add_tensor(std::move(c));
+  remapped_t_[index(t)] = id;
+  return id;
+}
+
+// torch.utils.checkpoint(use_reentrant=False): the first time backward needs a saved tensor of
+// the region, the region's forward ops run again; only the ops whose outputs (transitively) feed
+// a saved tensor are rerun (2.x stops recomputation early), ops with cached outputs (selective
+// activation checkpointing) are not rerun at all.
+void Engine::recompute_region(int32_t r) {
+  recomputed_[r] = true;
+  const std::vector<OpId>& ops = regions_[r];
+  std::unordered_map<uint32_t, bool> needed_st;
+  for (OpId o : ops) {
+    for (TensorId t : g_.op(o).saved) needed_st[index(g_.tensor(t).storage)] = true;
+  }
+  std::vector<bool> rerun(ops.size(), false);
+  for (size_t k = ops.size(); k-- > 0;) {
+    const Op& op = g_.op(ops[k]);
+    if (op.cached) continue;
+    bool need = false;
+    for (TensorId t : op.outputs) need = need || needed_st.count(index(g_.tensor(t).storage));
+    if (!need) continue;
+    rerun[k] = true;
+    for (TensorId t : op.inputs) needed_st[index(g_.tensor(t).storage)] = true;
+  }
+  for (size_t k = 0; k < ops.size(); ++k) {
+    if (!rerun[k]) continue;
+    const Op orig = g_.op(ops[k]);
+    Op op{.kind = orig.kind, .phase = Phase::backward, .layer = orig.layer, .name = orig.name + ".recompute",
+          .workspace_bytes = orig.workspace_bytes, .flops = orig.flops, .bytes_moved = orig.bytes_moved,
+          .kernels = orig.kernels, .forward = ops[k], .recompute = true, .params = orig.params};
+    for (TensorId t : orig.inputs) op.inputs.push_back(mapped(t));
+    for (TensorId t : orig.holds) op.holds.push_back(mapped(t));
+    for (TensorId t : orig.outputs) {
+      const Tensor& tt = g_.tensor(t);
+      if (!tt.is_view) {
+        const Storage& st = g_.storage(tt.storage);
+        remap_[index(tt.storage)] = g_.add_storage({.bytes = st.bytes, .category = st.category,
+                                                    .location = st.location, .layer = st.layer});
+        Tensor c = tt;
+        c.storage = remap_[index(tt.storage)];
+        c.producer = kNoOp;
+        c.requires_grad = false;
+        c.name = tt.name + ".re";
+        TensorId id = g_.add_tensor(std::move(c));
+        remapped_t_[index(t)] = id;
+        op.outputs.push_back(id);
+      } else {
+        TensorId m = mapped(t);
+        if (m != t) op.outputs.push_back(m);  // a view of a recomputed base
+      }
+    }
+    g_.add_op(std::move(op));
+  }
+}
+
+// Offload: bring block `layer`'s activations back on the copy stream, after the op emitted last
+// (so a block's prefetch overlaps the backward of the block after it).
+void Engine::prefetch_block(int32_t layer) {
+  if (layer < 0 || prefetched_[layer]) return;
+  prefetched_[layer] = true;
+  const OpId last{static_cast<uint32_t>(g_.n_ops() - 1)};
+  for (uint32_t sid : b_.offload_order) {
+    const Builder::Offloaded& o = b_.offloaded.at(sid);
+    if (o.layer != layer) continue;
+    const Tensor h = g_.tensor(o.host);
+    const Storage& st = g_.storage(StorageId{sid});
+    StorageId ds = g_.add_storage({.bytes = st.bytes, .category = Category::activation, .layer = layer});
+    const std::string name = g_.tensor(st.first).name + ".prefetch";
+    Tensor d = h;
+    d.storage = ds;
+    d.producer = kNoOp;
+    d.name = name;
+    TensorId dt = g_.add_tensor(std::move(d));
+    g_.add_op({.kind = OpKind::prefetch, .phase = Phase::backward, .layer = layer, .name = name,
+               .inputs = {o.host}, .outputs = {dt}, .bytes_moved = st.bytes, .stream = 1, .after = {last}});
+    remap_[sid] = ds;
+  }
+}
 
 bool Engine::edge_of(TensorId t, Edge& e) const {
   const Tensor& tt = g_.tensor(t);
@@ -148,7 +256,13 @@ std::vector<TensorId> Engine::run(TensorId loss) {
 }
 
 void Engine::run_node(OpId fid) {
-  const Op f = g_.op(fid);  // copy: emitting ops may reallocate the op vector
+  Op f = g_.op(fid);  // a copy whose saved tensors are replaced by recomputed/prefetched ones
+  if (f.layer >= 0 && !b_.offloaded.empty()) {
+    prefetch_block(f.layer);
+    prefetch_block(f.layer - 1);
+  }
+  if (f.region >= 0 && !recomputed_[f.region]) recompute_region(f.region);
+  for (TensorId& t : f.saved) t = mapped(t);
   b_.set_layer(f.layer);
   b_.set_scope(f.name);
   std::vector<Slot>& slots = slots_[index(fid)];

@@ -89,6 +89,13 @@ TensorId Builder::alias(TensorId base, const std::string& name, const Shape& sha
 OpId Builder::emit(Op op) {
   op.layer = layer_;
   op.phase = phase_;
+  if (phase_ == Phase::forward) {
+    op.region = region_;
+    op.offload = offload_;
+    if (region_ >= 0 && cached_) {
+      for (OpKind k : *cached_) op.cached = op.cached || k == op.kind;
+    }
+  }
   op.name = qualify(op.name);
   bool any_grad = false;
   for (TensorId t : op.inputs) any_grad = any_grad || T(t).requires_grad;
@@ -114,7 +121,26 @@ OpId Builder::emit(Op op) {
       }
     }
   }
-  return g_.add_op(std::move(op));
+  const bool offload_saves = op.offload && !op.saved.empty();
+  std::vector<TensorId> saved = offload_saves ? op.saved : std::vector<TensorId>{};
+  const OpId id = g_.add_op(std::move(op));
+  // Offload (save_on_cpu with a copy stream): each newly saved activation is copied to pinned host
+  // memory as soon as it exists; the device copy is freed once forward no longer needs it.
+  for (TensorId t : saved) {
+    const StorageId sid = T(t).storage;
+    const Storage& st = g_.storage(sid);
+    if (st.category != Category::activation || st.location != Location::device || offloaded.count(index(sid))) continue;
+    StorageId hs = g_.add_storage({.bytes = st.bytes, .category = Category::activation, .location = Location::host,
+                                   .layer = layer_});
+    const Tensor& tt = T(t);
+    TensorId h = g_.add_tensor({.name = tt.name + ".host", .shape = tt.shape, .strides = tt.strides,
+                                .offset = tt.offset, .dtype = tt.dtype, .storage = hs});
+    g_.add_op({.kind = OpKind::offload, .phase = Phase::forward, .layer = layer_, .name = tt.name + ".offload",
+               .inputs = {t}, .outputs = {h}, .bytes_moved = st.bytes, .stream = 1});
+    offloaded[index(sid)] = {h, layer_};
+    offload_order.push_back(index(sid));
+  }
+  return id;
 }
 
 void Builder::hold_until_last(TensorId t) {

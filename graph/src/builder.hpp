@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,10 @@ class Builder {
   void set_layer(int32_t layer) { layer_ = layer; }
   void set_scope(std::string scope) { scope_ = std::move(scope); }
   void set_phase(Phase p) { phase_ = p; }
+  // Checkpointing: ops emitted from now on belong to recompute region `r` (-1 = none); ops of
+  // `cached` kinds keep their outputs instead of being recomputed; `offload` marks their saves.
+  void set_region(int32_t r, const std::vector<OpKind>* cached = nullptr) { region_ = r, cached_ = cached; }
+  void set_offload(bool on) { offload_ = on; }
   DType model_dtype() const { return dt_; }
   Graph& graph() { return g_; }
   const RuntimeProfile& prof() const { return prof_; }
@@ -42,6 +47,14 @@ class Builder {
   // Appends an op (layer, phase and scope filled in), sets requires_grad on its outputs and the
   // tensors it saves from the profile's rule.
   OpId emit(Op op);
+  // Offloaded saved activations: device storage -> its host copy, and the block that saved it.
+  struct Offloaded {
+    TensorId host;
+    int32_t layer;
+  };
+  std::unordered_map<uint32_t, Offloaded> offloaded;
+  std::vector<uint32_t> offload_order;     // device storages in the order they were offloaded
+
   // The last op emitted holds `t` (a Python local released when the op's frame returns).
   void hold_until_last(TensorId t);
 
@@ -93,6 +106,9 @@ class Builder {
   int32_t layer_ = -1;
   std::string scope_;
   Phase phase_ = Phase::forward;
+  int32_t region_ = -1;
+  const std::vector<OpKind>* cached_ = nullptr;
+  bool offload_ = false;
 };
 
 }  // namespace actsim::graph

@@ -51,8 +51,34 @@ struct Lowering {
   Builder b;
   DType dt;
 
-  Lowering(const ModelConfig& mc, const TrainingConfig& tc, const RuntimeProfile& p)
-      : m(mc), tr(tc), prof(p), b(out.graph, p, tc.dtype), dt(tc.dtype) {}
+  const BlockPlan* plan = nullptr;
+
+  Lowering(const ModelConfig& mc, const TrainingConfig& tc, const RuntimeProfile& p, const BlockPlan* bp)
+      : m(mc), tr(tc), prof(p), b(out.graph, p, tc.dtype), dt(tc.dtype), plan(bp) {}
+
+  // Checkpointing: region ids are unique per recomputed unit (a segment, a block's attention core,
+  // a block under ops:LIST).
+  static constexpr int32_t kSelectiveRegion = 1 << 20, kOpsRegion = 2 << 20;
+  BlockMode mode(int i) const { return plan ? plan->mode[static_cast<size_t>(i)] : BlockMode::keep; }
+  void enter_block(int i) {
+    switch (mode(i)) {
+      case BlockMode::recompute: b.set_region(plan->segment[static_cast<size_t>(i)]); break;
+      case BlockMode::ops: b.set_region(kOpsRegion + i, &plan->keep_kinds); break;
+      case BlockMode::offload: b.set_offload(true); break;
+      default: break;
+    }
+  }
+  void leave_block() {
+    b.set_region(-1);
+    b.set_offload(false);
+  }
+  // Megatron-LM selective recompute: the attention core (scores, mask, softmax, dropout, x V).
+  void core_begin(int i) {
+    if (mode(i) == BlockMode::selective) b.set_region(kSelectiveRegion + i);
+  }
+  void core_end(int i) {
+    if (mode(i) == BlockMode::selective) b.set_region(-1);
+  }
 
   TensorId param(const std::string& name, const Shape& shape) {
     TensorId t = b.leaf(name, shape, dt, Category::parameter, true);
@@ -83,6 +109,7 @@ struct Lowering {
     TensorId q = b.transpose(b.view(parts[0], {B, T, H, hd}), 1, 2);
     TensorId v = b.transpose(b.view(parts[2], {B, T, H, hd}), 1, 2);
     TensorId y;
+    core_begin(i);
     if (m.attention == Attention::flash) {
       y = b.flash_attention(q, k, v, m.dropout);
     } else {
@@ -97,6 +124,7 @@ struct Lowering {
       scope(i, s);
       y = b.matmul(att, v);
     }
+    core_end(i);
     y = b.view(b.contiguous(b.transpose(y, 1, 2)), {B, T, C});
     scope(i, s + ".c_proj");
     y = b.linear(y, p.c_proj_w, p.c_proj_b);
@@ -105,6 +133,13 @@ struct Lowering {
   }
 
   TensorId gpt2_block(int i, const Gpt2Block& p, TensorId x) {
+    enter_block(i);
+    TensorId out = gpt2_block_ops(i, p, x);
+    leave_block();
+    return out;
+  }
+
+  TensorId gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
     const std::string s = fmt::format("blocks.{}", i);
     scope(i, s + ".ln_1");
     TensorId h = b.layer_norm(x, p.ln1_w, p.ln1_b);
@@ -236,6 +271,7 @@ struct Lowering {
     k = repeat_kv(k, H / KV);
     v = repeat_kv(v, H / KV);
     TensorId o;
+    core_begin(i);
     if (m.attention == Attention::flash) {
       o = b.flash_attention(q, k, v, 0.0);
     } else {
@@ -247,12 +283,20 @@ struct Lowering {
       o = b.matmul(probs, v);
       b.hold_until_last(mask);
     }
+    core_end(i);
     o = b.view(b.contiguous(b.transpose(o, 1, 2)), {B, T, d});
     scope(i, s + ".o_proj");
     return b.linear(o, p.wo, std::nullopt);
   }
 
   TensorId llama_block(int i, const LlamaBlock& p, TensorId x, TensorId cos_c, TensorId sin_c, TensorId pos) {
+    enter_block(i);
+    TensorId out = llama_block_ops(i, p, x, cos_c, sin_c, pos);
+    leave_block();
+    return out;
+  }
+
+  TensorId llama_block_ops(int i, const LlamaBlock& p, TensorId x, TensorId cos_c, TensorId sin_c, TensorId pos) {
     const std::string s = fmt::format("blocks.{}", i);
     scope(i, s + ".attn_norm");
     TensorId h = rmsnorm(x, p.attn_norm);
@@ -476,20 +520,23 @@ void check_config(const ModelConfig& m, const RuntimeProfile& prof) {
 namespace {
 void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
   check_config(model, prof);
+  ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
   if (model.family == Family::gpt2) l.gpt2();
   else l.llama();
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
 }  // namespace
 
-StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof) {
-  Lowering l(model, training, prof);
+StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
+                        const BlockPlan* plan) {
+  Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
   return std::move(l.out);
 }
 
-StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof) {
-  Lowering l(model, training, prof);
+StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
+                              const BlockPlan* plan) {
+  Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
   l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params);
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).

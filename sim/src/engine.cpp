@@ -7,6 +7,7 @@
 #include <variant>
 
 #include "actsim/graph/error.hpp"
+#include "actsim/sim/calibration.hpp"
 
 namespace actsim::sim {
 
@@ -20,6 +21,11 @@ using graph::Phase;
 
 int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
   if (op.kernels == 0) return 0;
+  if (op.kind == OpKind::offload || op.kind == OpKind::prefetch) {
+    // A copy over the host link (pinned memory, one direction at a time on the copy stream).
+    const double s = d.host_bandwidth > 0 ? static_cast<double>(op.bytes_moved) / d.host_bandwidth : 0;
+    return static_cast<int64_t>(s * 1e9 + 0.5) + d.launch_overhead_ns;
+  }
   graph::DType dt = graph::DType::f32;
   if (!op.outputs.empty()) dt = g.tensor(op.outputs[0]).dtype;
   else if (!op.inputs.empty()) dt = g.tensor(op.inputs[0]).dtype;
@@ -39,7 +45,7 @@ int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
   return static_cast<int64_t>(s * 1e9 + 0.5) + static_cast<int64_t>(op.kernels) * d.launch_overhead_ns;
 }
 
-Plan::Plan(const Graph& g, const DeviceSpec& device) : g_(g) {
+Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibration) : g_(g) {
   const size_t n_ops = g.n_ops();
   const size_t n_st = g.storages().size();
   use_count_.assign(n_st, 0);
@@ -85,10 +91,15 @@ Plan::Plan(const Graph& g, const DeviceSpec& device) : g_(g) {
       OpId p = g.tensor(t).producer;
       if (p != graph::kNoOp && g.op(p).stream != op.stream) deps_.push_back(p);
     }
+    for (OpId p : op.after) {
+      if (g.op(p).stream != op.stream) deps_.push_back(p);
+    }
   }
   dep_begin_.push_back(static_cast<uint32_t>(deps_.size()));
   duration_ns_.resize(n_ops);
-  for (size_t i = 0; i < n_ops; ++i) duration_ns_[i] = op_time_ns(g, g.ops()[i], device);
+  for (size_t i = 0; i < n_ops; ++i) {
+    duration_ns_[i] = calibration ? calibration->op_time_ns(g, g.ops()[i], device) : op_time_ns(g, g.ops()[i], device);
+  }
 }
 
 std::span<const StorageId> Plan::allocs(OpId op) const {

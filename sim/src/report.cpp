@@ -30,11 +30,22 @@ std::string with_commas(int64_t v) {
 }
 }  // namespace
 
+graph::BlockPlan block_plan_of(const Scenario& s) {
+  if (s.block_plan) return *s.block_plan;
+  const graph::CheckpointPolicy p = graph::parse_policy(s.checkpoint_policy, s.where("checkpoint.policy"));
+  if (p.kind == graph::CheckpointPolicy::Kind::budget) {
+    throw InputError(fmt::format("{}: a budget policy is planned by `actsim plan --budget`, not simulated directly",
+                                 s.where("checkpoint.policy")));
+  }
+  return graph::block_plan(p, s.model.n_layers);
+}
+
 Analysis analyze(const Scenario& s) {
   Analysis a;
   a.scenario = s;
+  a.block_plan = block_plan_of(s);
   a.step = std::make_unique<graph::StepGraph>(
-      graph::lower_training_step(s.model, s.training, graph::profile(s.profile)));
+      graph::lower_training_step(s.model, s.training, graph::profile(s.profile), &a.block_plan));
   a.plan = std::make_unique<Plan>(a.step->graph, s.device);
   a.result = simulate(*a.plan);
   const graph::Graph& g = a.step->graph;
@@ -53,27 +64,63 @@ Analysis analyze(const Scenario& s) {
     if (st.category == Category::buffer) a.buffers_bytes += st.bytes;
     if (st.category == Category::input) a.inputs_bytes += st.bytes;
   }
-  // Saved for backward: each distinct non-parameter device storage, in the block whose op
-  // saves it first (forward order).
-  a.per_layer_saved.assign(static_cast<size_t>(g.n_layers), 0);
-  std::vector<bool> seen(g.storages().size(), false);
+  // Kept for backward: device storages that exist when backward starts (from before the step or
+  // from a forward op) and that a backward-phase op (backward, recompute, prefetch) reads or holds;
+  // parameters, buffers, optimizer state and gradients aside. Without checkpointing these are
+  // exactly the storages autograd saves; with it, what each block keeps through the forward pass.
+  const size_t n_st = g.storages().size();
+  std::vector<bool> kept(n_st, false);
+  auto keepable = [&](graph::StorageId sid) {
+    const graph::Storage& st = g.storage(sid);
+    if (st.location == Location::host) return false;
+    if (st.category == Category::parameter || st.category == Category::buffer ||
+        st.category == Category::optimizer_state || st.category == Category::gradient) {
+      return false;
+    }
+    return st.producer == graph::kNoOp || g.op(st.producer).phase == graph::Phase::forward;
+  };
   for (const graph::Op& op : g.ops()) {
-    if (op.phase != graph::Phase::forward) break;
-    for (graph::TensorId t : op.saved) {
-      graph::StorageId sid = g.tensor(t).storage;
-      const graph::Storage& st = g.storage(sid);
-      if (seen[graph::index(sid)] || st.category == Category::parameter || st.location == Location::host) continue;
-      seen[graph::index(sid)] = true;
-      a.saved_bytes += st.bytes;
-      if (op.layer >= 0) a.per_layer_saved[static_cast<size_t>(op.layer)] += st.bytes;
-      else a.outside_saved += st.bytes;
-      if (op.layer == 0) {
-        std::string name = op.name.rfind("blocks.0.", 0) == 0 ? op.name.substr(9) : op.name;
-        const graph::Tensor& tt = g.tensor(st.first);
-        a.block_saved.push_back({name, tt.name.rfind("blocks.0.", 0) == 0 ? tt.name.substr(9) : tt.name, tt.shape,
-                                 tt.dtype, st.bytes});
+    if (op.phase == graph::Phase::forward) continue;
+    for (const auto* list : {&op.inputs, &op.holds}) {
+      for (graph::TensorId t : *list) {
+        graph::StorageId sid = g.tensor(t).storage;
+        if (keepable(sid)) kept[graph::index(sid)] = true;
       }
     }
+  }
+  // Each kept storage counts in the block of the first forward op that keeps it: saves it, or
+  // (in a recompute region) reads it from outside the region, or caches it (ops:LIST).
+  a.per_layer_saved.assign(static_cast<size_t>(g.n_layers), 0);
+  std::vector<bool> counted(n_st, false);
+  auto count = [&](const graph::Op& op, graph::TensorId t) {
+    graph::StorageId sid = g.tensor(t).storage;
+    const size_t i = graph::index(sid);
+    if (!kept[i] || counted[i]) return;
+    counted[i] = true;
+    const graph::Storage& st = g.storage(sid);
+    a.saved_bytes += st.bytes;
+    if (op.layer >= 0) a.per_layer_saved[static_cast<size_t>(op.layer)] += st.bytes;
+    else a.outside_saved += st.bytes;
+    if (op.layer == 0) {
+      std::string name = op.name.rfind("blocks.0.", 0) == 0 ? op.name.substr(9) : op.name;
+      const graph::Tensor& tt = g.tensor(st.first);
+      a.block_saved.push_back({name, tt.name.rfind("blocks.0.", 0) == 0 ? tt.name.substr(9) : tt.name, tt.shape,
+                               tt.dtype, st.bytes});
+    }
+  };
+  for (const graph::Op& op : g.ops()) {
+    if (op.phase != graph::Phase::forward) break;
+    if (op.region < 0) {
+      for (graph::TensorId t : op.saved) count(op, t);
+    } else {
+      for (graph::TensorId t : op.inputs) count(op, t);
+      if (op.cached) {
+        for (graph::TensorId t : op.outputs) count(op, t);
+      }
+    }
+  }
+  for (size_t i = 0; i < n_st; ++i) {  // anything else kept (never expected): outside the blocks
+    if (kept[i] && !counted[i]) a.saved_bytes += g.storages()[i].bytes, a.outside_saved += g.storages()[i].bytes;
   }
   return a;
 }
@@ -82,7 +129,8 @@ int64_t max_batch_size(const Scenario& s) {
   auto fits = [&](int64_t b) {
     Scenario t = s;
     t.training.batch_size = b;
-    graph::StepGraph step = graph::lower_training_step(t.model, t.training, graph::profile(t.profile));
+    graph::BlockPlan bp = block_plan_of(t);
+    graph::StepGraph step = graph::lower_training_step(t.model, t.training, graph::profile(t.profile), &bp);
     Plan plan(step.graph, t.device);
     return simulate(plan).peak_bytes <= t.device.memory_bytes;
   };

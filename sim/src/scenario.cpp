@@ -11,6 +11,7 @@
 #include <toml++/toml.h>
 #include <variant>
 
+#include "actsim/graph/checkpoint.hpp"
 #include "actsim/graph/error.hpp"
 #include "actsim/graph/profile.hpp"
 
@@ -56,35 +57,7 @@ std::string Scenario::where(const std::string& key) const {
   return it->second + ": " + key;
 }
 
-bool parse_size(const std::string& text, int64_t& bytes) {
-  size_t i = 0;
-  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
-  if (i == 0) return false;
-  double v;
-  try {
-    size_t used = 0;
-    v = std::stod(text.substr(0, i), &used);
-    if (used != i) return false;
-  } catch (...) {
-    return false;
-  }
-  std::string unit = text.substr(i);
-  while (!unit.empty() && unit.front() == ' ') unit.erase(0, 1);
-  static const std::pair<const char*, double> units[] = {
-      {"", 1},          {"B", 1},          {"KB", 1e3},         {"MB", 1e6},         {"GB", 1e9},
-      {"TB", 1e12},     {"KiB", 1024.0},   {"MiB", 1048576.0},  {"GiB", 1073741824.0},
-      {"TiB", 1099511627776.0}};
-  for (auto& [u, f] : units) {
-    if (unit == u) {
-      double b = v * f;
-      if (!std::isfinite(b) || b < 0 || b > 9.2e18) return false;
-      if (unit.empty() && text.find('.') != std::string::npos) return false;
-      bytes = static_cast<int64_t>(std::llround(b));
-      return true;
-    }
-  }
-  return false;
-}
+bool parse_size(const std::string& text, int64_t& bytes) { return graph::parse_size(text, bytes); }
 
 namespace {
 
@@ -193,7 +166,10 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
       pick<int>(p, {{"torch-cuda", 0}, {"torch-cpu", 1}}, where, "runtime profile");
     }
   } else if (key == "device.name") sc.device = find_device(as_str(v, where), where);
-  else if (key == "checkpoint.policy") sc.checkpoint_policy = as_str(v, where);
+  else if (key == "checkpoint.policy") {
+    sc.checkpoint_policy = as_str(v, where);
+    (void)graph::parse_policy(sc.checkpoint_policy, where);  // reject a bad policy where it is written
+  }
   else {
     std::string hint = closest(key, scenario_keys());
     fail(where, fmt::format("unknown key{}", hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint)));

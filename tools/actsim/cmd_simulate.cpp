@@ -5,7 +5,9 @@
 
 #include "actsim/graph/error.hpp"
 #include "actsim/sim/export.hpp"
+#include "actsim/sim/calibration.hpp"
 #include "actsim/sim/report.hpp"
+#include "actsim/sim/schedule.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
@@ -17,7 +19,9 @@ int cmd_simulate(const std::vector<std::string>& args) {
   opts.add_options()
       ("json", "print one JSON object (the contract in README.md) instead of the table")
       ("out", po::value<std::string>(), "also write the JSON to this file (atomically)")
-      ("no-fit", "skip the search for the largest batch size that fits the device");
+      ("no-fit", "skip the search for the largest batch size that fits the device")
+      ("emit-schedule", po::value<std::string>(), "write the step's alloc/run/free schedule to FILE (JSON lines, docs/schedule-format.md)")
+      ("calibration", po::value<std::string>(), "op times measured by `actsim replay --calibration-out FILE`");
   add_export_options(opts);
   po::variables_map vm = parse(args, opts, "simulate");
   if (vm.count("help")) {
@@ -27,6 +31,8 @@ int cmd_simulate(const std::vector<std::string>& args) {
   }
   sim::Scenario s = scenario_from(vm);
   sim::Analysis a = sim::analyze(s);
+  if (vm.count("calibration")) sim::apply_calibration(a, sim::load_calibration(vm["calibration"].as<std::string>()));
+  if (vm.count("emit-schedule")) write_atomic(vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
   const int64_t max_batch = vm.count("no-fit") ? -1 : sim::max_batch_size(s);
   nlohmann::json j = sim::to_json(a, max_batch);
   if (vm.count("timeline")) j["timeline"] = sim::timeline_json(a);

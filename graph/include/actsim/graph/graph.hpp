@@ -39,9 +39,11 @@ enum class OpKind : uint16_t {
   // release of the step's gradients (zero_grad(set_to_none=True))
   zero_grad,
   // checkpointing
-  recompute,
+  recompute,      // (unused marker kind; recompute ops keep their original kind, see Op::recompute)
+  offload,        // copy a saved activation to host memory (copy stream)
+  prefetch,       // copy it back to the device ahead of backward (copy stream)
 };
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::recompute) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::prefetch) + 1;
 std::string_view to_string(OpKind k);
 // Parses an op-kind name as written by to_string; returns false if unknown.
 bool parse_op_kind(std::string_view s, OpKind& out);
@@ -126,7 +128,13 @@ struct Op {
                                            // the rest the forward op's saved tensors
   std::vector<int8_t> grad_in_of;          // backward ops: [n_grad_inputs] forward output index of
                                            // each incoming gradient
-  int32_t stream = 0;                      // 0 = compute
+  int32_t stream = 0;                      // 0 = compute, 1 = copy (offload/prefetch)
+  std::vector<OpId> after;                 // ops that must end before this one starts (besides
+                                           // the producers of its inputs)
+  int32_t region = -1;                     // forward ops: recompute region (checkpointing), -1 = none
+  bool cached = false;                     // forward ops in a region whose outputs are kept (ops:LIST)
+  bool offload = false;                    // forward ops whose saved tensors are offloaded
+  bool recompute = false;                  // a forward op run again in backward (Op::forward = original)
   OpParams params;
 };
 

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "actsim/graph/checkpoint.hpp"
 #include "actsim/graph/config.hpp"
 #include "actsim/graph/graph.hpp"
 #include "actsim/graph/profile.hpp"
@@ -26,9 +27,12 @@ struct StepGraph {
   OptimizerImpl optimizer_impl = OptimizerImpl::for_loop;  // resolved (never profile_default)
 };
 
-StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof);
+// `plan` (optional) checkpoints, recomputes or offloads blocks (checkpoint.hpp).
+StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
+                              const BlockPlan* plan = nullptr);
 
 // The forward graph alone (params, buffers, inputs and the forward ops up to the loss).
-StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof);
+StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
+                        const BlockPlan* plan = nullptr);
 
 }  // namespace actsim::graph

@@ -23,6 +23,8 @@ namespace actsim::sim {
 using graph::OpId;
 using graph::StorageId;
 
+struct Calibration;
+
 // Receives the engine's events. Times are simulated nanoseconds; `live` is the device bytes in
 // use after the event.
 class Observer {
@@ -38,7 +40,8 @@ class Observer {
 // Everything the engine needs from a graph, precomputed once (flat CSR arrays indexed by op).
 class Plan {
  public:
-  Plan(const graph::Graph& g, const DeviceSpec& device);
+  // With a calibration (calibration.hpp), op durations come from measured times.
+  Plan(const graph::Graph& g, const DeviceSpec& device, const Calibration* calibration = nullptr);
 
   const graph::Graph& graph() const { return g_; }
   std::span<const StorageId> allocs(OpId op) const;   // storages allocated when op starts

@@ -19,6 +19,7 @@ namespace actsim::sim {
 
 struct Analysis {
   Scenario scenario;
+  graph::BlockPlan block_plan;             // per block: kept, recomputed, offloaded
   std::unique_ptr<graph::StepGraph> step;  // stable address: the plan refers to its graph
   std::unique_ptr<Plan> plan;
   SimResult result;
@@ -43,6 +44,9 @@ struct Analysis {
   };
   std::vector<SavedItem> block_saved;
 };
+
+// The per-block plan of the scenario's checkpoint policy (or its explicit plan).
+graph::BlockPlan block_plan_of(const Scenario& s);
 
 // Lowers and simulates one scenario.
 Analysis analyze(const Scenario& s);

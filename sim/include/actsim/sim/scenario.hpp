@@ -9,9 +9,11 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "actsim/graph/checkpoint.hpp"
 #include "actsim/graph/config.hpp"
 #include "actsim/sim/device.hpp"
 
@@ -25,6 +27,7 @@ struct Scenario {
   graph::ProfileId profile = graph::ProfileId::torch_cuda;
   DeviceSpec device;
   std::string checkpoint_policy = "none";  // checkpoint.policy as written
+  std::shared_ptr<graph::BlockPlan> block_plan;  // an explicit per-block plan (the planner's), or null
   // Where each key was set ("file.toml:12" or "--set"), for error messages of later stages.
   std::map<std::string, std::string> origin;
 
