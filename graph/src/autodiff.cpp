@@ -21,13 +21,16 @@
 namespace actsim::graph {
 namespace {
 
+constexpr int32_t kBlockRegionBase = 3 << 20;  // lower.cpp's per-block regions of explicit schedules
+
 struct Slot {
   TensorId grad = kNoTensor;  // accumulated gradient for this forward output
 };
 
 class Engine {
  public:
-  Engine(Builder& b, const std::vector<TensorId>& params) : b_(b), g_(b.graph()), params_(params) {
+  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan)
+      : b_(b), g_(b.graph()), params_(params), plan_(plan) {
     param_grad_.assign(params.size(), kNoTensor);
     param_buf_.assign(params.size(), kNoTensor);
     param_deps_.assign(params.size(), 0);
@@ -68,6 +71,9 @@ class Engine {
   Builder& b_;
   Graph& g_;
   const std::vector<TensorId>& params_;
+  const BlockPlan* plan_;
+  std::unordered_map<int32_t, bool> scheduled_;            // block -> its before_backward list ran
+  std::unordered_map<uint32_t, std::vector<uint32_t>> cached_views_;  // storage -> remapped_t_ keys
   std::unordered_map<uint32_t, size_t> param_index_;
   std::vector<TensorId> param_grad_;
   std::vector<TensorId> param_buf_;                        // AccumulateGrad's InputBuffer
@@ -85,7 +91,8 @@ class Engine {
   std::unordered_map<int32_t, bool> recomputed_;
   std::unordered_map<int32_t, bool> prefetched_;           // block -> prefetch emitted
   TensorId mapped(TensorId t);
-  void recompute_region(int32_t r);
+  void remap_storage(uint32_t sid, StorageId to);
+  void recompute_region(int32_t r, const std::vector<uint32_t>* targets = nullptr);
   void prefetch_block(int32_t layer);
 };
 
@@ -103,19 +110,33 @@ TensorId Engine::mapped(TensorId t) {
   c.name = tt.name + ".re";
   TensorId id = g_.add_tensor(std::move(c));
   remapped_t_[index(t)] = id;
+  cached_views_[index(tt.storage)].push_back(index(t));
   return id;
+}
+
+void Engine::remap_storage(uint32_t sid, StorageId to) {
+  remap_[sid] = to;
+  // Tensors viewing an older replacement of this storage are stale now.
+  auto it = cached_views_.find(sid);
+  if (it == cached_views_.end()) return;
+  for (uint32_t t : it->second) remapped_t_.erase(t);
+  it->second.clear();
 }
 
 // torch.utils.checkpoint(use_reentrant=False): the first time backward needs a saved tensor of
 // the region, the region's forward ops run again; only the ops whose outputs (transitively) feed
 // a saved tensor are rerun (2.x stops recomputation early), ops with cached outputs (selective
 // activation checkpointing) are not rerun at all.
-void Engine::recompute_region(int32_t r) {
+void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   recomputed_[r] = true;
   const std::vector<OpId>& ops = regions_[r];
   std::unordered_map<uint32_t, bool> needed_st;
-  for (OpId o : ops) {
-    for (TensorId t : g_.op(o).saved) needed_st[index(g_.tensor(t).storage)] = true;
+  if (targets) {
+    for (uint32_t sid : *targets) needed_st[sid] = true;
+  } else {
+    for (OpId o : ops) {
+      for (TensorId t : g_.op(o).saved) needed_st[index(g_.tensor(t).storage)] = true;
+    }
   }
   std::vector<bool> rerun(ops.size(), false);
   for (size_t k = ops.size(); k-- > 0;) {
@@ -139,15 +160,10 @@ void Engine::recompute_region(int32_t r) {
       const Tensor& tt = g_.tensor(t);
       if (!tt.is_view) {
         const Storage& st = g_.storage(tt.storage);
-        remap_[index(tt.storage)] = g_.add_storage({.bytes = st.bytes, .category = st.category,
-                                                    .location = st.location, .layer = st.layer});
-        Tensor c = tt;
-        c.storage = remap_[index(tt.storage)];
-        c.producer = kNoOp;
-        c.requires_grad = false;
-        c.name = tt.name + ".re";
-        TensorId id = g_.add_tensor(std::move(c));
-        remapped_t_[index(t)] = id;
+        remap_storage(index(tt.storage), g_.add_storage({.bytes = st.bytes, .category = st.category,
+                                                         .location = st.location, .layer = st.layer}));
+        TensorId id = mapped(t);
+        g_.tensor(id).is_view = false;  // it allocates the replacement
         op.outputs.push_back(id);
       } else {
         TensorId m = mapped(t);
@@ -261,7 +277,32 @@ void Engine::run_node(OpId fid) {
     prefetch_block(f.layer);
     prefetch_block(f.layer - 1);
   }
-  if (f.region >= 0 && !recomputed_[f.region]) recompute_region(f.region);
+  if (plan_ && !plan_->before_backward.empty() && f.layer >= 0 && !scheduled_[f.layer]) {
+    // An explicit (nested) schedule: before the first backward node of this block, run the
+    // forward recomputations the planner listed for it.
+    scheduled_[f.layer] = true;
+    const auto& list = plan_->before_backward[static_cast<size_t>(f.layer)];
+    for (size_t k = 0; k < list.size(); ++k) {
+      const BlockPlan::Recompute& rc = list[k];
+      const int32_t region = kBlockRegionBase + rc.block;
+      // The block's output is needed when a later recomputation starts from it.
+      std::vector<uint32_t> targets;
+      if (k + 1 < list.size() || !rc.keep_all) {
+        targets.push_back(index(g_.tensor(b_.block_outputs[static_cast<size_t>(rc.block)]).storage));
+      }
+      if (rc.keep_all) {
+        for (OpId o : regions_[region]) {
+          for (TensorId t : g_.op(o).saved) targets.push_back(index(g_.tensor(t).storage));
+        }
+      }
+      recompute_region(region, &targets);
+    }
+  }
+  if (f.region >= 0 && !recomputed_[f.region]) {
+    ACTSIM_ASSERT(!plan_ || plan_->before_backward.empty() || f.region < kBlockRegionBase,
+                  "a scheduled block's backward ran before its recomputation: " + f.name);
+    recompute_region(f.region);
+  }
   for (TensorId& t : f.saved) t = mapped(t);
   b_.set_layer(f.layer);
   b_.set_scope(f.name);
@@ -566,8 +607,9 @@ void Engine::deliver(TensorId grad, TensorId input) {
 
 }  // namespace
 
-std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params) {
-  Engine e(b, params);
+std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
+                                    const BlockPlan* plan) {
+  Engine e(b, params, plan);
   return e.run(loss);
 }
 

@@ -3,6 +3,7 @@
 
 #include <vector>
 
+#include "actsim/graph/checkpoint.hpp"
 #include "builder.hpp"
 
 namespace actsim::graph {
@@ -10,6 +11,8 @@ namespace actsim::graph {
 // Emits backward ops for `loss` (ones_like seed, then nodes in the engine's order). Parameter
 // gradients end in storages of category gradient; returns them in `params` order (kNoTensor
 // for a parameter that received no gradient).
-std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params);
+// `plan` (optional) gives the explicit recompute schedule of checkpointed blocks.
+std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
+                                    const BlockPlan* plan = nullptr);
 
 }  // namespace actsim::graph

@@ -54,6 +54,7 @@ class Builder {
   };
   std::unordered_map<uint32_t, Offloaded> offloaded;
   std::vector<uint32_t> offload_order;     // device storages in the order they were offloaded
+  std::vector<TensorId> block_outputs;     // [n_layers] each block's output (the residual stream)
 
   // The last op emitted holds `t` (a Python local released when the op's frame returns).
   void hold_until_last(TensorId t);

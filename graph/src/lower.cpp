@@ -58,11 +58,13 @@ struct Lowering {
 
   // Checkpointing: region ids are unique per recomputed unit (a segment, a block's attention core,
   // a block under ops:LIST).
-  static constexpr int32_t kSelectiveRegion = 1 << 20, kOpsRegion = 2 << 20;
+  static constexpr int32_t kSelectiveRegion = 1 << 20, kOpsRegion = 2 << 20, kBlockRegion = 3 << 20;
   BlockMode mode(int i) const { return plan ? plan->mode[static_cast<size_t>(i)] : BlockMode::keep; }
   void enter_block(int i) {
     switch (mode(i)) {
-      case BlockMode::recompute: b.set_region(plan->segment[static_cast<size_t>(i)]); break;
+      case BlockMode::recompute:
+        b.set_region(plan->before_backward.empty() ? plan->segment[static_cast<size_t>(i)] : kBlockRegion + i);
+        break;
       case BlockMode::ops: b.set_region(kOpsRegion + i, &plan->keep_kinds); break;
       case BlockMode::offload: b.set_offload(true); break;
       default: break;
@@ -136,6 +138,7 @@ struct Lowering {
     enter_block(i);
     TensorId out = gpt2_block_ops(i, p, x);
     leave_block();
+    b.block_outputs.push_back(out);
     return out;
   }
 
@@ -293,6 +296,7 @@ struct Lowering {
     enter_block(i);
     TensorId out = llama_block_ops(i, p, x, cos_c, sin_c, pos);
     leave_block();
+    b.block_outputs.push_back(out);
     return out;
   }
 
@@ -538,7 +542,7 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
                               const BlockPlan* plan) {
   Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
-  l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params);
+  l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
   l.optimizer();

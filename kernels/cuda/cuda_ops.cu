@@ -719,7 +719,6 @@ struct Args {
 
   DView in(size_t i) const { return view_of(call.inputs.at(i)); }
   DView out(size_t i) const { return view_of(call.outputs.at(i)); }
-  double scalar() const { return f.params.scalar; }
 
   // Backward ops: incoming gradient of forward output j, if any.
   const TensorArg* gin(int j) const {
@@ -880,7 +879,7 @@ void nll_fwd(Context& c, const DView& logp, const DView& target, const DView& lo
     float s = 0.f, cnt = 0.f;
     for (int64_t i = threadIdx.x; i < lr.outer.n; i += blockDim.x) {
       const int64_t t = ldi(target, target.off(i));
-      if (t == -100) continue;  // ignore_index
+      if (t < 0) continue;  // ignored targets (gpt2's ignore_index=-1, llama's -100)
       s += ld(logp, lr.outer.off(i) + t * lr.cs);
       cnt += 1.f;
     }
@@ -1083,9 +1082,7 @@ void run_optim(Context& c, const Args& a) {
           if (decoupled) pv = pv * static_cast<float>(1.0 - lr * wd);
           else gv = gv + static_cast<float>(wd) * pv;
         }
-        // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        const float w = static_cast<float>(1.0 - b1), mv0 = ld(m, m.off(i));
-        const float mv = w < 0.5f ? mv0 + w * (gv - mv0) : gv - (gv - mv0) * (1.f - w);
+        const float mv = static_cast<float>(b1) * ld(m, m.off(i)) + static_cast<float>(1.0 - b1) * gv;
         const float vv = ld(v, v.off(i)) * static_cast<float>(b2) + static_cast<float>(1.0 - b2) * gv * gv;
         st(m, m.off(i), mv);
         st(v, v.off(i), vv);

@@ -2,6 +2,7 @@
 // (docs/kernels.md). Deterministic: single-threaded, fixed reduction order.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -37,10 +38,15 @@ void run_typed(const OpCall& c, const graph::Op& op) {
     case OpKind::optim_temp: return run_optimizer<A>(c, op);
     case OpKind::zero_grad: return;  // releases only
     case OpKind::offload:
-    case OpKind::prefetch:
-      // Device <-> host copies of a saved activation: one host memory space here.
-      for (size_t j = 0; j < c.outputs.size() && j < c.inputs.size(); ++j) store(c.outputs[j], load<A>(c.inputs[j]));
+    case OpKind::prefetch: {
+      // Device <-> host copy of a saved activation's whole storage: the offloaded storage is
+      // replaced by its copy for every tensor that views it (k and v of a split qkv, not only q).
+      const graph::Graph& g = *c.graph;
+      const int64_t bytes = std::min(g.storage(g.tensor(op.inputs.at(0)).storage).bytes,
+                                     g.storage(g.tensor(op.outputs.at(0)).storage).bytes);
+      std::memcpy(c.outputs.at(0).base, c.inputs.at(0).base, static_cast<size_t>(bytes));
       return;
+    }
     case OpKind::recompute: {
       if (op.forward == graph::kNoOp) throw std::runtime_error("cpu backend: recompute op without a forward op: " + op.name);
       return run_forward<A>(c, c.graph->op(op.forward));

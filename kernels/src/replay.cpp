@@ -20,6 +20,7 @@ using graph::DType;
 using graph::Graph;
 using graph::Location;
 using graph::Op;
+using graph::OpId;
 using graph::OpKind;
 using graph::Phase;
 using graph::StorageId;
@@ -187,6 +188,25 @@ class Executor {
 
   ReplayResult run();
 
+  // Stepwise use (tightness probes share the unpoisoned prefix of their runs).
+  struct State {
+    std::vector<std::vector<uint8_t>> contents;  // [storages] bytes of each live storage
+    std::vector<bool> live;                      // [storages]
+    std::vector<uint32_t> ws_ops;                // ops whose workspace is live
+    int64_t in_use = 0, peak = 0;
+    bool snapped = false;
+  };
+  void begin();
+  bool step(size_t entry, bool stop_after_backward);  // false: stopped before the optimizer
+  ReplayResult finish(bool stopped);
+  State save();
+  void restore(const State& st);
+  void poison(StorageId s) { be_.fill_nan(buf_[index(s)], g_.storage(s).bytes); }
+  void ensure_snapshot() {
+    if (!snapped_) snapshot();
+  }
+  const ReplayResult& partial() const { return r_; }
+
  private:
   void alloc(StorageId s) {
     const graph::Storage& st = g_.storage(s);
@@ -249,6 +269,7 @@ class Executor {
   std::vector<void*> ws_;   // [ops] workspace buffer while the op's workspace is live
   int64_t in_use_ = 0;      // device bytes in use (counting allocator)
   bool snapped_ = false;
+  Clock::time_point start_;
 };
 
 void Executor::run_op(size_t entry, uint32_t id) {
@@ -270,8 +291,8 @@ void Executor::run_op(size_t entry, uint32_t id) {
   r_.step_seconds += r_.op_seconds[id];
 }
 
-ReplayResult Executor::run() {
-  const auto start = Clock::now();
+void Executor::begin() {
+  start_ = Clock::now();
   r_.backend = be_.name();
   buf_.assign(g_.storages().size(), nullptr);
   ws_.assign(g_.n_ops(), nullptr);
@@ -289,48 +310,94 @@ ReplayResult Executor::run() {
   }
   r_.bytes_step_start = in_use_;
   r_.peak_bytes = in_use_;
-  bool stopped = false;
-  for (size_t i = 0; i < s_.entries.size() && !stopped; ++i) {
-    const ScheduleEntry& e = s_.entries[i];
-    switch (e.kind) {
-      case Kind::alloc: alloc(StorageId{e.id}); break;
-      case Kind::free: {
-        if (!o_.free_buffers) break;
-        const graph::Storage& st = g_.storage(StorageId{e.id});
-        release(buf_[e.id], st.bytes, st.location == Location::device);
-        break;
-      }
-      case Kind::ws_alloc:
-        ws_[e.id] = be_.alloc(e.bytes);
-        count(e.bytes);
-        break;
-      case Kind::ws_free: release(ws_[e.id], e.bytes, true); break;
-      case Kind::run: {
-        const Op& op = g_.ops()[e.id];
-        if (!snapped_ && op.phase == Phase::optimizer) {
-          snapshot();
-          if (o_.stop_after_backward) {
-            stopped = true;
-            break;
-          }
-        }
-        if (o_.poison_storage && o_.poison_before_entry == i) {
-          const graph::Storage& st = g_.storage(*o_.poison_storage);
-          be_.fill_nan(buf_[index(*o_.poison_storage)], st.bytes);
-        }
-        run_op(i, e.id);
-        break;
-      }
+}
+
+bool Executor::step(size_t i, bool stop_after_backward) {
+  const ScheduleEntry& e = s_.entries[i];
+  switch (e.kind) {
+    case Kind::alloc: alloc(StorageId{e.id}); break;
+    case Kind::free: {
+      if (!o_.free_buffers) break;
+      const graph::Storage& st = g_.storage(StorageId{e.id});
+      release(buf_[e.id], st.bytes, st.location == Location::device);
+      break;
     }
-    if (e.is_memory()) r_.timeline[i] = in_use_;
+    case Kind::ws_alloc:
+      ws_[e.id] = be_.alloc(e.bytes);
+      count(e.bytes);
+      break;
+    case Kind::ws_free: release(ws_[e.id], e.bytes, true); break;
+    case Kind::run: {
+      const Op& op = g_.ops()[e.id];
+      if (!snapped_ && op.phase == Phase::optimizer) {
+        snapshot();
+        if (stop_after_backward) return false;
+      }
+      if (o_.poison_storage && o_.poison_before_entry == i) poison(*o_.poison_storage);
+      run_op(i, e.id);
+      break;
+    }
   }
+  if (e.is_memory()) r_.timeline[i] = in_use_;
+  return true;
+}
+
+ReplayResult Executor::finish(bool stopped) {
   if (!snapped_) snapshot();
   r_.completed_optimizer = !stopped;
   if (!stopped) {
     for (TensorId p : s_.step.params) r_.params_after.push_back(read(p));
   }
-  r_.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  r_.wall_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   return std::move(r_);
+}
+
+ReplayResult Executor::run() {
+  begin();
+  bool stopped = false;
+  for (size_t i = 0; i < s_.entries.size() && !stopped; ++i) stopped = !step(i, o_.stop_after_backward);
+  return finish(stopped);
+}
+
+Executor::State Executor::save() {
+  State st;
+  st.contents.resize(buf_.size());
+  st.live.assign(buf_.size(), false);
+  be_.synchronize();
+  for (size_t i = 0; i < buf_.size(); ++i) {
+    if (!buf_[i]) continue;
+    st.live[i] = true;
+    const int64_t bytes = g_.storages()[i].bytes;
+    st.contents[i].resize(static_cast<size_t>(bytes));
+    if (bytes) be_.download(st.contents[i].data(), buf_[i], bytes);
+  }
+  for (size_t i = 0; i < ws_.size(); ++i) {
+    if (ws_[i]) st.ws_ops.push_back(static_cast<uint32_t>(i));
+  }
+  st.in_use = in_use_;
+  st.peak = r_.peak_bytes;
+  st.snapped = snapped_;
+  return st;
+}
+
+void Executor::restore(const State& st) {
+  for (void*& p : buf_) {
+    if (p) be_.free(p), p = nullptr;
+  }
+  for (void*& p : ws_) {
+    if (p) be_.free(p), p = nullptr;
+  }
+  for (size_t i = 0; i < buf_.size(); ++i) {
+    if (!st.live[i]) continue;
+    buf_[i] = be_.alloc(g_.storages()[i].bytes);
+    if (!st.contents[i].empty()) be_.upload(buf_[i], st.contents[i].data(), static_cast<int64_t>(st.contents[i].size()));
+  }
+  for (uint32_t op : st.ws_ops) ws_[op] = be_.alloc(g_.ops()[op].workspace_bytes);
+  in_use_ = st.in_use;
+  r_.peak_bytes = st.peak;
+  snapped_ = st.snapped;
+  r_.grads.clear();
+  r_.loss_bytes.clear();
 }
 
 std::string first_difference(const Schedule& s, const std::vector<std::vector<uint8_t>>& a,
@@ -382,13 +449,23 @@ TightnessCheck confirm_tightness(const Schedule& s, Backend& be, const ReplayRes
                                  const TightnessOptions& opts) {
   const Graph& g = s.graph();
   TightnessCheck c;
-  // Saved activations: storages created during the step that a forward op saves for backward.
+  // Saved activations: storages created during the step that backward really reads as saved
+  // tensors (a backward op's inputs after its incoming gradients), and, under checkpointing, the
+  // forward tensors a recompute op reads (what torch.utils.checkpoint keeps). A forward op's
+  // `saved` list alone is not enough: inside a checkpointed block those tensors are dropped.
   std::vector<bool> saved(g.storages().size(), false);
+  auto mark = [&](TensorId t) {
+    const StorageId sid = g.tensor(t).storage;
+    if (g.storage(sid).producer != graph::kNoOp) saved[index(sid)] = true;
+  };
   for (const Op& op : g.ops()) {
-    if (op.phase != Phase::forward) continue;
-    for (TensorId t : op.saved) {
-      const StorageId sid = g.tensor(t).storage;
-      if (g.storage(sid).producer != graph::kNoOp) saved[index(sid)] = true;
+    if (op.kind == OpKind::backward) {
+      for (size_t k = static_cast<size_t>(std::max<int8_t>(op.n_grad_inputs, 0)); k < op.inputs.size(); ++k) mark(op.inputs[k]);
+    } else if (op.recompute || op.kind == OpKind::recompute) {
+      for (TensorId t : op.inputs) {
+        const OpId p = g.tensor(t).producer;
+        if (p != graph::kNoOp && g.op(p).phase == Phase::forward && !g.op(p).recompute) mark(t);
+      }
     }
   }
   // The last op reading each storage, as the index of its run entry.
@@ -408,37 +485,81 @@ TightnessCheck confirm_tightness(const Schedule& s, Backend& be, const ReplayRes
     cand.resize(opts.max_checked);
     std::sort(cand.begin(), cand.end());
   }
+  // One probe per candidate: poison before the run entry of its last reader.
+  struct Probe {
+    size_t item;
+    size_t entry;
+  };
+  std::vector<Probe> shared, alone;
   for (uint32_t si : cand) {
     const StorageId sid{si};
     TightnessItem item{.name = storage_label(g, sid), .storage = sid};
-    ++c.checked;
     if (last_read[si] < 0) {
       item.reason = "no op reads it after it is saved";
-      c.items.push_back(item);
-      continue;
-    }
-    const Op& reader = g.ops()[s.entries[static_cast<size_t>(last_read[si])].id];
-    item.last_reader = reader.name;
-    ReplayResult r = replay(s, be, {.seed = opts.seed, .poison_storage = sid,
-                                    .poison_before_entry = static_cast<size_t>(last_read[si]),
-                                    .stop_after_backward = reader.phase != Phase::optimizer});
-    item.confirmed = !grads_equal(reference, r);
-    if (item.confirmed) {
-      ++c.confirmed;
     } else {
-      const DType dt = g.tensor(g.storage(sid).first).dtype;
-      const OpKind fk = reader.kind == OpKind::backward && reader.forward != graph::kNoOp ? g.op(reader.forward).kind : reader.kind;
-      if (dt == DType::b8 || dt == DType::u8) {
-        item.reason = fmt::format("a mask: its poisoned 0xFF bytes still read as true where it matters, so {} computes the same", reader.name);
-      } else if (fk == OpKind::mean_last) {
-        item.reason = fmt::format("{} uses only its shape: mean's backward needs the input's sizes, not its values "
-                                  "(torch 1.13 saves the input anyway)", reader.name);
-      } else {
-        item.reason = fmt::format("poisoning it before its last reader {} changed neither the loss nor any gradient: "
-                                  "its values are not read, only its shape", reader.name);
-      }
+      item.last_reader = g.ops()[s.entries[static_cast<size_t>(last_read[si])].id].name;
+      const bool in_optimizer = g.ops()[s.entries[static_cast<size_t>(last_read[si])].id].phase == Phase::optimizer;
+      (opts.share_prefix && !in_optimizer ? shared : alone).push_back({c.items.size(), static_cast<size_t>(last_read[si])});
     }
     c.items.push_back(std::move(item));
+  }
+  c.checked = static_cast<int64_t>(c.items.size());
+  // Every probe's run equals the reference run up to its poison point, so one executor walks the
+  // step once; at each probe it saves the live buffers, runs the poisoned rest of the backward,
+  // and restores them. Probes whose reader is in the optimizer step run whole, alone.
+  std::sort(shared.begin(), shared.end(), [](const Probe& a, const Probe& b) { return a.entry < b.entry; });
+  const ReplayOptions plain{.seed = opts.seed};
+  if (!shared.empty()) {
+    Executor ex(s, be, plain);
+    ex.begin();
+    size_t i = 0;
+    for (const Probe& pr : shared) {
+      for (; i < pr.entry; ++i) ex.step(i, false);
+      Executor::State saved_state = ex.save();
+      TightnessItem& item = c.items[pr.item];
+      try {
+        ex.poison(item.storage);
+        for (size_t j = i; j < s.entries.size() && ex.step(j, true); ++j) {
+        }
+        ex.ensure_snapshot();
+        item.confirmed = ex.partial().loss_bytes != reference.loss_bytes ||
+                         ex.partial().grads != reference.grads;
+      } catch (const ReplayError&) {
+        item.confirmed = true;  // the poisoned values broke an op outright (an index out of range)
+      }
+      ex.restore(saved_state);
+    }
+  }
+  for (const Probe& pr : alone) {
+    TightnessItem& item = c.items[pr.item];
+    try {
+      ReplayResult r = replay(s, be, {.seed = opts.seed, .poison_storage = item.storage, .poison_before_entry = pr.entry});
+      item.confirmed = !grads_equal(reference, r) || r.params_after != reference.params_after;
+    } catch (const ReplayError&) {
+      item.confirmed = true;
+    }
+  }
+  for (TightnessItem& item : c.items) {
+    if (item.confirmed) {
+      ++c.confirmed;
+      continue;
+    }
+    if (!item.reason.empty()) continue;
+    const Op* reader = &g.ops()[s.entries[static_cast<size_t>(last_read[index(item.storage)])].id];
+    const DType dt = g.tensor(g.storage(item.storage).first).dtype;
+    const OpKind fk = reader && reader->kind == OpKind::backward && reader->forward != graph::kNoOp
+                          ? g.op(reader->forward).kind
+                          : (reader ? reader->kind : OpKind::view);
+    if (dt == DType::b8 || dt == DType::u8) {
+      item.reason = fmt::format("a mask: its poisoned 0xFF bytes still read as true where it matters, so {} computes the same",
+                                item.last_reader);
+    } else if (fk == OpKind::mean_last) {
+      item.reason = fmt::format("{} uses only its shape: mean's backward needs the input's sizes, not its values "
+                                "(torch 1.13 saves the input anyway)", item.last_reader);
+    } else {
+      item.reason = fmt::format("poisoning it before its last reader {} changed neither the loss nor any gradient: "
+                                "its values are not read, only its shape", item.last_reader);
+    }
   }
   return c;
 }

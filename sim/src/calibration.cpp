@@ -23,7 +23,11 @@ std::string calibration_kind(const graph::Graph& g, const graph::Op& op) {
 int64_t Calibration::op_time_ns(const graph::Graph& g, const graph::Op& op, const DeviceSpec& d) const {
   if (op.kernels == 0) return 0;
   if (auto it = seconds_by_name.find(op.name); it != seconds_by_name.end()) {
-    return static_cast<int64_t>(it->second * 1e9 + 0.5);
+    // The same name with other shapes (another model size) is another op: scale by kind instead.
+    auto sig = signature_by_name.find(op.name);
+    if (sig == signature_by_name.end() || (sig->second.first == op.flops && sig->second.second == op.bytes_moved)) {
+      return static_cast<int64_t>(it->second * 1e9 + 0.5);
+    }
   }
   const int64_t roofline = sim::op_time_ns(g, op, d);
   if (auto it = scale_by_kind.find(calibration_kind(g, op)); it != scale_by_kind.end()) {
@@ -54,6 +58,13 @@ json calibration_json(const graph::Graph& g, std::span<const double> measured_s,
   }
   json names = json::object();
   for (const auto& [name, v] : by_name) names[name] = v.first / v.second;
+  // What each name was measured at (flops, bytes moved): a calibration applies by name only to
+  // the same shapes. Duplicate names keep the first op's signature.
+  json sigs = json::object();
+  for (size_t i = 0; i < g.n_ops(); ++i) {
+    const graph::Op& op = g.ops()[i];
+    if (op.kernels != 0 && !sigs.contains(op.name)) sigs[op.name] = json::array({op.flops, op.bytes_moved});
+  }
   json kinds = json::object();
   for (const auto& [kind, v] : by_kind) {
     kinds[kind] = {{"seconds", v.first}, {"predicted_seconds", v.second},
@@ -61,7 +72,7 @@ json calibration_json(const graph::Graph& g, std::span<const double> measured_s,
   }
   return {{"format", "actsim-calibration"}, {"version", 1},     {"device", device},
           {"backend", backend},             {"step_seconds", total},
-          {"by_name", names},               {"by_kind", kinds}, {"ops", ops}};
+          {"by_name", names},               {"signature", sigs}, {"by_kind", kinds}, {"ops", ops}};
 }
 
 Calibration load_calibration(const std::string& path) {
@@ -84,6 +95,14 @@ Calibration load_calibration(const std::string& path) {
       throw InputError(fmt::format("{}: by_name.\"{}\" must be a non-negative number of seconds", path, name));
     }
     c.seconds_by_name[name] = v.get<double>();
+  }
+  if (j.contains("signature") && j["signature"].is_object()) {
+    for (const auto& [name, v] : j["signature"].items()) {
+      if (!v.is_array() || v.size() != 2 || !v[0].is_number() || !v[1].is_number_integer()) {
+        throw InputError(fmt::format("{}: signature.\"{}\" must be [flops, bytes_moved]", path, name));
+      }
+      c.signature_by_name[name] = {v[0].get<double>(), v[1].get<int64_t>()};
+    }
   }
   if (j.contains("by_kind")) {
     if (!j["by_kind"].is_object()) throw InputError(fmt::format("{}: by_kind must be an object", path));

@@ -422,6 +422,7 @@ Schedule parse_schedule(const std::string& path) {
   std::vector<int64_t> op_line;
   size_t li = 1;
   bool ended = false;
+  int64_t end_count = -1, end_line = 0;
   // Records in order: storages, tensors, ops, entries, then ["end", n].
   for (; li < lines.size() && !ended; ++li) {
     const int64_t line_no = static_cast<int64_t>(li) + 1;
@@ -578,10 +579,8 @@ Schedule parse_schedule(const std::string& path) {
       need(2);
       ended = true;
       if (!in_entries) lw.fail("end record before all storages, tensors and ops");
-      if (get_int(r[1], lw, "entry count") != static_cast<int64_t>(s.entries.size()) ||
-          s.entries.size() != n_entries) {
-        lw.fail(fmt::format("end record after {} entries; header.counts.entries says {}", s.entries.size(), n_entries));
-      }
+      end_count = get_int(r[1], lw, "entry count");
+      end_line = line_no;
     } else {
       size_t ki = kEntryNames.size();
       for (size_t k = 0; k < kEntryNames.size(); ++k) {
@@ -591,7 +590,6 @@ Schedule parse_schedule(const std::string& path) {
       if (!in_entries) {
         lw.fail(fmt::format("{} entry before all {} storages, {} tensors and {} ops", type, n_st, n_t, n_ops));
       }
-      if (s.entries.size() >= n_entries) lw.fail(fmt::format("more entries than header.counts.entries = {}", n_entries));
       ScheduleEntry e{.kind = static_cast<Kind>(ki)};
       const int64_t id = r.size() > 1 ? get_int(r[1], lw, "id") : -1;
       switch (e.kind) {
@@ -688,6 +686,11 @@ Schedule parse_schedule(const std::string& path) {
   if (h.contains("n_layers")) g.n_layers = static_cast<int32_t>(get_int(h["n_layers"], hw, "n_layers"));
   g.freeze();
   validate_schedule(s);
+  // Counts last: a double free or a read after free in an edited file is the more useful message.
+  if (end_count != static_cast<int64_t>(s.entries.size()) || s.entries.size() != n_entries) {
+    Where{path, end_line}.fail(fmt::format("the end record says {} entries, header.counts.entries {}, the file has {}",
+                                           end_count, n_entries, s.entries.size()));
+  }
   return s;
 }
 

@@ -33,7 +33,11 @@ void write_exports_from(const sim::Analysis& a, const po::variables_map& vm);
 
 int cmd_simulate(const std::vector<std::string>& args);
 int cmd_compare(const std::vector<std::string>& args);
+int cmd_plan(const std::vector<std::string>& args);
 int cmd_devices(const std::vector<std::string>& args);
 int cmd_keys(const std::vector<std::string>& args);
+int cmd_fit(const std::vector<std::string>& args);
+int cmd_sweep(const std::vector<std::string>& args);
+int cmd_replay(const std::vector<std::string>& args);
 
 }  // namespace actsim::cli

@@ -20,10 +20,15 @@ usage: actsim <command> [options]
 
 commands:
   simulate [SCENARIO]   lower, simulate one step, and report peak memory and what makes it up
+  plan [SCENARIO] --budget SIZE
+                        the fastest checkpointing plan whose peak fits the budget
   compare A.json B.json --report FILE.html
                         overlay the memory timelines of several runs (simulate --json --timeline)
   devices               list the device specs (scenarios/devices.toml) and their sources
   keys                  list every scenario key
+  fit [SCENARIO]        the largest batch (--vary-seq: and seq_len) that fits, per checkpoint policy
+  sweep [SCENARIO] --vary KEY=V1,V2,...  the cross product in parallel, with the Pareto frontier
+  replay [SCENARIO|SCHEDULE]  run the step for real (cpu/cuda) and confirm the simulation
 
 Run `actsim <command> --help` for the options of a command.
 )";
@@ -37,8 +42,12 @@ int main(int argc, char** argv) {
   const std::map<std::string, Command> commands{
       {"simulate", cli::cmd_simulate},
       {"compare", cli::cmd_compare},
+      {"plan", cli::cmd_plan},
       {"devices", cli::cmd_devices},
       {"keys", cli::cmd_keys},
+      {"fit", cli::cmd_fit},
+      {"sweep", cli::cmd_sweep},
+      {"replay", cli::cmd_replay},
   };
   try {
     if (args.empty()) throw InputError("no command given (see actsim --help)");

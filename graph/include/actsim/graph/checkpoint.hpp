@@ -37,6 +37,16 @@ struct BlockPlan {
                                      // recomputed together from the first block's input); -1 otherwise
   std::vector<OpKind> keep_kinds;    // BlockMode::ops: op kinds whose outputs are kept
 
+  // An explicit (possibly nested, rotor/Revolve-style) schedule, made by the planner. When set,
+  // every recomputed block is its own region and recomputation follows this list instead of the
+  // segment rule: before the backward of block i, run these forward recomputations in order.
+  struct Recompute {
+    int32_t block;
+    bool keep_all;                   // keep the block's saved tensors (its backward comes next);
+                                     // else produce only its output (a checkpoint or the next input)
+  };
+  std::vector<std::vector<Recompute>> before_backward;  // [n_layers], or empty
+
   bool is_trivial() const;           // every block kept
   std::string describe() const;      // "full", "every:2", "3 kept, 9 recomputed", ...
 };

@@ -75,7 +75,9 @@ struct SafetyCheck {
 SafetyCheck confirm_safety(const sim::Schedule& s, Backend& be, const ReplayResult& freed, uint64_t seed = 0);
 
 // (b) Tightness: poisoning a saved activation just before its simulated last use (the last op
-// reading it) changes the loss or a gradient.
+// reading it) changes the loss or a gradient. Saved activations are the step's storages that a
+// backward op reads as saved tensors, and under checkpointing the forward tensors a recompute op
+// reads. Probes share the unpoisoned prefix of their runs (save, poison, run on, restore).
 struct TightnessItem {
   std::string name;                        // the storage's first tensor
   graph::StorageId storage{0};
@@ -92,6 +94,7 @@ struct TightnessCheck {
 struct TightnessOptions {
   size_t max_checked = 40;                 // a seeded sample when there are more candidates
   uint64_t seed = 0;
+  bool share_prefix = true;                // probes share the unpoisoned prefix (same results, faster)
 };
 TightnessCheck confirm_tightness(const sim::Schedule& s, Backend& be, const ReplayResult& reference,
                                  const TightnessOptions& opts = {});

@@ -6,7 +6,7 @@
 //   apply_calibration(analysis, c);                        // re-plan and re-simulate an Analysis
 //
 // An op's duration is, in order of preference: the measured seconds of an op with the same name
-// (the same model shapes), or its roofline time times the measured/predicted ratio of its kind
+// and the same FLOPs and bytes moved (the same model shapes), or its roofline time times the measured/predicted ratio of its kind
 // (another shape on the same machine), or the roofline time (a kind never measured).
 #pragma once
 
@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <span>
 #include <string>
+#include <utility>
 
 #include "actsim/graph/graph.hpp"
 #include "actsim/sim/device.hpp"
@@ -28,6 +29,7 @@ struct Calibration {
   std::string device;                            // the measured machine, e.g. "cpu (16 threads)"
   std::string backend;                           // "cpu" or "cuda"
   std::map<std::string, double> seconds_by_name; // op name -> mean measured seconds
+  std::map<std::string, std::pair<double, int64_t>> signature_by_name;  // name -> (flops, bytes_moved) measured
   std::map<std::string, double> scale_by_kind;   // kind key -> measured / predicted (roofline)
 
   // The op's duration under this calibration (falls back to op_time_ns).

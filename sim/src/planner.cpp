@@ -1,0 +1,311 @@
+#include "actsim/sim/planner.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+
+#include "actsim/graph/error.hpp"
+#include "actsim/graph/profile.hpp"
+
+namespace actsim::sim {
+
+RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
+    : n_(static_cast<int>(chain.size())), levels_(levels), has_head_(chain.has_head) {
+  ACTSIM_ASSERT(unit > 0 && levels >= 0, "bad DP discretisation");
+  auto units = [&](int64_t bytes) { return static_cast<int32_t>(std::min<int64_t>((bytes + unit - 1) / unit, levels + 1)); };
+  in_.resize(n_ + 1, 0);
+  act_.resize(n_);
+  for (int i = 0; i < n_; ++i) {
+    in_[i] = units(chain.input_bytes[i]);
+    act_[i] = units(chain.activation_bytes[i]);
+  }
+  in_[n_] = 0;
+  fwd_saved_ = chain.forward_saved_ns.empty() ? chain.forward_ns : chain.forward_saved_ns;
+  bwd_ = chain.backward_ns;
+  fwd_prefix_.assign(n_ + 1, 0);
+  for (int i = 0; i < n_; ++i) fwd_prefix_[i + 1] = fwd_prefix_[i] + chain.forward_ns[i];
+  const int blocks = has_head_ ? n_ - 1 : n_;
+  homogeneous_ = blocks > 0;
+  for (int i = 1; i < blocks && homogeneous_; ++i) {
+    // Backward times do not matter here: each block's backward runs once in every plan.
+    homogeneous_ = chain.forward_ns[i] == chain.forward_ns[0] && fwd_saved_[i] == fwd_saved_[0] &&
+                   in_[i] == in_[0] && act_[i] == act_[0] &&
+                   (i + 1 < n_ ? in_[i + 1] == in_[1] : true);
+  }
+  if (homogeneous_) {
+    for (int i = 0; i < blocks; ++i) bwd_[i] = bwd_[0];  // a constant shift of every plan's cost
+  }
+  const size_t keys = homogeneous_ ? static_cast<size_t>(2 * n_) : static_cast<size_t>(n_) * n_;
+  const size_t total = keys * static_cast<size_t>(levels_ + 1);
+  c_.assign(total, kInfeasible);
+  choice_.assign(total, -2);
+  std::vector<bool> done(keys, false);
+  // C(s, t, m): blocks s..t, x_s stored (not counted), the gradient of x_{t+1} given; m units free.
+  for (int len = 0; len < n_; ++len) {
+    for (int s = n_ - 1 - len; s >= 0; --s) {  // right to left: a head chain is met first
+      const int t = s + len;
+      if (done[key(s, t)]) continue;
+      done[key(s, t)] = true;
+      for (int m = 0; m <= levels_; ++m) {
+        int64_t best = kInfeasible;
+        int32_t pick = -2;
+        // F_all(s): keep block s's activations and its output (the next input), then the rest,
+        // then block s's backward.
+        const int m1 = m - act_[s] - (len == 0 ? 0 : in_[s + 1]);
+        if (m1 >= 0) {
+          const int64_t rest = len == 0 ? 0 : c_[at(s + 1, t, m1)];
+          if (rest < kInfeasible) {
+            // Right before its backward a block recomputes only what feeds its saved tensors (the
+            // first forward of the last block runs whole: the same constant in every plan).
+            best = (len == 0 ? fwd_saved_[s] : chain.forward_ns[s]) + rest + bwd_[s];
+            pick = -1;
+          }
+        }
+        // Checkpoint at k: run s..k-1 keeping nothing, store x_k, do k..t, then s..k-1 again.
+        for (int k = s + 1; k <= t; ++k) {
+          const int m2 = m - in_[k];
+          if (m2 < 0) continue;
+          const int64_t right = c_[at(k, t, m2)], left = c_[at(s, k - 1, m)];
+          if (right >= kInfeasible || left >= kInfeasible) continue;
+          const int64_t cost = (fwd_prefix_[k] - fwd_prefix_[s]) + right + left;
+          if (cost < best) best = cost, pick = k - s;  // relative: keys are shared by equal chains
+        }
+        c_[at(s, t, m)] = best;
+        choice_[at(s, t, m)] = pick;
+      }
+    }
+  }
+}
+
+int64_t RotorDP::cost(int level) const {
+  if (n_ == 0) return 0;
+  return c_[at(0, n_ - 1, std::clamp(level, 0, levels_))];
+}
+
+void RotorDP::sequence(int s, int t, int m, std::vector<Op>& out) const {
+  const int32_t pick = choice_[at(s, t, m)];
+  ACTSIM_ASSERT(pick != -2, "sequence of an infeasible DP state");
+  const int32_t k = s + pick;
+  if (pick == -1) {
+    out.push_back({Step::fwd_keep, s});
+    if (s < t) sequence(s + 1, t, m - act_[s] - in_[s + 1], out);
+    out.push_back({Step::bwd, s});
+    return;
+  }
+  for (int j = s; j < k; ++j) out.push_back({Step::fwd_ckpt, j});
+  sequence(k, t, m - in_[k], out);
+  sequence(s, k - 1, m, out);
+}
+
+graph::BlockPlan RotorDP::plan(int level) const {
+  const int blocks = has_head_ ? n_ - 1 : n_;
+  if (n_ == 0 || cost(level) >= kInfeasible) {
+    graph::BlockPlan p;
+    p.mode.assign(static_cast<size_t>(blocks), graph::BlockMode::keep);
+    p.segment.assign(static_cast<size_t>(blocks), -1);
+    return p;
+  }
+  std::vector<Op> seq;
+  sequence(0, n_ - 1, std::clamp(level, 0, levels_), seq);
+  return to_plan(seq, blocks);
+}
+
+graph::BlockPlan RotorDP::to_plan(const std::vector<Op>& seq, int blocks) {
+  graph::BlockPlan p;
+  p.mode.assign(static_cast<size_t>(blocks), graph::BlockMode::keep);
+  p.segment.assign(static_cast<size_t>(blocks), -1);
+  // The prefix up to the first backward is the forward pass: each block runs once there.
+  size_t i = 0;
+  for (; i < seq.size() && seq[i].step != Step::bwd; ++i) {
+    if (seq[i].block >= blocks) continue;  // the head runs once, where the model puts it
+    p.mode[static_cast<size_t>(seq[i].block)] =
+        seq[i].step == Step::fwd_keep ? graph::BlockMode::keep : graph::BlockMode::recompute;
+  }
+  bool any_recompute = false;
+  for (auto m : p.mode) any_recompute = any_recompute || m == graph::BlockMode::recompute;
+  if (!any_recompute) return p;
+  p.before_backward.assign(static_cast<size_t>(blocks), {});
+  std::vector<graph::BlockPlan::Recompute> pending;
+  for (; i < seq.size(); ++i) {
+    if (seq[i].block >= blocks) continue;
+    if (seq[i].step == Step::bwd) {
+      p.before_backward[static_cast<size_t>(seq[i].block)] = std::move(pending);
+      pending.clear();
+    } else {
+      pending.push_back({seq[i].block, seq[i].step == Step::fwd_keep});
+    }
+  }
+  for (int b = 0; b < blocks; ++b) {
+    p.segment[static_cast<size_t>(b)] = p.mode[static_cast<size_t>(b)] == graph::BlockMode::recompute ? b : -1;
+  }
+  return p;
+}
+
+void RotorDP::all_schedules(int s, int t, std::vector<std::vector<Op>>& out) {
+  if (s == t) {
+    out.push_back({{Step::fwd_keep, s}, {Step::bwd, s}});
+    return;
+  }
+  std::vector<std::vector<Op>> rest;
+  all_schedules(s + 1, t, rest);
+  for (const auto& r : rest) {
+    std::vector<Op> q{{Step::fwd_keep, s}};
+    q.insert(q.end(), r.begin(), r.end());
+    q.push_back({Step::bwd, s});
+    out.push_back(std::move(q));
+  }
+  for (int k = s + 1; k <= t; ++k) {
+    std::vector<std::vector<Op>> right, left;
+    all_schedules(k, t, right);
+    all_schedules(s, k - 1, left);
+    for (const auto& r : right) {
+      for (const auto& l : left) {
+        std::vector<Op> q;
+        for (int j = s; j < k; ++j) q.push_back({Step::fwd_ckpt, j});
+        q.insert(q.end(), r.begin(), r.end());
+        q.insert(q.end(), l.begin(), l.end());
+        out.push_back(std::move(q));
+      }
+    }
+  }
+}
+
+int64_t RotorDP::advances(int level) const {
+  if (n_ == 0 || cost(level) >= kInfeasible) return -1;
+  std::vector<Op> seq;
+  sequence(0, n_ - 1, std::clamp(level, 0, levels_), seq);
+  int64_t n = 0;
+  for (const Op& o : seq) n += o.step == Step::fwd_ckpt;
+  return n;
+}
+
+Chain measure_chain(const Scenario& s) {
+  Scenario base = s;
+  base.checkpoint_policy = "none";
+  base.block_plan.reset();
+  Analysis a = analyze(base);
+  const graph::Graph& g = a.step->graph;
+  const int64_t L = s.model.n_layers;
+  Chain c;
+  c.forward_ns.assign(static_cast<size_t>(L), 0);
+  c.backward_ns.assign(static_cast<size_t>(L), 0);
+  for (size_t i = 0; i < g.n_ops(); ++i) {
+    const graph::Op& op = g.ops()[i];
+    if (op.layer < 0 || op.phase == graph::Phase::optimizer) continue;
+    auto& v = op.phase == graph::Phase::forward ? c.forward_ns : c.backward_ns;
+    v[static_cast<size_t>(op.layer)] += a.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+  }
+  // What a block recomputes for its own backward: the recompute ops of checkpointing every block.
+  Scenario full = s;
+  full.checkpoint_policy = "full";
+  full.block_plan.reset();
+  Analysis af = analyze(full);
+  c.forward_saved_ns.assign(static_cast<size_t>(L), 0);
+  for (size_t i = 0; i < af.step->graph.n_ops(); ++i) {
+    const graph::Op& op = af.step->graph.ops()[i];
+    if (op.recompute && op.layer >= 0) {
+      c.forward_saved_ns[static_cast<size_t>(op.layer)] += af.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+    }
+  }
+  const int64_t x = s.training.batch_size * s.model.seq_len * s.model.d_model * graph::dtype_size(s.training.dtype);
+  c.input_bytes.assign(static_cast<size_t>(L), x);
+  c.activation_bytes.resize(static_cast<size_t>(L));
+  for (int64_t i = 0; i < L; ++i) c.activation_bytes[static_cast<size_t>(i)] = std::max<int64_t>(0, a.per_layer_saved[static_cast<size_t>(i)] - x);
+  // The head: what the model keeps outside the blocks (embeddings aside, a constant), run once.
+  c.has_head = true;
+  c.forward_ns.push_back(0);
+  c.backward_ns.push_back(0);
+  c.forward_saved_ns.push_back(0);
+  c.input_bytes.push_back(x);
+  c.activation_bytes.push_back(a.outside_saved);
+  return c;
+}
+
+namespace {
+graph::CheckpointPolicy full_policy() {
+  graph::CheckpointPolicy p;
+  p.kind = graph::CheckpointPolicy::Kind::full;
+  return p;
+}
+struct Probe {
+  int64_t peak;
+  int64_t time;
+};
+}  // namespace
+
+PlanResult plan_for_budget(const Scenario& s, int64_t budget) {
+  PlanResult r;
+  r.budget_bytes = budget;
+  const int64_t L = s.model.n_layers;
+  auto simulate_plan = [&](const graph::BlockPlan& bp) {
+    Scenario t = s;
+    t.block_plan = std::make_shared<graph::BlockPlan>(bp);
+    graph::StepGraph step = graph::lower_training_step(t.model, t.training, graph::profile(t.profile), t.block_plan.get());
+    Plan plan(step.graph, t.device);
+    SimResult sr = simulate(plan);
+    ++r.simulations;
+    return Probe{sr.peak_bytes, sr.step_time_ns};
+  };
+  graph::BlockPlan none = graph::block_plan(graph::CheckpointPolicy{}, L);
+  const Probe base = simulate_plan(none);
+  r.baseline_peak_bytes = base.peak;
+  r.baseline_step_time_ns = base.time;
+
+  const Chain chain = measure_chain(s);
+  int64_t total = 0;
+  for (size_t i = 0; i < chain.size(); ++i) total += chain.input_bytes[i] + chain.activation_bytes[i];
+  constexpr int kLevels = 192;
+  const int64_t unit = std::max<int64_t>(1, (total + kLevels - 1) / kLevels);
+  const auto t0 = std::chrono::steady_clock::now();
+  RotorDP dp(chain, unit, kLevels);
+  r.dp_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+
+  // The least level with a plan, and the plans' probes by level (plans repeat across levels).
+  int lo_level = 0;
+  while (lo_level <= kLevels && dp.cost(lo_level) >= RotorDP::kInfeasible) ++lo_level;
+  std::map<int, Probe> probes;
+  auto probe = [&](int level) {
+    auto it = probes.find(level);
+    if (it != probes.end()) return it->second;
+    return probes[level] = simulate_plan(dp.plan(level));
+  };
+  if (base.peak <= budget) {
+    r.fits = true;
+    r.plan = none;
+    r.peak_bytes = base.peak;
+    r.step_time_ns = base.time;
+  } else if (lo_level > kLevels || probe(lo_level).peak > budget) {
+    r.fits = false;
+  } else {
+    // Largest level whose plan fits: the DP's optimum only improves with memory, so this is the
+    // fastest plan among the levels' optima that fits (first guess from the memory model).
+    int lo = lo_level, hi = kLevels + 1;  // fits(lo), !fits(hi) (hi = beyond the last level)
+    const int64_t overhead = base.peak - total;
+    int guess = static_cast<int>(std::clamp<int64_t>((budget - overhead) / unit, lo + 1, kLevels));
+    while (hi - lo > 1) {
+      const int mid = (guess > lo && guess < hi) ? guess : lo + (hi - lo) / 2;
+      guess = -1;
+      (probe(mid).peak <= budget ? lo : hi) = mid;
+    }
+    r.fits = true;
+    r.plan = dp.plan(lo);
+    const Probe p = probe(lo);
+    r.peak_bytes = p.peak;
+    r.step_time_ns = p.time;
+  }
+  // The least memory any plan reaches: the DP's least-memory plan, or full recomputation.
+  Probe least = lo_level <= kLevels ? probe(lo_level) : base;
+  const Probe full = simulate_plan(graph::block_plan(full_policy(), L));
+  r.min_peak_bytes = std::min({least.peak, full.peak, base.peak});
+  if (!r.fits) {
+    const bool full_is_least = full.peak <= least.peak;
+    r.plan = full_is_least ? graph::block_plan(full_policy(), L) : dp.plan(lo_level);
+    r.peak_bytes = full_is_least ? full.peak : least.peak;
+    r.step_time_ns = full_is_least ? full.time : least.time;
+  }
+  return r;
+}
+
+}  // namespace actsim::sim

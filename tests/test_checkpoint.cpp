@@ -1,0 +1,338 @@
+// Tests of checkpointing (issue 3) against published results: Megatron-LM's per-layer activation
+// formula and what its selective and full recompute leave (Korthikanti et al. 2022), Chen et al.
+// 2016's sqrt(L) segments; every policy against `none`; bad policies; and sweeps (sim/sweep),
+// whose batch-scaling rows must equal sim::analyze to the byte and nanosecond.
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "actsim/graph/checkpoint.hpp"
+#include "actsim/graph/error.hpp"
+#include "actsim/sim/report.hpp"
+#include "actsim/sim/scenario.hpp"
+#include "actsim/sim/sweep.hpp"
+
+using namespace actsim;
+
+namespace {
+
+sim::Analysis run(const std::vector<std::string>& sets) { return sim::analyze(sim::load_scenario("", sets)); }
+
+// Megatron-LM's setting: gpt2 (LayerNorm, fused QKV, GELU, dropout after softmax, attention
+// projection and MLP), 16-bit activations, dropout > 0 with 1-byte masks (torch-cuda's bool
+// masks), eager attention.
+std::vector<std::string> megatron(int64_t s, int64_t h, int64_t a, int64_t b, const std::string& policy) {
+  return {"model.family=gpt2", "runtime.profile=torch-cuda", "training.dtype=fp16", "model.dropout=0.1",
+          "model.attention=eager", "model.vocab_size=512", "model.n_layers=3",
+          "model.seq_len=" + std::to_string(s), "model.d_model=" + std::to_string(h),
+          "model.n_heads=" + std::to_string(a), "training.batch_size=" + std::to_string(b),
+          "checkpoint.policy=" + policy};
+}
+
+// The most activation and temporary device bytes live at once during the step.
+int64_t most_activation_bytes(const sim::Analysis& a) {
+  struct Watch : sim::Observer {
+    const graph::Graph& g;
+    int64_t live = 0, most = 0;
+    explicit Watch(const graph::Graph& graph) : g(graph) {}
+    void add(int64_t b) { live += b, most = std::max(most, live); }
+    bool counts(graph::StorageId s) const {
+      const graph::Storage& st = g.storage(s);
+      return st.location == graph::Location::device &&
+             (st.category == graph::Category::activation || st.category == graph::Category::temporary);
+    }
+    void on_alloc(graph::StorageId s, graph::OpId, int64_t, int64_t) override {
+      if (counts(s)) add(g.storage(s).bytes);
+    }
+    void on_free(graph::StorageId s, graph::OpId, int64_t, int64_t) override {
+      if (counts(s)) live -= g.storage(s).bytes;
+    }
+    void on_workspace(graph::OpId, int64_t bytes, int64_t, int64_t) override { add(bytes); }
+  } w(a.step->graph);
+  sim::Observer* obs[] = {&w};
+  (void)sim::simulate(*a.plan, obs);
+  return w.most;
+}
+
+struct Size {
+  int64_t s, h, a, b;
+};
+const Size kMegatronSizes[] = {{128, 256, 4, 2}, {256, 512, 8, 3}, {64, 192, 3, 1}};
+
+}  // namespace
+
+TEST_CASE("checkpoint: Megatron-LM's sbh(34 + 5as/h) per layer, with the reference's extras listed", "[checkpoint]") {
+  for (const Size& z : kMegatronSizes) {
+    const auto [s, h, a, b] = z;
+    INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
+    const sim::Analysis an = run(megatron(s, h, a, b, "none"));
+    // Korthikanti et al. 2022, eq. (1): 34 sbh of d-wide tensors (inputs of the LayerNorms, QKV,
+    // projections and MLP, GELU input, dropout masks) and 5as^2b of attention core (QK^T scores
+    // fed to softmax, softmax output, its dropout mask and output).
+    const int64_t megatron_terms = s * b * h * 34 + 5 * a * s * s * b;
+    // The reference implementation's extras, exactly:
+    const int64_t layer_norm_stats = 2 * (2 * s * b * 4);  // two LayerNorms, fp32 mean and rstd (s*b each)
+    const int64_t causal_mask = s * s;                      // the per-layer bool mask `bias == 0` (1 byte)
+    REQUIRE(layer_norm_stats == 16 * s * b);
+    for (int64_t kept : an.per_layer_saved) CHECK(kept == megatron_terms + layer_norm_stats + causal_mask);
+  }
+}
+
+TEST_CASE("checkpoint: selective removes exactly the attention core (5as^2b) and the causal mask", "[checkpoint]") {
+  for (const Size& z : kMegatronSizes) {
+    const auto [s, h, a, b] = z;
+    INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
+    const sim::Analysis none = run(megatron(s, h, a, b, "none"));
+    const sim::Analysis sel = run(megatron(s, h, a, b, "selective"));
+    REQUIRE(sel.per_layer_saved.size() == none.per_layer_saved.size());
+    // The mask is recomputed with the core; the contiguous copies of q, k, v (6sbh) the core reads
+    // are swapped for the c_attn output they are made from (6sbh): no change in bytes.
+    for (size_t i = 0; i < none.per_layer_saved.size(); ++i) {
+      CHECK(none.per_layer_saved[i] - sel.per_layer_saved[i] == 5 * a * s * s * b + s * s);
+    }
+    CHECK(sel.outside_saved == none.outside_saved);
+    CHECK(sel.result.peak_bytes <= none.result.peak_bytes);
+  }
+}
+
+TEST_CASE("checkpoint: full keeps exactly each block's input, 2sbh per layer", "[checkpoint]") {
+  for (const Size& z : kMegatronSizes) {
+    const auto [s, h, a, b] = z;
+    INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
+    const sim::Analysis none = run(megatron(s, h, a, b, "none"));
+    const sim::Analysis full = run(megatron(s, h, a, b, "full"));
+    for (int64_t kept : full.per_layer_saved) CHECK(kept == 2 * s * b * h);
+    CHECK(full.outside_saved == none.outside_saved);
+    CHECK(full.result.step_time_ns > none.result.step_time_ns);
+  }
+}
+
+TEST_CASE("checkpoint: Chen et al.'s sqrt(L) segments keep ~2 sqrt(L) blocks for one extra forward", "[checkpoint]") {
+  constexpr int64_t L = 100;
+  const std::vector<std::string> chain{"model.family=llama", "model.n_layers=100", "model.d_model=64",
+                                       "model.n_heads=4", "model.vocab_size=64", "model.seq_len=32",
+                                       "training.batch_size=8", "training.optimizer=sgd"};
+  auto with = [&](const std::string& policy) {
+    std::vector<std::string> s = chain;
+    s.push_back("checkpoint.policy=" + policy);
+    return run(s);
+  };
+  const sim::Analysis none = with("none");
+  const sim::Analysis sq = with("sqrt");
+  const int64_t block = none.per_layer_saved[0];  // one block's activations under `none`
+  for (int64_t kept : none.per_layer_saved) REQUIRE(kept == block);
+
+  // Kept activations: what the blocks keep through the forward pass (the segment inputs), plus the
+  // largest segment's recomputed activations, alive together while backward walks that segment.
+  const graph::Graph& g = sq.step->graph;
+  const graph::BlockPlan& bp = sq.block_plan;
+  std::map<int32_t, int64_t> recomputed;          // segment -> bytes its recompute ops produce and backward reads
+  std::vector<bool> read_by_backward(g.storages().size(), false);
+  for (const graph::Op& op : g.ops()) {
+    if (op.phase != graph::Phase::backward || op.recompute) continue;
+    for (graph::TensorId t : op.inputs) read_by_backward[graph::index(g.tensor(t).storage)] = true;
+  }
+  std::vector<bool> seen(g.storages().size(), false);
+  for (const graph::Op& op : g.ops()) {
+    if (!op.recompute || op.layer < 0) continue;
+    for (graph::TensorId t : op.outputs) {
+      const size_t st = graph::index(g.tensor(t).storage);
+      if (g.tensor(t).is_view || seen[st] || !read_by_backward[st]) continue;
+      seen[st] = true;
+      recomputed[bp.segment[static_cast<size_t>(op.layer)]] += g.storages()[st].bytes;
+    }
+  }
+  int64_t largest = 0;
+  for (auto& [seg, bytes] : recomputed) largest = std::max(largest, bytes);
+  const int64_t kept = sq.saved_bytes - sq.outside_saved + largest;
+  const double root = std::sqrt(static_cast<double>(L));
+  INFO("block " << block << ", kept " << kept << ", largest segment " << largest);
+  CHECK(recomputed.size() == 10);
+  // A segment of sqrt(L) = 10 blocks recomputes them all but its first input (the checkpoint).
+  CHECK(largest <= 10 * block);
+  CHECK(largest >= 9 * block);
+  CHECK(kept <= static_cast<int64_t>(2 * root) * block + block);
+  CHECK(kept >= static_cast<int64_t>(root) * block);
+  CHECK(none.saved_bytes - none.outside_saved == L * block);
+
+  // One extra forward: the recompute costs the blocks' forward time, within 10%.
+  sim::Plan plan(none.step->graph, none.scenario.device);
+  int64_t forward_blocks_ns = 0;
+  for (size_t i = 0; i < none.step->graph.n_ops(); ++i) {
+    const graph::Op& op = none.step->graph.ops()[i];
+    if (op.phase == graph::Phase::forward && op.layer >= 0) forward_blocks_ns += plan.duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+  }
+  const int64_t extra_ns = sq.result.step_time_ns - none.result.step_time_ns;
+  INFO("forward of the blocks " << forward_blocks_ns << " ns, extra step time " << extra_ns << " ns");
+  CHECK(std::abs(static_cast<double>(extra_ns - forward_blocks_ns)) <= 0.10 * static_cast<double>(forward_blocks_ns));
+  // The simulation agrees: the most activation (and temporary) bytes live at once under sqrt is
+  // the kept activations plus at most a block's transient backward buffers.
+  const int64_t most = most_activation_bytes(sq);
+  INFO("most activation bytes live: sqrt " << most << ", none " << most_activation_bytes(none));
+  CHECK(most >= kept);
+  CHECK(most <= kept + 2 * block);
+  CHECK(sq.result.peak_bytes < none.result.peak_bytes);
+}
+
+TEST_CASE("checkpoint: every policy lowers, validates and never peaks above none (offload: its prefetch)", "[checkpoint]") {
+  std::string all_kinds = "ops:";
+  for (const std::string& k : graph::checkpointable_op_kinds()) all_kinds += (all_kinds.size() > 4 ? "," : "") + k;
+  const std::vector<std::vector<std::string>> models{
+      {"model.family=gpt2", "model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.vocab_size=256",
+       "model.seq_len=64", "training.batch_size=2", "model.dropout=0.1", "training.dtype=bf16"},
+      {"model.family=llama", "model.n_layers=5", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
+       "model.vocab_size=256", "model.seq_len=64", "training.batch_size=3"},
+      {"model.family=llama", "model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.vocab_size=256",
+       "model.seq_len=64", "training.batch_size=2", "model.attention=flash", "training.dtype=bf16"},
+      {"model.family=gpt2", "model.n_layers=3", "model.d_model=64", "model.n_heads=2", "model.vocab_size=128",
+       "model.seq_len=32", "training.batch_size=2", "model.dropout=0.1", "runtime.profile=torch-cpu"},
+  };
+  const std::vector<std::string> policies{"none",      "full",    "every:2", "every:3",   "every:100", "sqrt",
+                                          "selective", "offload", "ops:mm",  "ops:addmm,bmm", all_kinds};
+  for (const auto& m : models) {
+    auto with = [&](const std::string& p) {
+      std::vector<std::string> s = m;
+      s.push_back("checkpoint.policy=" + p);
+      return run(s);
+    };
+    const sim::Analysis none = with("none");
+    for (const std::string& p : policies) {
+      INFO(fmt::format("{} | {}", fmt::join(m, " "), p));
+      const sim::Analysis a = with(p);
+      a.step->graph.validate();
+      CHECK(a.result.step_time_ns >= none.result.step_time_ns);
+      if (p == "offload") {
+        // Saved activations go to the host as forward runs, and come back one block ahead of
+        // backward: at most one block more than `none` is in flight.
+        CHECK(a.result.peak_bytes <= none.result.peak_bytes + none.per_layer_saved[0]);
+      } else {
+        CHECK(a.result.peak_bytes <= none.result.peak_bytes);
+      }
+      if (p == all_kinds) {  // every output kept: nothing to recompute
+        CHECK(a.result.peak_bytes == none.result.peak_bytes);
+        CHECK(a.saved_bytes == none.saved_bytes);
+      }
+    }
+  }
+}
+
+TEST_CASE("checkpoint: bad policies are InputErrors naming the key", "[checkpoint]") {
+  for (const char* bad : {"bogus", "every:0", "every:", "every:-2", "ops:mm,bogus", "ops:", "budget:60 parsecs",
+                          "budget:", "budget:-1", "full:2"}) {
+    INFO(bad);
+    try {
+      (void)sim::load_scenario("", {std::string("checkpoint.policy=") + bad});
+      FAIL("accepted");
+    } catch (const InputError& e) {
+      const std::string msg = e.what();
+      CHECK(msg.find("--set: checkpoint.policy") != std::string::npos);
+      CHECK(msg.find('\n') == std::string::npos);
+    }
+  }
+  // In a file, the error names the file and line.
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("actsim_test_checkpoint_" + std::to_string(::getpid()) + ".toml")).string();
+  std::ofstream(path) << "[model]\nn_layers = 2\n\n[checkpoint]\npolicy = \"every:0\"\n";
+  try {
+    (void)sim::load_scenario(path, {});
+    FAIL("accepted");
+  } catch (const InputError& e) {
+    CHECK(std::string(e.what()).find(path + ":5: checkpoint.policy") != std::string::npos);
+  }
+  std::filesystem::remove(path);
+}
+
+TEST_CASE("checkpoint: budget sizes parse, non-sizes do not", "[checkpoint]") {
+  int64_t bytes = 0;
+  CHECK(graph::parse_size("60GB", bytes));
+  CHECK(bytes == 60'000'000'000);
+  CHECK(graph::parse_size("60GiB", bytes));
+  CHECK(bytes == 64424509440);
+  CHECK(graph::parse_size("64424509440", bytes));
+  CHECK(bytes == 64424509440);
+  for (const char* bad : {"60 parsecs", "", "-1", "GiB", "1.5"}) {
+    INFO(bad);
+    CHECK_FALSE(graph::parse_size(bad, bytes));
+  }
+  CHECK(graph::parse_policy("budget:60GiB", "checkpoint.policy").budget_bytes == 64424509440);
+  CHECK(graph::parse_policy("every:3", "checkpoint.policy").every == 3);
+}
+
+TEST_CASE("sim::run_sweep: every row equals sim::analyze of its scenario (batch scaling included)", "[checkpoint][sweep]") {
+  const sim::Scenario base = sim::load_scenario(
+      "", {"model.family=llama", "model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.vocab_size=128",
+           "model.seq_len=32"});
+  const std::vector<sim::SweepAxis> axes{sim::parse_sweep_axis("training.batch_size=1..7"),
+                                         sim::parse_sweep_axis("checkpoint.policy=none,full,selective,offload"),
+                                         sim::parse_sweep_axis("device.name=A100-80GB,RTX-4090-24GB")};
+  sim::SweepStats stats;
+  const std::vector<sim::SweepRow> rows = sim::run_sweep(base, axes, {.threads = 2}, &stats);
+  REQUIRE(rows.size() == 7 * 4 * 2);
+  CHECK(stats.scaled > 0);  // the batch-scaling model held for the single-stream policies
+  for (const sim::SweepRow& r : rows) {
+    std::vector<std::string> sets;
+    for (size_t k = 0; k < axes.size(); ++k) sets.push_back(axes[k].key + "=" + r.values[k]);
+    INFO(fmt::format("{}", fmt::join(sets, " ")));
+    sim::Scenario s = base;
+    sim::apply_overrides(s, sets);
+    const sim::Analysis a = sim::analyze(s);
+    CHECK(r.peak_bytes == a.result.peak_bytes);
+    CHECK(r.step_time_ns == a.result.step_time_ns);
+    CHECK(r.saved_bytes == a.saved_bytes);
+    CHECK(r.fits == (a.result.peak_bytes <= s.device.memory_bytes));
+  }
+}
+
+TEST_CASE("sim::mark_pareto: dominated rows are off the frontier, ties stay on", "[checkpoint][sweep]") {
+  std::vector<sim::SweepRow> rows(6);
+  const int64_t pts[][2] = {{10, 50}, {20, 40}, {20, 45}, {30, 40}, {10, 50}, {5, 100}};
+  for (size_t i = 0; i < rows.size(); ++i) rows[i].peak_bytes = pts[i][0], rows[i].step_time_ns = pts[i][1];
+  sim::mark_pareto(rows);
+  const bool expect[] = {true, true, false, false, true, true};
+  for (size_t i = 0; i < rows.size(); ++i) {
+    INFO(i);
+    CHECK(rows[i].pareto == expect[i]);
+  }
+}
+
+TEST_CASE("sim::parse_sweep_axis: ranges, quoted lists, and one-line errors naming the option", "[checkpoint][sweep]") {
+  CHECK(sim::parse_sweep_axis("training.batch_size=1..3,8").values == std::vector<std::string>{"1", "2", "3", "8"});
+  CHECK(sim::parse_sweep_axis("checkpoint.policy=none,\"ops:addmm,bmm\"").values ==
+        std::vector<std::string>{"none", "\"ops:addmm,bmm\""});
+  auto error_of = [](const std::string& text) -> std::string {
+    try {
+      (void)sim::parse_sweep_axis(text);
+    } catch (const InputError& e) {
+      return e.what();
+    }
+    return "(accepted)";
+  };
+  CHECK(error_of("model.n_layer=2,4").rfind("--vary model.n_layer=2,4: unknown key", 0) == 0);
+  CHECK(error_of("model.n_layer=2,4").find("did you mean model.n_layers?") != std::string::npos);
+  CHECK(error_of("model.n_layers=").rfind("--vary model.n_layers=: empty value list", 0) == 0);
+  CHECK(error_of("model.n_layers=2,,4").rfind("--vary model.n_layers=2,,4: value 2", 0) == 0);
+  CHECK(error_of("model.n_layers").rfind("--vary model.n_layers: expected KEY=", 0) == 0);
+  CHECK(error_of("training.batch_size=9..2").rfind("--vary training.batch_size=9..2: range", 0) == 0);
+  // Values are checked against the scenario when the sweep runs, before anything is simulated.
+  const sim::Scenario base = sim::load_scenario("", {"model.n_layers=2"});
+  for (const auto& [text, names] : std::vector<std::pair<std::string, std::string>>{
+           {"model.n_layers=2,0", "--vary model.n_layers=2,0: model.n_layers"},
+           {"checkpoint.policy=none,every:0", "--vary checkpoint.policy=none,every:0: checkpoint.policy"},
+           {"training.batch_size=2,x", "--vary training.batch_size=2,x: training.batch_size"}}) {
+    try {
+      (void)sim::run_sweep(base, {sim::parse_sweep_axis(text)}, {.threads = 1});
+      FAIL(text << " accepted");
+    } catch (const InputError& e) {
+      CHECK(std::string(e.what()).rfind(names, 0) == 0);
+    }
+  }
+}

@@ -1,0 +1,147 @@
+// The checkpointing planner: rotor's dynamic program (Beaumont et al. 2019) and the budget search.
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "actsim/graph/profile.hpp"
+#include "actsim/sim/planner.hpp"
+
+using namespace actsim;
+
+namespace {
+
+int64_t binom(int64_t n, int64_t k) {
+  int64_t r = 1;
+  for (int64_t i = 1; i <= k; ++i) r = r * (n - k + i) / i;
+  return r;
+}
+
+// Revolve (Griewank & Walther; ADOL-C revolve.c numforw): t(l, s) = r*l - C(s+r, s+1), r the
+// least integer with C(s+r, s) >= l.
+int64_t revolve_numforw(int64_t l, int64_t s) {
+  int64_t r = 0;
+  while (binom(s + r, s) < l) ++r;
+  return r * l - binom(s + r, s + 1);
+}
+
+// A homogeneous chain of l steps whose tape (a step's activations) is larger than all the
+// checkpoints together: memory for one tape plus s checkpoints is Revolve with s snaps.
+int64_t dp_advances(int l, int s) {
+  constexpr int64_t kTape = 1000;
+  sim::Chain c;
+  for (int i = 0; i < l; ++i) {
+    c.forward_ns.push_back(1);
+    c.backward_ns.push_back(0);
+    c.input_bytes.push_back(1);
+    c.activation_bytes.push_back(kTape);
+  }
+  sim::RotorDP dp(c, 1, static_cast<int>(kTape) + s);
+  return dp.advances(static_cast<int>(kTape) + s);
+}
+
+sim::Scenario small(int layers) {
+  return sim::load_scenario("", {"model.family=llama", fmt::format("model.n_layers={}", layers), "model.d_model=128",
+                                 "model.n_heads=4", "model.seq_len=128", "model.vocab_size=512",
+                                 "training.batch_size=2"});
+}
+
+struct Sim {
+  int64_t peak, time;
+};
+Sim simulate_plan(const sim::Scenario& s, const graph::BlockPlan& p) {
+  graph::StepGraph step = graph::lower_training_step(s.model, s.training, graph::profile(s.profile), &p);
+  sim::Plan plan(step.graph, s.device);
+  sim::SimResult r = sim::simulate(plan);
+  return {r.peak_bytes, r.step_time_ns};
+}
+
+}  // namespace
+
+TEST_CASE("sim::RotorDP: on a homogeneous chain the recomputed forward steps equal Revolve's closed form",
+          "[planner]") {
+  CHECK(revolve_numforw(10, 1) == 45);
+  CHECK(revolve_numforw(10, 2) == 20);
+  CHECK(dp_advances(10, 1) == 45);
+  CHECK(dp_advances(10, 2) == 20);
+  for (int l = 1; l <= 30; ++l) {
+    for (int s = 1; s <= 6; ++s) {
+      INFO("l = " << l << ", s = " << s);
+      CHECK(dp_advances(l, s) == revolve_numforw(l, s));
+    }
+  }
+}
+
+TEST_CASE("sim::RotorDP: the DP's time equals the simulated step time up to one constant", "[planner]") {
+  const sim::Scenario s = small(5);
+  const sim::Chain c = sim::measure_chain(s);
+  int64_t total = 0;
+  for (size_t i = 0; i < c.size(); ++i) total += c.input_bytes[i] + c.activation_bytes[i];
+  sim::RotorDP dp(c, (total + 127) / 128, 128);
+  int64_t offset = std::numeric_limits<int64_t>::min();
+  int plans = 0;
+  for (int m = 0; m <= dp.levels(); ++m) {
+    if (dp.cost(m) >= sim::RotorDP::kInfeasible) continue;
+    const Sim r = simulate_plan(s, dp.plan(m));
+    if (offset == std::numeric_limits<int64_t>::min()) offset = r.time - dp.cost(m);
+    CHECK(r.time - dp.cost(m) == offset);
+    ++plans;
+  }
+  CHECK(plans > 10);
+}
+
+TEST_CASE("sim::plan_for_budget: equals exhaustive search over every schedule on a small model", "[planner]") {
+  const sim::Scenario s = small(3);
+  // Every rotor schedule of 3 blocks + the head, simulated.
+  std::vector<std::vector<sim::RotorDP::Op>> all;
+  sim::RotorDP::all_schedules(0, 3, all);
+  REQUIRE(all.size() > 20);
+  std::vector<Sim> sims;
+  for (const auto& seq : all) sims.push_back(simulate_plan(s, sim::RotorDP::to_plan(seq, 3)));
+  int64_t lo = INT64_MAX, hi = 0;
+  for (const Sim& x : sims) lo = std::min(lo, x.peak), hi = std::max(hi, x.peak);
+  int checked = 0;
+  for (int k = 0; k <= 12; ++k) {
+    const int64_t budget = lo + (hi - lo) * k / 12;
+    int64_t best = INT64_MAX;
+    for (const Sim& x : sims) {
+      if (x.peak <= budget) best = std::min(best, x.time);
+    }
+    const sim::PlanResult r = sim::plan_for_budget(s, budget);
+    INFO("budget " << budget);
+    REQUIRE(r.fits == (best != INT64_MAX));
+    CHECK(r.step_time_ns == best);
+    CHECK(r.peak_bytes <= budget);
+    ++checked;
+  }
+  CHECK(checked == 13);
+}
+
+TEST_CASE("sim::plan_for_budget: peak never above the budget, and more memory is never slower", "[planner]") {
+  const sim::Scenario s = small(8);
+  const sim::PlanResult none = sim::plan_for_budget(s, INT64_MAX / 4);
+  REQUIRE(none.fits);
+  CHECK(none.plan.is_trivial());
+  const int64_t lo = none.min_peak_bytes, hi = none.baseline_peak_bytes;
+  int64_t prev_time = INT64_MAX;
+  for (int k = 0; k <= 24; ++k) {
+    const int64_t budget = lo + (hi - lo) * k / 24;
+    const sim::PlanResult r = sim::plan_for_budget(s, budget);
+    INFO("budget " << budget);
+    REQUIRE(r.fits);
+    CHECK(r.peak_bytes <= budget);
+    CHECK(r.step_time_ns <= prev_time);
+    CHECK(simulate_plan(s, r.plan).peak == r.peak_bytes);
+    prev_time = r.step_time_ns;
+  }
+}
+
+TEST_CASE("sim::plan_for_budget: when nothing fits, the least memory any plan reaches is the answer", "[planner]") {
+  const sim::Scenario s = small(4);
+  const sim::PlanResult r = sim::plan_for_budget(s, 1024);
+  CHECK_FALSE(r.fits);
+  CHECK(r.min_peak_bytes > 1024);
+  CHECK(r.min_peak_bytes <= r.baseline_peak_bytes);
+  CHECK(r.peak_bytes == r.min_peak_bytes);
+}

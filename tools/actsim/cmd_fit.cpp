@@ -1,0 +1,182 @@
+// actsim fit [SCENARIO]: per checkpoint policy, the largest batch size (and with --vary-seq the
+// largest sequence length) whose simulated peak fits the device.
+#include <fmt/format.h>
+
+#include <atomic>
+#include <exception>
+#include <iostream>
+#include <thread>
+
+#include "actsim/graph/error.hpp"
+#include "actsim/graph/lower.hpp"
+#include "actsim/graph/profile.hpp"
+#include "actsim/sim/engine.hpp"
+#include "actsim/sim/report.hpp"
+#include "cli.hpp"
+
+namespace actsim::cli {
+
+namespace {
+
+const char* const kDefaultPolicies[] = {"none", "selective", "full", "sqrt", "every:2", "offload"};
+
+struct FitRow {
+  std::string policy;
+  int64_t max_batch_size = 0;
+  int64_t peak_bytes = 0;                  // at max_batch_size (batch 1 when nothing fits)
+  int64_t step_time_ns = 0;
+  int64_t max_seq_len = -1;                // --vary-seq: at the scenario's batch size; -1 = not asked
+};
+
+// Whether `s` with model.seq_len = t is a valid scenario whose simulated peak fits the device. A
+// length whose byte counts overflow int64 cannot fit: that is an answer here, not bad input.
+bool fits_seq(const sim::Scenario& s, int64_t t) {
+  sim::Scenario u = s;
+  try {
+    sim::apply_overrides(u, {fmt::format("model.seq_len={}", t)});
+  } catch (const InputError&) {
+    return false;
+  }
+  graph::BlockPlan bp = sim::block_plan_of(u);
+  graph::StepGraph step = graph::lower_training_step(u.model, u.training, graph::profile(u.profile), &bp);
+  sim::Plan plan(step.graph, u.device);
+  return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
+}
+
+// The largest seq_len that fits at the scenario's batch size (0 if none): doubling, then bisection,
+// as sim::max_batch_size searches batch sizes.
+int64_t max_seq_len(const sim::Scenario& s) {
+  constexpr int64_t kLimit = int64_t{1} << 24;  // 16M tokens: far beyond any device today
+  if (!fits_seq(s, 1)) return 0;
+  int64_t lo = 1, hi = 2;
+  while (fits_seq(s, hi)) {
+    lo = hi;
+    hi *= 2;
+    if (hi > kLimit) return lo;
+  }
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (fits_seq(s, mid) ? lo : hi) = mid;
+  }
+  return lo;
+}
+
+std::vector<std::string> split_policies(const std::string& s) {
+  std::vector<std::string> out(1);
+  bool quoted = false;
+  for (char c : s) {
+    if (c == '"') {
+      quoted = !quoted;
+      continue;
+    }
+    if (c == ',' && !quoted) out.emplace_back();
+    else out.back() += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+int cmd_fit(const std::vector<std::string>& args) {
+  po::options_description opts("actsim fit [SCENARIO] [options]");
+  opts.add_options()("help,h", "show this help");
+  add_scenario_options(opts);
+  opts.add_options()
+      ("policies", po::value<std::string>(),
+       "comma-separated checkpoint policies (default: none,selective,full,sqrt,every:2,offload); "
+       "quote an ops list: --policies 'none,\"ops:addmm,bmm\"'")
+      ("vary-seq", "also find the largest model.seq_len that fits at the scenario's batch size")
+      ("json", "print one JSON object (the contract in README.md) instead of the table");
+  po::variables_map vm = parse(args, opts, "fit");
+  if (vm.count("help")) {
+    std::cout << opts << "\nSCENARIO is a TOML file (see scenarios/); without one, defaults plus --set make one.\n\n"
+              << scenario_help();
+    return 0;
+  }
+  std::vector<std::string> policies(std::begin(kDefaultPolicies), std::end(kDefaultPolicies));
+  if (vm.count("policies")) {
+    const std::string text = vm["policies"].as<std::string>();
+    policies = split_policies(text);
+    for (const std::string& p : policies) {
+      if (p.empty()) throw InputError(fmt::format("--policies {}: empty policy in the list", text));
+      const graph::CheckpointPolicy cp = graph::parse_policy(p, "--policies " + text);
+      if (cp.kind == graph::CheckpointPolicy::Kind::budget) {
+        throw InputError(fmt::format("--policies {}: \"{}\": a budget is planned by `actsim plan --budget`, not fitted",
+                                     text, p));
+      }
+    }
+  }
+  const sim::Scenario base = scenario_from(vm);
+  const bool vary_seq = vm.count("vary-seq") > 0;
+
+  std::vector<FitRow> rows(policies.size());
+  std::vector<std::exception_ptr> errors(policies.size());
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < policies.size();) {
+      try {
+        sim::Scenario s = base;
+        s.checkpoint_policy = policies[i];
+        s.block_plan = nullptr;
+        s.origin["checkpoint.policy"] = "--policies";
+        FitRow& r = rows[i];
+        r.policy = policies[i];
+        r.max_batch_size = sim::max_batch_size(s);
+        if (vary_seq) r.max_seq_len = max_seq_len(s);
+        s.training.batch_size = std::max<int64_t>(1, r.max_batch_size);
+        const sim::Analysis a = sim::analyze(s);
+        r.peak_bytes = a.result.peak_bytes;
+        r.step_time_ns = a.result.step_time_ns;
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+  };
+  const size_t n_threads = std::min<size_t>(policies.size(), std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < n_threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+  for (const std::exception_ptr& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+
+  if (vm.count("json")) {
+    nlohmann::json j;
+    j["scenario"] = base.name;
+    j["device"] = base.device.name;
+    j["device_bytes"] = base.device.memory_bytes;
+    if (vary_seq) j["batch_size"] = base.training.batch_size;
+    j["policies"] = nlohmann::json::array();
+    for (const FitRow& r : rows) {
+      nlohmann::json p{{"policy", r.policy},
+                       {"max_batch_size", r.max_batch_size},
+                       {"peak_bytes", r.peak_bytes},
+                       {"step_time_ns", r.step_time_ns},
+                       {"fits", r.max_batch_size > 0}};
+      if (vary_seq) p["max_seq_len"] = r.max_seq_len;
+      j["policies"].push_back(std::move(p));
+    }
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  const auto& m = base.model;
+  fmt::print("actsim fit: {} -- {} family, {} layers, d_model {}, seq {}; device {} ({})\n", base.name,
+             graph::to_string(m.family), m.n_layers, m.d_model, m.seq_len, base.device.name,
+             sim::human_bytes(base.device.memory_bytes));
+  std::string head = fmt::format("  {:<20} {:>10} {:>14} {:>14}", "policy", "max batch", "peak at it", "step time");
+  if (vary_seq) head += fmt::format(" {:>22}", fmt::format("max seq at batch {}", base.training.batch_size));
+  fmt::print("\n{}\n", head);
+  for (const FitRow& r : rows) {
+    std::string line = fmt::format("  {:<20} {:>10} {:>14} {:>11.2f} ms", r.policy, r.max_batch_size,
+                                   sim::human_bytes(r.peak_bytes), r.step_time_ns / 1e6);
+    if (vary_seq) line += fmt::format(" {:>22}", r.max_seq_len);
+    fmt::print("{}\n", line);
+  }
+  if (std::any_of(rows.begin(), rows.end(), [](const FitRow& r) { return r.max_batch_size == 0; })) {
+    fmt::print("\n  max batch 0: not even a batch of 1 fits; its peak and step time are shown.\n");
+  }
+  return 0;
+}
+
+}  // namespace actsim::cli

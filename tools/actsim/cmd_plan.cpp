@@ -1,0 +1,103 @@
+// actsim plan [SCENARIO] --budget 60GiB: the fastest checkpointing plan whose peak fits.
+#include <fmt/format.h>
+
+#include <iostream>
+
+#include "actsim/graph/error.hpp"
+#include "actsim/sim/export.hpp"
+#include "actsim/sim/planner.hpp"
+#include "cli.hpp"
+
+namespace actsim::cli {
+
+namespace {
+
+// Per block: how its forward keeps activations, and how often it is recomputed.
+nlohmann::json blocks_json(const graph::BlockPlan& p) {
+  nlohmann::json out = nlohmann::json::array();
+  std::vector<int> recomputed(p.mode.size(), 0);
+  for (const auto& list : p.before_backward) {
+    for (const auto& rc : list) ++recomputed[static_cast<size_t>(rc.block)];
+  }
+  for (size_t i = 0; i < p.mode.size(); ++i) {
+    const bool rec = p.mode[i] == graph::BlockMode::recompute;
+    int times = rec ? (p.before_backward.empty() ? 1 : recomputed[i]) : 0;
+    std::vector<std::string> recomputed_what;
+    if (rec) recomputed_what.push_back("block");
+    if (p.mode[i] == graph::BlockMode::selective) recomputed_what.push_back("attention core");
+    out.push_back({{"block", i},
+                   {"mode", graph::to_string(p.mode[i])},
+                   {"kept", rec ? "input (checkpoint)" : p.mode[i] == graph::BlockMode::offload ? "nothing on device" : "activations"},
+                   {"recomputed", recomputed_what},
+                   {"recompute_count", times},
+                   {"offloaded", p.mode[i] == graph::BlockMode::offload}});
+  }
+  return out;
+}
+
+}  // namespace
+
+int cmd_plan(const std::vector<std::string>& args) {
+  po::options_description opts("actsim plan [SCENARIO] --budget SIZE [options]");
+  opts.add_options()("help,h", "show this help");
+  add_scenario_options(opts);
+  opts.add_options()
+      ("budget", po::value<std::string>(), "memory budget: 60GiB, 60GB or bytes (default: the device's memory)")
+      ("json", "print one JSON object (fits, budget_bytes, peak, step_time_ns, baseline_step_time_ns, "
+               "min_peak_bytes, blocks)");
+  add_export_options(opts);
+  po::variables_map vm = parse(args, opts, "plan");
+  if (vm.count("help")) {
+    std::cout << opts << "\nThe plan recomputes blocks in rotor/Revolve-style nested segments; see README.md.\n";
+    return 0;
+  }
+  sim::Scenario s = scenario_from(vm);
+  int64_t budget = s.device.memory_bytes;
+  if (vm.count("budget")) {
+    const std::string b = vm["budget"].as<std::string>();
+    if (!sim::parse_size(b, budget) || budget <= 0) {
+      throw InputError(fmt::format("--budget {}: not a size (60GiB, 60GB and 64424509440 are sizes)", b));
+    }
+  }
+  sim::PlanResult r = sim::plan_for_budget(s, budget);
+  sim::Scenario chosen = s;
+  chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+  sim::Analysis a = sim::analyze(chosen);
+  write_exports_from(a, vm);
+  nlohmann::json j = sim::to_json(a);
+  j["fits"] = r.fits;
+  j["budget_bytes"] = budget;
+  j["step_time_ns"] = r.step_time_ns;
+  j["baseline_step_time_ns"] = r.baseline_step_time_ns;
+  j["baseline_peak_bytes"] = r.baseline_peak_bytes;
+  j["min_peak_bytes"] = r.min_peak_bytes;
+  j["blocks"] = blocks_json(r.plan);
+  j["planner"] = {{"dp_ns", r.dp_ns}, {"simulations", r.simulations}};
+  if (vm.count("timeline")) j["timeline"] = sim::timeline_json(a);
+  if (vm.count("json")) {
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  fmt::print("actsim plan: {} under a budget of {}\n\n", s.name, sim::human_bytes(budget));
+  if (!r.fits) {
+    fmt::print("  nothing fits: the least memory any plan reaches is {} ({} over the budget),\n"
+               "  with {} ({} step).\n",
+               sim::human_bytes(r.min_peak_bytes), sim::human_bytes(r.min_peak_bytes - budget), r.plan.describe(),
+               fmt::format("{:.3f} ms", r.step_time_ns / 1e6));
+    return 0;
+  }
+  fmt::print("  plan: {}\n", r.plan.describe());
+  fmt::print("  peak {} (no checkpointing: {}), step {:.3f} ms (no checkpointing: {:.3f} ms, +{:.1f}%)\n",
+             sim::human_bytes(r.peak_bytes), sim::human_bytes(r.baseline_peak_bytes), r.step_time_ns / 1e6,
+             r.baseline_step_time_ns / 1e6,
+             100.0 * static_cast<double>(r.step_time_ns - r.baseline_step_time_ns) / static_cast<double>(r.baseline_step_time_ns));
+  fmt::print("  least memory any plan reaches: {}\n\n  block  forward keeps          recomputed\n", sim::human_bytes(r.min_peak_bytes));
+  for (const auto& b : j["blocks"]) {
+    fmt::print("  {:>5}  {:<22} {}\n", b["block"].get<int>(), b["kept"].get<std::string>(),
+               b["recompute_count"].get<int>() ? fmt::format("{}x", b["recompute_count"].get<int>()) : "-");
+  }
+  fmt::print("\n  (DP {:.2f} ms, {} plans simulated)\n", r.dp_ns / 1e6, r.simulations);
+  return 0;
+}
+
+}  // namespace actsim::cli

@@ -1,0 +1,276 @@
+// actsim replay [SCENARIO|SCHEDULE]: run the simulated schedule for real on a backend and confirm
+// the simulation (safety, tightness, memory, PyTorch); optionally write measured op times.
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <optional>
+
+#include "actsim/graph/error.hpp"
+#include "actsim/kernels/replay.hpp"
+#include "actsim/sim/calibration.hpp"
+#include "actsim/sim/device.hpp"
+#include "actsim/sim/report.hpp"
+#include "actsim/sim/schedule.hpp"
+#include "cli.hpp"
+
+namespace actsim::cli {
+
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// A schedule file is JSON lines whose first line is an object; a scenario is TOML.
+bool is_schedule_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return false;
+  char c = 0;
+  while (in.get(c) && std::isspace(static_cast<unsigned char>(c))) {
+  }
+  return c == '{';
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(colon + 2);
+    }
+  }
+  return "unknown CPU";
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+struct TorchOutcome {
+  std::optional<bool> ok;  // nullopt: not run
+  std::string detail;
+  double seconds = 0;
+};
+
+// Dumps weights, inputs, loss and gradients, and runs tests/replay/torch_check.py on them.
+TorchOutcome run_torch_check(const sim::Schedule& s, const kernels::ReplayResult& r) {
+  TorchOutcome t;
+  if (!kernels::torch_checkable(s, t.detail)) return t;
+  const auto t0 = Clock::now();
+  const char* env_script = std::getenv("ACTSIM_TORCH_CHECK");
+  const std::string script = env_script ? env_script : sim::data_dir() + "/../tests/replay/torch_check.py";
+  const char* env_py = std::getenv("ACTSIM_PYTHON");
+  const std::string python = env_py ? env_py : "/usr/bin/python3";
+  if (!std::filesystem::exists(script)) {
+    t.detail = fmt::format("not run: {} not found (set ACTSIM_TORCH_CHECK)", script);
+    return t;
+  }
+  const std::filesystem::path dump =
+      std::filesystem::temp_directory_path() / fmt::format("actsim-torch-{}.bin", ::getpid());
+  {
+    std::ofstream out(dump, std::ios::binary);
+    out << kernels::torch_dump(s, r);
+    if (!out.flush()) {
+      t.detail = fmt::format("not run: cannot write {}", dump.string());
+      return t;
+    }
+  }
+  const std::string cmd = fmt::format("{} {} {}", shell_quote(python), shell_quote(script), shell_quote(dump.string()));
+  std::string output;
+  int status = -1;
+  if (FILE* p = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) output.append(buf, n);
+    status = ::pclose(p);
+  }
+  std::filesystem::remove(dump);
+  t.seconds = since(t0);
+  const int rc = (status >= 0 && WIFEXITED(status)) ? WEXITSTATUS(status) : -1;
+  json j = json::parse(output.substr(0, output.find('\n')), nullptr, false);
+  if (rc == 77) {
+    t.detail = "not run: python3-torch is not installed";
+    return t;
+  }
+  if (j.is_discarded() || !j.contains("ok")) {
+    t.detail = fmt::format("not run: {} exited {} without a result", script, rc);
+    return t;
+  }
+  t.ok = j["ok"].get<bool>();
+  t.detail = j.value("detail", std::string());
+  return t;
+}
+
+}  // namespace
+
+int cmd_replay(const std::vector<std::string>& args) {
+  po::options_description opts("actsim replay [SCENARIO|SCHEDULE] [options]");
+  opts.add_options()("help,h", "show this help");
+  add_scenario_options(opts);
+  opts.add_options()
+      ("backend", po::value<std::string>()->default_value("cpu"), "cpu (reference kernels) or cuda (needs a GPU)")
+      ("confirm", "confirm the simulation: safety, tightness, memory")
+      ("torch", "cross-check loss and gradients with python3-torch (profile torch-cpu, dropout 0, eager, fp32)")
+      ("json", "print one JSON object (the contract in README.md) instead of the table")
+      ("calibration-out", po::value<std::string>(), "write measured op times to FILE (for simulate --calibration)")
+      ("sample", po::value<int64_t>()->default_value(40), "tightness: check at most N saved activations (a seeded sample)")
+      ("seed", po::value<uint64_t>()->default_value(0), "seed of the initial values and dropout masks");
+  po::variables_map vm = parse(args, opts, "replay");
+  if (vm.count("help")) {
+    std::cout << opts
+              << "\nSCENARIO is a TOML file (see scenarios/); SCHEDULE a file written by "
+                 "`actsim simulate --emit-schedule`.\nExit status: 0 every confirmation that ran passed, 1 one "
+                 "failed, 2 bad input.\n";
+    return 0;
+  }
+  const std::string backend_name = vm["backend"].as<std::string>();
+  if (backend_name != "cpu" && backend_name != "cuda") {
+    throw InputError(fmt::format("--backend {}: unknown backend (cpu or cuda)", backend_name));
+  }
+  const int64_t sample = vm["sample"].as<int64_t>();
+  if (sample < 0) throw InputError(fmt::format("--sample {}: must be zero or more", sample));
+  const uint64_t seed = vm["seed"].as<uint64_t>();
+  const auto t_start = Clock::now();
+
+  // The schedule: read (and validated) from a file, or simulated from a scenario.
+  sim::Schedule s;
+  const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
+  if (!input.empty() && is_schedule_file(input)) {
+    if (vm.count("set")) throw InputError(fmt::format("--set applies to a scenario; {} is a schedule file", input));
+    s = sim::parse_schedule(input);
+  } else {
+    sim::Analysis a = sim::analyze(scenario_from(vm));
+    s = sim::make_schedule(a);
+    try {
+      sim::validate_schedule(s);
+    } catch (const InputError& e) {
+      // Not the user's input: the simulator produced an order that cannot run.
+      std::cerr << "actsim: replay: the simulated schedule cannot run (a simulator bug): " << e.what() << "\n";
+      return 1;
+    }
+  }
+  std::unique_ptr<kernels::Backend> be = kernels::make_backend(backend_name);
+
+  const bool confirm = vm.count("confirm") > 0, want_torch = vm.count("torch") > 0;
+  kernels::ReplayResult r;
+  std::optional<kernels::SafetyCheck> safety;
+  std::optional<kernels::MemoryCheck> memory;
+  std::optional<kernels::TightnessCheck> tight;
+  TorchOutcome torch;
+  double t_main = 0, t_safety = 0, t_tight = 0;
+  try {
+    auto t0 = Clock::now();
+    r = kernels::replay(s, *be, {.seed = seed, .poison_freed = confirm, .keep_initial_values = want_torch});
+    t_main = since(t0);
+    if (confirm) {
+      memory = kernels::confirm_memory(s, r);
+      t0 = Clock::now();
+      safety = kernels::confirm_safety(s, *be, r, seed);
+      t_safety = since(t0);
+      t0 = Clock::now();
+      tight = kernels::confirm_tightness(s, *be, r, {.max_checked = static_cast<size_t>(sample), .seed = seed});
+      t_tight = since(t0);
+    }
+  } catch (const kernels::ReplayError& e) {
+    std::cerr << "actsim: replay failed: " << e.what() << "\n";
+    return 1;
+  }
+  if (want_torch) torch = run_torch_check(s, r);
+
+  const std::string device = backend_name == "cpu" ? fmt::format("cpu: {}", cpu_model()) : be->name();
+  if (vm.count("calibration-out")) {
+    std::vector<int64_t> predicted(s.graph().n_ops(), 0);
+    for (const sim::ScheduleEntry& e : s.entries) {
+      if (e.kind == sim::ScheduleEntry::Kind::run) predicted[e.id] = e.duration_ns;
+    }
+    json cal = sim::calibration_json(s.graph(), r.op_seconds, predicted, device, be->name());
+    cal["simulated_device"] = s.device;
+    cal["source"] = s.source;
+    write_atomic(vm["calibration-out"].as<std::string>(), cal.dump(2) + "\n");
+  }
+
+  auto opt_bool = [](const auto& o) { return o ? json(o->ok) : json(nullptr); };
+  json j;
+  j["backend"] = be->name();
+  j["device"] = device;
+  j["schedule"] = s.source;
+  j["simulated_device"] = s.device;
+  j["simulated_peak_bytes"] = s.simulated_peak_bytes;
+  j["measured_peak_bytes"] = r.peak_bytes;
+  j["loss"] = r.loss;
+  j["entries"] = s.entries.size();
+  j["ops"] = s.graph().n_ops();
+  j["predicted_step_ns"] = s.simulated_step_time_ns;
+  j["measured_step_ns"] = static_cast<int64_t>(r.step_seconds * 1e9 + 0.5);
+  json conf;
+  conf["safety"] = opt_bool(safety);
+  conf["memory"] = opt_bool(memory);
+  conf["recompute"] = nullptr;
+  conf["torch"] = torch.ok ? json(*torch.ok) : json(nullptr);
+  if (tight) {
+    json nc = json::array();
+    for (const kernels::TightnessItem& it : tight->items) {
+      if (!it.confirmed) nc.push_back({{"name", it.name}, {"reason", it.reason}});
+    }
+    conf["tightness"] = {{"confirmed", tight->confirmed}, {"checked", tight->checked},
+                         {"candidates", tight->candidates}, {"not_confirmed", nc}};
+  } else {
+    conf["tightness"] = nullptr;
+  }
+  j["confirm"] = conf;
+  j["details"] = {{"safety", safety ? json(safety->detail) : json(nullptr)},
+                  {"memory", memory ? json(memory->detail) : json(nullptr)},
+                  {"torch", want_torch ? json(torch.detail) : json(nullptr)}};
+  const double total = since(t_start);
+  j["seconds"] = {{"replay", t_main}, {"safety", t_safety}, {"tightness", t_tight}, {"torch", torch.seconds},
+                  {"total", total}};
+
+  std::vector<std::string> failed;
+  if (safety && !safety->ok) failed.push_back("safety");
+  if (memory && !memory->ok) failed.push_back("memory");
+  if (torch.ok && !*torch.ok) failed.push_back("torch");
+
+  if (vm.count("json")) {
+    std::cout << j.dump(2) << "\n";
+  } else {
+    auto mark = [](bool ok) { return ok ? "ok" : "FAILED"; };
+    fmt::print("actsim replay of {} on {} ({} entries, {} ops)\n", s.source, device, s.entries.size(), s.graph().n_ops());
+    fmt::print("  {:<14} {}\n", "loss", r.loss);
+    fmt::print("  {:<14} simulated {} ({} B), measured {} ({} B)\n", "peak", sim::human_bytes(s.simulated_peak_bytes),
+               s.simulated_peak_bytes, sim::human_bytes(r.peak_bytes), r.peak_bytes);
+    fmt::print("  {:<14} predicted {:.3f} ms on {}, measured {:.3f} ms on {}\n", "step time",
+               static_cast<double>(s.simulated_step_time_ns) * 1e-6, s.device.empty() ? "?" : s.device,
+               r.step_seconds * 1e3, be->name());
+    if (safety) fmt::print("  {:<14} {}: {}\n", "safety", mark(safety->ok), safety->detail);
+    if (memory) fmt::print("  {:<14} {}: {}\n", "memory", mark(memory->ok), memory->detail);
+    if (tight) {
+      fmt::print("  {:<14} {} of {} checked confirmed ({} saved activations)\n", "tightness", tight->confirmed,
+                 tight->checked, tight->candidates);
+      for (const kernels::TightnessItem& it : tight->items) {
+        if (!it.confirmed) fmt::print("  {:<14}   not confirmed: {}: {}\n", "", it.name, it.reason);
+      }
+    }
+    fmt::print("  {:<14} not compared (no checkpoint policy)\n", "recompute");
+    if (want_torch) fmt::print("  {:<14} {}: {}\n", "torch", torch.ok ? mark(*torch.ok) : "skipped", torch.detail);
+    fmt::print("  {:<14} {:.2f} s (replay {:.2f} s, safety {:.2f} s, tightness {:.2f} s, torch {:.2f} s)\n", "took",
+               total, t_main, t_safety, t_tight, torch.seconds);
+  }
+  if (vm.count("json") == 0 && failed.empty() && (confirm || want_torch)) fmt::print("all confirmations that ran passed\n");
+  if (!failed.empty()) {
+    std::cerr << fmt::format("actsim: replay: confirmation failed: {}\n", fmt::join(failed, ", "));
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace actsim::cli
