@@ -536,6 +536,19 @@ Schedule parse_schedule(const std::string& path) {
         lw.fail(ctx + ": n_grad_inputs does not match inputs / grad_in_of");
       }
       if (op.kind == OpKind::backward && op.forward == graph::kNoOp) lw.fail(ctx + ": a backward op needs \"forward\"");
+      if (op.forward != graph::kNoOp) {
+        const Op& f = ops[index(op.forward)];
+        for (int8_t k : op.grad_of) {
+          if (k < 0 || static_cast<size_t>(k) >= f.inputs.size()) {
+            lw.fail(fmt::format("{}: grad_of names input {} of op {}, which has {}", ctx, k, index(op.forward), f.inputs.size()));
+          }
+        }
+        for (int8_t k : op.grad_in_of) {
+          if (k < 0 || static_cast<size_t>(k) >= f.outputs.size()) {
+            lw.fail(fmt::format("{}: grad_in_of names output {} of op {}, which has {}", ctx, k, index(op.forward), f.outputs.size()));
+          }
+        }
+      }
       if (o.contains("stream")) op.stream = static_cast<int32_t>(get_int(o["stream"], lw, "stream"));
       if (op.stream < 0) lw.fail(ctx + ": negative stream");
       if (o.contains("after")) {

@@ -110,9 +110,11 @@ p1, _ = run(["replay", sched, "--backend", "cpu", "--json"])
 p2, _ = run(["replay"] + sets(base) + ["--backend", "cpu", "--json"])
 if p1.returncode == 0 and p2.returncode == 0:
     j1, j2 = json.loads(p1.stdout), json.loads(p2.stdout)
-    check("replay of the schedule file == replay of the scenario (loss, peak)",
-          j1["loss"] == j2["loss"] and j1["measured_peak_bytes"] == j2["measured_peak_bytes"],
-          "%s/%s vs %s/%s" % (j1["loss"], j1["measured_peak_bytes"], j2["loss"], j2["measured_peak_bytes"]))
+    check("replay of the schedule file == replay of the scenario (loss, peak, gradients, updated parameters)",
+          j1["loss"] == j2["loss"] and j1["measured_peak_bytes"] == j2["measured_peak_bytes"] and
+          j1["result_digest"] == j2["result_digest"],
+          "%s/%s/%s vs %s/%s/%s" % (j1["loss"], j1["measured_peak_bytes"], j1["result_digest"], j2["loss"],
+                                    j2["measured_peak_bytes"], j2["result_digest"]))
     check("schedule file's simulated peak == simulate's peak.bytes", j1["simulated_peak_bytes"] == sim_peak)
 else:
     check("replay of the schedule file", False, p1.stderr + p2.stderr)

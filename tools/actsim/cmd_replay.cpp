@@ -1,8 +1,10 @@
 // actsim replay [SCENARIO|SCHEDULE]: run the simulated schedule for real on a backend and confirm
 // the simulation (safety, tightness, memory, PyTorch); optionally write measured op times.
 #include <fmt/format.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -208,6 +210,17 @@ int cmd_replay(const std::vector<std::string>& args) {
   j["simulated_peak_bytes"] = s.simulated_peak_bytes;
   j["measured_peak_bytes"] = r.peak_bytes;
   j["loss"] = r.loss;
+  {
+    // FNV-1a over the loss, gradients and updated parameters: equal digests, bitwise equal runs.
+    uint64_t h = 0xcbf29ce484222325ull;
+    auto mix = [&](const std::vector<uint8_t>& v) {
+      for (uint8_t b : v) h = (h ^ b) * 0x100000001b3ull;
+    };
+    mix(r.loss_bytes);
+    for (const auto& v : r.grads) mix(v);
+    for (const auto& v : r.params_after) mix(v);
+    j["result_digest"] = fmt::format("{:016x}", h);
+  }
   j["entries"] = s.entries.size();
   j["ops"] = s.graph().n_ops();
   j["predicted_step_ns"] = s.simulated_step_time_ns;
