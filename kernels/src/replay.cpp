@@ -162,8 +162,9 @@ std::vector<uint8_t> initial_values(const Schedule& s, StorageId sid, uint64_t s
 }
 
 uint64_t op_seed(const Graph& g, const Op& op, uint64_t seed) {
-  // Keyed by name (of the original op, for a recomputed one): a recompute draws the same mask.
-  const Op& key = ((op.recompute || op.kind == OpKind::recompute) && op.forward != graph::kNoOp) ? g.op(op.forward) : op;
+  // Keyed by the name of the forward op for a recompute or a backward (docs/kernels.md): a
+  // recompute draws the same mask, and a fused attention backward regenerates its forward's.
+  const Op& key = op.forward != graph::kNoOp ? g.op(op.forward) : op;
   return splitmix64(seed ^ fnv1a(key.name));
 }
 
@@ -557,8 +558,9 @@ TightnessCheck confirm_tightness(const Schedule& s, Backend& be, const ReplayRes
       item.reason = fmt::format("{} uses only its shape: mean's backward needs the input's sizes, not its values "
                                 "(torch 1.13 saves the input anyway)", item.last_reader);
     } else {
-      item.reason = fmt::format("poisoning it before its last reader {} changed neither the loss nor any gradient: "
-                                "its values are not read, only its shape", item.last_reader);
+      item.reason = fmt::format("unexplained: poisoning it before its last reader {} changed neither the loss nor any "
+                                "gradient (the reader may use only its shape, or the values may not reach the result)",
+                                item.last_reader);
     }
   }
   return c;

@@ -88,7 +88,10 @@ Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibrat
     dep_begin_.push_back(static_cast<uint32_t>(deps_.size()));
     const Op& op = g.ops()[i];
     for (graph::TensorId t : op.inputs) {
+      // The op allocating the storage (a view made later, e.g. of a prefetched copy, names no
+      // producer of its own).
       OpId p = g.tensor(t).producer;
+      if (p == graph::kNoOp) p = g.storage(g.tensor(t).storage).producer;
       if (p != graph::kNoOp && g.op(p).stream != op.stream) deps_.push_back(p);
     }
     for (OpId p : op.after) {

@@ -8,6 +8,7 @@
 
 #include "actsim/graph/error.hpp"
 #include "actsim/graph/profile.hpp"
+#include "actsim/sim/planner.hpp"
 
 namespace actsim::sim {
 
@@ -34,8 +35,10 @@ graph::BlockPlan block_plan_of(const Scenario& s) {
   if (s.block_plan) return *s.block_plan;
   const graph::CheckpointPolicy p = graph::parse_policy(s.checkpoint_policy, s.where("checkpoint.policy"));
   if (p.kind == graph::CheckpointPolicy::Kind::budget) {
-    throw InputError(fmt::format("{}: a budget policy is planned by `actsim plan --budget`, not simulated directly",
-                                 s.where("checkpoint.policy")));
+    // The planner's plan (the least-memory plan when nothing fits the budget).
+    Scenario t = s;
+    t.checkpoint_policy = "none";
+    return plan_for_budget(t, p.budget_bytes).plan;
   }
   return graph::block_plan(p, s.model.n_layers);
 }

@@ -1,6 +1,8 @@
 // actsim replay [SCENARIO|SCHEDULE]: run the simulated schedule for real on a backend and confirm
 // the simulation (safety, tightness, memory, PyTorch); optionally write measured op times.
 #include <fmt/format.h>
+
+#include "actsim/graph/checkpoint.hpp"
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -115,6 +117,21 @@ TorchOutcome run_torch_check(const sim::Schedule& s, const kernels::ReplayResult
 
 }  // namespace
 
+namespace {
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::string cur;
+  bool quoted = false;
+  for (char c : text) {
+    if (c == '"') quoted = !quoted;
+    else if (c == ',' && !quoted) out.push_back(cur), cur.clear();
+    else cur += c;
+  }
+  if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+}  // namespace
+
 int cmd_replay(const std::vector<std::string>& args) {
   po::options_description opts("actsim replay [SCENARIO|SCHEDULE] [options]");
   opts.add_options()("help,h", "show this help");
@@ -126,6 +143,9 @@ int cmd_replay(const std::vector<std::string>& args) {
       ("json", "print one JSON object (the contract in README.md) instead of the table")
       ("calibration-out", po::value<std::string>(), "write measured op times to FILE (for simulate --calibration)")
       ("sample", po::value<int64_t>()->default_value(40), "tightness: check at most N saved activations (a seeded sample)")
+      ("policies", po::value<std::string>()->default_value("full,selective,every:2,offload"),
+       "recompute check (with --confirm on a scenario): checkpoint policies whose loss and gradients must "
+       "equal, bit for bit, those of the schedule without checkpointing")
       ("seed", po::value<uint64_t>()->default_value(0), "seed of the initial values and dropout masks");
   po::variables_map vm = parse(args, opts, "replay");
   if (vm.count("help")) {
@@ -147,7 +167,8 @@ int cmd_replay(const std::vector<std::string>& args) {
   // The schedule: read (and validated) from a file, or simulated from a scenario.
   sim::Schedule s;
   const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
-  if (!input.empty() && is_schedule_file(input)) {
+  const bool scenario_input = input.empty() || !is_schedule_file(input);
+  if (!scenario_input) {
     if (vm.count("set")) throw InputError(fmt::format("--set applies to a scenario; {} is a schedule file", input));
     s = sim::parse_schedule(input);
   } else {
@@ -186,6 +207,40 @@ int cmd_replay(const std::vector<std::string>& args) {
   } catch (const kernels::ReplayError& e) {
     std::cerr << "actsim: replay failed: " << e.what() << "\n";
     return 1;
+  }
+  // (d) Recompute: every checkpoint policy's schedule gives the plain schedule's gradients.
+  std::optional<bool> recompute_ok;
+  json recompute_detail = nullptr;
+  if (confirm && scenario_input) {
+    sim::Scenario plain = scenario_from(vm);
+    const std::string own = plain.checkpoint_policy;
+    std::vector<std::string> policies;
+    for (const std::string& p : split_list(vm["policies"].as<std::string>())) {
+      (void)graph::parse_policy(p, "--policies");
+      if (p != "none") policies.push_back(p);
+    }
+    if (own != "none" && std::find(policies.begin(), policies.end(), own) == policies.end()) policies.push_back(own);
+    auto run_policy = [&](const std::string& p) {
+      sim::Scenario sc = plain;
+      sc.checkpoint_policy = p;
+      sc.block_plan.reset();
+      sim::Schedule ps = sim::make_schedule(sim::analyze(sc));
+      sim::validate_schedule(ps);
+      return kernels::replay(ps, *be, {.seed = seed, .stop_after_backward = true});
+    };
+    try {
+      const kernels::ReplayResult ref = run_policy("none");
+      recompute_ok = true;
+      recompute_detail = json::array();
+      for (const std::string& p : policies) {
+        const bool ok = kernels::grads_equal(ref, run_policy(p));
+        recompute_detail.push_back({{"policy", p}, {"equal", ok}});
+        *recompute_ok = *recompute_ok && ok;
+      }
+    } catch (const std::exception& e) {
+      std::cerr << "actsim: replay: recompute check failed to run: " << e.what() << "\n";
+      return 1;
+    }
   }
   if (want_torch) torch = run_torch_check(s, r);
 
@@ -228,12 +283,12 @@ int cmd_replay(const std::vector<std::string>& args) {
   json conf;
   conf["safety"] = opt_bool(safety);
   conf["memory"] = opt_bool(memory);
-  conf["recompute"] = nullptr;
+  conf["recompute"] = recompute_ok ? json(*recompute_ok) : json(nullptr);
   conf["torch"] = torch.ok ? json(*torch.ok) : json(nullptr);
   if (tight) {
     json nc = json::array();
     for (const kernels::TightnessItem& it : tight->items) {
-      if (!it.confirmed) nc.push_back({{"name", it.name}, {"reason", it.reason}});
+      if (!it.confirmed) nc.push_back({{"name", it.name}, {"last_reader", it.last_reader}, {"reason", it.reason}});
     }
     conf["tightness"] = {{"confirmed", tight->confirmed}, {"checked", tight->checked},
                          {"candidates", tight->candidates}, {"not_confirmed", nc}};
@@ -243,7 +298,8 @@ int cmd_replay(const std::vector<std::string>& args) {
   j["confirm"] = conf;
   j["details"] = {{"safety", safety ? json(safety->detail) : json(nullptr)},
                   {"memory", memory ? json(memory->detail) : json(nullptr)},
-                  {"torch", want_torch ? json(torch.detail) : json(nullptr)}};
+                  {"torch", want_torch ? json(torch.detail) : json(nullptr)},
+                  {"recompute", recompute_detail}};
   const double total = since(t_start);
   j["seconds"] = {{"replay", t_main}, {"safety", t_safety}, {"tightness", t_tight}, {"torch", torch.seconds},
                   {"total", total}};
@@ -252,6 +308,7 @@ int cmd_replay(const std::vector<std::string>& args) {
   if (safety && !safety->ok) failed.push_back("safety");
   if (memory && !memory->ok) failed.push_back("memory");
   if (torch.ok && !*torch.ok) failed.push_back("torch");
+  if (recompute_ok && !*recompute_ok) failed.push_back("recompute");
 
   if (vm.count("json")) {
     std::cout << j.dump(2) << "\n";
@@ -273,7 +330,16 @@ int cmd_replay(const std::vector<std::string>& args) {
         if (!it.confirmed) fmt::print("  {:<14}   not confirmed: {}: {}\n", "", it.name, it.reason);
       }
     }
-    fmt::print("  {:<14} not compared (no checkpoint policy)\n", "recompute");
+    if (recompute_ok) {
+      std::vector<std::string> parts;
+      for (const auto& d : recompute_detail) {
+        parts.push_back(fmt::format("{} {}", d["policy"].get<std::string>(), d["equal"].get<bool>() ? "equal" : "DIFFERENT"));
+      }
+      fmt::print("  {:<14} {}: gradients bit for bit vs no checkpointing: {}\n", "recompute", mark(*recompute_ok),
+                 fmt::join(parts, ", "));
+    } else {
+      fmt::print("  {:<14} not compared (a schedule file, or no --confirm)\n", "recompute");
+    }
     if (want_torch) fmt::print("  {:<14} {}: {}\n", "torch", torch.ok ? mark(*torch.ok) : "skipped", torch.detail);
     fmt::print("  {:<14} {:.2f} s (replay {:.2f} s, safety {:.2f} s, tightness {:.2f} s, torch {:.2f} s)\n", "took",
                total, t_main, t_safety, t_tight, torch.seconds);
