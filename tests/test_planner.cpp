@@ -91,7 +91,8 @@ TEST_CASE("sim::RotorDP: the DP's time equals the simulated step time up to one 
   CHECK(plans > 10);
 }
 
-TEST_CASE("sim::plan_for_budget: equals exhaustive search over every schedule on a small model", "[planner]") {
+TEST_CASE("sim::plan_for_budget: equals exhaustive search over every keep/recompute schedule on a small model",
+          "[planner]") {
   const sim::Scenario s = small(3);
   // Every rotor schedule of 3 blocks + the head, simulated.
   std::vector<std::vector<sim::RotorDP::Op>> all;
@@ -108,11 +109,18 @@ TEST_CASE("sim::plan_for_budget: equals exhaustive search over every schedule on
     for (const Sim& x : sims) {
       if (x.peak <= budget) best = std::min(best, x.time);
     }
-    const sim::PlanResult r = sim::plan_for_budget(s, budget);
+    const sim::PlanResult r = sim::plan_for_budget(s, budget, {.selective = false});
     INFO("budget " << budget);
     REQUIRE(r.fits == (best != INT64_MAX));
     CHECK(r.step_time_ns == best);
     CHECK(r.peak_bytes <= budget);
+    // With selective keeping allowed too: within the budget and never slower.
+    const sim::PlanResult rs = sim::plan_for_budget(s, budget);
+    CHECK(rs.fits == r.fits);
+    if (rs.fits) {
+      CHECK(rs.peak_bytes <= budget);
+      CHECK(rs.step_time_ns <= r.step_time_ns);
+    }
     ++checked;
   }
   CHECK(checked == 13);

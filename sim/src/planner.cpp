@@ -22,6 +22,13 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
     act_[i] = units(chain.activation_bytes[i]);
   }
   in_[n_] = 0;
+  const bool has_sel = !chain.activation_selective_bytes.empty();
+  act_sel_.assign(n_, 0);
+  bwd_sel_.assign(n_, 0);
+  for (int i = 0; i < n_ && has_sel; ++i) {
+    act_sel_[i] = units(chain.activation_selective_bytes[i]);
+    bwd_sel_[i] = chain.backward_selective_ns[i];
+  }
   fwd_saved_ = chain.forward_saved_ns.empty() ? chain.forward_ns : chain.forward_saved_ns;
   bwd_ = chain.backward_ns;
   fwd_prefix_.assign(n_ + 1, 0);
@@ -31,11 +38,15 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
   for (int i = 1; i < blocks && homogeneous_; ++i) {
     // Backward times do not matter here: each block's backward runs once in every plan.
     homogeneous_ = chain.forward_ns[i] == chain.forward_ns[0] && fwd_saved_[i] == fwd_saved_[0] &&
-                   in_[i] == in_[0] && act_[i] == act_[0] &&
+                   in_[i] == in_[0] && act_[i] == act_[0] && act_sel_[i] == act_sel_[0] &&
+                   bwd_sel_[i] - bwd_[i] == bwd_sel_[0] - bwd_[0] &&
                    (i + 1 < n_ ? in_[i + 1] == in_[1] : true);
   }
   if (homogeneous_) {
-    for (int i = 0; i < blocks; ++i) bwd_[i] = bwd_[0];  // a constant shift of every plan's cost
+    for (int i = 0; i < blocks; ++i) {  // a constant shift of every plan's cost
+      bwd_sel_[i] = bwd_sel_[i] - bwd_[i] + bwd_[0];
+      bwd_[i] = bwd_[0];
+    }
   }
   const size_t keys = homogeneous_ ? static_cast<size_t>(2 * n_) : static_cast<size_t>(n_) * n_;
   const size_t total = keys * static_cast<size_t>(levels_ + 1);
@@ -63,6 +74,19 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
             pick = -1;
           }
         }
+        // On the forward pass (a chain ending at the head), block s may instead be kept
+        // selectively: less memory, its attention core recomputed in its backward.
+        if (has_sel && has_head_ && t == n_ - 1 && s < t) {
+          // ... and during its backward the recomputed core brings it back to its full size.
+          const int ms = m - act_sel_[s] - in_[s + 1];
+          if (ms >= 0 && m >= act_[s]) {
+            const int64_t rest = c_[at(s + 1, t, ms)];
+            if (rest < kInfeasible && chain.forward_ns[s] + rest + bwd_sel_[s] < best) {
+              best = chain.forward_ns[s] + rest + bwd_sel_[s];
+              pick = -3;
+            }
+          }
+        }
         // Checkpoint at k: run s..k-1 keeping nothing, store x_k, do k..t, then s..k-1 again.
         for (int k = s + 1; k <= t; ++k) {
           const int m2 = m - in_[k];
@@ -88,6 +112,12 @@ void RotorDP::sequence(int s, int t, int m, std::vector<Op>& out) const {
   const int32_t pick = choice_[at(s, t, m)];
   ACTSIM_ASSERT(pick != -2, "sequence of an infeasible DP state");
   const int32_t k = s + pick;
+  if (pick == -3) {
+    out.push_back({Step::fwd_keep_selective, s});
+    sequence(s + 1, t, m - act_sel_[s] - in_[s + 1], out);
+    out.push_back({Step::bwd, s});
+    return;
+  }
   if (pick == -1) {
     out.push_back({Step::fwd_keep, s});
     if (s < t) sequence(s + 1, t, m - act_[s] - in_[s + 1], out);
@@ -120,8 +150,9 @@ graph::BlockPlan RotorDP::to_plan(const std::vector<Op>& seq, int blocks) {
   size_t i = 0;
   for (; i < seq.size() && seq[i].step != Step::bwd; ++i) {
     if (seq[i].block >= blocks) continue;  // the head runs once, where the model puts it
-    p.mode[static_cast<size_t>(seq[i].block)] =
-        seq[i].step == Step::fwd_keep ? graph::BlockMode::keep : graph::BlockMode::recompute;
+    p.mode[static_cast<size_t>(seq[i].block)] = seq[i].step == Step::fwd_keep             ? graph::BlockMode::keep
+                                                 : seq[i].step == Step::fwd_keep_selective ? graph::BlockMode::selective
+                                                                                           : graph::BlockMode::recompute;
   }
   bool any_recompute = false;
   for (auto m : p.mode) any_recompute = any_recompute || m == graph::BlockMode::recompute;
@@ -143,23 +174,26 @@ graph::BlockPlan RotorDP::to_plan(const std::vector<Op>& seq, int blocks) {
   return p;
 }
 
-void RotorDP::all_schedules(int s, int t, std::vector<std::vector<Op>>& out) {
+void RotorDP::all_schedules(int s, int t, std::vector<std::vector<Op>>& out, bool selective, int head) {
   if (s == t) {
     out.push_back({{Step::fwd_keep, s}, {Step::bwd, s}});
     return;
   }
   std::vector<std::vector<Op>> rest;
-  all_schedules(s + 1, t, rest);
-  for (const auto& r : rest) {
-    std::vector<Op> q{{Step::fwd_keep, s}};
-    q.insert(q.end(), r.begin(), r.end());
-    q.push_back({Step::bwd, s});
-    out.push_back(std::move(q));
+  all_schedules(s + 1, t, rest, selective, head);
+  for (const Step keep : {Step::fwd_keep, Step::fwd_keep_selective}) {
+    if (keep == Step::fwd_keep_selective && !(selective && t == head)) continue;
+    for (const auto& r : rest) {
+      std::vector<Op> q{{keep, s}};
+      q.insert(q.end(), r.begin(), r.end());
+      q.push_back({Step::bwd, s});
+      out.push_back(std::move(q));
+    }
   }
   for (int k = s + 1; k <= t; ++k) {
     std::vector<std::vector<Op>> right, left;
-    all_schedules(k, t, right);
-    all_schedules(s, k - 1, left);
+    all_schedules(k, t, right, selective, head);
+    all_schedules(s, k - 1, left, selective, head);
     for (const auto& r : right) {
       for (const auto& l : left) {
         std::vector<Op> q;
@@ -200,6 +234,8 @@ Chain measure_chain(const Scenario& s) {
       c.forward_saved_ns.push_back(p.forward_saved_ns[k]);
       c.input_bytes.push_back(p.input_bytes[k]);
       c.activation_bytes.push_back(p.activation_bytes[k]);
+      c.activation_selective_bytes.push_back(p.activation_selective_bytes[k]);
+      c.backward_selective_ns.push_back(p.backward_selective_ns[k]);
     }
     return c;
   }
@@ -234,6 +270,23 @@ Chain measure_chain(const Scenario& s) {
   c.input_bytes.assign(static_cast<size_t>(L), x);
   c.activation_bytes.resize(static_cast<size_t>(L));
   for (int64_t i = 0; i < L; ++i) c.activation_bytes[static_cast<size_t>(i)] = std::max<int64_t>(0, a.per_layer_saved[static_cast<size_t>(i)] - x);
+  // Selective keeping: what each block keeps with its attention core recomputed, and the
+  // backward time including that recompute.
+  Scenario sel = s;
+  sel.checkpoint_policy = "selective";
+  sel.block_plan.reset();
+  Analysis as = analyze(sel);
+  c.activation_selective_bytes.resize(static_cast<size_t>(L));
+  c.backward_selective_ns.assign(static_cast<size_t>(L), 0);
+  for (int64_t i = 0; i < L; ++i) {
+    c.activation_selective_bytes[static_cast<size_t>(i)] = std::max<int64_t>(0, as.per_layer_saved[static_cast<size_t>(i)] - x);
+  }
+  for (size_t i = 0; i < as.step->graph.n_ops(); ++i) {
+    const graph::Op& op = as.step->graph.ops()[i];
+    if (op.layer >= 0 && op.phase == graph::Phase::backward) {
+      c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+    }
+  }
   // The head: what the model keeps outside the blocks (embeddings aside, a constant), run once.
   c.has_head = true;
   c.forward_ns.push_back(0);
@@ -241,8 +294,12 @@ Chain measure_chain(const Scenario& s) {
   c.forward_saved_ns.push_back(0);
   c.input_bytes.push_back(x);
   c.activation_bytes.push_back(a.outside_saved);
+  c.activation_selective_bytes.push_back(a.outside_saved);
+  c.backward_selective_ns.push_back(0);
   return c;
 }
+
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective);
 
 namespace {
 graph::CheckpointPolicy full_policy() {
@@ -256,7 +313,25 @@ struct Probe {
 };
 }  // namespace
 
-PlanResult plan_for_budget(const Scenario& s, int64_t budget) {
+PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options) {
+  if (options.selective) {
+    // Never slower than the keep/recompute plan: take the faster of the two (both simulated).
+    PlanResult plain = plan_for_budget(s, budget, PlanOptions{.selective = false});
+    PlanResult r = plan_for_budget_impl(s, budget, true);
+    r.simulations += plain.simulations;
+    r.min_peak_bytes = std::min(r.min_peak_bytes, plain.min_peak_bytes);
+    if (plain.fits && (!r.fits || plain.step_time_ns < r.step_time_ns)) {
+      plain.simulations = r.simulations;
+      plain.min_peak_bytes = r.min_peak_bytes;
+      return plain;
+    }
+    if (!r.fits && !plain.fits && plain.peak_bytes < r.peak_bytes) return plain;
+    return r;
+  }
+  return plan_for_budget_impl(s, budget, false);
+}
+
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective) {
   PlanResult r;
   r.budget_bytes = budget;
   const int64_t L = s.model.n_layers;
@@ -274,7 +349,11 @@ PlanResult plan_for_budget(const Scenario& s, int64_t budget) {
   r.baseline_peak_bytes = base.peak;
   r.baseline_step_time_ns = base.time;
 
-  const Chain chain = measure_chain(s);
+  Chain chain = measure_chain(s);
+  if (!selective) {
+    chain.activation_selective_bytes.clear();
+    chain.backward_selective_ns.clear();
+  }
   int64_t total = 0;
   for (size_t i = 0; i < chain.size(); ++i) total += chain.input_bytes[i] + chain.activation_bytes[i];
   constexpr int kLevels = 192;

@@ -30,6 +30,10 @@ struct Chain {
   // Forward time of only the ops that feed the block's saved tensors: what a recomputation right
   // before the block's backward runs (the block's output is not needed then). [n]; empty = forward_ns.
   std::vector<int64_t> forward_saved_ns;
+  // Keeping a block selectively (Megatron-LM: the attention core is recomputed in its backward):
+  // the bytes it then keeps beyond its input, and its backward time with that recompute. [n];
+  // empty = no selective option.
+  std::vector<int64_t> activation_selective_bytes, backward_selective_ns;
   // The last element is the model's head (final norm, logits, loss): it runs once, between the
   // last block's forward and its backward, and is never a recompute choice; plans leave it out.
   bool has_head = false;
@@ -52,15 +56,16 @@ class RotorDP {
 
   // A schedule as rotor writes it: forward keeping activations (F_all), forward keeping only the
   // output (F_ck / advance), backward.
-  enum class Step : uint8_t { fwd_keep, fwd_ckpt, bwd };
+  enum class Step : uint8_t { fwd_keep, fwd_ckpt, bwd, fwd_keep_selective };
   struct Op {
     Step step;
     int32_t block;
   };
   // The block plan of a schedule over `blocks` blocks (ops on block >= blocks, the head, dropped).
   static graph::BlockPlan to_plan(const std::vector<Op>& seq, int blocks);
-  // Every schedule of the chain s..t (all choices at every step), for exhaustive search.
-  static void all_schedules(int s, int t, std::vector<std::vector<Op>>& out);
+  // Every schedule of the chain s..t (all choices at every step), for exhaustive search; with
+  // `selective`, blocks on the forward pass (chains ending at `head`) may also be kept selectively.
+  static void all_schedules(int s, int t, std::vector<std::vector<Op>>& out, bool selective = false, int head = -1);
 
  private:
   void sequence(int s, int t, int m, std::vector<Op>& out) const;
@@ -75,8 +80,10 @@ class RotorDP {
   int n_, levels_;
   bool has_head_;
   std::vector<int64_t> c_;      // [s][t][m] least time
-  std::vector<int32_t> choice_; // [key(s,t)][m]: -1 = keep s (F_all), d > 0 = checkpoint at s + d
-  std::vector<int32_t> in_, act_;  // units
+  std::vector<int32_t> choice_; // [key(s,t)][m]: -1 = keep s (F_all), -3 = keep s selectively,
+                                // d > 0 = checkpoint at s + d
+  std::vector<int32_t> in_, act_, act_sel_;  // units
+  std::vector<int64_t> bwd_sel_;
   std::vector<int64_t> fwd_prefix_;
   std::vector<int64_t> fwd_saved_, bwd_;
 };
@@ -97,7 +104,13 @@ struct PlanResult {
 // The fastest plan whose simulated peak is at most `budget` (a larger budget never gives a slower
 // plan: the plan is the DP's optimum at the largest memory level whose plan fits, and the levels'
 // plans get faster as the level grows).
-PlanResult plan_for_budget(const Scenario& s, int64_t budget);
+struct PlanOptions {
+  // Let blocks on the forward pass be kept selectively (Megatron-LM's attention-core recompute,
+  // an op-level choice inside the block). The DP's memory model is exact for keep/recompute plans
+  // only; the answer is still simulated and within the budget, and never slower than without it.
+  bool selective = true;
+};
+PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options = {});
 
 // The chain of a scenario's blocks, measured by simulating it without checkpointing.
 Chain measure_chain(const Scenario& s);
