@@ -99,6 +99,24 @@ Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibrat
     }
   }
   dep_begin_.push_back(static_cast<uint32_t>(deps_.size()));
+  st_bytes_.resize(n_st);
+  st_cat_.resize(n_st);
+  st_host_.resize(n_st);
+  for (size_t i = 0; i < n_st; ++i) {
+    const graph::Storage& st = g.storages()[i];
+    st_bytes_[i] = st.bytes;
+    st_cat_[i] = static_cast<uint8_t>(st.category);
+    st_host_[i] = st.location == Location::host;
+  }
+  op_ws_.resize(n_ops);
+  op_stream_.resize(n_ops);
+  op_phase_.resize(n_ops);
+  for (size_t i = 0; i < n_ops; ++i) {
+    const Op& op = g.ops()[i];
+    op_ws_[i] = op.workspace_bytes;
+    op_stream_[i] = op.stream;
+    op_phase_[i] = static_cast<uint8_t>(op.phase);
+  }
   duration_ns_.resize(n_ops);
   for (size_t i = 0; i < n_ops; ++i) {
     duration_ns_[i] = calibration ? calibration->op_time_ns(g, g.ops()[i], device) : op_time_ns(g, g.ops()[i], device);
@@ -162,26 +180,26 @@ class Engine {
 };
 
 void Engine::alloc(StorageId s, OpId by, int64_t now) {
-  const graph::Storage& st = g_.storage(s);
+  const int64_t bytes = p_.storage_bytes(s);
   alloc_ev_[index(s)] = mem_events_++;
-  if (st.location == Location::host) {
-    host_live_ += st.bytes;
+  if (p_.storage_on_host(s)) {
+    host_live_ += bytes;
     r_.host_bytes = std::max(r_.host_bytes, host_live_);
   } else {
-    live_ += st.bytes;
-    live_cat_[static_cast<size_t>(st.category)] += st.bytes;
+    live_ += bytes;
+    live_cat_[p_.storage_category(s)] += bytes;
   }
   for (Observer* o : obs_) o->on_alloc(s, by, now, live_);
 }
 
 void Engine::free(StorageId s, OpId by, int64_t now) {
-  const graph::Storage& st = g_.storage(s);
+  const int64_t bytes = p_.storage_bytes(s);
   free_ev_[index(s)] = mem_events_++;
-  if (st.location == Location::host) {
-    host_live_ -= st.bytes;
+  if (p_.storage_on_host(s)) {
+    host_live_ -= bytes;
   } else {
-    live_ -= st.bytes;
-    live_cat_[static_cast<size_t>(st.category)] -= st.bytes;
+    live_ -= bytes;
+    live_cat_[p_.storage_category(s)] -= bytes;
   }
   for (Observer* o : obs_) o->on_free(s, by, now, live_);
 }
@@ -198,20 +216,20 @@ void Engine::try_start(int32_t stream, int64_t now) {
 }
 
 void Engine::on(const OpStart& e, int64_t now) {
-  const Op& op = g_.op(e.op);
   for (Observer* o : obs_) o->on_op_start(e.op, now);
   for (StorageId s : p_.allocs(e.op)) alloc(s, e.op, now);
-  if (op.workspace_bytes > 0) {
-    live_ += op.workspace_bytes;
-    live_cat_[static_cast<size_t>(Category::temporary)] += op.workspace_bytes;
+  const int64_t ws = p_.workspace_bytes(e.op);
+  if (ws > 0) {
+    live_ += ws;
+    live_cat_[static_cast<size_t>(Category::temporary)] += ws;
     ++mem_events_;
-    for (Observer* o : obs_) o->on_workspace(e.op, op.workspace_bytes, now, live_);
+    for (Observer* o : obs_) o->on_workspace(e.op, ws, now, live_);
   }
   if (live_ > r_.peak_bytes) {
     r_.peak_bytes = live_;
     r_.peak_time_ns = now;
     r_.peak_op = e.op;
-    r_.peak_phase = op.phase;
+    r_.peak_phase = p_.phase(e.op);
     r_.peak_by_category = live_cat_;
     peak_event_ = mem_events_ - 1;
   }
@@ -219,12 +237,12 @@ void Engine::on(const OpStart& e, int64_t now) {
 }
 
 void Engine::on(const OpEnd& e, int64_t now) {
-  const Op& op = g_.op(e.op);
-  if (op.workspace_bytes > 0) {
-    live_ -= op.workspace_bytes;
-    live_cat_[static_cast<size_t>(Category::temporary)] -= op.workspace_bytes;
+  const int64_t ws = p_.workspace_bytes(e.op);
+  if (ws > 0) {
+    live_ -= ws;
+    live_cat_[static_cast<size_t>(Category::temporary)] -= ws;
     ++mem_events_;
-    for (Observer* o : obs_) o->on_workspace(e.op, -op.workspace_bytes, now, live_);
+    for (Observer* o : obs_) o->on_workspace(e.op, -ws, now, live_);
   }
   for (StorageId s : p_.uses(e.op)) {
     int32_t& left = remaining_[index(s)];
@@ -236,7 +254,7 @@ void Engine::on(const OpEnd& e, int64_t now) {
   if (i == last_of_phase_[0]) r_.live_end_forward = live_, r_.phase_end_ns[0] = now;
   if (i == last_of_phase_[1]) r_.live_end_backward = live_, r_.phase_end_ns[1] = now;
   if (i == last_of_phase_[2]) r_.live_end_optimizer = live_, r_.phase_end_ns[2] = now;
-  stream_busy_[op.stream] = false;
+  stream_busy_[p_.stream(e.op)] = false;
   for (size_t s = 0; s < stream_ops_.size(); ++s) try_start(static_cast<int32_t>(s), now);
 }
 

@@ -51,6 +51,14 @@ class Plan {
   bool is_persistent(StorageId s) const { return use_count_[graph::index(s)] < 0; }
   std::span<const OpId> cross_stream_deps(OpId op) const;
 
+  // Flat copies of what the event loop reads per event (the graph's deques are slower to index).
+  int64_t storage_bytes(StorageId s) const { return st_bytes_[graph::index(s)]; }
+  uint8_t storage_category(StorageId s) const { return st_cat_[graph::index(s)]; }
+  bool storage_on_host(StorageId s) const { return st_host_[graph::index(s)] != 0; }
+  int64_t workspace_bytes(OpId op) const { return op_ws_[graph::index(op)]; }
+  int32_t stream(OpId op) const { return op_stream_[graph::index(op)]; }
+  graph::Phase phase(OpId op) const { return static_cast<graph::Phase>(op_phase_[graph::index(op)]); }
+
  private:
   const graph::Graph& g_;
   std::vector<uint32_t> alloc_begin_, use_begin_, dep_begin_;  // [n_ops + 1]
@@ -58,6 +66,11 @@ class Plan {
   std::vector<OpId> deps_;
   std::vector<int32_t> use_count_;                               // [storages]; -1 = never freed
   std::vector<int64_t> duration_ns_;                             // [ops]
+  std::vector<int64_t> st_bytes_;                                // [storages]
+  std::vector<uint8_t> st_cat_, st_host_;                        // [storages]
+  std::vector<int64_t> op_ws_;                                   // [ops]
+  std::vector<int32_t> op_stream_;                               // [ops]
+  std::vector<uint8_t> op_phase_;                                // [ops]
 };
 
 // Roofline time of one op on a device: max(FLOPs / FLOP/s, bytes / bandwidth) + launches.
