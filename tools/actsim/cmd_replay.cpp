@@ -162,6 +162,9 @@ int cmd_replay(const std::vector<std::string>& args) {
   const int64_t sample = vm["sample"].as<int64_t>();
   if (sample < 0) throw InputError(fmt::format("--sample {}: must be zero or more", sample));
   const uint64_t seed = vm["seed"].as<uint64_t>();
+  // Validate every option before anything runs.
+  const std::vector<std::string> policy_list = split_list(vm["policies"].as<std::string>());
+  for (const std::string& p : policy_list) (void)graph::parse_policy(p, "--policies");
   const auto t_start = Clock::now();
 
   // The schedule: read (and validated) from a file, or simulated from a scenario.
@@ -215,8 +218,7 @@ int cmd_replay(const std::vector<std::string>& args) {
     sim::Scenario plain = scenario_from(vm);
     const std::string own = plain.checkpoint_policy;
     std::vector<std::string> policies;
-    for (const std::string& p : split_list(vm["policies"].as<std::string>())) {
-      (void)graph::parse_policy(p, "--policies");
+    for (const std::string& p : policy_list) {
       if (p != "none") policies.push_back(p);
     }
     if (own != "none" && std::find(policies.begin(), policies.end(), own) == policies.end()) policies.push_back(own);
