@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "actsim/graph/checkpoint.hpp"
+#include "actsim/kernels/cuda_info.hpp"
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -186,6 +187,15 @@ int cmd_replay(const std::vector<std::string>& args) {
     }
   }
   std::unique_ptr<kernels::Backend> be = kernels::make_backend(backend_name);
+  if (backend_name == "cuda") {
+    // Refuse rather than over-commit: the whole schedule's peak must fit in free device memory.
+    const int64_t free_bytes = kernels::cuda_free_bytes();
+    if (free_bytes >= 0 && s.simulated_peak_bytes > free_bytes) {
+      throw InputError(fmt::format("--backend cuda: the schedule needs {} at its peak but the device has {} free; "
+                                   "refusing to over-commit (use a smaller batch or a checkpoint policy)",
+                                   sim::human_bytes(s.simulated_peak_bytes), sim::human_bytes(free_bytes)));
+    }
+  }
 
   const bool confirm = vm.count("confirm") > 0, want_torch = vm.count("torch") > 0;
   kernels::ReplayResult r;
