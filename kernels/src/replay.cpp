@@ -1,6 +1,8 @@
 // The replay executor and the confirmations (replay.hpp).
 #include "actsim/kernels/replay.hpp"
 
+#include "actsim/sim/report.hpp"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -665,18 +667,7 @@ std::string torch_dump(const Schedule& s, const ReplayResult& r) {
   const graph::ModelConfig& m = s.model;
   nlohmann::json h = {{"format", "actsim-torch-dump"},
                       {"version", 1},
-                      {"model",
-                       {{"family", std::string(to_string(m.family))},
-                        {"vocab_size", m.vocab_size},
-                        {"seq_len", m.seq_len},
-                        {"d_model", m.d_model},
-                        {"n_heads", m.n_heads},
-                        {"n_kv_heads", m.kv_heads()},
-                        {"n_layers", m.n_layers},
-                        {"d_ff", m.ff()},
-                        {"dropout", m.dropout},
-                        {"attention", std::string(to_string(m.attention))},
-                        {"rope_theta", m.rope_theta}}},
+                      {"model", sim::model_json(m)},
                       {"dtype", std::string(graph::to_string(s.training.dtype))},
                       {"batch_size", s.training.batch_size},
                       {"loss", r.loss},

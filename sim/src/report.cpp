@@ -171,17 +171,21 @@ std::vector<PeakGroup> peak_groups(const Analysis& a) {
   return out;
 }
 
+nlohmann::json model_json(const graph::ModelConfig& m) {
+  return {{"family", graph::to_string(m.family)}, {"vocab_size", m.vocab_size}, {"seq_len", m.seq_len},
+          {"d_model", m.d_model},      {"n_heads", m.n_heads},       {"n_kv_heads", m.kv_heads()},
+          {"n_layers", m.n_layers},    {"d_ff", m.ff()},             {"dropout", m.dropout},
+          {"attention", graph::to_string(m.attention)},              {"tie_embeddings", m.tied()},
+          {"rope_theta", m.rope_theta}};
+}
+
 nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
   const SimResult& r = a.result;
   const graph::Graph& g = a.step->graph;
   const Scenario& s = a.scenario;
   nlohmann::json j;
   j["scenario"] = s.name;
-  j["model"] = {{"family", graph::to_string(s.model.family)}, {"vocab_size", s.model.vocab_size},
-                {"seq_len", s.model.seq_len}, {"d_model", s.model.d_model}, {"n_heads", s.model.n_heads},
-                {"n_kv_heads", s.model.kv_heads()}, {"n_layers", s.model.n_layers}, {"d_ff", s.model.ff()},
-                {"dropout", s.model.dropout}, {"attention", graph::to_string(s.model.attention)},
-                {"tie_embeddings", s.model.tied()}};
+  j["model"] = model_json(s.model);
   j["training"] = {{"batch_size", s.training.batch_size}, {"dtype", s.training.dtype == graph::DType::f32 ? "fp32"
                                                                    : s.training.dtype == graph::DType::bf16 ? "bf16"
                                                                                                              : "fp16"},

@@ -2,6 +2,8 @@
 // (docs/schedule-format.md), validated before any replay.
 #include "actsim/sim/schedule.hpp"
 
+#include "actsim/sim/report.hpp"
+
 #include <fmt/format.h>
 
 #include <array>
@@ -260,25 +262,15 @@ std::string to_text(const Schedule& s) {
   json h;
   h["format"] = "actsim-schedule";
   h["version"] = kFormatVersion;
-  h["scenario"] = {{"name", s.scenario_name},
-                   {"family", std::string(to_string(m.family))},
-                   {"vocab_size", m.vocab_size},
-                   {"seq_len", m.seq_len},
-                   {"d_model", m.d_model},
-                   {"n_heads", m.n_heads},
-                   {"n_kv_heads", m.kv_heads()},
-                   {"n_layers", m.n_layers},
-                   {"d_ff", m.ff()},
-                   {"dropout", m.dropout},
-                   {"attention", std::string(to_string(m.attention))},
-                   {"tie_embeddings", m.tied()},
-                   {"rope_theta", m.rope_theta},
+  h["scenario"] = model_json(m);
+  h["scenario"]["name"] = s.scenario_name;
+  h["scenario"].update({
                    {"batch_size", s.training.batch_size},
                    {"dtype", std::string(graph::to_string(s.training.dtype))},
                    {"optimizer", std::string(to_string(s.training.optimizer))},
                    {"optimizer_impl", std::string(to_string(s.step.optimizer_impl))},
                    {"profile", std::string(to_string(s.profile))},
-                   {"device", s.device}};
+                   {"device", s.device}});
   h["simulated"] = {{"peak_bytes", s.simulated_peak_bytes},
                     {"live_step_start", s.simulated_live_step_start},
                     {"step_time_ns", s.simulated_step_time_ns}};

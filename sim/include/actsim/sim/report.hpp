@@ -66,6 +66,8 @@ struct PeakGroup {
 std::vector<PeakGroup> peak_groups(const Analysis& a);
 
 nlohmann::json to_json(const Analysis& a, int64_t max_batch = -1);
+// The model's configuration as JSON (the `model` object of every output that names a model).
+nlohmann::json model_json(const graph::ModelConfig& m);
 std::string to_table(const Analysis& a, int64_t max_batch = -1);
 
 // "7.92 GiB", "512 B"
