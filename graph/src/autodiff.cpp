@@ -34,6 +34,9 @@ class Engine {
     param_grad_.assign(params.size(), kNoTensor);
     param_buf_.assign(params.size(), kNoTensor);
     param_deps_.assign(params.size(), 0);
+    slots_.resize(g_.n_ops());  // backward nodes are forward ops: ids below the current count
+    deps_.assign(g_.n_ops(), 0);
+    refs_.assign(g_.storages().size() * 2, 0);
     for (size_t i = 0; i < params.size(); ++i) param_index_[index(params[i])] = i;
     for (size_t i = 0; i < g_.n_ops(); ++i) {
       const Op& op = g_.ops()[i];
@@ -64,9 +67,14 @@ class Engine {
   void deliver(TensorId grad, TensorId input);
   void accumulate(TensorId& buf, TensorId grad, int32_t layer);
   void accumulate_grad(size_t param);
-  void add_ref(TensorId t) { ++refs_[index(g_.tensor(t).storage)]; }
-  void drop_ref(TensorId t) { --refs_[index(g_.tensor(t).storage)]; }
-  int refs(TensorId t) { return refs_[index(g_.tensor(t).storage)]; }
+  int& ref(TensorId t) {
+    const uint32_t s = index(g_.tensor(t).storage);
+    if (s >= refs_.size()) refs_.resize(std::max<size_t>(s + 1, refs_.size() * 2), 0);
+    return refs_[s];
+  }
+  void add_ref(TensorId t) { ++ref(t); }
+  void drop_ref(TensorId t) { --ref(t); }
+  int refs(TensorId t) { return ref(t); }
 
   Builder& b_;
   Graph& g_;
@@ -78,9 +86,9 @@ class Engine {
   std::vector<TensorId> param_grad_;
   std::vector<TensorId> param_buf_;                        // AccumulateGrad's InputBuffer
   std::vector<int> param_deps_;                            // AccumulateGrad's pending edges
-  std::unordered_map<uint32_t, std::vector<Slot>> slots_;  // forward op -> per-output gradient
-  std::unordered_map<uint32_t, int> deps_;                 // forward op -> pending edges
-  std::unordered_map<uint32_t, int> refs_;                 // storage -> live gradient references
+  std::vector<std::vector<Slot>> slots_;                   // [forward ops] per-output gradient
+  std::vector<int> deps_;                                  // [forward ops] pending edges
+  std::vector<int> refs_;                                  // [storages] live gradient references
   std::priority_queue<uint32_t> ready_;                    // forward op index: latest first
 
   // Checkpointing and offload: forward storages replaced in backward by a recomputed or
@@ -272,7 +280,7 @@ std::vector<TensorId> Engine::run(TensorId loss) {
 }
 
 void Engine::run_node(OpId fid) {
-  Op f = g_.op(fid);  // a copy whose saved tensors are replaced by recomputed/prefetched ones
+  const Op& f = g_.op(fid);  // stable: the graph's ops live in a deque
   if (f.layer >= 0 && !b_.offloaded.empty()) {
     prefetch_block(f.layer);
     prefetch_block(f.layer - 1);
@@ -303,7 +311,11 @@ void Engine::run_node(OpId fid) {
                   "a scheduled block's backward ran before its recomputation: " + f.name);
     recompute_region(f.region);
   }
-  for (TensorId& t : f.saved) t = mapped(t);
+  // Saved tensors, replaced by their recomputed or prefetched copies where there are some.
+  std::vector<TensorId> saved = f.saved;
+  if (!remap_.empty()) {
+    for (TensorId& t : saved) t = mapped(t);
+  }
   b_.set_layer(f.layer);
   b_.set_scope(f.name);
   std::vector<Slot>& slots = slots_[index(fid)];
@@ -482,7 +494,7 @@ void Engine::run_node(OpId fid) {
     op.grad_in_of.push_back(static_cast<int8_t>(j));
   }
   op.n_grad_inputs = static_cast<int8_t>(op.inputs.size());
-  for (TensorId t : f.saved) op.inputs.push_back(t);
+  for (TensorId t : saved) op.inputs.push_back(t);
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i] == kNoTensor) continue;
     op.grad_of.push_back(static_cast<int8_t>(i));
@@ -502,7 +514,7 @@ void Engine::run_node(OpId fid) {
   // gradients; elementwise kernels read the gradient and the saved tensors).
   op.flops = 2.0 * f.flops;
   op.bytes_moved = out_bytes + g_.view_bytes(g);
-  for (TensorId t : f.saved) op.bytes_moved += g_.view_bytes(t);
+  for (TensorId t : saved) op.bytes_moved += g_.view_bytes(t);
   if (kernels == 0) op.bytes_moved = 0, op.flops = 0;
   b_.emit(std::move(op));
 
@@ -515,7 +527,7 @@ void Engine::run_node(OpId fid) {
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) node_holds.push_back(s.grad);
   }
-  for (TensorId t : f.saved) node_holds.push_back(t);
+  for (TensorId t : saved) node_holds.push_back(t);
   std::vector<std::pair<TensorId, TensorId>> outs;  // (grad, input) after reduction
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i] == kNoTensor) continue;
