@@ -75,7 +75,11 @@ TEST_CASE("sim::RotorDP: on a homogeneous chain the recomputed forward steps equ
 
 TEST_CASE("sim::RotorDP: the DP's time equals the simulated step time up to one constant", "[planner]") {
   const sim::Scenario s = small(5);
-  const sim::Chain c = sim::measure_chain(s);
+  sim::Chain c = sim::measure_chain(s);
+  // The keep/recompute DP (the op-level and offload options are estimated, then simulated).
+  c.activation_selective_bytes.clear();
+  c.backward_selective_ns.clear();
+  c.offload_penalty_ns.clear();
   int64_t total = 0;
   for (size_t i = 0; i < c.size(); ++i) total += c.input_bytes[i] + c.activation_bytes[i];
   sim::RotorDP dp(c, (total + 127) / 128, 128);
@@ -109,17 +113,21 @@ TEST_CASE("sim::plan_for_budget: equals exhaustive search over every keep/recomp
     for (const Sim& x : sims) {
       if (x.peak <= budget) best = std::min(best, x.time);
     }
-    const sim::PlanResult r = sim::plan_for_budget(s, budget, {.selective = false});
+    const sim::PlanResult r = sim::plan_for_budget(s, budget, {.selective = false, .offload = false});
     INFO("budget " << budget);
     REQUIRE(r.fits == (best != INT64_MAX));
     CHECK(r.step_time_ns == best);
     CHECK(r.peak_bytes <= budget);
-    // With selective keeping allowed too: within the budget and never slower.
-    const sim::PlanResult rs = sim::plan_for_budget(s, budget);
-    CHECK(rs.fits == r.fits);
-    if (rs.fits) {
-      CHECK(rs.peak_bytes <= budget);
-      CHECK(rs.step_time_ns <= r.step_time_ns);
+    // With selective keeping (the default) and offload allowed too: within the budget and never
+    // slower than the keep/recompute plan.
+    for (const sim::PlanOptions o : {sim::PlanOptions{}, sim::PlanOptions{.selective = true, .offload = true}}) {
+      const sim::PlanResult rs = sim::plan_for_budget(s, budget, o);
+      CHECK(rs.fits == r.fits);
+      if (rs.fits) {
+        CHECK(rs.peak_bytes <= budget);
+        CHECK(rs.step_time_ns <= r.step_time_ns);
+        CHECK(simulate_plan(s, rs.plan).peak == rs.peak_bytes);
+      }
     }
     ++checked;
   }

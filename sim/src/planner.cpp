@@ -29,6 +29,9 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
     act_sel_[i] = units(chain.activation_selective_bytes[i]);
     bwd_sel_[i] = chain.backward_selective_ns[i];
   }
+  const bool has_off = !chain.offload_penalty_ns.empty();
+  off_pen_.assign(n_, 0);
+  for (int i = 0; i < n_ && has_off; ++i) off_pen_[i] = chain.offload_penalty_ns[i];
   fwd_saved_ = chain.forward_saved_ns.empty() ? chain.forward_ns : chain.forward_saved_ns;
   bwd_ = chain.backward_ns;
   fwd_prefix_.assign(n_ + 1, 0);
@@ -39,7 +42,7 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
     // Backward times do not matter here: each block's backward runs once in every plan.
     homogeneous_ = chain.forward_ns[i] == chain.forward_ns[0] && fwd_saved_[i] == fwd_saved_[0] &&
                    in_[i] == in_[0] && act_[i] == act_[0] && act_sel_[i] == act_sel_[0] &&
-                   bwd_sel_[i] - bwd_[i] == bwd_sel_[0] - bwd_[0] &&
+                   bwd_sel_[i] - bwd_[i] == bwd_sel_[0] - bwd_[0] && off_pen_[i] == off_pen_[0] &&
                    (i + 1 < n_ ? in_[i + 1] == in_[1] : true);
   }
   if (homogeneous_) {
@@ -87,6 +90,16 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
             }
           }
         }
+        // ... or offloaded: nothing of it stays on the device until its backward, when it (and
+        // the block prefetched next) are back.
+        if (has_off && has_head_ && t == n_ - 1 && s < t) {
+          const int mo = m - in_[s + 1];
+          if (mo >= 0 && m >= 2 * act_[s]) {
+            const int64_t rest = c_[at(s + 1, t, mo)];
+            const int64_t cost = chain.forward_ns[s] + rest + bwd_[s] + off_pen_[s];
+            if (rest < kInfeasible && cost < best) best = cost, pick = -4;
+          }
+        }
         // Checkpoint at k: run s..k-1 keeping nothing, store x_k, do k..t, then s..k-1 again.
         for (int k = s + 1; k <= t; ++k) {
           const int m2 = m - in_[k];
@@ -112,9 +125,9 @@ void RotorDP::sequence(int s, int t, int m, std::vector<Op>& out) const {
   const int32_t pick = choice_[at(s, t, m)];
   ACTSIM_ASSERT(pick != -2, "sequence of an infeasible DP state");
   const int32_t k = s + pick;
-  if (pick == -3) {
-    out.push_back({Step::fwd_keep_selective, s});
-    sequence(s + 1, t, m - act_sel_[s] - in_[s + 1], out);
+  if (pick == -3 || pick == -4) {
+    out.push_back({pick == -3 ? Step::fwd_keep_selective : Step::fwd_offload, s});
+    sequence(s + 1, t, m - (pick == -3 ? act_sel_[s] : 0) - in_[s + 1], out);
     out.push_back({Step::bwd, s});
     return;
   }
@@ -150,9 +163,11 @@ graph::BlockPlan RotorDP::to_plan(const std::vector<Op>& seq, int blocks) {
   size_t i = 0;
   for (; i < seq.size() && seq[i].step != Step::bwd; ++i) {
     if (seq[i].block >= blocks) continue;  // the head runs once, where the model puts it
-    p.mode[static_cast<size_t>(seq[i].block)] = seq[i].step == Step::fwd_keep             ? graph::BlockMode::keep
-                                                 : seq[i].step == Step::fwd_keep_selective ? graph::BlockMode::selective
-                                                                                           : graph::BlockMode::recompute;
+    graph::BlockMode mode = graph::BlockMode::recompute;
+    if (seq[i].step == Step::fwd_keep) mode = graph::BlockMode::keep;
+    if (seq[i].step == Step::fwd_keep_selective) mode = graph::BlockMode::selective;
+    if (seq[i].step == Step::fwd_offload) mode = graph::BlockMode::offload;
+    p.mode[static_cast<size_t>(seq[i].block)] = mode;
   }
   bool any_recompute = false;
   for (auto m : p.mode) any_recompute = any_recompute || m == graph::BlockMode::recompute;
@@ -236,6 +251,7 @@ Chain measure_chain(const Scenario& s) {
       c.activation_bytes.push_back(p.activation_bytes[k]);
       c.activation_selective_bytes.push_back(p.activation_selective_bytes[k]);
       c.backward_selective_ns.push_back(p.backward_selective_ns[k]);
+      c.offload_penalty_ns.push_back(p.offload_penalty_ns[k]);
     }
     return c;
   }
@@ -287,6 +303,13 @@ Chain measure_chain(const Scenario& s) {
       c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
     }
   }
+  // Offload: the step time it adds, spread evenly over the blocks (copies overlap compute, so
+  // this is an estimate; plans using it are simulated before they are chosen).
+  Scenario off = s;
+  off.checkpoint_policy = "offload";
+  off.block_plan.reset();
+  const int64_t off_time = analyze(off).result.step_time_ns;
+  c.offload_penalty_ns.assign(static_cast<size_t>(L), std::max<int64_t>(0, (off_time - a.result.step_time_ns) / std::max<int64_t>(1, L)));
   // The head: what the model keeps outside the blocks (embeddings aside, a constant), run once.
   c.has_head = true;
   c.forward_ns.push_back(0);
@@ -296,10 +319,11 @@ Chain measure_chain(const Scenario& s) {
   c.activation_bytes.push_back(a.outside_saved);
   c.activation_selective_bytes.push_back(a.outside_saved);
   c.backward_selective_ns.push_back(0);
+  c.offload_penalty_ns.push_back(0);
   return c;
 }
 
-PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective);
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload);
 
 namespace {
 graph::CheckpointPolicy full_policy() {
@@ -314,24 +338,25 @@ struct Probe {
 }  // namespace
 
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options) {
-  if (options.selective) {
-    // Never slower than the keep/recompute plan: take the faster of the two (both simulated).
-    PlanResult plain = plan_for_budget(s, budget, PlanOptions{.selective = false});
-    PlanResult r = plan_for_budget_impl(s, budget, true);
-    r.simulations += plain.simulations;
-    r.min_peak_bytes = std::min(r.min_peak_bytes, plain.min_peak_bytes);
-    if (plain.fits && (!r.fits || plain.step_time_ns < r.step_time_ns)) {
-      plain.simulations = r.simulations;
-      plain.min_peak_bytes = r.min_peak_bytes;
-      return plain;
-    }
-    if (!r.fits && !plain.fits && plain.peak_bytes < r.peak_bytes) return plain;
-    return r;
-  }
-  return plan_for_budget_impl(s, budget, false);
+  // The keep/recompute plan (the DP is exact there), then with the op-level and offload options
+  // (estimated in the DP): every answer is simulated, and the fastest that fits wins, so the
+  // options never make a plan slower.
+  PlanResult best = plan_for_budget_impl(s, budget, false, false);
+  auto consider = [&](PlanResult r) {
+    const int64_t sims = best.simulations + r.simulations;
+    const int64_t least = std::min(best.min_peak_bytes, r.min_peak_bytes);
+    const bool better = r.fits ? (!best.fits || r.step_time_ns < best.step_time_ns)
+                               : (!best.fits && r.peak_bytes < best.peak_bytes);
+    if (better) best = std::move(r);
+    best.simulations = sims;
+    best.min_peak_bytes = least;
+  };
+  if (options.selective) consider(plan_for_budget_impl(s, budget, true, false));
+  if (options.offload) consider(plan_for_budget_impl(s, budget, options.selective, true));
+  return best;
 }
 
-PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective) {
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload) {
   PlanResult r;
   r.budget_bytes = budget;
   const int64_t L = s.model.n_layers;
@@ -354,6 +379,7 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
     chain.activation_selective_bytes.clear();
     chain.backward_selective_ns.clear();
   }
+  if (!offload) chain.offload_penalty_ns.clear();
   int64_t total = 0;
   for (size_t i = 0; i < chain.size(); ++i) total += chain.input_bytes[i] + chain.activation_bytes[i];
   constexpr int kLevels = 192;

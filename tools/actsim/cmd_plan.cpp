@@ -43,6 +43,9 @@ int cmd_plan(const std::vector<std::string>& args) {
   add_scenario_options(opts);
   opts.add_options()
       ("budget", po::value<std::string>(), "memory budget: 60GiB, 60GB or bytes (default: the device's memory)")
+      ("offload", "also consider offloading blocks to host memory (the answer is simulated and never slower, "
+                  "but a larger budget is then not guaranteed to give a plan at least as fast)")
+      ("no-selective", "plan keep/recompute only (no selective attention-core recompute inside blocks)")
       ("json", "print one JSON object (fits, budget_bytes, peak, step_time_ns, baseline_step_time_ns, "
                "min_peak_bytes, blocks)");
   add_export_options(opts);
@@ -59,7 +62,8 @@ int cmd_plan(const std::vector<std::string>& args) {
       throw InputError(fmt::format("--budget {}: not a size (60GiB, 60GB and 64424509440 are sizes)", b));
     }
   }
-  sim::PlanResult r = sim::plan_for_budget(s, budget);
+  sim::PlanResult r = sim::plan_for_budget(
+      s, budget, sim::PlanOptions{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0});
   sim::Scenario chosen = s;
   chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
   sim::Analysis a = sim::analyze(chosen);

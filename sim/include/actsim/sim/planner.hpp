@@ -34,6 +34,9 @@ struct Chain {
   // the bytes it then keeps beyond its input, and its backward time with that recompute. [n];
   // empty = no selective option.
   std::vector<int64_t> activation_selective_bytes, backward_selective_ns;
+  // Offloading a block's saved activations to host memory: the extra step time it costs (copies
+  // the compute does not hide, measured with the offload policy). [n]; empty = no offload option.
+  std::vector<int64_t> offload_penalty_ns;
   // The last element is the model's head (final norm, logits, loss): it runs once, between the
   // last block's forward and its backward, and is never a recompute choice; plans leave it out.
   bool has_head = false;
@@ -56,7 +59,7 @@ class RotorDP {
 
   // A schedule as rotor writes it: forward keeping activations (F_all), forward keeping only the
   // output (F_ck / advance), backward.
-  enum class Step : uint8_t { fwd_keep, fwd_ckpt, bwd, fwd_keep_selective };
+  enum class Step : uint8_t { fwd_keep, fwd_ckpt, bwd, fwd_keep_selective, fwd_offload };
   struct Op {
     Step step;
     int32_t block;
@@ -83,7 +86,7 @@ class RotorDP {
   std::vector<int32_t> choice_; // [key(s,t)][m]: -1 = keep s (F_all), -3 = keep s selectively,
                                 // d > 0 = checkpoint at s + d
   std::vector<int32_t> in_, act_, act_sel_;  // units
-  std::vector<int64_t> bwd_sel_;
+  std::vector<int64_t> bwd_sel_, off_pen_;
   std::vector<int64_t> fwd_prefix_;
   std::vector<int64_t> fwd_saved_, bwd_;
 };
@@ -109,6 +112,10 @@ struct PlanOptions {
   // an op-level choice inside the block). The DP's memory model is exact for keep/recompute plans
   // only; the answer is still simulated and within the budget, and never slower than without it.
   bool selective = true;
+  // Let blocks on the forward pass offload their saved activations (copy stream). Its time is
+  // estimated in the DP; the answer is simulated and taken only when faster. Off by default: with
+  // it, a larger budget is no longer guaranteed to give a plan at least as fast.
+  bool offload = false;
 };
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options = {});
 
