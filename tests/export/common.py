@@ -1,4 +1,4 @@
-"""Shared helpers of the export checks: run the fixture into a temporary folder."""
+"""Shared helpers of the export checks: run `actsim simulate` with every exporter into a temporary folder."""
 import json
 import os
 import subprocess
@@ -11,10 +11,19 @@ MEDIUM = ["model.n_layers=4", "model.d_model=256", "model.n_heads=4", "model.seq
           "model.vocab_size=1024", "training.batch_size=4"]
 
 
-def run_fixture(fixture, sets, max_events=0):
-    """Writes every export of a scenario; returns (folder, summary JSON)."""
+def run_exports(actsim, sets, max_events=0):
+    """Writes every export of a scenario with `actsim simulate`; returns (folder, summary JSON)."""
     out = tempfile.mkdtemp(prefix="actsim_export_")
-    cmd = [fixture, out] + (["--max-events", str(max_events)] if max_events else []) + sets
-    subprocess.run(cmd, check=True)
-    with open(os.path.join(out, "summary.json")) as f:
-        return out, json.load(f)
+    files = {"--trace": "trace.json", "--memviz": "snapshot.pickle", "--csv": "events.csv",
+             "--report": "report.html", "--svg": "chart.svg"}
+    cmd = [actsim, "simulate", "--no-fit", "--json", "--timeline"]
+    for opt, name in files.items():
+        cmd += [opt, os.path.join(out, name)]
+    if max_events:
+        cmd += ["--max-events", str(max_events)]
+    for kv in sets:
+        cmd += ["--set", kv]
+    p = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        f.write(p.stdout)
+    return out, json.loads(p.stdout)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import zlib
 
-from common import MEDIUM, run_fixture
+from common import MEDIUM, run_exports
 
 # category_colour() in sim/src/export_trace.cpp, in Category order.
 COLOURS = ["#4e79a7", "#9c755f", "#f28e2b", "#76b7b2", "#e15759", "#59a14f", "#edc948"]
@@ -116,8 +116,8 @@ def main():
     if not exe:
         print("chromium not installed (run tests/export/setup.sh): skipped")
         return 77
-    fixture = sys.argv[1]
-    folder, summary = run_fixture(fixture, MEDIUM)
+    actsim = sys.argv[1]
+    folder, summary = run_exports(actsim, MEDIUM)
     try:
         for page in ("report.html", "chart.svg"):
             counts = check(exe, folder, page, 500)

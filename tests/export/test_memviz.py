@@ -12,7 +12,7 @@ import pickletools
 import shutil
 import sys
 
-from common import MEDIUM, TINY, run_fixture
+from common import MEDIUM, TINY, run_exports
 
 # The opcodes of pytorch.org/memory_viz's unpickler (the list).
 ALLOWED = {"PROTO", "FRAME", "MARK", "STOP", "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2",
@@ -135,9 +135,9 @@ def check_torch_memory_viz(snap):
 
 
 def main():
-    fixture = sys.argv[1]
+    actsim = sys.argv[1]
     for sets, max_events in ((TINY, 0), (MEDIUM, 0), (MEDIUM, 200)):
-        folder, summary = run_fixture(fixture, sets, max_events)
+        folder, summary = run_exports(actsim, sets, max_events)
         try:
             path = os.path.join(folder, "snapshot.pickle")
             with open(path, "rb") as f:

@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from common import MEDIUM, TINY, run_fixture
+from common import MEDIUM, TINY, run_exports
 
 
 def check_trace(folder, summary, coarsened):
@@ -73,9 +73,9 @@ def check_csv(folder, summary, coarsened):
 
 
 def main():
-    fixture = sys.argv[1]
+    actsim = sys.argv[1]
     for sets, max_events in ((TINY, 0), (MEDIUM, 0), (MEDIUM, 200)):
-        folder, summary = run_fixture(fixture, sets, max_events)
+        folder, summary = run_exports(actsim, sets, max_events)
         try:
             n = check_trace(folder, summary, max_events > 0)
             check_csv(folder, summary, max_events > 0)

@@ -35,7 +35,10 @@ int cmd_simulate(const std::vector<std::string>& args) {
   if (vm.count("emit-schedule")) write_atomic(vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
   const int64_t max_batch = vm.count("no-fit") ? -1 : sim::max_batch_size(s);
   nlohmann::json j = sim::to_json(a, max_batch);
-  if (vm.count("timeline")) j["timeline"] = sim::timeline_json(a);
+  if (vm.count("timeline")) {
+    j["timeline"] = sim::timeline_json(a);
+    j["memory_events"] = sim::record_timeline(a).events.size();  // device memory events (CSV rows)
+  }
   write_exports_from(a, vm);
   if (vm.count("out")) write_atomic(vm["out"].as<std::string>(), j.dump(2) + "\n");
   if (vm.count("json")) std::cout << j.dump(2) << "\n";
