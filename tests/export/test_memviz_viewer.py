@@ -15,7 +15,7 @@ Skips (exit 77) when a piece is absent: Chromium, torch 2.x in .venv, node-d3, o
 the torch 2.13.0 CPU wheel does not ship it, so it is looked for in $ACTSIM_MEMORYVIZ_JS, then in
 torch/utils/viz/MemoryViz.js of the installed torch.
 
-usage: test_memviz_viewer.py ACTSIM
+usage: test_memviz_viewer.py ACTSIM [VENV_PYTHON]   (re-runs itself under VENV_PYTHON, torch 2.x's)
 """
 import functools
 import http.server
@@ -317,6 +317,12 @@ def run_actsim(actsim, command, sets, out, max_events=0):
 
 def main():
     actsim = sys.argv[1]
+    if len(sys.argv) > 2:
+        venv_python = sys.argv[2]
+        if not os.path.isfile(venv_python):
+            print(f"{venv_python} absent (scripts/setup.sh --tests makes the .venv): skipped")
+            return SKIP
+        os.execv(venv_python, [venv_python, os.path.abspath(__file__), actsim])
     exe = find_chromium()
     if not exe:
         print("chromium not installed (scripts/setup.sh --tests installs it): skipped")
