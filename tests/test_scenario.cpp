@@ -124,10 +124,11 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
                                      "weight_decay = 0.01\n"             // 21
                                      "[runtime]\n"                       // 22
                                      "profile = \"torch-cuda\"\n"        // 23
-                                     "[device]\n"                        // 24
-                                     "name = \"A100-80GB\"\n"            // 25
-                                     "[checkpoint]\n"                    // 26
-                                     "policy = \"none\"\n");             // 27
+                                     "cpu_isa = \"avx2\"\n"              // 24
+                                     "[device]\n"                        // 25
+                                     "name = \"A100-80GB\"\n"            // 26
+                                     "[checkpoint]\n"                    // 27
+                                     "policy = \"none\"\n");             // 28
   sim::Scenario s = sim::load_scenario(path, {});
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
@@ -150,6 +151,7 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
   CHECK(s.training.optimizer_impl == graph::OptimizerImpl::fused);
   CHECK(s.training.weight_decay == 0.01);
   CHECK(s.profile == graph::ProfileId::torch_cuda);
+  CHECK(s.cpu_isa == graph::CpuIsa::avx2);
   CHECK(s.device.name == "A100-80GB");
   CHECK(s.checkpoint_policy == "none");
   // Every key was set, each at its own line.
@@ -160,7 +162,7 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
   CHECK(s.where("name") == path + ":1: name");
   CHECK(s.where("model.d_model") == path + ":7: model.d_model");
   CHECK(s.where("training.weight_decay") == path + ":21: training.weight_decay");
-  CHECK(s.where("checkpoint.policy") == path + ":27: checkpoint.policy");
+  CHECK(s.where("checkpoint.policy") == path + ":28: checkpoint.policy");
 
   // The file's stem names the scenario when it has no `name`; an empty file is all defaults.
   sim::Scenario e = sim::load_scenario(dir.write("empty.toml", ""), {});

@@ -278,7 +278,9 @@ TEST_CASE("sim::simulate: deterministic, and two observers see the same events",
     if (ev.kind == 'a' || ev.kind == 'f' || ev.kind == 'w') {
       const graph::Storage* st = ev.kind == 'w' ? nullptr : &an.step->graph.storages()[ev.id];
       const bool host = st && st->location == Location::host;
-      const int64_t bytes = ev.kind == 'w' ? ev.bytes : host ? 0 : (ev.kind == 'a' ? st->bytes : -st->bytes);
+      // device allocations count as the allocator counts them (rounded to the profile's granularity)
+      const int64_t dev = st ? an.step->graph.allocated(st->bytes) : 0;
+      const int64_t bytes = ev.kind == 'w' ? ev.bytes : host ? 0 : (ev.kind == 'a' ? dev : -dev);
       live += bytes;
       balanced = balanced && live == ev.live;
       peak = std::max(peak, live);

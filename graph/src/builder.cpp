@@ -52,6 +52,20 @@ bool is_contiguous(const Shape& shape, const Strides& strides) {
   return true;
 }
 
+Strides dense_strides_like(const Shape& shape, const Strides& like) {
+  std::vector<size_t> order(shape.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  // innermost first: ascending stride, ties keep the later dim inner (as contiguous tensors have)
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return like[a] > like[b]; });
+  Strides out(shape.size());
+  int64_t step = 1;
+  for (size_t i = order.size(); i-- > 0;) {
+    out[order[i]] = step;
+    step *= shape[order[i]];
+  }
+  return out;
+}
+
 namespace {
 int norm_dim(int d, size_t rank) { return d < 0 ? d + static_cast<int>(rank) : d; }
 
@@ -465,6 +479,10 @@ TensorId Builder::flash_attention(TensorId q, TensorId k, TensorId v, double p) 
   // no T x T tensor exists. Dropout state is a philox seed/offset pair, not a mask.
   const Shape& sq = T(q).shape;
   TensorId out = fresh("sdpa", sq, T(q).dtype);
+  // The output is allocated like the query (empty_like keeps its dim order): when q is a transposed
+  // view of a (B, T, h, hd) projection, as in gpt2, so is the output, and the model's
+  // out.transpose(1, 2).contiguous() copies nothing (checked on PyTorch 2.x: CPU flash kernel).
+  g_.tensor(out).strides = dense_strides_like(sq, T(q).strides);
   TensorId lse = fresh("sdpa.logsumexp", {sq[0], sq[1], sq[2]}, DType::f32);
   const double flops = 4.0 * sq[0] * sq[1] * sq[2] * sq[2] * sq[3] / 2;  // causal: half the scores
   emit({.kind = OpKind::flash_attention, .name = "scaled_dot_product_attention", .inputs = {q, k, v},

@@ -18,6 +18,8 @@ namespace actsim::graph {
 // is impossible and reshape must copy.
 std::optional<Strides> view_strides(const Shape& shape, const Strides& strides, const Shape& new_shape);
 bool is_contiguous(const Shape& shape, const Strides& strides);
+// Dense strides for `shape` in the dim order of `like` (empty_like's preserve_format).
+Strides dense_strides_like(const Shape& shape, const Strides& like);
 
 class Builder {
  public:

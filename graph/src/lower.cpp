@@ -39,7 +39,13 @@ std::string_view to_string(OptimizerImpl o) {
   }
   return "?";
 }
-std::string_view to_string(ProfileId p) { return p == ProfileId::torch_cpu ? "torch-cpu" : "torch-cuda"; }
+std::string_view to_string(ProfileId p) {
+  switch (p) {
+    case ProfileId::torch_cpu: return "torch-cpu";
+    case ProfileId::torch2_cpu: return "torch2-cpu";
+    default: return "torch-cuda";
+  }
+}
 
 namespace {
 
@@ -54,7 +60,9 @@ struct Lowering {
   const BlockPlan* plan = nullptr;
 
   Lowering(const ModelConfig& mc, const TrainingConfig& tc, const RuntimeProfile& p, const BlockPlan* bp)
-      : m(mc), tr(tc), prof(p), b(out.graph, p, tc.dtype), dt(tc.dtype), plan(bp) {}
+      : m(mc), tr(tc), prof(p), b(out.graph, p, tc.dtype), dt(tc.dtype), plan(bp) {
+    out.graph.alloc_granularity = p.alloc_granularity;
+  }
 
   // Checkpointing: region ids are unique per recomputed unit (a segment, a block's attention core,
   // a block under ops:LIST).
@@ -402,11 +410,10 @@ struct Lowering {
     OptimParams hp{.decoupled = tr.optimizer == Optimizer::adamw, .lr = tr.lr,
                    .weight_decay = tr.weight_decay >= 0 ? tr.weight_decay : (tr.optimizer == Optimizer::adamw ? 1e-2 : 0.0),
                    .momentum = momentum ? tr.momentum : 0.0};
-    auto params_for = [&](OptimStep st_kind, bool full = false) {
+    auto params_for = [&](OptimStep st_kind) {
       OpParams p;
       p.optim = hp;
       p.optim.step = st_kind;
-      p.optim.full = full;
       return p;
     };
     // In-place updates with Python-number operands (mul_(beta1), step += 1, ...) hold a wrapped
@@ -422,13 +429,13 @@ struct Lowering {
               .params = params_for(kind)});
     };
     auto temp = [&](size_t i, const std::string& what, OptimStep kind, std::vector<TensorId> ins, int64_t ws,
-                    std::vector<TensorId> holds = {}, bool full = false) {
+                    std::vector<TensorId> holds = {}) {
       const Tensor& p = g.tensor(out.params[i]);
       b.set_layer(g.storage(p.storage).layer);
       TensorId o = b.fresh(p.name + "." + what, p.shape, dt, Category::temporary);
       b.emit({.kind = OpKind::optim_temp, .name = p.name + "." + what, .inputs = std::move(ins), .outputs = {o},
               .holds = std::move(holds), .workspace_bytes = ws, .flops = static_cast<double>(numel(p.shape)),
-              .bytes_moved = 2 * g.view_bytes(o), .params = params_for(kind, full)});
+              .bytes_moved = 2 * g.view_bytes(o), .params = params_for(kind)});
       return o;
     };
     if (!adam) {
@@ -481,14 +488,19 @@ struct Lowering {
     const bool two_lists = prof.foreach_adam_two_lists;
     for (size_t i = 0; i < n; ++i) {
       if (grad_of(i) == kNoTensor) continue;
-      // torch 2.x: _foreach_div_(exp_avg_sq_sqrt, bc2); _foreach_add_(exp_avg_sq_sqrt, eps) in place.
-      sq[i] = temp(i, "foreach_sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0, {}, !two_lists);
+      sq[i] = temp(i, "foreach_sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0);
     }
     for (size_t i = 0; i < n; ++i) {
       if (grad_of(i) == kNoTensor) continue;
-      denom[i] = two_lists ? temp(i, "foreach_add", OptimStep::adam_denom, {sq[i], st[i].step},
-                                  prof.scalar_temp_bytes(dt))
-                           : sq[i];
+      if (two_lists) {
+        denom[i] = temp(i, "foreach_add", OptimStep::adam_denom, {sq[i], st[i].step}, prof.scalar_temp_bytes(dt));
+      } else {
+        // torch 2.x: _foreach_div_(exp_avg_sq_sqrt, bias_correction2_sqrt) and _foreach_add_(..., eps)
+        // in place; bias_correction2_sqrt is a list of Python numbers, which the CPU fallback wraps
+        // one tensor at a time (both in-place ops hold a wrapped scalar and its cast while they run).
+        update(i, "foreach_div_add", OptimStep::adam_denom, {sq[i], st[i].step}, 2, 2, prof.scalar_temp_bytes(dt));
+        denom[i] = sq[i];
+      }
     }
     for (size_t i = 0; i < n; ++i) {
       if (grad_of(i) != kNoTensor) {

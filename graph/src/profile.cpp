@@ -53,7 +53,8 @@ constexpr int8_t out0 = kOut + 0, out1 = kOut + 1, out2 = kOut + 2;
                "derivatives.yaml _scaled_dot_product_flash_attention: query, key, value: "         \
                "_scaled_dot_product_flash_attention_backward(grad, query, key, value, output, logsumexp, ...)"}
 
-constexpr std::array kCpuRules{
+// PyTorch 1.13 on the CPU (Debian's python3-torch): the torch-cpu profile.
+constexpr std::array kCpu113Rules{
     COMMON_RULES,
     // 1.13 CPU: layer_norm_cpu allocates mean/rstd with X->options() (the input dtype).
     SaveRule{OpKind::layer_norm, {{in0}, {in1}, {in2}, {out1}, {out2}}, 5,
@@ -70,35 +71,26 @@ constexpr std::array kCpuRules{
              " / _safe_size(self.sizes(), dim); generated MeanBackward1 keeps self_"},
 };
 
-constexpr std::array kCudaRules{
+// PyTorch 2.x, CPU and CUDA alike: the save rules are the same derivatives.yaml formulas on every
+// device. What differs on CUDA (the dtype of LayerNorm's statistics, which dropout kernel runs)
+// is a field of the profile, changed by a named delta below, never a rule.
+constexpr std::array kTorch2Rules{
     COMMON_RULES,
-    // CUDA: layer_norm_cuda keeps mean/rstd in acc_type (float32 for half and bfloat16).
     SaveRule{OpKind::layer_norm, {{in0}, {in1}, {in2}, {out1}, {out2}}, 5,
-             "derivatives.yaml native_layer_norm; aten/src/ATen/native/cuda/layer_norm_kernel.cu "
-             "layer_norm_cuda: mean/rstd = at::empty({M}, X->options().dtype(acc_type))"},
+             "derivatives.yaml native_layer_norm: native_layer_norm_backward(grad, input, "
+             "normalized_shape, result1, result2, weight, bias, ...); the statistics' dtype: "
+             "layer_norm.cpp layer_norm_cpu (param_scalar_type: the input's unless mixed) or "
+             "cuda/layer_norm_kernel.cu layer_norm_cuda (acc_type)"},
+    SaveRule{OpKind::dropout_noise, {}, 0,
+             "aten/src/ATen/native/Dropout.cpp dropout: is_fused_kernel_acceptable is false on the "
+             "CPU, so _dropout_impl: noise = at::empty_like(input); noise.bernoulli_(1 - p); "
+             "noise.div_(1 - p); return input * noise (the mul saves the noise)"},
     SaveRule{OpKind::native_dropout, {{out1}}, 1,
              "derivatives.yaml native_dropout: input: native_dropout_backward(grad, result1, scale)"
              "; aten/src/ATen/native/cuda/Dropout.cu: mask is kBool"},
     SaveRule{OpKind::mean_last, {}, 0,
              "derivatives.yaml (2.x) mean.dim: self: mean_backward(grad, self.sym_sizes(), dim, "
              "self.sym_numel(), keepdim) -- sizes and numel only"},
-};
-
-constexpr RuntimeProfile kTorchCuda{
-    .id = ProfileId::torch_cuda,
-    .name = "torch-cuda",
-    .describes = "PyTorch 2.x eager on a CUDA GPU",
-    .dropout = DropoutImpl::bool_mask,
-    .layer_norm_stats_fp32 = true,
-    .mean_saves_input = false,
-    .step_scalar_location = Location::host,
-    .default_impl = OptimizerImpl::foreach,
-    .foreach_adam_two_lists = false,
-    .has_sdpa = true,
-    .bernoulli_int_temp = false,
-    .scalar_location = Location::host,
-    .onednn_bf16_matmul = false,
-    .rules = kCudaRules,
 };
 
 constexpr RuntimeProfile kTorchCpu{
@@ -112,11 +104,101 @@ constexpr RuntimeProfile kTorchCpu{
     .default_impl = OptimizerImpl::for_loop,
     .foreach_adam_two_lists = true,
     .has_sdpa = false,
+    .has_fused_optimizers = false,
     .bernoulli_int_temp = false,
     .scalar_location = Location::device,
     .onednn_bf16_matmul = true,
-    .rules = kCpuRules,
+    .alloc_granularity = 1,
+    .rules = kCpu113Rules,
 };
+
+constexpr RuntimeProfile kTorch2Cpu{
+    .id = ProfileId::torch2_cpu,
+    .name = "torch2-cpu",
+    .describes = "PyTorch 2.x eager on the CPU (the pinned wheel in .venv)",
+    .dropout = DropoutImpl::noise_in_model_dtype,
+    .layer_norm_stats_fp32 = false,
+    .mean_saves_input = false,
+    .step_scalar_location = Location::device,
+    .default_impl = OptimizerImpl::for_loop,
+    .foreach_adam_two_lists = false,
+    .has_sdpa = true,
+    .has_fused_optimizers = true,
+    .bernoulli_int_temp = false,
+    .scalar_location = Location::device,
+    .onednn_bf16_matmul = true,
+    .alloc_granularity = 1,
+    .rules = kTorch2Rules,
+};
+
+constexpr RuntimeProfile apply(RuntimeProfile p, CudaDelta d) {
+  switch (d) {
+    case CudaDelta::dropout_bool_mask: p.dropout = DropoutImpl::bool_mask; break;
+    case CudaDelta::layer_norm_stats_fp32: p.layer_norm_stats_fp32 = true; break;
+    case CudaDelta::host_scalars: p.scalar_location = Location::host; break;
+    case CudaDelta::host_step: p.step_scalar_location = Location::host; break;
+    case CudaDelta::foreach_default: p.default_impl = OptimizerImpl::foreach; break;
+    case CudaDelta::no_onednn: p.onednn_bf16_matmul = false; break;
+    case CudaDelta::block_512: p.alloc_granularity = 512; break;
+  }
+  return p;
+}
+
+constexpr RuntimeProfile with_deltas(RuntimeProfile p, std::span<const DeltaInfo> deltas) {
+  for (const DeltaInfo& d : deltas) p = apply(p, d.id);
+  p.id = ProfileId::torch_cuda;
+  p.name = "torch-cuda";
+  p.describes = "PyTorch 2.x eager on a CUDA GPU: torch2-cpu plus the CUDA deltas";
+  return p;
+}
+
+// The CUDA deltas: everything torch-cuda does differently from torch2-cpu. Each cites the PyTorch
+// 2.x source it comes from; `confirmed` says whether a real GPU has confirmed it (scripts/gpu-check.sh).
+constexpr std::array kDeltas{
+    DeltaInfo{CudaDelta::dropout_bool_mask, "dropout_bool_mask",
+              "dropout keeps a bool mask (1 B/element) instead of a noise tensor in the model dtype",
+              "aten/src/ATen/native/Dropout.cpp dropout(): is_fused_kernel_acceptable(input, p) is true "
+              "for CUDA tensors, so native_dropout runs; aten/src/ATen/native/cuda/Dropout.cu "
+              "dropout_cuda: mask = at::empty_like(self, self.options().dtype(c10::CppTypeToScalarType<bool>))"},
+    DeltaInfo{CudaDelta::layer_norm_stats_fp32, "layer_norm_stats_fp32",
+              "LayerNorm's saved mean and rstd are float32 for 16-bit inputs (input dtype on the CPU)",
+              "aten/src/ATen/native/cuda/layer_norm_kernel.cu layer_norm_cuda: mean = at::empty({M}, "
+              "X->options().dtype(acc_type)) vs aten/src/ATen/native/layer_norm.cpp layer_norm_cpu: "
+              "at::empty({M}, X->options().dtype(param_scalar_type(...)))"},
+    DeltaInfo{CudaDelta::host_scalars, "host_scalars",
+              "Python numbers wrapped as 0-dim float64 tensors (and their casts) stay in host memory: "
+              "8 B saved per `x * c` / `x / c`, and the transient cast, leave device memory",
+              "torch/csrc/utils/python_arg_parser.cpp (scalar_to_tensor -> a CPU wrapped number); "
+              "aten/src/ATen/TensorIterator.cpp compute_types: a CPU scalar is read on the host, no cast "
+              "is allocated on the device"},
+    DeltaInfo{CudaDelta::host_step, "host_step",
+              "Adam(W)'s 0-dim float32 `step` tensors live on the host unless fused or capturable",
+              "torch/optim/adam.py Adam._init_group: state['step'] = torch.zeros((), dtype=_get_scalar_dtype"
+              "(is_fused=fused), device=p.device) if capturable or fused else torch.tensor(0.0, "
+              "dtype=_get_scalar_dtype())"},
+    DeltaInfo{CudaDelta::foreach_default, "foreach_default",
+              "torch.optim picks the foreach implementation (for-loop on the CPU)",
+              "torch/optim/optimizer.py _default_to_fused_or_foreach: foreach = all(p is None or (type(p) in "
+              "_foreach_supported_types and p.device.type in fused/foreach supported devices ('cuda', ...)))"},
+    DeltaInfo{CudaDelta::no_onednn, "no_onednn",
+              "16-bit matmuls run in cuBLAS: no oneDNN scratchpad or reorder copies",
+              "aten/src/ATen/native/LinearAlgebra.cpp addmm_impl_cpu_: use_mkldnn_matmul (CPU only) vs "
+              "aten/src/ATen/native/cuda/Blas.cpp addmm_out_cuda_impl (cuBLAS)"},
+    DeltaInfo{CudaDelta::block_512, "block_512",
+              "every allocation occupies a multiple of 512 B (what memory_allocated counts)",
+              "c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize = 512; round_size(size) rounds every request "
+              "up to a multiple of it, and stats count the rounded block size"},
+};
+
+constexpr RuntimeProfile kTorchCuda = with_deltas(kTorch2Cpu, kDeltas);
+
+// A CPU profile on a machine without AVX-512: oneDNN's bf16 matmul is not used.
+constexpr RuntimeProfile on_avx2(RuntimeProfile p) {
+  p.onednn_bf16_matmul = false;
+  return p;
+}
+constexpr RuntimeProfile kTorchCpuAvx2 = on_avx2(kTorchCpu);
+constexpr RuntimeProfile kTorch2CpuAvx2 = on_avx2(kTorch2Cpu);
 
 }  // namespace
 
@@ -141,15 +223,44 @@ int64_t RuntimeProfile::matmul_workspace(DType dt, int64_t batch, int64_t m, int
   return ws;
 }
 
-const RuntimeProfile& profile(ProfileId id) {
-  return id == ProfileId::torch_cpu ? kTorchCpu : kTorchCuda;
+const RuntimeProfile& profile(ProfileId id, CpuIsa isa) {
+  const bool avx2 = isa == CpuIsa::avx2;
+  switch (id) {
+    case ProfileId::torch_cpu: return avx2 ? kTorchCpuAvx2 : kTorchCpu;
+    case ProfileId::torch2_cpu: return avx2 ? kTorch2CpuAvx2 : kTorch2Cpu;
+    default: return kTorchCuda;
+  }
 }
+
+RuntimeProfile profile_with(std::span<const CudaDelta> deltas) {
+  RuntimeProfile p = kTorch2Cpu;
+  for (CudaDelta d : deltas) p = apply(p, d);
+  return p;
+}
+
+std::span<const DeltaInfo> cuda_deltas() { return kDeltas; }
 
 bool parse_profile(std::string_view name, ProfileId& out) {
   if (name == "torch-cuda") out = ProfileId::torch_cuda;
   else if (name == "torch-cpu") out = ProfileId::torch_cpu;
+  else if (name == "torch2-cpu") out = ProfileId::torch2_cpu;
   else return false;
   return true;
+}
+
+CpuIsa native_cpu_isa() {
+  // oneDNN's bf16 matmul needs AVX-512 BW, VL and DQ (aten/src/ATen/native/mkldnn/Utils.h
+  // mkldnn_bf16_device_check: cpuinfo_has_x86_avx512bw/vl/dq).
+  static const CpuIsa isa = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
+      return CpuIsa::avx512;
+#endif
+    return CpuIsa::avx2;
+  }();
+  return isa;
 }
 
 }  // namespace actsim::graph

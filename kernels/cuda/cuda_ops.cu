@@ -1106,8 +1106,8 @@ void run_optim(Context& c, const Args& a) {
       });
       return;
     }
-    case OptimStep::adam_denom: {
-      const DView s = a.in(0), step = a.in(1), o = a.out(0);
+    case OptimStep::adam_denom: {  // no output: in place on the input (2.x foreach's _foreach_div_/add_)
+      const DView s = a.in(0), step = a.in(1), o = a.call.outputs.empty() ? a.in(0) : a.out(0);
       each(c, o.n, [=] __device__(int64_t i) {
         const float bc2s = static_cast<float>(sqrt(1.0 - pow(b2, static_cast<double>(ld(step, 0)))));
         st(o, o.off(i), ld(s, s.off(i)) / bc2s + static_cast<float>(eps));

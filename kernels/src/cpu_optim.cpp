@@ -78,7 +78,7 @@ void run_optimizer(const OpCall& c, const graph::Op& op) {
         if (sqrt_first) e = std::sqrt(e);
         if (denom) e = e / sq2 + eps;
       }
-      store(c.outputs.at(0), x);
+      store(c.outputs.empty() ? in.at(0) : c.outputs.at(0), x);  // no output: in place (2.x foreach)
       return;
     }
     case OptimStep::adam_update: {

@@ -214,17 +214,18 @@ class Executor {
   void alloc(StorageId s) {
     const graph::Storage& st = g_.storage(s);
     buf_[index(s)] = be_.alloc(st.bytes);
-    if (st.location == Location::device) count(st.bytes);
+    if (st.location == Location::device) count(g_.allocated(st.bytes));
   }
   void count(int64_t bytes) {
     in_use_ += bytes;
     r_.peak_bytes = std::max(r_.peak_bytes, in_use_);
   }
-  void release(void*& p, int64_t bytes, bool device) {
+  // `counted`: what the allocation added to in_use_ (0 for host memory).
+  void release(void*& p, int64_t bytes, int64_t counted) {
     if (o_.poison_freed) be_.fill_nan(p, bytes);
     be_.free(p);
     p = nullptr;
-    if (device) in_use_ -= bytes;
+    in_use_ -= counted;
   }
   TensorArg arg(TensorId t) const {
     const graph::Tensor& tt = g_.tensor(t);
@@ -322,14 +323,14 @@ bool Executor::step(size_t i, bool stop_after_backward) {
     case Kind::free: {
       if (!o_.free_buffers) break;
       const graph::Storage& st = g_.storage(StorageId{e.id});
-      release(buf_[e.id], st.bytes, st.location == Location::device);
+      release(buf_[e.id], st.bytes, st.location == Location::device ? g_.allocated(st.bytes) : 0);
       break;
     }
     case Kind::ws_alloc:
       ws_[e.id] = be_.alloc(e.bytes);
       count(e.bytes);
       break;
-    case Kind::ws_free: release(ws_[e.id], e.bytes, true); break;
+    case Kind::ws_free: release(ws_[e.id], e.bytes, e.bytes); break;
     case Kind::run: {
       const Op& op = g_.ops()[e.id];
       if (!snapped_ && op.phase == Phase::optimizer) {

@@ -104,7 +104,7 @@ Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibrat
   st_host_.resize(n_st);
   for (size_t i = 0; i < n_st; ++i) {
     const graph::Storage& st = g.storages()[i];
-    st_bytes_[i] = st.bytes;
+    st_bytes_[i] = st.location == Location::host ? st.bytes : g.allocated(st.bytes);
     st_cat_[i] = static_cast<uint8_t>(st.category);
     st_host_[i] = st.location == Location::host;
   }
@@ -113,7 +113,7 @@ Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibrat
   op_phase_.resize(n_ops);
   for (size_t i = 0; i < n_ops; ++i) {
     const Op& op = g.ops()[i];
-    op_ws_[i] = op.workspace_bytes;
+    op_ws_[i] = op.workspace_bytes > 0 ? g.allocated(op.workspace_bytes) : 0;
     op_stream_[i] = op.stream;
     op_phase_[i] = static_cast<uint8_t>(op.phase);
   }
@@ -269,11 +269,12 @@ SimResult Engine::run() {
   for (size_t s = 0; s < n_st; ++s) {
     const graph::Storage& st = g_.storages()[s];
     if (st.producer != graph::kNoOp) continue;
+    const int64_t bytes = p_.storage_bytes(StorageId{static_cast<uint32_t>(s)});
     if (st.location == Location::host) {
-      host_live_ += st.bytes;
+      host_live_ += bytes;
     } else {
-      live_ += st.bytes;
-      live_cat_[static_cast<size_t>(st.category)] += st.bytes;
+      live_ += bytes;
+      live_cat_[static_cast<size_t>(st.category)] += bytes;
     }
   }
   r_.host_bytes = host_live_;

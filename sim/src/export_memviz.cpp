@@ -301,7 +301,7 @@ std::string memviz_pickle(const Analysis& a, const Timeline& t, int64_t max_even
     const graph::Storage& st = g.storages()[s];
     if (st.producer != graph::kNoOp || st.location == graph::Location::host || st.bytes <= 0) continue;
     std::pair<int64_t, int64_t> seg;
-    addr[s] = placer.alloc(st.bytes, static_cast<int64_t>(s), &seg);
+    addr[s] = placer.alloc(g.allocated(st.bytes), static_cast<int64_t>(s), &seg);
   }
 
   p.begin_dict();

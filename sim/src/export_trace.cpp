@@ -89,7 +89,8 @@ class Recorder final : public Observer {
   void add(StorageId s, OpId by, int64_t now, int64_t live, MemEventKind k) {
     const graph::Storage& st = g_.storage(s);
     if (st.location == graph::Location::host || st.bytes <= 0) return;  // not device memory
-    t_.events.push_back({.time_ns = now, .bytes = st.bytes, .storage = s, .op = by, .kind = k, .category = st.category});
+    t_.events.push_back({.time_ns = now, .bytes = g_.allocated(st.bytes), .storage = s, .op = by, .kind = k,
+                         .category = st.category});
     track(live);
   }
   void track(int64_t live) {
@@ -114,8 +115,8 @@ Timeline record_timeline(const Analysis& a) {
   t.ops.assign(g.n_ops(), {});
   for (const graph::Storage& st : g.storages()) {
     if (st.producer != graph::kNoOp || st.location == graph::Location::host) continue;
-    t.start_by_category[static_cast<size_t>(st.category)] += st.bytes;
-    t.start_live += st.bytes;
+    t.start_by_category[static_cast<size_t>(st.category)] += g.allocated(st.bytes);
+    t.start_live += g.allocated(st.bytes);
   }
   t.events.reserve(static_cast<size_t>(a.result.events));
   Recorder rec(g, t);

@@ -363,7 +363,7 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   auto simulate_plan = [&](const graph::BlockPlan& bp) {
     Scenario t = s;
     t.block_plan = std::make_shared<graph::BlockPlan>(bp);
-    graph::StepGraph step = graph::lower_training_step(t.model, t.training, graph::profile(t.profile), t.block_plan.get());
+    graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), t.block_plan.get());
     Plan plan(step.graph, t.device);
     SimResult sr = simulate(plan);
     ++r.simulations;

@@ -43,12 +43,14 @@ graph::BlockPlan block_plan_of(const Scenario& s) {
   return graph::block_plan(p, s.model.n_layers);
 }
 
-Analysis analyze(const Scenario& s) {
+Analysis analyze(const Scenario& s) { return analyze(s, s.runtime()); }
+
+Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
   Analysis a;
   a.scenario = s;
   a.block_plan = block_plan_of(s);
   a.step = std::make_unique<graph::StepGraph>(
-      graph::lower_training_step(s.model, s.training, graph::profile(s.profile), &a.block_plan));
+      graph::lower_training_step(s.model, s.training, runtime, &a.block_plan));
   a.plan = std::make_unique<Plan>(a.step->graph, s.device);
   a.result = simulate(*a.plan);
   const graph::Graph& g = a.step->graph;
@@ -133,7 +135,7 @@ int64_t max_batch_size(const Scenario& s) {
     Scenario t = s;
     t.training.batch_size = b;
     graph::BlockPlan bp = block_plan_of(t);
-    graph::StepGraph step = graph::lower_training_step(t.model, t.training, graph::profile(t.profile), &bp);
+    graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), &bp);
     Plan plan(step.graph, t.device);
     return simulate(plan).peak_bytes <= t.device.memory_bytes;
   };
@@ -162,7 +164,7 @@ std::vector<PeakGroup> peak_groups(const Analysis& a) {
     pg.category = st.category;
     pg.layer = st.layer;
     pg.op = op;
-    pg.bytes += st.bytes;
+    pg.bytes += st.location == Location::host ? st.bytes : g.allocated(st.bytes);  // as the peak counts it
     pg.count += 1;
   }
   std::vector<PeakGroup> out;
@@ -192,6 +194,7 @@ nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
                    {"optimizer", graph::to_string(s.training.optimizer)},
                    {"optimizer_impl", graph::to_string(a.step->optimizer_impl)}};
   j["runtime"] = {{"profile", graph::to_string(s.profile)}};
+  if (s.profile != graph::ProfileId::torch_cuda) j["runtime"]["cpu_isa"] = s.cpu_isa == graph::CpuIsa::avx2 ? "avx2" : "avx512";
   j["device"] = {{"name", s.device.name}, {"memory_bytes", s.device.memory_bytes}};
   j["param_count"] = a.param_count;
   j["params_bytes"] = a.params_bytes;

@@ -45,6 +45,7 @@ const std::vector<std::string>& scenario_keys() {
       "training.optimizer_impl",
       "training.weight_decay",
       "runtime.profile",
+      "runtime.cpu_isa",
       "device.name",
       "checkpoint.policy",
   };
@@ -163,8 +164,14 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   } else if (key == "runtime.profile") {
     std::string p = as_str(v, where);
     if (!graph::parse_profile(p, sc.profile)) {
-      pick<int>(p, {{"torch-cuda", 0}, {"torch-cpu", 1}}, where, "runtime profile");
+      pick<int>(p, {{"torch-cuda", 0}, {"torch2-cpu", 1}, {"torch-cpu", 2}}, where, "runtime profile");
     }
+  } else if (key == "runtime.cpu_isa") {
+    const std::string isa = as_str(v, where);
+    // "native" is resolved here; its entry in the list below only names it in the error message.
+    sc.cpu_isa = isa == "native" ? graph::native_cpu_isa()
+                                 : pick<graph::CpuIsa>(isa, {{"native", graph::CpuIsa::avx512}, {"avx512", graph::CpuIsa::avx512},
+                                                             {"avx2", graph::CpuIsa::avx2}}, where, "CPU ISA");
   } else if (key == "device.name") sc.device = find_device(as_str(v, where), where);
   else if (key == "checkpoint.policy") {
     sc.checkpoint_policy = as_str(v, where);
@@ -261,12 +268,12 @@ void validate(const Scenario& sc) {
     fail(blame(sc, {"model.n_heads", "model.d_model", "model.family"}),
          fmt::format("RoPE needs an even head size, d_model / n_heads = {}", m.d_model / m.n_heads));
   }
-  if (m.attention == Attention::flash && !graph::profile(sc.profile).has_sdpa) {
+  if (m.attention == Attention::flash && !sc.runtime().has_sdpa) {
     fail(blame(sc, {"model.attention", "runtime.profile"}),
-         "attention = \"flash\" needs runtime.profile = \"torch-cuda\" (PyTorch 1.13 has no "
+         "attention = \"flash\" needs runtime.profile = \"torch-cuda\" or \"torch2-cpu\" (PyTorch 1.13 has no "
          "scaled_dot_product_attention)");
   }
-  if (t.optimizer_impl == OptimizerImpl::fused && sc.profile == graph::ProfileId::torch_cpu) {
+  if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }
   // Byte counts of the largest tensors must fit int64 (with room for sums). An overflow is

@@ -362,6 +362,7 @@ void read_scenario(const json& sc, const Where& w, Schedule& s) {
   const std::string prof = str("profile", "torch-cuda");
   if (!graph::parse_profile(prof, p)) w.fail(fmt::format("header: unknown profile \"{}\"", prof));
   s.profile = p;
+  s.step.graph.alloc_granularity = graph::profile(p).alloc_granularity;
   s.device = str("device", "");
 }
 

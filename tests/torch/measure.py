@@ -37,6 +37,7 @@ DEFAULTS = {
     "dtype": "fp32",
     "optimizer": "adamw",
     "optimizer_impl": "for_loop",
+    "attention": "eager",  # flash: F.scaled_dot_product_attention (PyTorch 2.x only)
     "seed": 0,
     # Not a scenario key: intra-op threads. One thread keeps the trace deterministic and makes sure
     # every allocation happens on the profiled thread (OpenMP workers could allocate scratch).
@@ -49,7 +50,8 @@ CHOICES = {
     "family": ("gpt2", "llama"),
     "dtype": ("fp32", "bf16", "fp16"),
     "optimizer": ("adamw", "adam", "sgd", "sgd_momentum"),
-    "optimizer_impl": ("for_loop", "foreach"),
+    "optimizer_impl": ("for_loop", "foreach", "fused"),
+    "attention": ("eager", "flash"),
 }
 PHASES = ("forward", "backward", "optimizer", "zero_grad")  # the measured step, in order
 LR = 1e-3  # irrelevant to memory; small so that the warm-up step cannot produce inf/nan
@@ -128,7 +130,7 @@ def build(torch, models, cfg):
         model = models.build_model(
             cfg["family"], cfg["vocab_size"], cfg["seq_len"], cfg["d_model"], cfg["n_heads"],
             cfg["n_layers"], d_ff=cfg["d_ff"], dropout=cfg["dropout"],
-            n_kv_heads=cfg["n_kv_heads"], attention="eager")
+            n_kv_heads=cfg["n_kv_heads"], attention=cfg["attention"])
     except (ValueError, AssertionError) as e:
         raise UsageError("build_model rejected the configuration: %s" % (e or type(e).__name__))
     if cfg["dtype"] != "fp32":
@@ -141,15 +143,18 @@ def build(torch, models, cfg):
 
 
 def make_optimizer(torch, cfg, params):
-    foreach = cfg["optimizer_impl"] == "foreach"
+    impl = cfg["optimizer_impl"]
+    kw = {"foreach": impl == "foreach"}
+    if impl == "fused":  # PyTorch 2.x: fused Adam/AdamW/SGD kernels, CPU included
+        kw = {"fused": True}
     name = cfg["optimizer"]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=LR, foreach=foreach)
+        return torch.optim.AdamW(params, lr=LR, **kw)
     if name == "adam":
-        return torch.optim.Adam(params, lr=LR, foreach=foreach)
+        return torch.optim.Adam(params, lr=LR, **kw)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=LR, foreach=foreach)
-    return torch.optim.SGD(params, lr=LR, momentum=0.9, foreach=foreach)
+        return torch.optim.SGD(params, lr=LR, **kw)
+    return torch.optim.SGD(params, lr=LR, momentum=0.9, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +299,31 @@ def measure_saved(torch, models, cfg, trace):
     for ptr, _ in packs:
         sid.setdefault(ptr, len(sid))
 
+    # the graph walk: what the nodes hold after forward. PyTorch 2.x does not run the pack hook
+    # for wrapped numbers (SavedVariable skips hooks when is_wrapped_number(): `x * 0.125` keeps
+    # a 0-dim float64 the hooks never see), yet the node keeps that storage alive until backward:
+    # it is saved memory, so the walk adds what the hooks missed, charged to the node's block.
+    walk = []
+    walk_bytes = {}
+    unhooked = 0
+    for node in walker.order:
+        for attr, t in saved_grad_fn_tensors(torch, node):
+            ptr, nbytes = storage_key(t)
+            sid.setdefault(ptr, len(sid))
+            is_param = ptr in param_ptrs
+            if ptr and nbytes and not is_param:
+                walk_bytes[ptr] = nbytes
+                if ptr not in first_block:
+                    first_block[ptr] = walker.block_of[node]
+                    nbytes_of[ptr] = nbytes
+                    unhooked += nbytes
+            walk.append({
+                "block": walker.block_of[node], "node": type(node).__name__, "attr": attr,
+                "shape": list(t.shape), "dtype": str(t.dtype)[6:],
+                "view_nbytes": t.numel() * t.element_size(), "storage_nbytes": nbytes,
+                "storage_id": sid[ptr], "is_param": is_param,
+                "is_input": ptr in input_ptrs, "is_buffer": ptr in buffer_ptrs})
+
     per_layer = [0] * len(blocks)
     outside = 0
     counted = [p for p in first_block if p not in param_ptrs]
@@ -302,23 +332,6 @@ def measure_saved(torch, models, cfg, trace):
             per_layer[first_block[ptr]] += nbytes_of[ptr]
         else:
             outside += nbytes_of[ptr]
-
-    # the same total from the graph itself: what the nodes still hold after forward
-    walk = []
-    walk_bytes = {}
-    for node in walker.order:
-        for attr, t in saved_grad_fn_tensors(torch, node):
-            ptr, nbytes = storage_key(t)
-            sid.setdefault(ptr, len(sid))
-            is_param = ptr in param_ptrs
-            if ptr and nbytes and not is_param:
-                walk_bytes[ptr] = nbytes
-            walk.append({
-                "block": walker.block_of[node], "node": type(node).__name__, "attr": attr,
-                "shape": list(t.shape), "dtype": str(t.dtype)[6:],
-                "view_nbytes": t.numel() * t.element_size(), "storage_nbytes": nbytes,
-                "storage_id": sid[ptr], "is_param": is_param,
-                "is_input": ptr in input_ptrs, "is_buffer": ptr in buffer_ptrs})
 
     result = {
         "config": cfg,
@@ -332,6 +345,7 @@ def measure_saved(torch, models, cfg, trace):
         "saved_input_bytes": sum(nbytes_of[p] for p in counted if p in input_ptrs),
         "saved_buffer_bytes": sum(nbytes_of[p] for p in counted if p in buffer_ptrs),
         "n_packs": len(packs),
+        "saved_unhooked_bytes": unhooked,  # wrapped numbers the 2.x pack hook skips (0 on 1.13)
         "empty_storages": empty,
         "loss": loss.item(),
     }
@@ -583,7 +597,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Measure saved tensors or the allocation trace of one training step.",
         epilog="keys: " + " ".join("%s=%s" % (k, v) for k, v in DEFAULTS.items()))
-    parser.add_argument("--mode", required=True, choices=("saved", "memory"))
+    parser.add_argument("--mode", required=True, choices=("saved", "memory", "both"),
+                        help="both: {\"saved\": ..., \"memory\": ...} from one process")
     parser.add_argument("--trace", action="store_true",
                         help="add per-tensor (saved) or per-event (memory) detail")
     parser.add_argument("settings", nargs="*", metavar="KEY=VALUE")
@@ -600,8 +615,12 @@ def main(argv=None):
         torch.set_num_threads(cfg["threads"])
         if args.mode == "saved":
             result = measure_saved(torch, models, cfg, args.trace)
-        else:
+        elif args.mode == "memory":
             result = measure_memory(torch, models, cfg, args.trace)
+        else:
+            result = {"saved": measure_saved(torch, models, cfg, args.trace),
+                      "memory": measure_memory(torch, models, cfg, args.trace)}
+            result["loss"] = result["memory"]["loss"]
     except UsageError as e:
         parser.print_usage(sys.stderr)
         print("%s: error: %s" % (parser.prog, e), file=sys.stderr)

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
-"""Byte-exact cross-check of actsim's torch-cpu profile against real PyTorch (Debian's 1.13, CPU).
+"""Byte-exact cross-check of actsim's CPU profiles against real PyTorch on the CPU.
 
-usage: test_against_torch.py ACTSIM_BINARY
+usage: test_against_torch.py ACTSIM_BINARY [--oracle torch-cpu|torch2-cpu] [--only SUBSTRING]
+
+  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 15-configuration
+                       spread below, actsim with runtime.profile=torch-cpu
+  --oracle torch2-cpu  the pinned PyTorch 2.x in the project's .venv (scripts/setup.sh --tests), the
+                       wider grid of GRID2, actsim with runtime.profile=torch2-cpu
 
 For each configuration of a spread (both families, fp32 and bf16, dropout 0 and > 0, GQA, odd
 sizes, every optimizer), runs the reference model with torch through tests/torch/measure.py
@@ -10,7 +15,7 @@ sizes, every optimizer), runs the reference model with torch through tests/torch
 the byte: activations.saved_bytes, per-layer and outside-the-blocks saved bytes, params, optimizer
 state, buffers, live bytes at step start / end of forward / end of backward / after the optimizer,
 and the step's peak. A mismatch means a save rule or an allocation model is wrong: fix the rule.
-Exits 77 (skipped) when torch is not importable by /usr/bin/python3.
+Exits 77 (skipped) when the oracle's python cannot import torch.
 """
 import concurrent.futures
 import json
@@ -20,7 +25,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEASURE = os.path.join(HERE, "measure.py")
-PY = "/usr/bin/python3"
+ROOT = os.path.dirname(os.path.dirname(HERE))
+ORACLES = {
+    "torch-cpu": "/usr/bin/python3",
+    "torch2-cpu": os.path.join(ROOT, ".venv", "bin", "python"),
+}
 
 BASE = dict(family="gpt2", vocab_size=97, seq_len=16, d_model=32, n_heads=4, n_layers=2, dropout=0.0,
             batch_size=2, dtype="fp32", optimizer="adamw", optimizer_impl="for_loop")
@@ -46,7 +55,36 @@ SPREAD = [
      "batch_size": 4, "dropout": 0.2, "dtype": "bf16"},
 ]
 
-MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout"]
+# PyTorch 2.x on the CPU: at least as wide as SPREAD, plus fp16, MQA, flash (SDPA on the CPU), the
+# fused optimizers, and each optimizer in every implementation 2.x offers on the CPU.
+G = dict(family="gpt2")
+L = dict(family="llama")
+GRID2 = SPREAD + [
+    {"dtype": "fp16"},
+    {"dtype": "fp16", "dropout": 0.1},
+    {"family": "llama", "dtype": "fp16", "n_kv_heads": 2},
+    {"family": "llama", "n_kv_heads": 1},
+    {"attention": "flash"},
+    {"attention": "flash", "dtype": "bf16"},
+    {"attention": "flash", "dropout": 0.1},
+    {"family": "llama", "attention": "flash"},
+    {"family": "llama", "attention": "flash", "dtype": "bf16", "n_kv_heads": 2},
+    {"family": "llama", "attention": "flash", "dtype": "fp16", "n_kv_heads": 1},
+] + [
+    dict(fam, optimizer=o, optimizer_impl=i)
+    for fam in (G, L)
+    for o in ("adamw", "adam", "sgd", "sgd_momentum")
+    for i in ("for_loop", "foreach", "fused")
+    if not (fam is G and i == "for_loop" and o in ("adamw", "adam", "sgd"))  # already in SPREAD
+] + [
+    {"dtype": "bf16", "optimizer_impl": "fused"},
+    {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
+    {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
+     "attention": "flash", "dropout": 0.2},
+]
+
+MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
+              "attention"]
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
 
 
@@ -57,18 +95,18 @@ def run_json(cmd):
     return json.loads(p.stdout)
 
 
-def check(actsim, overrides):
+def check(actsim, oracle, overrides):
     cfg = dict(BASE, **overrides)
     kv = [f"{k}={v}" for k, v in cfg.items()]
-    sets = ["--set", "runtime.profile=torch-cpu"]
+    sets = ["--set", f"runtime.profile={oracle}"]
     for k in MODEL_KEYS:
         if k in cfg:
             sets += ["--set", f"model.{k}={cfg[k]}"]
     for k in TRAIN_KEYS:
         sets += ["--set", f"training.{k}={cfg[k]}"]
     a = run_json([actsim, "simulate", "--json", "--no-fit"] + sets)
-    s = run_json([PY, MEASURE, "--mode", "saved"] + kv)
-    m = run_json([PY, MEASURE, "--mode", "memory"] + kv)
+    both = run_json([ORACLES[oracle], MEASURE, "--mode", "both"] + kv)
+    s, m = both["saved"], both["memory"]
     pairs = [
         ("activations.saved_bytes", a["activations"]["saved_bytes"], s["saved_bytes"]),
         ("activations.per_layer_saved_bytes", a["activations"]["per_layer_saved_bytes"], s["per_layer_saved_bytes"]),
@@ -87,22 +125,30 @@ def check(actsim, overrides):
         ("peak.phase", a["peak"]["phase"], m["peak"]["phase"]),
     ]
     bad = [f"{name}: actsim {x} != torch {y}" for name, x, y in pairs if x != y]
-    label = " ".join(f"{k}={v}" for k, v in overrides.items()) or "(base)"
-    return label, bad, a["peak"]["bytes"]
+    return label_of(overrides), bad, a["peak"]["bytes"]
+
+
+def label_of(overrides):
+    return " ".join(f"{k}={v}" for k, v in overrides.items()) or "(base)"
 
 
 def main():
-    if len(sys.argv) != 2:
-        print(__doc__)
-        return 2
-    actsim = sys.argv[1]
-    probe = subprocess.run([PY, "-c", "import torch"], capture_output=True)
-    if probe.returncode != 0:
-        print("skipped: /usr/bin/python3 cannot import torch (apt-get install python3-torch)")
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("actsim")
+    ap.add_argument("--oracle", choices=tuple(ORACLES), default="torch-cpu")
+    ap.add_argument("--only", default="", help="run the configurations whose label contains this")
+    args = ap.parse_args()
+    py = ORACLES[args.oracle]
+    probe = subprocess.run([py, "-c", "import torch"], capture_output=True) if os.path.exists(py) else None
+    if probe is None or probe.returncode != 0:
+        print(f"skipped: {py} cannot import torch (scripts/setup.sh --tests installs it)")
         return 77
+    grid = SPREAD if args.oracle == "torch-cpu" else GRID2
+    grid = [o for o in grid if args.only in label_of(o)]
     passed = failed = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
-        for label, bad, peak in ex.map(lambda o: check(actsim, o), SPREAD):
+        for label, bad, peak in ex.map(lambda o: check(args.actsim, args.oracle, o), grid):
             if bad:
                 failed += 1
                 print(f"FAIL {label}")

@@ -38,7 +38,7 @@ bool fits_seq(const sim::Scenario& s, int64_t t) {
     return false;
   }
   graph::BlockPlan bp = sim::block_plan_of(u);
-  graph::StepGraph step = graph::lower_training_step(u.model, u.training, graph::profile(u.profile), &bp);
+  graph::StepGraph step = graph::lower_training_step(u.model, u.training, u.runtime(), &bp);
   sim::Plan plan(step.graph, u.device);
   return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
 }

@@ -18,7 +18,10 @@ enum class Family : uint8_t { gpt2, llama };
 enum class Attention : uint8_t { eager, flash };
 enum class Optimizer : uint8_t { adamw, adam, sgd, sgd_momentum };
 enum class OptimizerImpl : uint8_t { profile_default, for_loop, foreach, fused };
-enum class ProfileId : uint8_t { torch_cuda, torch_cpu };
+enum class ProfileId : uint8_t { torch_cuda, torch_cpu, torch2_cpu };
+// The CPU's vector ISA, where a CPU runtime's kernels depend on it (oneDNN's bf16 matmul needs
+// AVX-512 BW/VL/DQ). `native` is the machine actsim runs on.
+enum class CpuIsa : uint8_t { avx512, avx2 };
 
 std::string_view to_string(Family f);
 std::string_view to_string(Attention a);

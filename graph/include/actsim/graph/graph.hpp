@@ -167,6 +167,13 @@ class Graph {
   void freeze() { validate(); frozen_ = true; }
 
   int32_t n_layers = 0;                    // number of transformer blocks
+  int64_t alloc_granularity = 1;           // bytes; a device allocation occupies a multiple of it
+                                           // (the runtime profile's; 512 under torch-cuda)
+
+  // The bytes a device allocation of `bytes` occupies in the allocator's count.
+  int64_t allocated(int64_t bytes) const {
+    return alloc_granularity <= 1 ? bytes : (bytes + alloc_granularity - 1) / alloc_granularity * alloc_granularity;
+  }
 
  private:
   // Deques: references stay valid while the graph grows (builders hold them across appends).

@@ -6,8 +6,10 @@
 //
 // A save rule lists the slots an op kind keeps (input k, output k), each possibly conditional on
 // another input requiring grad (autograd codegen saves `other` for mul only when `self` needs a
-// gradient). Each rule cites the PyTorch source it is derived from; torch-cpu rules are checked
-// to the byte against Debian's torch 1.13 by tests/torch.
+// gradient). Each rule cites the PyTorch source it is derived from. Three profiles:
+//   torch2-cpu  PyTorch 2.x on the CPU, checked to the byte against the pinned wheel (tests/torch);
+//   torch-cuda  torch2-cpu plus the named CUDA deltas of cuda_deltas() (the default);
+//   torch-cpu   Debian's PyTorch 1.13 on the CPU, checked to the byte against it (tests/torch).
 #pragma once
 
 #include <span>
@@ -38,6 +40,25 @@ enum class DropoutImpl : uint8_t {
   bool_mask,                             // CUDA native_dropout: output and a bool mask
 };
 
+// What torch-cuda does differently from torch2-cpu: the profile torch-cuda is torch2-cpu with every
+// delta of cuda_deltas() applied, and nothing else (tests/test_profiles.cpp proves it).
+enum class CudaDelta : uint8_t {
+  dropout_bool_mask,                     // native_dropout's bool mask instead of the CPU's noise
+  layer_norm_stats_fp32,                 // LayerNorm mean/rstd in float32 for 16-bit inputs
+  host_scalars,                          // wrapped Python numbers (0-dim f64) and casts on the host
+  host_step,                             // Adam(W) 'step' tensors on the host (non-fused)
+  foreach_default,                       // torch.optim's default implementation is foreach
+  no_onednn,                             // no oneDNN scratchpads for 16-bit matmuls
+  block_512,                             // allocations rounded up to 512 B blocks
+};
+
+struct DeltaInfo {
+  CudaDelta id;
+  std::string_view name;                 // "dropout_bool_mask"
+  std::string_view changes;              // which bytes it changes, in words
+  std::string_view source;               // PyTorch 2.x file and function
+};
+
 struct RuntimeProfile {
   ProfileId id;
   std::string_view name;                 // "torch-cuda"
@@ -49,15 +70,17 @@ struct RuntimeProfile {
   OptimizerImpl default_impl;            // what torch.optim picks with foreach=None
   bool foreach_adam_two_lists;           // foreach Adam(W) holds sqrt and denom lists at once
   bool has_sdpa;                         // scaled_dot_product_attention exists
+  bool has_fused_optimizers;             // optimizer_impl = fused exists (2.x: CUDA and CPU)
   bool bernoulli_int_temp;               // bernoulli_(p) allocates an int32 temporary (MKL)
   Location scalar_location;              // Python numbers wrapped as 0-dim CPU tensors: host memory
                                          // on CUDA, the allocator the CPU profile counts on CPU
-  bool onednn_bf16_matmul;
+  bool onednn_bf16_matmul;               // 16-bit CPU matmuls run through oneDNN with a scratchpad
+  int64_t alloc_granularity;             // bytes; every allocation occupies a multiple of it
   // Transient device bytes while an op takes a Python number: the wrapped 0-dim float64 and its
   // cast to the operand dtype (CPU: both go through the allocator; CUDA: host scalars, none).
   int64_t scalar_temp_bytes(DType operand) const {
     return scalar_location == Location::device ? 8 + dtype_size(operand) : 0;
-  }               // 16-bit CPU matmuls run through oneDNN with a scratchpad
+  }
   std::span<const SaveRule> rules;
 
   const SaveRule* rule(OpKind k) const;
@@ -65,7 +88,14 @@ struct RuntimeProfile {
   int64_t matmul_workspace(DType dt, int64_t batch, int64_t m, int64_t k, int64_t n, bool a_col_major) const;
 };
 
-const RuntimeProfile& profile(ProfileId id);
+// `isa` matters only to the CPU profiles (oneDNN's 16-bit matmul needs AVX-512).
+const RuntimeProfile& profile(ProfileId id, CpuIsa isa = CpuIsa::avx512);
+// torch2-cpu with the given CUDA deltas applied (all of them: the rules of torch-cuda).
+RuntimeProfile profile_with(std::span<const CudaDelta> deltas);
+// The CUDA deltas, in the order they are applied.
+std::span<const DeltaInfo> cuda_deltas();
+// The ISA of the machine actsim runs on (cpuid).
+CpuIsa native_cpu_isa();
 // Returns false if the name is unknown.
 bool parse_profile(std::string_view name, ProfileId& out);
 

@@ -50,6 +50,8 @@ graph::BlockPlan block_plan_of(const Scenario& s);
 
 // Lowers and simulates one scenario.
 Analysis analyze(const Scenario& s);
+// ... under the given rules instead of the scenario's profile (tests of the CUDA delta table).
+Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime);
 
 // The largest batch size whose simulated peak fits the device's memory (0 if none does).
 int64_t max_batch_size(const Scenario& s);

@@ -15,6 +15,7 @@
 
 #include "actsim/graph/checkpoint.hpp"
 #include "actsim/graph/config.hpp"
+#include "actsim/graph/profile.hpp"
 #include "actsim/sim/device.hpp"
 
 namespace actsim::sim {
@@ -25,11 +26,15 @@ struct Scenario {
   graph::ModelConfig model;
   graph::TrainingConfig training;
   graph::ProfileId profile = graph::ProfileId::torch_cuda;
+  graph::CpuIsa cpu_isa = graph::native_cpu_isa();  // runtime.cpu_isa; CPU profiles only
   DeviceSpec device;
   std::string checkpoint_policy = "none";  // checkpoint.policy as written
   std::shared_ptr<graph::BlockPlan> block_plan;  // an explicit per-block plan (the planner's), or null
   // Where each key was set ("file.toml:12" or "--set"), for error messages of later stages.
   std::map<std::string, std::string> origin;
+
+  // The runtime profile's rules (for a CPU profile, on this scenario's CPU ISA).
+  const graph::RuntimeProfile& runtime() const { return graph::profile(profile, cpu_isa); }
 
   // "file.toml:12: key" / "--set key" / "key" (defaults): where a key's value came from.
   std::string where(const std::string& key) const;
