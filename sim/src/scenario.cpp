@@ -273,6 +273,14 @@ void validate(const Scenario& sc) {
          "attention = \"flash\" needs runtime.profile = \"torch-cuda\" or \"torch2-cpu\" (PyTorch 1.13 has no "
          "scaled_dot_product_attention)");
   }
+  if (m.attention == Attention::flash && m.dropout > 0 && sc.profile == graph::ProfileId::torch2_cpu) {
+    // sdp_utils_cpp.cpp use_flash_attention_cpp: check_for_dropout fails on the CPU, and the math
+    // fallback (_scaled_dot_product_attention_math: scaled copies, a float mask, the T x T
+    // probabilities and their dropout) is not lowered.
+    fail(blame(sc, {"model.attention", "model.dropout", "runtime.profile"}),
+         "PyTorch 2.x on the CPU runs attention = \"flash\" with dropout > 0 through SDPA's math fallback, "
+         "which actsim does not lower; use attention = \"eager\" or dropout = 0");
+  }
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }

@@ -66,7 +66,6 @@ GRID2 = SPREAD + [
     {"family": "llama", "n_kv_heads": 1},
     {"attention": "flash"},
     {"attention": "flash", "dtype": "bf16"},
-    {"attention": "flash", "dropout": 0.1},
     {"family": "llama", "attention": "flash"},
     {"family": "llama", "attention": "flash", "dtype": "bf16", "n_kv_heads": 2},
     {"family": "llama", "attention": "flash", "dtype": "fp16", "n_kv_heads": 1},
@@ -80,7 +79,7 @@ GRID2 = SPREAD + [
     {"dtype": "bf16", "optimizer_impl": "fused"},
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
-     "attention": "flash", "dropout": 0.2},
+     "attention": "flash"},
 ]
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
