@@ -4,12 +4,17 @@
 #   scripts/gpu-check.sh --pack     # HERE (the build machine): after `cmake --build build` (binary build/tools/actsim), copy the
 #                                   # binaries, their non-system shared libraries and the reference
 #                                   # models into .gpu/ (ignored by git; about 15 MiB)
-#   scripts/gpu-check.sh            # THERE (the lent GPU machine, carry .gpu): CUDA tests, replay
+#   scripts/gpu-check.sh            # THERE (the lent GPU machine, carry .gpu): CUDA tests, the
+#                                   # seven CUDA deltas of torch-cuda measured one by one, replay
 #                                   # --confirm on gpt2-small and a llama, PyTorch comparison table
 #
 # Device tool call:  run(command="bash scripts/gpu-check.sh 2>&1 | tee $OUT/gpu-check.log",
 #                        carry=[".gpu"], timeout_s=540)
 # Set GPU_CHECK_QUICK=1 for batch 2 / two layers (a smoke run that takes about a minute).
+# Set GPU_CHECK_DELTAS_ONLY=1 to measure only the CUDA deltas (torch-cuda = torch2-cpu + kDeltas of
+# graph/src/profile.cpp; docs/torch-cuda-rules.md): PyTorch on the GPU, seconds, no actsim binary
+# needed. The table "delta | expected | measured | confirmed?" is printed and written to the
+# "deltas" key of $OUT/torch_cuda_check.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -37,8 +42,15 @@ if [[ "${1:-}" == "--pack" ]]; then
   exit 0
 fi
 
-[[ -d "$PACK/bin" ]] || { echo "gpu-check: no .gpu/ (run scripts/gpu-check.sh --pack on the build machine and carry .gpu)"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+if [[ "${GPU_CHECK_DELTAS_ONLY:-0}" == 1 ]]; then
+  echo; echo "== CUDA deltas of torch-cuda, measured with PyTorch on this GPU"
+  timeout 300 python3 tests/cuda/torch_cuda_check.py --deltas-only --json "${OUT:-/tmp}/torch_cuda_check.json"
+  rc=$?
+  echo; echo "gpu-check (deltas only): $([[ $rc == 0 ]] && echo passed || echo "FAILED (exit $rc)")"
+  exit $rc
+fi
+[[ -d "$PACK/bin" ]] || { echo "gpu-check: no .gpu/ (run scripts/gpu-check.sh --pack on the build machine and carry .gpu)"; exit 2; }
 # cuBLAS 13: the toolkit's, else the one PyTorch's wheels ship.
 CUBLAS_DIRS=/usr/local/cuda/lib64
 PYCUBLAS=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
@@ -63,7 +75,7 @@ for t in test_cuda_backend test_cuda_no_device test_cuda_ops; do
   [[ $rc -eq 0 || $rc -eq 77 ]] || status=1
 done
 
-step "actsim replay --backend cuda --confirm, and PyTorch on the same GPU"
+step "CUDA deltas (measured first), actsim replay --backend cuda --confirm, and PyTorch on the same GPU"
 extra=()
 [[ "${GPU_CHECK_QUICK:-0}" == 1 ]] && extra+=(--quick)
 timeout 420 python3 tests/cuda/torch_cuda_check.py --actsim "$A" "${extra[@]}" --json "${OUT:-/tmp}/torch_cuda_check.json" || status=1

@@ -70,7 +70,7 @@ TEST_CASE("graph::profile: torch-cuda is torch2-cpu plus every CUDA delta, and n
     CHECK_FALSE(d.changes.empty());
     CHECK(d.source.find(".") != std::string_view::npos);  // names a source file
   }
-  CHECK(all.size() == 7);
+  CHECK(all.size() == 8);
   const RuntimeProfile built = graph::profile_with(all);
   const RuntimeProfile& cuda = graph::profile(ProfileId::torch_cuda);
   CHECK(built.dropout == cuda.dropout);
@@ -193,4 +193,16 @@ TEST_CASE("sim::analyze: block_512 rounds what the allocator counts, never what 
     CHECK(x % 512 == 0);
   }
   CHECK(p.delta.peak >= p.cpu.peak);
+}
+
+TEST_CASE("sim::analyze: host_rng_state moves checkpoint's RNG stashes to the host", "[sim][profile]") {
+  Pair p = run(tiny({"model.family=gpt2", "checkpoint.policy=full"}), CudaDelta::host_rng_state);
+  // One stash per checkpoint call (each block) through the forward pass.
+  CHECK(p.cpu.end_forward - p.delta.end_forward == L * graph::kCpuRngStateBytes);
+  CHECK(p.delta.host - p.cpu.host >= graph::kCpuRngStateBytes);
+  CHECK(p.cpu.saved == p.delta.saved);  // a stash is no saved tensor
+  CHECK(p.cpu.start == p.delta.start);
+  CHECK(p.cpu.end_step == p.delta.end_step);
+  Pair q = run(tiny({"model.family=gpt2"}), CudaDelta::host_rng_state);  // no checkpointing
+  CHECK(q.cpu == q.delta);
 }

@@ -97,6 +97,14 @@ class Engine {
   std::unordered_map<uint32_t, TensorId> remapped_t_;      // tensor -> same view of the replacement
   std::unordered_map<int32_t, std::vector<OpId>> regions_; // region -> forward ops, in order
   std::unordered_map<int32_t, bool> recomputed_;
+  // A region's (last) recomputation: how far it ran, what it emitted.
+  struct Recomputation {
+    bool reached = false;                         // it ran at all
+    size_t reach = 0;                             // position in regions_[r] of the last op it ran
+    std::vector<std::pair<size_t, OpId>> emitted; // (position, the recompute op emitted for it)
+    OpId end = kNoOp;                             // the last op it emitted
+  };
+  std::unordered_map<int32_t, Recomputation> recomputations_;
   std::unordered_map<int32_t, bool> prefetched_;           // block -> prefetch emitted
   TensorId mapped(TensorId t);
   void remap_storage(uint32_t sid, StorageId to);
@@ -147,25 +155,55 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
     }
   }
   std::vector<bool> rerun(ops.size(), false);
+  bool reached = false;  // the recomputation runs (cached ops hand out their outputs) up to `reach`
+  size_t reach = 0;
   for (size_t k = ops.size(); k-- > 0;) {
     const Op& op = g_.op(ops[k]);
-    if (op.cached) continue;
     bool need = false;
     for (TensorId t : op.outputs) need = need || needed_st.count(index(g_.tensor(t).storage));
     if (!need) continue;
+    if (!reached) reached = true, reach = k;
+    if (op.cached) continue;
     rerun[k] = true;
     for (TensorId t : op.inputs) needed_st[index(g_.tensor(t).storage)] = true;
   }
+  // The recomputation runs under torch.random.fork_rng: another RNG stash while it runs. Wrapped
+  // numbers the forward saved past the checkpoint's hooks (2.x) stay saved; the recomputation
+  // makes its own, alive until it ends.
+  std::vector<TensorId> transient;
+  const size_t first_op = g_.n_ops();
+  if (reached && b_.rng_stash.count(r)) {
+    b_.set_layer(g_.op(ops.front()).layer);
+    transient.push_back(b_.stash_rng("checkpoint.recompute.rng_state"));
+  }
+  const bool keep_scalars = b_.prof().wrapped_numbers_unhooked;
+  Recomputation& rc = recomputations_[r];
+  rc = {.reached = reached, .reach = reach};
+  std::vector<std::pair<size_t, OpId>>& emitted = rc.emitted;
   for (size_t k = 0; k < ops.size(); ++k) {
     if (!rerun[k]) continue;
+    emitted.emplace_back(k, OpId{static_cast<uint32_t>(g_.n_ops())});
     const Op orig = g_.op(ops[k]);
     Op op{.kind = orig.kind, .phase = Phase::backward, .layer = orig.layer, .name = orig.name + ".recompute",
           .workspace_bytes = orig.workspace_bytes, .flops = orig.flops, .bytes_moved = orig.bytes_moved,
           .kernels = orig.kernels, .forward = ops[k], .recompute = true, .params = orig.params};
     for (TensorId t : orig.inputs) op.inputs.push_back(mapped(t));
     for (TensorId t : orig.holds) op.holds.push_back(mapped(t));
-    for (TensorId t : orig.outputs) {
+    for (size_t j = 0; j < orig.outputs.size(); ++j) {
+      const TensorId t = orig.outputs[j];
       const Tensor& tt = g_.tensor(t);
+      if (keep_scalars && j == 1 && (orig.kind == OpKind::mul_scalar || orig.kind == OpKind::div_scalar)) {
+        const Storage& st = g_.storage(tt.storage);
+        Tensor copy = tt;
+        copy.name = tt.name + ".recompute";
+        copy.producer = kNoOp;
+        copy.storage = g_.add_storage({.bytes = st.bytes, .category = Category::temporary, .location = st.location,
+                                       .layer = st.layer});
+        const TensorId id = g_.add_tensor(std::move(copy));
+        op.outputs.push_back(id);
+        transient.push_back(id);
+        continue;
+      }
       if (!tt.is_view) {
         const Storage& st = g_.storage(tt.storage);
         remap_storage(index(tt.storage), g_.add_storage({.bytes = st.bytes, .category = st.category,
@@ -180,6 +218,8 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
     }
     g_.add_op(std::move(op));
   }
+  for (TensorId t : transient) b_.hold_until_last(t);
+  if (g_.n_ops() > first_op) rc.end = OpId{static_cast<uint32_t>(g_.n_ops() - 1)};
 }
 
 // Offload: bring block `layer`'s activations back on the copy stream, after the op emitted last
@@ -276,6 +316,75 @@ std::vector<TensorId> Engine::run(TensorId loss) {
     run_node(f);
   }
   b_.hold_until_last(seed);
+  // Each checkpoint call's RNG stash lives until the last backward node of its region has run.
+  if (!b_.rng_stash.empty()) {
+    std::unordered_map<int32_t, OpId> last;
+    for (size_t i = 0; i < g_.n_ops(); ++i) {
+      const Op& op = g_.ops()[i];
+      if (op.phase != Phase::backward || op.forward == kNoOp || op.recompute) continue;
+      const int32_t r = g_.op(op.forward).region;
+      if (r >= 0) last[r] = OpId{static_cast<uint32_t>(i)};
+    }
+    for (const auto& [r, stash] : b_.rng_stash) {
+      auto it = last.find(r);
+      if (it == last.end()) continue;
+      Op& end = g_.op(it->second);
+      end.holds.push_back(stash);
+      // The checkpoint call's arguments (the block input, llama's token positions) are saved by
+      // its frame (_NoopSaveInputs) until then too: activations the region reads from outside.
+      std::unordered_map<uint32_t, bool> own, held;
+      for (OpId o : regions_[r]) {
+        for (TensorId t : g_.op(o).outputs) own[index(g_.tensor(t).storage)] = true;
+      }
+      for (OpId o : regions_[r]) {
+        for (TensorId t : g_.op(o).inputs) {
+          const uint32_t s = index(g_.tensor(t).storage);
+          const Category c = g_.storage(g_.tensor(t).storage).category;
+          if (own.count(s) || held.count(s) || (c != Category::activation && c != Category::input)) continue;
+          held[s] = true;
+          end.holds.push_back(t);
+        }
+      }
+    }
+    // Selective activation checkpointing caches the outputs of the listed ops whether or not
+    // backward asks for them; those it never asks for stay in the cache until the region's
+    // frame dies (its last backward node), the others leave it when the recomputation takes them.
+    std::vector<bool> read(g_.storages().size(), false);
+    for (const Op& op : g_.ops()) {
+      if (op.phase != Phase::backward) continue;
+      for (const auto* list : {&op.inputs, &op.holds}) {
+        for (TensorId t : *list) read[index(g_.tensor(t).storage)] = true;
+      }
+    }
+    // A recomputation that runs past a cached op takes its entry (and drops it when nothing
+    // needs it); entries past where the recomputation stopped stay until the frame dies.
+    for (const auto& [r, ops] : regions_) {
+      auto it = last.find(r);
+      if (it == last.end()) continue;
+      const Recomputation& rc = recomputations_[r];
+      for (size_t k = 0; k < ops.size(); ++k) {
+        const Op& op = g_.op(ops[k]);
+        if (!op.cached) continue;
+        OpId until = it->second;
+        if (rc.reached && k <= rc.reach && rc.end != kNoOp) {
+          until = rc.end;
+          for (const auto& [pos, id] : rc.emitted) {
+            if (pos > k) {
+              until = id;
+              break;
+            }
+          }
+        }
+        for (TensorId t : op.outputs) {
+          const Tensor& tt = g_.tensor(t);
+          if (!tt.is_view && !read[index(tt.storage)]) {
+            read[index(tt.storage)] = true;
+            g_.op(until).holds.push_back(t);
+          }
+        }
+      }
+    }
+  }
   return param_grad_;
 }
 
@@ -527,7 +636,12 @@ void Engine::run_node(OpId fid) {
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) node_holds.push_back(s.grad);
   }
-  for (TensorId t : saved) node_holds.push_back(t);
+  for (size_t i = 0; i < saved.size(); ++i) {
+    // 2.x non-reentrant checkpoint: the frame hands a recomputed tensor over when it is unpacked
+    // and forgets it, so it dies with the node's apply(), before validate_outputs' sum_to.
+    const bool handed_over = f.region >= 0 && saved[i] != f.saved[i] && b_.prof().checkpoint_unpack_releases;
+    if (!handed_over) node_holds.push_back(saved[i]);
+  }
   std::vector<std::pair<TensorId, TensorId>> outs;  // (grad, input) after reduction
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i] == kNoTensor) continue;

@@ -88,6 +88,15 @@ TensorId Builder::leaf(const std::string& name, const Shape& shape, DType dt, Ca
   return g_.add_tensor({.name = name, .shape = shape, .dtype = dt, .storage = s, .requires_grad = requires_grad});
 }
 
+TensorId Builder::stash_rng(const std::string& name) {
+  StorageId s = g_.add_storage({.bytes = kCpuRngStateBytes, .category = Category::temporary,
+                                .location = prof_.rng_state_location, .layer = layer_});
+  TensorId t = g_.add_tensor({.name = qualify(name), .shape = {kCpuRngStateBytes}, .dtype = DType::u8, .storage = s});
+  // A host-side copy of 5 KiB: no kernel, no time worth modelling.
+  emit({.kind = OpKind::rng_stash, .name = name, .outputs = {t}, .kernels = 0});
+  return t;
+}
+
 TensorId Builder::fresh(const std::string& name, const Shape& shape, DType dt, Category c) {
   StorageId s = g_.add_storage({.bytes = numel(shape) * dtype_size(dt), .category = c, .layer = layer_});
   return g_.add_tensor({.name = qualify(name), .shape = shape, .dtype = dt, .storage = s});

@@ -57,6 +57,11 @@ class Builder {
   std::unordered_map<uint32_t, Offloaded> offloaded;
   std::vector<uint32_t> offload_order;     // device storages in the order they were offloaded
   std::vector<TensorId> block_outputs;     // [n_layers] each block's output (the residual stream)
+  // torch.utils.checkpoint(preserve_rng_state=True): each checkpoint call's stash of the CPU RNG
+  // state, by recompute region; autograd holds it until the region's backward has run.
+  std::unordered_map<int32_t, TensorId> rng_stash;
+  // Emits a torch.get_rng_state() copy (kCpuRngStateBytes, where the profile keeps it).
+  TensorId stash_rng(const std::string& name);
 
   // The last op emitted holds `t` (a Python local released when the op's frame returns).
   void hold_until_last(TensorId t);

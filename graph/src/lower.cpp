@@ -70,10 +70,17 @@ struct Lowering {
   BlockMode mode(int i) const { return plan ? plan->mode[static_cast<size_t>(i)] : BlockMode::keep; }
   void enter_block(int i) {
     switch (mode(i)) {
-      case BlockMode::recompute:
-        b.set_region(plan->before_backward.empty() ? plan->segment[static_cast<size_t>(i)] : kBlockRegion + i);
+      case BlockMode::recompute: {
+        const int32_t r = plan->before_backward.empty() ? plan->segment[static_cast<size_t>(i)] : kBlockRegion + i;
+        // A new checkpoint call (every:K spans K blocks): it stashes the RNG state first.
+        if (!b.rng_stash.count(r)) b.rng_stash[r] = b.stash_rng("checkpoint.rng_state");
+        b.set_region(r);
         break;
-      case BlockMode::ops: b.set_region(kOpsRegion + i, &plan->keep_kinds); break;
+      }
+      case BlockMode::ops:  // selective activation checkpointing: a checkpoint call too
+        b.rng_stash[kOpsRegion + i] = b.stash_rng("checkpoint.rng_state");
+        b.set_region(kOpsRegion + i, &plan->keep_kinds);
+        break;
       case BlockMode::offload: b.set_offload(true); break;
       default: break;
     }

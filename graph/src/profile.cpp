@@ -109,6 +109,9 @@ constexpr RuntimeProfile kTorchCpu{
     .scalar_location = Location::device,
     .onednn_bf16_matmul = true,
     .alloc_granularity = 1,
+    .rng_state_location = Location::device,
+    .wrapped_numbers_unhooked = false,
+    .checkpoint_unpack_releases = false,
     .rules = kCpu113Rules,
 };
 
@@ -128,6 +131,9 @@ constexpr RuntimeProfile kTorch2Cpu{
     .scalar_location = Location::device,
     .onednn_bf16_matmul = true,
     .alloc_granularity = 1,
+    .rng_state_location = Location::device,
+    .wrapped_numbers_unhooked = true,
+    .checkpoint_unpack_releases = true,
     .rules = kTorch2Rules,
 };
 
@@ -140,6 +146,7 @@ constexpr RuntimeProfile apply(RuntimeProfile p, CudaDelta d) {
     case CudaDelta::foreach_default: p.default_impl = OptimizerImpl::foreach; break;
     case CudaDelta::no_onednn: p.onednn_bf16_matmul = false; break;
     case CudaDelta::block_512: p.alloc_granularity = 512; break;
+    case CudaDelta::host_rng_state: p.rng_state_location = Location::host; break;
   }
   return p;
 }
@@ -188,6 +195,12 @@ constexpr std::array kDeltas{
               "every allocation occupies a multiple of 512 B (what memory_allocated counts)",
               "c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize = 512; round_size(size) rounds every request "
               "up to a multiple of it, and stats count the rounded block size"},
+    DeltaInfo{CudaDelta::host_rng_state, "host_rng_state",
+              "each checkpoint call's RNG stash (5056 B, kept until the region's backward; another for the "
+              "duration of the recomputation) is host memory, not device memory",
+              "torch/utils/checkpoint.py _checkpoint_without_reentrant_generator: fwd_cpu_state = "
+              "torch.get_rng_state() (a CPU tensor; CUDA states come from get_device_states as CPU tensors "
+              "too), and recompute_fn's torch.random.fork_rng stashes it again"},
 };
 
 constexpr RuntimeProfile kTorchCuda = with_deltas(kTorch2Cpu, kDeltas);

@@ -37,6 +37,7 @@ void run_typed(const OpCall& c, const graph::Op& op) {
     case OpKind::optim_update:
     case OpKind::optim_temp: return run_optimizer<A>(c, op);
     case OpKind::zero_grad: return;  // releases only
+    case OpKind::rng_stash: return;  // the stash's bytes only (counter-based RNG: nothing to save)
     case OpKind::offload:
     case OpKind::prefetch: {
       // Device <-> host copy of a saved activation's whole storage: the offloaded storage is

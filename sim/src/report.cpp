@@ -82,7 +82,10 @@ Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
         st.category == Category::optimizer_state || st.category == Category::gradient) {
       return false;
     }
-    return st.producer == graph::kNoOp || g.op(st.producer).phase == graph::Phase::forward;
+    if (st.producer == graph::kNoOp) return true;
+    const graph::Op& by = g.op(st.producer);
+    // checkpoint's RNG stash is kept, but it is no saved tensor (the saved-tensor hooks never see it)
+    return by.phase == graph::Phase::forward && by.kind != graph::OpKind::rng_stash;
   };
   for (const graph::Op& op : g.ops()) {
     if (op.phase == graph::Phase::forward) continue;
@@ -119,6 +122,7 @@ Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
       for (graph::TensorId t : op.saved) count(op, t);
     } else {
       for (graph::TensorId t : op.inputs) count(op, t);
+      for (graph::TensorId t : op.saved) count(op, t);  // what the region keeps past its hooks (kept only)
       if (op.cached) {
         for (graph::TensorId t : op.outputs) count(op, t);
       }

@@ -38,6 +38,9 @@ DEFAULTS = {
     "optimizer": "adamw",
     "optimizer_impl": "for_loop",
     "attention": "eager",  # flash: F.scaled_dot_product_attention (PyTorch 2.x only)
+    # none | full | every:K | selective | ops:KIND,KIND (PyTorch 2.x: torch.utils.checkpoint with
+    # use_reentrant=False; selective and ops: with selective activation checkpointing)
+    "checkpoint": "none",
     "seed": 0,
     # Not a scenario key: intra-op threads. One thread keeps the trace deterministic and makes sure
     # every allocation happens on the profiled thread (OpenMP workers could allocate scratch).
@@ -119,6 +122,11 @@ def load_reference():
     return models
 
 
+def torch_nn_module():
+    import torch
+    return torch.nn.Module
+
+
 def torch_dtype(torch, name):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
@@ -135,11 +143,84 @@ def build(torch, models, cfg):
         raise UsageError("build_model rejected the configuration: %s" % (e or type(e).__name__))
     if cfg["dtype"] != "fp32":
         model.to(torch_dtype(torch, cfg["dtype"]))
+    if cfg["checkpoint"] != "none":
+        wrap_checkpoint(torch, model, cfg["checkpoint"])
     model.train()
     shape = (cfg["batch_size"], cfg["seq_len"])
     idx = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
     targets = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
     return model, idx, targets
+
+
+# actsim's ops:LIST names -> the aten ops whose outputs selective activation checkpointing keeps
+SAC_OPS = {
+    "mm": ("mm",), "addmm": ("addmm",), "bmm": ("bmm",), "softmax": ("_softmax",),
+    "layer_norm": ("native_layer_norm",), "gelu_tanh": ("gelu",), "silu": ("silu",),
+}
+# selective (Megatron-LM): the attention core (scores, mask, softmax, dropout, att @ v) is
+# recomputed; everything else is kept
+SELECTIVE_RECOMPUTE = {"bmm", "_softmax", "masked_fill", "mul", "div", "native_dropout", "bernoulli",
+                       "eq", "clone", "_unsafe_view", "expand", "view", "transpose", "_to_copy"}
+
+
+# Selective activation checkpointing keeps the listed ops' outputs in its own cache, which the
+# saved-tensor hooks never see: (wrapper index, caching mode) of every forward checkpoint call, so
+# that --mode saved can count the cache too.
+SAC_CACHES = []
+RECORD_SAC = {"on": False}  # only --mode saved records: the list would keep the caches alive
+
+
+class Checkpointed(torch_nn_module()):
+    """Blocks [first, last) run as one torch.utils.checkpoint call (use_reentrant=False)."""
+
+    def __init__(self, blocks, policy_fn=None, index=0):
+        import torch
+        super().__init__()
+        self.inner = torch.nn.ModuleList(blocks)
+        self.policy_fn = policy_fn
+        self.index = index
+
+    def run(self, x, *args):
+        for b in self.inner:
+            x = b(x, *args)
+        return x
+
+    def forward(self, x, *args):
+        import torch.utils.checkpoint as cp
+        kw = {"use_reentrant": False}
+        if self.policy_fn is not None:
+            def context_fn():
+                ctx = cp.create_selective_checkpoint_contexts(self.policy_fn)
+                if RECORD_SAC["on"]:
+                    SAC_CACHES.append((self.index, ctx[0]))
+                return ctx
+            kw["context_fn"] = context_fn
+        return cp.checkpoint(self.run, x, *args, **kw)
+
+
+def wrap_checkpoint(torch, model, policy):
+    blocks = list(model.blocks)
+    policy_fn = None
+    k = 1
+    if policy.startswith("every:"):
+        k = int(policy.split(":", 1)[1])
+    elif policy == "selective" or policy.startswith("ops:"):
+        from torch.utils.checkpoint import CheckpointPolicy
+        if policy == "selective":
+            def policy_fn(ctx, op, *args, **kwargs):
+                name = op._schema.name.split("::")[-1]
+                return (CheckpointPolicy.PREFER_RECOMPUTE if name in SELECTIVE_RECOMPUTE
+                        else CheckpointPolicy.MUST_SAVE)
+        else:
+            keep = {a for kind in policy[4:].split(",") for a in SAC_OPS[kind]}
+
+            def policy_fn(ctx, op, *args, **kwargs):
+                name = op._schema.name.split("::")[-1]
+                return CheckpointPolicy.MUST_SAVE if name in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    elif policy != "full":
+        raise UsageError("unknown checkpoint policy %r" % policy)
+    model.blocks = torch.nn.ModuleList(
+        Checkpointed(blocks[i:i + k], policy_fn, i // k) for i in range(0, len(blocks), k))
 
 
 def make_optimizer(torch, cfg, params):
@@ -190,11 +271,24 @@ def optimizer_tensors(torch, opt):
 # --mode saved
 
 
+def unpack_identity(t):
+    return t
+
+
 def saved_grad_fn_tensors(torch, node):
-    """(attr, tensor) for every tensor a grad_fn node saved; torch 1.13 exposes them as _saved_*."""
+    """(attr, tensor) for every tensor a grad_fn node saved; torch exposes them as _saved_*.
+
+    A tensor packed by someone else's hook (torch.utils.checkpoint's) is not read: unpacking it
+    would run the recomputation. PyTorch 2.x shows the hook as _raw_saved_*.unpack_hook; 1.13 has
+    no _raw_saved_* and no checkpoint runs under it here."""
     out = []
     for attr in dir(node):
         if not attr.startswith("_saved_"):
+            continue
+        raw = getattr(node, "_raw" + attr, None)
+        raws = raw if isinstance(raw, (list, tuple)) else [raw]
+        if any(r is not None and hasattr(r, "unpack_hook") and r.unpack_hook not in (None, unpack_identity)
+               for r in raws):
             continue
         try:
             value = getattr(node, attr)
@@ -288,11 +382,28 @@ def measure_saved(torch, models, cfg, trace):
             nbytes_of[ptr] = nbytes
         return t  # keep the tensor itself so that the grad_fn walk sees the same storages
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    RECORD_SAC["on"] = True
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack_identity):
         loss = model(idx, targets)
+    RECORD_SAC["on"] = False
     for h in handles:
         h.remove()
     walker.claim([loss.grad_fn], -1)
+    # what selective activation checkpointing cached during this forward
+    sac_bytes = 0
+    for block, mode in SAC_CACHES:
+        for entries in mode.storage.values():
+            for entry in entries.values():
+                for w in (entry if isinstance(entry, (list, tuple)) else [entry]):
+                    t = getattr(w, "val", None)
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    ptr, nbytes = storage_key(t)
+                    if ptr and nbytes and ptr not in param_ptrs and ptr not in first_block:
+                        first_block[ptr] = block
+                        nbytes_of[ptr] = nbytes
+                        sac_bytes += nbytes
+    SAC_CACHES.clear()
 
     # small ids make storages comparable across entries without printing addresses
     sid = {}
@@ -346,6 +457,7 @@ def measure_saved(torch, models, cfg, trace):
         "saved_buffer_bytes": sum(nbytes_of[p] for p in counted if p in buffer_ptrs),
         "n_packs": len(packs),
         "saved_unhooked_bytes": unhooked,  # wrapped numbers the 2.x pack hook skips (0 on 1.13)
+        "saved_sac_cache_bytes": sac_bytes,  # selective activation checkpointing's cache
         "empty_storages": empty,
         "loss": loss.item(),
     }

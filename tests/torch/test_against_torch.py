@@ -76,6 +76,17 @@ GRID2 = SPREAD + [
     for i in ("for_loop", "foreach", "fused")
     if not (fam is G and i == "for_loop" and o in ("adamw", "adam", "sgd"))  # already in SPREAD
 ] + [
+    # torch.utils.checkpoint(use_reentrant=False), RNG state preserved (the default); ops:LIST with
+    # selective activation checkpointing (create_selective_checkpoint_contexts, MUST_SAVE the list)
+    {"n_layers": 4, "checkpoint": "full"},
+    {"n_layers": 4, "checkpoint": "every:2"},
+    {"family": "llama", "n_layers": 3, "checkpoint": "full", "dtype": "bf16"},
+    {"family": "llama", "n_layers": 4, "checkpoint": "every:2", "n_kv_heads": 2},
+    {"n_layers": 3, "checkpoint": "full", "dropout": 0.1},
+    {"n_layers": 4, "checkpoint": "ops:mm,addmm"},
+    {"n_layers": 2, "checkpoint": "ops:mm,addmm,softmax", "dropout": 0.1},
+    {"family": "llama", "checkpoint": "ops:mm,silu"},
+    {"family": "llama", "checkpoint": "full", "attention": "flash", "optimizer_impl": "foreach"},
     {"dtype": "bf16", "optimizer_impl": "fused"},
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
@@ -84,6 +95,7 @@ GRID2 = SPREAD + [
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
               "attention"]
+OTHER_KEYS = {"checkpoint": "checkpoint.policy"}
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
 
 
@@ -103,12 +115,20 @@ def check(actsim, oracle, overrides):
             sets += ["--set", f"model.{k}={cfg[k]}"]
     for k in TRAIN_KEYS:
         sets += ["--set", f"training.{k}={cfg[k]}"]
+    for k, key in OTHER_KEYS.items():
+        if k in cfg:
+            sets += ["--set", f"{key}={cfg[k]}"]
     a = run_json([actsim, "simulate", "--json", "--no-fit"] + sets)
     both = run_json([ORACLES[oracle], MEASURE, "--mode", "both"] + kv)
     s, m = both["saved"], both["memory"]
+    per_layer = a["activations"]["per_layer_saved_bytes"]
+    ck = cfg.get("checkpoint", "none")
+    if ck.startswith("every:"):  # torch sees one module (one checkpoint call) per K blocks
+        k = int(ck.split(":")[1])
+        per_layer = [sum(per_layer[i:i + k]) for i in range(0, len(per_layer), k)]
     pairs = [
         ("activations.saved_bytes", a["activations"]["saved_bytes"], s["saved_bytes"]),
-        ("activations.per_layer_saved_bytes", a["activations"]["per_layer_saved_bytes"], s["per_layer_saved_bytes"]),
+        ("activations.per_layer_saved_bytes", per_layer, s["per_layer_saved_bytes"]),
         ("activations.outside_layers_saved_bytes", a["activations"]["outside_layers_saved_bytes"],
          s["outside_layers_saved_bytes"]),
         ("params_bytes", a["params_bytes"], m["params_bytes"]),

@@ -42,8 +42,9 @@ enum class OpKind : uint16_t {
   recompute,      // (unused marker kind; recompute ops keep their original kind, see Op::recompute)
   offload,        // copy a saved activation to host memory (copy stream)
   prefetch,       // copy it back to the device ahead of backward (copy stream)
+  rng_stash,      // torch.utils.checkpoint's torch.get_rng_state(): a uint8 copy of the CPU generator
 };
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::prefetch) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::rng_stash) + 1;
 std::string_view to_string(OpKind k);
 // Parses an op-kind name as written by to_string; returns false if unknown.
 bool parse_op_kind(std::string_view s, OpKind& out);

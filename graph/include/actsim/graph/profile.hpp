@@ -50,7 +50,11 @@ enum class CudaDelta : uint8_t {
   foreach_default,                       // torch.optim's default implementation is foreach
   no_onednn,                             // no oneDNN scratchpads for 16-bit matmuls
   block_512,                             // allocations rounded up to 512 B blocks
+  host_rng_state,                        // checkpoint's RNG stash (a CPU tensor) in host memory
 };
+
+// torch.get_rng_state(): the CPU generator's mt19937 state as a uint8 tensor (numel 5056).
+inline constexpr int64_t kCpuRngStateBytes = 5056;
 
 struct DeltaInfo {
   CudaDelta id;
@@ -76,6 +80,10 @@ struct RuntimeProfile {
                                          // on CUDA, the allocator the CPU profile counts on CPU
   bool onednn_bf16_matmul;               // 16-bit CPU matmuls run through oneDNN with a scratchpad
   int64_t alloc_granularity;             // bytes; every allocation occupies a multiple of it
+  Location rng_state_location;           // torch.get_rng_state() (checkpoint's preserve_rng_state)
+  bool wrapped_numbers_unhooked;         // saved wrapped numbers skip saved-tensor hooks (2.x), so
+                                         // a checkpointed region keeps them past its forward
+  bool checkpoint_unpack_releases;       // a recomputed saved tensor dies with its node's apply (2.x)
   // Transient device bytes while an op takes a Python number: the wrapped 0-dim float64 and its
   // cast to the operand dtype (CPU: both go through the allocator; CUDA: host scalars, none).
   int64_t scalar_temp_bytes(DType operand) const {
