@@ -334,7 +334,9 @@ std::vector<TensorId> Engine::run(TensorId loss) {
       // its frame (_NoopSaveInputs) until then too: activations the region reads from outside.
       std::unordered_map<uint32_t, bool> own, held;
       for (OpId o : regions_[r]) {
-        for (TensorId t : g_.op(o).outputs) own[index(g_.tensor(t).storage)] = true;
+        for (TensorId t : g_.op(o).outputs) {
+          if (!g_.tensor(t).is_view) own[index(g_.tensor(t).storage)] = true;  // allocated in the region
+        }
       }
       for (OpId o : regions_[r]) {
         for (TensorId t : g_.op(o).inputs) {

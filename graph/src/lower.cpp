@@ -91,7 +91,9 @@ struct Lowering {
   }
   // Megatron-LM selective recompute: the attention core (scores, mask, softmax, dropout, x V).
   void core_begin(int i) {
-    if (mode(i) == BlockMode::selective) b.set_region(kSelectiveRegion + i);
+    if (mode(i) != BlockMode::selective) return;
+    b.rng_stash[kSelectiveRegion + i] = b.stash_rng("checkpoint.rng_state");  // one checkpoint call
+    b.set_region(kSelectiveRegion + i);
   }
   void core_end(int i) {
     if (mode(i) == BlockMode::selective) b.set_region(-1);

@@ -275,6 +275,20 @@ def _probe_block_512(torch):
             ", ".join(res), ok)
 
 
+def _probe_host_rng_state(torch):
+    """A checkpointed block's forward adds no device bytes for its RNG stash (it is a CPU tensor)."""
+    import torch.utils.checkpoint as cp
+    lin = torch.nn.Linear(64, 64, device=DEV)
+    x = torch.randn(8, 64, device=DEV, requires_grad=True)
+    state = torch.get_rng_state()
+    y, kept, _ = _alloc_delta(torch, lambda: cp.checkpoint(lin, x, use_reentrant=False, preserve_rng_state=True))
+    out = _round512(8 * 64 * 4)  # the output; the saved input x already exists
+    ok = state.device.type == "cpu" and kept == out
+    del y
+    return ("torch.get_rng_state() on the CPU (%d B); checkpoint adds only its %d B output on the device"
+            % (state.numel(), out), "stash on %s, +%d B on the device" % (state.device.type, kept), ok)
+
+
 DELTA_PROBES = [
     ("dropout_bool_mask", _probe_dropout_bool_mask),
     ("layer_norm_stats_fp32", _probe_layer_norm_stats_fp32),
@@ -283,6 +297,7 @@ DELTA_PROBES = [
     ("foreach_default", _probe_foreach_default),
     ("no_onednn", _probe_no_onednn),
     ("block_512", _probe_block_512),
+    ("host_rng_state", _probe_host_rng_state),
 ]
 
 

@@ -144,7 +144,7 @@ def build(torch, models, cfg):
     if cfg["dtype"] != "fp32":
         model.to(torch_dtype(torch, cfg["dtype"]))
     if cfg["checkpoint"] != "none":
-        wrap_checkpoint(torch, model, cfg["checkpoint"])
+        wrap_checkpoint(torch, model, cfg["checkpoint"], models)
     model.train()
     shape = (cfg["batch_size"], cfg["seq_len"])
     idx = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
@@ -157,10 +157,6 @@ SAC_OPS = {
     "mm": ("mm",), "addmm": ("addmm",), "bmm": ("bmm",), "softmax": ("_softmax",),
     "layer_norm": ("native_layer_norm",), "gelu_tanh": ("gelu",), "silu": ("silu",),
 }
-# selective (Megatron-LM): the attention core (scores, mask, softmax, dropout, att @ v) is
-# recomputed; everything else is kept
-SELECTIVE_RECOMPUTE = {"bmm", "_softmax", "masked_fill", "mul", "div", "native_dropout", "bernoulli",
-                       "eq", "clone", "_unsafe_view", "expand", "view", "transpose", "_to_copy"}
 
 
 # Selective activation checkpointing keeps the listed ops' outputs in its own cache, which the
@@ -198,25 +194,75 @@ class Checkpointed(torch_nn_module()):
         return cp.checkpoint(self.run, x, *args, **kw)
 
 
-def wrap_checkpoint(torch, model, policy):
+def core_checkpointed_forward(torch, models, attn):
+    """`selective` (Megatron-LM): the attention core of the reference forward, from the scores to
+    `@ v`, runs as one torch.utils.checkpoint call (use_reentrant=False); the rest is unchanged.
+    The lines mirror shared/reference/models.py (eager attention)."""
+    import math
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    if isinstance(attn, models.CausalSelfAttention):
+        def core(q, k, v, T):
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(attn.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = attn.attn_dropout(att)
+            return att @ v
+
+        def forward(x):
+            B, T, C = x.size()
+            q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
+            k = k.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            q = q.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            v = v.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            y = checkpoint(core, q, k, v, T, use_reentrant=False)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)
+            return attn.resid_dropout(attn.c_proj(y))
+        return forward
+
+    def core(q, k, v, T, hd, device):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)
+        scores = scores.masked_fill(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return probs @ v
+
+    def forward(x, token_positions):
+        B, T, _ = x.shape
+        hd = attn.d // attn.h
+        q = attn.q_proj(x).view(B, T, attn.h, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, attn.kvh, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, attn.kvh, hd).transpose(1, 2)
+        q = attn.rope(q, token_positions)
+        k = attn.rope(k, token_positions)
+        k = models.repeat_kv(k, attn.h // attn.kvh)
+        v = models.repeat_kv(v, attn.h // attn.kvh)
+        out = checkpoint(core, q, k, v, T, hd, x.device, use_reentrant=False)
+        out = out.transpose(1, 2).contiguous().view(B, T, attn.d)
+        return attn.o_proj(out)
+    return forward
+
+
+def wrap_checkpoint(torch, model, policy, models=None):
     blocks = list(model.blocks)
+    if policy == "selective":
+        for b in blocks:
+            if b.attn.attention != "eager":
+                raise UsageError("checkpoint=selective is lowered for eager attention")
+            b.attn.forward = core_checkpointed_forward(torch, models, b.attn)
+        return
     policy_fn = None
     k = 1
     if policy.startswith("every:"):
         k = int(policy.split(":", 1)[1])
-    elif policy == "selective" or policy.startswith("ops:"):
+    elif policy.startswith("ops:"):
         from torch.utils.checkpoint import CheckpointPolicy
-        if policy == "selective":
-            def policy_fn(ctx, op, *args, **kwargs):
-                name = op._schema.name.split("::")[-1]
-                return (CheckpointPolicy.PREFER_RECOMPUTE if name in SELECTIVE_RECOMPUTE
-                        else CheckpointPolicy.MUST_SAVE)
-        else:
-            keep = {a for kind in policy[4:].split(",") for a in SAC_OPS[kind]}
+        keep = {a for kind in policy[4:].split(",") for a in SAC_OPS[kind]}
 
-            def policy_fn(ctx, op, *args, **kwargs):
-                name = op._schema.name.split("::")[-1]
-                return CheckpointPolicy.MUST_SAVE if name in keep else CheckpointPolicy.PREFER_RECOMPUTE
+        def policy_fn(ctx, op, *args, **kwargs):
+            name = op._schema.name.split("::")[-1]
+            return CheckpointPolicy.MUST_SAVE if name in keep else CheckpointPolicy.PREFER_RECOMPUTE
     elif policy != "full":
         raise UsageError("unknown checkpoint policy %r" % policy)
     model.blocks = torch.nn.ModuleList(

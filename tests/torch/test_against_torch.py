@@ -87,6 +87,9 @@ GRID2 = SPREAD + [
     {"n_layers": 2, "checkpoint": "ops:mm,addmm,softmax", "dropout": 0.1},
     {"family": "llama", "checkpoint": "ops:mm,silu"},
     {"family": "llama", "checkpoint": "full", "attention": "flash", "optimizer_impl": "foreach"},
+    # selective (Megatron-LM): the attention core alone as one checkpoint call
+    {"n_layers": 3, "checkpoint": "selective", "dropout": 0.1},
+    {"family": "llama", "checkpoint": "selective", "dtype": "bf16", "n_kv_heads": 2},
     {"dtype": "bf16", "optimizer_impl": "fused"},
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
