@@ -354,7 +354,10 @@ void read_scenario(const json& sc, const Where& w, Schedule& s) {
   s.model.d_ff = integer("d_ff", 0);
   if (sc.contains("dropout")) s.model.dropout = get_num(sc["dropout"], w, "dropout");
   s.model.attention = str("attention", "eager") == "flash" ? graph::Attention::flash : graph::Attention::eager;
-  if (sc.contains("tie_embeddings")) s.model.tie_embeddings = sc["tie_embeddings"].get<bool>() ? 1 : 0;
+  if (sc.contains("tie_embeddings")) {
+    if (!sc["tie_embeddings"].is_boolean()) w.fail(fmt::format("header: tie_embeddings must be true or false, got {}", sc["tie_embeddings"].dump()));
+    s.model.tie_embeddings = sc["tie_embeddings"].get<bool>() ? 1 : 0;
+  }
   if (sc.contains("rope_theta")) s.model.rope_theta = get_num(sc["rope_theta"], w, "rope_theta");
   s.training.batch_size = integer("batch_size", s.training.batch_size);
   if (sc.contains("dtype")) s.training.dtype = get_dtype(sc["dtype"], w);
@@ -367,12 +370,22 @@ void read_scenario(const json& sc, const Where& w, Schedule& s) {
 
 }  // namespace
 
-Schedule parse_schedule(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(fmt::format("{}: cannot read the schedule file", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string text = ss.str();
+static Schedule parse_schedule_checked(const std::string& text, const std::string& path, int64_t& line);
+
+Schedule parse_schedule(const std::string& path) { return parse_schedule_text(read_input_file(path, "schedule"), path); }
+
+Schedule parse_schedule_text(const std::string& text, const std::string& path) {
+  // nlohmann's own exceptions (a type or range surprise this reader did not check first) are
+  // still bad input: one line naming the file.
+  int64_t line = 1;
+  try {
+    return parse_schedule_checked(text, path, line);
+  } catch (const json::exception& e) {
+    throw InputError(fmt::format("{}:{}: malformed schedule ({})", path, line, e.what()));
+  }
+}
+
+static Schedule parse_schedule_checked(const std::string& text, const std::string& path, int64_t& cur_line) {
   std::vector<std::string_view> lines;
   for (size_t pos = 0; pos < text.size();) {
     size_t nl = text.find('\n', pos);
@@ -418,6 +431,7 @@ Schedule parse_schedule(const std::string& path) {
   // Records in order: storages, tensors, ops, entries, then ["end", n].
   for (; li < lines.size() && !ended; ++li) {
     const int64_t line_no = static_cast<int64_t>(li) + 1;
+    cur_line = line_no;
     const bool in_entries = storages.size() == n_st && tensors.size() == n_t && ops.size() == n_ops;
     Where lw{path, line_no, in_entries ? static_cast<int64_t>(s.entries.size()) + 1 : 0};
     if (lines[li].empty()) {

@@ -64,7 +64,7 @@ CONFIGS = [
 ]
 
 for label, extra, torch_runs in CONFIGS:
-    p, secs = run(["replay"] + sets(extra) + ["--backend", "cpu", "--confirm", "--torch", "--json"])
+    p, secs = run(["replay"] + sets(extra) + ["--backend", "cpu", "--confirm", "--torch", "--json", "--timings"])
     try:
         j = json.loads(p.stdout)
     except ValueError:
@@ -127,7 +127,7 @@ check("replay SCHEDULE --set is bad input", run(["replay", sched, "--set", "mode
 
 # Calibration: replay writes measured times; simulate loads them.
 cal = os.path.join(tmp, "cal.json")
-p, _ = run(["replay"] + sets(base) + ["--backend", "cpu", "--calibration-out", cal, "--json"])
+p, _ = run(["replay"] + sets(base) + ["--backend", "cpu", "--calibration-out", cal, "--json", "--timings"])
 ok = p.returncode == 0 and os.path.exists(cal)
 check("replay --calibration-out writes a calibration file", ok, p.stderr.strip())
 if ok:

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "actsim/sim/output.hpp"
 #include "actsim/sim/report.hpp"
 #include "actsim/sim/scenario.hpp"
 
@@ -29,7 +30,8 @@ std::string scenario_help();
 
 // The exporter options (--trace, --memviz, --csv, --report, --svg, --max-events, --timeline).
 void add_export_options(po::options_description& opts);
-void write_exports_from(const sim::Analysis& a, const po::variables_map& vm);
+// Adds the requested exporter files to `out` (written by out.commit(), all or nothing).
+void add_exports_from(const sim::Analysis& a, const po::variables_map& vm, sim::OutputSet& out);
 
 int cmd_simulate(const std::vector<std::string>& args);
 int cmd_compare(const std::vector<std::string>& args);

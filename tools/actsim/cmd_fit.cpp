@@ -39,8 +39,12 @@ bool fits_seq(const sim::Scenario& s, int64_t t) {
   }
   graph::BlockPlan bp = sim::block_plan_of(u);
   graph::StepGraph step = graph::lower_training_step(u.model, u.training, graph::profile(u.profile), &bp);
-  sim::Plan plan(step.graph, u.device);
-  return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
+  try {
+    sim::Plan plan(step.graph, u.device);
+    return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
+  } catch (const sim::ByteOverflow&) {
+    return false;
+  }
 }
 
 // The largest seq_len that fits at the scenario's batch size (0 if none): doubling, then bisection,

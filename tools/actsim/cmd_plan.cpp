@@ -54,6 +54,12 @@ int cmd_plan(const std::vector<std::string>& args) {
     std::cout << opts << "\nThe plan recomputes blocks in rotor/Revolve-style nested segments; see README.md.\n";
     return 0;
   }
+  sim::OutputSet files;
+  if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
+  for (const char* k : {"trace", "memviz", "csv", "report", "svg"}) {
+    if (vm.count(k)) sim::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
+                                            {vm.count("scenario") ? vm["scenario"].as<std::string>() : ""});
+  }
   sim::Scenario s = scenario_from(vm);
   int64_t budget = s.device.memory_bytes;
   if (vm.count("budget")) {
@@ -67,7 +73,8 @@ int cmd_plan(const std::vector<std::string>& args) {
   sim::Scenario chosen = s;
   chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
   sim::Analysis a = sim::analyze(chosen);
-  write_exports_from(a, vm);
+  add_exports_from(a, vm, files);
+  files.commit();
   nlohmann::json j = sim::to_json(a);
   j["fits"] = r.fits;
   j["budget_bytes"] = budget;

@@ -33,14 +33,11 @@ using Clock = std::chrono::steady_clock;
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// A schedule file is JSON lines whose first line is an object; a scenario is TOML.
-bool is_schedule_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return false;
-  char c = 0;
-  while (in.get(c) && std::isspace(static_cast<unsigned char>(c))) {
-  }
-  return c == '{';
+// A schedule file is JSON lines whose first line is an object; a scenario is TOML. Sniffed from
+// the text already read, so a pipe is read once.
+bool is_schedule_text(const std::string& text) {
+  const size_t i = text.find_first_not_of(" \t\r\n");
+  return i != std::string::npos && text[i] == '{';
 }
 
 std::string cpu_model() {
@@ -147,7 +144,9 @@ int cmd_replay(const std::vector<std::string>& args) {
       ("policies", po::value<std::string>()->default_value("full,selective,every:2,offload"),
        "recompute check (with --confirm on a scenario): checkpoint policies whose loss and gradients must "
        "equal, bit for bit, those of the schedule without checkpointing")
-      ("seed", po::value<uint64_t>()->default_value(0), "seed of the initial values and dropout masks");
+      ("seed", po::value<uint64_t>()->default_value(0), "seed of the initial values and dropout masks")
+      ("timings", "add the tool's own wall-clock figures to the JSON (measured_step_ns, seconds); without it the "
+                  "JSON is the same on every rerun");
   po::variables_map vm = parse(args, opts, "replay");
   if (vm.count("help")) {
     std::cout << opts
@@ -171,12 +170,17 @@ int cmd_replay(const std::vector<std::string>& args) {
   // The schedule: read (and validated) from a file, or simulated from a scenario.
   sim::Schedule s;
   const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
-  const bool scenario_input = input.empty() || !is_schedule_file(input);
+  if (vm.count("scenario") && input.empty()) throw InputError("\"\": an empty path is not a scenario or schedule file");
+  if (vm.count("calibration-out")) sim::check_output_path("--calibration-out", vm["calibration-out"].as<std::string>(), {input});
+  const std::string text = input.empty() ? std::string() : sim::read_input_file(input, "scenario or schedule");
+  const bool scenario_input = input.empty() || !is_schedule_text(text);
   if (!scenario_input) {
     if (vm.count("set")) throw InputError(fmt::format("--set applies to a scenario; {} is a schedule file", input));
-    s = sim::parse_schedule(input);
+    s = sim::parse_schedule_text(text, input);
   } else {
-    sim::Analysis a = sim::analyze(scenario_from(vm));
+    const std::vector<std::string> sets =
+        vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+    sim::Analysis a = sim::analyze(input.empty() ? sim::load_scenario("", sets) : sim::load_scenario_text(text, input, sets));
     s = sim::make_schedule(a);
     try {
       sim::validate_schedule(s);
@@ -225,7 +229,9 @@ int cmd_replay(const std::vector<std::string>& args) {
   std::optional<bool> recompute_ok;
   json recompute_detail = nullptr;
   if (confirm && scenario_input) {
-    sim::Scenario plain = scenario_from(vm);
+    const std::vector<std::string> sets =
+        vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+    sim::Scenario plain = input.empty() ? sim::load_scenario("", sets) : sim::load_scenario_text(text, input, sets);
     const std::string own = plain.checkpoint_policy;
     std::vector<std::string> policies;
     for (const std::string& p : policy_list) {
@@ -265,7 +271,10 @@ int cmd_replay(const std::vector<std::string>& args) {
     json cal = sim::calibration_json(s.graph(), r.op_seconds, predicted, device, be->name());
     cal["simulated_device"] = s.device;
     cal["source"] = s.source;
-    write_atomic(vm["calibration-out"].as<std::string>(), cal.dump(2) + "\n");
+    sim::OutputSet files;
+    if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
+    files.add("--calibration-out", vm["calibration-out"].as<std::string>(), cal.dump(2) + "\n");
+    files.commit();
   }
 
   auto opt_bool = [](const auto& o) { return o ? json(o->ok) : json(nullptr); };
@@ -291,7 +300,8 @@ int cmd_replay(const std::vector<std::string>& args) {
   j["entries"] = s.entries.size();
   j["ops"] = s.graph().n_ops();
   j["predicted_step_ns"] = s.simulated_step_time_ns;
-  j["measured_step_ns"] = static_cast<int64_t>(r.step_seconds * 1e9 + 0.5);
+  const bool timings = vm.count("timings") > 0;
+  if (timings) j["measured_step_ns"] = static_cast<int64_t>(r.step_seconds * 1e9 + 0.5);
   json conf;
   conf["safety"] = opt_bool(safety);
   conf["memory"] = opt_bool(memory);
@@ -313,7 +323,7 @@ int cmd_replay(const std::vector<std::string>& args) {
                   {"torch", want_torch ? json(torch.detail) : json(nullptr)},
                   {"recompute", recompute_detail}};
   const double total = since(t_start);
-  j["seconds"] = {{"replay", t_main}, {"safety", t_safety}, {"tightness", t_tight}, {"torch", torch.seconds},
+  if (timings) j["seconds"] = {{"replay", t_main}, {"safety", t_safety}, {"tightness", t_tight}, {"torch", torch.seconds},
                   {"total", total}};
 
   std::vector<std::string> failed;

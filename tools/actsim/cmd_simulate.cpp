@@ -29,18 +29,28 @@ int cmd_simulate(const std::vector<std::string>& args) {
               << scenario_help();
     return 0;
   }
+  // Every output is checked before the work and written together after it (all or nothing).
+  sim::OutputSet files;
+  if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
+  if (vm.count("calibration")) files.protect(vm["calibration"].as<std::string>());
+  for (const char* k : {"out", "emit-schedule", "trace", "memviz", "csv", "report", "svg"}) {
+    if (vm.count(k)) sim::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
+                                            {vm.count("scenario") ? vm["scenario"].as<std::string>() : "",
+                                             vm.count("calibration") ? vm["calibration"].as<std::string>() : ""});
+  }
   sim::Scenario s = scenario_from(vm);
   sim::Analysis a = sim::analyze(s);
   if (vm.count("calibration")) sim::apply_calibration(a, sim::load_calibration(vm["calibration"].as<std::string>()));
-  if (vm.count("emit-schedule")) write_atomic(vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
+  if (vm.count("emit-schedule")) files.add("--emit-schedule", vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
   const int64_t max_batch = vm.count("no-fit") ? -1 : sim::max_batch_size(s);
   nlohmann::json j = sim::to_json(a, max_batch);
   if (vm.count("timeline")) {
     j["timeline"] = sim::timeline_json(a);
     j["memory_events"] = sim::record_timeline(a).events.size();  // device memory events (CSV rows)
   }
-  write_exports_from(a, vm);
-  if (vm.count("out")) write_atomic(vm["out"].as<std::string>(), j.dump(2) + "\n");
+  add_exports_from(a, vm, files);
+  if (vm.count("out")) files.add("--out", vm["out"].as<std::string>(), j.dump(2) + "\n");
+  files.commit();
   if (vm.count("json")) std::cout << j.dump(2) << "\n";
   else std::cout << sim::to_table(a, max_batch);
   return 0;
@@ -58,12 +68,12 @@ void add_export_options(po::options_description& opts) {
       ("timeline", "add the memory timeline to the JSON (for `actsim compare`)");
 }
 
-void write_exports_from(const sim::Analysis& a, const po::variables_map& vm) {
+void add_exports_from(const sim::Analysis& a, const po::variables_map& vm, sim::OutputSet& out) {
   auto get = [&](const char* k) { return vm.count(k) ? vm[k].as<std::string>() : std::string{}; };
   sim::ExportRequest r{.trace = get("trace"), .memviz = get("memviz"), .csv = get("csv"), .report = get("report"),
                        .svg = get("svg"), .max_events = vm["max-events"].as<int64_t>()};
   if (r.max_events < 0) throw InputError(fmt::format("--max-events {}: must be 0 or positive", r.max_events));
-  sim::write_exports(a, r);
+  sim::add_exports(a, r, out);
 }
 
 int cmd_compare(const std::vector<std::string>& args) {

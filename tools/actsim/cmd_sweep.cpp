@@ -68,6 +68,8 @@ int cmd_sweep(const std::vector<std::string>& args) {
       throw InputError(fmt::format("--out {}: the file name must end in .csv or .json", out));
     }
   }
+  const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
+  if (!out.empty()) sim::check_output_path("--out", out, {input});  // before hours of work, not after
   std::vector<sim::SweepAxis> axes;
   for (const std::string& v : vm["vary"].as<std::vector<std::string>>()) axes.push_back(sim::parse_sweep_axis(v));
   const sim::Scenario base = scenario_from(vm);
@@ -98,7 +100,10 @@ int cmd_sweep(const std::vector<std::string>& args) {
   int64_t n_pareto = 0;
   for (const sim::SweepRow& r : rows) n_pareto += r.pareto;
   if (!out.empty()) {
-    write_atomic(out, ends_with(out, ".csv") ? sim::sweep_csv(axes, rows) : sim::sweep_json(axes, rows).dump(2) + "\n");
+    sim::OutputSet files;
+    files.protect(input);
+    files.add("--out", out, ends_with(out, ".csv") ? sim::sweep_csv(axes, rows) : sim::sweep_json(axes, rows).dump(2) + "\n");
+    files.commit();
   }
   if (vm.count("json")) {
     std::cout << sim::sweep_json(axes, rows).dump(2) << "\n";
