@@ -4,6 +4,7 @@
 
 #include "actsim/graph/checkpoint.hpp"
 #include "actsim/kernels/cuda_info.hpp"
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <optional>
 
 #include "actsim/graph/error.hpp"
@@ -113,6 +115,68 @@ TorchOutcome run_torch_check(const sim::Schedule& s, const kernels::ReplayResult
   return t;
 }
 
+// Bytes this process may still allocate on the host: the least of MemAvailable, the address
+// space left under RLIMIT_AS / RLIMIT_DATA, and the cgroup's memory.max headroom. -1 = unknown.
+int64_t host_available_bytes() {
+  int64_t avail = -1;
+  auto least = [&](int64_t x) {
+    if (x >= 0 && (avail < 0 || x < avail)) avail = x;
+  };
+  {
+    std::ifstream in("/proc/meminfo");
+    std::string key;
+    int64_t kb = 0;
+    std::string unit;
+    while (in >> key >> kb >> unit) {
+      if (key == "MemAvailable:") least(kb * 1024);
+    }
+  }
+  int64_t vm_bytes = 0;
+  {
+    std::ifstream in("/proc/self/statm");
+    int64_t pages = 0;
+    if (in >> pages) vm_bytes = pages * ::sysconf(_SC_PAGESIZE);
+  }
+  for (int res : {RLIMIT_AS, RLIMIT_DATA}) {
+    struct rlimit rl;
+    if (::getrlimit(res, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+      least(std::max<int64_t>(0, static_cast<int64_t>(rl.rlim_cur) - vm_bytes));
+    }
+  }
+  {
+    std::ifstream mx("/sys/fs/cgroup/memory.max"), cur("/sys/fs/cgroup/memory.current");
+    std::string m;
+    int64_t c = 0;
+    if (mx >> m && m != "max" && cur >> c) least(std::max<int64_t>(0, std::stoll(m) - c));
+  }
+  return avail;
+}
+
+// The host bytes a CPU replay holds at once, from the schedule itself (not its header, which a
+// file could misstate): the peak of its storages and workspaces in entry order; with --confirm
+// every storage at once (the safety run frees nothing), twice (tightness probes save the live
+// buffers). Saturates instead of overflowing.
+int64_t cpu_replay_bytes(const sim::Schedule& s, bool confirm) {
+  const graph::Graph& g = s.graph();
+  auto add = [](int64_t a, int64_t b) {
+    int64_t r;
+    return __builtin_add_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+  };
+  int64_t live = 0, peak = 0, total = 0;
+  for (const graph::Storage& st : g.storages()) {
+    total = add(total, st.bytes);
+    if (st.producer == graph::kNoOp) live = add(live, st.bytes);
+  }
+  peak = live;
+  for (const sim::ScheduleEntry& e : s.entries) {
+    if (e.kind == sim::ScheduleEntry::Kind::alloc || e.kind == sim::ScheduleEntry::Kind::ws_alloc) live = add(live, e.bytes);
+    if (e.kind == sim::ScheduleEntry::Kind::ws_free) live -= std::min(live, e.bytes);
+    if (e.kind == sim::ScheduleEntry::Kind::free) live -= std::min(live, g.storages()[e.id].bytes);
+    peak = std::max(peak, live);
+  }
+  return confirm ? add(add(total, total), peak) : peak;
+}
+
 }  // namespace
 
 namespace {
@@ -202,6 +266,15 @@ int cmd_replay(const std::vector<std::string>& args) {
   }
 
   const bool confirm = vm.count("confirm") > 0, want_torch = vm.count("torch") > 0;
+  if (backend_name == "cpu") {
+    // As the CUDA path checks device memory: refuse before allocating rather than abort midway.
+    const int64_t need = cpu_replay_bytes(s, confirm), avail = host_available_bytes();
+    if (avail >= 0 && need > avail) {
+      throw InputError(fmt::format("--backend cpu: the replay{} needs about {} of host memory but {} is available; "
+                                   "refusing to start (use a smaller model or batch)",
+                                   confirm ? " with --confirm" : "", sim::human_bytes(need), sim::human_bytes(avail)));
+    }
+  }
   kernels::ReplayResult r;
   std::optional<kernels::SafetyCheck> safety;
   std::optional<kernels::MemoryCheck> memory;

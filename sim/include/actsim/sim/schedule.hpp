@@ -68,5 +68,8 @@ Schedule parse_schedule_text(const std::string& text, const std::string& path);
 // replay): every id known, no double free, no alloc of a live storage, every op reads, saves,
 // holds and outputs only allocated storages, every op runs exactly once. Throws InputError.
 void validate_schedule(const Schedule& s);
+// Why op `id` breaks the op contract of docs/kernels.md (arity, ranks, shapes, dtypes of its
+// tensors), or "" when it keeps it. parse_schedule refuses a schedule with such an op.
+std::string op_contract_error(const graph::Graph& g, graph::OpId id);
 
 }  // namespace actsim::sim
