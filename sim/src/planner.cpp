@@ -36,13 +36,33 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
   for (int i = 0; i < n_ && has_off; ++i) off_pen_[i] = chain.offload_penalty_ns[i];
   fwd_saved_ = chain.forward_saved_ns.empty() ? chain.forward_ns : chain.forward_saved_ns;
   bwd_ = chain.backward_ns;
-  fwd_prefix_.assign(n_ + 1, 0);
-  for (int i = 0; i < n_; ++i) fwd_prefix_[i + 1] = fwd_prefix_[i] + chain.forward_ns[i];
+  std::vector<int64_t> fwd = chain.forward_ns;
   const int blocks = has_head_ ? n_ - 1 : n_;
+  if (blocks > kExactBlocks) {
+    // Note [Planner size]: beyond kExactBlocks the chain is made homogeneous, each block costing
+    // the most any block costs (memory and time), so the DP table is 2n keys, not n^2: linear
+    // memory, quadratic time. Its plan is then conservative, not exact; like every plan it is
+    // simulated before it is returned, so its peak is still checked against the budget.
+    auto hmax = [&](auto& v, int n) {
+      auto m = *std::max_element(v.begin(), v.begin() + n);
+      std::fill(v.begin(), v.begin() + n, m);
+    };
+    hmax(fwd, blocks);
+    hmax(fwd_saved_, blocks);
+    hmax(act_, blocks);
+    hmax(act_sel_, blocks);
+    hmax(off_pen_, blocks);
+    hmax(in_, n_);
+    int64_t extra = 0;
+    for (int i = 0; i < blocks; ++i) extra = std::max(extra, bwd_sel_[i] - bwd_[i]);
+    for (int i = 0; i < blocks; ++i) bwd_sel_[i] = bwd_[i] + extra;
+  }
+  fwd_prefix_.assign(n_ + 1, 0);
+  for (int i = 0; i < n_; ++i) fwd_prefix_[i + 1] = fwd_prefix_[i] + fwd[i];
   homogeneous_ = blocks > 0;
   for (int i = 1; i < blocks && homogeneous_; ++i) {
     // Backward times do not matter here: each block's backward runs once in every plan.
-    homogeneous_ = chain.forward_ns[i] == chain.forward_ns[0] && fwd_saved_[i] == fwd_saved_[0] &&
+    homogeneous_ = fwd[i] == fwd[0] && fwd_saved_[i] == fwd_saved_[0] &&
                    in_[i] == in_[0] && act_[i] == act_[0] && act_sel_[i] == act_sel_[0] &&
                    bwd_sel_[i] - bwd_[i] == bwd_sel_[0] - bwd_[0] && off_pen_[i] == off_pen_[0] &&
                    (i + 1 < n_ ? in_[i + 1] == in_[1] : true);
@@ -75,7 +95,7 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
           if (rest < kInfeasible) {
             // Right before its backward a block recomputes only what feeds its saved tensors (the
             // first forward of the last block runs whole: the same constant in every plan).
-            best = (len == 0 ? fwd_saved_[s] : chain.forward_ns[s]) + rest + bwd_[s];
+            best = (len == 0 ? fwd_saved_[s] : fwd[s]) + rest + bwd_[s];
             pick = -1;
           }
         }
@@ -86,8 +106,8 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
           const int ms = m - act_sel_[s] - in_[s + 1];
           if (ms >= 0 && m >= act_[s]) {
             const int64_t rest = c_[at(s + 1, t, ms)];
-            if (rest < kInfeasible && chain.forward_ns[s] + rest + bwd_sel_[s] < best) {
-              best = chain.forward_ns[s] + rest + bwd_sel_[s];
+            if (rest < kInfeasible && fwd[s] + rest + bwd_sel_[s] < best) {
+              best = fwd[s] + rest + bwd_sel_[s];
               pick = -3;
             }
           }
@@ -98,7 +118,7 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
           const int mo = m - in_[s + 1];
           if (mo >= 0 && m >= 2 * act_[s]) {
             const int64_t rest = c_[at(s + 1, t, mo)];
-            const int64_t cost = chain.forward_ns[s] + rest + bwd_[s] + off_pen_[s];
+            const int64_t cost = fwd[s] + rest + bwd_[s] + off_pen_[s];
             if (rest < kInfeasible && cost < best) best = cost, pick = -4;
           }
         }
@@ -327,20 +347,7 @@ Chain measure_chain(const Scenario& s) {
 
 PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload);
 
-// Note [Planner size]: on a chain whose blocks differ (the first block or the head does), the DP
-// table has (L+1)^2 x (levels+1) entries of 12 bytes: 2.3 GB at 1,000 layers, 20 GB at 3,000.
-// Refused in one line before anything is allocated when it exceeds kMaxPlanTableBytes.
-constexpr int64_t kMaxPlanTableBytes = int64_t{2} << 30;  // 2 GiB
-void check_plan_size(const Scenario& s) {
-  const int64_t n = s.model.n_layers + 1, levels = 192 + 1;
-  const double bytes = static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(levels) * 12.0;
-  if (bytes > static_cast<double>(kMaxPlanTableBytes)) {
-    throw InputError(fmt::format("{}: {} layers is more than the checkpoint planner handles (its table would take "
-                                 "{:.1f} GiB; the limit is {} GiB, about {} layers)",
-                                 s.where("model.n_layers"), s.model.n_layers, bytes / (1 << 30), kMaxPlanTableBytes >> 30,
-                                 static_cast<int64_t>(std::sqrt(static_cast<double>(kMaxPlanTableBytes) / (levels * 12.0))) - 1));
-  }
-}
+constexpr int64_t kMaxRecomputePerBlock = 4;  // Note [Planner size]
 
 namespace {
 graph::CheckpointPolicy full_policy() {
@@ -377,7 +384,6 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   PlanResult r;
   r.budget_bytes = budget;
   const int64_t L = s.model.n_layers;
-  check_plan_size(s);
   auto simulate_plan = [&](const graph::BlockPlan& bp) {
     Scenario t = s;
     t.block_plan = std::make_shared<graph::BlockPlan>(bp);
@@ -409,6 +415,25 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   // The least level with a plan, and the plans' probes by level (plans repeat across levels).
   int lo_level = 0;
   while (lo_level <= kLevels && dp.cost(lo_level) >= RotorDP::kInfeasible) ++lo_level;
+  // Note [Planner size]: the least-memory plans recompute a block once per later block, which is
+  // quadratic in L (500,000 block forwards at 1,000 layers: a graph of tens of GB to lower and
+  // simulate). Plans recomputing more than kMaxRecomputePerBlock x L blocks are left out: the
+  // least level rises until its plan is within that (plans recompute less as memory grows).
+  auto recomputes = [&](int level) {
+    const graph::BlockPlan bp = dp.plan(level);
+    int64_t n = 0;
+    for (const auto& list : bp.before_backward) n += static_cast<int64_t>(list.size());
+    return n;
+  };
+  const int64_t cap = kMaxRecomputePerBlock * L;
+  if (lo_level <= kLevels && recomputes(lo_level) > cap) {
+    int bad = lo_level, good = kLevels + 1;  // recomputes(bad) > cap; good: within it, or beyond the levels
+    while (good - bad > 1) {
+      const int mid = bad + (good - bad) / 2;
+      (recomputes(mid) > cap ? bad : good) = mid;
+    }
+    lo_level = good;
+  }
   std::map<int, Probe> probes;
   auto probe = [&](int level) {
     auto it = probes.find(level);

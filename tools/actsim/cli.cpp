@@ -53,6 +53,23 @@ sim::Scenario scenario_from(const po::variables_map& vm) {
   return sim::load_scenario(path, sets);
 }
 
+std::string human_seconds(double s) {
+  if (s < 120) return fmt::format("{:.0f} s", s);
+  if (s < 7200) return fmt::format("{:.0f} min", s / 60);
+  return fmt::format("{:.1f} h", s / 3600);
+}
+
+void add_force_option(po::options_description& opts) {
+  opts.add_options()("force", fmt::format("run even when the estimated work is above {:.0f} s (README, \"Reliability\")",
+                                          kLongWorkSeconds).c_str());
+}
+
+void check_long_work(const po::variables_map& vm, double seconds, const std::string& what) {
+  if (seconds <= kLongWorkSeconds || vm.count("force")) return;
+  throw InputError(fmt::format("{}: about {} of work by estimate (more than {:.0f} s); pass --force to run it anyway",
+                               what, human_seconds(seconds), kLongWorkSeconds));
+}
+
 std::string scenario_help() {
   std::string s = "scenario keys (TOML tables, or --set with dotted keys):\n";
   for (const std::string& k : sim::scenario_keys()) s += "  " + k + "\n";

@@ -50,6 +50,7 @@ int cmd_plan(const std::vector<std::string>& args) {
       ("json", "print one JSON object (fits, budget_bytes, peak, step_time_ns, baseline_step_time_ns, "
                "min_peak_bytes, blocks)");
   add_export_options(opts);
+  add_force_option(opts);
   po::variables_map vm = parse(args, opts, "plan");
   if (vm.count("help")) {
     std::cout << opts << "\nThe plan recomputes blocks in rotor/Revolve-style nested segments; see README.md.\n";
@@ -68,6 +69,13 @@ int cmd_plan(const std::vector<std::string>& args) {
     if (!sim::parse_size(b, budget) || budget <= 0) {
       throw InputError(fmt::format("--budget {}: not a size (60GiB, 60GB and 64424509440 are sizes)", b));
     }
+  }
+  {
+    // About 24 lowerings and simulations of the step (the chain, the budget search, the answer),
+    // with recomputations, and a DP quadratic in the layers.
+    const double L = static_cast<double>(s.model.n_layers);
+    check_long_work(vm, 24 * 1.5 * L * kSecondsPerLayer + (L + 1) * (L + 1) * 193 * 4e-9,
+                    fmt::format("plan at {} layers", s.model.n_layers));
   }
   sim::PlanResult r = sim::plan_for_budget(
       s, budget, sim::PlanOptions{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0});
