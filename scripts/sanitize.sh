@@ -25,7 +25,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+san="-fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" -DCMAKE_CXX_FLAGS="$san" \
@@ -48,15 +48,17 @@ corpus=build-asan/fuzz-corpus
 mkdir -p "$corpus/scenario" "$corpus/schedule"
 cp scenarios/gpt2-small.toml scenarios/gpt2-xl.toml scenarios/llama-2-7b.toml scenarios/llama-3-8b.toml \
    scenarios/seed-gpt2-xl.toml "$corpus/scenario/"
-small=(--set model.n_layers=1 --set model.d_model=16 --set model.n_heads=2 --set model.seq_len=8
-       --set model.vocab_size=31 --set training.batch_size=1 --set runtime.profile=torch-cpu)
+small=(--set model.n_layers=1 --set model.d_model=8 --set model.n_heads=2 --set model.seq_len=4
+       --set model.vocab_size=11 --set training.batch_size=1 --set runtime.profile=torch-cpu)
 i=0
 for extra in "model.family=gpt2" "model.family=llama" "checkpoint.policy=full" "model.dropout=0.1"; do
   i=$((i + 1))
   build-asan/tools/actsim simulate --no-fit "${small[@]}" --set "$extra" --emit-schedule "$corpus/schedule/s$i.jsonl" >/dev/null
-  printf '[model]\nn_layers = 1\nd_model = 16\nn_heads = 2\nseq_len = 8\nvocab_size = 31\n[training]\nbatch_size = 1\n\0%s\n' \
+  printf '[model]\nn_layers = 1\nd_model = 8\nn_heads = 2\nseq_len = 4\nvocab_size = 11\n[training]\nbatch_size = 1\n\0%s\n' \
     "$extra" > "$corpus/scenario/small$i.toml"
 done
+
+cp fuzz/seeds/*.jsonl "$corpus/schedule/"   # tiny hand-written schedules that replay
 
 for h in scenario schedule; do
   echo "fuzz: fuzz_$h for ${FUZZ_SECONDS} s"
