@@ -211,6 +211,17 @@ try:
     for key in ("training.weight_decay", "model.rope_theta", "model.dropout"):
         for v in ("nan", "inf", "-inf"):
             bad_input("12: %s = %s" % (key, v), run(["simulate", "--no-fit", "--set", "%s=%s" % (key, v)]), key)
+    # Lazy CUDA: actsim links no CUDA library; the backend module is loaded by --backend cuda only.
+    if not os.environ.get("ACTSIM_SANITIZED"):
+        probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        p = subprocess.run([sys.executable, "-c", probe, ACTSIM, "simulate", "--no-fit"] + SMALL,
+                           capture_output=True, text=True, timeout=60)
+        rss_kb = int(p.stdout.strip() or 0)
+        check("lazy CUDA: actsim simulate of a small model stays under 100 MB resident (%d KB)" % rss_kb,
+              0 < rss_kb < 100 * 1024, p.stderr)
+        ldd = subprocess.run(["ldd", ACTSIM], capture_output=True, text=True).stdout
+        check("lazy CUDA: actsim links neither cuBLAS nor cudart", "cublas" not in ldd and "cudart" not in ldd, ldd)
 finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
