@@ -173,6 +173,12 @@ try:
     bad_input("7: --trace through a symlink", run(["simulate", scen, "--no-fit", "--trace", link]), "symbolic link")
     check("7: the symlink is still a symlink", os.path.islink(link) and not os.path.exists(os.path.join(tmp, "target.json")))
 
+    run_a = os.path.join(tmp, "a.json")
+    run(["simulate", "--no-fit", "--json", "--timeline", "--out", run_a] + SMALL)
+    before = open(run_a).read()
+    bad_input("7: compare --report equal to an input", run(["compare", run_a, run_a, "--report", run_a]), "input")
+    check("7: the compared run is untouched", open(run_a).read() == before)
+
     # 8. Several outputs: all or nothing.
     out_json = os.path.join(tmp, "run.json")
     trace = os.path.join(tmp, "trace.json")
