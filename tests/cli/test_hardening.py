@@ -139,6 +139,11 @@ try:
              "--vary", "model.seq_len=128,256,512,1024,64,32,16,8,4,2", "--threads", "2"])
     bad_input("long work: a sweep of 10,000 runs at 1,000 layers needs --force", p, "--force")
     bad_input("long work: fit at 20,000 layers needs --force", run(["fit", "--set", "model.n_layers=20000"]), "--force")
+    bad_input("long work: simulate at 20,000 layers with the batch search needs --force",
+              run(["simulate", "--set", "model.n_layers=20000"]), "--no-fit")
+    bad_input("long work: a replay of hours needs --force",
+              run(["replay", "--set", "model.n_layers=12", "--set", "model.d_model=768", "--set", "training.batch_size=8",
+                   "--confirm"]), "--force")
 
     # 5. Nesting beyond the documented depth is refused before toml++ recurses.
     deep = os.path.join(tmp, "deep.toml")
@@ -157,7 +162,7 @@ try:
         print("skip 6: under ASan (it reserves terabytes of address space)")
     else:
       p = run(["replay", "--set", "model.d_model=2048", "--set", "model.n_heads=16", "--set", "model.n_layers=8",
-             "--set", "training.batch_size=8", "--set", "runtime.profile=torch-cpu"], preexec_fn=limit)
+             "--set", "training.batch_size=8", "--set", "runtime.profile=torch-cpu", "--force"], preexec_fn=limit)
       bad_input("6: a replay larger than the address-space limit", p, "host memory")
 
     # 7. Outputs never replace an input, a device or a symlink.

@@ -209,6 +209,7 @@ int cmd_replay(const std::vector<std::string>& args) {
        "recompute check (with --confirm on a scenario): checkpoint policies whose loss and gradients must "
        "equal, bit for bit, those of the schedule without checkpointing")
       ("seed", po::value<uint64_t>()->default_value(0), "seed of the initial values and dropout masks")
+      ("force", "run even when the estimated work is above 60 s (README, \"Reliability\")")
       ("timings", "add the tool's own wall-clock figures to the JSON (measured_step_ns, seconds); without it the "
                   "JSON is the same on every rerun");
   po::variables_map vm = parse(args, opts, "replay");
@@ -266,6 +267,15 @@ int cmd_replay(const std::vector<std::string>& args) {
   }
 
   const bool confirm = vm.count("confirm") > 0, want_torch = vm.count("torch") > 0;
+  {
+    // The reference kernels run about kCpuFlops; --confirm replays the step about 15 times over
+    // (safety, tightness probes sharing prefixes, the recompute policies). Note [Long work].
+    constexpr double kCpuFlops = 5e9, kGpuFlops = 5e12;
+    double flops = 0;
+    for (const graph::Op& op : s.graph().ops()) flops += op.flops;
+    const double secs = flops / (backend_name == "cpu" ? kCpuFlops : kGpuFlops) * (confirm ? 15 : 1);
+    check_long_work(vm, secs, fmt::format("replay on {} of {:.3g} FLOP{}", backend_name, flops, confirm ? " with --confirm" : ""));
+  }
   if (backend_name == "cpu") {
     // As the CUDA path checks device memory: refuse before allocating rather than abort midway.
     const int64_t need = cpu_replay_bytes(s, confirm), avail = host_available_bytes();

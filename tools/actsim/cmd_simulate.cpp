@@ -23,6 +23,7 @@ int cmd_simulate(const std::vector<std::string>& args) {
       ("emit-schedule", po::value<std::string>(), "write the step's alloc/run/free schedule to FILE (JSON lines, docs/schedule-format.md)")
       ("calibration", po::value<std::string>(), "op times measured by `actsim replay --calibration-out FILE`");
   add_export_options(opts);
+  add_force_option(opts);
   po::variables_map vm = parse(args, opts, "simulate");
   if (vm.count("help")) {
     std::cout << opts << "\nSCENARIO is a TOML file (see scenarios/); without one, defaults plus --set make one.\n\n"
@@ -39,6 +40,9 @@ int cmd_simulate(const std::vector<std::string>& args) {
                                              vm.count("calibration") ? vm["calibration"].as<std::string>() : ""});
   }
   sim::Scenario s = scenario_from(vm);
+  // One lowering and simulation, and about 14 more for the batch search (Note [Long work]).
+  check_long_work(vm, (vm.count("no-fit") ? 1 : 15) * static_cast<double>(s.model.n_layers) * kSecondsPerLayer,
+                  fmt::format("simulate at {} layers{}", s.model.n_layers, vm.count("no-fit") ? "" : " with the batch search (--no-fit skips it)"));
   sim::Analysis a = sim::analyze(s);
   if (vm.count("calibration")) sim::apply_calibration(a, sim::load_calibration(vm["calibration"].as<std::string>()));
   if (vm.count("emit-schedule")) files.add("--emit-schedule", vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
