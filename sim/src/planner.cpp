@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <optional>
 
 #include <algorithm>
 #include <chrono>
@@ -345,7 +346,8 @@ Chain measure_chain(const Scenario& s) {
   return c;
 }
 
-PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload);
+struct PlanShared;
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload, PlanShared& shared);
 
 constexpr int64_t kMaxRecomputePerBlock = 4;  // Note [Planner size]
 
@@ -355,17 +357,29 @@ graph::CheckpointPolicy full_policy() {
   p.kind = graph::CheckpointPolicy::Kind::full;
   return p;
 }
-struct Probe {
+}  // namespace
+
+// A simulated plan's figures.
+struct PlanProbe {
   int64_t peak;
   int64_t time;
 };
-}  // namespace
+using Probe = PlanProbe;
+
+// What every variant of the search shares, measured once (each is a lowering and simulation of
+// the whole step, the bulk of a plan's time at many layers): the chain, and the plans without
+// checkpointing and with full checkpointing.
+struct PlanShared {
+  std::optional<Chain> chain;
+  std::optional<Probe> base, full;
+};
 
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options) {
   // The keep/recompute plan (the DP is exact there), then with the op-level and offload options
   // (estimated in the DP): every answer is simulated, and the fastest that fits wins, so the
   // options never make a plan slower.
-  PlanResult best = plan_for_budget_impl(s, budget, false, false);
+  PlanShared shared;
+  PlanResult best = plan_for_budget_impl(s, budget, false, false, shared);
   auto consider = [&](PlanResult r) {
     const int64_t sims = best.simulations + r.simulations;
     const int64_t least = std::min(best.min_peak_bytes, r.min_peak_bytes);
@@ -375,12 +389,12 @@ PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions&
     best.simulations = sims;
     best.min_peak_bytes = least;
   };
-  if (options.selective) consider(plan_for_budget_impl(s, budget, true, false));
-  if (options.offload) consider(plan_for_budget_impl(s, budget, options.selective, true));
+  if (options.selective) consider(plan_for_budget_impl(s, budget, true, false, shared));
+  if (options.offload) consider(plan_for_budget_impl(s, budget, options.selective, true, shared));
   return best;
 }
 
-PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload) {
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload, PlanShared& shared) {
   PlanResult r;
   r.budget_bytes = budget;
   const int64_t L = s.model.n_layers;
@@ -394,11 +408,13 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
     return Probe{sr.peak_bytes, sr.step_time_ns};
   };
   graph::BlockPlan none = graph::block_plan(graph::CheckpointPolicy{}, L);
-  const Probe base = simulate_plan(none);
+  if (!shared.base) shared.base = simulate_plan(none);
+  const Probe base = *shared.base;
   r.baseline_peak_bytes = base.peak;
   r.baseline_step_time_ns = base.time;
 
-  Chain chain = measure_chain(s);
+  if (!shared.chain) shared.chain = measure_chain(s);
+  Chain chain = *shared.chain;
   if (!selective) {
     chain.activation_selective_bytes.clear();
     chain.backward_selective_ns.clear();
@@ -466,7 +482,8 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   }
   // The least memory any plan reaches: the DP's least-memory plan, or full recomputation.
   Probe least = lo_level <= kLevels ? probe(lo_level) : base;
-  const Probe full = simulate_plan(graph::block_plan(full_policy(), L));
+  if (!shared.full) shared.full = simulate_plan(graph::block_plan(full_policy(), L));
+  const Probe full = *shared.full;
   r.min_peak_bytes = std::min({least.peak, full.peak, base.peak});
   if (!r.fits) {
     const bool full_is_least = full.peak <= least.peak;
