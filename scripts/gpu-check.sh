@@ -24,7 +24,8 @@ if [[ "${1:-}" == "--pack" ]]; then
   BUILD=${BUILD:-$ROOT/build}
   rm -rf "$PACK" && mkdir -p "$PACK/bin" "$PACK/lib" "$PACK/reference"
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-  bins=("$BUILD/tools/actsim")
+  # The CUDA backend is a module beside actsim, loaded by `replay --backend cuda` (cuda_loader.cpp).
+  bins=("$BUILD/tools/actsim" "$BUILD/tools/libactsim_cuda_module.so")
   for t in test_cuda_backend test_cuda_no_device test_cuda_ops; do
     f=$(find "$BUILD" -name "$t" -type f -perm -u+x | head -1)
     [[ -n "$f" ]] && bins+=("$f")

@@ -164,10 +164,15 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
   CHECK(s.where("training.weight_decay") == path + ":21: training.weight_decay");
   CHECK(s.where("checkpoint.policy") == path + ":28: checkpoint.policy");
 
-  // The file's stem names the scenario when it has no `name`; an empty file is all defaults.
-  sim::Scenario e = sim::load_scenario(dir.write("empty.toml", ""), {});
-  CHECK(e.name == "empty");
+  // The file's stem names the scenario when it has no `name`; unset keys keep their defaults.
+  sim::Scenario e = sim::load_scenario(dir.write("stem.toml", "[training]\nbatch_size = 2\n"), {});
+  CHECK(e.name == "stem");
   CHECK(e.model.d_model == 768);
+  // An empty, whitespace-only or comment-only file is not a scenario (issue 14, item 2).
+  CHECK_THROWS_AS(sim::load_scenario(dir.write("empty.toml", ""), {}), InputError);
+  CHECK_THROWS_AS(sim::load_scenario(dir.write("blank.toml", " \n\t\n"), {}), InputError);
+  CHECK_THROWS_AS(sim::load_scenario(dir.write("comments.toml", "# nothing\n"), {}), InputError);
+  CHECK_THROWS_AS(sim::load_scenario("/dev/null", {}), InputError);
   // Other values of the enumerated keys.
   sim::Scenario o = sim::load_scenario(
       dir.write("other.toml",

@@ -181,3 +181,19 @@ std::unique_ptr<Backend> make_cuda_backend() {
 }
 
 }  // namespace actsim::kernels
+
+// The module's C entry points (kernels/src/cuda_loader.cpp loads them with dlopen): the only
+// symbols this shared module exports, so the actsim program links no CUDA library and starts
+// small; `replay --backend cuda` loads the module when it needs it.
+extern "C" {
+__attribute__((visibility("default"))) int actsim_cuda_module_abi() { return 1; }
+__attribute__((visibility("default"))) int actsim_cuda_device_count() { return actsim::kernels::cuda_device_count(); }
+__attribute__((visibility("default"))) int64_t actsim_cuda_free_bytes() { return actsim::kernels::cuda_free_bytes(); }
+__attribute__((visibility("default"))) void actsim_cuda_memory(actsim::kernels::CudaMemory* out) {
+  *out = actsim::kernels::cuda_memory();
+}
+__attribute__((visibility("default"))) void actsim_cuda_reset_peak() { actsim::kernels::cuda_reset_peak(); }
+__attribute__((visibility("default"))) actsim::kernels::Backend* actsim_cuda_make_backend() {
+  return actsim::kernels::make_cuda_backend().release();
+}
+}

@@ -59,9 +59,10 @@ std::vector<DeviceSpec> load_devices() {
     throw InputError(fmt::format("{}:{}: {}", path, e.source().begin.line, e.description()));
   }
   std::vector<DeviceSpec> out;
-  for (auto&& [name, node] : t) {
+  for (auto&& [key, node] : t) {
     const toml::table* d = node.as_table();
     if (!d) continue;
+    const toml::key& name = key;  // a lambda may not capture a structured binding before C++20 (clang 14)
     auto num = [&](const char* key) -> double {
       auto v = (*d)[key].value<double>();
       if (!v || *v < 0) {

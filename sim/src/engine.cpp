@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <limits>
 #include <queue>
 #include <variant>
 
@@ -42,6 +43,10 @@ int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
   const double compute_s = rate > 0 ? op.flops / rate : 0;
   const double memory_s = d.mem_bandwidth > 0 ? static_cast<double>(op.bytes_moved) / d.mem_bandwidth : 0;
   const double s = std::max(compute_s, memory_s);
+  // Beyond ~292 years the conversion to int64 would be undefined: saturate, and let the plan's
+  // checked total reject it (Note [Checked totals]).
+  const double ns = s * 1e9 + 0.5 + static_cast<double>(op.kernels) * static_cast<double>(d.launch_overhead_ns);
+  if (!(ns < 9.0e18)) return std::numeric_limits<int64_t>::max();
   return static_cast<int64_t>(s * 1e9 + 0.5) + static_cast<int64_t>(op.kernels) * d.launch_overhead_ns;
 }
 
@@ -121,6 +126,18 @@ Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibrat
   for (size_t i = 0; i < n_ops; ++i) {
     duration_ns_[i] = calibration ? calibration->op_time_ns(g, g.ops()[i], device) : op_time_ns(g, g.ops()[i], device);
   }
+  // Note [Checked totals]: every sum the event loop forms (live bytes, per category, on the
+  // host, a report's saved bytes) is at most the sum of every storage and workspace, and every
+  // time at most the sum of every duration (streams overlap, they never add). Proven here to fit
+  // int64, so the loop itself needs no checked arithmetic and never wraps to a negative answer.
+  int64_t total_bytes = 0, total_ns = 0;
+  auto add = [](int64_t& total, int64_t x) { return x >= 0 && !__builtin_add_overflow(total, x, &total); };
+  bool ok = true;
+  for (int64_t b : st_bytes_) ok = ok && add(total_bytes, b);
+  for (int64_t b : op_ws_) ok = ok && add(total_bytes, b);
+  if (!ok) throw ByteOverflow("the step's byte counts (all storages and workspaces together) overflow int64");
+  for (int64_t t : duration_ns_) ok = ok && add(total_ns, t);
+  if (!ok) throw ByteOverflow("the step's simulated time (all op durations together) overflows int64 nanoseconds");
 }
 
 std::span<const StorageId> Plan::allocs(OpId op) const {

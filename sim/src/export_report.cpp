@@ -9,6 +9,7 @@
 
 #include "actsim/graph/error.hpp"
 #include "actsim/sim/export.hpp"
+#include "actsim/sim/output.hpp"
 
 namespace actsim::sim {
 
@@ -407,7 +408,10 @@ int compare_runs(const std::vector<std::string>& json_files, const std::string& 
                    runs[0].peak ? 100.0 * static_cast<double>(r.peak - runs[0].peak) / static_cast<double>(runs[0].peak) : 0.0);
   }
   o += "</table>\n</body></html>\n";
-  write_file_atomic(report_html_path, o);
+  OutputSet files;
+  for (const std::string& in : json_files) files.protect(in);
+  files.add("--report", report_html_path, o);
+  files.commit();
   return 0;
 }
 

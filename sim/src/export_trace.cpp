@@ -9,6 +9,7 @@
 
 #include "actsim/graph/error.hpp"
 #include "actsim/sim/export.hpp"
+#include "actsim/sim/output.hpp"
 
 namespace actsim::sim {
 
@@ -165,40 +166,27 @@ std::vector<TimelineRow> coarsen(const Timeline& t, int64_t max_events) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  std::error_code ec;
-  bool ok = false;
-  {
-    std::FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (f) {
-      ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-      ok = (std::fclose(f) == 0) && ok;
-    }
-  }
-  if (!ok) {
-    std::filesystem::remove(tmp, ec);
-    throw InputError(fmt::format("{}: cannot write the output file", path));
-  }
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw InputError(fmt::format("{}: cannot write the output file ({})", path, ec.message()));
-  }
+  OutputSet out;
+  out.add("", path, bytes);
+  out.commit();
 }
 
-void write_exports(const Analysis& a, const ExportRequest& r) {
+void add_exports(const Analysis& a, const ExportRequest& r, OutputSet& out) {
   if (r.trace.empty() && r.memviz.empty() && r.csv.empty() && r.report.empty() && r.svg.empty()) return;
   if (r.max_events < 0) throw InputError(fmt::format("--max-events {}: must be 0 (all) or positive", r.max_events));
   const Timeline t = record_timeline(a);
   // Render everything first, then write: a rendering bug never leaves some files written.
-  std::vector<std::pair<const std::string*, std::string>> out;
-  if (!r.trace.empty()) out.emplace_back(&r.trace, chrome_trace_json(a, t, r.max_events));
-  if (!r.memviz.empty()) out.emplace_back(&r.memviz, memviz_pickle(a, t, r.max_events));
-  if (!r.csv.empty()) out.emplace_back(&r.csv, timeline_csv(a, t, r.max_events));
-  if (!r.report.empty()) out.emplace_back(&r.report, report_html(a, t));
-  if (!r.svg.empty()) out.emplace_back(&r.svg, chart_svg(a, t));
-  for (const auto& [path, bytes] : out) write_file_atomic(*path, bytes);
+  if (!r.trace.empty()) out.add("--trace", r.trace, chrome_trace_json(a, t, r.max_events));
+  if (!r.memviz.empty()) out.add("--memviz", r.memviz, memviz_pickle(a, t, r.max_events));
+  if (!r.csv.empty()) out.add("--csv", r.csv, timeline_csv(a, t, r.max_events));
+  if (!r.report.empty()) out.add("--report", r.report, report_html(a, t));
+  if (!r.svg.empty()) out.add("--svg", r.svg, chart_svg(a, t));
+}
+
+void write_exports(const Analysis& a, const ExportRequest& r) {
+  OutputSet out;
+  add_exports(a, r, out);
+  out.commit();
 }
 
 namespace {

@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+#include <optional>
+
 #include <algorithm>
 #include <chrono>
 #include <map>
@@ -34,13 +37,33 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
   for (int i = 0; i < n_ && has_off; ++i) off_pen_[i] = chain.offload_penalty_ns[i];
   fwd_saved_ = chain.forward_saved_ns.empty() ? chain.forward_ns : chain.forward_saved_ns;
   bwd_ = chain.backward_ns;
-  fwd_prefix_.assign(n_ + 1, 0);
-  for (int i = 0; i < n_; ++i) fwd_prefix_[i + 1] = fwd_prefix_[i] + chain.forward_ns[i];
+  std::vector<int64_t> fwd = chain.forward_ns;
   const int blocks = has_head_ ? n_ - 1 : n_;
+  if (blocks > kExactBlocks) {
+    // Note [Planner size]: beyond kExactBlocks the chain is made homogeneous, each block costing
+    // the most any block costs (memory and time), so the DP table is 2n keys, not n^2: linear
+    // memory, quadratic time. Its plan is then conservative, not exact; like every plan it is
+    // simulated before it is returned, so its peak is still checked against the budget.
+    auto hmax = [&](auto& v, int n) {
+      auto m = *std::max_element(v.begin(), v.begin() + n);
+      std::fill(v.begin(), v.begin() + n, m);
+    };
+    hmax(fwd, blocks);
+    hmax(fwd_saved_, blocks);
+    hmax(act_, blocks);
+    hmax(act_sel_, blocks);
+    hmax(off_pen_, blocks);
+    hmax(in_, n_);
+    int64_t extra = 0;
+    for (int i = 0; i < blocks; ++i) extra = std::max(extra, bwd_sel_[i] - bwd_[i]);
+    for (int i = 0; i < blocks; ++i) bwd_sel_[i] = bwd_[i] + extra;
+  }
+  fwd_prefix_.assign(n_ + 1, 0);
+  for (int i = 0; i < n_; ++i) fwd_prefix_[i + 1] = fwd_prefix_[i] + fwd[i];
   homogeneous_ = blocks > 0;
   for (int i = 1; i < blocks && homogeneous_; ++i) {
     // Backward times do not matter here: each block's backward runs once in every plan.
-    homogeneous_ = chain.forward_ns[i] == chain.forward_ns[0] && fwd_saved_[i] == fwd_saved_[0] &&
+    homogeneous_ = fwd[i] == fwd[0] && fwd_saved_[i] == fwd_saved_[0] &&
                    in_[i] == in_[0] && act_[i] == act_[0] && act_sel_[i] == act_sel_[0] &&
                    bwd_sel_[i] - bwd_[i] == bwd_sel_[0] - bwd_[0] && off_pen_[i] == off_pen_[0] &&
                    (i + 1 < n_ ? in_[i + 1] == in_[1] : true);
@@ -73,7 +96,7 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
           if (rest < kInfeasible) {
             // Right before its backward a block recomputes only what feeds its saved tensors (the
             // first forward of the last block runs whole: the same constant in every plan).
-            best = (len == 0 ? fwd_saved_[s] : chain.forward_ns[s]) + rest + bwd_[s];
+            best = (len == 0 ? fwd_saved_[s] : fwd[s]) + rest + bwd_[s];
             pick = -1;
           }
         }
@@ -84,8 +107,8 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
           const int ms = m - act_sel_[s] - in_[s + 1];
           if (ms >= 0 && m >= act_[s]) {
             const int64_t rest = c_[at(s + 1, t, ms)];
-            if (rest < kInfeasible && chain.forward_ns[s] + rest + bwd_sel_[s] < best) {
-              best = chain.forward_ns[s] + rest + bwd_sel_[s];
+            if (rest < kInfeasible && fwd[s] + rest + bwd_sel_[s] < best) {
+              best = fwd[s] + rest + bwd_sel_[s];
               pick = -3;
             }
           }
@@ -96,7 +119,7 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
           const int mo = m - in_[s + 1];
           if (mo >= 0 && m >= 2 * act_[s]) {
             const int64_t rest = c_[at(s + 1, t, mo)];
-            const int64_t cost = chain.forward_ns[s] + rest + bwd_[s] + off_pen_[s];
+            const int64_t cost = fwd[s] + rest + bwd_[s] + off_pen_[s];
             if (rest < kInfeasible && cost < best) best = cost, pick = -4;
           }
         }
@@ -323,7 +346,10 @@ Chain measure_chain(const Scenario& s) {
   return c;
 }
 
-PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload);
+struct PlanShared;
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload, PlanShared& shared);
+
+constexpr int64_t kMaxRecomputePerBlock = 4;  // Note [Planner size]
 
 namespace {
 graph::CheckpointPolicy full_policy() {
@@ -331,17 +357,29 @@ graph::CheckpointPolicy full_policy() {
   p.kind = graph::CheckpointPolicy::Kind::full;
   return p;
 }
-struct Probe {
+}  // namespace
+
+// A simulated plan's figures.
+struct PlanProbe {
   int64_t peak;
   int64_t time;
 };
-}  // namespace
+using Probe = PlanProbe;
+
+// What every variant of the search shares, measured once (each is a lowering and simulation of
+// the whole step, the bulk of a plan's time at many layers): the chain, and the plans without
+// checkpointing and with full checkpointing.
+struct PlanShared {
+  std::optional<Chain> chain;
+  std::optional<Probe> base, full;
+};
 
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options) {
   // The keep/recompute plan (the DP is exact there), then with the op-level and offload options
   // (estimated in the DP): every answer is simulated, and the fastest that fits wins, so the
   // options never make a plan slower.
-  PlanResult best = plan_for_budget_impl(s, budget, false, false);
+  PlanShared shared;
+  PlanResult best = plan_for_budget_impl(s, budget, false, false, shared);
   auto consider = [&](PlanResult r) {
     const int64_t sims = best.simulations + r.simulations;
     const int64_t least = std::min(best.min_peak_bytes, r.min_peak_bytes);
@@ -351,12 +389,12 @@ PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions&
     best.simulations = sims;
     best.min_peak_bytes = least;
   };
-  if (options.selective) consider(plan_for_budget_impl(s, budget, true, false));
-  if (options.offload) consider(plan_for_budget_impl(s, budget, options.selective, true));
+  if (options.selective) consider(plan_for_budget_impl(s, budget, true, false, shared));
+  if (options.offload) consider(plan_for_budget_impl(s, budget, options.selective, true, shared));
   return best;
 }
 
-PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload) {
+PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload, PlanShared& shared) {
   PlanResult r;
   r.budget_bytes = budget;
   const int64_t L = s.model.n_layers;
@@ -370,11 +408,13 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
     return Probe{sr.peak_bytes, sr.step_time_ns};
   };
   graph::BlockPlan none = graph::block_plan(graph::CheckpointPolicy{}, L);
-  const Probe base = simulate_plan(none);
+  if (!shared.base) shared.base = simulate_plan(none);
+  const Probe base = *shared.base;
   r.baseline_peak_bytes = base.peak;
   r.baseline_step_time_ns = base.time;
 
-  Chain chain = measure_chain(s);
+  if (!shared.chain) shared.chain = measure_chain(s);
+  Chain chain = *shared.chain;
   if (!selective) {
     chain.activation_selective_bytes.clear();
     chain.backward_selective_ns.clear();
@@ -391,6 +431,25 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   // The least level with a plan, and the plans' probes by level (plans repeat across levels).
   int lo_level = 0;
   while (lo_level <= kLevels && dp.cost(lo_level) >= RotorDP::kInfeasible) ++lo_level;
+  // Note [Planner size]: the least-memory plans recompute a block once per later block, which is
+  // quadratic in L (500,000 block forwards at 1,000 layers: a graph of tens of GB to lower and
+  // simulate). Plans recomputing more than kMaxRecomputePerBlock x L blocks are left out: the
+  // least level rises until its plan is within that (plans recompute less as memory grows).
+  auto recomputes = [&](int level) {
+    const graph::BlockPlan bp = dp.plan(level);
+    int64_t n = 0;
+    for (const auto& list : bp.before_backward) n += static_cast<int64_t>(list.size());
+    return n;
+  };
+  const int64_t cap = kMaxRecomputePerBlock * L;
+  if (lo_level <= kLevels && recomputes(lo_level) > cap) {
+    int bad = lo_level, good = kLevels + 1;  // recomputes(bad) > cap; good: within it, or beyond the levels
+    while (good - bad > 1) {
+      const int mid = bad + (good - bad) / 2;
+      (recomputes(mid) > cap ? bad : good) = mid;
+    }
+    lo_level = good;
+  }
   std::map<int, Probe> probes;
   auto probe = [&](int level) {
     auto it = probes.find(level);
@@ -423,7 +482,8 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   }
   // The least memory any plan reaches: the DP's least-memory plan, or full recomputation.
   Probe least = lo_level <= kLevels ? probe(lo_level) : base;
-  const Probe full = simulate_plan(graph::block_plan(full_policy(), L));
+  if (!shared.full) shared.full = simulate_plan(graph::block_plan(full_policy(), L));
+  const Probe full = *shared.full;
   r.min_peak_bytes = std::min({least.peak, full.peak, base.peak});
   if (!r.fits) {
     const bool full_is_least = full.peak <= least.peak;

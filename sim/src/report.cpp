@@ -51,7 +51,12 @@ Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
   a.block_plan = block_plan_of(s);
   a.step = std::make_unique<graph::StepGraph>(
       graph::lower_training_step(s.model, s.training, runtime, &a.block_plan));
-  a.plan = std::make_unique<Plan>(a.step->graph, s.device);
+  try {
+    a.plan = std::make_unique<Plan>(a.step->graph, s.device);
+  } catch (const ByteOverflow& e) {
+    throw ByteOverflow(fmt::format("{}, {}, {}, {}: {}", s.where("model.n_layers"), s.where("model.seq_len"),
+                                   s.where("training.batch_size"), s.where("model.d_model"), e.what()));
+  }
   a.result = simulate(*a.plan);
   const graph::Graph& g = a.step->graph;
   for (graph::TensorId p : a.step->params) {
@@ -140,8 +145,12 @@ int64_t max_batch_size(const Scenario& s) {
     t.training.batch_size = b;
     graph::BlockPlan bp = block_plan_of(t);
     graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), &bp);
-    Plan plan(step.graph, t.device);
-    return simulate(plan).peak_bytes <= t.device.memory_bytes;
+    try {
+      Plan plan(step.graph, t.device);
+      return simulate(plan).peak_bytes <= t.device.memory_bytes;
+    } catch (const ByteOverflow&) {
+      return false;  // a batch whose byte counts overflow int64 does not fit
+    }
   };
   if (!fits(1)) return 0;
   int64_t lo = 1, hi = 2;

@@ -90,7 +90,11 @@ int64_t as_int(const Value& v, const std::string& where) {
 }
 double as_num(const Value& v, const std::string& where) {
   if (auto* i = std::get_if<int64_t>(&v)) return static_cast<double>(*i);
-  if (auto* d = std::get_if<double>(&v)) return *d;
+  if (auto* d = std::get_if<double>(&v)) {
+    // nan and inf are TOML floats, but no scenario key means anything by them.
+    if (!std::isfinite(*d)) fail(where, fmt::format("expected a finite number, got {}", show(v)));
+    return *d;
+  }
   fail(where, fmt::format("expected a number, got {} {}", type_name(v), show(v)));
 }
 bool as_bool(const Value& v, const std::string& where) {
@@ -213,8 +217,60 @@ void walk(Scenario& sc, const toml::table& t, const std::string& prefix, const s
   }
 }
 
+// Note [TOML nesting]: toml++ parses nested tables, dotted keys, arrays and inline tables
+// recursively, so a file nested 50,000 deep overflows the stack inside the parser. Before
+// parsing, a small lexer (strings and comments skipped) measures the nesting: open brackets and
+// braces plus the dots of the current line. A scenario needs 2 levels; more than
+// kMaxTomlNesting is refused. Returns the depth, and the 1-based line where it was first
+// exceeded in *line (when not null).
+constexpr int64_t kMaxTomlNesting = 32;
+
+int64_t toml_nesting_depth(std::string_view text, int64_t* line = nullptr) {
+  int64_t depth = 0, dots = 0, max_depth = 0, ln = 1;
+  size_t i = 0;
+  const size_t n = text.size();
+  auto starts = [&](std::string_view s) { return text.substr(i, s.size()) == s; };
+  while (i < n) {
+    const char c = text[i];
+    if (c == '\n') {
+      ++ln, dots = 0, ++i;
+      continue;
+    }
+    if (c == '#') {
+      while (i < n && text[i] != '\n') ++i;
+      continue;
+    }
+    if (c == '"' || c == '\'') {
+      const bool multi = starts(c == '"' ? "\"\"\"" : "'''");
+      const std::string_view close = multi ? (c == '"' ? "\"\"\"" : "'''") : std::string_view(&text[i], 1);
+      i += close.size();
+      while (i < n && !starts(close)) {
+        if (text[i] == '\n') {
+          if (!multi) break;  // an unterminated one-line string: the parser reports it
+          ++ln;
+        }
+        if (c == '"' && text[i] == '\\') ++i;  // an escape: skip the escaped character
+        ++i;
+      }
+      if (i < n && starts(close)) i += close.size();
+      continue;
+    }
+    if (c == '[' || c == '{') ++depth;
+    else if (c == ']' || c == '}') depth = std::max<int64_t>(0, depth - 1);
+    else if (c == '.') ++dots;
+    if (depth + dots + 1 > max_depth) {
+      max_depth = depth + dots + 1;
+      if (line && max_depth == kMaxTomlNesting + 1) *line = ln;
+    }
+    ++i;
+  }
+  return max_depth;
+}
+
 Value parse_override_value(const std::string& text) {
   // A TOML scalar if it parses as one (42, 0.1, true, "x"), else the bare text as a string.
+  // Deeply nested text ([[[[...) is no scalar, and toml++ would recurse once per level.
+  if (toml_nesting_depth(text) > kMaxTomlNesting) return Value{text};
   try {
     toml::table t = toml::parse("v = " + text);
     if (auto v = from_node(*t.get("v"))) return *v;
@@ -309,6 +365,12 @@ void validate(const Scenario& sc) {
       {{{B, "training.batch_size"}, {T, "model.seq_len"}, {ff, ff_key}, {L, "model.n_layers"}}, 8,
        "the activations (batch_size x seq_len x d_ff x n_layers)"},
       {{{T, "model.seq_len"}, {T, "model.seq_len"}, {L, "model.n_layers"}}, 8, "the causal masks (seq_len^2 x n_layers)"},
+      // Eager attention keeps several batch x n_heads x seq_len^2 tensors in every block.
+      {{{B, "training.batch_size"}, {H, "model.n_heads"}, {T, "model.seq_len"}, {T, "model.seq_len"},
+        {m.attention == Attention::eager ? L : 1, "model.n_layers"}}, 8,
+       "the attention scores of all blocks (batch_size x n_heads x seq_len^2 x n_layers)"},
+      {{{B, "training.batch_size"}, {T, "model.seq_len"}, {V, "model.vocab_size"}, {3, "model.vocab_size"}}, 8,
+       "the logits and their gradients (3 x batch_size x seq_len x vocab_size)"},
   };
   for (const Check& c : checks) {
     std::vector<int64_t> xs{c.bytes_per_element};
@@ -337,33 +399,57 @@ void apply_overrides(Scenario& sc, const std::vector<std::string>& overrides) {
   validate(sc);
 }
 
-Scenario load_scenario(const std::string& path, const std::vector<std::string>& overrides) {
+std::string read_input_file(const std::string& path, const char* what) {
+  if (path.empty()) throw InputError(fmt::format("\"\": an empty path is not a {} file", what));
+  // A directory opens as a stream that reads nothing: it would read as an empty file.
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw InputError(fmt::format("{}: is a directory, not a {} file", path, what));
+  // Read once, whole: a pipe (/dev/stdin, <(...)) cannot be read twice, so callers sniff the
+  // format from this text rather than by reopening the file.
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(fmt::format("{}: cannot read the {} file", path, what));
+  std::string text;
+  char buf[1 << 16];
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) text.append(buf, static_cast<size_t>(in.gcount()));
+  if (in.bad()) throw InputError(fmt::format("{}: cannot read the {} file", path, what));
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos) {
+    throw InputError(fmt::format("{}: empty {} file", path, what));
+  }
+  return text;
+}
+
+Scenario load_scenario_text(const std::string& text, const std::string& path, const std::vector<std::string>& overrides) {
   Scenario sc;
   sc.name = "default";
   sc.device = find_device("H100-SXM-80GB");
-  if (!path.empty()) {
-    sc.file = path;
-    sc.name = std::filesystem::path(path).stem().string();
-    // A directory opens as a stream that reads nothing: it would load as an empty file (all
-    // defaults) if not refused here.
-    std::error_code ec;
-    if (std::filesystem::is_directory(path, ec)) {
-      throw InputError(fmt::format("{}: is a directory, not a scenario file", path));
-    }
-    std::ifstream in(path);
-    if (!in) throw InputError(fmt::format("{}: cannot read the scenario file", path));
-    toml::table t;
-    try {
-      t = toml::parse(in, path);
-    } catch (const toml::parse_error& e) {
-      // toml++'s descriptions are one line today; keep the error to one line regardless.
-      std::string what(e.description());
-      std::replace(what.begin(), what.end(), '\n', ' ');
-      throw InputError(fmt::format("{}:{}: {}", path, e.source().begin.line, what));
-    }
-    if (in.bad()) throw InputError(fmt::format("{}: cannot read the scenario file", path));
-    walk(sc, t, "", path);
+  sc.file = path;
+  sc.name = std::filesystem::path(path).stem().string();
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos) throw InputError(fmt::format("{}: empty scenario file", path));
+  int64_t deep_line = 0;
+  if (toml_nesting_depth(text, &deep_line) > kMaxTomlNesting) {
+    throw InputError(fmt::format("{}:{}: nested deeper than {} levels (tables, dotted keys, arrays); a scenario needs 2",
+                                 path, deep_line, kMaxTomlNesting));
   }
+  toml::table t;
+  try {
+    t = toml::parse(std::string_view(text), path);
+  } catch (const toml::parse_error& e) {
+    // toml++'s descriptions are one line today; keep the error to one line regardless.
+    std::string what(e.description());
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    throw InputError(fmt::format("{}:{}: {}", path, e.source().begin.line, what));
+  }
+  if (t.empty()) throw InputError(fmt::format("{}: no scenario keys (an empty or comment-only file)", path));
+  walk(sc, t, "", path);
+  apply_overrides(sc, overrides);
+  return sc;
+}
+
+Scenario load_scenario(const std::string& path, const std::vector<std::string>& overrides) {
+  if (!path.empty()) return load_scenario_text(read_input_file(path, "scenario"), path, overrides);
+  Scenario sc;
+  sc.name = "default";
+  sc.device = find_device("H100-SXM-80GB");
   apply_overrides(sc, overrides);
   return sc;
 }

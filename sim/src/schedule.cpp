@@ -354,7 +354,10 @@ void read_scenario(const json& sc, const Where& w, Schedule& s) {
   s.model.d_ff = integer("d_ff", 0);
   if (sc.contains("dropout")) s.model.dropout = get_num(sc["dropout"], w, "dropout");
   s.model.attention = str("attention", "eager") == "flash" ? graph::Attention::flash : graph::Attention::eager;
-  if (sc.contains("tie_embeddings")) s.model.tie_embeddings = sc["tie_embeddings"].get<bool>() ? 1 : 0;
+  if (sc.contains("tie_embeddings")) {
+    if (!sc["tie_embeddings"].is_boolean()) w.fail(fmt::format("header: tie_embeddings must be true or false, got {}", sc["tie_embeddings"].dump()));
+    s.model.tie_embeddings = sc["tie_embeddings"].get<bool>() ? 1 : 0;
+  }
   if (sc.contains("rope_theta")) s.model.rope_theta = get_num(sc["rope_theta"], w, "rope_theta");
   s.training.batch_size = integer("batch_size", s.training.batch_size);
   if (sc.contains("dtype")) s.training.dtype = get_dtype(sc["dtype"], w);
@@ -368,12 +371,22 @@ void read_scenario(const json& sc, const Where& w, Schedule& s) {
 
 }  // namespace
 
-Schedule parse_schedule(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(fmt::format("{}: cannot read the schedule file", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string text = ss.str();
+static Schedule parse_schedule_checked(const std::string& text, const std::string& path, int64_t& line);
+
+Schedule parse_schedule(const std::string& path) { return parse_schedule_text(read_input_file(path, "schedule"), path); }
+
+Schedule parse_schedule_text(const std::string& text, const std::string& path) {
+  // nlohmann's own exceptions (a type or range surprise this reader did not check first) are
+  // still bad input: one line naming the file.
+  int64_t line = 1;
+  try {
+    return parse_schedule_checked(text, path, line);
+  } catch (const json::exception& e) {
+    throw InputError(fmt::format("{}:{}: malformed schedule ({})", path, line, e.what()));
+  }
+}
+
+static Schedule parse_schedule_checked(const std::string& text, const std::string& path, int64_t& cur_line) {
   std::vector<std::string_view> lines;
   for (size_t pos = 0; pos < text.size();) {
     size_t nl = text.find('\n', pos);
@@ -419,6 +432,7 @@ Schedule parse_schedule(const std::string& path) {
   // Records in order: storages, tensors, ops, entries, then ["end", n].
   for (; li < lines.size() && !ended; ++li) {
     const int64_t line_no = static_cast<int64_t>(li) + 1;
+    cur_line = line_no;
     const bool in_entries = storages.size() == n_st && tensors.size() == n_t && ops.size() == n_ops;
     Where lw{path, line_no, in_entries ? static_cast<int64_t>(s.entries.size()) + 1 : 0};
     if (lines[li].empty()) {
@@ -449,6 +463,7 @@ Schedule parse_schedule(const std::string& path) {
       if (loc != "device" && loc != "host") lw.fail(fmt::format("unknown location \"{}\"", loc));
       st.location = loc == "host" ? Location::host : Location::device;
       st.layer = static_cast<int32_t>(get_int(r[5], lw, "layer"));
+      if (st.layer < -1) lw.fail(fmt::format("storage layer {} (blocks count from 0; -1 = outside)", st.layer));
       st.keep = get_int(r[6], lw, "keep") != 0;
       storages.push_back(st);
     } else if (type == "tensor") {
@@ -472,11 +487,21 @@ Schedule parse_schedule(const std::string& path) {
       if (t.shape.size() != t.strides.size()) lw.fail(fmt::format("tensor {}: shape and strides differ in rank", t.name));
       int64_t last = t.offset;
       if (t.offset < 0) lw.fail(fmt::format("tensor {}: negative offset", t.name));
+      if (t.shape.size() > 64) lw.fail(fmt::format("tensor {}: rank {} (at most 64)", t.name, t.shape.size()));
+      // Checked arithmetic: an extent times a stride that wraps around would pass the bounds check.
+      bool wraps = false;
+      int64_t numel = 1, end_byte = 0;
       for (size_t d = 0; d < t.shape.size(); ++d) {
         if (t.shape[d] < 0 || t.strides[d] < 0) lw.fail(fmt::format("tensor {}: negative extent or stride", t.name));
-        if (t.shape[d] > 0) last += (t.shape[d] - 1) * t.strides[d];
+        int64_t span = 0;
+        wraps = wraps || __builtin_mul_overflow(t.shape[d], numel, &numel);
+        if (t.shape[d] > 0) wraps = wraps || __builtin_mul_overflow(t.shape[d] - 1, t.strides[d], &span) ||
+                                    __builtin_add_overflow(last, span, &last);
       }
-      if (graph::numel(t.shape) > 0 && (last + 1) * graph::dtype_size(t.dtype) > storages[sid].bytes) {
+      wraps = wraps || __builtin_add_overflow(last, 1, &end_byte) ||
+              __builtin_mul_overflow(end_byte, graph::dtype_size(t.dtype), &end_byte);
+      if (wraps) lw.fail(fmt::format("tensor {}: its extents, strides and offset overflow int64", t.name));
+      if (numel > 0 && end_byte > storages[sid].bytes) {
         lw.fail(fmt::format("tensor {} {} overruns its storage {} of {} bytes", t.name, graph::shape_string(t.shape),
                             sid, storages[sid].bytes));
       }
@@ -500,6 +525,7 @@ Schedule parse_schedule(const std::string& path) {
       const std::string ctx = fmt::format("op {} ({})", ops.size(), op.name);
       op.phase = get_phase(o["phase"], lw);
       if (o.contains("layer")) op.layer = static_cast<int32_t>(get_int(o["layer"], lw, "layer"));
+      if (op.layer < -1) lw.fail(fmt::format("op {}: layer {} (blocks count from 0; -1 = outside)", ops.size(), op.layer));
       op.inputs = get_tensors(o, "inputs", n_t, lw, ctx);
       op.outputs = get_tensors(o, "outputs", n_t, lw, ctx);
       op.saved = get_tensors(o, "saved", n_t, lw, ctx);
@@ -511,18 +537,23 @@ Schedule parse_schedule(const std::string& path) {
       if (o.contains("flops")) op.flops = get_num(o["flops"], lw, "flops");
       if (o.contains("bytes_moved")) op.bytes_moved = get_int(o["bytes_moved"], lw, "bytes_moved");
       if (o.contains("kernels")) op.kernels = static_cast<int32_t>(get_int(o["kernels"], lw, "kernels"));
+      if (op.kernels < 0 || op.bytes_moved < 0 || !(op.flops >= 0 && op.flops < 1e30)) lw.fail(ctx + ": negative or non-finite cost");
       if (o.contains("forward")) {
         const int64_t f = get_int(o["forward"], lw, "forward");
         if (f < 0 || f >= static_cast<int64_t>(ops.size())) lw.fail(fmt::format("{}: unknown forward op {}", ctx, f));
         op.forward = OpId{static_cast<uint32_t>(f)};
       }
+      auto small = [&](int64_t v, int64_t lo, int64_t hi, const char* what) {
+        if (v < lo || v > hi) lw.fail(fmt::format("{}: {} = {} is out of range [{}, {}]", ctx, what, v, lo, hi));
+        return v;
+      };
       if (o.contains("grad_of")) {
-        for (int64_t v : get_ints(o["grad_of"], lw, "grad_of")) op.grad_of.push_back(static_cast<int8_t>(v));
+        for (int64_t v : get_ints(o["grad_of"], lw, "grad_of")) op.grad_of.push_back(static_cast<int8_t>(small(v, 0, 127, "grad_of")));
       }
       if (o.contains("grad_in_of")) {
-        for (int64_t v : get_ints(o["grad_in_of"], lw, "grad_in_of")) op.grad_in_of.push_back(static_cast<int8_t>(v));
+        for (int64_t v : get_ints(o["grad_in_of"], lw, "grad_in_of")) op.grad_in_of.push_back(static_cast<int8_t>(small(v, 0, 127, "grad_in_of")));
       }
-      if (o.contains("n_grad_inputs")) op.n_grad_inputs = static_cast<int8_t>(get_int(o["n_grad_inputs"], lw, "n_grad_inputs"));
+      if (o.contains("n_grad_inputs")) op.n_grad_inputs = static_cast<int8_t>(small(get_int(o["n_grad_inputs"], lw, "n_grad_inputs"), 0, 127, "n_grad_inputs"));
       if (op.grad_of.size() != op.grad_outputs.size()) lw.fail(ctx + ": grad_of and grad_outputs differ in length");
       if (op.n_grad_inputs < 0 || static_cast<size_t>(op.n_grad_inputs) > op.inputs.size() ||
           op.grad_in_of.size() != static_cast<size_t>(op.n_grad_inputs)) {
@@ -542,7 +573,7 @@ Schedule parse_schedule(const std::string& path) {
           }
         }
       }
-      if (o.contains("stream")) op.stream = static_cast<int32_t>(get_int(o["stream"], lw, "stream"));
+      if (o.contains("stream")) op.stream = static_cast<int32_t>(small(get_int(o["stream"], lw, "stream"), 0, 1, "stream"));
       if (op.stream < 0) lw.fail(ctx + ": negative stream");
       if (o.contains("after")) {
         for (int64_t a : get_ints(o["after"], lw, "after")) {
@@ -560,8 +591,8 @@ Schedule parse_schedule(const std::string& path) {
         if (!p.is_object()) lw.fail(ctx + ": params must be an object");
         graph::OpParams& q = op.params;
         if (p.contains("view")) q.view = static_cast<graph::ViewKind>(get_name(p["view"], kViewNames, lw, "view kind"));
-        if (p.contains("dim0")) q.dim0 = static_cast<int16_t>(get_int(p["dim0"], lw, "dim0"));
-        if (p.contains("dim1")) q.dim1 = static_cast<int16_t>(get_int(p["dim1"], lw, "dim1"));
+        if (p.contains("dim0")) q.dim0 = static_cast<int16_t>(small(get_int(p["dim0"], lw, "dim0"), 0, 64, "dim0"));
+        if (p.contains("dim1")) q.dim1 = static_cast<int16_t>(small(get_int(p["dim1"], lw, "dim1"), 0, 64, "dim1"));
         if (p.contains("start")) q.start = get_int(p["start"], lw, "start");
         if (p.contains("step")) q.step = get_int(p["step"], lw, "step");
         if (p.contains("scalar")) q.scalar = get_num(p["scalar"], lw, "scalar");
@@ -691,6 +722,33 @@ Schedule parse_schedule(const std::string& path) {
   for (size_t i = 0; i < storages.size(); ++i) g.storage(StorageId{static_cast<uint32_t>(i)}).layer = storages[i].layer;
   if (h.contains("n_layers")) g.n_layers = static_cast<int32_t>(get_int(h["n_layers"], hw, "n_layers"));
   g.freeze();
+  if (g.n_layers < 0) hw.fail("header: negative n_layers");
+  for (size_t i = 0; i < g.n_ops(); ++i) {
+    const graph::OpId id{static_cast<uint32_t>(i)};
+    const Op& op = g.op(id);
+    if (op.layer >= g.n_layers && g.n_layers > 0) Where{path, op_line[i]}.fail(fmt::format("op {} ({}): layer {} of {}", i, op.name, op.layer, g.n_layers));
+    const std::string why = op_contract_error(g, id);
+    if (!why.empty()) Where{path, op_line[i]}.fail(fmt::format("op {} ({}): {}", i, op.name, why));
+  }
+  for (const graph::Storage& st : g.storages()) {
+    if (st.layer >= g.n_layers && g.n_layers > 0) hw.fail(fmt::format("a storage of layer {}, but n_layers is {}", st.layer, g.n_layers));
+  }
+  // Roles: parameters, buffers, optimizer state and inputs exist before the step.
+  for (size_t i = 0; i < g.storages().size(); ++i) {
+    const graph::Storage& st = g.storages()[i];
+    const bool before = st.producer == graph::kNoOp;
+    const bool persistent_kind = st.category == Category::parameter || st.category == Category::buffer ||
+                                 st.category == Category::optimizer_state || st.category == Category::input;
+    if (persistent_kind && !before) {
+      hw.fail(fmt::format("storage {} ({}) is {} but op {} allocates it; such storages exist before the step", i,
+                          storage_name(g, static_cast<uint32_t>(i)), to_string(st.category), index(st.producer)));
+    }
+  }
+  for (TensorId p : s.step.params) {
+    if (g.storage(g.tensor(p).storage).category != Category::parameter) {
+      hw.fail(fmt::format("header: params: tensor {} ({}) is not a parameter", index(p), g.tensor(p).name));
+    }
+  }
   validate_schedule(s);
   // Counts last: a double free or a read after free in an edited file is the more useful message.
   if (end_count != static_cast<int64_t>(s.entries.size()) || s.entries.size() != n_entries) {
@@ -745,6 +803,11 @@ void validate_schedule(const Schedule& s) {
       case Kind::free: {
         if (state[e.id] == State::freed) fail(fmt::format("double free of {} (already freed by entry {})", sname(e.id), changed_by[e.id]));
         if (state[e.id] == State::absent) fail(fmt::format("free of {}, which was never allocated", sname(e.id)));
+        if (g.storages()[e.id].producer == graph::kNoOp) {
+          fail(fmt::format("free of {}, which exists before the step ({}); it must outlive the step", sname(e.id),
+                           to_string(g.storages()[e.id].category)));
+        }
+        if (g.storages()[e.id].keep) fail(fmt::format("free of {}, which is kept beyond the step", sname(e.id)));
         state[e.id] = State::freed;
         changed_by[e.id] = n;
         break;

@@ -64,7 +64,7 @@ CONFIGS = [
 ]
 
 for label, extra, torch_runs in CONFIGS:
-    p, secs = run(["replay"] + sets(extra) + ["--backend", "cpu", "--confirm", "--torch", "--json"])
+    p, secs = run(["replay"] + sets(extra) + ["--backend", "cpu", "--confirm", "--torch", "--json", "--timings"])
     try:
         j = json.loads(p.stdout)
     except ValueError:
@@ -125,9 +125,23 @@ p, _ = run(["replay", sched, "--backend", "cpu", "--confirm", "--json"])
 check("replay SCHEDULE --confirm passes", p.returncode == 0, p.stderr.strip())
 check("replay SCHEDULE --set is bad input", run(["replay", sched, "--set", "model.n_layers=3"])[0].returncode == 2)
 
+# A torch2-cpu schedule with checkpointing (RNG stashes, rng_stash ops) and 2.x foreach AdamW
+# (in-place adam_denom): the op contract accepts it, and every confirmation passes on it.
+sched2 = os.path.join(tmp, "step2.jsonl")
+base2 = ["model.family=gpt2", "runtime.profile=torch2-cpu", "checkpoint.policy=full", "training.optimizer_impl=foreach"]
+p, _ = run(["simulate"] + sets(base2) + ["--no-fit", "--json", "--emit-schedule", sched2])
+check("torch2-cpu checkpointed schedule written", p.returncode == 0, p.stderr.strip())
+p, _ = run(["replay", sched2, "--backend", "cpu", "--confirm", "--json"])
+ok2 = p.returncode == 0
+check("torch2-cpu checkpointed schedule: replay --confirm passes", ok2, p.stderr.strip())
+if ok2:
+    j = json.loads(p.stdout)
+    check("torch2-cpu checkpointed schedule: measured peak == simulated peak",
+          j["measured_peak_bytes"] == j["simulated_peak_bytes"], str((j["measured_peak_bytes"], j["simulated_peak_bytes"])))
+
 # Calibration: replay writes measured times; simulate loads them.
 cal = os.path.join(tmp, "cal.json")
-p, _ = run(["replay"] + sets(base) + ["--backend", "cpu", "--calibration-out", cal, "--json"])
+p, _ = run(["replay"] + sets(base) + ["--backend", "cpu", "--calibration-out", cal, "--json", "--timings"])
 ok = p.returncode == 0 and os.path.exists(cal)
 check("replay --calibration-out writes a calibration file", ok, p.stderr.strip())
 if ok:

@@ -7,27 +7,14 @@
 #include <fstream>
 
 #include "actsim/graph/error.hpp"
+#include "actsim/sim/output.hpp"
 
 namespace actsim::cli {
 
 void write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    if (!out) throw InputError(fmt::format("{}: cannot write the output file", path));
-    out << text;
-    if (!out.flush()) {
-      out.close();
-      std::filesystem::remove(tmp);
-      throw InputError(fmt::format("{}: cannot write the output file", path));
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp);
-    throw InputError(fmt::format("{}: cannot write the output file ({})", path, ec.message()));
-  }
+  sim::OutputSet out;
+  out.add("", path, text);
+  out.commit();
 }
 
 void add_scenario_options(po::options_description& opts) {
@@ -60,9 +47,27 @@ po::variables_map parse(const std::vector<std::string>& args, const po::options_
 
 sim::Scenario scenario_from(const po::variables_map& vm) {
   const std::string path = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
+  if (vm.count("scenario") && path.empty()) throw InputError("\"\": an empty path is not a scenario file");
   std::vector<std::string> sets =
       vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
   return sim::load_scenario(path, sets);
+}
+
+std::string human_seconds(double s) {
+  if (s < 120) return fmt::format("{:.0f} s", s);
+  if (s < 7200) return fmt::format("{:.0f} min", s / 60);
+  return fmt::format("{:.1f} h", s / 3600);
+}
+
+void add_force_option(po::options_description& opts) {
+  opts.add_options()("force", fmt::format("run even when the estimated work is above {:.0f} s (README, \"Reliability\")",
+                                          kLongWorkSeconds).c_str());
+}
+
+void check_long_work(const po::variables_map& vm, double seconds, const std::string& what) {
+  if (seconds <= kLongWorkSeconds || vm.count("force")) return;
+  throw InputError(fmt::format("{}: about {} of work by estimate (more than {:.0f} s); pass --force to run it anyway",
+                               what, human_seconds(seconds), kLongWorkSeconds));
 }
 
 std::string scenario_help() {

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "actsim/sim/output.hpp"
 #include "actsim/sim/report.hpp"
 #include "actsim/sim/scenario.hpp"
 
@@ -29,7 +30,20 @@ std::string scenario_help();
 
 // The exporter options (--trace, --memviz, --csv, --report, --svg, --max-events, --timeline).
 void add_export_options(po::options_description& opts);
-void write_exports_from(const sim::Analysis& a, const po::variables_map& vm);
+// Adds the requested exporter files to `out` (written by out.commit(), all or nothing).
+void add_exports_from(const sim::Analysis& a, const po::variables_map& vm, sim::OutputSet& out);
+
+// Note [Long work]: commands whose work can be large estimate it before starting, from a cost
+// per simulated layer (lowering, autodiff and the event loop: kSecondsPerLayer on this class of
+// machine, Release). Above kLongWorkSeconds the command stops with one line giving the estimate,
+// unless --force is given.
+inline constexpr double kSecondsPerLayer = 0.0008;  // one lowering + simulation, per block
+inline constexpr double kLongWorkSeconds = 60;
+// Throws InputError("WHAT: about N min of work (...); pass --force") when `seconds` is above
+// kLongWorkSeconds and --force is not in `vm`.
+void check_long_work(const po::variables_map& vm, double seconds, const std::string& what);
+void add_force_option(po::options_description& opts);
+std::string human_seconds(double s);
 
 int cmd_simulate(const std::vector<std::string>& args);
 int cmd_compare(const std::vector<std::string>& args);

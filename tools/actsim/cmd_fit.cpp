@@ -39,8 +39,12 @@ bool fits_seq(const sim::Scenario& s, int64_t t) {
   }
   graph::BlockPlan bp = sim::block_plan_of(u);
   graph::StepGraph step = graph::lower_training_step(u.model, u.training, u.runtime(), &bp);
-  sim::Plan plan(step.graph, u.device);
-  return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
+  try {
+    sim::Plan plan(step.graph, u.device);
+    return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
+  } catch (const sim::ByteOverflow&) {
+    return false;
+  }
 }
 
 // The largest seq_len that fits at the scenario's batch size (0 if none): doubling, then bisection,
@@ -87,6 +91,7 @@ int cmd_fit(const std::vector<std::string>& args) {
        "quote an ops list: --policies 'none,\"ops:addmm,bmm\"'")
       ("vary-seq", "also find the largest model.seq_len that fits at the scenario's batch size")
       ("json", "print one JSON object (the contract in README.md) instead of the table");
+  add_force_option(opts);
   po::variables_map vm = parse(args, opts, "fit");
   if (vm.count("help")) {
     std::cout << opts << "\nSCENARIO is a TOML file (see scenarios/); without one, defaults plus --set make one.\n\n"
@@ -108,6 +113,13 @@ int cmd_fit(const std::vector<std::string>& args) {
   }
   const sim::Scenario base = scenario_from(vm);
   const bool vary_seq = vm.count("vary-seq") > 0;
+  {
+    // Per policy: about 2 log2(max batch) searches of lowerings (and as many for --vary-seq).
+    const double searches = 14.0 * (vary_seq ? 2 : 1) * static_cast<double>(policies.size());
+    const double threads = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), policies.size()));
+    check_long_work(vm, searches * static_cast<double>(base.model.n_layers) * kSecondsPerLayer / threads,
+                    fmt::format("fit of {} policies at {} layers", policies.size(), base.model.n_layers));
+  }
 
   std::vector<FitRow> rows(policies.size());
   std::vector<std::exception_ptr> errors(policies.size());

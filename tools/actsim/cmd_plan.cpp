@@ -45,14 +45,22 @@ int cmd_plan(const std::vector<std::string>& args) {
       ("budget", po::value<std::string>(), "memory budget: 60GiB, 60GB or bytes (default: the device's memory)")
       ("offload", "also consider offloading blocks to host memory (the answer is simulated and never slower, "
                   "but a larger budget is then not guaranteed to give a plan at least as fast)")
+      ("timings", "add the planner's own wall-clock time (planner.dp_ns) to the JSON")
       ("no-selective", "plan keep/recompute only (no selective attention-core recompute inside blocks)")
       ("json", "print one JSON object (fits, budget_bytes, peak, step_time_ns, baseline_step_time_ns, "
                "min_peak_bytes, blocks)");
   add_export_options(opts);
+  add_force_option(opts);
   po::variables_map vm = parse(args, opts, "plan");
   if (vm.count("help")) {
     std::cout << opts << "\nThe plan recomputes blocks in rotor/Revolve-style nested segments; see README.md.\n";
     return 0;
+  }
+  sim::OutputSet files;
+  if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
+  for (const char* k : {"trace", "memviz", "csv", "report", "svg"}) {
+    if (vm.count(k)) sim::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
+                                            {vm.count("scenario") ? vm["scenario"].as<std::string>() : ""});
   }
   sim::Scenario s = scenario_from(vm);
   int64_t budget = s.device.memory_bytes;
@@ -62,12 +70,20 @@ int cmd_plan(const std::vector<std::string>& args) {
       throw InputError(fmt::format("--budget {}: not a size (60GiB, 60GB and 64424509440 are sizes)", b));
     }
   }
+  {
+    // About 24 lowerings and simulations of the step (the chain, the budget search, the answer),
+    // with recomputations, and a DP quadratic in the layers.
+    const double L = static_cast<double>(s.model.n_layers);
+    check_long_work(vm, 24 * 1.5 * L * kSecondsPerLayer + (L + 1) * (L + 1) * 193 * 4e-9,
+                    fmt::format("plan at {} layers", s.model.n_layers));
+  }
   sim::PlanResult r = sim::plan_for_budget(
       s, budget, sim::PlanOptions{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0});
   sim::Scenario chosen = s;
   chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
   sim::Analysis a = sim::analyze(chosen);
-  write_exports_from(a, vm);
+  add_exports_from(a, vm, files);
+  files.commit();
   nlohmann::json j = sim::to_json(a);
   j["fits"] = r.fits;
   j["budget_bytes"] = budget;
@@ -76,7 +92,9 @@ int cmd_plan(const std::vector<std::string>& args) {
   j["baseline_peak_bytes"] = r.baseline_peak_bytes;
   j["min_peak_bytes"] = r.min_peak_bytes;
   j["blocks"] = blocks_json(r.plan);
-  j["planner"] = {{"dp_ns", r.dp_ns}, {"simulations", r.simulations}};
+  // The planner's own wall-clock time only on request: the JSON is otherwise the same on every run.
+  j["planner"] = {{"simulations", r.simulations}};
+  if (vm.count("timings")) j["planner"]["dp_ns"] = r.dp_ns;
   if (vm.count("timeline")) j["timeline"] = sim::timeline_json(a);
   if (vm.count("json")) {
     std::cout << j.dump(2) << "\n";

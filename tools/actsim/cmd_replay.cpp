@@ -4,6 +4,7 @@
 
 #include "actsim/graph/checkpoint.hpp"
 #include "actsim/kernels/cuda_info.hpp"
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <optional>
 
 #include "actsim/graph/error.hpp"
@@ -33,14 +35,11 @@ using Clock = std::chrono::steady_clock;
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// A schedule file is JSON lines whose first line is an object; a scenario is TOML.
-bool is_schedule_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return false;
-  char c = 0;
-  while (in.get(c) && std::isspace(static_cast<unsigned char>(c))) {
-  }
-  return c == '{';
+// A schedule file is JSON lines whose first line is an object; a scenario is TOML. Sniffed from
+// the text already read, so a pipe is read once.
+bool is_schedule_text(const std::string& text) {
+  const size_t i = text.find_first_not_of(" \t\r\n");
+  return i != std::string::npos && text[i] == '{';
 }
 
 std::string cpu_model() {
@@ -116,6 +115,68 @@ TorchOutcome run_torch_check(const sim::Schedule& s, const kernels::ReplayResult
   return t;
 }
 
+// Bytes this process may still allocate on the host: the least of MemAvailable, the address
+// space left under RLIMIT_AS / RLIMIT_DATA, and the cgroup's memory.max headroom. -1 = unknown.
+int64_t host_available_bytes() {
+  int64_t avail = -1;
+  auto least = [&](int64_t x) {
+    if (x >= 0 && (avail < 0 || x < avail)) avail = x;
+  };
+  {
+    std::ifstream in("/proc/meminfo");
+    std::string key;
+    int64_t kb = 0;
+    std::string unit;
+    while (in >> key >> kb >> unit) {
+      if (key == "MemAvailable:") least(kb * 1024);
+    }
+  }
+  int64_t vm_bytes = 0;
+  {
+    std::ifstream in("/proc/self/statm");
+    int64_t pages = 0;
+    if (in >> pages) vm_bytes = pages * ::sysconf(_SC_PAGESIZE);
+  }
+  for (int res : {RLIMIT_AS, RLIMIT_DATA}) {
+    struct rlimit rl;
+    if (::getrlimit(res, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+      least(std::max<int64_t>(0, static_cast<int64_t>(rl.rlim_cur) - vm_bytes));
+    }
+  }
+  {
+    std::ifstream mx("/sys/fs/cgroup/memory.max"), cur("/sys/fs/cgroup/memory.current");
+    std::string m;
+    int64_t c = 0;
+    if (mx >> m && m != "max" && cur >> c) least(std::max<int64_t>(0, std::stoll(m) - c));
+  }
+  return avail;
+}
+
+// The host bytes a CPU replay holds at once, from the schedule itself (not its header, which a
+// file could misstate): the peak of its storages and workspaces in entry order; with --confirm
+// every storage at once (the safety run frees nothing), twice (tightness probes save the live
+// buffers). Saturates instead of overflowing.
+int64_t cpu_replay_bytes(const sim::Schedule& s, bool confirm) {
+  const graph::Graph& g = s.graph();
+  auto add = [](int64_t a, int64_t b) {
+    int64_t r;
+    return __builtin_add_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+  };
+  int64_t live = 0, peak = 0, total = 0;
+  for (const graph::Storage& st : g.storages()) {
+    total = add(total, st.bytes);
+    if (st.producer == graph::kNoOp) live = add(live, st.bytes);
+  }
+  peak = live;
+  for (const sim::ScheduleEntry& e : s.entries) {
+    if (e.kind == sim::ScheduleEntry::Kind::alloc || e.kind == sim::ScheduleEntry::Kind::ws_alloc) live = add(live, e.bytes);
+    if (e.kind == sim::ScheduleEntry::Kind::ws_free) live -= std::min(live, e.bytes);
+    if (e.kind == sim::ScheduleEntry::Kind::free) live -= std::min(live, g.storages()[e.id].bytes);
+    peak = std::max(peak, live);
+  }
+  return confirm ? add(add(total, total), peak) : peak;
+}
+
 }  // namespace
 
 namespace {
@@ -147,7 +208,10 @@ int cmd_replay(const std::vector<std::string>& args) {
       ("policies", po::value<std::string>()->default_value("full,selective,every:2,offload"),
        "recompute check (with --confirm on a scenario): checkpoint policies whose loss and gradients must "
        "equal, bit for bit, those of the schedule without checkpointing")
-      ("seed", po::value<uint64_t>()->default_value(0), "seed of the initial values and dropout masks");
+      ("seed", po::value<uint64_t>()->default_value(0), "seed of the initial values and dropout masks")
+      ("force", "run even when the estimated work is above 60 s (README, \"Reliability\")")
+      ("timings", "add the tool's own wall-clock figures to the JSON (measured_step_ns, seconds); without it the "
+                  "JSON is the same on every rerun");
   po::variables_map vm = parse(args, opts, "replay");
   if (vm.count("help")) {
     std::cout << opts
@@ -171,12 +235,17 @@ int cmd_replay(const std::vector<std::string>& args) {
   // The schedule: read (and validated) from a file, or simulated from a scenario.
   sim::Schedule s;
   const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
-  const bool scenario_input = input.empty() || !is_schedule_file(input);
+  if (vm.count("scenario") && input.empty()) throw InputError("\"\": an empty path is not a scenario or schedule file");
+  if (vm.count("calibration-out")) sim::check_output_path("--calibration-out", vm["calibration-out"].as<std::string>(), {input});
+  const std::string text = input.empty() ? std::string() : sim::read_input_file(input, "scenario or schedule");
+  const bool scenario_input = input.empty() || !is_schedule_text(text);
   if (!scenario_input) {
     if (vm.count("set")) throw InputError(fmt::format("--set applies to a scenario; {} is a schedule file", input));
-    s = sim::parse_schedule(input);
+    s = sim::parse_schedule_text(text, input);
   } else {
-    sim::Analysis a = sim::analyze(scenario_from(vm));
+    const std::vector<std::string> sets =
+        vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+    sim::Analysis a = sim::analyze(input.empty() ? sim::load_scenario("", sets) : sim::load_scenario_text(text, input, sets));
     s = sim::make_schedule(a);
     try {
       sim::validate_schedule(s);
@@ -198,6 +267,24 @@ int cmd_replay(const std::vector<std::string>& args) {
   }
 
   const bool confirm = vm.count("confirm") > 0, want_torch = vm.count("torch") > 0;
+  {
+    // The reference kernels run about kCpuFlops; --confirm replays the step about 15 times over
+    // (safety, tightness probes sharing prefixes, the recompute policies). Note [Long work].
+    constexpr double kCpuFlops = 5e9, kGpuFlops = 5e12;
+    double flops = 0;
+    for (const graph::Op& op : s.graph().ops()) flops += op.flops;
+    const double secs = flops / (backend_name == "cpu" ? kCpuFlops : kGpuFlops) * (confirm ? 15 : 1);
+    check_long_work(vm, secs, fmt::format("replay on {} of {:.3g} FLOP{}", backend_name, flops, confirm ? " with --confirm" : ""));
+  }
+  if (backend_name == "cpu") {
+    // As the CUDA path checks device memory: refuse before allocating rather than abort midway.
+    const int64_t need = cpu_replay_bytes(s, confirm), avail = host_available_bytes();
+    if (avail >= 0 && need > avail) {
+      throw InputError(fmt::format("--backend cpu: the replay{} needs about {} of host memory but {} is available; "
+                                   "refusing to start (use a smaller model or batch)",
+                                   confirm ? " with --confirm" : "", sim::human_bytes(need), sim::human_bytes(avail)));
+    }
+  }
   kernels::ReplayResult r;
   std::optional<kernels::SafetyCheck> safety;
   std::optional<kernels::MemoryCheck> memory;
@@ -225,7 +312,9 @@ int cmd_replay(const std::vector<std::string>& args) {
   std::optional<bool> recompute_ok;
   json recompute_detail = nullptr;
   if (confirm && scenario_input) {
-    sim::Scenario plain = scenario_from(vm);
+    const std::vector<std::string> sets =
+        vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
+    sim::Scenario plain = input.empty() ? sim::load_scenario("", sets) : sim::load_scenario_text(text, input, sets);
     const std::string own = plain.checkpoint_policy;
     std::vector<std::string> policies;
     for (const std::string& p : policy_list) {
@@ -265,7 +354,10 @@ int cmd_replay(const std::vector<std::string>& args) {
     json cal = sim::calibration_json(s.graph(), r.op_seconds, predicted, device, be->name());
     cal["simulated_device"] = s.device;
     cal["source"] = s.source;
-    write_atomic(vm["calibration-out"].as<std::string>(), cal.dump(2) + "\n");
+    sim::OutputSet files;
+    if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
+    files.add("--calibration-out", vm["calibration-out"].as<std::string>(), cal.dump(2) + "\n");
+    files.commit();
   }
 
   auto opt_bool = [](const auto& o) { return o ? json(o->ok) : json(nullptr); };
@@ -291,7 +383,8 @@ int cmd_replay(const std::vector<std::string>& args) {
   j["entries"] = s.entries.size();
   j["ops"] = s.graph().n_ops();
   j["predicted_step_ns"] = s.simulated_step_time_ns;
-  j["measured_step_ns"] = static_cast<int64_t>(r.step_seconds * 1e9 + 0.5);
+  const bool timings = vm.count("timings") > 0;
+  if (timings) j["measured_step_ns"] = static_cast<int64_t>(r.step_seconds * 1e9 + 0.5);
   json conf;
   conf["safety"] = opt_bool(safety);
   conf["memory"] = opt_bool(memory);
@@ -313,7 +406,7 @@ int cmd_replay(const std::vector<std::string>& args) {
                   {"torch", want_torch ? json(torch.detail) : json(nullptr)},
                   {"recompute", recompute_detail}};
   const double total = since(t_start);
-  j["seconds"] = {{"replay", t_main}, {"safety", t_safety}, {"tightness", t_tight}, {"torch", torch.seconds},
+  if (timings) j["seconds"] = {{"replay", t_main}, {"safety", t_safety}, {"tightness", t_tight}, {"torch", torch.seconds},
                   {"total", total}};
 
   std::vector<std::string> failed;

@@ -23,24 +23,38 @@ int cmd_simulate(const std::vector<std::string>& args) {
       ("emit-schedule", po::value<std::string>(), "write the step's alloc/run/free schedule to FILE (JSON lines, docs/schedule-format.md)")
       ("calibration", po::value<std::string>(), "op times measured by `actsim replay --calibration-out FILE`");
   add_export_options(opts);
+  add_force_option(opts);
   po::variables_map vm = parse(args, opts, "simulate");
   if (vm.count("help")) {
     std::cout << opts << "\nSCENARIO is a TOML file (see scenarios/); without one, defaults plus --set make one.\n\n"
               << scenario_help();
     return 0;
   }
+  // Every output is checked before the work and written together after it (all or nothing).
+  sim::OutputSet files;
+  if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
+  if (vm.count("calibration")) files.protect(vm["calibration"].as<std::string>());
+  for (const char* k : {"out", "emit-schedule", "trace", "memviz", "csv", "report", "svg"}) {
+    if (vm.count(k)) sim::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
+                                            {vm.count("scenario") ? vm["scenario"].as<std::string>() : "",
+                                             vm.count("calibration") ? vm["calibration"].as<std::string>() : ""});
+  }
   sim::Scenario s = scenario_from(vm);
+  // One lowering and simulation, and about 14 more for the batch search (Note [Long work]).
+  check_long_work(vm, (vm.count("no-fit") ? 1 : 15) * static_cast<double>(s.model.n_layers) * kSecondsPerLayer,
+                  fmt::format("simulate at {} layers{}", s.model.n_layers, vm.count("no-fit") ? "" : " with the batch search (--no-fit skips it)"));
   sim::Analysis a = sim::analyze(s);
   if (vm.count("calibration")) sim::apply_calibration(a, sim::load_calibration(vm["calibration"].as<std::string>()));
-  if (vm.count("emit-schedule")) write_atomic(vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
+  if (vm.count("emit-schedule")) files.add("--emit-schedule", vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
   const int64_t max_batch = vm.count("no-fit") ? -1 : sim::max_batch_size(s);
   nlohmann::json j = sim::to_json(a, max_batch);
   if (vm.count("timeline")) {
     j["timeline"] = sim::timeline_json(a);
     j["memory_events"] = sim::record_timeline(a).events.size();  // device memory events (CSV rows)
   }
-  write_exports_from(a, vm);
-  if (vm.count("out")) write_atomic(vm["out"].as<std::string>(), j.dump(2) + "\n");
+  add_exports_from(a, vm, files);
+  if (vm.count("out")) files.add("--out", vm["out"].as<std::string>(), j.dump(2) + "\n");
+  files.commit();
   if (vm.count("json")) std::cout << j.dump(2) << "\n";
   else std::cout << sim::to_table(a, max_batch);
   return 0;
@@ -58,12 +72,12 @@ void add_export_options(po::options_description& opts) {
       ("timeline", "add the memory timeline to the JSON (for `actsim compare`)");
 }
 
-void write_exports_from(const sim::Analysis& a, const po::variables_map& vm) {
+void add_exports_from(const sim::Analysis& a, const po::variables_map& vm, sim::OutputSet& out) {
   auto get = [&](const char* k) { return vm.count(k) ? vm[k].as<std::string>() : std::string{}; };
   sim::ExportRequest r{.trace = get("trace"), .memviz = get("memviz"), .csv = get("csv"), .report = get("report"),
                        .svg = get("svg"), .max_events = vm["max-events"].as<int64_t>()};
   if (r.max_events < 0) throw InputError(fmt::format("--max-events {}: must be 0 or positive", r.max_events));
-  sim::write_exports(a, r);
+  sim::add_exports(a, r, out);
 }
 
 int cmd_compare(const std::vector<std::string>& args) {

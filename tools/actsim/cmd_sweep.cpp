@@ -8,6 +8,7 @@
 #endif
 
 #include <chrono>
+#include <cstdlib>
 #include <iostream>
 #include <thread>
 
@@ -26,9 +27,12 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 // "[##########----------]  512/1000" on one terminal line, redrawn in place.
 void draw_progress(int64_t done, int64_t total) {
   constexpr int kWidth = 30;
+  static const auto t0 = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
-  std::cerr << fmt::format("\r[{}{}] {}/{} runs", std::string(static_cast<size_t>(filled), '#'),
-                           std::string(static_cast<size_t>(kWidth - filled), '-'), done, total)
+  const std::string eta = done > 0 && done < total ? fmt::format(", ETA {}", human_seconds(secs * static_cast<double>(total - done) / static_cast<double>(done))) : "";
+  std::cerr << fmt::format("\r[{}{}] {}/{} runs{}\033[K", std::string(static_cast<size_t>(filled), '#'),
+                           std::string(static_cast<size_t>(kWidth - filled), '-'), done, total, eta)
             << std::flush;
 }
 
@@ -38,6 +42,7 @@ int cmd_sweep(const std::vector<std::string>& args) {
   po::options_description opts("actsim sweep [SCENARIO] --vary KEY=V1,V2,... [options]");
   opts.add_options()("help,h", "show this help");
   add_scenario_options(opts);
+  add_force_option(opts);
   opts.add_options()
       ("vary", po::value<std::vector<std::string>>()->composing(),
        "KEY=V1,V2,...: a scenario key and its values (repeatable; the runs are the cross product). "
@@ -68,9 +73,28 @@ int cmd_sweep(const std::vector<std::string>& args) {
       throw InputError(fmt::format("--out {}: the file name must end in .csv or .json", out));
     }
   }
+  const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
+  if (!out.empty()) sim::check_output_path("--out", out, {input});  // before hours of work, not after
   std::vector<sim::SweepAxis> axes;
   for (const std::string& v : vm["vary"].as<std::vector<std::string>>()) axes.push_back(sim::parse_sweep_axis(v));
   const sim::Scenario base = scenario_from(vm);
+  {
+    // Rows that differ only in batch size are mostly scaled from three references (Note [Batch
+    // scaling]); every other row is a lowering and a simulation.
+    double runs = 1, layers = static_cast<double>(base.model.n_layers), batches = 1;
+    for (const sim::SweepAxis& ax : axes) {
+      runs *= static_cast<double>(ax.values.size());
+      if (ax.key == "training.batch_size") batches = static_cast<double>(ax.values.size());
+      if (ax.key == "model.n_layers") {
+        double sum = 0;
+        for (const std::string& v : ax.values) sum += std::max(1.0, std::atof(v.c_str()));
+        layers = sum / static_cast<double>(ax.values.size());
+      }
+    }
+    const double full = runs / batches * std::min(batches, 3.0);
+    check_long_work(vm, full * layers * kSecondsPerLayer / static_cast<double>(threads),
+                    fmt::format("sweep of {:.0f} runs at {:.0f} layers on average", runs, layers));
+  }
 
 #if defined(__GLIBC__)
   // Each run lowers a graph of ~10^5 small allocations and frees it again; glibc's default trims
@@ -98,7 +122,10 @@ int cmd_sweep(const std::vector<std::string>& args) {
   int64_t n_pareto = 0;
   for (const sim::SweepRow& r : rows) n_pareto += r.pareto;
   if (!out.empty()) {
-    write_atomic(out, ends_with(out, ".csv") ? sim::sweep_csv(axes, rows) : sim::sweep_json(axes, rows).dump(2) + "\n");
+    sim::OutputSet files;
+    files.protect(input);
+    files.add("--out", out, ends_with(out, ".csv") ? sim::sweep_csv(axes, rows) : sim::sweep_json(axes, rows).dump(2) + "\n");
+    files.commit();
   }
   if (vm.count("json")) {
     std::cout << sim::sweep_json(axes, rows).dump(2) << "\n";

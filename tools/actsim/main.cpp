@@ -5,6 +5,7 @@
 #include <iostream>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "actsim/graph/error.hpp"
@@ -35,6 +36,22 @@ Run `actsim <command> --help` for the options of a command.
 
 using Command = int (*)(const std::vector<std::string>&);
 
+// One line whatever the input held: a newline, tab or other control character in a key or value
+// the message echoes is written as an escape (\n, \t, \xNN), never raw.
+std::string one_line(std::string_view msg) {
+  std::string out;
+  out.reserve(msg.size());
+  for (char ch : msg) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '\n') out += "\\n";
+    else if (c == '\t') out += "\\t";
+    else if (c == '\r') out += "\\r";
+    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
+    else out += ch;
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -60,10 +77,17 @@ int main(int argc, char** argv) {
     args.erase(args.begin());
     return it->second(args);
   } catch (const InputError& e) {
-    std::cerr << "actsim: error: " << e.what() << "\n";
+    std::cerr << "actsim: error: " << one_line(e.what()) << "\n";
     return 2;
   } catch (const cli::po::error& e) {
-    std::cerr << "actsim: error: " << e.what() << "\n";
+    std::cerr << "actsim: error: " << one_line(e.what()) << "\n";
     return 2;
+  } catch (const std::bad_alloc&) {
+    // Commands check their sizes before allocating; reaching this is a gap in those checks.
+    std::cerr << "actsim: error: out of memory (a size check missed this input; please report it)\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "actsim: internal error: " << one_line(e.what()) << "\n";
+    return 1;
   }
 }

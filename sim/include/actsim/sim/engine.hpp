@@ -15,6 +15,7 @@
 #include <span>
 #include <vector>
 
+#include "actsim/graph/error.hpp"
 #include "actsim/graph/graph.hpp"
 #include "actsim/sim/device.hpp"
 
@@ -38,9 +39,17 @@ class Observer {
 };
 
 // Everything the engine needs from a graph, precomputed once (flat CSR arrays indexed by op).
+// The step's byte or time totals do not fit int64 (Note [Checked totals] in engine.cpp). Bad
+// input to a command; an answer ("does not fit") to a search over sizes.
+class ByteOverflow : public InputError {
+ public:
+  using InputError::InputError;
+};
+
 class Plan {
  public:
-  // With a calibration (calibration.hpp), op durations come from measured times.
+  // With a calibration (calibration.hpp), op durations come from measured times. Throws
+  // ByteOverflow when the sum of all storage and workspace bytes, or of all durations, overflows.
   Plan(const graph::Graph& g, const DeviceSpec& device, const Calibration* calibration = nullptr);
 
   const graph::Graph& graph() const { return g_; }

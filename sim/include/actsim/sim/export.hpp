@@ -24,6 +24,8 @@
 
 namespace actsim::sim {
 
+class OutputSet;  // output.hpp
+
 struct ExportRequest {
   std::string trace;        // Chrome trace JSON (Perfetto)
   std::string memviz;       // PyTorch memory_viz snapshot pickle
@@ -36,6 +38,8 @@ struct ExportRequest {
 // Re-simulates a.plan with a recorder and writes every requested file atomically; throws
 // InputError("FILE: cannot write ...") if one cannot be written (its temporary is removed).
 void write_exports(const Analysis& a, const ExportRequest& r);
+// The same files, rendered and added to `out` (written by out.commit(), all or nothing).
+void add_exports(const Analysis& a, const ExportRequest& r, OutputSet& out);
 
 // `actsim compare A.json B.json --report FILE.html`: overlays the "timeline" of two or more
 // `simulate --json --timeline` outputs in one HTML page. Throws InputError naming a bad input.

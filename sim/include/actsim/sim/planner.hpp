@@ -48,6 +48,8 @@ class RotorDP {
  public:
   RotorDP(const Chain& chain, int64_t unit, int levels);
   static constexpr int64_t kInfeasible = INT64_MAX / 4;
+  // Chains of more blocks are planned as homogeneous (Note [Planner size] in planner.cpp).
+  static constexpr int kExactBlocks = 128;
   // Least total time (forwards, recomputations and backwards) with `level` memory units free for
   // checkpoints and kept activations; kInfeasible if none.
   int64_t cost(int level) const;

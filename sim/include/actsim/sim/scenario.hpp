@@ -46,6 +46,14 @@ const std::vector<std::string>& scenario_keys();
 // Loads `path` ("" = defaults) and applies `overrides` ("KEY=VALUE"), then validates.
 Scenario load_scenario(const std::string& path, const std::vector<std::string>& overrides);
 
+// The same from the text of a file already read (`path` names it in messages).
+Scenario load_scenario_text(const std::string& text, const std::string& path, const std::vector<std::string>& overrides);
+
+// Reads a whole input file (regular file, pipe or /dev/stdin) once. Throws InputError for an
+// empty path, a directory, an unreadable file, or one that is empty or only whitespace.
+// `what` names the kind of file in messages ("scenario", "schedule").
+std::string read_input_file(const std::string& path, const char* what);
+
 // Applies further overrides to a loaded scenario and validates again (used by sweeps).
 void apply_overrides(Scenario& s, const std::vector<std::string>& overrides);
 

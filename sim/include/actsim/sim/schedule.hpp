@@ -62,9 +62,14 @@ std::string to_text(const Schedule& s);
 std::string emit_schedule(const Analysis& a);
 // Reads and validates a schedule file. Throws InputError naming the file, line and entry number.
 Schedule parse_schedule(const std::string& path);
+// The same from the text of a file already read (`path` names it in messages).
+Schedule parse_schedule_text(const std::string& text, const std::string& path);
 // The checks parse_schedule makes on the entries (also run on an in-memory schedule before a
 // replay): every id known, no double free, no alloc of a live storage, every op reads, saves,
 // holds and outputs only allocated storages, every op runs exactly once. Throws InputError.
 void validate_schedule(const Schedule& s);
+// Why op `id` breaks the op contract of docs/kernels.md (arity, ranks, shapes, dtypes of its
+// tensors), or "" when it keeps it. parse_schedule refuses a schedule with such an op.
+std::string op_contract_error(const graph::Graph& g, graph::OpId id);
 
 }  // namespace actsim::sim
