@@ -9,6 +9,7 @@
 //    else out of place; AccumulateGrad steals a gradient it holds the only reference to and whose
 //    strides match the parameter's ("gradient layout contract"), else clones it.
 #include "autodiff.hpp"
+#include "checkpoint_frames.hpp"
 
 #include <fmt/format.h>
 
@@ -97,13 +98,6 @@ class Engine {
   std::unordered_map<uint32_t, TensorId> remapped_t_;      // tensor -> same view of the replacement
   std::unordered_map<int32_t, std::vector<OpId>> regions_; // region -> forward ops, in order
   std::unordered_map<int32_t, bool> recomputed_;
-  // A region's (last) recomputation: how far it ran, what it emitted.
-  struct Recomputation {
-    bool reached = false;                         // it ran at all
-    size_t reach = 0;                             // position in regions_[r] of the last op it ran
-    std::vector<std::pair<size_t, OpId>> emitted; // (position, the recompute op emitted for it)
-    OpId end = kNoOp;                             // the last op it emitted
-  };
   std::unordered_map<int32_t, Recomputation> recomputations_;
   std::unordered_map<int32_t, bool> prefetched_;           // block -> prefetch emitted
   TensorId mapped(TensorId t);
@@ -316,77 +310,7 @@ std::vector<TensorId> Engine::run(TensorId loss) {
     run_node(f);
   }
   b_.hold_until_last(seed);
-  // Each checkpoint call's RNG stash lives until the last backward node of its region has run.
-  if (!b_.rng_stash.empty()) {
-    std::unordered_map<int32_t, OpId> last;
-    for (size_t i = 0; i < g_.n_ops(); ++i) {
-      const Op& op = g_.ops()[i];
-      if (op.phase != Phase::backward || op.forward == kNoOp || op.recompute) continue;
-      const int32_t r = g_.op(op.forward).region;
-      if (r >= 0) last[r] = OpId{static_cast<uint32_t>(i)};
-    }
-    for (const auto& [r, stash] : b_.rng_stash) {
-      auto it = last.find(r);
-      if (it == last.end()) continue;
-      Op& end = g_.op(it->second);
-      end.holds.push_back(stash);
-      // The checkpoint call's arguments (the block input, llama's token positions) are saved by
-      // its frame (_NoopSaveInputs) until then too: activations the region reads from outside.
-      std::unordered_map<uint32_t, bool> own, held;
-      for (OpId o : regions_[r]) {
-        for (TensorId t : g_.op(o).outputs) {
-          if (!g_.tensor(t).is_view) own[index(g_.tensor(t).storage)] = true;  // allocated in the region
-        }
-      }
-      for (OpId o : regions_[r]) {
-        for (TensorId t : g_.op(o).inputs) {
-          const uint32_t s = index(g_.tensor(t).storage);
-          const Category c = g_.storage(g_.tensor(t).storage).category;
-          if (own.count(s) || held.count(s) || (c != Category::activation && c != Category::input)) continue;
-          held[s] = true;
-          end.holds.push_back(t);
-        }
-      }
-    }
-    // Selective activation checkpointing caches the outputs of the listed ops whether or not
-    // backward asks for them; those it never asks for stay in the cache until the region's
-    // frame dies (its last backward node), the others leave it when the recomputation takes them.
-    std::vector<bool> read(g_.storages().size(), false);
-    for (const Op& op : g_.ops()) {
-      if (op.phase != Phase::backward) continue;
-      for (const auto* list : {&op.inputs, &op.holds}) {
-        for (TensorId t : *list) read[index(g_.tensor(t).storage)] = true;
-      }
-    }
-    // A recomputation that runs past a cached op takes its entry (and drops it when nothing
-    // needs it); entries past where the recomputation stopped stay until the frame dies.
-    for (const auto& [r, ops] : regions_) {
-      auto it = last.find(r);
-      if (it == last.end()) continue;
-      const Recomputation& rc = recomputations_[r];
-      for (size_t k = 0; k < ops.size(); ++k) {
-        const Op& op = g_.op(ops[k]);
-        if (!op.cached) continue;
-        OpId until = it->second;
-        if (rc.reached && k <= rc.reach && rc.end != kNoOp) {
-          until = rc.end;
-          for (const auto& [pos, id] : rc.emitted) {
-            if (pos > k) {
-              until = id;
-              break;
-            }
-          }
-        }
-        for (TensorId t : op.outputs) {
-          const Tensor& tt = g_.tensor(t);
-          if (!tt.is_view && !read[index(tt.storage)]) {
-            read[index(tt.storage)] = true;
-            g_.op(until).holds.push_back(t);
-          }
-        }
-      }
-    }
-  }
+  keep_checkpoint_frames(g_, b_.rng_stash, regions_, recomputations_);
   return param_grad_;
 }
 
