@@ -29,17 +29,8 @@ pkgs=(build-essential cmake ninja-build pkg-config libboost-graph-dev libboost-p
 # (node-d3) for the browser checks of the report and of PyTorch's memory viewer.
 if [ $tests = 1 ]; then pkgs+=(python3 python3-torch chromium fonts-dejavu-core node-d3); fi
 
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/apt.sh
+apt_install_missing setup "${pkgs[@]}"
 
 # The CUDA toolkit (optional) lives in the conventional location; CMake finds nvcc on PATH.
 if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then

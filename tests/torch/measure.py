@@ -122,11 +122,6 @@ def load_reference():
     return models
 
 
-def torch_nn_module():
-    import torch
-    return torch.nn.Module
-
-
 def torch_dtype(torch, name):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
@@ -144,129 +139,16 @@ def build(torch, models, cfg):
     if cfg["dtype"] != "fp32":
         model.to(torch_dtype(torch, cfg["dtype"]))
     if cfg["checkpoint"] != "none":
-        wrap_checkpoint(torch, model, cfg["checkpoint"], models)
+        import recipes  # tests/torch/recipes.py (imports torch itself)
+        try:
+            recipes.wrap_checkpoint(model, cfg["checkpoint"], models)
+        except ValueError as e:
+            raise UsageError(str(e))
     model.train()
     shape = (cfg["batch_size"], cfg["seq_len"])
     idx = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
     targets = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
     return model, idx, targets
-
-
-# actsim's ops:LIST names -> the aten ops whose outputs selective activation checkpointing keeps
-SAC_OPS = {
-    "mm": ("mm",), "addmm": ("addmm",), "bmm": ("bmm",), "softmax": ("_softmax",),
-    "layer_norm": ("native_layer_norm",), "gelu_tanh": ("gelu",), "silu": ("silu",),
-}
-
-
-# Selective activation checkpointing keeps the listed ops' outputs in its own cache, which the
-# saved-tensor hooks never see: (wrapper index, caching mode) of every forward checkpoint call, so
-# that --mode saved can count the cache too.
-SAC_CACHES = []
-RECORD_SAC = {"on": False}  # only --mode saved records: the list would keep the caches alive
-
-
-class Checkpointed(torch_nn_module()):
-    """Blocks [first, last) run as one torch.utils.checkpoint call (use_reentrant=False)."""
-
-    def __init__(self, blocks, policy_fn=None, index=0):
-        import torch
-        super().__init__()
-        self.inner = torch.nn.ModuleList(blocks)
-        self.policy_fn = policy_fn
-        self.index = index
-
-    def run(self, x, *args):
-        for b in self.inner:
-            x = b(x, *args)
-        return x
-
-    def forward(self, x, *args):
-        import torch.utils.checkpoint as cp
-        kw = {"use_reentrant": False}
-        if self.policy_fn is not None:
-            def context_fn():
-                ctx = cp.create_selective_checkpoint_contexts(self.policy_fn)
-                if RECORD_SAC["on"]:
-                    SAC_CACHES.append((self.index, ctx[0]))
-                return ctx
-            kw["context_fn"] = context_fn
-        return cp.checkpoint(self.run, x, *args, **kw)
-
-
-def core_checkpointed_forward(torch, models, attn):
-    """`selective` (Megatron-LM): the attention core of the reference forward, from the scores to
-    `@ v`, runs as one torch.utils.checkpoint call (use_reentrant=False); the rest is unchanged.
-    The lines mirror shared/reference/models.py (eager attention)."""
-    import math
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    if isinstance(attn, models.CausalSelfAttention):
-        def core(q, k, v, T):
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = att.masked_fill(attn.bias[:, :, :T, :T] == 0, float("-inf"))
-            att = F.softmax(att, dim=-1)
-            att = attn.attn_dropout(att)
-            return att @ v
-
-        def forward(x):
-            B, T, C = x.size()
-            q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
-            k = k.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
-            q = q.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
-            v = v.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
-            y = checkpoint(core, q, k, v, T, use_reentrant=False)
-            y = y.transpose(1, 2).contiguous().view(B, T, C)
-            return attn.resid_dropout(attn.c_proj(y))
-        return forward
-
-    def core(q, k, v, T, hd, device):
-        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
-        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)
-        scores = scores.masked_fill(mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return probs @ v
-
-    def forward(x, token_positions):
-        B, T, _ = x.shape
-        hd = attn.d // attn.h
-        q = attn.q_proj(x).view(B, T, attn.h, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, attn.kvh, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, attn.kvh, hd).transpose(1, 2)
-        q = attn.rope(q, token_positions)
-        k = attn.rope(k, token_positions)
-        k = models.repeat_kv(k, attn.h // attn.kvh)
-        v = models.repeat_kv(v, attn.h // attn.kvh)
-        out = checkpoint(core, q, k, v, T, hd, x.device, use_reentrant=False)
-        out = out.transpose(1, 2).contiguous().view(B, T, attn.d)
-        return attn.o_proj(out)
-    return forward
-
-
-def wrap_checkpoint(torch, model, policy, models=None):
-    blocks = list(model.blocks)
-    if policy == "selective":
-        for b in blocks:
-            if b.attn.attention != "eager":
-                raise UsageError("checkpoint=selective is lowered for eager attention")
-            b.attn.forward = core_checkpointed_forward(torch, models, b.attn)
-        return
-    policy_fn = None
-    k = 1
-    if policy.startswith("every:"):
-        k = int(policy.split(":", 1)[1])
-    elif policy.startswith("ops:"):
-        from torch.utils.checkpoint import CheckpointPolicy
-        keep = {a for kind in policy[4:].split(",") for a in SAC_OPS[kind]}
-
-        def policy_fn(ctx, op, *args, **kwargs):
-            name = op._schema.name.split("::")[-1]
-            return CheckpointPolicy.MUST_SAVE if name in keep else CheckpointPolicy.PREFER_RECOMPUTE
-    elif policy != "full":
-        raise UsageError("unknown checkpoint policy %r" % policy)
-    model.blocks = torch.nn.ModuleList(
-        Checkpointed(blocks[i:i + k], policy_fn, i // k) for i in range(0, len(blocks), k))
 
 
 def make_optimizer(torch, cfg, params):
@@ -428,16 +310,17 @@ def measure_saved(torch, models, cfg, trace):
             nbytes_of[ptr] = nbytes
         return t  # keep the tensor itself so that the grad_fn walk sees the same storages
 
-    RECORD_SAC["on"] = True
+    import recipes
+    recipes.RECORD_SAC["on"] = True
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack_identity):
         loss = model(idx, targets)
-    RECORD_SAC["on"] = False
+    recipes.RECORD_SAC["on"] = False
     for h in handles:
         h.remove()
     walker.claim([loss.grad_fn], -1)
     # what selective activation checkpointing cached during this forward
     sac_bytes = 0
-    for block, mode in SAC_CACHES:
+    for block, mode in recipes.SAC_CACHES:
         for entries in mode.storage.values():
             for entry in entries.values():
                 for w in (entry if isinstance(entry, (list, tuple)) else [entry]):
@@ -449,7 +332,7 @@ def measure_saved(torch, models, cfg, trace):
                         first_block[ptr] = block
                         nbytes_of[ptr] = nbytes
                         sac_bytes += nbytes
-    SAC_CACHES.clear()
+    recipes.SAC_CACHES.clear()
 
     # small ids make storages comparable across entries without printing addresses
     sid = {}

@@ -1,0 +1,128 @@
+"""Training recipes of the reference models as PyTorch 2.x runs them, for tests/torch/measure.py.
+
+checkpoint: `full` and `every:K` wrap each block (or K blocks) in one torch.utils.checkpoint call
+(use_reentrant=False, RNG state preserved); `selective` wraps the attention core alone, as
+Megatron-LM does; `ops:KIND,...` is selective activation checkpointing (create_selective_checkpoint_
+contexts) with a policy that saves the outputs of the listed op kinds.
+"""
+import torch
+
+
+# actsim's ops:LIST names -> the aten ops whose outputs selective activation checkpointing keeps
+SAC_OPS = {
+    "mm": ("mm",), "addmm": ("addmm",), "bmm": ("bmm",), "softmax": ("_softmax",),
+    "layer_norm": ("native_layer_norm",), "gelu_tanh": ("gelu",), "silu": ("silu",),
+}
+
+
+# Selective activation checkpointing keeps the listed ops' outputs in its own cache, which the
+# saved-tensor hooks never see: (wrapper index, caching mode) of every forward checkpoint call, so
+# that --mode saved can count the cache too.
+SAC_CACHES = []
+RECORD_SAC = {"on": False}  # only --mode saved records: the list would keep the caches alive
+
+
+class Checkpointed(torch.nn.Module):
+    """Blocks [first, last) run as one torch.utils.checkpoint call (use_reentrant=False)."""
+
+    def __init__(self, blocks, policy_fn=None, index=0):
+        super().__init__()
+        self.inner = torch.nn.ModuleList(blocks)
+        self.policy_fn = policy_fn
+        self.index = index
+
+    def run(self, x, *args):
+        for b in self.inner:
+            x = b(x, *args)
+        return x
+
+    def forward(self, x, *args):
+        import torch.utils.checkpoint as cp
+        kw = {"use_reentrant": False}
+        if self.policy_fn is not None:
+            def context_fn():
+                ctx = cp.create_selective_checkpoint_contexts(self.policy_fn)
+                if RECORD_SAC["on"]:
+                    SAC_CACHES.append((self.index, ctx[0]))
+                return ctx
+            kw["context_fn"] = context_fn
+        return cp.checkpoint(self.run, x, *args, **kw)
+
+
+def core_checkpointed_forward(models, attn):
+    """`selective` (Megatron-LM): the attention core of the reference forward, from the scores to
+    `@ v`, runs as one torch.utils.checkpoint call (use_reentrant=False); the rest is unchanged.
+    The lines mirror shared/reference/models.py (eager attention)."""
+    import math
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    if isinstance(attn, models.CausalSelfAttention):
+        def core(q, k, v, T):
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(attn.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = attn.attn_dropout(att)
+            return att @ v
+
+        def forward(x):
+            B, T, C = x.size()
+            q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)
+            k = k.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            q = q.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            v = v.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+            y = checkpoint(core, q, k, v, T, use_reentrant=False)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)
+            return attn.resid_dropout(attn.c_proj(y))
+        return forward
+
+    def core(q, k, v, T, hd, device):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), diagonal=1)
+        scores = scores.masked_fill(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return probs @ v
+
+    def forward(x, token_positions):
+        B, T, _ = x.shape
+        hd = attn.d // attn.h
+        q = attn.q_proj(x).view(B, T, attn.h, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, attn.kvh, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, attn.kvh, hd).transpose(1, 2)
+        q = attn.rope(q, token_positions)
+        k = attn.rope(k, token_positions)
+        k = models.repeat_kv(k, attn.h // attn.kvh)
+        v = models.repeat_kv(v, attn.h // attn.kvh)
+        out = checkpoint(core, q, k, v, T, hd, x.device, use_reentrant=False)
+        out = out.transpose(1, 2).contiguous().view(B, T, attn.d)
+        return attn.o_proj(out)
+    return forward
+
+
+def wrap_checkpoint(model, policy, models):
+    blocks = list(model.blocks)
+    if policy == "selective":
+        for b in blocks:
+            if b.attn.attention != "eager":
+                raise ValueError("checkpoint=selective is lowered for eager attention")
+            b.attn.forward = core_checkpointed_forward(models, b.attn)
+        return
+    policy_fn = None
+    k = 1
+    if policy.startswith("every:"):
+        k = int(policy.split(":", 1)[1])
+    elif policy.startswith("ops:"):
+        from torch.utils.checkpoint import CheckpointPolicy
+        kinds = policy[4:].split(",")
+        unknown = [k for k in kinds if k not in SAC_OPS]
+        if unknown:
+            raise ValueError("ops:%s: no aten op known for %s (known: %s)" % (policy[4:], unknown, ", ".join(SAC_OPS)))
+        keep = {a for kind in kinds for a in SAC_OPS[kind]}
+
+        def policy_fn(ctx, op, *args, **kwargs):
+            name = op._schema.name.split("::")[-1]
+            return CheckpointPolicy.MUST_SAVE if name in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    elif policy != "full":
+        raise ValueError("unknown checkpoint policy %r" % policy)
+    model.blocks = torch.nn.ModuleList(
+        Checkpointed(blocks[i:i + k], policy_fn, i // k) for i in range(0, len(blocks), k))
