@@ -17,7 +17,7 @@
 #include <queue>
 #include <unordered_map>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 namespace {
