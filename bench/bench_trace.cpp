@@ -9,6 +9,7 @@
 #include <filesystem>
 
 #include "actsim/report/export.hpp"
+#include "actsim/util/output.hpp"
 #include "actsim/util/units.hpp"
 
 using namespace actsim;
@@ -39,7 +40,7 @@ int main(int argc, char** argv) {
     const std::string bytes = render();
     const double render_s = seconds_since(s0);
     s0 = Clock::now();
-    report::write_file_atomic(dir + "/" + file, bytes);
+    util::write_file_atomic(dir + "/" + file, bytes);
     const double write_s = seconds_since(s0);
     fmt::print("{:<28} {:>10.1f} MiB  render {:.3f} s  write {:.3f} s  (with recording {:.3f} s)\n", what,
                static_cast<double>(bytes.size()) / 1048576.0, render_s, write_s, record_s + render_s + write_s);

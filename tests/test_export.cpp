@@ -10,6 +10,7 @@
 #include "actsim/report/export.hpp"
 #include "actsim/util/units.hpp"
 #include "actsim/report/summary.hpp"
+#include "pickle.hpp"  // report/src: internal to the memory_viz exporter
 
 using namespace actsim;
 using namespace actsim::study;

@@ -5,20 +5,21 @@
 //   ACTSIM_CUDA_CHECK_LOG(cudaStreamDestroy(s));             // destructors: log to stderr, never throw
 //
 // A failing CUDA call is neither bad input nor our assertion: it is the device saying no (out of
-// memory, a kernel fault), reported as std::runtime_error with where and what.
+// memory, a kernel fault), reported as DeviceError (util/error.hpp; exit code 1) with where and what.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
-#include <stdexcept>
 #include <string>
+
+#include "actsim/util/error.hpp"
 
 namespace actsim::backends::cuda {
 
 [[noreturn]] inline void check_failed(const char* file, int line, const char* call, const char* what) {
-  throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + call + " failed: " + what);
+  throw DeviceError(std::string(file) + ":" + std::to_string(line) + ": " + call + " failed: " + what);
 }
 
 inline void check_log(const char* file, int line, const char* call, const char* what) {

@@ -8,17 +8,26 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <random>
 
 #include "actsim/util/error.hpp"
 #include "actsim/util/bf16.hpp"
+#include "actsim/util/fp16.hpp"
+#include "actsim/util/hash.hpp"
+#include "actsim/util/rng.hpp"
+#include "actsim/util/text.hpp"
 
 namespace actsim::replay {
 
 using util::from_bf16;
 using util::to_bf16;
+using util::fnv1a;
+using util::from_f16;
+using util::splitmix64;
+using util::to_f16;
 using backends::Backend;
 using backends::OpCall;
 using backends::TensorArg;
@@ -42,50 +51,9 @@ namespace {
 
 // ---- deterministic values -------------------------------------------------------------------
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-uint64_t fnv1a(std::string_view s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (char c : s) h = (h ^ static_cast<uint8_t>(c)) * 0x100000001b3ull;
-  return h;
-}
 // Uniform in [0, 1), a pure function of (key, i): values do not depend on storage ids, so a
 // rewritten (checkpointed) graph of the same model gets the same weights.
 double uniform(uint64_t key, uint64_t i) { return static_cast<double>(splitmix64(key ^ splitmix64(i)) >> 11) * 0x1.0p-53; }
-
-uint16_t to_f16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  const int32_t exp = static_cast<int32_t>((x >> 23) & 0xffu) - 127 + 15;
-  uint32_t mant = x & 0x7fffffu;
-  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7c00u);
-  if (exp <= 0) {
-    if (exp < -10) return static_cast<uint16_t>(sign);
-    mant |= 0x800000u;
-    const uint32_t shift = static_cast<uint32_t>(14 - exp);
-    uint32_t h = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (h & 1u))) ++h;
-    return static_cast<uint16_t>(sign | h);
-  }
-  uint32_t h = (static_cast<uint32_t>(exp) << 10) | (mant >> 13);
-  const uint32_t rem = mant & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
-  return static_cast<uint16_t>(sign | h);
-}
-float from_f16(uint16_t h) {
-  const int exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-  const float sign = (h & 0x8000) ? -1.0f : 1.0f;
-  if (exp == 0) return sign * std::ldexp(static_cast<float>(mant), -24);
-  if (exp == 31) return mant ? NAN : sign * INFINITY;
-  return sign * std::ldexp(1.0f + static_cast<float>(mant) / 1024.0f, exp - 15);
-}
 
 void put(DType dt, uint8_t* p, double v) {
   switch (dt) {
@@ -185,13 +153,29 @@ std::string storage_label(const Graph& g, StorageId s) {
 
 class Executor {
  public:
-  Executor(const Schedule& s, Backend& be, const ReplayOptions& o) : s_(s), g_(s.graph()), be_(be), o_(o) {}
-  ~Executor() {
-    for (void* p : buf_) {
-      if (p) be_.free(p);
+  Executor(const Schedule& s, Backend& be, const ReplayOptions& o)
+      : s_(s), g_(s.graph()), be_(be), be_name_(be.name()), o_(o) {}
+  // Never throws: a backend whose free fails (a CUDA error is sticky, so after a kernel fault
+  // every later call fails too) costs a leak and one line on stderr, not std::terminate while
+  // the fault that got us here is being reported.
+  ~Executor() noexcept {
+    int64_t failed = 0;
+    std::string first;
+    for (std::vector<void*>* list : {&buf_, &ws_}) {
+      for (void* p : *list) {
+        if (!p) continue;
+        try {
+          be_.free(p);
+        } catch (const std::exception& e) {
+          if (failed++ == 0) first = e.what();
+        } catch (...) {
+          if (failed++ == 0) first = "unknown error";
+        }
+      }
     }
-    for (void* p : ws_) {
-      if (p) be_.free(p);
+    if (failed > 0) {
+      std::fprintf(stderr, "actsim: replay: %lld buffer(s) could not be freed on the %s backend: %s\n",
+                   static_cast<long long>(failed), be_name_.c_str(), util::one_line(first).c_str());
     }
   }
 
@@ -273,6 +257,7 @@ class Executor {
   const Schedule& s_;
   const Graph& g_;
   Backend& be_;
+  std::string be_name_;  // for the destructor's message (name() is not called there)
   const ReplayOptions& o_;
   ReplayResult r_;
   std::vector<void*> buf_;  // [storages] backend buffer, null when not allocated

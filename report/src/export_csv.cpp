@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "actsim/report/export.hpp"
+#include "actsim/util/text.hpp"
 
 namespace actsim::report {
 
@@ -11,18 +12,7 @@ using study::Analysis;
 using graph::Category;
 using graph::index;
 
-namespace {
-// RFC 4180 quoting, only where needed.
-std::string csv_field(std::string_view s) {
-  if (s.find_first_of(",\"\n") == std::string_view::npos) return std::string(s);
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"') out += '"';
-    out += c;
-  }
-  return out + "\"";
-}
-}  // namespace
+using util::csv_field;
 
 std::string timeline_csv(const Analysis& a, const Timeline& t, int64_t max_events) {
   const graph::Graph& g = a.step->graph;

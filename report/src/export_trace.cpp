@@ -177,12 +177,6 @@ std::vector<TimelineRow> coarsen(const Timeline& t, int64_t max_events) {
   return rows;
 }
 
-void write_file_atomic(const std::string& path, const std::string& bytes) {
-  OutputSet out;
-  out.add("", path, bytes);
-  out.commit();
-}
-
 void add_exports(const Analysis& a, const ExportRequest& r, OutputSet& out) {
   if (r.trace.empty() && r.memviz.empty() && r.csv.empty() && r.report.empty() && r.svg.empty()) return;
   if (r.max_events < 0) throw InputError(fmt::format("--max-events {}: must be 0 (all) or positive", r.max_events));

@@ -105,6 +105,9 @@ def main():
                    ["--policies", "fulll"])
     r.expect_error("fit --policies every:0", ["fit", "--policies", "every:0"] + SMALL, ["--policies", "every:0"])
     r.expect_error("fit --policies with an empty entry", ["fit", "--policies", "none,,full"] + SMALL, ["--policies"])
+    # One list syntax (util::split_list): an empty item is named, for replay as for fit.
+    r.expect_error("replay --policies with a trailing comma", ["replay"] + SMALL + ["--confirm", "--policies", "full,"],
+                   ["--policies full,", "empty policy"])
     r.expect_error("fit --policies budget", ["fit", "--policies", "budget:60GiB"] + SMALL, ["--policies", "budget"])
     r.expect_error("fit --bogus", ["fit", "--bogus"], ["--bogus"])
 
@@ -120,6 +123,10 @@ def main():
             ("bad range", ["--vary", "training.batch_size=5..2"], ["--vary training.batch_size=5..2", "range"]),
             ("same key twice", ["--vary", "model.n_layers=1,2", "--vary", "model.n_layers=3"], ["--vary model.n_layers=3"]),
             ("bad combination", ["--vary", "model.n_heads=4,5", "--vary", "model.d_model=64"], ["--vary model.n_heads=4,5"]),
+            # The axis blamed is the one whose value makes the run invalid, whatever key the message
+            # names first (here model.n_heads, which the message puts first).
+            ("value bad with the base", ["--vary", "model.n_heads=4", "--vary", "model.d_model=64,66"],
+             ["--vary model.d_model=64,66", "(in the run model.n_heads=4, model.d_model=66)"]),
     ]:
         r.expect_error(f"sweep {name}", ["sweep"] + SMALL + vary + ["--out", out_csv], names, out_csv)
     r.expect_error("sweep without --vary", ["sweep"] + SMALL + ["--out", out_csv], ["--vary"], out_csv)

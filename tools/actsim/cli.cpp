@@ -11,12 +11,6 @@
 
 namespace actsim::cli {
 
-void write_atomic(const std::string& path, const std::string& text) {
-  util::OutputSet out;
-  out.add("", path, text);
-  out.commit();
-}
-
 void add_scenario_options(po::options_description& opts) {
   opts.add_options()("set", po::value<std::vector<std::string>>()->composing(),
                      "KEY=VALUE: override a scenario key (repeatable), e.g. --set training.batch_size=16");

@@ -14,10 +14,6 @@ namespace actsim::cli {
 
 namespace po = boost::program_options;
 
-// Writes `text` to `path` atomically (temporary file beside it, then rename): an error never
-// leaves a half-written file. Throws InputError naming the path.
-void write_atomic(const std::string& path, const std::string& text);
-
 // The scenario options every simulating command shares: [SCENARIO] and --set KEY=VALUE.
 void add_scenario_options(po::options_description& opts);
 // Parses args with `opts` (+ the positional SCENARIO); throws InputError / po::error on bad input.

@@ -2,16 +2,15 @@
 // largest sequence length) whose simulated peak fits the device.
 #include <fmt/format.h>
 
-#include <atomic>
-#include <exception>
 #include <iostream>
-#include <thread>
 
 #include "actsim/util/error.hpp"
 #include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
 #include "actsim/sim/engine.hpp"
 #include "actsim/study/analyze.hpp"
+#include "actsim/util/parallel.hpp"
+#include "actsim/util/text.hpp"
 #include "actsim/util/units.hpp"
 #include "cli.hpp"
 
@@ -68,20 +67,6 @@ int64_t max_seq_len(const study::Scenario& s) {
   return lo;
 }
 
-std::vector<std::string> split_policies(const std::string& s) {
-  std::vector<std::string> out(1);
-  bool quoted = false;
-  for (char c : s) {
-    if (c == '"') {
-      quoted = !quoted;
-      continue;
-    }
-    if (c == ',' && !quoted) out.emplace_back();
-    else out.back() += c;
-  }
-  return out;
-}
-
 }  // namespace
 
 int cmd_fit(const std::vector<std::string>& args) {
@@ -104,7 +89,8 @@ int cmd_fit(const std::vector<std::string>& args) {
   std::vector<std::string> policies(std::begin(kDefaultPolicies), std::end(kDefaultPolicies));
   if (vm.count("policies")) {
     const std::string text = vm["policies"].as<std::string>();
-    policies = split_policies(text);
+    policies.clear();
+    for (const std::string& item : util::split_list(text)) policies.push_back(util::strip_quotes(item));
     for (const std::string& p : policies) {
       if (p.empty()) throw InputError(fmt::format("--policies {}: empty policy in the list", text));
       const graph::CheckpointPolicy cp = graph::parse_policy(p, "--policies " + text);
@@ -119,42 +105,26 @@ int cmd_fit(const std::vector<std::string>& args) {
   {
     // Per policy: about 2 log2(max batch) searches of lowerings (and as many for --vary-seq).
     const double searches = 14.0 * (vary_seq ? 2 : 1) * static_cast<double>(policies.size());
-    const double threads = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), policies.size()));
+    const double threads = std::max(1, std::min(util::hardware_threads(), static_cast<int>(policies.size())));
     check_long_work(vm, searches * static_cast<double>(base.model.n_layers) * kSecondsPerLayer / threads,
                     fmt::format("fit of {} policies at {} layers", policies.size(), base.model.n_layers));
   }
 
   std::vector<FitRow> rows(policies.size());
-  std::vector<std::exception_ptr> errors(policies.size());
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < policies.size();) {
-      try {
-        study::Scenario s = base;
-        s.checkpoint_policy = policies[i];
-        s.block_plan = nullptr;
-        s.origin["checkpoint.policy"] = "--policies";
-        FitRow& r = rows[i];
-        r.policy = policies[i];
-        r.max_batch_size = study::max_batch_size(s);
-        if (vary_seq) r.max_seq_len = max_seq_len(s);
-        s.training.batch_size = std::max<int64_t>(1, r.max_batch_size);
-        const study::Analysis a = study::analyze(s);
-        r.peak_bytes = a.result.peak_bytes;
-        r.step_time_ns = a.result.step_time_ns;
-      } catch (...) {
-        errors[i] = std::current_exception();
-      }
-    }
-  };
-  const size_t n_threads = std::min<size_t>(policies.size(), std::max(1u, std::thread::hardware_concurrency()));
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < n_threads; ++t) pool.emplace_back(work);
-  work();
-  for (std::thread& t : pool) t.join();
-  for (const std::exception_ptr& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
+  util::parallel_for(static_cast<int64_t>(policies.size()), util::hardware_threads(), [&](int64_t i) {
+    study::Scenario s = base;
+    s.checkpoint_policy = policies[i];
+    s.block_plan = nullptr;
+    s.origin["checkpoint.policy"] = "--policies";
+    FitRow& r = rows[i];
+    r.policy = policies[i];
+    r.max_batch_size = study::max_batch_size(s);
+    if (vary_seq) r.max_seq_len = max_seq_len(s);
+    s.training.batch_size = std::max<int64_t>(1, r.max_batch_size);
+    const study::Analysis a = study::analyze(s);
+    r.peak_bytes = a.result.peak_bytes;
+    r.step_time_ns = a.result.step_time_ns;
+  });
 
   if (vm.count("json")) {
     nlohmann::json j;

@@ -27,6 +27,7 @@
 #include "actsim/util/units.hpp"
 #include "actsim/study/make_schedule.hpp"
 #include "actsim/util/output.hpp"
+#include "actsim/util/text.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
@@ -71,13 +72,14 @@ struct TorchOutcome {
   double seconds = 0;
 };
 
-// Dumps weights, inputs, loss and gradients, and runs tests/replay/torch_check.py on them.
+// Dumps weights, inputs, loss and gradients, and runs python/torch_check.py on them: a script
+// shipped with the tool (beside scenarios/, found from the same data directory), not a test file.
 TorchOutcome run_torch_check(const schedule::Schedule& s, const replay::ReplayResult& r) {
   TorchOutcome t;
   if (!replay::torch_checkable(s, t.detail)) return t;
   const auto t0 = Clock::now();
   const char* env_script = std::getenv("ACTSIM_TORCH_CHECK");
-  const std::string script = env_script ? env_script : sim::data_dir() + "/../tests/replay/torch_check.py";
+  const std::string script = env_script ? env_script : sim::data_dir() + "/../python/torch_check.py";
   const char* env_py = std::getenv("ACTSIM_PYTHON");
   const std::string python = env_py ? env_py : "/usr/bin/python3";
   if (!std::filesystem::exists(script)) {
@@ -184,21 +186,6 @@ int64_t cpu_replay_bytes(const schedule::Schedule& s, bool confirm) {
 
 }  // namespace
 
-namespace {
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> out;
-  std::string cur;
-  bool quoted = false;
-  for (char c : text) {
-    if (c == '"') quoted = !quoted;
-    else if (c == ',' && !quoted) out.push_back(cur), cur.clear();
-    else cur += c;
-  }
-  if (!cur.empty()) out.push_back(cur);
-  return out;
-}
-}  // namespace
-
 int cmd_replay(const std::vector<std::string>& args) {
   po::options_description opts("actsim replay [SCENARIO|SCHEDULE] [options]");
   opts.add_options()("help,h", "show this help");
@@ -233,8 +220,16 @@ int cmd_replay(const std::vector<std::string>& args) {
   if (sample < 0) throw InputError(fmt::format("--sample {}: must be zero or more", sample));
   const uint64_t seed = vm["seed"].as<uint64_t>();
   // Validate every option before anything runs.
-  const std::vector<std::string> policy_list = split_list(vm["policies"].as<std::string>());
-  for (const std::string& p : policy_list) (void)graph::parse_policy(p, "--policies");
+  // The list syntax of every comma-separated option (util::split_list); "" asks for none.
+  const std::string policies_text = vm["policies"].as<std::string>();
+  std::vector<std::string> policy_list;
+  if (!policies_text.empty()) {
+    for (const std::string& item : util::split_list(policies_text)) policy_list.push_back(util::strip_quotes(item));
+  }
+  for (const std::string& p : policy_list) {
+    if (p.empty()) throw InputError(fmt::format("--policies {}: empty policy in the list", policies_text));
+    (void)graph::parse_policy(p, "--policies");
+  }
   const auto t_start = Clock::now();
 
   // The schedule: read (and validated) from a file, or simulated from a scenario.
@@ -256,7 +251,7 @@ int cmd_replay(const std::vector<std::string>& args) {
       schedule::validate_schedule(s);
     } catch (const InputError& e) {
       // Not the user's input: the simulator produced an order that cannot run.
-      std::cerr << "actsim: replay: the simulated schedule cannot run (a simulator bug): " << e.what() << "\n";
+      std::cerr << "actsim: replay: the simulated schedule cannot run (a simulator bug): " << util::one_line(e.what()) << "\n";
       return 1;
     }
   }
@@ -310,7 +305,7 @@ int cmd_replay(const std::vector<std::string>& args) {
       t_tight = since(t0);
     }
   } catch (const replay::ReplayError& e) {
-    std::cerr << "actsim: replay failed: " << e.what() << "\n";
+    std::cerr << "actsim: replay failed: " << util::one_line(e.what()) << "\n";
     return 1;
   }
   // (d) Recompute: every checkpoint policy's schedule gives the plain schedule's gradients.
@@ -319,32 +314,22 @@ int cmd_replay(const std::vector<std::string>& args) {
   if (confirm && scenario_input) {
     const std::vector<std::string> sets =
         vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-    study::Scenario plain = input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets);
-    const std::string own = plain.checkpoint_policy;
-    std::vector<std::string> policies;
-    for (const std::string& p : policy_list) {
-      if (p != "none") policies.push_back(p);
-    }
-    if (own != "none" && std::find(policies.begin(), policies.end(), own) == policies.end()) policies.push_back(own);
-    auto run_policy = [&](const std::string& p) {
+    const study::Scenario plain = input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets);
+    // The schedule of the same scenario under another checkpoint policy.
+    auto schedule_of = [&](const std::string& p) {
       study::Scenario sc = plain;
       sc.checkpoint_policy = p;
       sc.block_plan.reset();
-      schedule::Schedule ps = study::make_schedule(study::analyze(sc));
-      schedule::validate_schedule(ps);
-      return replay::run(ps, *be, {.seed = seed, .stop_after_backward = true});
+      return study::make_schedule(study::analyze(sc));
     };
     try {
-      const replay::ReplayResult ref = run_policy("none");
-      recompute_ok = true;
+      const replay::RecomputeCheck c = replay::confirm_recompute(
+          replay::recompute_policies(policy_list, plain.checkpoint_policy), schedule_of, *be, seed);
+      recompute_ok = c.ok;
       recompute_detail = json::array();
-      for (const std::string& p : policies) {
-        const bool ok = replay::grads_equal(ref, run_policy(p));
-        recompute_detail.push_back({{"policy", p}, {"equal", ok}});
-        *recompute_ok = *recompute_ok && ok;
-      }
+      for (const replay::RecomputeItem& it : c.items) recompute_detail.push_back({{"policy", it.policy}, {"equal", it.equal}});
     } catch (const std::exception& e) {
-      std::cerr << "actsim: replay: recompute check failed to run: " << e.what() << "\n";
+      std::cerr << "actsim: replay: recompute check failed to run: " << util::one_line(e.what()) << "\n";
       return 1;
     }
   }
@@ -374,17 +359,7 @@ int cmd_replay(const std::vector<std::string>& args) {
   j["simulated_peak_bytes"] = s.simulated_peak_bytes;
   j["measured_peak_bytes"] = r.peak_bytes;
   j["loss"] = r.loss;
-  {
-    // FNV-1a over the loss, gradients and updated parameters: equal digests, bitwise equal runs.
-    uint64_t h = 0xcbf29ce484222325ull;
-    auto mix = [&](const std::vector<uint8_t>& v) {
-      for (uint8_t b : v) h = (h ^ b) * 0x100000001b3ull;
-    };
-    mix(r.loss_bytes);
-    for (const auto& v : r.grads) mix(v);
-    for (const auto& v : r.params_after) mix(v);
-    j["result_digest"] = fmt::format("{:016x}", h);
-  }
+  j["result_digest"] = replay::result_digest(r);
   j["entries"] = s.entries.size();
   j["ops"] = s.graph().n_ops();
   j["predicted_step_ns"] = s.simulated_step_time_ns;

@@ -10,11 +10,14 @@
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "actsim/util/error.hpp"
+#include "actsim/report/sweep_format.hpp"
 #include "actsim/study/sweep.hpp"
 #include "actsim/util/output.hpp"
+#include "actsim/util/parallel.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
@@ -62,7 +65,7 @@ int cmd_sweep(const std::vector<std::string>& args) {
     return 0;
   }
   if (!vm.count("vary")) throw InputError("sweep: --vary KEY=V1,V2,... is required (at least one)");
-  int64_t threads = std::max(1u, std::thread::hardware_concurrency());
+  int64_t threads = util::hardware_threads();
   if (vm.count("threads")) {
     threads = vm["threads"].as<int64_t>();
     if (threads < 1 || threads > 1024) throw InputError(fmt::format("--threads {}: must be between 1 and 1024", threads));
@@ -125,13 +128,13 @@ int cmd_sweep(const std::vector<std::string>& args) {
   if (!out.empty()) {
     util::OutputSet files;
     files.protect(input);
-    files.add("--out", out, ends_with(out, ".csv") ? study::sweep_csv(axes, rows) : study::sweep_json(axes, rows).dump(2) + "\n");
+    files.add("--out", out, ends_with(out, ".csv") ? report::sweep_csv(axes, rows) : report::sweep_json(axes, rows).dump(2) + "\n");
     files.commit();
   }
   if (vm.count("json")) {
-    std::cout << study::sweep_json(axes, rows).dump(2) << "\n";
+    std::cout << report::sweep_json(axes, rows).dump(2) << "\n";
   } else if (out.empty()) {
-    std::cout << study::sweep_table(axes, rows);
+    std::cout << report::sweep_table(axes, rows);
   } else {
     std::cout << fmt::format("{}: {} runs, {} on the Pareto frontier; {:.2f} s on {} threads ({} analyzed in full, "
                              "{} from batch scaling)\n",

@@ -1,7 +1,9 @@
-// actsim — command-line program. Dispatches to one command per cmd_*.cpp and turns bad input
-// into one line on stderr and exit code 2. Boost.Program_options lives only in this folder.
+// actsim — command-line program. Dispatches to one command per cmd_*.cpp and turns every failure
+// into one line on stderr and an exit code (2 bad input, 1 a device or internal error).
+// Boost.Program_options lives only in this folder.
 #include <fmt/format.h>
 
+#include <cstdio>
 #include <iostream>
 #include <map>
 #include <string>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "actsim/util/error.hpp"
+#include "actsim/util/text.hpp"
 #include "cli.hpp"
 
 using namespace actsim;
@@ -36,22 +39,6 @@ Run `actsim <command> --help` for the options of a command.
 
 using Command = int (*)(const std::vector<std::string>&);
 
-// One line whatever the input held: a newline, tab or other control character in a key or value
-// the message echoes is written as an escape (\n, \t, \xNN), never raw.
-std::string one_line(std::string_view msg) {
-  std::string out;
-  out.reserve(msg.size());
-  for (char ch : msg) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c == '\n') out += "\\n";
-    else if (c == '\t') out += "\\t";
-    else if (c == '\r') out += "\\r";
-    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
-    else out += ch;
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -76,18 +63,13 @@ int main(int argc, char** argv) {
     if (it == commands.end()) throw InputError(fmt::format("unknown command \"{}\" (see actsim --help)", args[0]));
     args.erase(args.begin());
     return it->second(args);
-  } catch (const InputError& e) {
-    std::cerr << "actsim: error: " << one_line(e.what()) << "\n";
-    return 2;
   } catch (const cli::po::error& e) {
-    std::cerr << "actsim: error: " << one_line(e.what()) << "\n";
+    std::cerr << "actsim: error: " << util::one_line(e.what()) << "\n";
     return 2;
-  } catch (const std::bad_alloc&) {
-    // Commands check their sizes before allocating; reaching this is a gap in those checks.
-    std::cerr << "actsim: error: out of memory (a size check missed this input; please report it)\n";
-    return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "actsim: internal error: " << one_line(e.what()) << "\n";
-    return 1;
+  } catch (...) {
+    // Everything else (bad input, a device error, our own bug) ends in one line and an exit code.
+    const Failure f = describe_failure(std::current_exception());
+    std::fputs(f.line.empty() ? "actsim: internal error\n" : (f.line + "\n").c_str(), stderr);
+    return f.exit_code;
   }
 }

@@ -105,4 +105,10 @@ void OutputSet::commit() {
   files_.clear();
 }
 
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  OutputSet out;
+  out.add("", path, bytes);
+  out.commit();
+}
+
 }  // namespace actsim::util

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -110,7 +111,33 @@ struct MemoryCheck {
 };
 MemoryCheck confirm_memory(const schedule::Schedule& s, const ReplayResult& r);
 
-// (e) Inputs for the PyTorch cross-check (tests/replay/torch_check.py): one JSON header line,
+// (d) Recompute: every checkpoint policy's schedule gives the loss and gradients of the schedule
+// without checkpointing, bit for bit. The schedules come from `schedule_of(policy)` (the caller
+// simulates them: replay knows no scenario); each is validated, then replayed up to the end of
+// backward. Throws InputError (a schedule that cannot run) or ReplayError.
+//
+//   RecomputeCheck c = confirm_recompute(recompute_policies({"full", "offload"}, "none"),
+//       [&](const std::string& p) { return study::make_schedule(analyze(with_policy(sc, p))); }, *be, seed);
+struct RecomputeItem {
+  std::string policy;
+  bool equal = false;
+};
+struct RecomputeCheck {
+  bool ok = true;
+  std::vector<RecomputeItem> items;        // one per policy compared, in order
+};
+// The policies to compare: those asked for (without "none", the reference) plus the scenario's
+// own policy when it is not among them.
+std::vector<std::string> recompute_policies(const std::vector<std::string>& asked, const std::string& own);
+RecomputeCheck confirm_recompute(const std::vector<std::string>& policies,
+                                 const std::function<schedule::Schedule(const std::string& policy)>& schedule_of,
+                                 backends::Backend& be, uint64_t seed = 0);
+
+// FNV-1a over the loss, gradients and updated parameters, as 16 hex digits: equal digests,
+// bitwise equal runs (replay --json's result_digest).
+std::string result_digest(const ReplayResult& r);
+
+// (e) Inputs for the PyTorch cross-check (python/torch_check.py): one JSON header line,
 // then raw little-endian arrays (fp32 for floating point, int64 for token ids) of parameters,
 // buffers and inputs (before the step) and of the gradients and loss the replay computed.
 std::string torch_dump(const schedule::Schedule& s, const ReplayResult& r);

@@ -5,15 +5,16 @@
 //   std::vector<SweepAxis> axes{parse_sweep_axis("training.batch_size=1..8"),
 //                               parse_sweep_axis("checkpoint.policy=none,full,sqrt")};
 //   std::vector<SweepRow> rows = run_sweep(base, axes, {.threads = 2});   // 24 rows, pareto marked
-//   write(sweep_csv(axes, rows));
+//   write(report::sweep_csv(axes, rows));                                 // report/sweep_format.hpp
 //
 // Every row is what study::analyze gives for that scenario (peak, step time, saved bytes). Note
-// [Batch scaling] in sweep.cpp explains how rows that differ only in the batch size share work.
+// [Batch scaling] in batch_scaling.cpp explains how rows that differ only in the batch size share
+// work. The option's syntax is sweep_axis.cpp, the orchestration sweep.cpp.
 #pragma once
 
 #include <cstdint>
 #include <functional>
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -28,7 +29,13 @@ struct SweepAxis {
   std::string text;                        // the option as written, for error messages
   std::string key;
   std::vector<std::string> values;         // in order, each as it would follow --set KEY=
+
+  // Throws InputError("--vary TEXT: MSG").
+  [[noreturn]] void fail(const std::string& msg) const;
 };
+
+// More runs is a mistake on the command line, not a sweep.
+inline constexpr int64_t kMaxSweepRuns = 100000;
 
 // Parses "KEY=V1,V2,...". Throws InputError("--vary TEXT: ...") for an unknown key (with a
 // did-you-mean), an empty list or value, or a malformed range. Values are checked by run_sweep.
@@ -58,18 +65,16 @@ struct SweepStats {
 
 // Simulates the cross product of `axes` (the last axis varies fastest) on top of `base`. Every
 // combination is applied and validated before anything is simulated: bad input throws InputError
-// naming the --vary option (and the combination when several keys are varied).
+// naming the --vary option (and the combination when several keys are varied). The option blamed
+// is the first axis whose value, applied after those of the axes before it, makes the run invalid.
 std::vector<SweepRow> run_sweep(const Scenario& base, const std::vector<SweepAxis>& axes, const SweepOptions& opts,
                                 SweepStats* stats = nullptr);
 
 // Marks rows that no other row dominates (lower-or-equal peak and step time, one strictly lower).
 void mark_pareto(std::vector<SweepRow>& rows);
 
-// Header: the varied keys, peak_bytes, step_time_ns, saved_bytes, fits, pareto.
-std::string sweep_csv(const std::vector<SweepAxis>& axes, const std::vector<SweepRow>& rows);
-// A list of objects with the same fields; varied values typed as --set parses them.
-nlohmann::json sweep_json(const std::vector<SweepAxis>& axes, const std::vector<SweepRow>& rows);
-// An aligned text table (frontier rows marked with '*').
-std::string sweep_table(const std::vector<SweepAxis>& axes, const std::vector<SweepRow>& rows);
+// A varied value typed as --set parses it (a TOML scalar if it is one, else the text): how the
+// sweep's JSON writes it.
+nlohmann::json sweep_value_json(const std::string& text);
 
 }  // namespace actsim::study

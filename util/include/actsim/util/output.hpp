@@ -41,6 +41,10 @@ class OutputSet {
   std::vector<File> files_;
 };
 
+// One file written atomically (a temporary beside it, then rename): an OutputSet of one file.
+// An error never leaves a half-written file. Throws InputError naming the path.
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
 // The checks of OutputSet::commit for one path (no input list). Throws InputError.
 void check_output_path(const std::string& option, const std::string& path,
                        const std::vector<std::string>& inputs = {});

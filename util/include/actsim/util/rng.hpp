@@ -25,11 +25,16 @@ ACTSIM_HD inline uint64_t rng_mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// splitmix64: one step of the generator from state `x` (the golden gamma added, then mixed).
+// The one copy in the project: kernels' dropout streams and replay's initial values use it.
+inline constexpr uint64_t kGoldenGamma = 0x9E3779B97F4A7C15ull;
+ACTSIM_HD inline uint64_t splitmix64(uint64_t x) { return rng_mix64(x + kGoldenGamma); }
+
 // 32 random bits for element `index` of the stream keyed by `seed`. The seed is mixed first so
 // that nearby seeds (op ids) give unrelated streams, then the index steps by the golden gamma.
 ACTSIM_HD inline uint32_t rng_u32(uint64_t seed, uint64_t index) {
-  const uint64_t key = rng_mix64(seed + 0x9E3779B97F4A7C15ull);
-  return static_cast<uint32_t>(rng_mix64(key + (index + 1) * 0x9E3779B97F4A7C15ull) >> 32);
+  const uint64_t key = splitmix64(seed);
+  return static_cast<uint32_t>(splitmix64(key + index * kGoldenGamma) >> 32);
 }
 
 // A float uniform in [0, 1) with 24 random bits: exact in float, so every backend agrees.

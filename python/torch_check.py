@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Cross-check a replay against real PyTorch: same weights, same data, loss and gradients.
 
-Usage: /usr/bin/python3 tests/replay/torch_check.py DUMP
+Usage: /usr/bin/python3 python/torch_check.py DUMP
 
 DUMP is written by `actsim replay --torch` (kernels::torch_dump): one JSON header line, then raw
 little-endian arrays. The header names the model (actsim's model.* keys), the replay's loss, and
@@ -9,7 +9,7 @@ each array: name (the graph's name, which is the module's parameter/buffer name)
 buffer, input, grad), dtype (float32 or int64), shape, offset and nbytes into the data after the
 header line.
 
-The script builds the reference model (../shared/reference/models.py, or $ACTSIM_REFERENCE),
+The script builds the reference model (../shared/reference/models.py beside the checkout, or $ACTSIM_REFERENCE),
 loads the replay's parameters and buffers into it, runs forward and backward on the replay's
 idx/targets, and compares: loss within rtol 1e-4, gradients with torch.allclose(rtol=1e-4,
 atol=1e-5) (fp32). Prints one JSON line {"ok", "detail", "loss_torch", "loss_actsim",
@@ -35,7 +35,7 @@ def main():
         print(json.dumps({"ok": None, "detail": "python3-torch is not installed"}))
         sys.exit(77)
     here = os.path.dirname(os.path.abspath(__file__))
-    ref = os.environ.get("ACTSIM_REFERENCE") or os.path.join(here, "..", "..", "..", "shared", "reference")
+    ref = os.environ.get("ACTSIM_REFERENCE") or os.path.join(here, "..", "..", "shared", "reference")
     sys.path.insert(0, ref)
     try:
         import models
