@@ -2,7 +2,7 @@
 // graph needed to execute it without the scenario (docs/schedule-format.md).
 //
 //   Analysis a = analyze(load_scenario("gpt2.toml", {}));
-//   std::string text = emit_schedule(a);            // JSON lines; write with cli::write_atomic
+//   std::string text = emit_schedule(a);            // JSON lines; write with util::write_file_atomic
 //   Schedule s = parse_schedule("step.jsonl");       // InputError "step.jsonl:812: entry 17: ..."
 //   for (const ScheduleEntry& e : s.entries) ...     // exactly the engine's order
 //
