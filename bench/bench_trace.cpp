@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "actsim/report/export.hpp"
 #include "actsim/util/output.hpp"

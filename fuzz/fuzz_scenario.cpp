@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 #include <vector>
+#include <nlohmann/json.hpp>
 
 #include "actsim/util/error.hpp"
 #include "actsim/report/export.hpp"

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <nlohmann/json.hpp>
 
 #include "actsim/util/error.hpp"
 #include "actsim/report/export.hpp"

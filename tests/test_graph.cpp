@@ -189,7 +189,9 @@ TEST_CASE("graph::parse_op_kind: every kind round-trips through its name", "[gra
   }
   CHECK(names.size() == static_cast<size_t>(kNumOpKinds));  // names are distinct
   CHECK(to_string(OpKind::gelu_tanh) == "gelu_tanh");
-  CHECK(to_string(OpKind::recompute) == "recompute");
+  // OpKind::recompute (an unused marker) is gone: recompute ops keep their forward kind with
+  // Op::recompute = true, so "recompute" names no op kind (issue 9, problem 6).
+  { OpKind none = OpKind::add; CHECK_FALSE(parse_op_kind("recompute", none)); }
   OpKind k = OpKind::add;
   CHECK_FALSE(parse_op_kind("gelu", k));
   CHECK_FALSE(parse_op_kind("", k));

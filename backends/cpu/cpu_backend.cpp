@@ -48,10 +48,6 @@ void run_typed(const OpCall& c, const graph::Op& op) {
       std::memcpy(c.outputs.at(0).base, c.inputs.at(0).base, static_cast<size_t>(bytes));
       return;
     }
-    case OpKind::recompute: {
-      if (op.forward == graph::kNoOp) throw std::runtime_error("cpu backend: recompute op without a forward op: " + op.name);
-      return run_forward<A>(c, c.graph->op(op.forward));
-    }
     case OpKind::sum_to: {
       const TensorArg &g = c.inputs.at(0), &r = c.outputs.at(0);
       return store(r, sum_to(load<A>(g), g.shape, r.shape));

@@ -11,7 +11,7 @@
 
 namespace actsim::backends::cpu {
 
-// Forward op kinds (and recompute): `k` supplies the kind and params, `c` the tensors.
+// Forward op kinds (recompute ops keep theirs): `k` supplies the kind and params, `c` the tensors.
 template <class A> void run_forward(const OpCall& c, const graph::Op& k);
 // OpKind::backward: `op` is the backward op, its Op::forward the op it differentiates.
 template <class A> void run_backward(const OpCall& c, const graph::Op& op);

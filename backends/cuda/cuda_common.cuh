@@ -455,7 +455,7 @@ struct Args {
   const OpCall& call;
   const graph::Graph& g;
   const Op& op;   // the op called (backward, optimizer, ...)
-  const Op& f;    // the op whose semantics run: itself, or the forward op of a recompute/backward
+  const Op& f;    // the op whose semantics run: itself, or the forward op of a backward op
 
   DView in(size_t i) const { return view_of(call.inputs.at(i)); }
   DView out(size_t i) const { return view_of(call.outputs.at(i)); }
@@ -510,7 +510,7 @@ __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)
 
 // ---- the op families (one .cu file each) ----------------------------------------------------
 
-// Forward op kinds (and recompute: `a.f` is the forward op whose semantics run).
+// Forward op kinds (recompute ops too: they keep their forward kind, Op::recompute = true).
 void run_forward(Context& c, const Args& a);
 // OpKind::backward: `a.op` is the backward op, `a.f` the op it differentiates.
 void run_backward(Context& c, const Args& a);

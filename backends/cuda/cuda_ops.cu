@@ -27,7 +27,6 @@ void run_op(Context& c, const OpCall& call) {
   if (has_f64_data(call)) unsupported("fp64 tensors (use --backend cpu for fp64 checks)");
   switch (op.kind) {
     case OpKind::backward: run_backward(c, Args{call, g, op, g.op(op.forward)}); break;
-    case OpKind::recompute: run_forward(c, Args{call, g, op, g.op(op.forward)}); break;
     case OpKind::optim_update: case OpKind::optim_temp: run_optim(c, Args{call, g, op, op}); break;
     default: run_forward(c, Args{call, g, op, op}); break;
   }

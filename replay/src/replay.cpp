@@ -456,7 +456,7 @@ TightnessCheck confirm_tightness(const Schedule& s, Backend& be, const ReplayRes
   for (const Op& op : g.ops()) {
     if (op.kind == OpKind::backward) {
       for (size_t k = static_cast<size_t>(std::max<int8_t>(op.n_grad_inputs, 0)); k < op.inputs.size(); ++k) mark(op.inputs[k]);
-    } else if (op.recompute || op.kind == OpKind::recompute) {
+    } else if (op.recompute) {
       for (TensorId t : op.inputs) {
         const OpId p = g.tensor(t).producer;
         if (p != graph::kNoOp && g.op(p).phase == Phase::forward && !g.op(p).recompute) mark(t);

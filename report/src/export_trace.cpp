@@ -1,4 +1,5 @@
-// The timeline recorder, coarsening, atomic writes, write_exports, and the Chrome trace exporter.
+// The timeline (derived from the engine's event log, sim/event_log.hpp), coarsening,
+// write_exports, and the Chrome trace exporter.
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -6,12 +7,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "actsim/util/error.hpp"
 #include "actsim/report/export.hpp"
 #include "actsim/util/output.hpp"
 #include "actsim/util/units.hpp"
 #include "actsim/report/summary.hpp"
+#include "actsim/sim/event_log.hpp"
 
 namespace actsim::report {
 
@@ -77,53 +80,7 @@ std::string_view category_colour(Category c) {
   return kColours[static_cast<size_t>(c)];
 }
 
-namespace {
-
-class Recorder final : public Observer {
- public:
-  Recorder(const graph::Graph& g, Timeline& t) : g_(g), t_(t) { live_ = best_ = t.start_live; }
-
-  void on_op_start(OpId op, int64_t now) override { t_.ops[index(op)].start_ns = now; }
-  void on_op_end(OpId op, int64_t now) override { t_.ops[index(op)].end_ns = now; }
-  void on_alloc(StorageId s, OpId by, int64_t now, int64_t live) override {
-    add(s, by, now, live, MemEventKind::alloc);
-  }
-  void on_free(StorageId s, OpId by, int64_t now, int64_t live) override {
-    add(s, by, now, live, MemEventKind::free);
-  }
-  void on_workspace(OpId op, int64_t bytes, int64_t now, int64_t live) override {
-    t_.events.push_back({.time_ns = now, .bytes = bytes > 0 ? bytes : -bytes, .storage = kNoStorage, .op = op,
-                         .kind = bytes > 0 ? MemEventKind::workspace_alloc : MemEventKind::workspace_free,
-                         .category = Category::temporary});
-    track(live);
-  }
-
- private:
-  void add(StorageId s, OpId by, int64_t now, int64_t live, MemEventKind k) {
-    const graph::Storage& st = g_.storage(s);
-    if (st.location == graph::Location::host || st.bytes <= 0) return;  // not device memory
-    t_.events.push_back({.time_ns = now, .bytes = g_.allocated(st.bytes), .storage = s, .op = by, .kind = k,
-                         .category = st.category});
-    track(live);
-  }
-  void track(int64_t live) {
-    live_ += t_.events.back().delta();
-    ACTSIM_ASSERT(live_ == live, "recorded timeline disagrees with the engine's live bytes");
-    if (live_ > best_) {
-      best_ = live_;
-      t_.peak_event = static_cast<int64_t>(t_.events.size()) - 1;
-    }
-  }
-
-  const graph::Graph& g_;
-  Timeline& t_;
-  int64_t live_ = 0, best_ = 0;
-};
-
-}  // namespace
-
-Timeline record_timeline(const Analysis& a) {
-  const graph::Graph& g = a.step->graph;
+Timeline timeline_of(const graph::Graph& g, const sim::EventLog& log) {
   Timeline t;
   t.ops.assign(g.n_ops(), {});
   for (const graph::Storage& st : g.storages()) {
@@ -131,13 +88,49 @@ Timeline record_timeline(const Analysis& a) {
     t.start_by_category[static_cast<size_t>(st.category)] += g.allocated(st.bytes);
     t.start_live += g.allocated(st.bytes);
   }
-  t.events.reserve(static_cast<size_t>(a.result.events));
-  Recorder rec(g, t);
-  Observer* obs[] = {&rec};
-  SimResult r = simulate(*a.plan, obs);
-  ACTSIM_ASSERT(r.peak_bytes == a.result.peak_bytes, "re-simulation gave another peak");
-  t.step_time_ns = r.step_time_ns;
+  t.events.reserve(static_cast<size_t>(log.result.events));
+  int64_t live = t.start_live, best = t.start_live;
+  auto track = [&](int64_t engine_live) {
+    live += t.events.back().delta();
+    ACTSIM_ASSERT(live == engine_live, "recorded timeline disagrees with the engine's live bytes");
+    if (live > best) {
+      best = live;
+      t.peak_event = static_cast<int64_t>(t.events.size()) - 1;
+    }
+  };
+  for (const sim::EngineEvent& e : log.events) {
+    switch (e.kind) {
+      case sim::EngineEvent::Kind::op_start: t.ops[e.id].start_ns = e.time_ns; break;
+      case sim::EngineEvent::Kind::op_end: t.ops[e.id].end_ns = e.time_ns; break;
+      case sim::EngineEvent::Kind::alloc:
+      case sim::EngineEvent::Kind::free: {
+        const StorageId s{e.id};
+        const graph::Storage& st = g.storage(s);
+        if (st.location == graph::Location::host || st.bytes <= 0) break;  // not device memory
+        t.events.push_back({.time_ns = e.time_ns, .bytes = g.allocated(st.bytes), .storage = s, .op = e.by,
+                            .kind = e.kind == sim::EngineEvent::Kind::alloc ? MemEventKind::alloc : MemEventKind::free,
+                            .category = st.category});
+        track(e.live);
+        break;
+      }
+      case sim::EngineEvent::Kind::workspace_alloc:
+      case sim::EngineEvent::Kind::workspace_free:
+        t.events.push_back({.time_ns = e.time_ns, .bytes = e.bytes, .storage = kNoStorage, .op = OpId{e.id},
+                            .kind = e.kind == sim::EngineEvent::Kind::workspace_alloc ? MemEventKind::workspace_alloc
+                                                                                      : MemEventKind::workspace_free,
+                            .category = Category::temporary});
+        track(e.live);
+        break;
+    }
+  }
+  t.step_time_ns = log.result.step_time_ns;
   return t;
+}
+
+Timeline record_timeline(const Analysis& a) {
+  const sim::EventLog log = sim::record_events(*a.plan);
+  ACTSIM_ASSERT(log.result.peak_bytes == a.result.peak_bytes, "re-simulation gave another peak");
+  return timeline_of(a.step->graph, log);
 }
 
 int64_t coarsen_threshold(const Timeline& t, int64_t max_events) {

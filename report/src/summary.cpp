@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <map>
 #include <tuple>
+#include <nlohmann/json.hpp>
 
 #include "actsim/graph/profile.hpp"
 #include "actsim/schedule/schedule.hpp"

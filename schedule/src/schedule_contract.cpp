@@ -330,11 +330,6 @@ struct Checker {
         return g.storage(g.tensor(op.inputs[0]).storage).bytes == g.storage(g.tensor(op.outputs[0]).storage).bytes ||
                fail(fmt::format("{} and {}: the copy's storage must be as large as the original's", show(op.inputs[0]),
                                 show(op.outputs[0])));
-      case OpKind::recompute: {
-        if (op.forward == graph::kNoOp) return fail("a recompute op needs its forward op");
-        const Op& f = g.op(op.forward);
-        return forward(f.kind, f.params);
-      }
       default: return forward(op.kind, op.params);
     }
   }

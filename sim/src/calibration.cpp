@@ -4,6 +4,7 @@
 
 #include <fstream>
 #include <sstream>
+#include <nlohmann/json.hpp>
 
 #include "actsim/util/error.hpp"
 #include "actsim/sim/engine.hpp"
@@ -13,7 +14,7 @@ namespace actsim::sim {
 using nlohmann::json;
 
 std::string calibration_kind(const graph::Graph& g, const graph::Op& op) {
-  if ((op.kind == graph::OpKind::backward || op.kind == graph::OpKind::recompute) && op.forward != graph::kNoOp) {
+  if (op.kind == graph::OpKind::backward && op.forward != graph::kNoOp) {
     return fmt::format("{}.{}", to_string(op.kind), to_string(g.op(op.forward).kind));
   }
   return std::string(to_string(op.kind));

@@ -205,7 +205,7 @@ uint64_t run_case(const Case& cs, backends::Backend& cpu, backends::Backend& gpu
     gpu.run(call_for(g, id, gb));
     gpu.synchronize();
     ++st.ops;
-    const Op& f = (op.kind == OpKind::backward || op.kind == OpKind::recompute) ? g.op(op.forward) : op;
+    const Op& f = op.kind == OpKind::backward ? g.op(op.forward) : op;
     const std::string kind = op.kind == OpKind::backward ? std::string(to_string(f.kind)) + ".backward"
                                                          : std::string(to_string(op.kind));
     for (uint32_t s : touched) {

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "actsim/util/error.hpp"
 #include "actsim/graph/lower.hpp"

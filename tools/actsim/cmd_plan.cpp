@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include <iostream>
+#include <nlohmann/json.hpp>
 
 #include "actsim/util/error.hpp"
 #include "actsim/report/export.hpp"

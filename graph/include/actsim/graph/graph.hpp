@@ -39,7 +39,6 @@ enum class OpKind : uint16_t {
   // release of the step's gradients (zero_grad(set_to_none=True))
   zero_grad,
   // checkpointing
-  recompute,      // (unused marker kind; recompute ops keep their original kind, see Op::recompute)
   offload,        // copy a saved activation to host memory (copy stream)
   prefetch,       // copy it back to the device ahead of backward (copy stream)
   rng_stash,      // torch.utils.checkpoint's torch.get_rng_state(): a uint8 copy of the CPU generator

@@ -6,20 +6,22 @@
 //   // step.pickle -> pytorch.org/memory_viz
 //   // step.html   -> any browser, no network
 //
-// Every exporter works from a Timeline: the plan re-simulated with a recording Observer, so the
-// engine knows nothing about file formats (Taskflow's chrome observer, STYLE.md). Files are written
+// Every exporter works from a Timeline, derived from the engine's event log (sim/event_log.hpp:
+// the one recorder, which the schedule's entries come from too), so the engine knows nothing about
+// file formats (Taskflow's chrome observer, STYLE.md). Files are written
 // atomically (FILE.tmp.<pid>, then rename): an error leaves no half file.
 #pragma once
 
 #include <array>
 #include <cstdint>
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>  // declarations only; .cpp files include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
 
 #include "actsim/sim/engine.hpp"
+#include "actsim/sim/event_log.hpp"
 #include "actsim/study/analyze.hpp"
 #include "actsim/util/output.hpp"
 
@@ -85,8 +87,12 @@ struct Timeline {
   int64_t step_time_ns = 0;
 };
 
-// Re-simulates the analysis's plan with a recording observer.
+// Re-simulates the analysis's plan with the engine's one event recorder (sim::record_events) and
+// derives the timeline from its log.
 Timeline record_timeline(const study::Analysis& a);
+// The timeline of an event log of `g`'s plan: device memory events only (host storages and empty
+// ones are not device memory), bytes as the allocator counts them, op spans, the peak event.
+Timeline timeline_of(const graph::Graph& g, const sim::EventLog& log);
 
 // A row of a coarsened timeline: events [first, last] in one row (one event, or a run of small
 // events merged). Without coarsening every event is its own row.

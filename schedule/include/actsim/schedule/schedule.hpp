@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>  // declarations only; .cpp files include <nlohmann/json.hpp>
 
 #include "actsim/graph/lower.hpp"
 

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 #include <map>
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>  // declarations only; .cpp files include <nlohmann/json.hpp>
 #include <span>
 #include <string>
 #include <utility>
