@@ -38,17 +38,17 @@ void bench(const char* label, const study::Scenario& s, int reps) {
   graph::StepGraph step;
   const double t_lower =
       median_seconds(reps, [&] { step = graph::lower_training_step(s.model, s.training, prof); });
-  sim::Plan* plan = nullptr;
-  const double t_plan = median_seconds(reps, [&] {
-    delete plan;
-    plan = new sim::Plan(step.graph, s.device);
+  sim::StepTables* tables = nullptr;
+  const double t_tables = median_seconds(reps, [&] {
+    delete tables;
+    tables = new sim::StepTables(step.graph, s.device);
   });
   sim::SimResult r;
-  const double t_sim = median_seconds(reps, [&] { r = sim::simulate(*plan); });
-  delete plan;
-  fmt::print("{:<28} ops {:>8}  events {:>9}  lower+autodiff {:8.3f} ms  plan {:7.3f} ms  simulate {:7.3f} ms  "
+  const double t_sim = median_seconds(reps, [&] { r = sim::simulate(*tables); });
+  delete tables;
+  fmt::print("{:<28} ops {:>8}  events {:>9}  lower+autodiff {:8.3f} ms  tables {:7.3f} ms  simulate {:7.3f} ms  "
              "{:6.1f} M events/s  (peak {} B)\n",
-             label, step.graph.n_ops(), r.events, t_lower * 1e3, t_plan * 1e3, t_sim * 1e3,
+             label, step.graph.n_ops(), r.events, t_lower * 1e3, t_tables * 1e3, t_sim * 1e3,
              static_cast<double>(r.events) / t_sim / 1e6, r.peak_bytes);
 }
 

@@ -52,7 +52,7 @@ struct Sim {
 };
 Sim simulate_plan(const study::Scenario& s, const graph::BlockPlan& p) {
   graph::StepGraph step = graph::lower_training_step(s.model, s.training, graph::profile(s.profile), &p);
-  sim::Plan plan(step.graph, s.device);
+  sim::StepTables plan(step.graph, s.device);
   sim::SimResult r = sim::simulate(plan);
   return {r.peak_bytes, r.step_time_ns};
 }

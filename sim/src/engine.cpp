@@ -43,14 +43,14 @@ int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
   const double compute_s = rate > 0 ? op.flops / rate : 0;
   const double memory_s = d.mem_bandwidth > 0 ? static_cast<double>(op.bytes_moved) / d.mem_bandwidth : 0;
   const double s = std::max(compute_s, memory_s);
-  // Beyond ~292 years the conversion to int64 would be undefined: saturate, and let the plan's
+  // Beyond ~292 years the conversion to int64 would be undefined: saturate, and let the tables'
   // checked total reject it (Note [Checked totals]).
   const double ns = s * 1e9 + 0.5 + static_cast<double>(op.kernels) * static_cast<double>(d.launch_overhead_ns);
   if (!(ns < 9.0e18)) return std::numeric_limits<int64_t>::max();
   return static_cast<int64_t>(s * 1e9 + 0.5) + static_cast<int64_t>(op.kernels) * d.launch_overhead_ns;
 }
 
-Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibration) : g_(g) {
+StepTables::StepTables(const Graph& g, const DeviceSpec& device, const Calibration* calibration) : g_(g) {
   const size_t n_ops = g.n_ops();
   const size_t n_st = g.storages().size();
   use_count_.assign(n_st, 0);
@@ -140,13 +140,13 @@ Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibrat
   if (!ok) throw ByteOverflow("the step's simulated time (all op durations together) overflows int64 nanoseconds");
 }
 
-std::span<const StorageId> Plan::allocs(OpId op) const {
+std::span<const StorageId> StepTables::allocs(OpId op) const {
   return {allocs_.data() + alloc_begin_[index(op)], allocs_.data() + alloc_begin_[index(op) + 1]};
 }
-std::span<const StorageId> Plan::uses(OpId op) const {
+std::span<const StorageId> StepTables::uses(OpId op) const {
   return {uses_.data() + use_begin_[index(op)], uses_.data() + use_begin_[index(op) + 1]};
 }
-std::span<const OpId> Plan::cross_stream_deps(OpId op) const {
+std::span<const OpId> StepTables::cross_stream_deps(OpId op) const {
   return {deps_.data() + dep_begin_[index(op)], deps_.data() + dep_begin_[index(op) + 1]};
 }
 
@@ -167,7 +167,7 @@ struct Event {
 
 class Engine {
  public:
-  Engine(const Plan& p, std::span<Observer* const> obs) : p_(p), g_(p.graph()), obs_(obs) {}
+  Engine(const StepTables& p, std::span<Observer* const> obs) : p_(p), g_(p.graph()), obs_(obs) {}
 
   SimResult run();
 
@@ -179,7 +179,7 @@ class Engine {
   void alloc(StorageId s, OpId by, int64_t now);
   void free(StorageId s, OpId by, int64_t now);
 
-  const Plan& p_;
+  const StepTables& p_;
   const Graph& g_;
   std::span<Observer* const> obs_;
   std::priority_queue<Event, std::vector<Event>, std::greater<>> q_;
@@ -336,8 +336,8 @@ SimResult Engine::run() {
 
 }  // namespace
 
-SimResult simulate(const Plan& plan, std::span<Observer* const> observers) {
-  Engine e(plan, observers);
+SimResult simulate(const StepTables& tables, std::span<Observer* const> observers) {
+  Engine e(tables, observers);
   return e.run();
 }
 

@@ -13,7 +13,7 @@
 
 namespace actsim::study {
 
-using sim::Plan;
+using sim::StepTables;
 using sim::ByteOverflow;
 using sim::simulate;
 
@@ -41,12 +41,12 @@ Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
   a.step = std::make_unique<graph::StepGraph>(
       graph::lower_training_step(s.model, s.training, runtime, &a.block_plan));
   try {
-    a.plan = std::make_unique<Plan>(a.step->graph, s.device);
+    a.tables = std::make_unique<StepTables>(a.step->graph, s.device);
   } catch (const ByteOverflow& e) {
     throw ByteOverflow(fmt::format("{}, {}, {}, {}: {}", s.where("model.n_layers"), s.where("model.seq_len"),
                                    s.where("training.batch_size"), s.where("model.d_model"), e.what()));
   }
-  a.result = simulate(*a.plan);
+  a.result = simulate(*a.tables);
   const graph::Graph& g = a.step->graph;
   for (graph::TensorId p : a.step->params) {
     a.params_bytes += g.storage(g.tensor(p).storage).bytes;
@@ -135,8 +135,8 @@ int64_t max_batch_size(const Scenario& s) {
     graph::BlockPlan bp = block_plan_of(t);
     graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), &bp);
     try {
-      Plan plan(step.graph, t.device);
-      return simulate(plan).peak_bytes <= t.device.memory_bytes;
+      StepTables tables(step.graph, t.device);
+      return simulate(tables).peak_bytes <= t.device.memory_bytes;
     } catch (const ByteOverflow&) {
       return false;  // a batch whose byte counts overflow int64 does not fit
     }
@@ -156,8 +156,8 @@ int64_t max_batch_size(const Scenario& s) {
 }
 
 void apply_calibration(Analysis& a, const sim::Calibration& c) {
-  a.plan = std::make_unique<sim::Plan>(a.step->graph, a.scenario.device, &c);
-  a.result = sim::simulate(*a.plan);
+  a.tables = std::make_unique<sim::StepTables>(a.step->graph, a.scenario.device, &c);
+  a.result = sim::simulate(*a.tables);
 }
 
 }  // namespace actsim::study

@@ -14,7 +14,7 @@
 
 namespace actsim::study {
 
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 using sim::simulate;
 
@@ -295,7 +295,7 @@ Chain measure_chain(const Scenario& s) {
     const graph::Op& op = g.ops()[i];
     if (op.layer < 0 || op.phase == graph::Phase::optimizer) continue;
     auto& v = op.phase == graph::Phase::forward ? c.forward_ns : c.backward_ns;
-    v[static_cast<size_t>(op.layer)] += a.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+    v[static_cast<size_t>(op.layer)] += a.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
   }
   // What a block recomputes for its own backward: the recompute ops of checkpointing every block.
   Scenario full = s;
@@ -306,7 +306,7 @@ Chain measure_chain(const Scenario& s) {
   for (size_t i = 0; i < af.step->graph.n_ops(); ++i) {
     const graph::Op& op = af.step->graph.ops()[i];
     if (op.recompute && op.layer >= 0) {
-      c.forward_saved_ns[static_cast<size_t>(op.layer)] += af.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+      c.forward_saved_ns[static_cast<size_t>(op.layer)] += af.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
     }
   }
   const int64_t x = s.training.batch_size * s.model.seq_len * s.model.d_model * graph::dtype_size(s.training.dtype);
@@ -327,7 +327,7 @@ Chain measure_chain(const Scenario& s) {
   for (size_t i = 0; i < as.step->graph.n_ops(); ++i) {
     const graph::Op& op = as.step->graph.ops()[i];
     if (op.layer >= 0 && op.phase == graph::Phase::backward) {
-      c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+      c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
     }
   }
   // Offload: the step time it adds, spread evenly over the blocks (copies overlap compute, so
@@ -406,8 +406,8 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
     Scenario t = s;
     t.block_plan = std::make_shared<graph::BlockPlan>(bp);
     graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), t.block_plan.get());
-    Plan plan(step.graph, t.device);
-    SimResult sr = simulate(plan);
+    StepTables tables(step.graph, t.device);
+    SimResult sr = simulate(tables);
     ++r.simulations;
     return Probe{sr.peak_bytes, sr.step_time_ns};
   };

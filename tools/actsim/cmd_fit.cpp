@@ -43,8 +43,8 @@ bool fits_seq(const study::Scenario& s, int64_t t) {
   graph::BlockPlan bp = study::block_plan_of(u);
   graph::StepGraph step = graph::lower_training_step(u.model, u.training, u.runtime(), &bp);
   try {
-    sim::Plan plan(step.graph, u.device);
-    return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
+    sim::StepTables tables(step.graph, u.device);
+    return sim::simulate(tables).peak_bytes <= u.device.memory_bytes;
   } catch (const sim::ByteOverflow&) {
     return false;
   }

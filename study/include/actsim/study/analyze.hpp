@@ -20,7 +20,7 @@ struct Analysis {
   Scenario scenario;
   graph::BlockPlan block_plan;             // per block: kept, recomputed, offloaded
   std::unique_ptr<graph::StepGraph> step;  // stable address: the plan refers to its graph
-  std::unique_ptr<sim::Plan> plan;
+  std::unique_ptr<sim::StepTables> tables;  // the engine's per-op tables of `step`
   sim::SimResult result;
   int64_t params_bytes = 0;                // parameter storages (tied weights once)
   int64_t param_count = 0;                 // parameter elements
