@@ -282,10 +282,14 @@ Chain measure_chain(const Scenario& s) {
     }
     return c;
   }
-  Scenario base = s;
-  base.checkpoint_policy = "none";
-  base.block_plan.reset();
-  Analysis a = analyze(base);
+  // Each measurement simulates the scenario's step under a fixed policy's plan (simulate_step: no
+  // resolving, no planning).
+  auto under = [&](graph::CheckpointPolicy::Kind kind) {
+    graph::CheckpointPolicy p;
+    p.kind = kind;
+    return simulate_step(resolve(s, graph::block_plan(p, s.model.n_layers)));
+  };
+  Analysis a = under(graph::CheckpointPolicy::Kind::none);
   const graph::Graph& g = a.step->graph;
   const int64_t L = s.model.n_layers;
   Chain c;
@@ -298,10 +302,7 @@ Chain measure_chain(const Scenario& s) {
     v[static_cast<size_t>(op.layer)] += a.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
   }
   // What a block recomputes for its own backward: the recompute ops of checkpointing every block.
-  Scenario full = s;
-  full.checkpoint_policy = "full";
-  full.block_plan.reset();
-  Analysis af = analyze(full);
+  Analysis af = under(graph::CheckpointPolicy::Kind::full);
   c.forward_saved_ns.assign(static_cast<size_t>(L), 0);
   for (size_t i = 0; i < af.step->graph.n_ops(); ++i) {
     const graph::Op& op = af.step->graph.ops()[i];
@@ -315,10 +316,7 @@ Chain measure_chain(const Scenario& s) {
   for (int64_t i = 0; i < L; ++i) c.activation_bytes[static_cast<size_t>(i)] = std::max<int64_t>(0, a.per_layer_saved[static_cast<size_t>(i)] - x);
   // Selective keeping: what each block keeps with its attention core recomputed, and the
   // backward time including that recompute.
-  Scenario sel = s;
-  sel.checkpoint_policy = "selective";
-  sel.block_plan.reset();
-  Analysis as = analyze(sel);
+  Analysis as = under(graph::CheckpointPolicy::Kind::selective);
   c.activation_selective_bytes.resize(static_cast<size_t>(L));
   c.backward_selective_ns.assign(static_cast<size_t>(L), 0);
   for (int64_t i = 0; i < L; ++i) {
@@ -332,10 +330,7 @@ Chain measure_chain(const Scenario& s) {
   }
   // Offload: the step time it adds, spread evenly over the blocks (copies overlap compute, so
   // this is an estimate; plans using it are simulated before they are chosen).
-  Scenario off = s;
-  off.checkpoint_policy = "offload";
-  off.block_plan.reset();
-  const int64_t off_time = analyze(off).result.step_time_ns;
+  const int64_t off_time = under(graph::CheckpointPolicy::Kind::offload).result.step_time_ns;
   c.offload_penalty_ns.assign(static_cast<size_t>(L), std::max<int64_t>(0, (off_time - a.result.step_time_ns) / std::max<int64_t>(1, L)));
   // The head: what the model keeps outside the blocks (embeddings aside, a constant), run once.
   c.has_head = true;
@@ -403,11 +398,7 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   r.budget_bytes = budget;
   const int64_t L = s.model.n_layers;
   auto simulate_plan = [&](const graph::BlockPlan& bp) {
-    Scenario t = s;
-    t.block_plan = std::make_shared<graph::BlockPlan>(bp);
-    graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), t.block_plan.get());
-    StepTables tables(step.graph, t.device);
-    SimResult sr = simulate(tables);
+    const SimResult sr = simulate_step_result(resolve(s, bp));
     ++r.simulations;
     return Probe{sr.peak_bytes, sr.step_time_ns};
   };

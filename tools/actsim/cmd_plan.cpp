@@ -83,7 +83,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   study::PlanResult r = study::plan_for_budget(
       s, budget, study::PlanOptions{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0});
   study::Scenario chosen = s;
-  chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+  chosen.checkpoint = r.plan;
   study::Analysis a = study::analyze(chosen);
   add_exports_from(a, vm, files);
   files.commit();

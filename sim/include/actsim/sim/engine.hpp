@@ -12,7 +12,9 @@
 #pragma once
 
 #include <array>
+#include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "actsim/util/error.hpp"
@@ -52,6 +54,10 @@ class StepTables {
   // With a calibration (calibration.hpp), op durations come from measured times. Throws
   // ByteOverflow when the sum of all storage and workspace bytes, or of all durations, overflows.
   StepTables(const graph::Graph& g, const DeviceSpec& device, const Calibration* calibration = nullptr);
+  // The tables, or nullopt when those totals overflow (`why` gets the message): for a search over
+  // sizes such a step simply does not fit.
+  static std::optional<StepTables> try_build(const graph::Graph& g, const DeviceSpec& device, std::string* why = nullptr,
+                                             const Calibration* calibration = nullptr);
 
   const graph::Graph& graph() const { return g_; }
   std::span<const StorageId> allocs(OpId op) const;   // storages allocated when op starts
@@ -70,7 +76,11 @@ class StepTables {
   graph::Phase phase(OpId op) const { return static_cast<graph::Phase>(op_phase_[graph::index(op)]); }
 
  private:
+  struct Unchecked {};
+  StepTables(Unchecked, const graph::Graph& g, const DeviceSpec& device, const Calibration* calibration);
+
   const graph::Graph& g_;
+  std::string overflow_;                                         // why the totals overflow; empty if they fit
   std::vector<uint32_t> alloc_begin_, use_begin_, dep_begin_;  // [n_ops + 1]
   std::vector<StorageId> allocs_, uses_;
   std::vector<OpId> deps_;
