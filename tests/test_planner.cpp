@@ -120,7 +120,7 @@ TEST_CASE("sim::plan_for_budget: equals exhaustive search over every keep/recomp
     CHECK(r.peak_bytes <= budget);
     // With selective keeping (the default) and offload allowed too: within the budget and never
     // slower than the keep/recompute plan.
-    for (const sim::PlanOptions o : {sim::PlanOptions{}, sim::PlanOptions{.selective = true, .offload = true}}) {
+    for (const sim::PlanOptions& o : {sim::PlanOptions{}, sim::PlanOptions{.selective = true, .offload = true}}) {
       const sim::PlanResult rs = sim::plan_for_budget(s, budget, o);
       CHECK(rs.fits == r.fits);
       if (rs.fits) {

@@ -1,6 +1,12 @@
 // actsim plan [SCENARIO] --budget 60GiB: the fastest checkpointing plan whose peak fits.
 #include <fmt/format.h>
+#include <unistd.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include <chrono>
 #include <iostream>
 
 #include "actsim/graph/error.hpp"
@@ -33,6 +39,17 @@ nlohmann::json blocks_json(const graph::BlockPlan& p) {
                    {"offloaded", p.mode[i] == graph::BlockMode::offload}});
   }
   return out;
+}
+
+// "plan: 5/9 simulations, ETA 12 s" on one terminal line, redrawn in place.
+void draw_progress(int64_t done, int64_t estimate) {
+  static const auto t0 = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string eta =
+      done > 0 && done < estimate
+          ? fmt::format(", ETA {}", human_seconds(secs * static_cast<double>(estimate - done) / static_cast<double>(done)))
+          : "";
+  std::cerr << fmt::format("\rplan: {}/{} simulations{}\033[K", done, estimate, eta) << std::flush;
 }
 
 }  // namespace
@@ -77,11 +94,33 @@ int cmd_plan(const std::vector<std::string>& args) {
     check_long_work(vm, 24 * 1.5 * L * kSecondsPerLayer + (L + 1) * (L + 1) * 193 * 4e-9,
                     fmt::format("plan at {} layers", s.model.n_layers));
   }
-  sim::PlanResult r = sim::plan_for_budget(
-      s, budget, sim::PlanOptions{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0});
-  sim::Scenario chosen = s;
-  chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
-  sim::Analysis a = sim::analyze(chosen);
+#if defined(__GLIBC__)
+  // Each verification lowers a graph of ~10^5 small allocations and frees it again: keep the
+  // pages mapped instead of trimming and re-faulting them (as sweep does).
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 256 << 20);
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+#endif
+  sim::PlanOptions po{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0};
+  const bool bar = ::isatty(STDERR_FILENO);
+  if (bar) po.progress = draw_progress;
+  sim::PlanResult r;
+  try {
+    r = sim::plan_for_budget(s, budget, po);
+  } catch (...) {
+    if (bar) std::cerr << "\r\033[K" << std::flush;
+    throw;
+  }
+  if (bar) std::cerr << "\r\033[K" << std::flush;
+  // The search simulated the answer already (usually): its analysis is the one to report.
+  std::shared_ptr<const sim::Analysis> kept = r.analysis;
+  if (!kept) {
+    sim::Scenario chosen = s;
+    chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+    kept = std::make_shared<const sim::Analysis>(sim::analyze(chosen));
+  }
+  r.analysis.reset();
+  const sim::Analysis& a = *kept;
   add_exports_from(a, vm, files);
   files.commit();
   nlohmann::json j = sim::to_json(a);
