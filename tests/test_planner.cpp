@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
+#include <vector>
 
 #include "actsim/graph/profile.hpp"
 #include "actsim/sim/planner.hpp"
@@ -160,4 +162,38 @@ TEST_CASE("sim::plan_for_budget: when nothing fits, the least memory any plan re
   CHECK(r.min_peak_bytes > 1024);
   CHECK(r.min_peak_bytes <= r.baseline_peak_bytes);
   CHECK(r.peak_bytes == r.min_peak_bytes);
+}
+
+TEST_CASE("sim::plan_for_budget: the kept analysis is the chosen plan's, and each plan is simulated once", "[planner]") {
+  const sim::Scenario s = small(6);
+  const sim::PlanResult none = sim::plan_for_budget(s, INT64_MAX / 4);
+  int checked = 0;
+  for (int k = 0; k <= 6; ++k) {
+    const int64_t budget = none.min_peak_bytes + (none.baseline_peak_bytes - none.min_peak_bytes) * k / 6;
+    std::vector<int64_t> seen;
+    sim::PlanOptions o;
+    o.progress = [&](int64_t done, int64_t estimate) {
+      CHECK(done <= estimate);
+      seen.push_back(done);
+    };
+    const sim::PlanResult r = sim::plan_for_budget(s, budget, o);
+    INFO("budget " << budget);
+    REQUIRE(r.fits);
+    // Progress counts every simulation once, in order; none is repeated for the same plan.
+    REQUIRE(static_cast<int64_t>(seen.size()) == r.simulations);
+    for (size_t i = 0; i < seen.size(); ++i) CHECK(seen[i] == static_cast<int64_t>(i + 1));
+    // Baseline, least-memory, full recomputation and most-memory plans, then a few probes per
+    // variant: fewer than the 2 + 2 x 9 of bisecting 193 levels per variant.
+    CHECK(r.simulations <= 16);
+    // The analysis handed back is what analyzing the chosen plan gives.
+    REQUIRE(r.analysis);
+    sim::Scenario chosen = s;
+    chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+    const sim::Analysis a = sim::analyze(chosen);
+    CHECK(r.analysis->result.peak_bytes == r.peak_bytes);
+    CHECK(r.analysis->result.step_time_ns == r.step_time_ns);
+    CHECK(sim::to_json(*r.analysis) == sim::to_json(a));
+    ++checked;
+  }
+  CHECK(checked == 7);
 }

@@ -35,9 +35,11 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
   const bool has_sel = !chain.activation_selective_bytes.empty();
   act_sel_.assign(n_, 0);
   bwd_sel_.assign(n_, 0);
-  for (int i = 0; i < n_ && has_sel; ++i) {
-    act_sel_[i] = units(chain.activation_selective_bytes[i]);
-    bwd_sel_[i] = chain.backward_selective_ns[i];
+  for (int i = 0; i < n_; ++i) {
+    act_sel_[i] = has_sel ? units(chain.activation_selective_bytes[i]) : 0;
+    // Without the selective option its backward time is never used: the plain one keeps the
+    // homogeneity test below about the blocks that are (an O(n^3) DP otherwise).
+    bwd_sel_[i] = has_sel ? chain.backward_selective_ns[i] : chain.backward_ns[i];
   }
   const bool has_off = !chain.offload_penalty_ns.empty();
   off_pen_.assign(n_, 0);
