@@ -18,7 +18,7 @@
 #include <queue>
 #include <unordered_map>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 namespace {

@@ -9,7 +9,7 @@
 
 #include <algorithm>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 

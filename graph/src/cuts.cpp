@@ -10,7 +10,7 @@
 #include <iterator>
 #include <queue>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 
