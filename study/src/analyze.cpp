@@ -23,7 +23,10 @@ using graph::Location;
 Analysis analyze(const Scenario& s) { return analyze(s, s.runtime()); }
 
 Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
-  const ResolvedStep step = resolve(s, runtime);
+  return simulate_step(resolve(s, runtime), s);
+}
+
+Analysis simulate_step(const ResolvedStep& step, const Scenario& s) {
   try {
     Analysis a = simulate_step(step);
     a.scenario = s;

@@ -59,6 +59,9 @@ Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime);
 // Lowers a resolved step, builds its step tables, simulates it and sums what it keeps: analyze()
 // after resolve(), without the scenario. Never plans. Throws ByteOverflow (the engine's message).
 Analysis simulate_step(const ResolvedStep& step);
+// ... for a scenario whose step is resolved already (the planner's candidates, resolve(s, plan)):
+// the analysis keeps `s`, and an overflow names its keys as analyze() does.
+Analysis simulate_step(const ResolvedStep& step, const Scenario& s);
 
 // The engine's result alone (the probes of the planner and the batch search); the graph and the
 // tables are freed before it returns. `observers` see the run. Throws ByteOverflow.
