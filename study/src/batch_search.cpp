@@ -150,6 +150,7 @@ class BatchSearch {
 
   int64_t run(int64_t g) {
     for (int round = 0; round < kRounds; ++round) {
+      if (std::optional<int64_t> b = answer()) return *b;  // e.g. the scenario's own batch of 1 does not fit
       g = std::clamp<int64_t>(g, 1, limit_);
       if (known_.count(1) && known_[1].fits && g == 1) g = std::min<int64_t>(2, limit_);  // 1 and 2 differ in structure
       if (g == limit_) {
@@ -157,9 +158,10 @@ class BatchSearch {
         break;
       }
       // The two simulations run at once (they share nothing but the resolved step).
-      auto next = std::async(std::launch::async, [this, g] { return simulate_at(g + 1); });
+      std::future<Probe> next;
+      if (!known_.count(g + 1)) next = std::async(std::launch::async, [this, g] { return simulate_at(g + 1); });
       const Probe& p = probe(g);
-      remember(g + 1, next.get());
+      if (next.valid()) remember(g + 1, next.get());
       if (std::optional<int64_t> b = answer()) return *b;
       const Probe& q = known_[g + 1];
       if (p.start_live.empty() || p.start_live.size() != q.start_live.size()) break;
