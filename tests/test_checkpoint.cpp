@@ -63,7 +63,7 @@ int64_t most_activation_bytes(const study::Analysis& a) {
     void on_workspace(graph::OpId, int64_t bytes, int64_t, int64_t) override { add(bytes); }
   } w(a.step->graph);
   sim::Observer* obs[] = {&w};
-  (void)sim::simulate(*a.plan, obs);
+  (void)sim::simulate(*a.tables, obs);
   return w.most;
 }
 
@@ -169,7 +169,7 @@ TEST_CASE("checkpoint: Chen et al.'s sqrt(L) segments keep ~2 sqrt(L) blocks for
   CHECK(none.saved_bytes - none.outside_saved == L * block);
 
   // One extra forward: the recompute costs the blocks' forward time, within 10%.
-  sim::Plan plan(none.step->graph, none.scenario.device);
+  sim::StepTables plan(none.step->graph, none.scenario.device);
   int64_t forward_blocks_ns = 0;
   for (size_t i = 0; i < none.step->graph.n_ops(); ++i) {
     const graph::Op& op = none.step->graph.ops()[i];

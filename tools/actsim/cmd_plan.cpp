@@ -121,7 +121,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   std::shared_ptr<const study::Analysis> kept = r.analysis;
   if (!kept) {
     study::Scenario chosen = s;
-    chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+    chosen.checkpoint = r.plan;
     kept = std::make_shared<const study::Analysis>(study::analyze(chosen));
   }
   r.analysis.reset();

@@ -60,7 +60,7 @@ struct CheckpointPolicy {
   int64_t every = 1;                 // every:K
   std::vector<OpKind> keep_kinds;    // ops:LIST
   int64_t budget_bytes = 0;          // budget:BYTES
-  std::string text;                  // as written
+  std::string text = "none";         // as written
 };
 
 // Parses "none", "full", "every:K", "sqrt", "selective", "ops:mm,softmax", "offload",
