@@ -34,6 +34,7 @@ nlohmann::json blocks_json(const graph::BlockPlan& p) {
     std::vector<std::string> recomputed_what;
     if (rec) recomputed_what.push_back("block");
     if (p.mode[i] == graph::BlockMode::selective) recomputed_what.push_back("attention core");
+    if (p.mode[i] == graph::BlockMode::mlp) recomputed_what.push_back("MLP sublayer");
     out.push_back({{"block", i},
                    {"mode", graph::to_string(p.mode[i])},
                    {"kept", rec ? "input (checkpoint)" : p.mode[i] == graph::BlockMode::offload ? "nothing on device" : "activations"},
