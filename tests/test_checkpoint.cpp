@@ -12,10 +12,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <queue>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "actsim/graph/checkpoint.hpp"
+#include "actsim/graph/cuts.hpp"
+#include "actsim/graph/lower.hpp"
 #include "actsim/util/error.hpp"
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/scenario.hpp"
@@ -59,7 +63,7 @@ int64_t most_activation_bytes(const study::Analysis& a) {
     void on_workspace(graph::OpId, int64_t bytes, int64_t, int64_t) override { add(bytes); }
   } w(a.step->graph);
   sim::Observer* obs[] = {&w};
-  (void)sim::simulate(*a.plan, obs);
+  (void)sim::simulate(*a.tables, obs);
   return w.most;
 }
 
@@ -165,7 +169,7 @@ TEST_CASE("checkpoint: Chen et al.'s sqrt(L) segments keep ~2 sqrt(L) blocks for
   CHECK(none.saved_bytes - none.outside_saved == L * block);
 
   // One extra forward: the recompute costs the blocks' forward time, within 10%.
-  sim::Plan plan(none.step->graph, none.scenario.device);
+  sim::StepTables plan(none.step->graph, none.scenario.device);
   int64_t forward_blocks_ns = 0;
   for (size_t i = 0; i < none.step->graph.n_ops(); ++i) {
     const graph::Op& op = none.step->graph.ops()[i];
@@ -343,6 +347,254 @@ TEST_CASE("study::parse_sweep_axis: ranges, quoted lists, and one-line errors na
       FAIL(text << " accepted");
     } catch (const InputError& e) {
       CHECK(std::string(e.what()).rfind(names, 0) == 0);
+    }
+  }
+}
+
+// ---- cut tensors (graph/cuts.hpp) ----------------------------------------------------------------
+
+namespace {
+
+graph::StepGraph small_forward(graph::Family f, graph::ProfileId prof, double dropout, int64_t layers) {
+  graph::ModelConfig m;
+  m.family = f;
+  m.n_layers = layers;
+  m.d_model = 64;
+  m.n_heads = 4;
+  m.seq_len = 16;
+  m.vocab_size = 128;
+  m.dropout = dropout;
+  graph::TrainingConfig t;
+  t.batch_size = 2;
+  return graph::lower_forward(m, t, graph::profile(prof));
+}
+
+// The oracle, by definition: an activation (a tensor that depends on an input leaf) is a cut when
+// removing it leaves no undirected path from `source` to `sink` through forward ops and activations.
+std::set<uint32_t> brute_force_cuts(const graph::Graph& g, graph::TensorId source, graph::TensorId sink) {
+  const size_t n_t = g.tensors().size();
+  std::vector<bool> act(n_t, false);
+  for (size_t t = 0; t < n_t; ++t) {
+    const graph::Tensor& tt = g.tensors()[t];
+    act[t] = tt.producer == graph::kNoOp && g.storage(tt.storage).category == graph::Category::input;
+  }
+  std::vector<std::vector<size_t>> adj(n_t + g.n_ops());  // tensors, then ops
+  for (size_t i = 0; i < g.n_ops(); ++i) {
+    const graph::Op& op = g.ops()[i];
+    if (op.phase != graph::Phase::forward) continue;
+    bool reads = false;
+    for (graph::TensorId t : op.inputs) reads = reads || act[graph::index(t)];
+    if (!reads) continue;
+    for (graph::TensorId t : op.outputs) act[graph::index(t)] = true;
+    for (const auto* list : {&op.inputs, &op.outputs}) {
+      for (graph::TensorId t : *list) {
+        if (!act[graph::index(t)]) continue;
+        adj[graph::index(t)].push_back(n_t + i);
+        adj[n_t + i].push_back(graph::index(t));
+      }
+    }
+  }
+  auto connected_without = [&](size_t removed) {
+    std::vector<bool> seen(adj.size(), false);
+    std::queue<size_t> q;
+    q.push(graph::index(source));
+    seen[graph::index(source)] = true;
+    while (!q.empty()) {
+      const size_t x = q.front();
+      q.pop();
+      for (size_t y : adj[x]) {
+        if (y == removed || seen[y]) continue;
+        seen[y] = true;
+        q.push(y);
+      }
+    }
+    return seen[graph::index(sink)];
+  };
+  std::set<uint32_t> out;
+  for (size_t t = 0; t < n_t; ++t) {
+    if (!act[t] || t == graph::index(source) || t == graph::index(sink) || adj[t].empty()) continue;
+    if (!connected_without(t)) out.insert(static_cast<uint32_t>(t));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("graph::forward_cuts: gpt2 and llama cut at each block's input and between attention and MLP", "[cuts]") {
+  for (const graph::Family fam : {graph::Family::gpt2, graph::Family::llama}) {
+    for (const graph::ProfileId prof : {graph::ProfileId::torch_cpu, graph::ProfileId::torch_cuda}) {
+      const int64_t L = 3;
+      const graph::StepGraph s = small_forward(fam, prof, fam == graph::Family::gpt2 ? 0.1 : 0.0, L);
+      const graph::Graph& g = s.graph;
+      INFO(graph::to_string(fam) << " " << graph::to_string(prof));
+      const std::vector<graph::CutTensor> cuts = graph::forward_cuts(g, graph::kNoTensor, s.loss);
+      std::set<uint32_t> cut_set;
+      for (const auto& c : cuts) cut_set.insert(graph::index(c.tensor));
+      for (int64_t i = 0; i < L; ++i) {
+        // The block's input: what its first op reads; the residual between attention and MLP: the
+        // output of its first residual add (x + attn(x); llama's RoPE adds are in the attention).
+        graph::TensorId input = graph::kNoTensor, mid = graph::kNoTensor;
+        int in_block = 0;
+        for (size_t k = 0; k < g.n_ops(); ++k) {
+          const graph::Op& op = g.ops()[k];
+          if (op.layer != i || op.phase != graph::Phase::forward) continue;
+          if (input == graph::kNoTensor) input = op.inputs.at(0);
+          if (op.kind == graph::OpKind::add && op.name == fmt::format("blocks.{}.add", i) && mid == graph::kNoTensor) {
+            mid = op.outputs.at(0);
+          }
+          for (graph::TensorId t : op.outputs) in_block += cut_set.count(graph::index(t)) > 0;
+        }
+        INFO("block " << i);
+        CHECK(cut_set.count(graph::index(input)));
+        CHECK(cut_set.count(graph::index(mid)));
+        CHECK(in_block == 2);  // the mid residual and the block's output, nothing else
+      }
+      // Every cut is one by definition, and every tensor that is one is found.
+      graph::TensorId src = graph::kNoTensor;
+      for (const graph::Op& op : g.ops()) {
+        for (graph::TensorId t : op.inputs) {
+          if (src == graph::kNoTensor && g.tensor(t).producer == graph::kNoOp &&
+              g.storage(g.tensor(t).storage).category == graph::Category::input) {
+            src = t;
+          }
+        }
+        if (src != graph::kNoTensor) break;
+      }
+      CHECK(cut_set == brute_force_cuts(g, src, s.loss));
+    }
+  }
+}
+
+TEST_CASE("graph::forward_cuts: cuts are in forward order, and the model's tensors are found", "[cuts]") {
+  const graph::StepGraph s = small_forward(graph::Family::llama, graph::ProfileId::torch2_cpu, 0.0, 4);
+  const std::vector<graph::CutTensor> cuts = graph::forward_cuts(s.graph);
+  REQUIRE(cuts.size() >= 2 * 4 + 1);
+  for (size_t k = 1; k < cuts.size(); ++k) {
+    CHECK(graph::index(cuts[k - 1].producer) < graph::index(cuts[k].producer));
+    CHECK(s.graph.tensor(cuts[k].tensor).producer == cuts[k].producer);
+  }
+  // The positions (arange) and the causal mask feed every block but depend on no input: they
+  // are left out, or no block input would be a cut.
+  for (const auto& c : cuts) CHECK(s.graph.op(c.producer).kind != graph::OpKind::arange);
+}
+
+TEST_CASE("graph::forward_cuts: a parallel-residual block has no cut inside it, a sequential one has", "[cuts]") {
+  // x -> embed -> h0; block 0 (parallel, GPT-J/PaLM): out = h0 + attn(ln(h0)) + mlp(ln(h0));
+  // block 1 (sequential): mid = out + attn(ln(out)); out2 = mid + mlp(ln(mid)); loss(out2).
+  graph::Graph g;
+  auto tensor = [&](const std::string& name, graph::Category c = graph::Category::activation) {
+    const graph::StorageId st = g.add_storage({.bytes = 64, .category = c});
+    return g.add_tensor({.name = name, .shape = {16}, .dtype = graph::DType::f32, .storage = st});
+  };
+  auto op = [&](const std::string& name, graph::OpKind k, std::vector<graph::TensorId> in, int32_t layer) {
+    const graph::TensorId out = tensor(name);
+    g.add_op({.kind = k, .phase = graph::Phase::forward, .layer = layer, .name = name, .inputs = std::move(in),
+              .outputs = {out}});
+    return out;
+  };
+  const graph::TensorId x = tensor("x", graph::Category::input);
+  const graph::TensorId w = tensor("w", graph::Category::parameter);
+  const graph::TensorId h0 = op("embed", graph::OpKind::embedding, {w, x}, -1);
+  const graph::TensorId a = op("b0.attn", graph::OpKind::softmax, {op("b0.ln", graph::OpKind::layer_norm, {h0}, 0)}, 0);
+  const graph::TensorId m = op("b0.mlp", graph::OpKind::gelu_tanh, {op("b0.ln2", graph::OpKind::layer_norm, {h0}, 0)}, 0);
+  const graph::TensorId s0 = op("b0.add", graph::OpKind::add, {h0, a}, 0);
+  const graph::TensorId out = op("b0.add2", graph::OpKind::add, {s0, m}, 0);
+  const graph::TensorId a1 = op("b1.attn", graph::OpKind::softmax, {op("b1.ln", graph::OpKind::layer_norm, {out}, 1)}, 1);
+  const graph::TensorId mid = op("b1.add", graph::OpKind::add, {out, a1}, 1);
+  const graph::TensorId f1 = op("b1.mlp", graph::OpKind::gelu_tanh, {op("b1.ln2", graph::OpKind::layer_norm, {mid}, 1)}, 1);
+  const graph::TensorId out2 = op("b1.add2", graph::OpKind::add, {mid, f1, w}, 1);
+  const graph::TensorId loss = op("loss", graph::OpKind::nll_loss, {out2}, -1);
+  const std::vector<graph::CutTensor> cuts = graph::forward_cuts(g);
+  std::vector<std::string> names;
+  for (const auto& c : cuts) names.push_back(g.tensor(c.tensor).name);
+  CHECK(names == std::vector<std::string>{"embed", "b0.add2", "b1.add", "b1.add2"});
+  CHECK(cuts.back().tensor == out2);
+  CHECK(graph::forward_cuts(g, x, loss).size() == cuts.size());
+}
+
+TEST_CASE("checkpoint: mlp recomputes Megatron-LM's MLP terms (19sbh) and ln_2's statistics, nothing else",
+          "[checkpoint]") {
+  for (const Size& z : kMegatronSizes) {
+    const auto [s, h, a, b] = z;
+    INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
+    const study::Analysis none = run(megatron(s, h, a, b, "none"));
+    const study::Analysis mlp = run(megatron(s, h, a, b, "mlp"));
+    REQUIRE(mlp.per_layer_saved.size() == none.per_layer_saved.size());
+    // Korthikanti et al. 2022: the MLP keeps 19sbh (c_fc input 2, GELU input 8, c_proj input 8,
+    // dropout mask 1); ln_2's input (2sbh) is the checkpoint's input and stays, its fp32 mean and
+    // rstd (8sb) go.
+    for (size_t i = 0; i < none.per_layer_saved.size(); ++i) {
+      CHECK(none.per_layer_saved[i] - mlp.per_layer_saved[i] == 19 * s * b * h + 8 * s * b);
+    }
+    CHECK(mlp.outside_saved == none.outside_saved);
+    CHECK(mlp.result.step_time_ns > none.result.step_time_ns);
+    CHECK(mlp.result.peak_bytes <= none.result.peak_bytes);
+  }
+  for (const char* bad : {"mlp:2", "mlps"}) {
+    INFO(bad);
+    CHECK_THROWS_AS(study::load_scenario("", {std::string("checkpoint.policy=") + bad}), InputError);
+  }
+  CHECK(graph::block_plan(graph::parse_policy("mlp", "test"), 3).describe() == "3 mlp-recomputed");
+}
+
+TEST_CASE("checkpoint: mlp's checkpoint call is the segment between each block's last two cut tensors",
+          "[checkpoint][cuts]") {
+  for (const graph::Family fam : {graph::Family::gpt2, graph::Family::llama}) {
+    graph::ModelConfig m;
+    m.family = fam;
+    m.n_layers = 3;
+    m.d_model = 64;
+    m.n_heads = 4;
+    m.seq_len = 16;
+    m.vocab_size = 128;
+    m.dropout = fam == graph::Family::gpt2 ? 0.1 : 0.0;
+    graph::TrainingConfig t;
+    t.batch_size = 2;
+    const graph::BlockPlan plan = graph::block_plan(graph::parse_policy("mlp", "test"), m.n_layers);
+    const graph::StepGraph step =
+        graph::lower_training_step(m, t, graph::profile(graph::ProfileId::torch2_cpu), &plan);
+    const graph::Graph& g = step.graph;
+    const std::vector<graph::CutTensor> cuts = graph::forward_cuts(g, graph::kNoTensor, step.loss);
+    std::map<uint32_t, size_t> cut_at;  // tensor -> position among the cuts
+    for (size_t k = 0; k < cuts.size(); ++k) cut_at[graph::index(cuts[k].tensor)] = k;
+    for (int32_t i = 0; i < m.n_layers; ++i) {
+      INFO(graph::to_string(fam) << " block " << i);
+      std::vector<size_t> region;
+      int32_t id = -1;
+      for (size_t k = 0; k < g.n_ops(); ++k) {
+        const graph::Op& op = g.ops()[k];
+        if (op.phase != graph::Phase::forward || op.layer != i) continue;
+        const bool mlp_op = op.name.find(".mlp") != std::string::npos || op.name.find(".ffn") != std::string::npos;
+        if (op.region < 0) {
+          CHECK_FALSE(mlp_op);  // the whole MLP sublayer is inside the checkpoint call
+          continue;
+        }
+        if (id < 0) id = op.region;
+        CHECK(op.region == id);  // one checkpoint call
+        region.push_back(k);
+      }
+      REQUIRE(!region.empty());
+      CHECK(region.back() - region.front() + 1 == region.size());  // contiguous in forward order
+      // It reads one activation from outside: a cut tensor; it writes the next cut last.
+      std::set<uint32_t> own, read;
+      for (size_t k : region) {
+        for (graph::TensorId o : g.ops()[k].outputs) own.insert(graph::index(g.tensor(o).storage));
+      }
+      graph::TensorId input = graph::kNoTensor;
+      for (size_t k : region) {
+        for (graph::TensorId in : g.ops()[k].inputs) {
+          const graph::Storage& st = g.storage(g.tensor(in).storage);
+          if (own.count(graph::index(g.tensor(in).storage)) || st.category != graph::Category::activation) continue;
+          read.insert(graph::index(g.tensor(in).storage));
+          input = in;
+        }
+      }
+      REQUIRE(read.size() == 1);
+      const graph::TensorId output = g.ops()[region.back()].outputs.at(0);
+      REQUIRE(cut_at.count(graph::index(input)));
+      REQUIRE(cut_at.count(graph::index(output)));
+      CHECK(cut_at[graph::index(output)] == cut_at[graph::index(input)] + 1);
+      CHECK(g.op(g.tensor(output).producer).name == fmt::format("blocks.{}.add", i));
     }
   }
 }

@@ -1,11 +1,16 @@
 // The checkpointing planner: rotor's dynamic program (Beaumont et al. 2019) and the budget search.
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <limits>
+#include <memory>
+#include <vector>
 
 #include "actsim/graph/profile.hpp"
+#include "actsim/report/summary.hpp"
+#include "actsim/study/analyze.hpp"
 #include "actsim/study/planner.hpp"
 
 using namespace actsim;
@@ -52,7 +57,7 @@ struct Sim {
 };
 Sim simulate_plan(const study::Scenario& s, const graph::BlockPlan& p) {
   graph::StepGraph step = graph::lower_training_step(s.model, s.training, graph::profile(s.profile), &p);
-  sim::Plan plan(step.graph, s.device);
+  sim::StepTables plan(step.graph, s.device);
   sim::SimResult r = sim::simulate(plan);
   return {r.peak_bytes, r.step_time_ns};
 }
@@ -120,7 +125,7 @@ TEST_CASE("study::plan_for_budget: equals exhaustive search over every keep/reco
     CHECK(r.peak_bytes <= budget);
     // With selective keeping (the default) and offload allowed too: within the budget and never
     // slower than the keep/recompute plan.
-    for (const study::PlanOptions o : {study::PlanOptions{}, study::PlanOptions{.selective = true, .offload = true}}) {
+    for (const study::PlanOptions& o : {study::PlanOptions{}, study::PlanOptions{.selective = true, .offload = true}}) {
       const study::PlanResult rs = study::plan_for_budget(s, budget, o);
       CHECK(rs.fits == r.fits);
       if (rs.fits) {
@@ -160,4 +165,38 @@ TEST_CASE("study::plan_for_budget: when nothing fits, the least memory any plan 
   CHECK(r.min_peak_bytes > 1024);
   CHECK(r.min_peak_bytes <= r.baseline_peak_bytes);
   CHECK(r.peak_bytes == r.min_peak_bytes);
+}
+
+TEST_CASE("study::plan_for_budget: the kept analysis is the chosen plan's, and each plan is simulated once", "[planner]") {
+  const study::Scenario s = small(6);
+  const study::PlanResult none = study::plan_for_budget(s, INT64_MAX / 4);
+  int checked = 0;
+  for (int k = 0; k <= 6; ++k) {
+    const int64_t budget = none.min_peak_bytes + (none.baseline_peak_bytes - none.min_peak_bytes) * k / 6;
+    std::vector<int64_t> seen;
+    study::PlanOptions o;
+    o.progress = [&](int64_t done, int64_t estimate) {
+      CHECK(done <= estimate);
+      seen.push_back(done);
+    };
+    const study::PlanResult r = study::plan_for_budget(s, budget, o);
+    INFO("budget " << budget);
+    REQUIRE(r.fits);
+    // Progress counts every simulation once, in order; none is repeated for the same plan.
+    REQUIRE(static_cast<int64_t>(seen.size()) == r.simulations);
+    for (size_t i = 0; i < seen.size(); ++i) CHECK(seen[i] == static_cast<int64_t>(i + 1));
+    // Baseline, least-memory, full recomputation and most-memory plans, then a few probes per
+    // variant: fewer than the 2 + 2 x 9 of bisecting 193 levels per variant.
+    CHECK(r.simulations <= 16);
+    // The analysis handed back is what analyzing the chosen plan gives.
+    REQUIRE(r.analysis);
+    study::Scenario chosen = s;
+    chosen.checkpoint = r.plan;
+    const study::Analysis a = study::analyze(chosen);
+    CHECK(r.analysis->result.peak_bytes == r.peak_bytes);
+    CHECK(r.analysis->result.step_time_ns == r.step_time_ns);
+    CHECK(report::to_json(*r.analysis) == report::to_json(a));
+    ++checked;
+  }
+  CHECK(checked == 7);
 }

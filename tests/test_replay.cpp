@@ -7,6 +7,7 @@
 #include <string>
 
 #include "actsim/backends/backend.hpp"
+#include "actsim/graph/checkpoint.hpp"
 #include "actsim/replay/replay.hpp"
 #include "actsim/schedule/schedule.hpp"
 #include "actsim/study/analyze.hpp"
@@ -64,8 +65,7 @@ TEST_CASE("replay::confirm_recompute: each policy's gradients against the plain 
       [&](const std::string& p) {
         ++asked;
         study::Scenario sc = plain;
-        sc.checkpoint_policy = p;
-        sc.block_plan.reset();
+        sc.checkpoint = graph::parse_policy(p, "--policies");
         return study::make_schedule(study::analyze(sc));
       },
       *be, 3);

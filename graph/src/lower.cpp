@@ -66,7 +66,8 @@ struct Lowering {
 
   // Checkpointing: region ids are unique per recomputed unit (a segment, a block's attention core,
   // a block under ops:LIST).
-  static constexpr int32_t kSelectiveRegion = 1 << 20, kOpsRegion = 2 << 20, kBlockRegion = 3 << 20;
+  static constexpr int32_t kSelectiveRegion = 1 << 20, kOpsRegion = 2 << 20, kBlockRegion = 3 << 20,
+                           kMlpRegion = 4 << 20;
   BlockMode mode(int i) const { return plan ? plan->mode[static_cast<size_t>(i)] : BlockMode::keep; }
   void enter_block(int i) {
     switch (mode(i)) {
@@ -97,6 +98,16 @@ struct Lowering {
   }
   void core_end(int i) {
     if (mode(i) == BlockMode::selective) b.set_region(-1);
+  }
+  // Half-block checkpointing: the MLP sublayer of block i (norm, MLP, residual add) as one
+  // checkpoint call, from the mid-block residual to the block output (two consecutive cut tensors).
+  void mlp_begin(int i) {
+    if (mode(i) != BlockMode::mlp) return;
+    b.rng_stash[kMlpRegion + i] = b.stash_rng("checkpoint.rng_state");
+    b.set_region(kMlpRegion + i);
+  }
+  void mlp_end(int i) {
+    if (mode(i) == BlockMode::mlp) b.set_region(-1);
   }
 
   TensorId param(const std::string& name, const Shape& shape) {
@@ -166,6 +177,8 @@ struct Lowering {
     TensorId a = gpt2_attention(i, p, h);
     scope(i, s);
     x = b.binary(OpKind::add, x, a);
+    scope(i, s);
+    mlp_begin(i);
     scope(i, s + ".ln_2");
     h = b.layer_norm(x, p.ln2_w, p.ln2_b);
     scope(i, s + ".mlp.c_fc");
@@ -177,7 +190,9 @@ struct Lowering {
     scope(i, s + ".mlp.dropout");
     f = b.dropout(f, m.dropout);
     scope(i, s);
-    return b.binary(OpKind::add, x, f);
+    x = b.binary(OpKind::add, x, f);
+    mlp_end(i);
+    return x;
   }
 
   void gpt2() {
@@ -324,6 +339,8 @@ struct Lowering {
     TensorId a = llama_attention(i, p, h, cos_c, sin_c, pos);
     scope(i, s);
     x = b.binary(OpKind::add, x, a);
+    scope(i, s);
+    mlp_begin(i);
     scope(i, s + ".ffn_norm");
     h = rmsnorm(x, p.ffn_norm);
     // self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -338,7 +355,9 @@ struct Lowering {
     scope(i, s + ".ffn.w2");
     TensorId f = b.linear(gu, p.w2, std::nullopt);
     scope(i, s);
-    return b.binary(OpKind::add, x, f);
+    x = b.binary(OpKind::add, x, f);
+    mlp_end(i);
+    return x;
   }
 
   void llama() {

@@ -21,7 +21,7 @@ namespace actsim::report {
 using graph::OpId;
 using graph::StorageId;
 using sim::Observer;
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 using sim::simulate;
 using study::Analysis;
@@ -128,7 +128,7 @@ Timeline timeline_of(const graph::Graph& g, const sim::EventLog& log) {
 }
 
 Timeline record_timeline(const Analysis& a) {
-  const sim::EventLog log = sim::record_events(*a.plan);
+  const sim::EventLog log = sim::record_events(*a.tables);
   ACTSIM_ASSERT(log.result.peak_bytes == a.result.peak_bytes, "re-simulation gave another peak");
   return timeline_of(a.step->graph, log);
 }

@@ -22,7 +22,7 @@ void EventRecorder::on_workspace(graph::OpId op, int64_t bytes, int64_t t, int64
                      .bytes = bytes > 0 ? bytes : -bytes, .time_ns = t, .live = live});
 }
 
-EventLog record_events(const Plan& plan, std::span<Observer* const> more) {
+EventLog record_events(const StepTables& plan, std::span<Observer* const> more) {
   EventLog log;
   EventRecorder rec(log.events);
   std::vector<Observer*> obs{&rec};

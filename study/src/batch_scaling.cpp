@@ -108,9 +108,9 @@ Reference analyze_reference(const Scenario& s) {
   }
   StartLive obs(a.result.live_step_start);
   Observer* list[] = {&obs};
-  (void)sim::simulate(*a.plan, list);
+  (void)sim::simulate(*a.tables, list);
   r.start_live = std::move(obs.live);
-  a.plan.reset();
+  a.tables.reset();
   r.step = std::shared_ptr<const graph::StepGraph>(std::move(a.step));
   return r;
 }

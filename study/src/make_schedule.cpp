@@ -12,7 +12,7 @@ using graph::StorageId;
 using schedule::Schedule;
 using schedule::ScheduleEntry;
 using sim::EngineEvent;
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 using Kind = ScheduleEntry::Kind;
 
@@ -21,7 +21,7 @@ namespace {
 // The schedule's entries from the engine's event log. The engine reports an op's start before
 // its allocations, so the `run` entry waits until the op's allocations and workspace are listed:
 // it is written at the first event that is not one of them.
-std::vector<ScheduleEntry> entries_of(const Plan& p, const std::vector<EngineEvent>& events) {
+std::vector<ScheduleEntry> entries_of(const StepTables& p, const std::vector<EngineEvent>& events) {
   std::vector<ScheduleEntry> out;
   out.reserve(events.size());
   OpId pending = graph::kNoOp;
@@ -74,8 +74,8 @@ Schedule make_schedule(const Analysis& a) {
   s.training = a.scenario.training;
   s.profile = a.scenario.profile;
   s.device = a.scenario.device.name;
-  const sim::EventLog log = sim::record_events(*a.plan);
-  s.entries = entries_of(*a.plan, log.events);
+  const sim::EventLog log = sim::record_events(*a.tables);
+  s.entries = entries_of(*a.tables, log.events);
   const SimResult& r = log.result;
   s.simulated_peak_bytes = r.peak_bytes;
   s.simulated_live_step_start = r.live_step_start;

@@ -7,14 +7,21 @@
 
 #include <algorithm>
 #include <chrono>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <exception>
 #include <map>
+#include <memory>
+#include <thread>
+#include <string>
 
 #include "actsim/util/error.hpp"
 #include "actsim/graph/profile.hpp"
 
 namespace actsim::study {
 
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 using sim::simulate;
 
@@ -32,9 +39,11 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
   const bool has_sel = !chain.activation_selective_bytes.empty();
   act_sel_.assign(n_, 0);
   bwd_sel_.assign(n_, 0);
-  for (int i = 0; i < n_ && has_sel; ++i) {
-    act_sel_[i] = units(chain.activation_selective_bytes[i]);
-    bwd_sel_[i] = chain.backward_selective_ns[i];
+  for (int i = 0; i < n_; ++i) {
+    act_sel_[i] = has_sel ? units(chain.activation_selective_bytes[i]) : 0;
+    // Without the selective option its backward time is never used: the plain one keeps the
+    // homogeneity test below about the blocks that are (an O(n^3) DP otherwise).
+    bwd_sel_[i] = has_sel ? chain.backward_selective_ns[i] : chain.backward_ns[i];
   }
   const bool has_off = !chain.offload_penalty_ns.empty();
   off_pen_.assign(n_, 0);
@@ -282,10 +291,14 @@ Chain measure_chain(const Scenario& s) {
     }
     return c;
   }
-  Scenario base = s;
-  base.checkpoint_policy = "none";
-  base.block_plan.reset();
-  Analysis a = analyze(base);
+  // Each measurement simulates the scenario's step under a fixed policy's plan (simulate_step: no
+  // resolving, no planning).
+  auto under = [&](graph::CheckpointPolicy::Kind kind) {
+    graph::CheckpointPolicy p;
+    p.kind = kind;
+    return simulate_step(resolve(s, graph::block_plan(p, s.model.n_layers)));
+  };
+  Analysis a = under(graph::CheckpointPolicy::Kind::none);
   const graph::Graph& g = a.step->graph;
   const int64_t L = s.model.n_layers;
   Chain c;
@@ -295,18 +308,15 @@ Chain measure_chain(const Scenario& s) {
     const graph::Op& op = g.ops()[i];
     if (op.layer < 0 || op.phase == graph::Phase::optimizer) continue;
     auto& v = op.phase == graph::Phase::forward ? c.forward_ns : c.backward_ns;
-    v[static_cast<size_t>(op.layer)] += a.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+    v[static_cast<size_t>(op.layer)] += a.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
   }
   // What a block recomputes for its own backward: the recompute ops of checkpointing every block.
-  Scenario full = s;
-  full.checkpoint_policy = "full";
-  full.block_plan.reset();
-  Analysis af = analyze(full);
+  Analysis af = under(graph::CheckpointPolicy::Kind::full);
   c.forward_saved_ns.assign(static_cast<size_t>(L), 0);
   for (size_t i = 0; i < af.step->graph.n_ops(); ++i) {
     const graph::Op& op = af.step->graph.ops()[i];
     if (op.recompute && op.layer >= 0) {
-      c.forward_saved_ns[static_cast<size_t>(op.layer)] += af.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+      c.forward_saved_ns[static_cast<size_t>(op.layer)] += af.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
     }
   }
   const int64_t x = s.training.batch_size * s.model.seq_len * s.model.d_model * graph::dtype_size(s.training.dtype);
@@ -315,10 +325,7 @@ Chain measure_chain(const Scenario& s) {
   for (int64_t i = 0; i < L; ++i) c.activation_bytes[static_cast<size_t>(i)] = std::max<int64_t>(0, a.per_layer_saved[static_cast<size_t>(i)] - x);
   // Selective keeping: what each block keeps with its attention core recomputed, and the
   // backward time including that recompute.
-  Scenario sel = s;
-  sel.checkpoint_policy = "selective";
-  sel.block_plan.reset();
-  Analysis as = analyze(sel);
+  Analysis as = under(graph::CheckpointPolicy::Kind::selective);
   c.activation_selective_bytes.resize(static_cast<size_t>(L));
   c.backward_selective_ns.assign(static_cast<size_t>(L), 0);
   for (int64_t i = 0; i < L; ++i) {
@@ -327,15 +334,12 @@ Chain measure_chain(const Scenario& s) {
   for (size_t i = 0; i < as.step->graph.n_ops(); ++i) {
     const graph::Op& op = as.step->graph.ops()[i];
     if (op.layer >= 0 && op.phase == graph::Phase::backward) {
-      c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+      c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
     }
   }
   // Offload: the step time it adds, spread evenly over the blocks (copies overlap compute, so
   // this is an estimate; plans using it are simulated before they are chosen).
-  Scenario off = s;
-  off.checkpoint_policy = "offload";
-  off.block_plan.reset();
-  const int64_t off_time = analyze(off).result.step_time_ns;
+  const int64_t off_time = under(graph::CheckpointPolicy::Kind::offload).result.step_time_ns;
   c.offload_penalty_ns.assign(static_cast<size_t>(L), std::max<int64_t>(0, (off_time - a.result.step_time_ns) / std::max<int64_t>(1, L)));
   // The head: what the model keeps outside the blocks (embeddings aside, a constant), run once.
   c.has_head = true;
@@ -370,12 +374,145 @@ struct PlanProbe {
 };
 using Probe = PlanProbe;
 
-// What every variant of the search shares, measured once (each is a lowering and simulation of
-// the whole step, the bulk of a plan's time at many layers): the chain, and the plans without
-// checkpointing and with full checkpointing.
+namespace {
+
+// The one place the planner simulates: the step lowered with plan `bp`, run by the engine, with
+// the report's figures (kept: the answer's is what `actsim plan` prints).
+std::shared_ptr<const Analysis> simulate_plan(const Scenario& s, const graph::BlockPlan& bp) {
+  Scenario t = s;
+  t.checkpoint = bp;
+  return std::make_shared<const Analysis>(simulate_step(resolve(t, bp), t));
+}
+
+// A plan's identity: equal keys, equal lowered steps.
+std::string plan_key(const graph::BlockPlan& p) {
+  std::string k;
+  k.reserve(p.mode.size() * 6);
+  for (size_t i = 0; i < p.mode.size(); ++i) {
+    k += static_cast<char>('0' + static_cast<int>(p.mode[i]));
+    k += std::to_string(p.segment[i]);
+    k += ',';
+  }
+  k += '|';
+  for (graph::OpKind o : p.keep_kinds) k += std::to_string(static_cast<int>(o)) + ",";
+  k += '|';
+  for (const auto& list : p.before_backward) {
+    for (const auto& rc : list) k += std::to_string(rc.block) + (rc.keep_all ? "+" : "-");
+    k += ';';
+  }
+  return k;
+}
+
+}  // namespace
+
+// Frees what the search is done with on a thread of its own: a lowered step is ~10^5 small
+// allocations, and freeing them is a fifth of a simulation's time (off the critical path when
+// there is a core to spare).
+class Reaper {
+ public:
+  ~Reaper() {
+    {
+      std::lock_guard<std::mutex> l(m_);
+      done_ = true;
+    }
+    cv_.notify_one();
+    if (t_.joinable()) t_.join();
+  }
+  void drop(std::shared_ptr<const Analysis> a) {
+    if (!a) return;
+    {
+      std::lock_guard<std::mutex> l(m_);
+      if (!t_.joinable()) t_ = std::thread([this] { run(); });
+      q_.push_back(std::move(a));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> l(m_);
+    for (;;) {
+      cv_.wait(l, [&] { return done_ || !q_.empty(); });
+      if (q_.empty()) return;
+      std::shared_ptr<const Analysis> a = std::move(q_.back());
+      q_.pop_back();
+      l.unlock();
+      a.reset();
+      l.lock();
+    }
+  }
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::vector<std::shared_ptr<const Analysis>> q_;
+  bool done_ = false;
+  std::thread t_;
+};
+
+// What every variant of the search shares (each simulation is a lowering and simulation of the
+// whole step, the bulk of a plan's time at many layers): the chain, and every plan simulated so
+// far (the variants and levels propose the same plans again and again: the trivial plan, full
+// recomputation, the least-memory plan), and the analysis of the fastest plan that fits so far.
 struct PlanShared {
   std::optional<Chain> chain;
-  std::optional<Probe> base, full;
+  std::map<std::string, Probe> probes;  // plan_key -> figures
+  int64_t simulations = 0;
+  int64_t estimate = 0;                 // simulations expected in all (progress)
+  int64_t budget = 0;
+  const PlanOptions* options = nullptr;
+  std::shared_ptr<const Analysis> fastest;  // of the fastest plan within the budget so far
+  std::string fastest_key;
+  Reaper reaper;  // last member: destroyed (joined) first
+
+  void record(std::string key, std::shared_ptr<const Analysis> a) {
+    const Probe p{a->result.peak_bytes, a->result.step_time_ns};
+    ++simulations;
+    if (options && options->progress) options->progress(simulations, std::max(simulations, estimate));
+    if (p.peak <= budget && (!fastest || p.time < fastest->result.step_time_ns)) {
+      reaper.drop(std::move(fastest));
+      fastest = a, fastest_key = key;
+    } else {
+      reaper.drop(std::move(a));
+    }
+    probes.emplace(std::move(key), p);
+  }
+  Probe probe(const Scenario& s, const graph::BlockPlan& bp) {
+    std::string k = plan_key(bp);
+    auto it = probes.find(k);
+    if (it != probes.end()) return it->second;
+    record(k, simulate_plan(s, bp));
+    return probes.at(k);
+  }
+  // Simulates the plans not simulated yet, several at once (independent lowerings).
+  void probe_all(const Scenario& s, const std::vector<const graph::BlockPlan*>& plans) {
+    std::vector<std::pair<std::string, const graph::BlockPlan*>> todo;
+    for (const graph::BlockPlan* bp : plans) {
+      std::string k = plan_key(*bp);
+      bool dup = probes.count(k) > 0;
+      for (const auto& t : todo) dup = dup || t.first == k;
+      if (!dup) todo.emplace_back(std::move(k), bp);
+    }
+    std::vector<std::shared_ptr<const Analysis>> out(todo.size());
+    std::vector<std::exception_ptr> errors(todo.size());
+    const size_t workers = std::min<size_t>(todo.size(), std::max(1u, std::thread::hardware_concurrency()));
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+      for (size_t i; (i = next++) < todo.size();) {
+        try {
+          out[i] = simulate_plan(s, *todo[i].second);
+        } catch (...) {
+          errors[i] = std::current_exception();
+        }
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t w = 1; w < workers; ++w) pool.emplace_back(work);
+    work();
+    for (std::thread& t : pool) t.join();
+    for (size_t i = 0; i < todo.size(); ++i) {
+      if (errors[i]) std::rethrow_exception(errors[i]);
+      record(std::move(todo[i].first), std::move(out[i]));
+    }
+  }
 };
 
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options) {
@@ -383,18 +520,23 @@ PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions&
   // (estimated in the DP): every answer is simulated, and the fastest that fits wins, so the
   // options never make a plan slower.
   PlanShared shared;
+  shared.options = &options;
+  shared.budget = budget;
+  // The baseline and full recomputation, then per variant its least-memory plan and about three
+  // probes around the memory model's guess.
+  shared.estimate = 2 + 4 * (1 + options.selective + options.offload);
   PlanResult best = plan_for_budget_impl(s, budget, false, false, shared);
   auto consider = [&](PlanResult r) {
-    const int64_t sims = best.simulations + r.simulations;
     const int64_t least = std::min(best.min_peak_bytes, r.min_peak_bytes);
     const bool better = r.fits ? (!best.fits || r.step_time_ns < best.step_time_ns)
                                : (!best.fits && r.peak_bytes < best.peak_bytes);
     if (better) best = std::move(r);
-    best.simulations = sims;
     best.min_peak_bytes = least;
   };
   if (options.selective) consider(plan_for_budget_impl(s, budget, true, false, shared));
   if (options.offload) consider(plan_for_budget_impl(s, budget, options.selective, true, shared));
+  best.simulations = shared.simulations;
+  if (shared.fastest && shared.fastest_key == plan_key(best.plan)) best.analysis = shared.fastest;
   return best;
 }
 
@@ -402,20 +544,8 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   PlanResult r;
   r.budget_bytes = budget;
   const int64_t L = s.model.n_layers;
-  auto simulate_plan = [&](const graph::BlockPlan& bp) {
-    Scenario t = s;
-    t.block_plan = std::make_shared<graph::BlockPlan>(bp);
-    graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), t.block_plan.get());
-    Plan plan(step.graph, t.device);
-    SimResult sr = simulate(plan);
-    ++r.simulations;
-    return Probe{sr.peak_bytes, sr.step_time_ns};
-  };
+  auto simulate_plan = [&](const graph::BlockPlan& bp) { return shared.probe(s, bp); };
   graph::BlockPlan none = graph::block_plan(graph::CheckpointPolicy{}, L);
-  if (!shared.base) shared.base = simulate_plan(none);
-  const Probe base = *shared.base;
-  r.baseline_peak_bytes = base.peak;
-  r.baseline_step_time_ns = base.time;
 
   if (!shared.chain) shared.chain = measure_chain(s);
   Chain chain = *shared.chain;
@@ -432,15 +562,21 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   RotorDP dp(chain, unit, kLevels);
   r.dp_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
 
-  // The least level with a plan, and the plans' probes by level (plans repeat across levels).
+  // The least level with a plan, and the levels' plans (plans repeat across levels).
   int lo_level = 0;
   while (lo_level <= kLevels && dp.cost(lo_level) >= RotorDP::kInfeasible) ++lo_level;
+  std::map<int, graph::BlockPlan> plans;
+  auto plan_at = [&](int level) -> const graph::BlockPlan& {
+    auto it = plans.find(level);
+    if (it != plans.end()) return it->second;
+    return plans.emplace(level, dp.plan(level)).first->second;
+  };
   // Note [Planner size]: the least-memory plans recompute a block once per later block, which is
   // quadratic in L (500,000 block forwards at 1,000 layers: a graph of tens of GB to lower and
   // simulate). Plans recomputing more than kMaxRecomputePerBlock x L blocks are left out: the
   // least level rises until its plan is within that (plans recompute less as memory grows).
   auto recomputes = [&](int level) {
-    const graph::BlockPlan bp = dp.plan(level);
+    const graph::BlockPlan& bp = plan_at(level);
     int64_t n = 0;
     for (const auto& list : bp.before_backward) n += static_cast<int64_t>(list.size());
     return n;
@@ -454,44 +590,60 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
     }
     lo_level = good;
   }
-  std::map<int, Probe> probes;
-  auto probe = [&](int level) {
-    auto it = probes.find(level);
-    if (it != probes.end()) return it->second;
-    return probes[level] = simulate_plan(dp.plan(level));
-  };
+  auto probe = [&](int level) { return simulate_plan(plan_at(level)); };
+  auto fits = [&](int level) { return probe(level).peak <= budget; };
+  const graph::BlockPlan full_plan = graph::block_plan(full_policy(), L);
+  // Plans every answer needs, simulated together: no checkpointing (the baseline), the
+  // least-memory plan and full recomputation (does anything fit? the least memory any plan
+  // reaches), the most-memory plan (the answer for a generous budget).
+  if (lo_level <= kLevels) shared.probe_all(s, {&none, &plan_at(lo_level), &full_plan, &plan_at(kLevels)});
+  const Probe base = simulate_plan(none);
+  r.baseline_peak_bytes = base.peak;
+  r.baseline_step_time_ns = base.time;
   if (base.peak <= budget) {
     r.fits = true;
     r.plan = none;
     r.peak_bytes = base.peak;
     r.step_time_ns = base.time;
-  } else if (lo_level > kLevels || probe(lo_level).peak > budget) {
+  } else if (lo_level > kLevels || !fits(lo_level)) {
     r.fits = false;
   } else {
     // Largest level whose plan fits: the DP's optimum only improves with memory, so this is the
-    // fastest plan among the levels' optima that fits (first guess from the memory model).
+    // fastest plan among the levels' optima that fits. The peak grows about linearly with the
+    // level: interpolation search between the bracket's simulated peaks, every other step a
+    // bisection when the bracket did not halve (so never worse than twice bisection's probes);
+    // levels with equal plans cost nothing.
     int lo = lo_level, hi = kLevels + 1;  // fits(lo), !fits(hi) (hi = beyond the last level)
-    const int64_t overhead = base.peak - total;
-    int guess = static_cast<int>(std::clamp<int64_t>((budget - overhead) / unit, lo + 1, kLevels));
+    if (fits(kLevels)) lo = kLevels;
+    else hi = kLevels;
+    bool bisect = false;
     while (hi - lo > 1) {
-      const int mid = (guess > lo && guess < hi) ? guess : lo + (hi - lo) / 2;
-      guess = -1;
-      (probe(mid).peak <= budget ? lo : hi) = mid;
+      int mid = lo + (hi - lo) / 2;
+      if (!bisect) {
+        const int64_t plo = probe(lo).peak, phi = probe(hi).peak;
+        if (phi > plo) {
+          const double x = static_cast<double>(budget - plo) / static_cast<double>(phi - plo);
+          mid = lo + static_cast<int>(x * (hi - lo));
+        }
+        mid = std::clamp(mid, lo + 1, hi - 1);
+      }
+      const int width = hi - lo;
+      (fits(mid) ? lo : hi) = mid;
+      bisect = !bisect && 2 * (hi - lo) > width;
     }
     r.fits = true;
-    r.plan = dp.plan(lo);
+    r.plan = plan_at(lo);
     const Probe p = probe(lo);
     r.peak_bytes = p.peak;
     r.step_time_ns = p.time;
   }
   // The least memory any plan reaches: the DP's least-memory plan, or full recomputation.
   Probe least = lo_level <= kLevels ? probe(lo_level) : base;
-  if (!shared.full) shared.full = simulate_plan(graph::block_plan(full_policy(), L));
-  const Probe full = *shared.full;
+  const Probe full = simulate_plan(full_plan);
   r.min_peak_bytes = std::min({least.peak, full.peak, base.peak});
   if (!r.fits) {
     const bool full_is_least = full.peak <= least.peak;
-    r.plan = full_is_least ? graph::block_plan(full_policy(), L) : dp.plan(lo_level);
+    r.plan = full_is_least ? full_plan : plan_at(lo_level);
     r.peak_bytes = full_is_least ? full.peak : least.peak;
     r.step_time_ns = full_is_least ? full.time : least.time;
   }

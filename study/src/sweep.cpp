@@ -27,7 +27,7 @@ size_t first_failing_axis(const Scenario& base, const std::vector<std::string>& 
   for (size_t k = 0; k < sets.size(); ++k) {
     try {
       apply_overrides(t, {sets[k]});
-      (void)block_plan_of(t);
+      (void)resolve(t);
     } catch (const InputError&) {
       return k;
     }
@@ -71,7 +71,7 @@ std::vector<SweepRow> run_sweep(const Scenario& base, const std::vector<SweepAxi
     Scenario s = base;
     try {
       apply_overrides(s, sets);
-      (void)block_plan_of(s);
+      (void)resolve(s);
     } catch (const InputError& e) {
       std::string msg = e.what();
       const std::string set_prefix = "--set: ";  // the origin of every value a sweep applies
@@ -110,7 +110,7 @@ std::vector<SweepRow> run_sweep(const Scenario& base, const std::vector<SweepAxi
     const int64_t n_big = static_cast<int64_t>(batches.size());
     batches.erase(std::unique(batches.begin(), batches.end()), batches.end());
     // Offload runs a copy stream: its event order depends on the durations (no model holds).
-    const graph::BlockPlan bp = block_plan_of(scen[static_cast<size_t>(members.front())]);
+    const graph::BlockPlan bp = resolve(scen[static_cast<size_t>(members.front())]).plan;
     const bool multi_stream = std::find(bp.mode.begin(), bp.mode.end(), graph::BlockMode::offload) != bp.mode.end();
     if (multi_stream || batches.size() < 3 || n_big < 4) {
       direct.insert(direct.end(), members.begin(), members.end());

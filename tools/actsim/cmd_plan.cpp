@@ -1,6 +1,12 @@
 // actsim plan [SCENARIO] --budget 60GiB: the fastest checkpointing plan whose peak fits.
 #include <fmt/format.h>
+#include <unistd.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include <chrono>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -29,6 +35,7 @@ nlohmann::json blocks_json(const graph::BlockPlan& p) {
     std::vector<std::string> recomputed_what;
     if (rec) recomputed_what.push_back("block");
     if (p.mode[i] == graph::BlockMode::selective) recomputed_what.push_back("attention core");
+    if (p.mode[i] == graph::BlockMode::mlp) recomputed_what.push_back("MLP sublayer");
     out.push_back({{"block", i},
                    {"mode", graph::to_string(p.mode[i])},
                    {"kept", rec ? "input (checkpoint)" : p.mode[i] == graph::BlockMode::offload ? "nothing on device" : "activations"},
@@ -37,6 +44,17 @@ nlohmann::json blocks_json(const graph::BlockPlan& p) {
                    {"offloaded", p.mode[i] == graph::BlockMode::offload}});
   }
   return out;
+}
+
+// "plan: 5/9 simulations, ETA 12 s" on one terminal line, redrawn in place.
+void draw_progress(int64_t done, int64_t estimate) {
+  static const auto t0 = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string eta =
+      done > 0 && done < estimate
+          ? fmt::format(", ETA {}", human_seconds(secs * static_cast<double>(estimate - done) / static_cast<double>(done)))
+          : "";
+  std::cerr << fmt::format("\rplan: {}/{} simulations{}\033[K", done, estimate, eta) << std::flush;
 }
 
 }  // namespace
@@ -75,17 +93,40 @@ int cmd_plan(const std::vector<std::string>& args) {
     }
   }
   {
-    // About 24 lowerings and simulations of the step (the chain, the budget search, the answer),
-    // with recomputations, and a DP quadratic in the layers.
+    // About 8 lowerings and simulations of the step (the baseline, least-memory, full and
+    // most-memory plans, a few probes of the budget search), with recomputations, and a DP
+    // quadratic in the layers.
     const double L = static_cast<double>(s.model.n_layers);
-    check_long_work(vm, 24 * 1.5 * L * kSecondsPerLayer + (L + 1) * (L + 1) * 193 * 4e-9,
+    check_long_work(vm, 8 * 1.5 * L * kSecondsPerLayer + (L + 1) * (L + 1) * 193 * 4e-9,
                     fmt::format("plan at {} layers", s.model.n_layers));
   }
-  study::PlanResult r = study::plan_for_budget(
-      s, budget, study::PlanOptions{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0});
-  study::Scenario chosen = s;
-  chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
-  study::Analysis a = study::analyze(chosen);
+#if defined(__GLIBC__)
+  // Each verification lowers a graph of ~10^5 small allocations and frees it again: keep the
+  // pages mapped instead of trimming and re-faulting them (as sweep does).
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 256 << 20);
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+#endif
+  study::PlanOptions po{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0};
+  const bool bar = ::isatty(STDERR_FILENO);
+  if (bar) po.progress = draw_progress;
+  study::PlanResult r;
+  try {
+    r = study::plan_for_budget(s, budget, po);
+  } catch (...) {
+    if (bar) std::cerr << "\r\033[K" << std::flush;
+    throw;
+  }
+  if (bar) std::cerr << "\r\033[K" << std::flush;
+  // The search simulated the answer already (usually): its analysis is the one to report.
+  std::shared_ptr<const study::Analysis> kept = r.analysis;
+  if (!kept) {
+    study::Scenario chosen = s;
+    chosen.checkpoint = r.plan;
+    kept = std::make_shared<const study::Analysis>(study::analyze(chosen));
+  }
+  r.analysis.reset();
+  const study::Analysis& a = *kept;
   add_exports_from(a, vm, files);
   files.commit();
   nlohmann::json j = report::to_json(a);

@@ -319,13 +319,12 @@ int cmd_replay(const std::vector<std::string>& args) {
     // The schedule of the same scenario under another checkpoint policy.
     auto schedule_of = [&](const std::string& p) {
       study::Scenario sc = plain;
-      sc.checkpoint_policy = p;
-      sc.block_plan.reset();
+      sc.checkpoint = graph::parse_policy(p, "--policies");
       return study::make_schedule(study::analyze(sc));
     };
     try {
       const replay::RecomputeCheck c = replay::confirm_recompute(
-          replay::recompute_policies(policy_list, plain.checkpoint_policy), schedule_of, *be, seed);
+          replay::recompute_policies(policy_list, plain.checkpoint_text()), schedule_of, *be, seed);
       recompute_ok = c.ok;
       recompute_detail = json::array();
       for (const replay::RecomputeItem& it : c.items) recompute_detail.push_back({{"policy", it.policy}, {"equal", it.equal}});

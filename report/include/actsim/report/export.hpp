@@ -37,7 +37,7 @@ struct ExportRequest {
   int64_t max_events = 0;   // 0 = every event; else coarsen to about this many memory events
 };
 
-// Re-simulates a.plan with a recorder and writes every requested file atomically; throws
+// Re-simulates a.tables with a recorder and writes every requested file atomically; throws
 // InputError("FILE: cannot write ...") if one cannot be written (its temporary is removed).
 void write_exports(const study::Analysis& a, const ExportRequest& r);
 // The same files, rendered and added to `out` (written by out.commit(), all or nothing).

@@ -48,6 +48,6 @@ struct EventLog {
 };
 
 // Simulates `plan` with an EventRecorder (and any further observers after it).
-EventLog record_events(const Plan& plan, std::span<Observer* const> more = {});
+EventLog record_events(const StepTables& plan, std::span<Observer* const> more = {});
 
 }  // namespace actsim::sim

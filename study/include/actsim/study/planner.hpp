@@ -15,6 +15,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <vector>
 
 #include "actsim/graph/checkpoint.hpp"
@@ -104,6 +106,9 @@ struct PlanResult {
   int64_t min_peak_bytes = 0;        // the least peak any plan reaches
   int64_t dp_ns = 0;                 // time spent in the dynamic program (wall clock)
   int64_t simulations = 0;           // plans simulated to choose
+  // The chosen plan's analysis when the search kept it (it simulates that plan anyway): what
+  // `analyze` of the scenario with this plan returns. Null when it was not kept.
+  std::shared_ptr<const Analysis> analysis;
 };
 
 // The fastest plan whose simulated peak is at most `budget` (a larger budget never gives a slower
@@ -118,6 +123,9 @@ struct PlanOptions {
   // estimated in the DP; the answer is simulated and taken only when faster. Off by default: with
   // it, a larger budget is no longer guaranteed to give a plan at least as fast.
   bool offload = false;
+  // Called after each simulation the search runs, with the count so far and an estimate of the
+  // total (the count can pass the estimate; callers clamp).
+  std::function<void(int64_t done, int64_t estimate)> progress;
 };
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options = {});
 
