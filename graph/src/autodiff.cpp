@@ -517,6 +517,22 @@ void Engine::run_node(OpId fid) {
     case OpKind::log_softmax: case OpKind::masked_fill: case OpKind::native_dropout: case OpKind::nll_loss:
       if (needs(0)) grads[0] = fresh_for(0);
       break;
+    case OpKind::neg:  // NegBackward0: grad.neg()
+      if (needs(0)) grads[0] = fresh_for(0);
+      break;
+    case OpKind::cat: {  // CatBackward0: grad.narrow(dim, offset, size) for each input -- views
+      int64_t off = 0;
+      for (size_t i = 0; i < f.inputs.size(); ++i) {
+        const Shape sh = in(i).shape;
+        if (needs(i)) grads[i] = grad_view(g, fmt::format("grad_narrow{}", i), sh, gt.strides, gt.offset + off * gt.strides.back());
+        off += sh.back();
+      }
+      kernels = 0;
+      break;
+    }
+    case OpKind::cast:  // ToCopyBackward0: grad.to(self's dtype)
+      if (needs(0)) grads[0] = new_grad("grad_cast", in(0).shape, in(0).dtype);
+      break;
     default:
       ACTSIM_ASSERT(false, fmt::format("no backward for op kind {}", to_string(f.kind)));
   }

@@ -20,7 +20,14 @@ int64_t default_d_ff(Family f, int64_t d) {
   return 8 * ((static_cast<int64_t>(2 * 4 * d / 3.0) + 7) / 8);
 }
 
-std::string_view to_string(Family f) { return f == Family::gpt2 ? "gpt2" : "llama"; }
+std::string_view to_string(Family f) {
+  switch (f) {
+    case Family::gpt2: return "gpt2";
+    case Family::llama: return "llama";
+    case Family::hf_llama: return "hf_llama";
+  }
+  return "?";
+}
 std::string_view to_string(Attention a) { return a == Attention::eager ? "eager" : "flash"; }
 std::string_view to_string(Optimizer o) {
   switch (o) {
@@ -65,7 +72,7 @@ void Lowering::finish_loss(TensorId x, TensorId lm_head, TensorId targets, Tenso
 namespace {
 
 void check_config(const ModelConfig& m, const RuntimeProfile& prof) {
-  ACTSIM_ASSERT(m.d_model % m.n_heads == 0, "heads must divide d_model (checked by the loader)");
+  ACTSIM_ASSERT(m.head_dim > 0 || m.d_model % m.n_heads == 0, "heads must divide d_model (checked by the loader)");
   ACTSIM_ASSERT(m.n_heads % m.kv_heads() == 0, "kv heads must divide heads (checked by the loader)");
   ACTSIM_ASSERT(m.attention == Attention::eager || prof.has_sdpa, "flash attention needs SDPA (checked by the loader)");
 }
@@ -77,7 +84,8 @@ void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& pr
   check_config(model, prof);
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
   if (model.family == Family::gpt2) l.gpt2();
-  else l.llama();
+  else if (model.family == Family::llama) l.llama();
+  else lower_hf_llama(l);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
 }  // namespace

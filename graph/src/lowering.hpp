@@ -106,4 +106,7 @@ struct Lowering {
   void zero_grad();
 };
 
+// Hugging Face transformers' Llama-style decoders (Family::hf_llama), lower_hf_llama.cpp.
+void lower_hf_llama(Lowering& l);
+
 }  // namespace actsim::graph

@@ -14,6 +14,7 @@
 #include "actsim/graph/checkpoint.hpp"
 #include "actsim/graph/error.hpp"
 #include "actsim/graph/profile.hpp"
+#include "actsim/sim/hf_config.hpp"
 
 namespace actsim::sim {
 
@@ -119,8 +120,41 @@ E pick(const std::string& s, const std::vector<std::pair<std::string, E>>& opts,
                           hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint), fmt::join(names, ", ")));
 }
 
+// model.hf_config (issue 11): a Hugging Face config.json decides the architecture; keys set
+// explicitly (before or after it, in the file or with --set) win over its values. A relative path
+// in a scenario file is relative to that file. Not in scenario_keys(): `actsim keys` lists it apart.
+void set_hf_config(Scenario& sc, const std::string& file, const std::string& loc) {
+  std::filesystem::path p(file);
+  if (p.is_relative() && loc != "--set" && !sc.file.empty()) p = std::filesystem::path(sc.file).parent_path() / p;
+  const HfConfig h = read_hf_config(p.string());
+  graph::ModelConfig& m = sc.model;
+  const graph::ModelConfig keep = m;
+  m = h.model;
+  m.seq_len = keep.seq_len;
+  m.dropout = keep.dropout;
+  auto explicit_key = [&](const char* k) { return sc.origin.count(k) > 0; };
+  if (explicit_key("model.vocab_size")) m.vocab_size = keep.vocab_size;
+  if (explicit_key("model.d_model")) m.d_model = keep.d_model;
+  if (explicit_key("model.n_heads")) m.n_heads = keep.n_heads;
+  if (explicit_key("model.n_kv_heads")) m.n_kv_heads = keep.n_kv_heads;
+  if (explicit_key("model.n_layers")) m.n_layers = keep.n_layers;
+  if (explicit_key("model.d_ff")) m.d_ff = keep.d_ff;
+  if (explicit_key("model.tie_embeddings")) m.tie_embeddings = keep.tie_embeddings;
+  if (explicit_key("model.rope_theta")) m.rope_theta = keep.rope_theta;
+  if (explicit_key("model.attention")) m.attention = keep.attention;
+  sc.hf_architecture = h.architecture;
+}
+
 void set_key(Scenario& sc, const std::string& key, const Value& v, const std::string& loc) {
   const std::string where = loc + ": " + key;
+  if (key == "model.hf_config") {
+    set_hf_config(sc, as_str(v, where), loc);
+    sc.origin[key] = loc;
+    return;
+  }
+  if (key == "model.family" && sc.model.family == Family::hf_llama) {
+    fail(where, "model.hf_config decides the family; remove one of them");
+  }
   auto positive = [&](int64_t x) {
     if (x <= 0) fail(where, fmt::format("must be a positive integer, got {}", x));
     return x;
@@ -306,7 +340,18 @@ void validate(const Scenario& sc) {
     fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
   }
   const auto& t = sc.training;
-  if (m.d_model % m.n_heads != 0) {
+  if (m.family == Family::hf_llama) {  // model.hf_config (issue 11)
+    if (sc.profile == graph::ProfileId::torch_cpu) {
+      fail(blame(sc, {"runtime.profile", "model.hf_config"}), "transformers 5 needs PyTorch 2.x: use torch2-cpu or torch-cuda");
+    }
+    if (m.attention == Attention::flash && m.sliding_window > 0 && m.seq_len >= m.sliding_window) {
+      fail(blame(sc, {"model.seq_len", "model.hf_config"}),
+           fmt::format("seq_len {} reaches sliding_window {}: sdpa then gets a sliding-window mask, which is not lowered",
+                       m.seq_len, m.sliding_window));
+    }
+    if (m.hd() % 2 != 0) fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
+  }
+  if (m.head_dim == 0 && m.d_model % m.n_heads != 0) {
     fail(blame(sc, {"model.n_heads", "model.d_model"}),
          fmt::format("model.n_heads = {} does not divide model.d_model = {}", m.n_heads, m.d_model));
   }

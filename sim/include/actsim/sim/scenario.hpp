@@ -29,6 +29,7 @@ struct Scenario {
   graph::CpuIsa cpu_isa = graph::native_cpu_isa();  // runtime.cpu_isa; CPU profiles only
   DeviceSpec device;
   std::string checkpoint_policy = "none";  // checkpoint.policy as written
+  std::string hf_architecture;          // model.hf_config's `architectures` value, or ""
   std::shared_ptr<graph::BlockPlan> block_plan;  // an explicit per-block plan (the planner's), or null
   // Where each key was set ("file.toml:12" or "--set"), for error messages of later stages.
   std::map<std::string, std::string> origin;
