@@ -124,7 +124,7 @@ struct HfLlama {
     q = rope(q, cu, su);
     k = rope(k, cu, su);
     l.scope(i, s);
-    if (m.use_cache) {
+    if (use_cache) {
       k = cache_copy(k);
       v = cache_copy(v);
       cache.push_back(k);
@@ -185,7 +185,13 @@ struct HfLlama {
     return out;
   }
 
+  // transformers turns the cache off when gradient checkpointing is on in training
+  // (GradientCheckpointingLayer: "`use_cache=True` is incompatible with gradient checkpointing").
+  bool use_cache = false;
+
   void run() {
+    use_cache = m.use_cache;
+    for (int i = 0; i < m.n_layers; ++i) use_cache = use_cache && l.mode(i) != BlockMode::recompute;
     // Parameters in model.parameters() order (module registration order).
     TensorId emb = param("model.embed_tokens.weight", {V, d});
     std::vector<Layer> layers(static_cast<size_t>(m.n_layers));
@@ -227,7 +233,11 @@ struct HfLlama {
     TensorId x = b.embedding(emb, idx);
     // position_ids = torch.arange(T) + past_seen_tokens, unsqueezed: (1, T)
     l.scope(-1, "model");
-    TensorId pos = b.scalar_op(OpKind::add_scalar, b.arange(T), 0.0);
+    // (the add of a Python 0 is a copy of arange's values, with a transient wrapped number)
+    TensorId ar = b.arange(T);
+    TensorId pos = b.fresh("position_ids", {T}, DType::i64);
+    b.emit({.kind = OpKind::copy, .name = "position_ids", .inputs = {ar}, .outputs = {pos}, .workspace_bytes = 8,
+            .bytes_moved = 2 * g().view_bytes(pos)});
     TensorId mask = kNoTensor;
     if (m.attention == Attention::eager) {
       l.scope(-1, "model.create_causal_mask");
