@@ -1,6 +1,6 @@
 // Lowering of Hugging Face transformers' Llama-style decoders (Family::hf_llama): LlamaForCausalLM
 // and the families that run the same code with other flags (MistralForCausalLM, Qwen2ForCausalLM,
-// Qwen3ForCausalLM), op for op as transformers 5.18.0's modeling_llama.py / modeling_qwen3.py run
+// Qwen3ForCausalLM, Phi3ForCausalLM), op for op as transformers 5.18.0's modeling_llama.py / modeling_qwen3.py run
 // them in training with `model(input_ids=x, labels=y).loss`: the DynamicCache the forward fills
 // when config.use_cache is on, create_causal_mask (none for sdpa, a (B, 1, T, T) additive mask for
 // eager), the rotary embedding computed once per forward, RMSNorm in fp32, rotate_half, sdpa with
@@ -19,16 +19,17 @@ struct HfLlama {
   Builder& b;
   const ModelConfig& m;
   DType dt;
-  int64_t B, T, d, H, KV, hd, ff, V;
+  int64_t B, T, d, H, KV, hd, ff, V, rd;
 
   struct Layer {
     TensorId wq, bq = kNoTensor, wk, bk = kNoTensor, wv, bv = kNoTensor, wo, bo = kNoTensor, q_norm = kNoTensor,
-        k_norm = kNoTensor, gate, gate_b = kNoTensor, up, up_b = kNoTensor, down, down_b = kNoTensor, in_norm, post_norm;
+        k_norm = kNoTensor, wqkv = kNoTensor, gate_up = kNoTensor, gate = kNoTensor, gate_b = kNoTensor, up, up_b = kNoTensor, down, down_b = kNoTensor, in_norm, post_norm;
   };
 
   explicit HfLlama(Lowering& lw)
       : l(lw), b(lw.b), m(lw.m), dt(lw.dt), B(lw.tr.batch_size), T(lw.m.seq_len), d(lw.m.d_model),
-        H(lw.m.n_heads), KV(lw.m.kv_heads()), hd(lw.m.hd()), ff(lw.m.ff()), V(lw.m.vocab_size) {}
+        H(lw.m.n_heads), KV(lw.m.kv_heads()), hd(lw.m.hd()), ff(lw.m.ff()), V(lw.m.vocab_size),
+        rd(static_cast<int64_t>(static_cast<double>(lw.m.hd()) * lw.m.partial_rotary)) {}
 
   Graph& g() { return b.graph(); }
   const Tensor& t(TensorId x) { return g().tensor(x); }
@@ -86,13 +87,22 @@ struct HfLlama {
     return like(b.binary(OpKind::mul, w, h), h);
   }
 
-  // q * cos + rotate_half(q) * sin, rotate_half(x) = cat(-x[..., hd/2:], x[..., :hd/2]).
-  TensorId rope(TensorId x, TensorId cos, TensorId sin) {
+  // q * cos + rotate_half(q) * sin, rotate_half(x) = cat(-x[..., n/2:], x[..., :n/2]).
+  TensorId rope_full(TensorId x, TensorId cos, TensorId sin) {
+    const int64_t n = t(x).shape.back();
     TensorId xc = mul(x, cos);
-    TensorId x1 = b.slice(x, -1, 0, hd / 2, 1);
-    TensorId x2 = b.slice(x, -1, hd / 2, hd, 1);
+    TensorId x1 = b.slice(x, -1, 0, n / 2, 1);
+    TensorId x2 = b.slice(x, -1, n / 2, n, 1);
     TensorId rot = cat_last(neg(x2), x1);
     return add(xc, mul(rot, sin));
+  }
+  // Partial rotary (rotary_dim < head_dim) and Phi3: cat([rope(x[..., :rd]), x[..., rd:]]). A
+  // slice of the whole dim is x itself (Python indexing's fast path); the pass-through may be empty.
+  TensorId rope(TensorId x, TensorId cos, TensorId sin) {
+    if (rd == hd && !m.fused_qkv_mlp) return rope_full(x, cos, sin);
+    TensorId xr = rd == hd ? x : b.slice(x, -1, 0, rd, 1);
+    TensorId pass = b.slice(x, -1, rd, hd, 1);
+    return cat_last(rope_full(xr, cos, sin), pass);
   }
 
   TensorId repeat_kv(TensorId x, int64_t n_rep) {
@@ -116,9 +126,22 @@ struct HfLlama {
   TensorId attention(int i, const Layer& p, TensorId x, TensorId cos, TensorId sin, TensorId mask,
                      std::vector<TensorId>& cache) {
     const std::string s = fmt::format("model.layers.{}.self_attn", i);
-    TensorId q = proj_heads(i, s, "q_proj", x, p.wq, p.bq, H, p.q_norm);
-    TensorId k = proj_heads(i, s, "k_proj", x, p.wk, p.bk, KV, p.k_norm);
-    TensorId v = proj_heads(i, s, "v_proj", x, p.wv, p.bv, KV, kNoTensor);
+    TensorId q, k, v;
+    if (m.fused_qkv_mlp) {  // Phi3: qkv = qkv_proj(x); q, k, v = slices of its last dim
+      l.scope(i, s + ".qkv_proj");
+      TensorId qkv = b.linear(x, p.wqkv, std::nullopt);
+      l.scope(i, s);
+      auto heads = [&](int64_t from, int64_t n) {
+        return b.transpose(b.view(b.slice(qkv, -1, from * hd, (from + n) * hd, 1), {B, T, n, hd}), 1, 2);
+      };
+      q = heads(0, H);
+      k = heads(H, KV);
+      v = heads(H + KV, KV);
+    } else {
+      q = proj_heads(i, s, "q_proj", x, p.wq, p.bq, H, p.q_norm);
+      k = proj_heads(i, s, "k_proj", x, p.wk, p.bk, KV, p.k_norm);
+      v = proj_heads(i, s, "v_proj", x, p.wv, p.bv, KV, kNoTensor);
+    }
     l.scope(i, s + ".rotary");
     TensorId cu = b.unsqueeze(cos, 1), su = b.unsqueeze(sin, 1);
     q = rope(q, cu, su);
@@ -164,9 +187,25 @@ struct HfLlama {
     TensorId h = rmsnorm(x, p.in_norm);
     TensorId a = attention(i, p, h, cos, sin, mask, cache);
     l.scope(i, s);
-    x = add(x, a);
+    x = add(x, b.dropout(a, m.dropout));  // Phi3's resid_attn_dropout (resid_pdrop)
     l.scope(i, s + ".post_attention_layernorm");
     h = rmsnorm(x, p.post_norm);
+    if (m.fused_qkv_mlp) {
+      // Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1); down_proj(up * act_fn(gate))
+      l.scope(i, s + ".mlp.gate_up_proj");
+      auto parts = b.split(b.linear(h, p.gate_up, std::nullopt), ff, 2);
+      l.scope(i, s + ".mlp.activation_fn");
+      TensorId act = b.unary(OpKind::silu, parts[0]);
+      l.scope(i, s + ".mlp");
+      TensorId gu = b.binary(OpKind::mul, parts[1], act);
+      l.scope(i, s + ".mlp.down_proj");
+      TensorId f = b.linear(gu, p.down, std::nullopt);
+      l.scope(i, s);
+      TensorId out = add(x, b.dropout(f, m.dropout));
+      l.leave_block();
+      b.block_outputs.push_back(out);
+      return out;
+    }
     // down_proj(act_fn(gate_proj(x)) * up_proj(x))
     l.scope(i, s + ".mlp.gate_proj");
     TensorId gt = b.linear(h, p.gate, opt(p.gate_b));
@@ -199,6 +238,15 @@ struct HfLlama {
       auto n = [&](const char* x) { return fmt::format("model.layers.{}.{}", i, x); };
       b.set_layer(i);
       Layer& p = layers[static_cast<size_t>(i)];
+      if (m.fused_qkv_mlp) {  // Phi3Attention registers o_proj before qkv_proj
+        p.wo = param(n("self_attn.o_proj.weight"), {d, H * hd});
+        p.wqkv = param(n("self_attn.qkv_proj.weight"), {(H + 2 * KV) * hd, d});
+        p.gate_up = param(n("mlp.gate_up_proj.weight"), {2 * ff, d});
+        p.down = param(n("mlp.down_proj.weight"), {d, ff});
+        p.in_norm = param(n("input_layernorm.weight"), {d});
+        p.post_norm = param(n("post_attention_layernorm.weight"), {d});
+        continue;
+      }
       p.wq = param(n("self_attn.q_proj.weight"), {H * hd, d});
       p.bq = maybe_bias(m.qkv_bias, n("self_attn.q_proj.bias"), H * hd);
       p.wk = param(n("self_attn.k_proj.weight"), {KV * hd, d});
@@ -223,8 +271,9 @@ struct HfLlama {
     b.set_layer(-1);
     TensorId norm = param("model.norm.weight", {d});
     // LlamaRotaryEmbedding's buffers: inv_freq and original_inv_freq (hd/2 each, cast with the model).
-    TensorId inv_freq = l.buffer("model.rotary_emb.inv_freq", {hd / 2});
-    (void)l.buffer("model.rotary_emb.original_inv_freq", {hd / 2});
+    TensorId inv_freq = l.buffer("model.rotary_emb.inv_freq", {rd / 2});
+    // longrope_frequency_update: register_buffer("inv_freq", original_inv_freq) -- one storage.
+    if (!m.longrope) (void)l.buffer("model.rotary_emb.original_inv_freq", {rd / 2});
     TensorId lm_head = m.tied() ? emb : param("lm_head.weight", {V, d});
     TensorId idx = b.leaf("input_ids", {B, T}, DType::i64, Category::input, false);
     TensorId labels = b.leaf("labels", {B, T}, DType::i64, Category::input, false);
@@ -248,8 +297,8 @@ struct HfLlama {
     // LlamaRotaryEmbedding.forward under no_grad: inv_freq @ position_ids in fp32, cat, cos/sin
     // times attention_scaling, .to(x.dtype). The fp32 intermediates are transient.
     l.scope(-1, "model.rotary_emb");
-    TensorId cos = b.fresh("cos", {1, T, hd}, dt), sin = b.fresh("sin", {1, T, hd}, dt);
-    const int64_t f32 = 4, ws = T * f32 + T * (hd / 2) * f32 + 2 * T * hd * f32 + (dt == DType::f32 ? 0 : 2 * T * hd * f32);
+    TensorId cos = b.fresh("cos", {1, T, rd}, dt), sin = b.fresh("sin", {1, T, rd}, dt);
+    const int64_t f32 = 4, ws = T * f32 + T * (rd / 2) * f32 + 2 * T * rd * f32 + (dt == DType::f32 ? 0 : 2 * T * rd * f32);
     b.emit({.kind = OpKind::rotary_table, .name = "rotary_emb", .inputs = {inv_freq, pos}, .outputs = {cos, sin},
             .workspace_bytes = ws, .flops = 4.0 * T * hd, .bytes_moved = 2 * g().view_bytes(cos),
             .params = {.scalar = m.rope_theta}});

@@ -28,13 +28,16 @@ struct Arch {
   bool has_mlp_bias;
   bool qk_norm;
   int64_t sliding_window; // default when absent; 0 = none. Mistral: 4096; Qwen2/3 only with use_sliding_window
+  bool phi3;              // fused qkv_proj and gate_up_proj, resid_pdrop, partial_rotary_factor
+  double rms_norm_eps;    // default rms_norm_eps
 };
 
 constexpr Arch kArchs[] = {
-    {"LlamaForCausalLM", "llama", 32000, 0, 0, false, true, true, false, 0},
-    {"MistralForCausalLM", "mistral", 32000, 8, 0, false, false, false, false, 4096},
-    {"Qwen2ForCausalLM", "qwen2", 151936, 32, 0, true, false, false, false, 4096},
-    {"Qwen3ForCausalLM", "qwen3", 151936, 32, 128, false, true, false, true, 4096},
+    {"LlamaForCausalLM", "llama", 32000, 0, 0, false, true, true, false, 0, false, 1e-6},
+    {"MistralForCausalLM", "mistral", 32000, 8, 0, false, false, false, false, 4096, false, 1e-6},
+    {"Qwen2ForCausalLM", "qwen2", 151936, 32, 0, true, false, false, false, 4096, false, 1e-6},
+    {"Qwen3ForCausalLM", "qwen3", 151936, 32, 128, false, true, false, true, 4096, false, 1e-6},
+    {"Phi3ForCausalLM", "phi3", 32064, 0, 0, false, false, false, false, 0, true, 1e-5},
 };
 
 std::string type_of(const json& v) {
@@ -172,7 +175,7 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
   if (m.hd() % 2 != 0) r.fail(m.head_dim > 0 ? "head_dim" : "hidden_size", fmt::format("RoPE needs an even head size, got {}", m.hd()));
   const std::string act = r.string("hidden_act", "silu");
   if (act != "silu") r.fail("hidden_act", fmt::format("\"{}\" is not lowered (silu is)", act));
-  m.norm_eps = r.number("rms_norm_eps", 1e-6);
+  m.norm_eps = r.number("rms_norm_eps", arch->rms_norm_eps);
   if (!(m.norm_eps > 0)) r.fail("rms_norm_eps", "must be positive");
   m.tie_embeddings = r.boolean("tie_word_embeddings", false) ? 1 : 0;
   m.use_cache = r.boolean("use_cache", true);
@@ -185,6 +188,12 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
   }
   if (arch->has_mlp_bias) m.mlp_bias = r.boolean("mlp_bias", false);
   m.qk_norm = arch->qk_norm;
+  if (arch->phi3) {
+    m.fused_qkv_mlp = true;
+    m.dropout = r.number("resid_pdrop", 0.0);
+    if (!(m.dropout >= 0 && m.dropout < 1)) r.fail("resid_pdrop", fmt::format("must be in [0, 1), got {}", m.dropout));
+    m.partial_rotary = r.number("partial_rotary_factor", 1.0);
+  }
   // rope_theta: top level (4.x), or rope_parameters / rope_scaling (5.x). The scaling type changes
   // inv_freq's values, not what is allocated.
   double theta = r.number("rope_theta", 10000.0);
@@ -193,12 +202,19 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
       if (!rp->is_object()) r.fail(k, fmt::format("expected an object, got {} {}", type_of(*rp), shown(*rp)));
       const Reader sub{*rp, path};
       if (sub.find("rope_theta")) theta = sub.number("rope_theta", theta);
+      const std::string type = sub.string("rope_type", sub.string("type", "default"));
+      if (type == "longrope") m.longrope = true;
+      if (arch->phi3 && sub.find("partial_rotary_factor")) m.partial_rotary = sub.number("partial_rotary_factor", 1.0);
     }
   }
   if (!(theta > 0)) r.fail("rope_theta", "must be positive");
+  const int64_t rd = static_cast<int64_t>(static_cast<double>(m.hd()) * m.partial_rotary);
+  if (!(m.partial_rotary > 0 && m.partial_rotary <= 1) || rd < 2 || rd % 2 != 0) {
+    r.fail("partial_rotary_factor", fmt::format("{} gives a rotary dim of {} (must be even and positive)", m.partial_rotary, rd));
+  }
   m.rope_theta = theta;
   h.max_position_embeddings = r.integer("max_position_embeddings", int64_t{0});
-  const bool mistral = std::string(arch->model_type) == "mistral";
+  const bool mistral = std::string(arch->model_type) == "mistral" || arch->phi3;
   if (!mistral && arch->sliding_window > 0 && r.boolean("use_sliding_window", false)) {
     r.fail("use_sliding_window", "sliding-window layers (max_window_layers) are not lowered");
   }

@@ -129,10 +129,10 @@ void set_hf_config(Scenario& sc, const std::string& file, const std::string& loc
   const HfConfig h = read_hf_config(p.string());
   graph::ModelConfig& m = sc.model;
   const graph::ModelConfig keep = m;
+  auto explicit_key = [&](const char* k) { return sc.origin.count(k) > 0; };
   m = h.model;
   m.seq_len = keep.seq_len;
-  m.dropout = keep.dropout;
-  auto explicit_key = [&](const char* k) { return sc.origin.count(k) > 0; };
+  if (explicit_key("model.dropout")) m.dropout = keep.dropout;
   if (explicit_key("model.vocab_size")) m.vocab_size = keep.vocab_size;
   if (explicit_key("model.d_model")) m.d_model = keep.d_model;
   if (explicit_key("model.n_heads")) m.n_heads = keep.n_heads;

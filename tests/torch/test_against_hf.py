@@ -44,6 +44,12 @@ QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_s
          "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 83, "max_position_embeddings": 64,
          "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False}
+PHI3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 48,
+        "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 6,
+        "num_key_value_heads": 2, "vocab_size": 107, "max_position_embeddings": 64,
+        "original_max_position_embeddings": 64, "sliding_window": 63, "rms_norm_eps": 1e-5,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "tie_word_embeddings": False, "pad_token_id": 0,
+        "bos_token_id": 1, "eos_token_id": 2}
 
 # (label, config, run settings)
 CONFIGS = [
@@ -61,6 +67,13 @@ CONFIGS = [
     ("qwen2 eager bf16", QWEN2, {"attn": "eager", "dtype": "bf16"}),
     ("qwen3 sdpa", QWEN3, {}),
     ("qwen3 eager", QWEN3, {"attn": "eager", "seq_len": 11}),
+    ("phi3 sdpa", PHI3, {}),
+    ("phi3 eager", PHI3, {"attn": "eager"}),
+    ("phi3 partial rotary mha", dict(PHI3, num_key_value_heads=6, partial_rotary_factor=0.5), {"batch_size": 3}),
+    ("phi3 resid dropout eager bf16", dict(PHI3, resid_pdrop=0.1), {"attn": "eager", "dtype": "bf16"}),
+    ("phi3 longrope", dict(PHI3, max_position_embeddings=256, sliding_window=None,
+                           rope_scaling={"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 4.0],
+                                         "short_factor": [1.0, 1.0, 1.2, 1.5]}), {}),
 ]
 
 RUN_DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa",

@@ -54,7 +54,11 @@ struct ModelConfig {
   bool use_cache = true;        // config.use_cache: the forward fills a DynamicCache (k, v copies)
   double attention_dropout = 0; // config.attention_dropout (applied in training)
   double norm_eps = 1e-6;       // config.rms_norm_eps
-  int64_t sliding_window = 0;   // Mistral's config.sliding_window; 0 = none
+  int64_t sliding_window = 0;   // Mistral's and Phi3's config.sliding_window; 0 = none
+  bool fused_qkv_mlp = false;   // Phi3: one qkv_proj, one gate_up_proj, and cat([rope(q_rot), q_pass])
+  double partial_rotary = 1.0;  // the share of head_dim that RoPE rotates (partial_rotary_factor)
+  bool longrope = false;        // rope_type "longrope": the first forward re-registers inv_freq as
+                                // original_inv_freq (one buffer storage for both)
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hd() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
