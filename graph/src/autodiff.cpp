@@ -517,6 +517,7 @@ void Engine::run_node(OpId fid) {
     case OpKind::log_softmax: case OpKind::masked_fill: case OpKind::native_dropout: case OpKind::nll_loss:
       if (needs(0)) grads[0] = fresh_for(0);
       break;
+    case OpKind::tanh:  // TanhBackward0: tanh_backward(grad, result)
     case OpKind::neg:  // NegBackward0: grad.neg()
       if (needs(0)) grads[0] = fresh_for(0);
       break;

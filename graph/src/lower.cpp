@@ -16,7 +16,7 @@ namespace actsim::graph {
 int64_t ModelConfig::ff() const { return d_ff > 0 ? d_ff : default_d_ff(family, d_model); }
 
 int64_t default_d_ff(Family f, int64_t d) {
-  if (f == Family::gpt2) return 4 * d;
+  if (f == Family::gpt2 || f == Family::hf_gpt2) return 4 * d;
   return 8 * ((static_cast<int64_t>(2 * 4 * d / 3.0) + 7) / 8);
 }
 
@@ -25,6 +25,7 @@ std::string_view to_string(Family f) {
     case Family::gpt2: return "gpt2";
     case Family::llama: return "llama";
     case Family::hf_llama: return "hf_llama";
+    case Family::hf_gpt2: return "hf_gpt2";
   }
   return "?";
 }
@@ -85,7 +86,8 @@ void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& pr
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
   if (model.family == Family::gpt2) l.gpt2();
   else if (model.family == Family::llama) l.llama();
-  else lower_hf_llama(l);
+  else if (model.family == Family::hf_llama) lower_hf_llama(l);
+  else lower_hf_gpt2(l);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
 }  // namespace

@@ -8,70 +8,21 @@
 // entropy).
 #include <cmath>
 
-#include "lowering.hpp"
+#include "lower_hf.hpp"
 
 namespace actsim::graph {
 
 namespace {
 
-struct HfLlama {
-  Lowering& l;
-  Builder& b;
-  const ModelConfig& m;
-  DType dt;
-  int64_t B, T, d, H, KV, hd, ff, V, rd;
-
+struct HfLlama : HfBase {
   struct Layer {
     TensorId wq, bq = kNoTensor, wk, bk = kNoTensor, wv, bv = kNoTensor, wo, bo = kNoTensor, q_norm = kNoTensor,
         k_norm = kNoTensor, wqkv = kNoTensor, gate_up = kNoTensor, gate = kNoTensor, gate_b = kNoTensor, up, up_b = kNoTensor, down, down_b = kNoTensor, in_norm, post_norm;
   };
 
+  int64_t rd;
   explicit HfLlama(Lowering& lw)
-      : l(lw), b(lw.b), m(lw.m), dt(lw.dt), B(lw.tr.batch_size), T(lw.m.seq_len), d(lw.m.d_model),
-        H(lw.m.n_heads), KV(lw.m.kv_heads()), hd(lw.m.hd()), ff(lw.m.ff()), V(lw.m.vocab_size),
-        rd(static_cast<int64_t>(static_cast<double>(lw.m.hd()) * lw.m.partial_rotary)) {}
-
-  Graph& g() { return b.graph(); }
-  const Tensor& t(TensorId x) { return g().tensor(x); }
-  std::optional<TensorId> opt(TensorId x) { return x == kNoTensor ? std::nullopt : std::optional<TensorId>(x); }
-
-  // TensorIterator allocates an elementwise op's output in the memory order of its first full-size
-  // operand (q * cos keeps q's (B, T, H, hd) layout).
-  TensorId like(TensorId out, TensorId src) {
-    if (t(src).shape == t(out).shape) g().tensor(out).strides = dense_strides_like(t(out).shape, t(src).strides);
-    return out;
-  }
-  TensorId cast(TensorId x, DType to) {
-    if (t(x).dtype == to) return x;  // .to(dtype) of the same dtype is x itself
-    TensorId out = b.fresh("to", t(x).shape, to);
-    like(out, x);
-    b.emit({.kind = OpKind::cast, .name = "to", .inputs = {x}, .outputs = {out},
-            .bytes_moved = g().view_bytes(x) + g().view_bytes(out)});
-    return out;
-  }
-  TensorId neg(TensorId x) {
-    TensorId out = like(b.fresh("neg", t(x).shape, t(x).dtype), x);
-    b.emit({.kind = OpKind::neg, .name = "neg", .inputs = {x}, .outputs = {out},
-            .flops = static_cast<double>(numel(t(x).shape)), .bytes_moved = 2 * g().view_bytes(x)});
-    return out;
-  }
-  TensorId cat_last(TensorId a, TensorId c) {
-    Shape sh = t(a).shape;
-    sh.back() += t(c).shape.back();
-    TensorId out = b.fresh("cat", sh, t(a).dtype);  // at::cat: contiguous (suggest_memory_format)
-    b.emit({.kind = OpKind::cat, .name = "cat", .inputs = {a, c}, .outputs = {out},
-            .bytes_moved = 2 * g().view_bytes(out), .params = {.dim0 = static_cast<int16_t>(sh.size() - 1)}});
-    return out;
-  }
-  // DynamicLayer.update: torch.cat([self.keys, key_states], dim=-2) with an empty self.keys -- a copy.
-  TensorId cache_copy(TensorId x) {
-    TensorId out = b.fresh("past_key_values", t(x).shape, t(x).dtype);
-    b.emit({.kind = OpKind::copy, .name = "past_key_values.update", .inputs = {x}, .outputs = {out},
-            .bytes_moved = 2 * g().view_bytes(x)});
-    return out;
-  }
-  TensorId mul(TensorId a, TensorId c) { return like(b.binary(OpKind::mul, a, c), a); }
-  TensorId add(TensorId a, TensorId c) { return like(b.binary(OpKind::add, a, c), a); }
+      : HfBase(lw), rd(static_cast<int64_t>(static_cast<double>(lw.m.hd()) * lw.m.partial_rotary)) {}
 
   TensorId param(const std::string& name, const Shape& shape) { return l.param(name, shape); }
   TensorId maybe_bias(bool on, const std::string& name, int64_t n) { return on ? param(name, {n}) : kNoTensor; }
@@ -280,20 +231,9 @@ struct HfLlama {
 
     l.scope(-1, "model.embed_tokens");
     TensorId x = b.embedding(emb, idx);
-    // position_ids = torch.arange(T) + past_seen_tokens, unsqueezed: (1, T)
     l.scope(-1, "model");
-    // (the add of a Python 0 is a copy of arange's values, with a transient wrapped number)
-    TensorId ar = b.arange(T);
-    TensorId pos = b.fresh("position_ids", {T}, DType::i64);
-    b.emit({.kind = OpKind::copy, .name = "position_ids", .inputs = {ar}, .outputs = {pos}, .workspace_bytes = 8,
-            .bytes_moved = 2 * g().view_bytes(pos)});
-    TensorId mask = kNoTensor;
-    if (m.attention == Attention::eager) {
-      l.scope(-1, "model.create_causal_mask");
-      mask = b.fresh("causal_mask", {B, 1, T, T}, dt);
-      b.emit({.kind = OpKind::causal_mask, .name = "causal_mask", .inputs = {pos}, .outputs = {mask},
-              .bytes_moved = g().view_bytes(mask)});
-    }
+    TensorId pos = position_ids();
+    TensorId mask = m.attention == Attention::eager ? causal_mask(pos) : kNoTensor;
     // LlamaRotaryEmbedding.forward under no_grad: inv_freq @ position_ids in fp32, cat, cos/sin
     // times attention_scaling, .to(x.dtype). The fp32 intermediates are transient.
     l.scope(-1, "model.rotary_emb");
@@ -312,24 +252,7 @@ struct HfLlama {
     b.hold_until_last(cos);
     b.hold_until_last(sin);
 
-    l.scope(-1, "lm_head");
-    TensorId logits = b.linear(x, lm_head, std::nullopt);
-    // ForCausalLMLoss: logits.float(); labels = pad(labels, (0, 1), value=-100);
-    // shift_labels = labels[..., 1:].contiguous(); cross_entropy(logits.view(-1, V), shift_labels.view(-1)).
-    l.scope(-1, "loss_function");
-    TensorId lf = cast(logits, DType::f32);
-    TensorId padded = b.fresh("pad", {B, T + 1}, DType::i64);
-    b.emit({.kind = OpKind::pad, .name = "pad", .inputs = {labels}, .outputs = {padded},
-            .bytes_moved = g().view_bytes(labels) + g().view_bytes(padded), .params = {.scalar = -100}});
-    TensorId shift = b.contiguous(b.slice(padded, -1, 1, T + 1, 1));
-    TensorId lv = b.view(lf, {B * T, V});
-    TensorId tv = b.reshape(shift, {B * T});
-    l.out.loss = b.cross_entropy(lv, tv);
-    b.hold_until_last(padded);
-    if (lf != logits) b.hold_until_last(lf);
-    // The outputs object (logits, the cache) is dropped when forward returns.
-    b.hold_until_last(logits);
-    for (TensorId c : cache) b.hold_until_last(c);
+    causal_lm_loss(x, lm_head, labels, cache);
   }
 };
 

@@ -108,5 +108,7 @@ struct Lowering {
 
 // Hugging Face transformers' Llama-style decoders (Family::hf_llama), lower_hf_llama.cpp.
 void lower_hf_llama(Lowering& l);
+// transformers' GPT2LMHeadModel (Family::hf_gpt2), lower_hf_gpt2.cpp.
+void lower_hf_gpt2(Lowering& l);
 
 }  // namespace actsim::graph

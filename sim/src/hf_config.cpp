@@ -105,11 +105,55 @@ struct Reader {
   }
 };
 
+// GPT2LMHeadModel (models/gpt2/configuration_gpt2.py): n_embd, n_layer, n_head (or their
+// attribute_map names hidden_size, num_hidden_layers, num_attention_heads), n_inner, n_positions.
+int64_t aliased(const Reader& r, const char* name, const char* alias, std::optional<int64_t> def) {
+  return r.find(name) || !r.find(alias) ? r.integer(name, def) : r.integer(alias, def);
+}
+
+double dropout_p(const Reader& r, const char* field) {
+  const double p = r.number(field, 0.1);
+  if (!(p >= 0 && p < 1)) r.fail(field, fmt::format("must be in [0, 1), got {}", p));
+  return p;
+}
+
+HfConfig parse_gpt2(const Reader& r, const std::string& path) {
+  (void)path;
+  HfConfig h;
+  h.architecture = "GPT2LMHeadModel";
+  graph::ModelConfig& m = h.model;
+  m.family = graph::Family::hf_gpt2;
+  m.d_model = aliased(r, "n_embd", "hidden_size", 768);
+  m.n_layers = aliased(r, "n_layer", "num_hidden_layers", 12);
+  m.n_heads = aliased(r, "n_head", "num_attention_heads", 12);
+  m.vocab_size = r.integer("vocab_size", 50257);
+  m.n_positions = aliased(r, "n_positions", "max_position_embeddings", 1024);
+  h.max_position_embeddings = m.n_positions;
+  m.d_ff = r.integer("n_inner", 4 * m.d_model);
+  if (m.d_model % m.n_heads != 0) {
+    r.fail("n_head", fmt::format("{} does not divide n_embd = {}", m.n_heads, m.d_model));
+  }
+  const std::string act = r.string("activation_function", "gelu_new");
+  if (act != "gelu_new") r.fail("activation_function", fmt::format("\"{}\" is not lowered (gelu_new is)", act));
+  m.dropout = dropout_p(r, "resid_pdrop");
+  m.embd_dropout = dropout_p(r, "embd_pdrop");
+  m.attention_dropout = dropout_p(r, "attn_pdrop");
+  if (!r.boolean("scale_attn_weights", true)) r.fail("scale_attn_weights", "false is not lowered");
+  if (r.boolean("scale_attn_by_inverse_layer_idx", false)) r.fail("scale_attn_by_inverse_layer_idx", "true is not lowered");
+  if (r.boolean("reorder_and_upcast_attn", false)) r.fail("reorder_and_upcast_attn", "true is not lowered");
+  if (r.boolean("add_cross_attention", false)) r.fail("add_cross_attention", "cross-attention is not lowered");
+  (void)r.number("layer_norm_epsilon", 1e-5);
+  m.tie_embeddings = r.boolean("tie_word_embeddings", true) ? 1 : 0;
+  m.use_cache = r.boolean("use_cache", true);
+  m.attention = graph::Attention::flash;  // transformers' default attn_implementation: "sdpa"
+  return h;
+}
+
 }  // namespace
 
 const std::vector<std::string>& hf_architectures() {
   static const std::vector<std::string> names = [] {
-    std::vector<std::string> v;
+    std::vector<std::string> v{"GPT2LMHeadModel"};
     for (const Arch& a : kArchs) v.emplace_back(a.name);
     return v;
   }();
@@ -142,10 +186,12 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
     const std::string mt = r.string("model_type", "");
     if (mt.empty()) r.fail("architectures", "missing (and no model_type)");
     arch_name = "model_type " + mt;
+    if (mt == "gpt2") arch_name = "GPT2LMHeadModel";
     for (const Arch& x : kArchs) {
       if (mt == x.model_type) arch = &x;
     }
   }
+  if (arch_name == "GPT2LMHeadModel" || arch_name == "model_type gpt2") return parse_gpt2(r, path);
   if (!arch) {
     r.fail("architectures", fmt::format("\"{}\" is not supported (supported: {})", arch_name,
                                         fmt::join(hf_architectures(), ", ")));

@@ -152,7 +152,7 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
     sc.origin[key] = loc;
     return;
   }
-  if (key == "model.family" && sc.model.family == Family::hf_llama) {
+  if (key == "model.family" && (sc.model.family == Family::hf_llama || sc.model.family == Family::hf_gpt2)) {
     fail(where, "model.hf_config decides the family; remove one of them");
   }
   auto positive = [&](int64_t x) {
@@ -340,7 +340,7 @@ void validate(const Scenario& sc) {
     fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
   }
   const auto& t = sc.training;
-  if (m.family == Family::hf_llama) {  // model.hf_config (issue 11)
+  if (m.family == Family::hf_llama || m.family == Family::hf_gpt2) {  // model.hf_config (issue 11)
     if (sc.profile == graph::ProfileId::torch_cpu) {
       fail(blame(sc, {"runtime.profile", "model.hf_config"}), "transformers 5 needs PyTorch 2.x: use torch2-cpu or torch-cuda");
     }
@@ -349,7 +349,7 @@ void validate(const Scenario& sc) {
            fmt::format("seq_len {} reaches sliding_window {}: sdpa then gets a sliding-window mask, which is not lowered",
                        m.seq_len, m.sliding_window));
     }
-    if (m.hd() % 2 != 0) fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
+    if (m.family == Family::hf_llama && m.hd() % 2 != 0) fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
   }
   if (m.head_dim == 0 && m.d_model % m.n_heads != 0) {
     fail(blame(sc, {"model.n_heads", "model.d_model"}),
@@ -374,7 +374,9 @@ void validate(const Scenario& sc) {
          "attention = \"flash\" needs runtime.profile = \"torch-cuda\" or \"torch2-cpu\" (PyTorch 1.13 has no "
          "scaled_dot_product_attention)");
   }
-  if (m.attention == Attention::flash && m.dropout > 0 && sc.profile == graph::ProfileId::torch2_cpu) {
+  const bool hf = m.family == Family::hf_llama || m.family == Family::hf_gpt2;
+  if (m.attention == Attention::flash && (hf ? m.attention_dropout : m.dropout) > 0 &&
+      sc.profile == graph::ProfileId::torch2_cpu) {
     // sdp_utils_cpp.cpp use_flash_attention_cpp: check_for_dropout fails on the CPU, and the math
     // fallback (_scaled_dot_product_attention_math: scaled copies, a float mask, the T x T
     // probabilities and their dropout) is not lowered.

@@ -261,6 +261,7 @@ struct Checker {
                shape_is(in[1], {shape(in[0])[0]}) && shape_is(out[0], {}) && shape_is(out[1], {}) &&
                floating(out[0]) && floating(out[1]);
       // Hugging Face decoders (graph/src/lower_hf_llama.cpp)
+      case OpKind::tanh:
       case OpKind::neg: return arity(1, 1, 1, 1) && floating(in[0]) && elementwise_out(in[0], out[0]);
       case OpKind::cast: return arity(1, 1, 1, 1) && floating(in[0]) && floating(out[0]) && same_shape(in[0], out[0]);
       case OpKind::cat: {

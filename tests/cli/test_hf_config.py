@@ -46,7 +46,7 @@ def main():
             ("negative size", dict(GOOD, num_hidden_layers=-2), "num_hidden_layers"),
             ("heads do not divide hidden", dict(GOOD, hidden_size=66), "num_attention_heads"),
             ("kv heads do not divide heads", dict(GOOD, num_key_value_heads=3), "num_key_value_heads"),
-            ("unsupported architecture", dict(GOOD, architectures=["GPT2LMHeadModel"]), "architectures"),
+            ("unsupported architecture", dict(GOOD, architectures=["GPTNeoXForCausalLM"]), "architectures"),
             ("unsupported activation", dict(GOOD, hidden_act="gelu"), "hidden_act"),
             ("not JSON", "{ hidden_size: 64", ""),
             ("not an object", "[1, 2]", ""),

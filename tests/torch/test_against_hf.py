@@ -50,6 +50,10 @@ PHI3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size
         "original_max_position_embeddings": 64, "sliding_window": 63, "rms_norm_eps": 1e-5,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "tie_word_embeddings": False, "pad_token_id": 0,
         "bos_token_id": 1, "eos_token_id": 2}
+GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 48, "n_layer": 2,
+        "n_head": 4, "n_positions": 40, "vocab_size": 103, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "bos_token_id": 1, "eos_token_id": 2}
 
 # (label, config, run settings)
 CONFIGS = [
@@ -67,6 +71,11 @@ CONFIGS = [
     ("qwen2 eager bf16", QWEN2, {"attn": "eager", "dtype": "bf16"}),
     ("qwen3 sdpa", QWEN3, {}),
     ("qwen3 eager", QWEN3, {"attn": "eager", "seq_len": 11}),
+    ("gpt2 sdpa", GPT2, {}),
+    ("gpt2 eager dropout", dict(GPT2, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), {"attn": "eager"}),
+    ("gpt2 sdpa resid dropout bf16 n_inner", dict(GPT2, resid_pdrop=0.1, embd_pdrop=0.1, n_inner=80),
+     {"dtype": "bf16", "seq_len": 13, "batch_size": 3}),
+    ("gpt2 untied no cache eager", dict(GPT2, tie_word_embeddings=False, use_cache=False), {"attn": "eager"}),
     ("phi3 sdpa", PHI3, {}),
     ("phi3 eager", PHI3, {"attn": "eager"}),
     ("phi3 partial rotary mha", dict(PHI3, num_key_value_heads=6, partial_rotary_factor=0.5), {"batch_size": 3}),

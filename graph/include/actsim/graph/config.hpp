@@ -17,7 +17,8 @@ namespace actsim::graph {
 // gpt2, llama: the reference models (../shared/reference/models.py). hf_llama: Hugging Face
 // transformers' LlamaForCausalLM and the families that run its code (Mistral, Qwen2, Qwen3), read
 // from a config.json (model.hf_config) and lowered as transformers' modeling code runs them.
-enum class Family : uint8_t { gpt2, llama, hf_llama };
+// hf_gpt2: transformers' GPT2LMHeadModel (Conv1D, gelu_new written out, dropout everywhere).
+enum class Family : uint8_t { gpt2, llama, hf_llama, hf_gpt2 };
 enum class Attention : uint8_t { eager, flash };
 enum class Optimizer : uint8_t { adamw, adam, sgd, sgd_momentum };
 enum class OptimizerImpl : uint8_t { profile_default, for_loop, foreach, fused };
@@ -52,7 +53,9 @@ struct ModelConfig {
   bool mlp_bias = false;        // gate/up/down projections have a bias (mlp_bias)
   bool qk_norm = false;         // RMSNorm of q and k per head before RoPE (Qwen3)
   bool use_cache = true;        // config.use_cache: the forward fills a DynamicCache (k, v copies)
-  double attention_dropout = 0; // config.attention_dropout (applied in training)
+  double attention_dropout = 0; // config.attention_dropout / attn_pdrop (applied in training)
+  double embd_dropout = 0;      // GPT-2's embd_pdrop
+  int64_t n_positions = 0;      // GPT-2's wpe rows (n_positions); 0 = seq_len
   double norm_eps = 1e-6;       // config.rms_norm_eps
   int64_t sliding_window = 0;   // Mistral's and Phi3's config.sliding_window; 0 = none
   bool fused_qkv_mlp = false;   // Phi3: one qkv_proj, one gate_up_proj, and cat([rope(q_rot), q_pass])
