@@ -13,7 +13,7 @@
 #include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
 #include "actsim/sim/engine.hpp"
-#include "actsim/sim/scenario.hpp"
+#include "actsim/study/scenario.hpp"
 
 using namespace actsim;
 using Clock = std::chrono::steady_clock;
@@ -33,7 +33,7 @@ double median_seconds(int reps, F&& f) {
   return t[t.size() / 2];
 }
 
-void bench(const char* label, const sim::Scenario& s, int reps) {
+void bench(const char* label, const study::Scenario& s, int reps) {
   const auto& prof = graph::profile(s.profile);
   graph::StepGraph step;
   const double t_lower =
@@ -57,19 +57,19 @@ void bench(const char* label, const sim::Scenario& s, int reps) {
 
 int main() {
   const std::string dir = sim::data_dir();
-  bench("seed-gpt2-xl", sim::load_scenario(dir + "/seed-gpt2-xl.toml", {}), 21);
-  bench("seed-gpt2-xl (torch-cpu)", sim::load_scenario(dir + "/seed-gpt2-xl.toml", {"runtime.profile=torch-cpu"}), 21);
+  bench("seed-gpt2-xl", study::load_scenario(dir + "/seed-gpt2-xl.toml", {}), 21);
+  bench("seed-gpt2-xl (torch-cpu)", study::load_scenario(dir + "/seed-gpt2-xl.toml", {"runtime.profile=torch-cpu"}), 21);
   bench("synthetic llama, 400 layers",
-        sim::load_scenario("", {"model.family=llama", "model.n_layers=400", "model.d_model=1024", "model.n_heads=16",
+        study::load_scenario("", {"model.family=llama", "model.n_layers=400", "model.d_model=1024", "model.n_heads=16",
                                 "model.seq_len=2048", "model.vocab_size=32000", "training.batch_size=4",
                                 "training.dtype=bf16"}),
         7);
   // Issue 11: a Hugging Face config as transformers runs it (DynamicCache, fp32 RMSNorm, rotate_half,
   // the upcast loss): Llama-3.1-8B's 32 layers against the seed's time per layer; and the import.
   const std::string hf = dir + "/hf/llama-3.1-8b.toml";
-  bench("hf llama-3.1-8b (32 layers)", sim::load_scenario(hf, {}), 11);
-  const double t_import = median_seconds(21, [&] { (void)sim::load_scenario(hf, {}); });
-  const double t_plain = median_seconds(21, [&] { (void)sim::load_scenario(dir + "/llama-3-8b.toml", {}); });
+  bench("hf llama-3.1-8b (32 layers)", study::load_scenario(hf, {}), 11);
+  const double t_import = median_seconds(21, [&] { (void)study::load_scenario(hf, {}); });
+  const double t_plain = median_seconds(21, [&] { (void)study::load_scenario(dir + "/llama-3-8b.toml", {}); });
   fmt::print("{:<28} load with model.hf_config {:.3f} ms, a TOML scenario {:.3f} ms\n", "hf import", t_import * 1e3,
              t_plain * 1e3);
   return 0;

@@ -9,11 +9,13 @@
 #include <string>
 #include <vector>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/export.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/scenario.hpp"
-#include "actsim/sim/schedule.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/report/export.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/scenario.hpp"
+#include "actsim/schedule/schedule.hpp"
+#include "actsim/report/summary.hpp"
+#include "actsim/study/make_schedule.hpp"
 
 using namespace actsim;
 
@@ -31,22 +33,22 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!cur.empty()) sets.push_back(cur);
   }
   try {
-    sim::Scenario s = sim::load_scenario_text(toml, "fuzz.toml", sets);
+    study::Scenario s = study::load_scenario_text(toml, "fuzz.toml", sets);
     const auto& m = s.model;
     // Only small models go further: the point is the code paths, not the sizes.
     const bool small = m.n_layers <= 2 && m.d_model <= 64 && m.seq_len <= 32 && m.vocab_size <= 256 &&
                        s.training.batch_size <= 2 && m.n_heads <= 16 && (m.d_ff <= 256) &&
                        s.checkpoint_policy.rfind("budget", 0) != 0;
     if (!small) return 0;
-    sim::Analysis a = sim::analyze(s);
-    (void)sim::to_json(a, -1).dump();
-    (void)sim::to_table(a, -1);
-    const sim::Timeline t = sim::record_timeline(a);
-    (void)sim::chrome_trace_json(a, t, 50);
-    (void)sim::memviz_pickle(a, t, 50);
-    (void)sim::timeline_csv(a, t, 0);
-    (void)sim::report_html(a, t);
-    (void)sim::emit_schedule(a);
+    study::Analysis a = study::analyze(s);
+    (void)report::to_json(a, -1).dump();
+    (void)report::to_table(a, -1);
+    const report::Timeline t = report::record_timeline(a);
+    (void)report::chrome_trace_json(a, t, 50);
+    (void)report::memviz_pickle(a, t, 50);
+    (void)report::timeline_csv(a, t, 0);
+    (void)report::report_html(a, t);
+    (void)study::emit_schedule(a);
   } catch (const InputError&) {
   }
   return 0;

@@ -7,17 +7,17 @@
 #include <stdexcept>
 #include <string>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/kernels/replay.hpp"
-#include "actsim/sim/schedule.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/replay/replay.hpp"
+#include "actsim/schedule/schedule.hpp"
 
 using namespace actsim;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);
-  sim::Schedule s;
+  schedule::Schedule s;
   try {
-    s = sim::parse_schedule_text(text, "fuzz.jsonl");
+    s = schedule::parse_schedule_text(text, "fuzz.jsonl");
   } catch (const InputError&) {
     return 0;
   }
@@ -27,8 +27,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   if (total > (int64_t{1} << 20)) return 0;  // 1 MiB: keep each run fast
   try {
-    std::unique_ptr<kernels::Backend> be = kernels::make_backend("cpu");
-    (void)kernels::replay(s, *be, {.seed = 0});
+    std::unique_ptr<backends::Backend> be = backends::make_backend("cpu");
+    (void)replay::run(s, *be, {.seed = 0});
   } catch (const std::runtime_error&) {
   }
   return 0;

@@ -60,7 +60,7 @@ venv_pip() {
 }
 
 # cuBLAS is not part of the toolkit on these machines: NVIDIA's wheel brings its headers and
-# shared libraries (kernels/cuda/CMakeLists.txt looks there when the toolkit has none).
+# shared libraries (backends/cuda/CMakeLists.txt looks there when the toolkit has none).
 cmake_args=()
 if command -v nvcc >/dev/null 2>&1 && [ ! -e "$(dirname "$(dirname "$(command -v nvcc)")")/include/cublas_v2.h" ]; then
   venv_pip "$CUBLAS_PIN"

@@ -1,7 +1,7 @@
 // Tests of checkpointing (issue 3) against published results: Megatron-LM's per-layer activation
 // formula and what its selective and full recompute leave (Korthikanti et al. 2022), Chen et al.
 // 2016's sqrt(L) segments; every policy against `none`; bad policies; and sweeps (sim/sweep),
-// whose batch-scaling rows must equal sim::analyze to the byte and nanosecond.
+// whose batch-scaling rows must equal study::analyze to the byte and nanosecond.
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -12,20 +12,24 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <queue>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "actsim/graph/checkpoint.hpp"
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/scenario.hpp"
-#include "actsim/sim/sweep.hpp"
+#include "actsim/graph/cuts.hpp"
+#include "actsim/graph/lower.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/scenario.hpp"
+#include "actsim/study/sweep.hpp"
 
 using namespace actsim;
 
 namespace {
 
-sim::Analysis run(const std::vector<std::string>& sets) { return sim::analyze(sim::load_scenario("", sets)); }
+study::Analysis run(const std::vector<std::string>& sets) { return study::analyze(study::load_scenario("", sets)); }
 
 // Megatron-LM's setting: gpt2 (LayerNorm, fused QKV, GELU, dropout after softmax, attention
 // projection and MLP), 16-bit activations, dropout > 0 with 1-byte masks (torch-cuda's bool
@@ -39,7 +43,7 @@ std::vector<std::string> megatron(int64_t s, int64_t h, int64_t a, int64_t b, co
 }
 
 // The most activation and temporary device bytes live at once during the step.
-int64_t most_activation_bytes(const sim::Analysis& a) {
+int64_t most_activation_bytes(const study::Analysis& a) {
   struct Watch : sim::Observer {
     const graph::Graph& g;
     int64_t live = 0, most = 0;
@@ -74,7 +78,7 @@ TEST_CASE("checkpoint: Megatron-LM's sbh(34 + 5as/h) per layer, with the referen
   for (const Size& z : kMegatronSizes) {
     const auto [s, h, a, b] = z;
     INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
-    const sim::Analysis an = run(megatron(s, h, a, b, "none"));
+    const study::Analysis an = run(megatron(s, h, a, b, "none"));
     // Korthikanti et al. 2022, eq. (1): 34 sbh of d-wide tensors (inputs of the LayerNorms, QKV,
     // projections and MLP, GELU input, dropout masks) and 5as^2b of attention core (QK^T scores
     // fed to softmax, softmax output, its dropout mask and output).
@@ -91,8 +95,8 @@ TEST_CASE("checkpoint: selective removes exactly the attention core (5as^2b) and
   for (const Size& z : kMegatronSizes) {
     const auto [s, h, a, b] = z;
     INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
-    const sim::Analysis none = run(megatron(s, h, a, b, "none"));
-    const sim::Analysis sel = run(megatron(s, h, a, b, "selective"));
+    const study::Analysis none = run(megatron(s, h, a, b, "none"));
+    const study::Analysis sel = run(megatron(s, h, a, b, "selective"));
     REQUIRE(sel.per_layer_saved.size() == none.per_layer_saved.size());
     // The mask is recomputed with the core; the contiguous copies of q, k, v (6sbh) the core reads
     // are swapped for the c_attn output they are made from (6sbh): no change in bytes.
@@ -108,8 +112,8 @@ TEST_CASE("checkpoint: full keeps exactly each block's input, 2sbh per layer", "
   for (const Size& z : kMegatronSizes) {
     const auto [s, h, a, b] = z;
     INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
-    const sim::Analysis none = run(megatron(s, h, a, b, "none"));
-    const sim::Analysis full = run(megatron(s, h, a, b, "full"));
+    const study::Analysis none = run(megatron(s, h, a, b, "none"));
+    const study::Analysis full = run(megatron(s, h, a, b, "full"));
     for (int64_t kept : full.per_layer_saved) CHECK(kept == 2 * s * b * h);
     CHECK(full.outside_saved == none.outside_saved);
     CHECK(full.result.step_time_ns > none.result.step_time_ns);
@@ -126,8 +130,8 @@ TEST_CASE("checkpoint: Chen et al.'s sqrt(L) segments keep ~2 sqrt(L) blocks for
     s.push_back("checkpoint.policy=" + policy);
     return run(s);
   };
-  const sim::Analysis none = with("none");
-  const sim::Analysis sq = with("sqrt");
+  const study::Analysis none = with("none");
+  const study::Analysis sq = with("sqrt");
   const int64_t block = none.per_layer_saved[0];  // one block's activations under `none`
   for (int64_t kept : none.per_layer_saved) REQUIRE(kept == block);
 
@@ -204,10 +208,10 @@ TEST_CASE("checkpoint: every policy lowers, validates and never peaks above none
       s.push_back("checkpoint.policy=" + p);
       return run(s);
     };
-    const sim::Analysis none = with("none");
+    const study::Analysis none = with("none");
     for (const std::string& p : policies) {
       INFO(fmt::format("{} | {}", fmt::join(m, " "), p));
-      const sim::Analysis a = with(p);
+      const study::Analysis a = with(p);
       a.step->graph.validate();
       CHECK(a.result.step_time_ns >= none.result.step_time_ns);
       if (p == "offload") {
@@ -240,7 +244,7 @@ TEST_CASE("checkpoint: bad policies are InputErrors naming the key", "[checkpoin
                           "budget:", "budget:-1", "full:2"}) {
     INFO(bad);
     try {
-      (void)sim::load_scenario("", {std::string("checkpoint.policy=") + bad});
+      (void)study::load_scenario("", {std::string("checkpoint.policy=") + bad});
       FAIL("accepted");
     } catch (const InputError& e) {
       const std::string msg = e.what();
@@ -253,7 +257,7 @@ TEST_CASE("checkpoint: bad policies are InputErrors naming the key", "[checkpoin
                             ("actsim_test_checkpoint_" + std::to_string(::getpid()) + ".toml")).string();
   std::ofstream(path) << "[model]\nn_layers = 2\n\n[checkpoint]\npolicy = \"every:0\"\n";
   try {
-    (void)sim::load_scenario(path, {});
+    (void)study::load_scenario(path, {});
     FAIL("accepted");
   } catch (const InputError& e) {
     CHECK(std::string(e.what()).find(path + ":5: checkpoint.policy") != std::string::npos);
@@ -277,24 +281,24 @@ TEST_CASE("checkpoint: budget sizes parse, non-sizes do not", "[checkpoint]") {
   CHECK(graph::parse_policy("every:3", "checkpoint.policy").every == 3);
 }
 
-TEST_CASE("sim::run_sweep: every row equals sim::analyze of its scenario (batch scaling included)", "[checkpoint][sweep]") {
-  const sim::Scenario base = sim::load_scenario(
+TEST_CASE("study::run_sweep: every row equals study::analyze of its scenario (batch scaling included)", "[checkpoint][sweep]") {
+  const study::Scenario base = study::load_scenario(
       "", {"model.family=llama", "model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.vocab_size=128",
            "model.seq_len=128"});  // (B, T, 1) statistics stay whole 512 B blocks under torch-cuda
-  const std::vector<sim::SweepAxis> axes{sim::parse_sweep_axis("training.batch_size=1..7"),
-                                         sim::parse_sweep_axis("checkpoint.policy=none,full,selective,offload"),
-                                         sim::parse_sweep_axis("device.name=A100-80GB,RTX-4090-24GB")};
-  sim::SweepStats stats;
-  const std::vector<sim::SweepRow> rows = sim::run_sweep(base, axes, {.threads = 2}, &stats);
+  const std::vector<study::SweepAxis> axes{study::parse_sweep_axis("training.batch_size=1..7"),
+                                         study::parse_sweep_axis("checkpoint.policy=none,full,selective,offload"),
+                                         study::parse_sweep_axis("device.name=A100-80GB,RTX-4090-24GB")};
+  study::SweepStats stats;
+  const std::vector<study::SweepRow> rows = study::run_sweep(base, axes, {.threads = 2}, &stats);
   REQUIRE(rows.size() == 7 * 4 * 2);
   CHECK(stats.scaled > 0);  // the batch-scaling model held for the single-stream policies
-  for (const sim::SweepRow& r : rows) {
+  for (const study::SweepRow& r : rows) {
     std::vector<std::string> sets;
     for (size_t k = 0; k < axes.size(); ++k) sets.push_back(axes[k].key + "=" + r.values[k]);
     INFO(fmt::format("{}", fmt::join(sets, " ")));
-    sim::Scenario s = base;
-    sim::apply_overrides(s, sets);
-    const sim::Analysis a = sim::analyze(s);
+    study::Scenario s = base;
+    study::apply_overrides(s, sets);
+    const study::Analysis a = study::analyze(s);
     CHECK(r.peak_bytes == a.result.peak_bytes);
     CHECK(r.step_time_ns == a.result.step_time_ns);
     CHECK(r.saved_bytes == a.saved_bytes);
@@ -302,11 +306,11 @@ TEST_CASE("sim::run_sweep: every row equals sim::analyze of its scenario (batch 
   }
 }
 
-TEST_CASE("sim::mark_pareto: dominated rows are off the frontier, ties stay on", "[checkpoint][sweep]") {
-  std::vector<sim::SweepRow> rows(6);
+TEST_CASE("study::mark_pareto: dominated rows are off the frontier, ties stay on", "[checkpoint][sweep]") {
+  std::vector<study::SweepRow> rows(6);
   const int64_t pts[][2] = {{10, 50}, {20, 40}, {20, 45}, {30, 40}, {10, 50}, {5, 100}};
   for (size_t i = 0; i < rows.size(); ++i) rows[i].peak_bytes = pts[i][0], rows[i].step_time_ns = pts[i][1];
-  sim::mark_pareto(rows);
+  study::mark_pareto(rows);
   const bool expect[] = {true, true, false, false, true, true};
   for (size_t i = 0; i < rows.size(); ++i) {
     INFO(i);
@@ -314,13 +318,13 @@ TEST_CASE("sim::mark_pareto: dominated rows are off the frontier, ties stay on",
   }
 }
 
-TEST_CASE("sim::parse_sweep_axis: ranges, quoted lists, and one-line errors naming the option", "[checkpoint][sweep]") {
-  CHECK(sim::parse_sweep_axis("training.batch_size=1..3,8").values == std::vector<std::string>{"1", "2", "3", "8"});
-  CHECK(sim::parse_sweep_axis("checkpoint.policy=none,\"ops:addmm,bmm\"").values ==
+TEST_CASE("study::parse_sweep_axis: ranges, quoted lists, and one-line errors naming the option", "[checkpoint][sweep]") {
+  CHECK(study::parse_sweep_axis("training.batch_size=1..3,8").values == std::vector<std::string>{"1", "2", "3", "8"});
+  CHECK(study::parse_sweep_axis("checkpoint.policy=none,\"ops:addmm,bmm\"").values ==
         std::vector<std::string>{"none", "\"ops:addmm,bmm\""});
   auto error_of = [](const std::string& text) -> std::string {
     try {
-      (void)sim::parse_sweep_axis(text);
+      (void)study::parse_sweep_axis(text);
     } catch (const InputError& e) {
       return e.what();
     }
@@ -333,16 +337,177 @@ TEST_CASE("sim::parse_sweep_axis: ranges, quoted lists, and one-line errors nami
   CHECK(error_of("model.n_layers").rfind("--vary model.n_layers: expected KEY=", 0) == 0);
   CHECK(error_of("training.batch_size=9..2").rfind("--vary training.batch_size=9..2: range", 0) == 0);
   // Values are checked against the scenario when the sweep runs, before anything is simulated.
-  const sim::Scenario base = sim::load_scenario("", {"model.n_layers=2"});
+  const study::Scenario base = study::load_scenario("", {"model.n_layers=2"});
   for (const auto& [text, names] : std::vector<std::pair<std::string, std::string>>{
            {"model.n_layers=2,0", "--vary model.n_layers=2,0: model.n_layers"},
            {"checkpoint.policy=none,every:0", "--vary checkpoint.policy=none,every:0: checkpoint.policy"},
            {"training.batch_size=2,x", "--vary training.batch_size=2,x: training.batch_size"}}) {
     try {
-      (void)sim::run_sweep(base, {sim::parse_sweep_axis(text)}, {.threads = 1});
+      (void)study::run_sweep(base, {study::parse_sweep_axis(text)}, {.threads = 1});
       FAIL(text << " accepted");
     } catch (const InputError& e) {
       CHECK(std::string(e.what()).rfind(names, 0) == 0);
     }
   }
+}
+
+// ---- cut tensors (graph/cuts.hpp) ----------------------------------------------------------------
+
+namespace {
+
+graph::StepGraph small_forward(graph::Family f, graph::ProfileId prof, double dropout, int64_t layers) {
+  graph::ModelConfig m;
+  m.family = f;
+  m.n_layers = layers;
+  m.d_model = 64;
+  m.n_heads = 4;
+  m.seq_len = 16;
+  m.vocab_size = 128;
+  m.dropout = dropout;
+  graph::TrainingConfig t;
+  t.batch_size = 2;
+  return graph::lower_forward(m, t, graph::profile(prof));
+}
+
+// The oracle, by definition: an activation (a tensor that depends on an input leaf) is a cut when
+// removing it leaves no undirected path from `source` to `sink` through forward ops and activations.
+std::set<uint32_t> brute_force_cuts(const graph::Graph& g, graph::TensorId source, graph::TensorId sink) {
+  const size_t n_t = g.tensors().size();
+  std::vector<bool> act(n_t, false);
+  for (size_t t = 0; t < n_t; ++t) {
+    const graph::Tensor& tt = g.tensors()[t];
+    act[t] = tt.producer == graph::kNoOp && g.storage(tt.storage).category == graph::Category::input;
+  }
+  std::vector<std::vector<size_t>> adj(n_t + g.n_ops());  // tensors, then ops
+  for (size_t i = 0; i < g.n_ops(); ++i) {
+    const graph::Op& op = g.ops()[i];
+    if (op.phase != graph::Phase::forward) continue;
+    bool reads = false;
+    for (graph::TensorId t : op.inputs) reads = reads || act[graph::index(t)];
+    if (!reads) continue;
+    for (graph::TensorId t : op.outputs) act[graph::index(t)] = true;
+    for (const auto* list : {&op.inputs, &op.outputs}) {
+      for (graph::TensorId t : *list) {
+        if (!act[graph::index(t)]) continue;
+        adj[graph::index(t)].push_back(n_t + i);
+        adj[n_t + i].push_back(graph::index(t));
+      }
+    }
+  }
+  auto connected_without = [&](size_t removed) {
+    std::vector<bool> seen(adj.size(), false);
+    std::queue<size_t> q;
+    q.push(graph::index(source));
+    seen[graph::index(source)] = true;
+    while (!q.empty()) {
+      const size_t x = q.front();
+      q.pop();
+      for (size_t y : adj[x]) {
+        if (y == removed || seen[y]) continue;
+        seen[y] = true;
+        q.push(y);
+      }
+    }
+    return seen[graph::index(sink)];
+  };
+  std::set<uint32_t> out;
+  for (size_t t = 0; t < n_t; ++t) {
+    if (!act[t] || t == graph::index(source) || t == graph::index(sink) || adj[t].empty()) continue;
+    if (!connected_without(t)) out.insert(static_cast<uint32_t>(t));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("graph::forward_cuts: gpt2 and llama cut at each block's input and between attention and MLP", "[cuts]") {
+  for (const graph::Family fam : {graph::Family::gpt2, graph::Family::llama}) {
+    for (const graph::ProfileId prof : {graph::ProfileId::torch_cpu, graph::ProfileId::torch_cuda}) {
+      const int64_t L = 3;
+      const graph::StepGraph s = small_forward(fam, prof, fam == graph::Family::gpt2 ? 0.1 : 0.0, L);
+      const graph::Graph& g = s.graph;
+      INFO(graph::to_string(fam) << " " << graph::to_string(prof));
+      const std::vector<graph::CutTensor> cuts = graph::forward_cuts(g, graph::kNoTensor, s.loss);
+      std::set<uint32_t> cut_set;
+      for (const auto& c : cuts) cut_set.insert(graph::index(c.tensor));
+      for (int64_t i = 0; i < L; ++i) {
+        // The block's input: what its first op reads; the residual between attention and MLP: the
+        // output of its first residual add (x + attn(x); llama's RoPE adds are in the attention).
+        graph::TensorId input = graph::kNoTensor, mid = graph::kNoTensor;
+        int in_block = 0;
+        for (size_t k = 0; k < g.n_ops(); ++k) {
+          const graph::Op& op = g.ops()[k];
+          if (op.layer != i || op.phase != graph::Phase::forward) continue;
+          if (input == graph::kNoTensor) input = op.inputs.at(0);
+          if (op.kind == graph::OpKind::add && op.name == fmt::format("blocks.{}.add", i) && mid == graph::kNoTensor) {
+            mid = op.outputs.at(0);
+          }
+          for (graph::TensorId t : op.outputs) in_block += cut_set.count(graph::index(t)) > 0;
+        }
+        INFO("block " << i);
+        CHECK(cut_set.count(graph::index(input)));
+        CHECK(cut_set.count(graph::index(mid)));
+        CHECK(in_block == 2);  // the mid residual and the block's output, nothing else
+      }
+      // Every cut is one by definition, and every tensor that is one is found.
+      graph::TensorId src = graph::kNoTensor;
+      for (const graph::Op& op : g.ops()) {
+        for (graph::TensorId t : op.inputs) {
+          if (src == graph::kNoTensor && g.tensor(t).producer == graph::kNoOp &&
+              g.storage(g.tensor(t).storage).category == graph::Category::input) {
+            src = t;
+          }
+        }
+        if (src != graph::kNoTensor) break;
+      }
+      CHECK(cut_set == brute_force_cuts(g, src, s.loss));
+    }
+  }
+}
+
+TEST_CASE("graph::forward_cuts: cuts are in forward order, and the model's tensors are found", "[cuts]") {
+  const graph::StepGraph s = small_forward(graph::Family::llama, graph::ProfileId::torch2_cpu, 0.0, 4);
+  const std::vector<graph::CutTensor> cuts = graph::forward_cuts(s.graph);
+  REQUIRE(cuts.size() >= 2 * 4 + 1);
+  for (size_t k = 1; k < cuts.size(); ++k) {
+    CHECK(graph::index(cuts[k - 1].producer) < graph::index(cuts[k].producer));
+    CHECK(s.graph.tensor(cuts[k].tensor).producer == cuts[k].producer);
+  }
+  // The positions (arange) and the causal mask feed every block but depend on no input: they
+  // are left out, or no block input would be a cut.
+  for (const auto& c : cuts) CHECK(s.graph.op(c.producer).kind != graph::OpKind::arange);
+}
+
+TEST_CASE("graph::forward_cuts: a parallel-residual block has no cut inside it, a sequential one has", "[cuts]") {
+  // x -> embed -> h0; block 0 (parallel, GPT-J/PaLM): out = h0 + attn(ln(h0)) + mlp(ln(h0));
+  // block 1 (sequential): mid = out + attn(ln(out)); out2 = mid + mlp(ln(mid)); loss(out2).
+  graph::Graph g;
+  auto tensor = [&](const std::string& name, graph::Category c = graph::Category::activation) {
+    const graph::StorageId st = g.add_storage({.bytes = 64, .category = c});
+    return g.add_tensor({.name = name, .shape = {16}, .dtype = graph::DType::f32, .storage = st});
+  };
+  auto op = [&](const std::string& name, graph::OpKind k, std::vector<graph::TensorId> in, int32_t layer) {
+    const graph::TensorId out = tensor(name);
+    g.add_op({.kind = k, .phase = graph::Phase::forward, .layer = layer, .name = name, .inputs = std::move(in),
+              .outputs = {out}});
+    return out;
+  };
+  const graph::TensorId x = tensor("x", graph::Category::input);
+  const graph::TensorId w = tensor("w", graph::Category::parameter);
+  const graph::TensorId h0 = op("embed", graph::OpKind::embedding, {w, x}, -1);
+  const graph::TensorId a = op("b0.attn", graph::OpKind::softmax, {op("b0.ln", graph::OpKind::layer_norm, {h0}, 0)}, 0);
+  const graph::TensorId m = op("b0.mlp", graph::OpKind::gelu_tanh, {op("b0.ln2", graph::OpKind::layer_norm, {h0}, 0)}, 0);
+  const graph::TensorId s0 = op("b0.add", graph::OpKind::add, {h0, a}, 0);
+  const graph::TensorId out = op("b0.add2", graph::OpKind::add, {s0, m}, 0);
+  const graph::TensorId a1 = op("b1.attn", graph::OpKind::softmax, {op("b1.ln", graph::OpKind::layer_norm, {out}, 1)}, 1);
+  const graph::TensorId mid = op("b1.add", graph::OpKind::add, {out, a1}, 1);
+  const graph::TensorId f1 = op("b1.mlp", graph::OpKind::gelu_tanh, {op("b1.ln2", graph::OpKind::layer_norm, {mid}, 1)}, 1);
+  const graph::TensorId out2 = op("b1.add2", graph::OpKind::add, {mid, f1, w}, 1);
+  const graph::TensorId loss = op("loss", graph::OpKind::nll_loss, {out2}, -1);
+  const std::vector<graph::CutTensor> cuts = graph::forward_cuts(g);
+  std::vector<std::string> names;
+  for (const auto& c : cuts) names.push_back(g.tensor(c.tensor).name);
+  CHECK(names == std::vector<std::string>{"embed", "b0.add2", "b1.add", "b1.add2"});
+  CHECK(cuts.back().tensor == out2);
+  CHECK(graph::forward_cuts(g, x, loss).size() == cuts.size());
 }

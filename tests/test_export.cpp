@@ -6,11 +6,15 @@
 #include <set>
 #include <sstream>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/export.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/report/export.hpp"
+#include "actsim/util/units.hpp"
+#include "actsim/report/summary.hpp"
 
 using namespace actsim;
-using namespace actsim::sim;
+using namespace actsim::study;
+using namespace actsim::report;
+using actsim::util::human_bytes;
 
 namespace {
 
@@ -43,7 +47,7 @@ bool has_temporaries(const std::filesystem::path& dir) {
 
 }  // namespace
 
-TEST_CASE("sim::record_timeline: replaying the events reproduces the engine's peak and end state", "[export]") {
+TEST_CASE("report::record_timeline: replaying the events reproduces the engine's peak and end state", "[export]") {
   const Analysis& a = tiny();
   const Timeline t = record_timeline(a);
   REQUIRE(!t.events.empty());
@@ -65,7 +69,7 @@ TEST_CASE("sim::record_timeline: replaying the events reproduces the engine's pe
   CHECK(t.step_time_ns == a.result.step_time_ns);
 }
 
-TEST_CASE("sim::chrome_trace_json: the total counter peaks at the simulated peak, at its time", "[export]") {
+TEST_CASE("report::chrome_trace_json: the total counter peaks at the simulated peak, at its time", "[export]") {
   const Analysis& a = tiny();
   const Timeline t = record_timeline(a);
   const nlohmann::json j = nlohmann::json::parse(chrome_trace_json(a, t));
@@ -101,7 +105,7 @@ TEST_CASE("sim::chrome_trace_json: the total counter peaks at the simulated peak
   CHECK(tracks.size() == 1 + graph::kNumCategories);
 }
 
-TEST_CASE("sim::coarsen: rows stay within the budget, keep the peak, and sum to the same end state", "[export]") {
+TEST_CASE("report::coarsen: rows stay within the budget, keep the peak, and sum to the same end state", "[export]") {
   const Analysis& a = tiny();
   const Timeline t = record_timeline(a);
   const int64_t n = static_cast<int64_t>(t.events.size());
@@ -129,7 +133,7 @@ TEST_CASE("sim::coarsen: rows stay within the budget, keep the peak, and sum to 
   }
 }
 
-TEST_CASE("sim::PickleWriter: writes the exact protocol-2 opcodes", "[export]") {
+TEST_CASE("report::PickleWriter: writes the exact protocol-2 opcodes", "[export]") {
   PickleWriter p;
   p.begin_list();
   p.integer(1);
@@ -150,7 +154,7 @@ TEST_CASE("sim::PickleWriter: writes the exact protocol-2 opcodes", "[export]") 
   CHECK(b == want);
 }
 
-TEST_CASE("sim::timeline_csv: one row per event and the last row is the end of the step", "[export]") {
+TEST_CASE("report::timeline_csv: one row per event and the last row is the end of the step", "[export]") {
   const Analysis& a = tiny();
   const Timeline t = record_timeline(a);
   const std::string csv = timeline_csv(a, t);
@@ -164,7 +168,7 @@ TEST_CASE("sim::timeline_csv: one row per event and the last row is the end of t
   CHECK(last.substr(last.rfind(',') + 1) == std::to_string(a.result.live_end_step));
 }
 
-TEST_CASE("sim::report_html: self-contained page with the chart, the peak label and the tables", "[export]") {
+TEST_CASE("report::report_html: self-contained page with the chart, the peak label and the tables", "[export]") {
   const Analysis& a = tiny();
   const Timeline t = record_timeline(a);
   const std::string html = report_html(a, t);
@@ -180,7 +184,7 @@ TEST_CASE("sim::report_html: self-contained page with the chart, the peak label 
   CHECK(svg.find("id=\"peak-label\"") != std::string::npos);
 }
 
-TEST_CASE("sim::timeline_json: at most kTimelinePoints points, the peak among them", "[export]") {
+TEST_CASE("report::timeline_json: at most kTimelinePoints points, the peak among them", "[export]") {
   const Analysis& a = tiny();
   const nlohmann::json j = timeline_json(a);
   REQUIRE(j.is_array());
@@ -196,7 +200,7 @@ TEST_CASE("sim::timeline_json: at most kTimelinePoints points, the peak among th
   CHECK(best == a.result.peak_bytes);
 }
 
-TEST_CASE("sim::write_exports: writes every file atomically; an unwritable path throws and leaves nothing", "[export]") {
+TEST_CASE("report::write_exports: writes every file atomically; an unwritable path throws and leaves nothing", "[export]") {
   const Analysis& a = tiny();
   const auto dir = scratch("ok");
   std::filesystem::create_directories(dir);
@@ -222,7 +226,7 @@ TEST_CASE("sim::write_exports: writes every file atomically; an unwritable path 
   std::filesystem::remove_all(dir.parent_path());
 }
 
-TEST_CASE("sim::compare_runs: overlays two timelines; a JSON without a timeline is bad input", "[export]") {
+TEST_CASE("report::compare_runs: overlays two timelines; a JSON without a timeline is bad input", "[export]") {
   const Analysis& a = tiny();
   const auto dir = scratch("cmp");
   std::filesystem::create_directories(dir);

@@ -1,4 +1,4 @@
-// The CPU reference kernels (kernels/src/cpu_*.cpp, docs/kernels.md): every backward against
+// The CPU reference kernels (backends/cpu/cpu_*.cpp, docs/kernels.md): every backward against
 // central finite differences in fp64 on tiny lowered models (so each op is exercised exactly as
 // the lowering and autodiff emit it, strides, saved tensors and pass-throughs included), bf16 and
 // fp16 storage against fp32, the optimizer steps against their formulas, determinism, the RNG.
@@ -12,17 +12,17 @@
 #include <string>
 #include <vector>
 
-#include "../kernels/src/cpu_tensor.hpp"  // strided load/store: private to kernels/, used as a test helper
-#include "../kernels/src/rng.hpp"
+#include "../backends/cpu/cpu_tensor.hpp"  // strided load/store: private to backends/, used as a test helper
+#include "actsim/util/rng.hpp"
 #include "actsim/graph/checkpoint.hpp"
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 #include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
-#include "actsim/kernels/backend.hpp"
+#include "actsim/backends/backend.hpp"
 
 using namespace actsim;
 using namespace actsim::graph;
-using kernels::TensorArg;
+using backends::TensorArg;
 
 namespace {
 
@@ -31,7 +31,7 @@ namespace {
 double test_value(const std::string& name, int64_t i) {
   uint64_t h = 1469598103934665603ull;
   for (char ch : name) h = (h ^ static_cast<unsigned char>(ch)) * 1099511628211ull;
-  return 2.0 * kernels::rng_uniform(h, static_cast<uint64_t>(i)) - 1.0;
+  return 2.0 * util::rng_uniform(h, static_cast<uint64_t>(i)) - 1.0;
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -39,10 +39,10 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 // A replay of a whole step graph on one backend with one buffer per storage, nothing freed: the
-// smallest executor that lets the tests run lowered graphs (the real one is kernels/replay).
+// smallest executor that lets the tests run lowered graphs (the real one is replay/).
 class Runner {
  public:
-  Runner(const StepGraph& s, kernels::Backend& be, const ModelConfig& m) : s_(s), g_(s.graph), be_(be), m_(m) {
+  Runner(const StepGraph& s, backends::Backend& be, const ModelConfig& m) : s_(s), g_(s.graph), be_(be), m_(m) {
     for (const Storage& st : g_.storages()) buf_.push_back(be_.alloc(std::max<int64_t>(st.bytes, 8)));
     init_leaves();
   }
@@ -59,7 +59,7 @@ class Runner {
   }
   void run_op(OpId id) {
     const Op& op = g_.op(id);
-    kernels::OpCall c{.graph = &g_, .op = id};
+    backends::OpCall c{.graph = &g_, .op = id};
     for (TensorId t : op.inputs) c.inputs.push_back(arg(t));
     for (TensorId t : op.outputs) c.outputs.push_back(arg(t));
     for (TensorId t : op.grad_outputs) c.grad_outputs.push_back(arg(t));
@@ -80,8 +80,8 @@ class Runner {
       }
     }
   }
-  std::vector<double> read(TensorId t) const { return kernels::cpu::load<double>(arg(t)); }
-  void write(TensorId t, const std::vector<double>& v) { kernels::cpu::store(arg(t), v); }
+  std::vector<double> read(TensorId t) const { return backends::cpu::load<double>(arg(t)); }
+  void write(TensorId t, const std::vector<double>& v) { backends::cpu::store(arg(t), v); }
   double loss() const { return read(s_.loss).at(0); }
 
   std::set<std::string> kinds;  // op kinds run ("backward:<forward kind>" for backward ops)
@@ -123,7 +123,7 @@ class Runner {
 
   const StepGraph& s_;
   const Graph& g_;
-  kernels::Backend& be_;
+  backends::Backend& be_;
   const ModelConfig& m_;
   std::vector<void*> buf_;  // [storages]
 };
@@ -194,7 +194,7 @@ std::vector<Variant> variants() {
 void check_gradients(const Variant& v, int per_param = 6) {
   INFO(v.name);
   StepGraph s = lower(v.model, training(DType::f64), v.profile);
-  auto be = kernels::make_backend("cpu");
+  auto be = backends::make_backend("cpu");
   Runner r(s, *be, v.model);
   r.run({Phase::forward, Phase::backward});
   const double l0 = r.loss();
@@ -231,32 +231,32 @@ void check_gradients(const Variant& v, int per_param = 6) {
 
 // ---- finite differences (fp64) ------------------------------------------------------------------
 
-TEST_CASE("kernels::cpu: gpt2 gradients match finite differences in fp64 (torch-cpu, dropout noise)", "[kernels]") {
+TEST_CASE("backends::cpu: gpt2 gradients match finite differences in fp64 (torch-cpu, dropout noise)", "[kernels]") {
   check_gradients(variants()[0]);
 }
 
-TEST_CASE("kernels::cpu: gpt2 gradients match finite differences in fp64 (torch-cuda, native dropout)", "[kernels]") {
+TEST_CASE("backends::cpu: gpt2 gradients match finite differences in fp64 (torch-cuda, native dropout)", "[kernels]") {
   check_gradients(variants()[1]);
   check_gradients(variants()[3]);
 }
 
-TEST_CASE("kernels::cpu: flash attention gradients match finite differences in fp64 (with and without dropout)",
+TEST_CASE("backends::cpu: flash attention gradients match finite differences in fp64 (with and without dropout)",
           "[kernels]") {
   check_gradients(variants()[2]);
   check_gradients(variants()[6]);
 }
 
-TEST_CASE("kernels::cpu: llama gradients match finite differences in fp64 (RMSNorm, RoPE, GQA, SiLU)", "[kernels]") {
+TEST_CASE("backends::cpu: llama gradients match finite differences in fp64 (RMSNorm, RoPE, GQA, SiLU)", "[kernels]") {
   check_gradients(variants()[4]);
   check_gradients(variants()[5]);
 }
 
-TEST_CASE("kernels::cpu: the tiny models run every op kind the lowering emits, forward and backward", "[kernels]") {
+TEST_CASE("backends::cpu: the tiny models run every op kind the lowering emits, forward and backward", "[kernels]") {
   std::set<std::string> ran;
   for (const Variant& v : variants()) {
     for (Optimizer o : {Optimizer::adamw, Optimizer::sgd_momentum}) {
       StepGraph s = lower(v.model, training(DType::f32, o), v.profile);
-      auto be = kernels::make_backend("cpu");
+      auto be = backends::make_backend("cpu");
       Runner r(s, *be, v.model);
       r.run({Phase::forward, Phase::backward, Phase::optimizer});
       CHECK(std::isfinite(r.loss()));
@@ -281,13 +281,13 @@ TEST_CASE("kernels::cpu: the tiny models run every op kind the lowering emits, f
   }
 }
 
-TEST_CASE("kernels::cpu: checkpointed and offloaded steps give bit-identical gradients (recompute keeps the seed)",
+TEST_CASE("backends::cpu: checkpointed and offloaded steps give bit-identical gradients (recompute keeps the seed)",
           "[kernels]") {
   for (const Variant& v : {variants()[0], variants()[1], variants()[2], variants()[4]}) {
     INFO(v.name);
     ModelConfig m = v.model;
     m.n_layers = 2;
-    auto be = kernels::make_backend("cpu");
+    auto be = backends::make_backend("cpu");
     StepGraph plain = lower(m, training(DType::f32), v.profile);
     Runner rp(plain, *be, m);
     rp.run({Phase::forward, Phase::backward});
@@ -308,11 +308,11 @@ TEST_CASE("kernels::cpu: checkpointed and offloaded steps give bit-identical gra
 
 // ---- 16-bit storage against fp32 -----------------------------------------------------------------
 
-TEST_CASE("kernels::cpu: bf16 and fp16 storage agree with fp32 within 16-bit tolerance", "[kernels]") {
+TEST_CASE("backends::cpu: bf16 and fp16 storage agree with fp32 within 16-bit tolerance", "[kernels]") {
   for (const Variant& v : {variants()[1], variants()[4], variants()[6]}) {
     INFO(v.name);
     StepGraph s32 = lower(v.model, training(DType::f32), v.profile);
-    auto be = kernels::make_backend("cpu");
+    auto be = backends::make_backend("cpu");
     Runner r32(s32, *be, v.model);
     r32.run({Phase::forward, Phase::backward});
     for (DType dt : {DType::bf16, DType::f16}) {
@@ -339,7 +339,7 @@ TEST_CASE("kernels::cpu: bf16 and fp16 storage agree with fp32 within 16-bit tol
 
 // ---- optimizer -----------------------------------------------------------------------------------
 
-TEST_CASE("kernels::cpu: AdamW, Adam, SGD and momentum updates follow torch.optim's formulas", "[kernels]") {
+TEST_CASE("backends::cpu: AdamW, Adam, SGD and momentum updates follow torch.optim's formulas", "[kernels]") {
   const Variant v = variants()[4];
   struct Case {
     Optimizer o;
@@ -353,7 +353,7 @@ TEST_CASE("kernels::cpu: AdamW, Adam, SGD and momentum updates follow torch.opti
       if (c.o == Optimizer::adam) t.weight_decay = 0.1;
       StepGraph s = lower(v.model, t, prof);
       INFO(to_string(c.o) << " " << to_string(c.impl) << " " << to_string(prof));
-      auto be = kernels::make_backend("cpu");
+      auto be = backends::make_backend("cpu");
       Runner r(s, *be, v.model);
       r.run({Phase::forward, Phase::backward});
       std::vector<std::vector<double>> p0, g0;
@@ -389,10 +389,10 @@ TEST_CASE("kernels::cpu: AdamW, Adam, SGD and momentum updates follow torch.opti
 
 // ---- determinism, strides, RNG, backends -------------------------------------------------------------
 
-TEST_CASE("kernels::cpu: a step is bitwise reproducible", "[kernels]") {
+TEST_CASE("backends::cpu: a step is bitwise reproducible", "[kernels]") {
   const Variant v = variants()[1];
   StepGraph s = lower(v.model, training(DType::bf16), v.profile);
-  auto be = kernels::make_backend("cpu");
+  auto be = backends::make_backend("cpu");
   std::vector<std::vector<double>> first;
   for (int run = 0; run < 2; ++run) {
     Runner r(s, *be, v.model);
@@ -404,20 +404,20 @@ TEST_CASE("kernels::cpu: a step is bitwise reproducible", "[kernels]") {
   }
 }
 
-TEST_CASE("kernels::cpu: strided loads and stores follow strides and offsets", "[kernels]") {
+TEST_CASE("backends::cpu: strided loads and stores follow strides and offsets", "[kernels]") {
   std::vector<float> buf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
   // A transposed (3, 2) view of rows 1..2 of a (3, 4) matrix, starting at column 1.
   TensorArg t{.base = buf.data(), .dtype = DType::f32, .shape = {3, 2}, .strides = {1, 4}, .offset = 5};
-  CHECK(kernels::cpu::load<double>(t) == std::vector<double>{5, 9, 6, 10, 7, 11});
-  kernels::cpu::store(t, std::vector<double>{-1, -2, -3, -4, -5, -6});
+  CHECK(backends::cpu::load<double>(t) == std::vector<double>{5, 9, 6, 10, 7, 11});
+  backends::cpu::store(t, std::vector<double>{-1, -2, -3, -4, -5, -6});
   CHECK(buf == std::vector<float>{0, 1, 2, 3, 4, -1, -3, -5, 8, -2, -4, -6});
   TensorArg expanded{.base = buf.data(), .dtype = DType::f32, .shape = {2, 3}, .strides = {0, 1}, .offset = 0};
-  CHECK(kernels::cpu::load<double>(expanded) == std::vector<double>{0, 1, 2, 0, 1, 2});
+  CHECK(backends::cpu::load<double>(expanded) == std::vector<double>{0, 1, 2, 0, 1, 2});
 }
 
 TEST_CASE("kernels: fp16 and bf16 conversions round to nearest even", "[kernels]") {
-  using kernels::cpu::from_f16;
-  using kernels::cpu::to_f16;
+  using backends::cpu::from_f16;
+  using backends::cpu::to_f16;
   CHECK(to_f16(1.0f) == 0x3C00);
   CHECK(to_f16(65504.0f) == 0x7BFF);
   CHECK(to_f16(1e6f) == 0x7C00);                      // overflow to infinity
@@ -426,24 +426,24 @@ TEST_CASE("kernels: fp16 and bf16 conversions round to nearest even", "[kernels]
   CHECK(from_f16(0x0001) == std::ldexp(1.0f, -24));  // smallest subnormal
   CHECK(std::isnan(from_f16(to_f16(std::nanf("")))));
   for (uint32_t h = 0; h < 0x7C00; h += 37) CHECK(to_f16(from_f16(static_cast<uint16_t>(h))) == h);
-  CHECK(kernels::to_bf16(1.0f + 1.0f / 256) == 0x3F80);  // tie: to even
+  CHECK(util::to_bf16(1.0f + 1.0f / 256) == 0x3F80);  // tie: to even
 }
 
 TEST_CASE("kernels: the counter-based RNG is fixed (backends must reproduce these values)", "[kernels]") {
   // Golden values: the CUDA backend's rng.hpp is the same header; these pin the stream.
-  CHECK(kernels::rng_u32(0, 0) == kernels::rng_u32(0, 0));
-  CHECK(kernels::rng_u32(0, 0) != kernels::rng_u32(0, 1));
-  CHECK(kernels::rng_u32(0, 0) != kernels::rng_u32(1, 0));
-  const uint64_t mixed = kernels::rng_mix64(0x9E3779B97F4A7C15ull);
-  CHECK(kernels::rng_u32(0, 0) == static_cast<uint32_t>(kernels::rng_mix64(mixed + 0x9E3779B97F4A7C15ull) >> 32));
+  CHECK(util::rng_u32(0, 0) == util::rng_u32(0, 0));
+  CHECK(util::rng_u32(0, 0) != util::rng_u32(0, 1));
+  CHECK(util::rng_u32(0, 0) != util::rng_u32(1, 0));
+  const uint64_t mixed = util::rng_mix64(0x9E3779B97F4A7C15ull);
+  CHECK(util::rng_u32(0, 0) == static_cast<uint32_t>(util::rng_mix64(mixed + 0x9E3779B97F4A7C15ull) >> 32));
   // Keep rate of dropout p = 0.25 over 100k draws: 0.75 within 5 standard deviations.
   int kept = 0;
-  for (uint64_t i = 0; i < 100000; ++i) kept += kernels::rng_keep(42, i, 0.25);
+  for (uint64_t i = 0; i < 100000; ++i) kept += util::rng_keep(42, i, 0.25);
   CHECK(std::abs(kept / 100000.0 - 0.75) < 5 * std::sqrt(0.75 * 0.25 / 100000));
 }
 
-TEST_CASE("kernels::make_backend: cpu exists; unknown names are input errors with a suggestion", "[kernels]") {
-  auto be = kernels::make_backend("cpu");
+TEST_CASE("backends::make_backend: cpu exists; unknown names are input errors with a suggestion", "[kernels]") {
+  auto be = backends::make_backend("cpu");
   CHECK(be->name() == "cpu");
   void* p = be->alloc(16);
   be->fill_nan(p, 16);
@@ -452,12 +452,12 @@ TEST_CASE("kernels::make_backend: cpu exists; unknown names are input errors wit
   CHECK(std::isnan(f));
   be->free(p);
   try {
-    kernels::make_backend("cpux");
+    backends::make_backend("cpux");
     FAIL("no error");
   } catch (const InputError& e) {
     CHECK(std::string(e.what()).find("did you mean 'cpu'") != std::string::npos);
   }
 #ifndef ACTSIM_HAVE_CUDA
-  CHECK_THROWS_AS(kernels::make_backend("cuda"), InputError);
+  CHECK_THROWS_AS(backends::make_backend("cuda"), InputError);
 #endif
 }

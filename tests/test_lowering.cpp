@@ -9,8 +9,8 @@
 
 #include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/scenario.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/scenario.hpp"
 
 using namespace actsim;
 using namespace actsim::graph;
@@ -26,8 +26,8 @@ std::vector<std::string> small(const std::string& family, std::vector<std::strin
   return o;
 }
 
-sim::Analysis analyze_small(const std::string& family, std::vector<std::string> more = {}) {
-  return sim::analyze(sim::load_scenario("", small(family, std::move(more))));
+study::Analysis analyze_small(const std::string& family, std::vector<std::string> more = {}) {
+  return study::analyze(study::load_scenario("", small(family, std::move(more))));
 }
 
 int64_t param_elements(const StepGraph& s) {
@@ -51,7 +51,7 @@ TEST_CASE("lower: gpt2 small (tied) has 29,088 parameters, 116,352 bytes in fp32
   // wte 97*32 + wpe 16*32 + 2 blocks * (ln_1 64 + c_attn 32*96+96 + c_proj 32*32+32 + ln_2 64
   // + c_fc 32*128+128 + c_proj 128*32+32) + ln_f 64 = 3104 + 512 + 2*12704 + 64; lm_head is wte.
   // 116,352 bytes is what real PyTorch reports for this model.
-  sim::Analysis a = analyze_small("gpt2");
+  study::Analysis a = analyze_small("gpt2");
   CHECK(a.param_count == 29'088);
   CHECK(a.params_bytes == 116'352);
   CHECK(a.step->params.size() == 2 + 12 * 2 + 2);  // the tied weight once
@@ -63,9 +63,9 @@ TEST_CASE("lower: gpt2 small (tied) has 29,088 parameters, 116,352 bytes in fp32
   CHECK(a.optimizer_bytes == 2 * 116'352);
   CHECK(a.optimizer_host_bytes == static_cast<int64_t>(a.step->params.size()) * 4);
 
-  sim::Analysis bf = analyze_small("gpt2", {"training.dtype=bf16"});
+  study::Analysis bf = analyze_small("gpt2", {"training.dtype=bf16"});
   CHECK(bf.params_bytes == 29'088 * 2);
-  sim::Analysis untied = analyze_small("gpt2", {"model.tie_embeddings=false"});
+  study::Analysis untied = analyze_small("gpt2", {"model.tie_embeddings=false"});
   CHECK(untied.param_count == 29'088 + 97 * 32);
 }
 
@@ -74,10 +74,10 @@ TEST_CASE("lower: llama small (untied, GQA) parameter count", "[lowering]") {
   // Per block: 2 norms 64 + wq 1024 + wk, wv kv*8*32 + wo 1024 + w1, w2, w3 3*88*32 = 8448.
   // Model: tok_embeddings 3104 + blocks + norm 32 + lm_head 3104.
   CHECK(default_d_ff(Family::llama, 32) == 88);
-  sim::Analysis mha = analyze_small("llama");
+  study::Analysis mha = analyze_small("llama");
   CHECK(mha.param_count == 3104 + 2 * (64 + 1024 + 2 * 1024 + 1024 + 8448) + 32 + 3104);  // 31,456
   CHECK(mha.params_bytes == 31'456 * 4);
-  sim::Analysis gqa = analyze_small("llama", {"model.n_kv_heads=2"});
+  study::Analysis gqa = analyze_small("llama", {"model.n_kv_heads=2"});
   CHECK(gqa.param_count == 3104 + 2 * (64 + 1024 + 2 * 512 + 1024 + 8448) + 32 + 3104);  // 29,408
   CHECK(gqa.params_bytes == 117'632);
   CHECK(gqa.step->params.size() == 1 + 9 * 2 + 1 + 1);
@@ -113,7 +113,7 @@ TEST_CASE("lower: GQA llama has k/v weights of n_kv_heads * head_dim rows", "[lo
 TEST_CASE("lower: the seed model (llama, 48 x 1600, untied) has 2,127,057,600 parameters", "[lowering]") {
   // Per block: 2*1600 + 4*1600^2 + 3*6400*1600 = 40,963,200; 48 blocks = 1,966,233,600;
   // embeddings and LM head 2 * 50257*1600 = 160,822,400; final norm 1600.
-  sim::Scenario s = sim::load_scenario(
+  study::Scenario s = study::load_scenario(
       "", {"model.family=llama", "model.vocab_size=50257", "model.seq_len=1024", "model.n_layers=48",
            "model.d_model=1600", "model.n_heads=25", "model.d_ff=6400", "training.batch_size=1"});
   CHECK_FALSE(s.model.tied());
@@ -129,7 +129,7 @@ TEST_CASE("lower: flash attention saves no T x T tensor, eager saves the attenti
   for (const char* family : {"gpt2", "llama"}) {
     for (const char* attn : {"eager", "flash"}) {
       INFO(family << " " << attn);
-      sim::Analysis a = analyze_small(family, {std::string("model.attention=") + attn});
+      study::Analysis a = analyze_small(family, {std::string("model.attention=") + attn});
       const Graph& g = a.step->graph;
       int square_saved = 0, flash_ops = 0;
       for (const Op& op : g.ops()) {
@@ -165,8 +165,8 @@ TEST_CASE("lower: flash attention saves no T x T tensor, eager saves the attenti
 TEST_CASE("lower: dropout p = 0 emits no dropout ops; p > 0 emits one per nn.Dropout call", "[lowering]") {
   for (const char* prof : {"torch-cuda", "torch-cpu"}) {
     INFO(prof);
-    sim::Analysis none = analyze_small("gpt2", {std::string("runtime.profile=") + prof});
-    sim::Analysis some = analyze_small("gpt2", {std::string("runtime.profile=") + prof, "model.dropout=0.1"});
+    study::Analysis none = analyze_small("gpt2", {std::string("runtime.profile=") + prof});
+    study::Analysis some = analyze_small("gpt2", {std::string("runtime.profile=") + prof, "model.dropout=0.1"});
     auto count = [](const Graph& g) {
       int n = 0;
       for (const Op& op : g.ops()) n += op.kind == OpKind::dropout_noise || op.kind == OpKind::native_dropout;
@@ -197,7 +197,7 @@ TEST_CASE("lower: every configuration lowers to a frozen graph that validates", 
                                                           std::string("training.optimizer_impl=") + impl});
               if (std::string(family) == "llama") o.push_back("model.n_kv_heads=2");
               else o.push_back("model.dropout=0.1");
-              sim::Scenario s = sim::load_scenario("", o);
+              study::Scenario s = study::load_scenario("", o);
               StepGraph st = lower_training_step(s.model, s.training, profile(s.profile));
               INFO(family << " " << prof << " " << attn << " " << dtype << " " << opt << " " << impl);
               CHECK(st.graph.is_frozen());
@@ -218,7 +218,7 @@ TEST_CASE("lower: ops are in phase order forward < backward < optimizer, ending 
   for (const char* family : {"gpt2", "llama"}) {
     for (const char* prof : {"torch-cuda", "torch-cpu"}) {
       INFO(family << " " << prof);
-      sim::Analysis a = analyze_small(family, {std::string("runtime.profile=") + prof});
+      study::Analysis a = analyze_small(family, {std::string("runtime.profile=") + prof});
       const Graph& g = a.step->graph;
       std::array<int, 3> per_phase{};
       Phase prev = Phase::forward;
@@ -250,7 +250,7 @@ TEST_CASE("lower: parameter gradients are category gradient with the parameters'
   for (const char* family : {"gpt2", "llama"}) {
     for (const char* dtype : {"fp32", "bf16"}) {
       INFO(family << " " << dtype);
-      sim::Analysis a = analyze_small(family, {std::string("training.dtype=") + dtype});
+      study::Analysis a = analyze_small(family, {std::string("training.dtype=") + dtype});
       const StepGraph& s = *a.step;
       const Graph& g = s.graph;
       REQUIRE(s.param_grads.size() == s.params.size());
@@ -302,7 +302,7 @@ TEST_CASE("lower: every block saves the same bytes for backward", "[lowering]") 
       for (const char* attn : {"eager", "flash"}) {
         if (std::string(prof) == "torch-cpu" && std::string(attn) == "flash") continue;
         INFO(family << " " << prof << " " << attn);
-        sim::Analysis a = analyze_small(
+        study::Analysis a = analyze_small(
             family, {std::string("runtime.profile=") + prof, std::string("model.attention=") + attn,
                      "model.n_layers=4", std::string(family) == "gpt2" ? "model.dropout=0.1" : "model.n_kv_heads=2"});
         REQUIRE(a.per_layer_saved.size() == 4);
@@ -344,7 +344,7 @@ TEST_CASE("lower: the gpt2 block saves what PyTorch keeps, counted by hand", "[l
                            + 16384               // gelu input
                            + 16384;              // gelu output
   CHECK(per_block == 74'496);
-  sim::Analysis a = analyze_small("gpt2");
+  study::Analysis a = analyze_small("gpt2");
   REQUIRE(a.per_layer_saved.size() == 2);
   CHECK(a.per_layer_saved[0] == per_block);
   CHECK(a.per_layer_saved[1] == per_block);
@@ -354,11 +354,11 @@ TEST_CASE("lower: torch-cpu saved bytes equal real PyTorch 1.13's for the small 
   // Measured with tests/torch/measure.py --mode saved (Debian's torch 1.13, CPU): gpt2 defaults,
   // and family=llama n_kv_heads=2. On the CPU the wrapped 0-dim float64 scale (8 bytes) is
   // counted: the gpt2 block is the hand count above plus 8.
-  sim::Analysis g = analyze_small("gpt2", {"runtime.profile=torch-cpu"});
+  study::Analysis g = analyze_small("gpt2", {"runtime.profile=torch-cpu"});
   CHECK(g.per_layer_saved == std::vector<int64_t>{74'504, 74'504});
   CHECK(g.outside_saved == 21'508);
   CHECK(g.saved_bytes == 170'516);
-  sim::Analysis l = analyze_small("llama", {"runtime.profile=torch-cpu", "model.n_kv_heads=2"});
+  study::Analysis l = analyze_small("llama", {"runtime.profile=torch-cpu", "model.n_kv_heads=2"});
   CHECK(l.per_layer_saved == std::vector<int64_t>{103'944, 103'944});
   CHECK(l.outside_saved == 29'444);
   CHECK(l.saved_bytes == 237'332);

@@ -4,9 +4,13 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
+#include <vector>
 
 #include "actsim/graph/profile.hpp"
-#include "actsim/sim/planner.hpp"
+#include "actsim/report/summary.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/planner.hpp"
 
 using namespace actsim;
 
@@ -30,19 +34,19 @@ int64_t revolve_numforw(int64_t l, int64_t s) {
 // checkpoints together: memory for one tape plus s checkpoints is Revolve with s snaps.
 int64_t dp_advances(int l, int s) {
   constexpr int64_t kTape = 1000;
-  sim::Chain c;
+  study::Chain c;
   for (int i = 0; i < l; ++i) {
     c.forward_ns.push_back(1);
     c.backward_ns.push_back(0);
     c.input_bytes.push_back(1);
     c.activation_bytes.push_back(kTape);
   }
-  sim::RotorDP dp(c, 1, static_cast<int>(kTape) + s);
+  study::RotorDP dp(c, 1, static_cast<int>(kTape) + s);
   return dp.advances(static_cast<int>(kTape) + s);
 }
 
-sim::Scenario small(int layers) {
-  return sim::load_scenario("", {"model.family=llama", fmt::format("model.n_layers={}", layers), "model.d_model=128",
+study::Scenario small(int layers) {
+  return study::load_scenario("", {"model.family=llama", fmt::format("model.n_layers={}", layers), "model.d_model=128",
                                  "model.n_heads=4", "model.seq_len=128", "model.vocab_size=512",
                                  "training.batch_size=2"});
 }
@@ -50,7 +54,7 @@ sim::Scenario small(int layers) {
 struct Sim {
   int64_t peak, time;
 };
-Sim simulate_plan(const sim::Scenario& s, const graph::BlockPlan& p) {
+Sim simulate_plan(const study::Scenario& s, const graph::BlockPlan& p) {
   graph::StepGraph step = graph::lower_training_step(s.model, s.training, graph::profile(s.profile), &p);
   sim::Plan plan(step.graph, s.device);
   sim::SimResult r = sim::simulate(plan);
@@ -59,7 +63,7 @@ Sim simulate_plan(const sim::Scenario& s, const graph::BlockPlan& p) {
 
 }  // namespace
 
-TEST_CASE("sim::RotorDP: on a homogeneous chain the recomputed forward steps equal Revolve's closed form",
+TEST_CASE("study::RotorDP: on a homogeneous chain the recomputed forward steps equal Revolve's closed form",
           "[planner]") {
   CHECK(revolve_numforw(10, 1) == 45);
   CHECK(revolve_numforw(10, 2) == 20);
@@ -73,20 +77,20 @@ TEST_CASE("sim::RotorDP: on a homogeneous chain the recomputed forward steps equ
   }
 }
 
-TEST_CASE("sim::RotorDP: the DP's time equals the simulated step time up to one constant", "[planner]") {
-  const sim::Scenario s = small(5);
-  sim::Chain c = sim::measure_chain(s);
+TEST_CASE("study::RotorDP: the DP's time equals the simulated step time up to one constant", "[planner]") {
+  const study::Scenario s = small(5);
+  study::Chain c = study::measure_chain(s);
   // The keep/recompute DP (the op-level and offload options are estimated, then simulated).
   c.activation_selective_bytes.clear();
   c.backward_selective_ns.clear();
   c.offload_penalty_ns.clear();
   int64_t total = 0;
   for (size_t i = 0; i < c.size(); ++i) total += c.input_bytes[i] + c.activation_bytes[i];
-  sim::RotorDP dp(c, (total + 127) / 128, 128);
+  study::RotorDP dp(c, (total + 127) / 128, 128);
   int64_t offset = std::numeric_limits<int64_t>::min();
   int plans = 0;
   for (int m = 0; m <= dp.levels(); ++m) {
-    if (dp.cost(m) >= sim::RotorDP::kInfeasible) continue;
+    if (dp.cost(m) >= study::RotorDP::kInfeasible) continue;
     const Sim r = simulate_plan(s, dp.plan(m));
     if (offset == std::numeric_limits<int64_t>::min()) offset = r.time - dp.cost(m);
     CHECK(r.time - dp.cost(m) == offset);
@@ -95,15 +99,15 @@ TEST_CASE("sim::RotorDP: the DP's time equals the simulated step time up to one 
   CHECK(plans > 10);
 }
 
-TEST_CASE("sim::plan_for_budget: equals exhaustive search over every keep/recompute schedule on a small model",
+TEST_CASE("study::plan_for_budget: equals exhaustive search over every keep/recompute schedule on a small model",
           "[planner]") {
-  const sim::Scenario s = small(3);
+  const study::Scenario s = small(3);
   // Every rotor schedule of 3 blocks + the head, simulated.
-  std::vector<std::vector<sim::RotorDP::Op>> all;
-  sim::RotorDP::all_schedules(0, 3, all);
+  std::vector<std::vector<study::RotorDP::Op>> all;
+  study::RotorDP::all_schedules(0, 3, all);
   REQUIRE(all.size() > 20);
   std::vector<Sim> sims;
-  for (const auto& seq : all) sims.push_back(simulate_plan(s, sim::RotorDP::to_plan(seq, 3)));
+  for (const auto& seq : all) sims.push_back(simulate_plan(s, study::RotorDP::to_plan(seq, 3)));
   int64_t lo = INT64_MAX, hi = 0;
   for (const Sim& x : sims) lo = std::min(lo, x.peak), hi = std::max(hi, x.peak);
   int checked = 0;
@@ -113,15 +117,15 @@ TEST_CASE("sim::plan_for_budget: equals exhaustive search over every keep/recomp
     for (const Sim& x : sims) {
       if (x.peak <= budget) best = std::min(best, x.time);
     }
-    const sim::PlanResult r = sim::plan_for_budget(s, budget, {.selective = false, .offload = false});
+    const study::PlanResult r = study::plan_for_budget(s, budget, {.selective = false, .offload = false});
     INFO("budget " << budget);
     REQUIRE(r.fits == (best != INT64_MAX));
     CHECK(r.step_time_ns == best);
     CHECK(r.peak_bytes <= budget);
     // With selective keeping (the default) and offload allowed too: within the budget and never
     // slower than the keep/recompute plan.
-    for (const sim::PlanOptions o : {sim::PlanOptions{}, sim::PlanOptions{.selective = true, .offload = true}}) {
-      const sim::PlanResult rs = sim::plan_for_budget(s, budget, o);
+    for (const study::PlanOptions& o : {study::PlanOptions{}, study::PlanOptions{.selective = true, .offload = true}}) {
+      const study::PlanResult rs = study::plan_for_budget(s, budget, o);
       CHECK(rs.fits == r.fits);
       if (rs.fits) {
         CHECK(rs.peak_bytes <= budget);
@@ -134,16 +138,16 @@ TEST_CASE("sim::plan_for_budget: equals exhaustive search over every keep/recomp
   CHECK(checked == 13);
 }
 
-TEST_CASE("sim::plan_for_budget: peak never above the budget, and more memory is never slower", "[planner]") {
-  const sim::Scenario s = small(8);
-  const sim::PlanResult none = sim::plan_for_budget(s, INT64_MAX / 4);
+TEST_CASE("study::plan_for_budget: peak never above the budget, and more memory is never slower", "[planner]") {
+  const study::Scenario s = small(8);
+  const study::PlanResult none = study::plan_for_budget(s, INT64_MAX / 4);
   REQUIRE(none.fits);
   CHECK(none.plan.is_trivial());
   const int64_t lo = none.min_peak_bytes, hi = none.baseline_peak_bytes;
   int64_t prev_time = INT64_MAX;
   for (int k = 0; k <= 24; ++k) {
     const int64_t budget = lo + (hi - lo) * k / 24;
-    const sim::PlanResult r = sim::plan_for_budget(s, budget);
+    const study::PlanResult r = study::plan_for_budget(s, budget);
     INFO("budget " << budget);
     REQUIRE(r.fits);
     CHECK(r.peak_bytes <= budget);
@@ -153,11 +157,45 @@ TEST_CASE("sim::plan_for_budget: peak never above the budget, and more memory is
   }
 }
 
-TEST_CASE("sim::plan_for_budget: when nothing fits, the least memory any plan reaches is the answer", "[planner]") {
-  const sim::Scenario s = small(4);
-  const sim::PlanResult r = sim::plan_for_budget(s, 1024);
+TEST_CASE("study::plan_for_budget: when nothing fits, the least memory any plan reaches is the answer", "[planner]") {
+  const study::Scenario s = small(4);
+  const study::PlanResult r = study::plan_for_budget(s, 1024);
   CHECK_FALSE(r.fits);
   CHECK(r.min_peak_bytes > 1024);
   CHECK(r.min_peak_bytes <= r.baseline_peak_bytes);
   CHECK(r.peak_bytes == r.min_peak_bytes);
+}
+
+TEST_CASE("study::plan_for_budget: the kept analysis is the chosen plan's, and each plan is simulated once", "[planner]") {
+  const study::Scenario s = small(6);
+  const study::PlanResult none = study::plan_for_budget(s, INT64_MAX / 4);
+  int checked = 0;
+  for (int k = 0; k <= 6; ++k) {
+    const int64_t budget = none.min_peak_bytes + (none.baseline_peak_bytes - none.min_peak_bytes) * k / 6;
+    std::vector<int64_t> seen;
+    study::PlanOptions o;
+    o.progress = [&](int64_t done, int64_t estimate) {
+      CHECK(done <= estimate);
+      seen.push_back(done);
+    };
+    const study::PlanResult r = study::plan_for_budget(s, budget, o);
+    INFO("budget " << budget);
+    REQUIRE(r.fits);
+    // Progress counts every simulation once, in order; none is repeated for the same plan.
+    REQUIRE(static_cast<int64_t>(seen.size()) == r.simulations);
+    for (size_t i = 0; i < seen.size(); ++i) CHECK(seen[i] == static_cast<int64_t>(i + 1));
+    // Baseline, least-memory, full recomputation and most-memory plans, then a few probes per
+    // variant: fewer than the 2 + 2 x 9 of bisecting 193 levels per variant.
+    CHECK(r.simulations <= 16);
+    // The analysis handed back is what analyzing the chosen plan gives.
+    REQUIRE(r.analysis);
+    study::Scenario chosen = s;
+    chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+    const study::Analysis a = study::analyze(chosen);
+    CHECK(r.analysis->result.peak_bytes == r.peak_bytes);
+    CHECK(r.analysis->result.step_time_ns == r.step_time_ns);
+    CHECK(report::to_json(*r.analysis) == report::to_json(a));
+    ++checked;
+  }
+  CHECK(checked == 7);
 }

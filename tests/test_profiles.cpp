@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "actsim/graph/profile.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/scenario.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/scenario.hpp"
 
 using namespace actsim;
 using graph::CudaDelta;
@@ -25,7 +25,7 @@ struct Figures {
   bool operator==(const Figures&) const = default;
 };
 
-Figures figures(const sim::Analysis& a) {
+Figures figures(const study::Analysis& a) {
   const sim::SimResult& r = a.result;
   return {a.saved_bytes, a.outside_saved, a.params_bytes, a.grads_bytes, a.optimizer_bytes, a.optimizer_host_bytes,
           a.buffers_bytes, a.inputs_bytes, r.host_bytes, a.per_layer_saved, r.live_step_start, r.live_end_forward,
@@ -34,11 +34,11 @@ Figures figures(const sim::Analysis& a) {
 
 constexpr int64_t B = 2, T = 16, C = 32, H = 4, L = 2;
 
-sim::Scenario tiny(std::vector<std::string> sets) {
+study::Scenario tiny(std::vector<std::string> sets) {
   std::vector<std::string> all{"model.vocab_size=97", "model.seq_len=16", "model.d_model=32",
                                "model.n_heads=4", "model.n_layers=2", "training.batch_size=2"};
   all.insert(all.end(), sets.begin(), sets.end());
-  return sim::load_scenario("", all);
+  return study::load_scenario("", all);
 }
 
 // torch2-cpu on an AVX-512 machine (the profile the deltas are stated against).
@@ -51,13 +51,13 @@ RuntimeProfile with(CudaDelta d) {
 
 struct Pair {
   Figures cpu, delta;
-  sim::Analysis a;  // under torch2-cpu
+  study::Analysis a;  // under torch2-cpu
 };
 
-Pair run(const sim::Scenario& s, CudaDelta d) {
-  sim::Analysis a = sim::analyze(s, base());
+Pair run(const study::Scenario& s, CudaDelta d) {
+  study::Analysis a = study::analyze(s, base());
   Figures cpu = figures(a);
-  return {cpu, figures(sim::analyze(s, with(d))), std::move(a)};
+  return {cpu, figures(study::analyze(s, with(d))), std::move(a)};
 }
 
 }  // namespace
@@ -90,12 +90,12 @@ TEST_CASE("graph::profile: torch-cuda is torch2-cpu plus every CUDA delta, and n
   CHECK(base().rules.data() == cuda.rules.data());
   // And the whole profile gives the same figures as torch-cuda itself.
   for (const char* fam : {"model.family=gpt2", "model.family=llama"}) {
-    const sim::Scenario s = tiny({fam, "training.dtype=bf16", "model.dropout=0"});
-    CHECK(figures(sim::analyze(s, built)) == figures(sim::analyze(s)));
+    const study::Scenario s = tiny({fam, "training.dtype=bf16", "model.dropout=0"});
+    CHECK(figures(study::analyze(s, built)) == figures(study::analyze(s)));
   }
 }
 
-TEST_CASE("sim::analyze: dropout_bool_mask swaps each dropout's noise for a bool mask", "[sim][profile]") {
+TEST_CASE("study::analyze: dropout_bool_mask swaps each dropout's noise for a bool mask", "[sim][profile]") {
   Pair p = run(tiny({"model.family=gpt2", "model.dropout=0.1"}), CudaDelta::dropout_bool_mask);
   // Per block: attention probabilities (B, h, T, T), the attention output and the MLP output
   // (B, T, C); outside: the embedding dropout. Each keeps 1 B/element instead of 4.
@@ -111,7 +111,7 @@ TEST_CASE("sim::analyze: dropout_bool_mask swaps each dropout's noise for a bool
   CHECK(q.cpu == q.delta);
 }
 
-TEST_CASE("sim::analyze: layer_norm_stats_fp32 widens only 16-bit LayerNorm statistics", "[sim][profile]") {
+TEST_CASE("study::analyze: layer_norm_stats_fp32 widens only 16-bit LayerNorm statistics", "[sim][profile]") {
   Pair p = run(tiny({"model.family=gpt2", "training.dtype=bf16"}), CudaDelta::layer_norm_stats_fp32);
   // mean and rstd, (B, T, 1) each, 2 -> 4 bytes: two LayerNorms per block, ln_f outside.
   for (size_t i = 0; i < L; ++i) CHECK(p.delta.per_layer[i] - p.cpu.per_layer[i] == 2 * 2 * B * T * 2);
@@ -125,7 +125,7 @@ TEST_CASE("sim::analyze: layer_norm_stats_fp32 widens only 16-bit LayerNorm stat
   CHECK(r.cpu == r.delta);
 }
 
-TEST_CASE("sim::analyze: host_scalars moves wrapped Python numbers off the device", "[sim][profile]") {
+TEST_CASE("study::analyze: host_scalars moves wrapped Python numbers off the device", "[sim][profile]") {
   for (const char* fam : {"model.family=gpt2", "model.family=llama"}) {
     INFO(fam);
     Pair p = run(tiny({fam}), CudaDelta::host_scalars);
@@ -141,7 +141,7 @@ TEST_CASE("sim::analyze: host_scalars moves wrapped Python numbers off the devic
   }
 }
 
-TEST_CASE("sim::analyze: host_step moves Adam's step tensors to the host", "[sim][profile]") {
+TEST_CASE("study::analyze: host_step moves Adam's step tensors to the host", "[sim][profile]") {
   Pair p = run(tiny({"model.family=llama", "training.optimizer=adamw"}), CudaDelta::host_step);
   const int64_t n_tensors = (p.cpu.optimizer - p.cpu.optimizer_host - 2 * p.cpu.params) / 4;  // one 4-B step each
   REQUIRE(n_tensors > 0);
@@ -156,7 +156,7 @@ TEST_CASE("sim::analyze: host_step moves Adam's step tensors to the host", "[sim
   }
 }
 
-TEST_CASE("sim::analyze: foreach_default changes only the default optimizer implementation", "[sim][profile]") {
+TEST_CASE("study::analyze: foreach_default changes only the default optimizer implementation", "[sim][profile]") {
   Pair p = run(tiny({"model.family=gpt2"}), CudaDelta::foreach_default);  // torch.optim's default
   CHECK(p.cpu.saved == p.delta.saved);
   CHECK(p.cpu.start == p.delta.start);
@@ -166,7 +166,7 @@ TEST_CASE("sim::analyze: foreach_default changes only the default optimizer impl
   CHECK(q.cpu == q.delta);
 }
 
-TEST_CASE("sim::analyze: no_onednn removes only 16-bit matmul scratchpads", "[sim][profile]") {
+TEST_CASE("study::analyze: no_onednn removes only 16-bit matmul scratchpads", "[sim][profile]") {
   Pair p = run(tiny({"model.family=gpt2", "training.dtype=bf16", "model.seq_len=16"}), CudaDelta::no_onednn);
   CHECK(p.cpu.saved == p.delta.saved);
   CHECK(p.cpu.start == p.delta.start);
@@ -176,7 +176,7 @@ TEST_CASE("sim::analyze: no_onednn removes only 16-bit matmul scratchpads", "[si
   CHECK(q.cpu == q.delta);
 }
 
-TEST_CASE("sim::analyze: block_512 rounds what the allocator counts, never what a tensor holds", "[sim][profile]") {
+TEST_CASE("study::analyze: block_512 rounds what the allocator counts, never what a tensor holds", "[sim][profile]") {
   Pair p = run(tiny({"model.family=llama"}), CudaDelta::block_512);
   CHECK(p.cpu.saved == p.delta.saved);
   CHECK(p.cpu.per_layer == p.delta.per_layer);
@@ -195,7 +195,7 @@ TEST_CASE("sim::analyze: block_512 rounds what the allocator counts, never what 
   CHECK(p.delta.peak >= p.cpu.peak);
 }
 
-TEST_CASE("sim::analyze: host_rng_state moves checkpoint's RNG stashes to the host", "[sim][profile]") {
+TEST_CASE("study::analyze: host_rng_state moves checkpoint's RNG stashes to the host", "[sim][profile]") {
   Pair p = run(tiny({"model.family=gpt2", "checkpoint.policy=full"}), CudaDelta::host_rng_state);
   // One stash per checkpoint call (each block) through the forward pass.
   CHECK(p.cpu.end_forward - p.delta.end_forward == L * graph::kCpuRngStateBytes);

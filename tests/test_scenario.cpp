@@ -11,8 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/scenario.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/study/scenario.hpp"
 
 using namespace actsim;
 namespace fs = std::filesystem;
@@ -47,7 +47,7 @@ class TempDir {
 // The InputError message of loading `path` with `overrides`; fails the test if nothing is thrown.
 std::string error_of(const std::string& path, const std::vector<std::string>& overrides = {}) {
   try {
-    sim::load_scenario(path, overrides);
+    study::load_scenario(path, overrides);
   } catch (const InputError& e) {
     return e.what();
   }
@@ -59,8 +59,8 @@ bool contains(const std::string& s, const std::string& part) { return s.find(par
 
 }  // namespace
 
-TEST_CASE("sim::load_scenario: without a file, the defaults (gpt2 small on an H100)", "[scenario]") {
-  sim::Scenario s = sim::load_scenario("", {});
+TEST_CASE("study::load_scenario: without a file, the defaults (gpt2 small on an H100)", "[scenario]") {
+  study::Scenario s = study::load_scenario("", {});
   CHECK(s.name == "default");
   CHECK(s.file.empty());
   CHECK(s.model.family == graph::Family::gpt2);
@@ -86,8 +86,8 @@ TEST_CASE("sim::load_scenario: without a file, the defaults (gpt2 small on an H1
   CHECK(s.where("model.d_model") == "model.d_model");
 }
 
-TEST_CASE("sim::scenario_keys: distinct dotted keys in documentation order", "[scenario]") {
-  const auto& keys = sim::scenario_keys();
+TEST_CASE("study::scenario_keys: distinct dotted keys in documentation order", "[scenario]") {
+  const auto& keys = study::scenario_keys();
   std::set<std::string> unique(keys.begin(), keys.end());
   CHECK(unique.size() == keys.size());
   CHECK(keys.front() == "name");
@@ -98,7 +98,7 @@ TEST_CASE("sim::scenario_keys: distinct dotted keys in documentation order", "[s
   CHECK(unique.count("checkpoint.policy") == 1);
 }
 
-TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[scenario]") {
+TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[scenario]") {
   TempDir dir;
   const std::string path = dir.write("every-key.toml",
                                      "name = \"my-run\"\n"               // 1
@@ -129,7 +129,7 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
                                      "name = \"A100-80GB\"\n"            // 26
                                      "[checkpoint]\n"                    // 27
                                      "policy = \"none\"\n");             // 28
-  sim::Scenario s = sim::load_scenario(path, {});
+  study::Scenario s = study::load_scenario(path, {});
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);
@@ -157,7 +157,7 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
   // Every key was set, each at its own line.
   std::set<std::string> set_keys;
   for (const auto& [k, where] : s.origin) set_keys.insert(k);
-  const auto& keys = sim::scenario_keys();
+  const auto& keys = study::scenario_keys();
   CHECK(set_keys == std::set<std::string>(keys.begin(), keys.end()));
   CHECK(s.where("name") == path + ":1: name");
   CHECK(s.where("model.d_model") == path + ":7: model.d_model");
@@ -165,16 +165,16 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
   CHECK(s.where("checkpoint.policy") == path + ":28: checkpoint.policy");
 
   // The file's stem names the scenario when it has no `name`; unset keys keep their defaults.
-  sim::Scenario e = sim::load_scenario(dir.write("stem.toml", "[training]\nbatch_size = 2\n"), {});
+  study::Scenario e = study::load_scenario(dir.write("stem.toml", "[training]\nbatch_size = 2\n"), {});
   CHECK(e.name == "stem");
   CHECK(e.model.d_model == 768);
   // An empty, whitespace-only or comment-only file is not a scenario (issue 14, item 2).
-  CHECK_THROWS_AS(sim::load_scenario(dir.write("empty.toml", ""), {}), InputError);
-  CHECK_THROWS_AS(sim::load_scenario(dir.write("blank.toml", " \n\t\n"), {}), InputError);
-  CHECK_THROWS_AS(sim::load_scenario(dir.write("comments.toml", "# nothing\n"), {}), InputError);
-  CHECK_THROWS_AS(sim::load_scenario("/dev/null", {}), InputError);
+  CHECK_THROWS_AS(study::load_scenario(dir.write("empty.toml", ""), {}), InputError);
+  CHECK_THROWS_AS(study::load_scenario(dir.write("blank.toml", " \n\t\n"), {}), InputError);
+  CHECK_THROWS_AS(study::load_scenario(dir.write("comments.toml", "# nothing\n"), {}), InputError);
+  CHECK_THROWS_AS(study::load_scenario("/dev/null", {}), InputError);
   // Other values of the enumerated keys.
-  sim::Scenario o = sim::load_scenario(
+  study::Scenario o = study::load_scenario(
       dir.write("other.toml",
                 "[model]\nfamily = \"gpt2\"\ntie_embeddings = false\ndropout = 0.1\n"
                 "[training]\ndtype = \"fp16\"\noptimizer = \"adam\"\noptimizer_impl = \"for_loop\"\n"
@@ -188,7 +188,7 @@ TEST_CASE("sim::load_scenario: every key is parsed and remembers its line", "[sc
   CHECK(o.profile == graph::ProfileId::torch_cpu);
 }
 
-TEST_CASE("sim::load_scenario: every malformed file is an InputError naming file, line and key", "[scenario]") {
+TEST_CASE("study::load_scenario: every malformed file is an InputError naming file, line and key", "[scenario]") {
   struct Bad {
     const char* what;
     const char* toml;
@@ -268,7 +268,7 @@ TEST_CASE("sim::load_scenario: every malformed file is an InputError naming file
   }
 }
 
-TEST_CASE("sim::load_scenario: a TOML syntax error names the file and line", "[scenario]") {
+TEST_CASE("study::load_scenario: a TOML syntax error names the file and line", "[scenario]") {
   TempDir dir;
   for (const auto& [text, line] : std::vector<std::pair<std::string, int>>{
            {"[model]\nd_model = 64\nn_heads = = 3\n", 3},
@@ -286,7 +286,7 @@ TEST_CASE("sim::load_scenario: a TOML syntax error names the file and line", "[s
   }
 }
 
-TEST_CASE("sim::load_scenario: an unreadable file or a directory is an InputError naming it", "[scenario]") {
+TEST_CASE("study::load_scenario: an unreadable file or a directory is an InputError naming it", "[scenario]") {
   TempDir dir;
   const std::string missing = dir.path() + "/missing.toml";
   std::string msg = error_of(missing);
@@ -298,10 +298,10 @@ TEST_CASE("sim::load_scenario: an unreadable file or a directory is an InputErro
   CHECK(contains(msg, "directory"));
 }
 
-TEST_CASE("sim::load_scenario: --set overrides values and is the location of their errors", "[scenario]") {
+TEST_CASE("study::load_scenario: --set overrides values and is the location of their errors", "[scenario]") {
   TempDir dir;
   const std::string path = dir.write("base.toml", "[model]\nd_model = 64\nn_heads = 4\n");
-  sim::Scenario s = sim::load_scenario(
+  study::Scenario s = study::load_scenario(
       path, {"model.d_model=128", "model.family=llama", "model.dropout=0", "model.tie_embeddings=true",
              "device.name=\"A100-80GB\"", "training.batch_size=3", "model.rope_theta=1e6"});
   CHECK(s.model.d_model == 128);
@@ -313,7 +313,7 @@ TEST_CASE("sim::load_scenario: --set overrides values and is the location of the
   CHECK(s.where("model.d_model") == "--set: model.d_model");
   CHECK(s.where("model.n_heads") == path + ":3: model.n_heads");
   // Later overrides win.
-  CHECK(sim::load_scenario("", {"training.batch_size=3", "training.batch_size=5"}).training.batch_size == 5);
+  CHECK(study::load_scenario("", {"training.batch_size=3", "training.batch_size=5"}).training.batch_size == 5);
 
   struct Bad {
     std::vector<std::string> sets;
@@ -349,15 +349,15 @@ TEST_CASE("sim::load_scenario: --set overrides values and is the location of the
   CHECK(error_of(drop, {"model.family=llama"}).rfind(drop + ":2: model.dropout: ", 0) == 0);
 }
 
-TEST_CASE("sim::apply_overrides: a loaded scenario takes further overrides and is validated again", "[scenario]") {
-  sim::Scenario s = sim::load_scenario("", {"model.d_model=64", "model.n_heads=4"});
-  sim::apply_overrides(s, {"training.batch_size=32"});
+TEST_CASE("study::apply_overrides: a loaded scenario takes further overrides and is validated again", "[scenario]") {
+  study::Scenario s = study::load_scenario("", {"model.d_model=64", "model.n_heads=4"});
+  study::apply_overrides(s, {"training.batch_size=32"});
   CHECK(s.training.batch_size == 32);
   CHECK(s.model.d_model == 64);
-  REQUIRE_THROWS_AS(sim::apply_overrides(s, {"model.n_heads=6"}), InputError);
+  REQUIRE_THROWS_AS(study::apply_overrides(s, {"model.n_heads=6"}), InputError);
   try {
-    sim::Scenario t = s;
-    sim::apply_overrides(t, {"model.n_heads=6"});
+    study::Scenario t = s;
+    study::apply_overrides(t, {"model.n_heads=6"});
   } catch (const InputError& e) {
     CHECK(std::string(e.what()).rfind("--set: model.n_heads: ", 0) == 0);
   }

@@ -1,5 +1,5 @@
 // Tests of the event engine and memory tracker (sim/engine), the roofline time model and
-// sim::parse_size, on a hand-built graph whose every event is worked out below.
+// study::parse_size, on a hand-built graph whose every event is worked out below.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -9,8 +9,8 @@
 #include "actsim/graph/graph.hpp"
 #include "actsim/sim/device.hpp"
 #include "actsim/sim/engine.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/scenario.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/scenario.hpp"
 
 using namespace actsim;
 using namespace actsim::graph;
@@ -262,7 +262,7 @@ TEST_CASE("sim::simulate: deterministic, and two observers see the same events",
   CHECK(r1.kinds() == r2.kinds());
 
   // The same on a lowered model: two runs agree, time is monotone and live bytes balance.
-  sim::Analysis an = sim::analyze(sim::load_scenario(
+  study::Analysis an = study::analyze(study::load_scenario(
       "", {"model.family=llama", "model.vocab_size=97", "model.seq_len=16", "model.d_model=32", "model.n_heads=4",
            "model.n_kv_heads=2", "model.n_layers=2", "training.batch_size=2"}));
   Recorder rec;
@@ -358,32 +358,32 @@ TEST_CASE("sim::op_time_ns: compute-bound elementwise ops run at the fp32 rate, 
 
 // ---- parse_size ---------------------------------------------------------------------------------
 
-TEST_CASE("sim::parse_size: binary and decimal units, plain bytes", "[sim]") {
+TEST_CASE("study::parse_size: binary and decimal units, plain bytes", "[sim]") {
   int64_t b = -7;
-  REQUIRE(sim::parse_size("60GiB", b));
+  REQUIRE(study::parse_size("60GiB", b));
   CHECK(b == 64'424'509'440);
-  REQUIRE(sim::parse_size("60GB", b));
+  REQUIRE(study::parse_size("60GB", b));
   CHECK(b == 60'000'000'000);
-  REQUIRE(sim::parse_size("64424509440", b));
+  REQUIRE(study::parse_size("64424509440", b));
   CHECK(b == 64'424'509'440);
-  REQUIRE(sim::parse_size("1.5TiB", b));
+  REQUIRE(study::parse_size("1.5TiB", b));
   CHECK(b == 1'649'267'441'664);
-  REQUIRE(sim::parse_size("512B", b));
+  REQUIRE(study::parse_size("512B", b));
   CHECK(b == 512);
-  REQUIRE(sim::parse_size("80 GiB", b));
+  REQUIRE(study::parse_size("80 GiB", b));
   CHECK(b == 85'899'345'920);
-  REQUIRE(sim::parse_size("2KiB", b));
+  REQUIRE(study::parse_size("2KiB", b));
   CHECK(b == 2048);
-  REQUIRE(sim::parse_size("0", b));
+  REQUIRE(study::parse_size("0", b));
   CHECK(b == 0);
 }
 
-TEST_CASE("sim::parse_size: rejects what is not a size and leaves the output alone", "[sim]") {
+TEST_CASE("study::parse_size: rejects what is not a size and leaves the output alone", "[sim]") {
   for (const char* bad : {"60 parsecs", "-1", "", "GiB", "1.5", "1e9", "60GiBs", "1.2.3GB", " 60GB",
                           "99999999999TiB", "0x10"}) {
     INFO(bad);
     int64_t b = 42;
-    CHECK_FALSE(sim::parse_size(bad, b));
+    CHECK_FALSE(study::parse_size(bad, b));
     CHECK(b == 42);
   }
 }

@@ -9,6 +9,7 @@
 //    else out of place; AccumulateGrad steals a gradient it holds the only reference to and whose
 //    strides match the parameter's ("gradient layout contract"), else clones it.
 #include "autodiff.hpp"
+#include "backward_rules.hpp"
 #include "checkpoint_frames.hpp"
 
 #include <fmt/format.h>
@@ -17,7 +18,7 @@
 #include <queue>
 #include <unordered_map>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 namespace {
@@ -62,8 +63,9 @@ class Engine {
     size_t out = 0;
   };
   bool edge_of(TensorId t, Edge& e) const;
-  TensorId new_grad(const std::string& name, const Shape& shape, DType dt, const Strides& strides = {});
-  TensorId grad_view(TensorId g, const std::string& name, const Shape& shape, const Strides& strides, int64_t off);
+  TensorId new_grad(const std::string& name, const Shape& shape, DType dt, const Strides& strides = {}) {
+    return graph::new_grad(b_, name, shape, dt, strides);
+  }
   void run_node(OpId f);
   void deliver(TensorId grad, TensorId input);
   void accumulate(TensorId& buf, TensorId grad, int32_t layer);
@@ -260,17 +262,6 @@ bool Engine::edge_of(TensorId t, Edge& e) const {
   return false;
 }
 
-TensorId Engine::new_grad(const std::string& name, const Shape& shape, DType dt, const Strides& strides) {
-  TensorId t = b_.fresh(name, shape, dt, Category::temporary);
-  if (!strides.empty()) g_.tensor(t).strides = strides;
-  return t;
-}
-
-TensorId Engine::grad_view(TensorId g, const std::string& name, const Shape& shape, const Strides& strides,
-                           int64_t off) {
-  return b_.alias(g, name, shape, strides, off);
-}
-
 std::vector<TensorId> Engine::run(TensorId loss) {
   // Dependencies: count edges into each node over the nodes reachable from the loss.
   std::vector<OpId> stack{g_.tensor(loss).producer};
@@ -361,182 +352,14 @@ void Engine::run_node(OpId fid) {
   }
   ACTSIM_ASSERT(g != kNoTensor, "node ran without any incoming gradient: " + f.name);
   auto in = [&](size_t i) -> const Tensor& { return g_.tensor(f.inputs[i]); };
-  auto needs = [&](size_t i) { return i < f.inputs.size() && in(i).requires_grad; };
-  const Tensor gt = g_.tensor(g);
-  const DType dt = gt.dtype;
-  const RuntimeProfile& prof = b_.prof();
+  const DType dt = g_.tensor(g).dtype;
 
-  // grads[i]: the gradient this node produces for input i (kNoTensor if none).
-  std::vector<TensorId> grads(f.inputs.size(), kNoTensor);
-  int64_t workspace = 0;
-  int kernels = 1;
-  auto fresh_for = [&](size_t i) { return new_grad(fmt::format("grad_in{}", i), in(i).shape, dt); };
-  switch (f.kind) {
-    case OpKind::view: {
-      const Tensor& x = in(0);
-      kernels = 0;
-      switch (f.params.view) {
-        case ViewKind::reshape: {
-          if (auto st = view_strides(gt.shape, gt.strides, x.shape)) {
-            grads[0] = grad_view(g, "grad_reshape", x.shape, *st, gt.offset);
-          } else {
-            grads[0] = new_grad("grad_reshape", x.shape, dt);
-            kernels = 1;
-          }
-          break;
-        }
-        case ViewKind::transpose: {
-          Shape sh = gt.shape;
-          Strides st = gt.strides;
-          std::swap(sh[f.params.dim0], sh[f.params.dim1]);
-          std::swap(st[f.params.dim0], st[f.params.dim1]);
-          grads[0] = grad_view(g, "grad_transpose", sh, st, gt.offset);
-          break;
-        }
-        case ViewKind::expand:
-          // sum_to(grad, self.sizes()): the gradient itself when nothing was expanded.
-          if (gt.shape == x.shape) {
-            grads[0] = g;
-          } else {
-            grads[0] = new_grad("grad_expand", x.shape, dt);
-            kernels = 1;
-          }
-          break;
-        case ViewKind::unsqueeze: {
-          Shape sh = gt.shape;
-          Strides st = gt.strides;
-          sh.erase(sh.begin() + f.params.dim0);
-          st.erase(st.begin() + f.params.dim0);
-          grads[0] = grad_view(g, "grad_squeeze", sh, st, gt.offset);
-          break;
-        }
-        case ViewKind::split:   // split_backward: cat of the chunks' gradients (zeros if missing)
-        case ViewKind::slice:   // slice_backward: zeros(input) with the slice copied in
-        case ViewKind::select:
-          grads[0] = new_grad("grad_" + std::string(f.params.view == ViewKind::split ? "split" : "slice"),
-                              x.shape, dt);
-          kernels = 1;
-          break;
-        case ViewKind::none: ACTSIM_ASSERT(false, "view op without a view kind");
-      }
-      break;
-    }
-    case OpKind::copy:
-    case OpKind::add_scalar:
-      grads[0] = g;  // CloneBackward0 / AddBackward1 pass the gradient through
-      kernels = 0;
-      break;
-    case OpKind::add:
-      for (size_t i = 0; i < 2; ++i) {
-        if (needs(i)) grads[i] = g;
-      }
-      kernels = 0;
-      break;
-    case OpKind::sub:
-      if (needs(0)) grads[0] = g;
-      if (needs(1)) grads[1] = new_grad("grad_neg", gt.shape, dt);
-      break;
-    case OpKind::mul:
-      // mul_tensor_backward: grad * other (broadcast shape; validate_outputs reduces it)
-      for (size_t i = 0; i < 2; ++i) {
-        if (needs(i)) grads[i] = new_grad(fmt::format("grad_mul{}", i), gt.shape, dt);
-      }
-      kernels = needs(0) + needs(1);
-      break;
-    case OpKind::mm:
-    case OpKind::addmm:
-    case OpKind::bmm: {
-      const size_t a = f.kind == OpKind::addmm ? 1 : 0;
-      if (f.kind == OpKind::addmm && needs(0)) grads[0] = g;  // bias: reduced by validate_outputs
-      for (size_t i = a; i < a + 2; ++i) {
-        if (!needs(i)) continue;
-        const Tensor& x = in(i);
-        // mm_mat{1,2}_backward: a column-major operand gets a column-major gradient.
-        if (f.kind != OpKind::bmm && x.strides[0] == 1 && x.strides[1] == x.shape[0] && x.shape[1] > 1) {
-          grads[i] = new_grad(fmt::format("grad_mm{}", i - a), x.shape, dt, {1, x.shape[0]});
-        } else {
-          grads[i] = fresh_for(i);
-        }
-      }
-      kernels = needs(a) + needs(a + 1);
-      // Transient bytes of the two products (16-bit oneDNN scratchpads on the CPU). The engine
-      // allocates both gradients at the node's start; PyTorch computes mat2's gradient first, so
-      // its scratchpad coexists with one gradient only.
-      const Tensor& x1 = in(a);
-      const Tensor& x2 = in(a + 1);
-      const size_t r = x1.shape.size();
-      const int64_t bs = f.kind == OpKind::bmm ? x1.shape[0] : 1;
-      const int64_t m = x1.shape[r - 2], k = x1.shape[r - 1], n = x2.shape[r - 1];
-      auto colmaj = [](const Tensor& t) {
-        const size_t q = t.shape.size();
-        return t.shape[q - 2] > 1 && t.strides[q - 2] == 1 && t.strides[q - 1] == t.shape[q - 2];
-      };
-      const bool g_contig = is_contiguous(gt.shape, gt.strides);
-      int64_t ws1 = 0, ws2 = 0;
-      if (needs(a)) {  // mat1: grad.mm(mat2.t()) [m x n @ n x k], or mat2.mm(grad.t()).t() if mat1 col-major
-        ws1 = (f.kind != OpKind::bmm && colmaj(x1)) ? prof.matmul_workspace(dt, bs, k, n, m, colmaj(x2))
-                                                   : prof.matmul_workspace(dt, bs, m, n, k, !g_contig && colmaj(gt));
-      }
-      if (needs(a + 1)) {  // mat2: grad.t().mm(mat1).t() if mat2 col-major, else mat1.t().mm(grad)
-        ws2 = (f.kind != OpKind::bmm && colmaj(x2)) ? prof.matmul_workspace(dt, bs, n, m, k, g_contig)
-                                                   : prof.matmul_workspace(dt, bs, k, m, n, !colmaj(x1));
-      }
-      const int64_t g1_bytes = needs(a) ? numel(x1.shape) * dtype_size(dt) : 0;
-      workspace = std::max<int64_t>({0, ws2 - g1_bytes, ws1});
-      break;
-    }
-    case OpKind::layer_norm:
-      for (size_t i = 0; i < 3; ++i) {
-        if (needs(i)) grads[i] = fresh_for(i);
-      }
-      break;
-    case OpKind::embedding:
-    case OpKind::index_rows:
-      if (needs(0)) grads[0] = fresh_for(0);
-      break;
-    case OpKind::stack:
-      // stack_tensors_backward: grad.unbind(dim) -- strided views of the gradient.
-      for (size_t i = 0; i < 2; ++i) {
-        if (!needs(i)) continue;
-        Shape sh = gt.shape;
-        Strides st = gt.strides;
-        int64_t off = gt.offset + static_cast<int64_t>(i) * st.back();
-        sh.pop_back();
-        st.pop_back();
-        grads[i] = grad_view(g, fmt::format("grad_unbind{}", i), sh, st, off);
-      }
-      kernels = 0;
-      break;
-    case OpKind::flash_attention:
-      for (size_t i = 0; i < 3; ++i) {
-        if (needs(i)) grads[i] = fresh_for(i);
-      }
-      break;
-    case OpKind::mul_scalar: case OpKind::div_scalar: case OpKind::pow_scalar: case OpKind::rsqrt:
-    case OpKind::mean_last: case OpKind::gelu_tanh: case OpKind::silu: case OpKind::softmax:
-    case OpKind::log_softmax: case OpKind::masked_fill: case OpKind::native_dropout: case OpKind::nll_loss:
-      if (needs(0)) grads[0] = fresh_for(0);
-      break;
-    case OpKind::tanh:  // TanhBackward0: tanh_backward(grad, result)
-    case OpKind::neg:  // NegBackward0: grad.neg()
-      if (needs(0)) grads[0] = fresh_for(0);
-      break;
-    case OpKind::cat: {  // CatBackward0: grad.narrow(dim, offset, size) for each input -- views
-      int64_t off = 0;
-      for (size_t i = 0; i < f.inputs.size(); ++i) {
-        const Shape sh = in(i).shape;
-        if (needs(i)) grads[i] = grad_view(g, fmt::format("grad_narrow{}", i), sh, gt.strides, gt.offset + off * gt.strides.back());
-        off += sh.back();
-      }
-      kernels = 0;
-      break;
-    }
-    case OpKind::cast:  // ToCopyBackward0: grad.to(self's dtype)
-      if (needs(0)) grads[0] = new_grad("grad_cast", in(0).shape, in(0).dtype);
-      break;
-    default:
-      ACTSIM_ASSERT(false, fmt::format("no backward for op kind {}", to_string(f.kind)));
-  }
+  // The op kind's backward rule (backward_rules.cpp): grads[i] is the gradient this node
+  // produces for input i (kNoTensor if none).
+  BackwardRule rule = backward_rule(b_, f, g);
+  const std::vector<TensorId>& grads = rule.grads;
+  const int64_t workspace = rule.workspace;
+  const int kernels = rule.kernels;
 
   Op op{.kind = OpKind::backward, .name = "backward", .workspace_bytes = workspace, .kernels = kernels,
         .forward = fid};

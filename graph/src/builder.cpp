@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 

@@ -5,7 +5,7 @@
 #include <cctype>
 #include <cmath>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 

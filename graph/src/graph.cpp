@@ -9,16 +9,7 @@
 #include <cstdlib>
 #include <iterator>
 
-#include "actsim/graph/error.hpp"
-
-namespace actsim {
-
-void assertion_failed(const char* file, int line, const char* expr, const std::string& msg) {
-  std::fprintf(stderr, "actsim: internal error at %s:%d: %s (%s)\n", file, line, msg.c_str(), expr);
-  std::abort();
-}
-
-}  // namespace actsim
+#include "actsim/util/error.hpp"
 
 namespace actsim::graph {
 

@@ -7,7 +7,7 @@
 
 #include <cmath>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 #include "autodiff.hpp"
 #include "lowering.hpp"
 

@@ -5,9 +5,8 @@
 #include <fstream>
 #include <sstream>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 #include "actsim/sim/engine.hpp"
-#include "actsim/sim/report.hpp"
 
 namespace actsim::sim {
 
@@ -116,9 +115,5 @@ Calibration load_calibration(const std::string& path) {
   return c;
 }
 
-void apply_calibration(Analysis& a, const Calibration& c) {
-  a.plan = std::make_unique<Plan>(a.step->graph, a.scenario.device, &c);
-  a.result = simulate(*a.plan);
-}
 
 }  // namespace actsim::sim

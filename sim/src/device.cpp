@@ -8,7 +8,7 @@
 #include <mutex>
 #include <toml++/toml.h>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::sim {
 

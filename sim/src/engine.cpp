@@ -7,7 +7,7 @@
 #include <queue>
 #include <variant>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 #include "actsim/sim/calibration.hpp"
 
 namespace actsim::sim {

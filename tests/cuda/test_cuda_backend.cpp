@@ -12,9 +12,9 @@
 #include <vector>
 
 #include "actsim/graph/graph.hpp"
-#include "actsim/kernels/backend.hpp"
-#include "actsim/kernels/bf16.hpp"
-#include "actsim/kernels/cuda_info.hpp"
+#include "actsim/backends/backend.hpp"
+#include "actsim/util/bf16.hpp"
+#include "actsim/backends/cuda_info.hpp"
 
 using namespace actsim;
 using namespace actsim::graph;
@@ -46,20 +46,20 @@ std::vector<float> randn(size_t n, uint64_t seed) {
 
 // C (m x n) = A (m x k) @ B (k x n) on the GPU with A row-major, B given as the transposed view
 // of a row-major (n x k) matrix (a column-major operand), C written with `c_strides`.
-bool mm_case(kernels::Backend& be, DType dt, int64_t m, int64_t k, int64_t n, Strides c_strides) {
+bool mm_case(backends::Backend& be, DType dt, int64_t m, int64_t k, int64_t n, Strides c_strides) {
   const int64_t es = dtype_size(dt);
   std::vector<float> a = randn(m * k, 1), bt = randn(n * k, 2);
   auto enc = [&](const std::vector<float>& v) {
     std::vector<uint8_t> out(v.size() * es);
     for (size_t i = 0; i < v.size(); ++i) {
       if (dt == DType::f32) std::memcpy(&out[i * 4], &v[i], 4);
-      else { uint16_t h = kernels::to_bf16(v[i]); std::memcpy(&out[i * 2], &h, 2); }
+      else { uint16_t h = util::to_bf16(v[i]); std::memcpy(&out[i * 2], &h, 2); }
     }
     return out;
   };
   auto dec = [&](const uint8_t* p, int64_t i) {
     if (dt == DType::f32) { float f; std::memcpy(&f, p + i * 4, 4); return f; }
-    uint16_t h; std::memcpy(&h, p + i * 2, 2); return kernels::from_bf16(h);
+    uint16_t h; std::memcpy(&h, p + i * 2, 2); return util::from_bf16(h);
   };
   std::vector<uint8_t> ha = enc(a), hb = enc(bt);
   void* da = be.alloc(ha.size());
@@ -68,7 +68,7 @@ bool mm_case(kernels::Backend& be, DType dt, int64_t m, int64_t k, int64_t n, St
   be.upload(da, ha.data(), ha.size());
   be.upload(db, hb.data(), hb.size());
   OneOp o(OpKind::mm);
-  kernels::OpCall call{.graph = &o.g, .op = o.op};
+  backends::OpCall call{.graph = &o.g, .op = o.op};
   call.inputs.push_back({.base = da, .dtype = dt, .shape = {m, k}, .strides = {k, 1}});
   call.inputs.push_back({.base = db, .dtype = dt, .shape = {k, n}, .strides = {1, k}});
   call.outputs.push_back({.base = dc, .dtype = dt, .shape = {m, n}, .strides = c_strides});
@@ -94,17 +94,17 @@ bool mm_case(kernels::Backend& be, DType dt, int64_t m, int64_t k, int64_t n, St
 }  // namespace
 
 int main() {
-  if (kernels::cuda_device_count() <= 0) {
+  if (backends::cuda_device_count() <= 0) {
     std::printf("test_cuda_backend: no CUDA device; skipped\n");
     return 77;
   }
-  const int64_t free0 = kernels::cuda_free_bytes();
+  const int64_t free0 = backends::cuda_free_bytes();
   check(free0 > 0, "cuda_free_bytes() > 0 before any allocation (" + std::to_string(free0) + ")");
-  auto be = kernels::make_backend("cuda");
+  auto be = backends::make_backend("cuda");
   check(be->name() == "cuda", "make_backend(\"cuda\") names itself cuda");
 
   // Memory: round trip, poison, pool high-water.
-  kernels::cuda_reset_peak();
+  backends::cuda_reset_peak();
   const int64_t bytes = int64_t{64} << 20;
   std::vector<uint8_t> h(bytes), back(bytes);
   for (int64_t i = 0; i < bytes; ++i) h[i] = static_cast<uint8_t>(i * 131 + 7);
@@ -118,7 +118,7 @@ int main() {
   for (uint8_t x : back) all_ff = all_ff && x == 0xFF;
   check(all_ff, "fill_nan writes 0xFF into every byte");
   be->synchronize();
-  const kernels::CudaMemory mem = kernels::cuda_memory();
+  const backends::CudaMemory mem = backends::cuda_memory();
   check(mem.pool_used_high >= bytes, "pool high-water mark covers the live 64 MiB (" + std::to_string(mem.pool_used_high) + ")");
   check(mem.total_bytes > 0 && mem.free_bytes > 0, "cudaMemGetInfo reports free and total");
   be->free(p);
@@ -137,7 +137,7 @@ int main() {
     void* dy = be->alloc(rows * cols * 4);
     be->upload(dx, x.data(), rows * cols * 4);
     OneOp o(OpKind::softmax);
-    kernels::OpCall call{.graph = &o.g, .op = o.op};
+    backends::OpCall call{.graph = &o.g, .op = o.op};
     call.inputs.push_back({.base = dx, .dtype = DType::f32, .shape = {rows, cols}, .strides = {cols, 1}});
     call.outputs.push_back({.base = dy, .dtype = DType::f32, .shape = {rows, cols}, .strides = {cols, 1}});
     be->run(call);
@@ -184,7 +184,7 @@ int main() {
     void* dw = be->alloc(V * d * 4);
     be->upload(dix, idx.data(), N * 8);
     be->upload(dg, gy.data(), N * d * 4);
-    kernels::OpCall call{.graph = &g, .op = bwd};
+    backends::OpCall call{.graph = &g, .op = bwd};
     call.inputs.push_back({.base = dg, .dtype = DType::f32, .shape = {N, d}, .strides = {d, 1}});
     call.inputs.push_back({.base = dix, .dtype = DType::i64, .shape = {N}, .strides = {1}});
     call.grad_outputs.push_back({.base = dw, .dtype = DType::f32, .shape = {V, d}, .strides = {d, 1}});
@@ -205,7 +205,7 @@ int main() {
   {
     OneOp o(OpKind::gelu_tanh);
     void* d = be->alloc(64 * 8);
-    kernels::OpCall call{.graph = &o.g, .op = o.op};
+    backends::OpCall call{.graph = &o.g, .op = o.op};
     call.inputs.push_back({.base = d, .dtype = DType::f64, .shape = {64}, .strides = {1}});
     call.outputs.push_back({.base = d, .dtype = DType::f64, .shape = {64}, .strides = {1}});
     bool threw = false;

@@ -4,13 +4,13 @@
 #include <cstdio>
 #include <string>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/kernels/backend.hpp"
-#include "actsim/kernels/cuda_info.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/backends/backend.hpp"
+#include "actsim/backends/cuda_info.hpp"
 
 int main() {
   using namespace actsim;
-  if (kernels::cuda_device_count() > 0) {
+  if (backends::cuda_device_count() > 0) {
     std::printf("test_cuda_no_device: a CUDA device is present; skipped\n");
     return 77;
   }
@@ -19,18 +19,18 @@ int main() {
     std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
     failed += !ok;
   };
-  check(kernels::cuda_free_bytes() == -1, "cuda_free_bytes() is -1 without a device");
-  check(kernels::cuda_memory().total_bytes == -1, "cuda_memory() is unknown without a device");
+  check(backends::cuda_free_bytes() == -1, "cuda_free_bytes() is -1 without a device");
+  check(backends::cuda_memory().total_bytes == -1, "cuda_memory() is unknown without a device");
   const std::string want = "--backend cuda: no CUDA device is available (cudaGetDeviceCount: ";
   try {
-    kernels::make_cuda_backend();
+    backends::make_cuda_backend();
     check(false, "make_cuda_backend() throws InputError");
   } catch (const InputError& e) {
     std::printf("     message: %s\n", e.what());
     check(std::string(e.what()).rfind(want, 0) == 0, "make_cuda_backend() throws InputError naming cudaGetDeviceCount");
   }
   try {
-    kernels::make_backend("cuda");
+    backends::make_backend("cuda");
     check(false, "make_backend(\"cuda\") throws InputError");
   } catch (const InputError& e) {
     check(std::string(e.what()).rfind(want, 0) == 0, "make_backend(\"cuda\") throws the same InputError");

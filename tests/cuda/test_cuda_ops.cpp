@@ -18,9 +18,9 @@
 #include <vector>
 
 #include "actsim/graph/lower.hpp"
-#include "actsim/kernels/backend.hpp"
-#include "actsim/kernels/bf16.hpp"
-#include "actsim/kernels/cuda_info.hpp"
+#include "actsim/backends/backend.hpp"
+#include "actsim/util/bf16.hpp"
+#include "actsim/backends/cuda_info.hpp"
 
 using namespace actsim;
 using namespace actsim::graph;
@@ -78,7 +78,7 @@ std::vector<Case> cases() {
 void put(std::vector<uint8_t>& buf, int64_t i, DType dt, double v) {
   switch (dt) {
     case DType::f32: { float f = static_cast<float>(v); std::memcpy(&buf[i * 4], &f, 4); break; }
-    case DType::bf16: { uint16_t h = kernels::to_bf16(static_cast<float>(v)); std::memcpy(&buf[i * 2], &h, 2); break; }
+    case DType::bf16: { uint16_t h = util::to_bf16(static_cast<float>(v)); std::memcpy(&buf[i * 2], &h, 2); break; }
     case DType::f64: std::memcpy(&buf[i * 8], &v, 8); break;
     case DType::i64: { int64_t x = static_cast<int64_t>(v); std::memcpy(&buf[i * 8], &x, 8); break; }
     case DType::b8: case DType::u8: buf[i] = v != 0; break;
@@ -88,7 +88,7 @@ void put(std::vector<uint8_t>& buf, int64_t i, DType dt, double v) {
 double get(const uint8_t* p, int64_t i, DType dt) {
   switch (dt) {
     case DType::f32: { float f; std::memcpy(&f, p + i * 4, 4); return f; }
-    case DType::bf16: { uint16_t h; std::memcpy(&h, p + i * 2, 2); return kernels::from_bf16(h); }
+    case DType::bf16: { uint16_t h; std::memcpy(&h, p + i * 2, 2); return util::from_bf16(h); }
     case DType::f64: { double d; std::memcpy(&d, p + i * 8, 8); return d; }
     case DType::i64: { int64_t x; std::memcpy(&x, p + i * 8, 8); return static_cast<double>(x); }
     case DType::i32: { int32_t x; std::memcpy(&x, p + i * 4, 4); return x; }
@@ -131,15 +131,15 @@ std::vector<uint8_t> initial(const Graph& g, const Storage& s, const ModelConfig
   return buf;
 }
 
-kernels::TensorArg arg(const Graph& g, TensorId id, const std::vector<void*>& bufs) {
+backends::TensorArg arg(const Graph& g, TensorId id, const std::vector<void*>& bufs) {
   const Tensor& t = g.tensor(id);
   return {.base = bufs[index(t.storage)], .dtype = t.dtype, .shape = t.shape,
           .strides = t.strides.empty() ? contiguous_strides(t.shape) : t.strides, .offset = t.offset};
 }
 
-kernels::OpCall call_for(const Graph& g, OpId id, const std::vector<void*>& bufs) {
+backends::OpCall call_for(const Graph& g, OpId id, const std::vector<void*>& bufs) {
   const Op& op = g.op(id);
-  kernels::OpCall c{.graph = &g, .op = id};
+  backends::OpCall c{.graph = &g, .op = id};
   for (TensorId t : op.inputs) c.inputs.push_back(arg(g, t, bufs));
   for (TensorId t : op.outputs) c.outputs.push_back(arg(g, t, bufs));
   for (TensorId t : op.grad_outputs) c.grad_outputs.push_back(arg(g, t, bufs));
@@ -174,7 +174,7 @@ uint64_t fnv(const std::vector<uint8_t>& b, uint64_t h) {
 }
 
 // Runs one case; returns the hash of every CUDA result in order (for the determinism pass).
-uint64_t run_case(const Case& cs, kernels::Backend& cpu, kernels::Backend& gpu, Stats& st, bool compare) {
+uint64_t run_case(const Case& cs, backends::Backend& cpu, backends::Backend& gpu, Stats& st, bool compare) {
   const StepGraph sg = lower_training_step(cs.m, cs.t, profile(cs.prof));
   const Graph& g = sg.graph;
   std::mt19937_64 rng(42);
@@ -248,12 +248,12 @@ uint64_t run_case(const Case& cs, kernels::Backend& cpu, kernels::Backend& gpu, 
 }  // namespace
 
 int main() {
-  if (kernels::cuda_device_count() <= 0) {
+  if (backends::cuda_device_count() <= 0) {
     std::printf("test_cuda_ops: no CUDA device; skipped\n");
     return 77;
   }
-  auto cpu = kernels::make_backend("cpu");
-  auto gpu = kernels::make_backend("cuda");
+  auto cpu = backends::make_backend("cpu");
+  auto gpu = backends::make_backend("cuda");
   int failed = 0;
   for (const Case& cs : cases()) {
     Stats st;

@@ -14,7 +14,7 @@ import zlib
 
 from common import MEDIUM, run_exports
 
-# category_colour() in sim/src/export_trace.cpp, in Category order.
+# category_colour() in report/src/export_trace.cpp, in Category order.
 COLOURS = ["#4e79a7", "#9c755f", "#f28e2b", "#76b7b2", "#e15759", "#59a14f", "#edc948"]
 WIDTH, HEIGHT = 1200, 900
 

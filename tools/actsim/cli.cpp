@@ -6,13 +6,13 @@
 #include <filesystem>
 #include <fstream>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/output.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/util/output.hpp"
 
 namespace actsim::cli {
 
 void write_atomic(const std::string& path, const std::string& text) {
-  sim::OutputSet out;
+  util::OutputSet out;
   out.add("", path, text);
   out.commit();
 }
@@ -45,12 +45,12 @@ po::variables_map parse(const std::vector<std::string>& args, const po::options_
   return vm;
 }
 
-sim::Scenario scenario_from(const po::variables_map& vm) {
+study::Scenario scenario_from(const po::variables_map& vm) {
   const std::string path = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
   if (vm.count("scenario") && path.empty()) throw InputError("\"\": an empty path is not a scenario file");
   std::vector<std::string> sets =
       vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  return sim::load_scenario(path, sets);
+  return study::load_scenario(path, sets);
 }
 
 std::string human_seconds(double s) {
@@ -72,7 +72,7 @@ void check_long_work(const po::variables_map& vm, double seconds, const std::str
 
 std::string scenario_help() {
   std::string s = "scenario keys (TOML tables, or --set with dotted keys):\n";
-  for (const std::string& k : sim::scenario_keys()) s += "  " + k + "\n";
+  for (const std::string& k : study::scenario_keys()) s += "  " + k + "\n";
   return s;
 }
 

@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-#include "actsim/sim/output.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/scenario.hpp"
+#include "actsim/util/output.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/scenario.hpp"
 
 namespace actsim::cli {
 
@@ -24,14 +24,14 @@ void add_scenario_options(po::options_description& opts);
 po::variables_map parse(const std::vector<std::string>& args, const po::options_description& opts,
                         const char* command);
 // Loads the scenario named by the parsed options.
-sim::Scenario scenario_from(const po::variables_map& vm);
+study::Scenario scenario_from(const po::variables_map& vm);
 
 std::string scenario_help();
 
 // The exporter options (--trace, --memviz, --csv, --report, --svg, --max-events, --timeline).
 void add_export_options(po::options_description& opts);
 // Adds the requested exporter files to `out` (written by out.commit(), all or nothing).
-void add_exports_from(const sim::Analysis& a, const po::variables_map& vm, sim::OutputSet& out);
+void add_exports_from(const study::Analysis& a, const po::variables_map& vm, util::OutputSet& out);
 
 // Note [Long work]: commands whose work can be large estimate it before starting, from a cost
 // per simulated layer (lowering, autodiff and the event loop: kSecondsPerLayer on this class of

@@ -7,14 +7,17 @@
 #include <iostream>
 #include <thread>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 #include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
 #include "actsim/sim/engine.hpp"
-#include "actsim/sim/report.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/util/units.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
+
+using study::max_batch_size;
 
 namespace {
 
@@ -30,14 +33,14 @@ struct FitRow {
 
 // Whether `s` with model.seq_len = t is a valid scenario whose simulated peak fits the device. A
 // length whose byte counts overflow int64 cannot fit: that is an answer here, not bad input.
-bool fits_seq(const sim::Scenario& s, int64_t t) {
-  sim::Scenario u = s;
+bool fits_seq(const study::Scenario& s, int64_t t) {
+  study::Scenario u = s;
   try {
-    sim::apply_overrides(u, {fmt::format("model.seq_len={}", t)});
+    study::apply_overrides(u, {fmt::format("model.seq_len={}", t)});
   } catch (const InputError&) {
     return false;
   }
-  graph::BlockPlan bp = sim::block_plan_of(u);
+  graph::BlockPlan bp = study::block_plan_of(u);
   graph::StepGraph step = graph::lower_training_step(u.model, u.training, u.runtime(), &bp);
   try {
     sim::Plan plan(step.graph, u.device);
@@ -48,8 +51,8 @@ bool fits_seq(const sim::Scenario& s, int64_t t) {
 }
 
 // The largest seq_len that fits at the scenario's batch size (0 if none): doubling, then bisection,
-// as sim::max_batch_size searches batch sizes.
-int64_t max_seq_len(const sim::Scenario& s) {
+// as study::max_batch_size searches batch sizes.
+int64_t max_seq_len(const study::Scenario& s) {
   constexpr int64_t kLimit = int64_t{1} << 24;  // 16M tokens: far beyond any device today
   if (!fits_seq(s, 1)) return 0;
   int64_t lo = 1, hi = 2;
@@ -111,7 +114,7 @@ int cmd_fit(const std::vector<std::string>& args) {
       }
     }
   }
-  const sim::Scenario base = scenario_from(vm);
+  const study::Scenario base = scenario_from(vm);
   const bool vary_seq = vm.count("vary-seq") > 0;
   {
     // Per policy: about 2 log2(max batch) searches of lowerings (and as many for --vary-seq).
@@ -127,16 +130,16 @@ int cmd_fit(const std::vector<std::string>& args) {
   auto work = [&] {
     for (size_t i; (i = next.fetch_add(1)) < policies.size();) {
       try {
-        sim::Scenario s = base;
+        study::Scenario s = base;
         s.checkpoint_policy = policies[i];
         s.block_plan = nullptr;
         s.origin["checkpoint.policy"] = "--policies";
         FitRow& r = rows[i];
         r.policy = policies[i];
-        r.max_batch_size = sim::max_batch_size(s);
+        r.max_batch_size = study::max_batch_size(s);
         if (vary_seq) r.max_seq_len = max_seq_len(s);
         s.training.batch_size = std::max<int64_t>(1, r.max_batch_size);
-        const sim::Analysis a = sim::analyze(s);
+        const study::Analysis a = study::analyze(s);
         r.peak_bytes = a.result.peak_bytes;
         r.step_time_ns = a.result.step_time_ns;
       } catch (...) {
@@ -175,13 +178,13 @@ int cmd_fit(const std::vector<std::string>& args) {
   const auto& m = base.model;
   fmt::print("actsim fit: {} -- {} family, {} layers, d_model {}, seq {}; device {} ({})\n", base.name,
              graph::to_string(m.family), m.n_layers, m.d_model, m.seq_len, base.device.name,
-             sim::human_bytes(base.device.memory_bytes));
+             util::human_bytes(base.device.memory_bytes));
   std::string head = fmt::format("  {:<20} {:>10} {:>14} {:>14}", "policy", "max batch", "peak at it", "step time");
   if (vary_seq) head += fmt::format(" {:>22}", fmt::format("max seq at batch {}", base.training.batch_size));
   fmt::print("\n{}\n", head);
   for (const FitRow& r : rows) {
     std::string line = fmt::format("  {:<20} {:>10} {:>14} {:>11.2f} ms", r.policy, r.max_batch_size,
-                                   sim::human_bytes(r.peak_bytes), r.step_time_ns / 1e6);
+                                   util::human_bytes(r.peak_bytes), r.step_time_ns / 1e6);
     if (vary_seq) line += fmt::format(" {:>22}", r.max_seq_len);
     fmt::print("{}\n", line);
   }

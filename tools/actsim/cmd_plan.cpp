@@ -1,11 +1,20 @@
 // actsim plan [SCENARIO] --budget 60GiB: the fastest checkpointing plan whose peak fits.
 #include <fmt/format.h>
+#include <unistd.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include <chrono>
 #include <iostream>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/export.hpp"
-#include "actsim/sim/planner.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/report/export.hpp"
+#include "actsim/study/planner.hpp"
+#include "actsim/util/units.hpp"
+#include "actsim/report/summary.hpp"
+#include "actsim/util/output.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
@@ -35,6 +44,17 @@ nlohmann::json blocks_json(const graph::BlockPlan& p) {
   return out;
 }
 
+// "plan: 5/9 simulations, ETA 12 s" on one terminal line, redrawn in place.
+void draw_progress(int64_t done, int64_t estimate) {
+  static const auto t0 = std::chrono::steady_clock::now();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string eta =
+      done > 0 && done < estimate
+          ? fmt::format(", ETA {}", human_seconds(secs * static_cast<double>(estimate - done) / static_cast<double>(done)))
+          : "";
+  std::cerr << fmt::format("\rplan: {}/{} simulations{}\033[K", done, estimate, eta) << std::flush;
+}
+
 }  // namespace
 
 int cmd_plan(const std::vector<std::string>& args) {
@@ -56,35 +76,58 @@ int cmd_plan(const std::vector<std::string>& args) {
     std::cout << opts << "\nThe plan recomputes blocks in rotor/Revolve-style nested segments; see README.md.\n";
     return 0;
   }
-  sim::OutputSet files;
+  util::OutputSet files;
   if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
   for (const char* k : {"trace", "memviz", "csv", "report", "svg"}) {
-    if (vm.count(k)) sim::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
+    if (vm.count(k)) util::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
                                             {vm.count("scenario") ? vm["scenario"].as<std::string>() : ""});
   }
-  sim::Scenario s = scenario_from(vm);
+  study::Scenario s = scenario_from(vm);
   int64_t budget = s.device.memory_bytes;
   if (vm.count("budget")) {
     const std::string b = vm["budget"].as<std::string>();
-    if (!sim::parse_size(b, budget) || budget <= 0) {
+    if (!study::parse_size(b, budget) || budget <= 0) {
       throw InputError(fmt::format("--budget {}: not a size (60GiB, 60GB and 64424509440 are sizes)", b));
     }
   }
   {
-    // About 24 lowerings and simulations of the step (the chain, the budget search, the answer),
-    // with recomputations, and a DP quadratic in the layers.
+    // About 8 lowerings and simulations of the step (the baseline, least-memory, full and
+    // most-memory plans, a few probes of the budget search), with recomputations, and a DP
+    // quadratic in the layers.
     const double L = static_cast<double>(s.model.n_layers);
-    check_long_work(vm, 24 * 1.5 * L * kSecondsPerLayer + (L + 1) * (L + 1) * 193 * 4e-9,
+    check_long_work(vm, 8 * 1.5 * L * kSecondsPerLayer + (L + 1) * (L + 1) * 193 * 4e-9,
                     fmt::format("plan at {} layers", s.model.n_layers));
   }
-  sim::PlanResult r = sim::plan_for_budget(
-      s, budget, sim::PlanOptions{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0});
-  sim::Scenario chosen = s;
-  chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
-  sim::Analysis a = sim::analyze(chosen);
+#if defined(__GLIBC__)
+  // Each verification lowers a graph of ~10^5 small allocations and frees it again: keep the
+  // pages mapped instead of trimming and re-faulting them (as sweep does).
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_TOP_PAD, 256 << 20);
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+#endif
+  study::PlanOptions po{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0};
+  const bool bar = ::isatty(STDERR_FILENO);
+  if (bar) po.progress = draw_progress;
+  study::PlanResult r;
+  try {
+    r = study::plan_for_budget(s, budget, po);
+  } catch (...) {
+    if (bar) std::cerr << "\r\033[K" << std::flush;
+    throw;
+  }
+  if (bar) std::cerr << "\r\033[K" << std::flush;
+  // The search simulated the answer already (usually): its analysis is the one to report.
+  std::shared_ptr<const study::Analysis> kept = r.analysis;
+  if (!kept) {
+    study::Scenario chosen = s;
+    chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+    kept = std::make_shared<const study::Analysis>(study::analyze(chosen));
+  }
+  r.analysis.reset();
+  const study::Analysis& a = *kept;
   add_exports_from(a, vm, files);
   files.commit();
-  nlohmann::json j = sim::to_json(a);
+  nlohmann::json j = report::to_json(a);
   j["fits"] = r.fits;
   j["budget_bytes"] = budget;
   j["step_time_ns"] = r.step_time_ns;
@@ -95,25 +138,25 @@ int cmd_plan(const std::vector<std::string>& args) {
   // The planner's own wall-clock time only on request: the JSON is otherwise the same on every run.
   j["planner"] = {{"simulations", r.simulations}};
   if (vm.count("timings")) j["planner"]["dp_ns"] = r.dp_ns;
-  if (vm.count("timeline")) j["timeline"] = sim::timeline_json(a);
+  if (vm.count("timeline")) j["timeline"] = report::timeline_json(a);
   if (vm.count("json")) {
     std::cout << j.dump(2) << "\n";
     return 0;
   }
-  fmt::print("actsim plan: {} under a budget of {}\n\n", s.name, sim::human_bytes(budget));
+  fmt::print("actsim plan: {} under a budget of {}\n\n", s.name, util::human_bytes(budget));
   if (!r.fits) {
     fmt::print("  nothing fits: the least memory any plan reaches is {} ({} over the budget),\n"
                "  with {} ({} step).\n",
-               sim::human_bytes(r.min_peak_bytes), sim::human_bytes(r.min_peak_bytes - budget), r.plan.describe(),
+               util::human_bytes(r.min_peak_bytes), util::human_bytes(r.min_peak_bytes - budget), r.plan.describe(),
                fmt::format("{:.3f} ms", r.step_time_ns / 1e6));
     return 0;
   }
   fmt::print("  plan: {}\n", r.plan.describe());
   fmt::print("  peak {} (no checkpointing: {}), step {:.3f} ms (no checkpointing: {:.3f} ms, +{:.1f}%)\n",
-             sim::human_bytes(r.peak_bytes), sim::human_bytes(r.baseline_peak_bytes), r.step_time_ns / 1e6,
+             util::human_bytes(r.peak_bytes), util::human_bytes(r.baseline_peak_bytes), r.step_time_ns / 1e6,
              r.baseline_step_time_ns / 1e6,
              100.0 * static_cast<double>(r.step_time_ns - r.baseline_step_time_ns) / static_cast<double>(r.baseline_step_time_ns));
-  fmt::print("  least memory any plan reaches: {}\n\n  block  forward keeps          recomputed\n", sim::human_bytes(r.min_peak_bytes));
+  fmt::print("  least memory any plan reaches: {}\n\n  block  forward keeps          recomputed\n", util::human_bytes(r.min_peak_bytes));
   for (const auto& b : j["blocks"]) {
     fmt::print("  {:>5}  {:<22} {}\n", b["block"].get<int>(), b["kept"].get<std::string>(),
                b["recompute_count"].get<int>() ? fmt::format("{}x", b["recompute_count"].get<int>()) : "-");

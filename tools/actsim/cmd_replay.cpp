@@ -3,7 +3,7 @@
 #include <fmt/format.h>
 
 #include "actsim/graph/checkpoint.hpp"
-#include "actsim/kernels/cuda_info.hpp"
+#include "actsim/backends/cuda_info.hpp"
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,15 +18,20 @@
 #include <limits>
 #include <optional>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/kernels/replay.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/replay/replay.hpp"
 #include "actsim/sim/calibration.hpp"
 #include "actsim/sim/device.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/schedule.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/schedule/schedule.hpp"
+#include "actsim/util/units.hpp"
+#include "actsim/study/make_schedule.hpp"
+#include "actsim/util/output.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
+
+using sim::simulate;
 
 namespace {
 
@@ -67,9 +72,9 @@ struct TorchOutcome {
 };
 
 // Dumps weights, inputs, loss and gradients, and runs tests/replay/torch_check.py on them.
-TorchOutcome run_torch_check(const sim::Schedule& s, const kernels::ReplayResult& r) {
+TorchOutcome run_torch_check(const schedule::Schedule& s, const replay::ReplayResult& r) {
   TorchOutcome t;
-  if (!kernels::torch_checkable(s, t.detail)) return t;
+  if (!replay::torch_checkable(s, t.detail)) return t;
   const auto t0 = Clock::now();
   const char* env_script = std::getenv("ACTSIM_TORCH_CHECK");
   const std::string script = env_script ? env_script : sim::data_dir() + "/../tests/replay/torch_check.py";
@@ -83,7 +88,7 @@ TorchOutcome run_torch_check(const sim::Schedule& s, const kernels::ReplayResult
       std::filesystem::temp_directory_path() / fmt::format("actsim-torch-{}.bin", ::getpid());
   {
     std::ofstream out(dump, std::ios::binary);
-    out << kernels::torch_dump(s, r);
+    out << replay::torch_dump(s, r);
     if (!out.flush()) {
       t.detail = fmt::format("not run: cannot write {}", dump.string());
       return t;
@@ -156,7 +161,7 @@ int64_t host_available_bytes() {
 // file could misstate): the peak of its storages and workspaces in entry order; with --confirm
 // every storage at once (the safety run frees nothing), twice (tightness probes save the live
 // buffers). Saturates instead of overflowing.
-int64_t cpu_replay_bytes(const sim::Schedule& s, bool confirm) {
+int64_t cpu_replay_bytes(const schedule::Schedule& s, bool confirm) {
   const graph::Graph& g = s.graph();
   auto add = [](int64_t a, int64_t b) {
     int64_t r;
@@ -168,10 +173,10 @@ int64_t cpu_replay_bytes(const sim::Schedule& s, bool confirm) {
     if (st.producer == graph::kNoOp) live = add(live, st.bytes);
   }
   peak = live;
-  for (const sim::ScheduleEntry& e : s.entries) {
-    if (e.kind == sim::ScheduleEntry::Kind::alloc || e.kind == sim::ScheduleEntry::Kind::ws_alloc) live = add(live, e.bytes);
-    if (e.kind == sim::ScheduleEntry::Kind::ws_free) live -= std::min(live, e.bytes);
-    if (e.kind == sim::ScheduleEntry::Kind::free) live -= std::min(live, g.storages()[e.id].bytes);
+  for (const schedule::ScheduleEntry& e : s.entries) {
+    if (e.kind == schedule::ScheduleEntry::Kind::alloc || e.kind == schedule::ScheduleEntry::Kind::ws_alloc) live = add(live, e.bytes);
+    if (e.kind == schedule::ScheduleEntry::Kind::ws_free) live -= std::min(live, e.bytes);
+    if (e.kind == schedule::ScheduleEntry::Kind::free) live -= std::min(live, g.storages()[e.id].bytes);
     peak = std::max(peak, live);
   }
   return confirm ? add(add(total, total), peak) : peak;
@@ -233,36 +238,36 @@ int cmd_replay(const std::vector<std::string>& args) {
   const auto t_start = Clock::now();
 
   // The schedule: read (and validated) from a file, or simulated from a scenario.
-  sim::Schedule s;
+  schedule::Schedule s;
   const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
   if (vm.count("scenario") && input.empty()) throw InputError("\"\": an empty path is not a scenario or schedule file");
-  if (vm.count("calibration-out")) sim::check_output_path("--calibration-out", vm["calibration-out"].as<std::string>(), {input});
-  const std::string text = input.empty() ? std::string() : sim::read_input_file(input, "scenario or schedule");
+  if (vm.count("calibration-out")) util::check_output_path("--calibration-out", vm["calibration-out"].as<std::string>(), {input});
+  const std::string text = input.empty() ? std::string() : util::read_input_file(input, "scenario or schedule");
   const bool scenario_input = input.empty() || !is_schedule_text(text);
   if (!scenario_input) {
     if (vm.count("set")) throw InputError(fmt::format("--set applies to a scenario; {} is a schedule file", input));
-    s = sim::parse_schedule_text(text, input);
+    s = schedule::parse_schedule_text(text, input);
   } else {
     const std::vector<std::string> sets =
         vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-    sim::Analysis a = sim::analyze(input.empty() ? sim::load_scenario("", sets) : sim::load_scenario_text(text, input, sets));
-    s = sim::make_schedule(a);
+    study::Analysis a = study::analyze(input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets));
+    s = study::make_schedule(a);
     try {
-      sim::validate_schedule(s);
+      schedule::validate_schedule(s);
     } catch (const InputError& e) {
       // Not the user's input: the simulator produced an order that cannot run.
       std::cerr << "actsim: replay: the simulated schedule cannot run (a simulator bug): " << e.what() << "\n";
       return 1;
     }
   }
-  std::unique_ptr<kernels::Backend> be = kernels::make_backend(backend_name);
+  std::unique_ptr<backends::Backend> be = backends::make_backend(backend_name);
   if (backend_name == "cuda") {
     // Refuse rather than over-commit: the whole schedule's peak must fit in free device memory.
-    const int64_t free_bytes = kernels::cuda_free_bytes();
+    const int64_t free_bytes = backends::cuda_free_bytes();
     if (free_bytes >= 0 && s.simulated_peak_bytes > free_bytes) {
       throw InputError(fmt::format("--backend cuda: the schedule needs {} at its peak but the device has {} free; "
                                    "refusing to over-commit (use a smaller batch or a checkpoint policy)",
-                                   sim::human_bytes(s.simulated_peak_bytes), sim::human_bytes(free_bytes)));
+                                   util::human_bytes(s.simulated_peak_bytes), util::human_bytes(free_bytes)));
     }
   }
 
@@ -282,29 +287,29 @@ int cmd_replay(const std::vector<std::string>& args) {
     if (avail >= 0 && need > avail) {
       throw InputError(fmt::format("--backend cpu: the replay{} needs about {} of host memory but {} is available; "
                                    "refusing to start (use a smaller model or batch)",
-                                   confirm ? " with --confirm" : "", sim::human_bytes(need), sim::human_bytes(avail)));
+                                   confirm ? " with --confirm" : "", util::human_bytes(need), util::human_bytes(avail)));
     }
   }
-  kernels::ReplayResult r;
-  std::optional<kernels::SafetyCheck> safety;
-  std::optional<kernels::MemoryCheck> memory;
-  std::optional<kernels::TightnessCheck> tight;
+  replay::ReplayResult r;
+  std::optional<replay::SafetyCheck> safety;
+  std::optional<replay::MemoryCheck> memory;
+  std::optional<replay::TightnessCheck> tight;
   TorchOutcome torch;
   double t_main = 0, t_safety = 0, t_tight = 0;
   try {
     auto t0 = Clock::now();
-    r = kernels::replay(s, *be, {.seed = seed, .poison_freed = confirm, .keep_initial_values = want_torch});
+    r = replay::run(s, *be, {.seed = seed, .poison_freed = confirm, .keep_initial_values = want_torch});
     t_main = since(t0);
     if (confirm) {
-      memory = kernels::confirm_memory(s, r);
+      memory = replay::confirm_memory(s, r);
       t0 = Clock::now();
-      safety = kernels::confirm_safety(s, *be, r, seed);
+      safety = replay::confirm_safety(s, *be, r, seed);
       t_safety = since(t0);
       t0 = Clock::now();
-      tight = kernels::confirm_tightness(s, *be, r, {.max_checked = static_cast<size_t>(sample), .seed = seed});
+      tight = replay::confirm_tightness(s, *be, r, {.max_checked = static_cast<size_t>(sample), .seed = seed});
       t_tight = since(t0);
     }
-  } catch (const kernels::ReplayError& e) {
+  } catch (const replay::ReplayError& e) {
     std::cerr << "actsim: replay failed: " << e.what() << "\n";
     return 1;
   }
@@ -314,7 +319,7 @@ int cmd_replay(const std::vector<std::string>& args) {
   if (confirm && scenario_input) {
     const std::vector<std::string> sets =
         vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-    sim::Scenario plain = input.empty() ? sim::load_scenario("", sets) : sim::load_scenario_text(text, input, sets);
+    study::Scenario plain = input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets);
     const std::string own = plain.checkpoint_policy;
     std::vector<std::string> policies;
     for (const std::string& p : policy_list) {
@@ -322,19 +327,19 @@ int cmd_replay(const std::vector<std::string>& args) {
     }
     if (own != "none" && std::find(policies.begin(), policies.end(), own) == policies.end()) policies.push_back(own);
     auto run_policy = [&](const std::string& p) {
-      sim::Scenario sc = plain;
+      study::Scenario sc = plain;
       sc.checkpoint_policy = p;
       sc.block_plan.reset();
-      sim::Schedule ps = sim::make_schedule(sim::analyze(sc));
-      sim::validate_schedule(ps);
-      return kernels::replay(ps, *be, {.seed = seed, .stop_after_backward = true});
+      schedule::Schedule ps = study::make_schedule(study::analyze(sc));
+      schedule::validate_schedule(ps);
+      return replay::run(ps, *be, {.seed = seed, .stop_after_backward = true});
     };
     try {
-      const kernels::ReplayResult ref = run_policy("none");
+      const replay::ReplayResult ref = run_policy("none");
       recompute_ok = true;
       recompute_detail = json::array();
       for (const std::string& p : policies) {
-        const bool ok = kernels::grads_equal(ref, run_policy(p));
+        const bool ok = replay::grads_equal(ref, run_policy(p));
         recompute_detail.push_back({{"policy", p}, {"equal", ok}});
         *recompute_ok = *recompute_ok && ok;
       }
@@ -348,13 +353,13 @@ int cmd_replay(const std::vector<std::string>& args) {
   const std::string device = backend_name == "cpu" ? fmt::format("cpu: {}", cpu_model()) : be->name();
   if (vm.count("calibration-out")) {
     std::vector<int64_t> predicted(s.graph().n_ops(), 0);
-    for (const sim::ScheduleEntry& e : s.entries) {
-      if (e.kind == sim::ScheduleEntry::Kind::run) predicted[e.id] = e.duration_ns;
+    for (const schedule::ScheduleEntry& e : s.entries) {
+      if (e.kind == schedule::ScheduleEntry::Kind::run) predicted[e.id] = e.duration_ns;
     }
     json cal = sim::calibration_json(s.graph(), r.op_seconds, predicted, device, be->name());
     cal["simulated_device"] = s.device;
     cal["source"] = s.source;
-    sim::OutputSet files;
+    util::OutputSet files;
     if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
     files.add("--calibration-out", vm["calibration-out"].as<std::string>(), cal.dump(2) + "\n");
     files.commit();
@@ -392,7 +397,7 @@ int cmd_replay(const std::vector<std::string>& args) {
   conf["torch"] = torch.ok ? json(*torch.ok) : json(nullptr);
   if (tight) {
     json nc = json::array();
-    for (const kernels::TightnessItem& it : tight->items) {
+    for (const replay::TightnessItem& it : tight->items) {
       if (!it.confirmed) nc.push_back({{"name", it.name}, {"last_reader", it.last_reader}, {"reason", it.reason}});
     }
     conf["tightness"] = {{"confirmed", tight->confirmed}, {"checked", tight->checked},
@@ -421,8 +426,8 @@ int cmd_replay(const std::vector<std::string>& args) {
     auto mark = [](bool ok) { return ok ? "ok" : "FAILED"; };
     fmt::print("actsim replay of {} on {} ({} entries, {} ops)\n", s.source, device, s.entries.size(), s.graph().n_ops());
     fmt::print("  {:<14} {}\n", "loss", r.loss);
-    fmt::print("  {:<14} simulated {} ({} B), measured {} ({} B)\n", "peak", sim::human_bytes(s.simulated_peak_bytes),
-               s.simulated_peak_bytes, sim::human_bytes(r.peak_bytes), r.peak_bytes);
+    fmt::print("  {:<14} simulated {} ({} B), measured {} ({} B)\n", "peak", util::human_bytes(s.simulated_peak_bytes),
+               s.simulated_peak_bytes, util::human_bytes(r.peak_bytes), r.peak_bytes);
     fmt::print("  {:<14} predicted {:.3f} ms on {}, measured {:.3f} ms on {}\n", "step time",
                static_cast<double>(s.simulated_step_time_ns) * 1e-6, s.device.empty() ? "?" : s.device,
                r.step_seconds * 1e3, be->name());
@@ -431,7 +436,7 @@ int cmd_replay(const std::vector<std::string>& args) {
     if (tight) {
       fmt::print("  {:<14} {} of {} checked confirmed ({} saved activations)\n", "tightness", tight->confirmed,
                  tight->checked, tight->candidates);
-      for (const kernels::TightnessItem& it : tight->items) {
+      for (const replay::TightnessItem& it : tight->items) {
         if (!it.confirmed) fmt::print("  {:<14}   not confirmed: {}: {}\n", "", it.name, it.reason);
       }
     }

@@ -3,26 +3,34 @@
 
 #include <iostream>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/export.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/report/export.hpp"
 #include "actsim/sim/calibration.hpp"
-#include "actsim/sim/report.hpp"
-#include "actsim/sim/schedule.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/schedule/schedule.hpp"
+#include "actsim/util/units.hpp"
+#include "actsim/report/summary.hpp"
+#include "actsim/study/make_schedule.hpp"
+#include "actsim/util/output.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
 
+using sim::simulate;
+using sim::devices;
+using report::coarsen;
+
 namespace {
 // --hf PATH: model.hf_config = PATH before the --set overrides (a TOML literal string unless the
 // path has a quote or a line break, then the bare text).
-sim::Scenario scenario_with_hf(const po::variables_map& vm, const std::string& path) {
+study::Scenario scenario_with_hf(const po::variables_map& vm, const std::string& path) {
   if (path.empty()) throw InputError("--hf \"\": an empty path is not a config.json");
   const bool literal = path.find_first_of("'\n\r") == std::string::npos;
   std::vector<std::string> sets{"model.hf_config=" + (literal ? "'" + path + "'" : path)};
   if (vm.count("set")) {
     for (const std::string& o : vm["set"].as<std::vector<std::string>>()) sets.push_back(o);
   }
-  return sim::load_scenario(vm.count("scenario") ? vm["scenario"].as<std::string>() : "", sets);
+  return study::load_scenario(vm.count("scenario") ? vm["scenario"].as<std::string>() : "", sets);
 }
 }  // namespace
 
@@ -46,33 +54,33 @@ int cmd_simulate(const std::vector<std::string>& args) {
     return 0;
   }
   // Every output is checked before the work and written together after it (all or nothing).
-  sim::OutputSet files;
+  util::OutputSet files;
   if (vm.count("scenario")) files.protect(vm["scenario"].as<std::string>());
   if (vm.count("calibration")) files.protect(vm["calibration"].as<std::string>());
   for (const char* k : {"out", "emit-schedule", "trace", "memviz", "csv", "report", "svg"}) {
-    if (vm.count(k)) sim::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
+    if (vm.count(k)) util::check_output_path(std::string("--") + k, vm[k].as<std::string>(),
                                             {vm.count("scenario") ? vm["scenario"].as<std::string>() : "",
                                              vm.count("calibration") ? vm["calibration"].as<std::string>() : ""});
   }
   if (vm.count("hf")) files.protect(vm["hf"].as<std::string>());
-  sim::Scenario s = vm.count("hf") ? scenario_with_hf(vm, vm["hf"].as<std::string>()) : scenario_from(vm);
+  study::Scenario s = vm.count("hf") ? scenario_with_hf(vm, vm["hf"].as<std::string>()) : scenario_from(vm);
   // One lowering and simulation, and about 14 more for the batch search (Note [Long work]).
   check_long_work(vm, (vm.count("no-fit") ? 1 : 15) * static_cast<double>(s.model.n_layers) * kSecondsPerLayer,
                   fmt::format("simulate at {} layers{}", s.model.n_layers, vm.count("no-fit") ? "" : " with the batch search (--no-fit skips it)"));
-  sim::Analysis a = sim::analyze(s);
-  if (vm.count("calibration")) sim::apply_calibration(a, sim::load_calibration(vm["calibration"].as<std::string>()));
-  if (vm.count("emit-schedule")) files.add("--emit-schedule", vm["emit-schedule"].as<std::string>(), sim::emit_schedule(a));
-  const int64_t max_batch = vm.count("no-fit") ? -1 : sim::max_batch_size(s);
-  nlohmann::json j = sim::to_json(a, max_batch);
+  study::Analysis a = study::analyze(s);
+  if (vm.count("calibration")) study::apply_calibration(a, sim::load_calibration(vm["calibration"].as<std::string>()));
+  if (vm.count("emit-schedule")) files.add("--emit-schedule", vm["emit-schedule"].as<std::string>(), study::emit_schedule(a));
+  const int64_t max_batch = vm.count("no-fit") ? -1 : study::max_batch_size(s);
+  nlohmann::json j = report::to_json(a, max_batch);
   if (vm.count("timeline")) {
-    j["timeline"] = sim::timeline_json(a);
-    j["memory_events"] = sim::record_timeline(a).events.size();  // device memory events (CSV rows)
+    j["timeline"] = report::timeline_json(a);
+    j["memory_events"] = report::record_timeline(a).events.size();  // device memory events (CSV rows)
   }
   add_exports_from(a, vm, files);
   if (vm.count("out")) files.add("--out", vm["out"].as<std::string>(), j.dump(2) + "\n");
   files.commit();
   if (vm.count("json")) std::cout << j.dump(2) << "\n";
-  else std::cout << sim::to_table(a, max_batch);
+  else std::cout << report::to_table(a, max_batch);
   return 0;
 }
 
@@ -88,12 +96,12 @@ void add_export_options(po::options_description& opts) {
       ("timeline", "add the memory timeline to the JSON (for `actsim compare`)");
 }
 
-void add_exports_from(const sim::Analysis& a, const po::variables_map& vm, sim::OutputSet& out) {
+void add_exports_from(const study::Analysis& a, const po::variables_map& vm, util::OutputSet& out) {
   auto get = [&](const char* k) { return vm.count(k) ? vm[k].as<std::string>() : std::string{}; };
-  sim::ExportRequest r{.trace = get("trace"), .memviz = get("memviz"), .csv = get("csv"), .report = get("report"),
+  report::ExportRequest r{.trace = get("trace"), .memviz = get("memviz"), .csv = get("csv"), .report = get("report"),
                        .svg = get("svg"), .max_events = vm["max-events"].as<int64_t>()};
   if (r.max_events < 0) throw InputError(fmt::format("--max-events {}: must be 0 or positive", r.max_events));
-  sim::add_exports(a, r, out);
+  report::add_exports(a, r, out);
 }
 
 int cmd_compare(const std::vector<std::string>& args) {
@@ -115,7 +123,7 @@ int cmd_compare(const std::vector<std::string>& args) {
   }
   if (!vm.count("report")) throw InputError("compare: --report FILE.html is required");
   std::vector<std::string> runs = vm.count("runs") ? vm["runs"].as<std::vector<std::string>>() : std::vector<std::string>{};
-  return sim::compare_runs(runs, vm["report"].as<std::string>());
+  return report::compare_runs(runs, vm["report"].as<std::string>());
 }
 
 int cmd_devices(const std::vector<std::string>& args) {
@@ -123,7 +131,7 @@ int cmd_devices(const std::vector<std::string>& args) {
   for (const sim::DeviceSpec& d : sim::devices()) {
     fmt::print("{:<16} {:>10}  fp32 {:.1f} TFLOP/s, bf16 {:.1f} TFLOP/s, {:.2f} TB/s, host link {:.0f} GB/s\n"
                "    source: {}\n",
-               d.name, sim::human_bytes(d.memory_bytes), d.flops_fp32 / 1e12, d.flops_bf16 / 1e12,
+               d.name, util::human_bytes(d.memory_bytes), d.flops_fp32 / 1e12, d.flops_bf16 / 1e12,
                d.mem_bandwidth / 1e12, d.host_bandwidth / 1e9, d.source);
   }
   return 0;

@@ -12,8 +12,9 @@
 #include <iostream>
 #include <thread>
 
-#include "actsim/graph/error.hpp"
-#include "actsim/sim/sweep.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/study/sweep.hpp"
+#include "actsim/util/output.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
@@ -74,15 +75,15 @@ int cmd_sweep(const std::vector<std::string>& args) {
     }
   }
   const std::string input = vm.count("scenario") ? vm["scenario"].as<std::string>() : "";
-  if (!out.empty()) sim::check_output_path("--out", out, {input});  // before hours of work, not after
-  std::vector<sim::SweepAxis> axes;
-  for (const std::string& v : vm["vary"].as<std::vector<std::string>>()) axes.push_back(sim::parse_sweep_axis(v));
-  const sim::Scenario base = scenario_from(vm);
+  if (!out.empty()) util::check_output_path("--out", out, {input});  // before hours of work, not after
+  std::vector<study::SweepAxis> axes;
+  for (const std::string& v : vm["vary"].as<std::vector<std::string>>()) axes.push_back(study::parse_sweep_axis(v));
+  const study::Scenario base = scenario_from(vm);
   {
     // Rows that differ only in batch size are mostly scaled from three references (Note [Batch
     // scaling]); every other row is a lowering and a simulation.
     double runs = 1, layers = static_cast<double>(base.model.n_layers), batches = 1;
-    for (const sim::SweepAxis& ax : axes) {
+    for (const study::SweepAxis& ax : axes) {
       runs *= static_cast<double>(ax.values.size());
       if (ax.key == "training.batch_size") batches = static_cast<double>(ax.values.size());
       if (ax.key == "model.n_layers") {
@@ -103,15 +104,15 @@ int cmd_sweep(const std::vector<std::string>& args) {
   mallopt(M_TOP_PAD, 256 << 20);
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
 #endif
-  sim::SweepOptions so;
+  study::SweepOptions so;
   so.threads = static_cast<int>(threads);
   const bool bar = !vm.count("no-progress") && ::isatty(STDERR_FILENO);
   if (bar) so.progress = draw_progress;
-  sim::SweepStats stats;
+  study::SweepStats stats;
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<sim::SweepRow> rows;
+  std::vector<study::SweepRow> rows;
   try {
-    rows = sim::run_sweep(base, axes, so, &stats);
+    rows = study::run_sweep(base, axes, so, &stats);
   } catch (...) {
     if (bar) std::cerr << "\r\033[K" << std::flush;
     throw;
@@ -120,17 +121,17 @@ int cmd_sweep(const std::vector<std::string>& args) {
   if (bar) std::cerr << "\r\033[K" << std::flush;
 
   int64_t n_pareto = 0;
-  for (const sim::SweepRow& r : rows) n_pareto += r.pareto;
+  for (const study::SweepRow& r : rows) n_pareto += r.pareto;
   if (!out.empty()) {
-    sim::OutputSet files;
+    util::OutputSet files;
     files.protect(input);
-    files.add("--out", out, ends_with(out, ".csv") ? sim::sweep_csv(axes, rows) : sim::sweep_json(axes, rows).dump(2) + "\n");
+    files.add("--out", out, ends_with(out, ".csv") ? study::sweep_csv(axes, rows) : study::sweep_json(axes, rows).dump(2) + "\n");
     files.commit();
   }
   if (vm.count("json")) {
-    std::cout << sim::sweep_json(axes, rows).dump(2) << "\n";
+    std::cout << study::sweep_json(axes, rows).dump(2) << "\n";
   } else if (out.empty()) {
-    std::cout << sim::sweep_table(axes, rows);
+    std::cout << study::sweep_table(axes, rows);
   } else {
     std::cout << fmt::format("{}: {} runs, {} on the Pareto frontier; {:.2f} s on {} threads ({} analyzed in full, "
                              "{} from batch scaling)\n",

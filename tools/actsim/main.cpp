@@ -8,7 +8,7 @@
 #include <string_view>
 #include <vector>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 #include "cli.hpp"
 
 using namespace actsim;

@@ -3,7 +3,6 @@
 //
 //   Calibration c = load_calibration("cpu.calib.json");   // InputError naming the file on bad input
 //   Plan plan(g, device, &c);                              // durations from the measurements
-//   apply_calibration(analysis, c);                        // re-plan and re-simulate an Analysis
 //
 // An op's duration is, in order of preference: the measured seconds of an op with the same name
 // and the same FLOPs and bytes moved (the same model shapes), or its roofline time times the measured/predicted ratio of its kind
@@ -21,8 +20,6 @@
 #include "actsim/sim/device.hpp"
 
 namespace actsim::sim {
-
-struct Analysis;
 
 struct Calibration {
   std::string file;                              // where it was loaded from ("" if built in memory)
@@ -48,8 +45,5 @@ nlohmann::json calibration_json(const graph::Graph& g, std::span<const double> m
 // Reads a calibration file. Throws InputError naming the file.
 Calibration load_calibration(const std::string& path);
 
-// Rebuilds the analysis's plan with the calibration and simulates again (memory figures do not
-// depend on durations on one stream; the times do).
-void apply_calibration(Analysis& a, const Calibration& c);
 
 }  // namespace actsim::sim

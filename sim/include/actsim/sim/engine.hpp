@@ -15,7 +15,7 @@
 #include <span>
 #include <vector>
 
-#include "actsim/graph/error.hpp"
+#include "actsim/util/error.hpp"
 #include "actsim/graph/graph.hpp"
 #include "actsim/sim/device.hpp"
 

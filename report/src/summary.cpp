@@ -1,0 +1,197 @@
+// The summary of an analysis: the `simulate --json` contract and the table.
+#include "actsim/report/summary.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <map>
+#include <tuple>
+
+#include "actsim/graph/profile.hpp"
+#include "actsim/schedule/schedule.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/util/units.hpp"
+
+namespace actsim::report {
+
+using graph::Category;
+using graph::Location;
+using schedule::model_json;
+using sim::SimResult;
+using study::Analysis;
+using study::Scenario;
+using util::human_bytes;
+using util::with_commas;
+
+std::vector<PeakGroup> peak_groups(const Analysis& a) {
+  const graph::Graph& g = a.step->graph;
+  std::map<std::tuple<int, int32_t, std::string>, PeakGroup> groups;
+  for (graph::StorageId sid : a.result.live_at_peak) {
+    const graph::Storage& st = g.storage(sid);
+    std::string op = st.producer == graph::kNoOp ? "(before the step)" : g.op(st.producer).name;
+    auto key = std::make_tuple(static_cast<int>(st.category), st.layer, op);
+    PeakGroup& pg = groups[key];
+    pg.category = st.category;
+    pg.layer = st.layer;
+    pg.op = op;
+    pg.bytes += st.location == Location::host ? st.bytes : g.allocated(st.bytes);  // as the peak counts it
+    pg.count += 1;
+  }
+  std::vector<PeakGroup> out;
+  for (auto& [k, v] : groups) out.push_back(v);
+  std::stable_sort(out.begin(), out.end(), [](const PeakGroup& x, const PeakGroup& y) { return x.bytes > y.bytes; });
+  return out;
+}
+
+nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
+  const SimResult& r = a.result;
+  const graph::Graph& g = a.step->graph;
+  const Scenario& s = a.scenario;
+  nlohmann::json j;
+  j["scenario"] = s.name;
+  j["model"] = model_json(s.model);
+  j["training"] = {{"batch_size", s.training.batch_size}, {"dtype", s.training.dtype == graph::DType::f32 ? "fp32"
+                                                                   : s.training.dtype == graph::DType::bf16 ? "bf16"
+                                                                                                             : "fp16"},
+                   {"optimizer", graph::to_string(s.training.optimizer)},
+                   {"optimizer_impl", graph::to_string(a.step->optimizer_impl)}};
+  j["runtime"] = {{"profile", graph::to_string(s.profile)}};
+  if (s.profile != graph::ProfileId::torch_cuda) j["runtime"]["cpu_isa"] = s.cpu_isa == graph::CpuIsa::avx2 ? "avx2" : "avx512";
+  j["device"] = {{"name", s.device.name}, {"memory_bytes", s.device.memory_bytes}};
+  j["param_count"] = a.param_count;
+  j["params_bytes"] = a.params_bytes;
+  j["grads_bytes"] = a.grads_bytes;
+  j["optimizer_bytes"] = a.optimizer_bytes;
+  j["optimizer_host_bytes"] = a.optimizer_host_bytes;
+  j["buffers_bytes"] = a.buffers_bytes;
+  j["inputs_bytes"] = a.inputs_bytes;
+  nlohmann::json block = nlohmann::json::array();
+  for (const auto& it : a.block_saved) {
+    block.push_back({{"op", it.op}, {"tensor", it.tensor}, {"shape", it.shape},
+                     {"dtype", graph::to_string(it.dtype)}, {"bytes", it.bytes}});
+  }
+  j["activations"] = {{"saved_bytes", a.saved_bytes},
+                      {"per_layer_saved_bytes", a.per_layer_saved},
+                      {"outside_layers_saved_bytes", a.outside_saved},
+                      {"block_saved", block}};
+  nlohmann::json by_cat = nlohmann::json::object();
+  for (int c = 0; c < graph::kNumCategories; ++c) {
+    by_cat[std::string(graph::to_string(static_cast<Category>(c)))] = r.peak_by_category[static_cast<size_t>(c)];
+  }
+  const graph::Op& pop = g.op(r.peak_op);
+  nlohmann::json live = nlohmann::json::array();
+  for (const PeakGroup& pg : peak_groups(a)) {
+    live.push_back({{"category", graph::to_string(pg.category)}, {"layer", pg.layer}, {"op", pg.op},
+                    {"bytes", pg.bytes}, {"storages", pg.count}});
+  }
+  j["peak"] = {{"bytes", r.peak_bytes}, {"time_ns", r.peak_time_ns}, {"phase", graph::to_string(r.peak_phase)},
+               {"op", pop.name}, {"layer", pop.layer}, {"by_category", by_cat}, {"live", live}};
+  j["live_bytes"] = {{"step_start", r.live_step_start}, {"end_forward", r.live_end_forward},
+                     {"end_backward", r.live_end_backward}, {"end_optimizer", r.live_end_optimizer},
+                     {"end_step", r.live_end_step}};
+  j["host_bytes"] = r.host_bytes;
+  j["step_time_ns"] = r.step_time_ns;
+  j["phase_end_ns"] = {{"forward", r.phase_end_ns[0]}, {"backward", r.phase_end_ns[1]},
+                       {"optimizer", r.phase_end_ns[2]}};
+  j["events"] = r.events;
+  j["ops"] = g.n_ops();
+  j["fits"] = r.peak_bytes <= s.device.memory_bytes;
+  if (max_batch >= 0) j["max_batch_size"] = max_batch;
+  return j;
+}
+
+std::string to_table(const Analysis& a, int64_t max_batch) {
+  const SimResult& r = a.result;
+  const graph::Graph& g = a.step->graph;
+  const Scenario& s = a.scenario;
+  const auto& m = s.model;
+  std::string out;
+  auto line = [&](const std::string& l) { out += l + "\n"; };
+  const char* dt = s.training.dtype == graph::DType::f32 ? "fp32" : s.training.dtype == graph::DType::bf16 ? "bf16" : "fp16";
+  line(fmt::format("actsim: {} -- {} family, {} layers, d_model {}, {} heads{}, d_ff {}, vocab {}, seq {}",
+                   s.name, graph::to_string(m.family), m.n_layers, m.d_model, m.n_heads,
+                   m.kv_heads() != m.n_heads ? fmt::format(" ({} kv)", m.kv_heads()) : "", m.ff(), m.vocab_size,
+                   m.seq_len));
+  line(fmt::format("        batch {}, {}, {} ({}), attention {}, dropout {}, profile {}, device {} ({})",
+                   s.training.batch_size, dt, graph::to_string(s.training.optimizer),
+                   graph::to_string(a.step->optimizer_impl), graph::to_string(m.attention), m.dropout,
+                   graph::to_string(s.profile), s.device.name, human_bytes(s.device.memory_bytes)));
+  line("");
+  line(fmt::format("  {:<44} {:>14}", "what", "memory"));
+  line(fmt::format("  {:<44} {:>14}", fmt::format("parameters ({} elements)", with_commas(a.param_count)),
+                   human_bytes(a.params_bytes)));
+  line(fmt::format("  {:<44} {:>14}", "gradients", human_bytes(a.grads_bytes)));
+  line(fmt::format("  {:<44} {:>14}", fmt::format("optimizer state ({})", graph::to_string(s.training.optimizer)),
+                   human_bytes(a.optimizer_bytes)));
+  if (a.buffers_bytes) line(fmt::format("  {:<44} {:>14}", "buffers (masks, RoPE tables)", human_bytes(a.buffers_bytes)));
+  line(fmt::format("  {:<44} {:>14}", "activations saved for backward", human_bytes(a.saved_bytes)));
+  const int64_t per_sample = s.training.batch_size > 0 ? a.saved_bytes / s.training.batch_size : 0;
+  line(fmt::format("  {:<44} {:>14}", "  per sample", human_bytes(per_sample)));
+  if (!a.per_layer_saved.empty()) {
+    line(fmt::format("  {:<44} {:>14}", "  per block", human_bytes(a.per_layer_saved[0])));
+    line(fmt::format("  {:<44} {:>14}", "  outside the blocks (embeddings, head, loss)", human_bytes(a.outside_saved)));
+  }
+  line(fmt::format("  {:<44} {:>14}", "peak (everything live on the device)", human_bytes(r.peak_bytes)));
+  const graph::Op& pop = g.op(r.peak_op);
+  line(fmt::format("    at {:.3f} ms in the {} pass, op {}", r.peak_time_ns / 1e6, graph::to_string(r.peak_phase),
+                   pop.name));
+  line("");
+  line("  live bytes: step start " + human_bytes(r.live_step_start) + ", end of forward " +
+       human_bytes(r.live_end_forward) + ", end of backward " + human_bytes(r.live_end_backward) +
+       ", after the optimizer " + human_bytes(r.live_end_optimizer));
+  line(fmt::format("  simulated step time: {:.3f} ms (forward {:.3f}, backward {:.3f}, optimizer {:.3f})",
+                   r.step_time_ns / 1e6, r.phase_end_ns[0] / 1e6, (r.phase_end_ns[1] - r.phase_end_ns[0]) / 1e6,
+                   (r.phase_end_ns[2] - r.phase_end_ns[1]) / 1e6));
+  line("");
+  line("  at the peak, by category:");
+  for (int c = 0; c < graph::kNumCategories; ++c) {
+    int64_t b = r.peak_by_category[static_cast<size_t>(c)];
+    if (b) line(fmt::format("    {:<20} {:>14}", graph::to_string(static_cast<Category>(c)), human_bytes(b)));
+  }
+  if (!a.block_saved.empty()) {
+    line("");
+    line(fmt::format("  what one block saves for backward ({} per block, largest first):", human_bytes(a.per_layer_saved[0])));
+    auto items = a.block_saved;
+    std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) { return x.bytes > y.bytes; });
+    for (size_t i = 0; i < items.size() && i < 12; ++i) {
+      line(fmt::format("    {:>12}  {:<34} {} {}", human_bytes(items[i].bytes), items[i].op,
+                       graph::to_string(items[i].dtype), graph::shape_string(items[i].shape)));
+    }
+    if (items.size() > 12) {
+      int64_t rest = 0;
+      for (size_t i = 12; i < items.size(); ++i) rest += items[i].bytes;
+      line(fmt::format("    {:>12}  ({} smaller tensors)", human_bytes(rest), items.size() - 12));
+    }
+  }
+  line("");
+  line("  top contributors at the peak (category, producing op; blocks.* sums over blocks):");
+  // Aggregate the per-layer groups over blocks so that 48 identical rows read as one.
+  std::map<std::pair<int, std::string>, std::pair<int64_t, int64_t>> agg;
+  for (const PeakGroup& pg : peak_groups(a)) {
+    std::string op = pg.op;
+    if (op.rfind("blocks.", 0) == 0) {
+      size_t dot = op.find('.', 7);
+      if (dot != std::string::npos) op = "blocks.*" + op.substr(dot);
+    }
+    if (pg.op == "(before the step)" && pg.layer >= 0) op = "blocks.* (before the step)";
+    auto& v = agg[{static_cast<int>(pg.category), op}];
+    v.first += pg.bytes;
+    v.second += pg.count;
+  }
+  std::vector<std::tuple<int64_t, int, std::string, int64_t>> rows;
+  for (auto& [k, v] : agg) rows.emplace_back(v.first, k.first, k.second, v.second);
+  std::stable_sort(rows.begin(), rows.end(), [](const auto& x, const auto& y) { return std::get<0>(x) > std::get<0>(y); });
+  for (size_t i = 0; i < rows.size() && i < 10; ++i) {
+    auto& [bytes, cat, op, count] = rows[i];
+    line(fmt::format("    {:>12}  {:<16} {} ({} storage{})", human_bytes(bytes),
+                     graph::to_string(static_cast<Category>(cat)), op, count, count == 1 ? "" : "s"));
+  }
+  if (max_batch >= 0) {
+    line("");
+    line(fmt::format("  largest batch size that fits {} ({}): {}", s.device.name, human_bytes(s.device.memory_bytes),
+                     max_batch));
+  }
+  return out;
+}
+
+}  // namespace actsim::report

@@ -1,0 +1,489 @@
+#include "actsim/study/scenario.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <toml++/toml.h>
+#include <variant>
+
+#include "actsim/graph/checkpoint.hpp"
+#include "actsim/util/error.hpp"
+#include "actsim/util/files.hpp"
+#include "actsim/graph/profile.hpp"
+#include "actsim/study/hf_config.hpp"
+
+namespace actsim::study {
+
+using sim::find_device;
+using sim::closest;
+
+using graph::Attention;
+using graph::DType;
+using graph::Family;
+using graph::Optimizer;
+using graph::OptimizerImpl;
+
+const std::vector<std::string>& scenario_keys() {
+  static const std::vector<std::string> keys{
+      "name",
+      "description",
+      "model.family",
+      "model.vocab_size",
+      "model.seq_len",
+      "model.d_model",
+      "model.n_heads",
+      "model.n_kv_heads",
+      "model.n_layers",
+      "model.d_ff",
+      "model.dropout",
+      "model.attention",
+      "model.tie_embeddings",
+      "model.rope_theta",
+      "training.batch_size",
+      "training.dtype",
+      "training.optimizer",
+      "training.optimizer_impl",
+      "training.weight_decay",
+      "runtime.profile",
+      "runtime.cpu_isa",
+      "device.name",
+      "checkpoint.policy",
+  };
+  return keys;
+}
+
+std::string Scenario::where(const std::string& key) const {
+  auto it = origin.find(key);
+  if (it == origin.end()) return key;
+  return it->second + ": " + key;
+}
+
+bool parse_size(const std::string& text, int64_t& bytes) { return graph::parse_size(text, bytes); }
+
+namespace {
+
+using Value = std::variant<int64_t, double, bool, std::string>;
+
+std::string type_name(const Value& v) {
+  switch (v.index()) {
+    case 0: return "an integer";
+    case 1: return "a number";
+    case 2: return "a boolean";
+    default: return "a string";
+  }
+}
+
+std::string show(const Value& v) {
+  switch (v.index()) {
+    case 0: return std::to_string(std::get<0>(v));
+    case 1: return fmt::format("{}", std::get<1>(v));
+    case 2: return std::get<2>(v) ? "true" : "false";
+    default: return "\"" + std::get<3>(v) + "\"";
+  }
+}
+
+[[noreturn]] void fail(const std::string& where, const std::string& msg) { throw InputError(where + ": " + msg); }
+
+int64_t as_int(const Value& v, const std::string& where) {
+  if (auto* i = std::get_if<int64_t>(&v)) return *i;
+  fail(where, fmt::format("expected an integer, got {} {}", type_name(v), show(v)));
+}
+double as_num(const Value& v, const std::string& where) {
+  if (auto* i = std::get_if<int64_t>(&v)) return static_cast<double>(*i);
+  if (auto* d = std::get_if<double>(&v)) {
+    // nan and inf are TOML floats, but no scenario key means anything by them.
+    if (!std::isfinite(*d)) fail(where, fmt::format("expected a finite number, got {}", show(v)));
+    return *d;
+  }
+  fail(where, fmt::format("expected a number, got {} {}", type_name(v), show(v)));
+}
+bool as_bool(const Value& v, const std::string& where) {
+  if (auto* b = std::get_if<bool>(&v)) return *b;
+  fail(where, fmt::format("expected true or false, got {} {}", type_name(v), show(v)));
+}
+std::string as_str(const Value& v, const std::string& where) {
+  if (auto* s = std::get_if<std::string>(&v)) return *s;
+  fail(where, fmt::format("expected a string, got {} {}", type_name(v), show(v)));
+}
+
+template <typename E>
+E pick(const std::string& s, const std::vector<std::pair<std::string, E>>& opts, const std::string& where,
+       const char* what) {
+  std::vector<std::string> names;
+  for (auto& [n, e] : opts) {
+    if (n == s) return e;
+    names.push_back(n);
+  }
+  std::string hint = closest(s, names);
+  fail(where, fmt::format("unknown {} \"{}\"{} (one of: {})", what, s,
+                          hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint), fmt::join(names, ", ")));
+}
+
+// model.hf_config (issue 11): a Hugging Face config.json decides the architecture; keys set
+// explicitly (before or after it, in the file or with --set) win over its values. A relative path
+// in a scenario file is relative to that file. Not in scenario_keys(): `actsim keys` lists it apart.
+void set_hf_config(Scenario& sc, const std::string& file, const std::string& loc) {
+  std::filesystem::path p(file);
+  if (p.is_relative() && loc != "--set" && !sc.file.empty()) p = std::filesystem::path(sc.file).parent_path() / p;
+  const HfConfig h = read_hf_config(p.string());
+  graph::ModelConfig& m = sc.model;
+  const graph::ModelConfig keep = m;
+  auto explicit_key = [&](const char* k) { return sc.origin.count(k) > 0; };
+  m = h.model;
+  m.seq_len = keep.seq_len;
+  if (explicit_key("model.dropout")) m.dropout = keep.dropout;
+  if (explicit_key("model.vocab_size")) m.vocab_size = keep.vocab_size;
+  if (explicit_key("model.d_model")) m.d_model = keep.d_model;
+  if (explicit_key("model.n_heads")) m.n_heads = keep.n_heads;
+  if (explicit_key("model.n_kv_heads")) m.n_kv_heads = keep.n_kv_heads;
+  if (explicit_key("model.n_layers")) m.n_layers = keep.n_layers;
+  if (explicit_key("model.d_ff")) m.d_ff = keep.d_ff;
+  if (explicit_key("model.tie_embeddings")) m.tie_embeddings = keep.tie_embeddings;
+  if (explicit_key("model.rope_theta")) m.rope_theta = keep.rope_theta;
+  if (explicit_key("model.attention")) m.attention = keep.attention;
+  sc.hf_architecture = h.architecture;
+}
+
+void set_key(Scenario& sc, const std::string& key, const Value& v, const std::string& loc) {
+  const std::string where = loc + ": " + key;
+  if (key == "model.hf_config") {
+    set_hf_config(sc, as_str(v, where), loc);
+    sc.origin[key] = loc;
+    return;
+  }
+  if (key == "model.family" && (sc.model.family == Family::hf_llama || sc.model.family == Family::hf_gpt2)) {
+    fail(where, "model.hf_config decides the family; remove one of them");
+  }
+  auto positive = [&](int64_t x) {
+    if (x <= 0) fail(where, fmt::format("must be a positive integer, got {}", x));
+    return x;
+  };
+  auto& m = sc.model;
+  auto& t = sc.training;
+  if (key == "name") sc.name = as_str(v, where);
+  else if (key == "description") (void)as_str(v, where);
+  else if (key == "model.family")
+    m.family = pick<Family>(as_str(v, where), {{"gpt2", Family::gpt2}, {"llama", Family::llama}}, where, "family");
+  else if (key == "model.vocab_size") m.vocab_size = positive(as_int(v, where));
+  else if (key == "model.seq_len") m.seq_len = positive(as_int(v, where));
+  else if (key == "model.d_model") m.d_model = positive(as_int(v, where));
+  else if (key == "model.n_heads") m.n_heads = positive(as_int(v, where));
+  else if (key == "model.n_kv_heads") m.n_kv_heads = positive(as_int(v, where));
+  else if (key == "model.n_layers") m.n_layers = positive(as_int(v, where));
+  else if (key == "model.d_ff") m.d_ff = positive(as_int(v, where));
+  else if (key == "model.dropout") {
+    m.dropout = as_num(v, where);
+    if (!(m.dropout >= 0 && m.dropout < 1)) fail(where, fmt::format("must be in [0, 1), got {}", m.dropout));
+  } else if (key == "model.attention")
+    m.attention = pick<Attention>(as_str(v, where), {{"eager", Attention::eager}, {"flash", Attention::flash}}, where,
+                                  "attention");
+  else if (key == "model.tie_embeddings") m.tie_embeddings = as_bool(v, where) ? 1 : 0;
+  else if (key == "model.rope_theta") {
+    m.rope_theta = as_num(v, where);
+    if (!(m.rope_theta > 0)) fail(where, "must be positive");
+  } else if (key == "training.batch_size") t.batch_size = positive(as_int(v, where));
+  else if (key == "training.dtype")
+    t.dtype = pick<DType>(as_str(v, where), {{"fp32", DType::f32}, {"bf16", DType::bf16}, {"fp16", DType::f16}},
+                          where, "dtype");
+  else if (key == "training.optimizer")
+    t.optimizer = pick<Optimizer>(as_str(v, where),
+                                  {{"adamw", Optimizer::adamw}, {"adam", Optimizer::adam}, {"sgd", Optimizer::sgd},
+                                   {"sgd_momentum", Optimizer::sgd_momentum}},
+                                  where, "optimizer");
+  else if (key == "training.optimizer_impl")
+    t.optimizer_impl = pick<OptimizerImpl>(
+        as_str(v, where),
+        {{"for_loop", OptimizerImpl::for_loop}, {"foreach", OptimizerImpl::foreach}, {"fused", OptimizerImpl::fused}},
+        where, "optimizer implementation");
+  else if (key == "training.weight_decay") {
+    t.weight_decay = as_num(v, where);
+    if (t.weight_decay < 0) fail(where, "must be non-negative");
+  } else if (key == "runtime.profile") {
+    std::string p = as_str(v, where);
+    if (!graph::parse_profile(p, sc.profile)) {
+      pick<int>(p, {{"torch-cuda", 0}, {"torch2-cpu", 1}, {"torch-cpu", 2}}, where, "runtime profile");
+    }
+  } else if (key == "runtime.cpu_isa") {
+    const std::string isa = as_str(v, where);
+    // "native" is resolved here; its entry in the list below only names it in the error message.
+    sc.cpu_isa = isa == "native" ? graph::native_cpu_isa()
+                                 : pick<graph::CpuIsa>(isa, {{"native", graph::CpuIsa::avx512}, {"avx512", graph::CpuIsa::avx512},
+                                                             {"avx2", graph::CpuIsa::avx2}}, where, "CPU ISA");
+  } else if (key == "device.name") sc.device = find_device(as_str(v, where), where);
+  else if (key == "checkpoint.policy") {
+    sc.checkpoint_policy = as_str(v, where);
+    (void)graph::parse_policy(sc.checkpoint_policy, where);  // reject a bad policy where it is written
+  }
+  else {
+    std::string hint = closest(key, scenario_keys());
+    fail(where, fmt::format("unknown key{}", hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint)));
+  }
+  sc.origin[key] = loc;
+}
+
+std::optional<Value> from_node(const toml::node& n) {
+  if (auto i = n.as_integer()) return Value{i->get()};
+  if (auto d = n.as_floating_point()) return Value{d->get()};
+  if (auto b = n.as_boolean()) return Value{b->get()};
+  if (auto s = n.as_string()) return Value{s->get()};
+  return std::nullopt;
+}
+
+void walk(Scenario& sc, const toml::table& t, const std::string& prefix, const std::string& file) {
+  for (auto&& [k, node] : t) {
+    const std::string key = prefix.empty() ? std::string(k.str()) : prefix + "." + std::string(k.str());
+    const std::string loc = fmt::format("{}:{}", file, node.source().begin.line);
+    if (auto sub = node.as_table()) {
+      bool known_table = false;
+      for (const auto& known : scenario_keys()) known_table = known_table || known.rfind(key + ".", 0) == 0;
+      if (!known_table) {
+        std::string hint = closest(key, {"model", "training", "runtime", "device", "checkpoint"});
+        fail(loc + ": " + key,
+             fmt::format("unknown table{}", hint.empty() ? "" : fmt::format("; did you mean [{}]?", hint)));
+      }
+      walk(sc, *sub, key, file);
+      continue;
+    }
+    auto v = from_node(node);
+    if (!v) fail(loc + ": " + key, "expected a number, boolean or string");
+    set_key(sc, key, *v, loc);
+  }
+}
+
+// Note [TOML nesting]: toml++ parses nested tables, dotted keys, arrays and inline tables
+// recursively, so a file nested 50,000 deep overflows the stack inside the parser. Before
+// parsing, a small lexer (strings and comments skipped) measures the nesting: open brackets and
+// braces plus the dots of the current line. A scenario needs 2 levels; more than
+// kMaxTomlNesting is refused. Returns the depth, and the 1-based line where it was first
+// exceeded in *line (when not null).
+constexpr int64_t kMaxTomlNesting = 32;
+
+int64_t toml_nesting_depth(std::string_view text, int64_t* line = nullptr) {
+  int64_t depth = 0, dots = 0, max_depth = 0, ln = 1;
+  size_t i = 0;
+  const size_t n = text.size();
+  auto starts = [&](std::string_view s) { return text.substr(i, s.size()) == s; };
+  while (i < n) {
+    const char c = text[i];
+    if (c == '\n') {
+      ++ln, dots = 0, ++i;
+      continue;
+    }
+    if (c == '#') {
+      while (i < n && text[i] != '\n') ++i;
+      continue;
+    }
+    if (c == '"' || c == '\'') {
+      const bool multi = starts(c == '"' ? "\"\"\"" : "'''");
+      const std::string_view close = multi ? (c == '"' ? "\"\"\"" : "'''") : std::string_view(&text[i], 1);
+      i += close.size();
+      while (i < n && !starts(close)) {
+        if (text[i] == '\n') {
+          if (!multi) break;  // an unterminated one-line string: the parser reports it
+          ++ln;
+        }
+        if (c == '"' && text[i] == '\\') ++i;  // an escape: skip the escaped character
+        ++i;
+      }
+      if (i < n && starts(close)) i += close.size();
+      continue;
+    }
+    if (c == '[' || c == '{') ++depth;
+    else if (c == ']' || c == '}') depth = std::max<int64_t>(0, depth - 1);
+    else if (c == '.') ++dots;
+    if (depth + dots + 1 > max_depth) {
+      max_depth = depth + dots + 1;
+      if (line && max_depth == kMaxTomlNesting + 1) *line = ln;
+    }
+    ++i;
+  }
+  return max_depth;
+}
+
+Value parse_override_value(const std::string& text) {
+  // A TOML scalar if it parses as one (42, 0.1, true, "x"), else the bare text as a string.
+  // Deeply nested text ([[[[...) is no scalar, and toml++ would recurse once per level.
+  if (toml_nesting_depth(text) > kMaxTomlNesting) return Value{text};
+  try {
+    toml::table t = toml::parse("v = " + text);
+    if (auto v = from_node(*t.get("v"))) return *v;
+  } catch (const toml::parse_error&) {
+  }
+  return Value{text};
+}
+
+// Whether the product of positive sizes fits int64 with room for sums (a factor of 16).
+bool fits_int64(const std::vector<int64_t>& xs) {
+  __int128 p = 1;
+  for (int64_t x : xs) {
+    p *= x;
+    if (p > std::numeric_limits<int64_t>::max() / 16) return false;
+  }
+  return true;
+}
+
+// Where to report a constraint between keys: the first of `keys` that the user set (file:line or
+// --set), so the message points at their input; the first key when all are defaults.
+std::string blame(const Scenario& sc, std::initializer_list<const char*> keys) {
+  for (const char* k : keys) {
+    if (sc.origin.count(k)) return sc.where(k);
+  }
+  return sc.where(*keys.begin());
+}
+
+void validate(const Scenario& sc) {
+  const auto& m = sc.model;
+  // The graph has ~100 ops per block; beyond this a run would take minutes and gigabytes.
+  constexpr int64_t kMaxLayers = 20000;
+  if (m.n_layers > kMaxLayers) {
+    fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
+  }
+  const auto& t = sc.training;
+  if (m.family == Family::hf_llama || m.family == Family::hf_gpt2) {  // model.hf_config (issue 11)
+    if (sc.profile == graph::ProfileId::torch_cpu) {
+      fail(blame(sc, {"runtime.profile", "model.hf_config"}), "transformers 5 needs PyTorch 2.x: use torch2-cpu or torch-cuda");
+    }
+    if (m.attention == Attention::flash && m.sliding_window > 0 && m.seq_len >= m.sliding_window) {
+      fail(blame(sc, {"model.seq_len", "model.hf_config"}),
+           fmt::format("seq_len {} reaches sliding_window {}: sdpa then gets a sliding-window mask, which is not lowered",
+                       m.seq_len, m.sliding_window));
+    }
+    if (m.family == Family::hf_llama && m.hd() % 2 != 0) fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
+  }
+  if (m.head_dim == 0 && m.d_model % m.n_heads != 0) {
+    fail(blame(sc, {"model.n_heads", "model.d_model"}),
+         fmt::format("model.n_heads = {} does not divide model.d_model = {}", m.n_heads, m.d_model));
+  }
+  if (m.n_kv_heads > 0 && m.n_heads % m.n_kv_heads != 0) {
+    fail(blame(sc, {"model.n_kv_heads", "model.n_heads"}),
+         fmt::format("model.n_kv_heads = {} does not divide model.n_heads = {}", m.n_kv_heads, m.n_heads));
+  }
+  if (m.family == Family::gpt2 && m.n_kv_heads > 0 && m.n_kv_heads != m.n_heads) {
+    fail(blame(sc, {"model.n_kv_heads", "model.family", "model.n_heads"}), "gpt2 has no grouped-query attention (n_kv_heads must equal n_heads)");
+  }
+  if (m.family == Family::llama && m.dropout > 0) {
+    fail(blame(sc, {"model.dropout", "model.family"}), "llama has no dropout (the reference model has none)");
+  }
+  if (m.family == Family::llama && (m.d_model / m.n_heads) % 2 != 0) {
+    fail(blame(sc, {"model.n_heads", "model.d_model", "model.family"}),
+         fmt::format("RoPE needs an even head size, d_model / n_heads = {}", m.d_model / m.n_heads));
+  }
+  if (m.attention == Attention::flash && !sc.runtime().has_sdpa) {
+    fail(blame(sc, {"model.attention", "runtime.profile"}),
+         "attention = \"flash\" needs runtime.profile = \"torch-cuda\" or \"torch2-cpu\" (PyTorch 1.13 has no "
+         "scaled_dot_product_attention)");
+  }
+  const bool hf = m.family == Family::hf_llama || m.family == Family::hf_gpt2;
+  if (m.attention == Attention::flash && (hf ? m.attention_dropout : m.dropout) > 0 &&
+      sc.profile == graph::ProfileId::torch2_cpu) {
+    // sdp_utils_cpp.cpp use_flash_attention_cpp: check_for_dropout fails on the CPU, and the math
+    // fallback (_scaled_dot_product_attention_math: scaled copies, a float mask, the T x T
+    // probabilities and their dropout) is not lowered.
+    fail(blame(sc, {"model.attention", "model.dropout", "runtime.profile"}),
+         "PyTorch 2.x on the CPU runs attention = \"flash\" with dropout > 0 through SDPA's math fallback, "
+         "which actsim does not lower; use attention = \"eager\" or dropout = 0");
+  }
+  if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
+    fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
+  }
+  // Byte counts of the largest tensors must fit int64 (with room for sums). An overflow is
+  // reported at the largest factor the user set: that is the value to fix.
+  const int64_t B = t.batch_size, T = m.seq_len, V = m.vocab_size, d = m.d_model, H = m.n_heads, L = m.n_layers;
+  const int64_t ff = m.d_ff > 0 ? m.d_ff : graph::default_d_ff(m.family, d);
+  const char* ff_key = m.d_ff > 0 ? "model.d_ff" : "model.d_model";
+  struct Factor {
+    int64_t value;
+    const char* key;
+  };
+  struct Check {
+    std::initializer_list<Factor> factors;
+    int64_t bytes_per_element;
+    const char* what;
+  };
+  const Check checks[] = {
+      {{{B, "training.batch_size"}, {T, "model.seq_len"}, {V, "model.vocab_size"}}, 8,
+       "the logits (batch_size x seq_len x vocab_size)"},
+      {{{B, "training.batch_size"}, {H, "model.n_heads"}, {T, "model.seq_len"}, {T, "model.seq_len"}}, 8,
+       "the attention scores (batch_size x n_heads x seq_len^2)"},
+      {{{V, "model.vocab_size"}, {d, "model.d_model"}}, 8, "the embedding (vocab_size x d_model)"},
+      {{{ff, ff_key}, {d, "model.d_model"}, {L, "model.n_layers"}}, 8, "the MLP weights (d_ff x d_model x n_layers)"},
+      {{{d, "model.d_model"}, {d, "model.d_model"}, {L, "model.n_layers"}}, 16, "the weights (d_model^2 x n_layers)"},
+      {{{B, "training.batch_size"}, {T, "model.seq_len"}, {ff, ff_key}, {L, "model.n_layers"}}, 8,
+       "the activations (batch_size x seq_len x d_ff x n_layers)"},
+      {{{T, "model.seq_len"}, {T, "model.seq_len"}, {L, "model.n_layers"}}, 8, "the causal masks (seq_len^2 x n_layers)"},
+      // Eager attention keeps several batch x n_heads x seq_len^2 tensors in every block.
+      {{{B, "training.batch_size"}, {H, "model.n_heads"}, {T, "model.seq_len"}, {T, "model.seq_len"},
+        {m.attention == Attention::eager ? L : 1, "model.n_layers"}}, 8,
+       "the attention scores of all blocks (batch_size x n_heads x seq_len^2 x n_layers)"},
+      {{{B, "training.batch_size"}, {T, "model.seq_len"}, {V, "model.vocab_size"}, {3, "model.vocab_size"}}, 8,
+       "the logits and their gradients (3 x batch_size x seq_len x vocab_size)"},
+  };
+  for (const Check& c : checks) {
+    std::vector<int64_t> xs{c.bytes_per_element};
+    for (const Factor& f : c.factors) xs.push_back(f.value);
+    if (fits_int64(xs)) continue;
+    const Factor* culprit = nullptr;
+    for (const Factor& f : c.factors) {
+      if (sc.origin.count(f.key) && (!culprit || f.value > culprit->value)) culprit = &f;
+    }
+    if (!culprit) culprit = c.factors.begin();
+    fail(sc.where(culprit->key), fmt::format("byte count of {} overflows int64", c.what));
+  }
+}
+
+}  // namespace
+
+void apply_overrides(Scenario& sc, const std::vector<std::string>& overrides) {
+  for (const std::string& o : overrides) {
+    auto eq = o.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      throw InputError(fmt::format("--set {}: expected KEY=VALUE", o));
+    }
+    std::string key = o.substr(0, eq);
+    set_key(sc, key, parse_override_value(o.substr(eq + 1)), "--set");
+  }
+  validate(sc);
+}
+
+Scenario load_scenario_text(const std::string& text, const std::string& path, const std::vector<std::string>& overrides) {
+  Scenario sc;
+  sc.name = "default";
+  sc.device = find_device("H100-SXM-80GB");
+  sc.file = path;
+  sc.name = std::filesystem::path(path).stem().string();
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos) throw InputError(fmt::format("{}: empty scenario file", path));
+  int64_t deep_line = 0;
+  if (toml_nesting_depth(text, &deep_line) > kMaxTomlNesting) {
+    throw InputError(fmt::format("{}:{}: nested deeper than {} levels (tables, dotted keys, arrays); a scenario needs 2",
+                                 path, deep_line, kMaxTomlNesting));
+  }
+  toml::table t;
+  try {
+    t = toml::parse(std::string_view(text), path);
+  } catch (const toml::parse_error& e) {
+    // toml++'s descriptions are one line today; keep the error to one line regardless.
+    std::string what(e.description());
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    throw InputError(fmt::format("{}:{}: {}", path, e.source().begin.line, what));
+  }
+  if (t.empty()) throw InputError(fmt::format("{}: no scenario keys (an empty or comment-only file)", path));
+  walk(sc, t, "", path);
+  apply_overrides(sc, overrides);
+  return sc;
+}
+
+Scenario load_scenario(const std::string& path, const std::vector<std::string>& overrides) {
+  if (!path.empty()) return load_scenario_text(util::read_input_file(path, "scenario"), path, overrides);
+  Scenario sc;
+  sc.name = "default";
+  sc.device = find_device("H100-SXM-80GB");
+  apply_overrides(sc, overrides);
+  return sc;
+}
+
+}  // namespace actsim::study
