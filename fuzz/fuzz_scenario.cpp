@@ -38,7 +38,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     // Only small models go further: the point is the code paths, not the sizes.
     const bool small = m.n_layers <= 2 && m.d_model <= 64 && m.seq_len <= 32 && m.vocab_size <= 256 &&
                        s.training.batch_size <= 2 && m.n_heads <= 16 && (m.d_ff <= 256) &&
-                       s.checkpoint_policy.rfind("budget", 0) != 0;
+                       !s.is_budget();
     if (!small) return 0;
     study::Analysis a = study::analyze(s);
     (void)report::to_json(a, -1).dump();

@@ -63,7 +63,7 @@ int64_t most_activation_bytes(const study::Analysis& a) {
     void on_workspace(graph::OpId, int64_t bytes, int64_t, int64_t) override { add(bytes); }
   } w(a.step->graph);
   sim::Observer* obs[] = {&w};
-  (void)sim::simulate(*a.plan, obs);
+  (void)sim::simulate(*a.tables, obs);
   return w.most;
 }
 
@@ -169,7 +169,7 @@ TEST_CASE("checkpoint: Chen et al.'s sqrt(L) segments keep ~2 sqrt(L) blocks for
   CHECK(none.saved_bytes - none.outside_saved == L * block);
 
   // One extra forward: the recompute costs the blocks' forward time, within 10%.
-  sim::Plan plan(none.step->graph, none.scenario.device);
+  sim::StepTables plan(none.step->graph, none.scenario.device);
   int64_t forward_blocks_ns = 0;
   for (size_t i = 0; i < none.step->graph.n_ops(); ++i) {
     const graph::Op& op = none.step->graph.ops()[i];
@@ -510,4 +510,91 @@ TEST_CASE("graph::forward_cuts: a parallel-residual block has no cut inside it, 
   CHECK(names == std::vector<std::string>{"embed", "b0.add2", "b1.add", "b1.add2"});
   CHECK(cuts.back().tensor == out2);
   CHECK(graph::forward_cuts(g, x, loss).size() == cuts.size());
+}
+
+TEST_CASE("checkpoint: mlp recomputes Megatron-LM's MLP terms (19sbh) and ln_2's statistics, nothing else",
+          "[checkpoint]") {
+  for (const Size& z : kMegatronSizes) {
+    const auto [s, h, a, b] = z;
+    INFO("s=" << s << " h=" << h << " a=" << a << " b=" << b);
+    const study::Analysis none = run(megatron(s, h, a, b, "none"));
+    const study::Analysis mlp = run(megatron(s, h, a, b, "mlp"));
+    REQUIRE(mlp.per_layer_saved.size() == none.per_layer_saved.size());
+    // Korthikanti et al. 2022: the MLP keeps 19sbh (c_fc input 2, GELU input 8, c_proj input 8,
+    // dropout mask 1); ln_2's input (2sbh) is the checkpoint's input and stays, its fp32 mean and
+    // rstd (8sb) go.
+    for (size_t i = 0; i < none.per_layer_saved.size(); ++i) {
+      CHECK(none.per_layer_saved[i] - mlp.per_layer_saved[i] == 19 * s * b * h + 8 * s * b);
+    }
+    CHECK(mlp.outside_saved == none.outside_saved);
+    CHECK(mlp.result.step_time_ns > none.result.step_time_ns);
+    CHECK(mlp.result.peak_bytes <= none.result.peak_bytes);
+  }
+  for (const char* bad : {"mlp:2", "mlps"}) {
+    INFO(bad);
+    CHECK_THROWS_AS(study::load_scenario("", {std::string("checkpoint.policy=") + bad}), InputError);
+  }
+  CHECK(graph::block_plan(graph::parse_policy("mlp", "test"), 3).describe() == "3 mlp-recomputed");
+}
+
+TEST_CASE("checkpoint: mlp's checkpoint call is the segment between each block's last two cut tensors",
+          "[checkpoint][cuts]") {
+  for (const graph::Family fam : {graph::Family::gpt2, graph::Family::llama}) {
+    graph::ModelConfig m;
+    m.family = fam;
+    m.n_layers = 3;
+    m.d_model = 64;
+    m.n_heads = 4;
+    m.seq_len = 16;
+    m.vocab_size = 128;
+    m.dropout = fam == graph::Family::gpt2 ? 0.1 : 0.0;
+    graph::TrainingConfig t;
+    t.batch_size = 2;
+    const graph::BlockPlan plan = graph::block_plan(graph::parse_policy("mlp", "test"), m.n_layers);
+    const graph::StepGraph step =
+        graph::lower_training_step(m, t, graph::profile(graph::ProfileId::torch2_cpu), &plan);
+    const graph::Graph& g = step.graph;
+    const std::vector<graph::CutTensor> cuts = graph::forward_cuts(g, graph::kNoTensor, step.loss);
+    std::map<uint32_t, size_t> cut_at;  // tensor -> position among the cuts
+    for (size_t k = 0; k < cuts.size(); ++k) cut_at[graph::index(cuts[k].tensor)] = k;
+    for (int32_t i = 0; i < m.n_layers; ++i) {
+      INFO(graph::to_string(fam) << " block " << i);
+      std::vector<size_t> region;
+      int32_t id = -1;
+      for (size_t k = 0; k < g.n_ops(); ++k) {
+        const graph::Op& op = g.ops()[k];
+        if (op.phase != graph::Phase::forward || op.layer != i) continue;
+        const bool mlp_op = op.name.find(".mlp") != std::string::npos || op.name.find(".ffn") != std::string::npos;
+        if (op.region < 0) {
+          CHECK_FALSE(mlp_op);  // the whole MLP sublayer is inside the checkpoint call
+          continue;
+        }
+        if (id < 0) id = op.region;
+        CHECK(op.region == id);  // one checkpoint call
+        region.push_back(k);
+      }
+      REQUIRE(!region.empty());
+      CHECK(region.back() - region.front() + 1 == region.size());  // contiguous in forward order
+      // It reads one activation from outside: a cut tensor; it writes the next cut last.
+      std::set<uint32_t> own, read;
+      for (size_t k : region) {
+        for (graph::TensorId o : g.ops()[k].outputs) own.insert(graph::index(g.tensor(o).storage));
+      }
+      graph::TensorId input = graph::kNoTensor;
+      for (size_t k : region) {
+        for (graph::TensorId in : g.ops()[k].inputs) {
+          const graph::Storage& st = g.storage(g.tensor(in).storage);
+          if (own.count(graph::index(g.tensor(in).storage)) || st.category != graph::Category::activation) continue;
+          read.insert(graph::index(g.tensor(in).storage));
+          input = in;
+        }
+      }
+      REQUIRE(read.size() == 1);
+      const graph::TensorId output = g.ops()[region.back()].outputs.at(0);
+      REQUIRE(cut_at.count(graph::index(input)));
+      REQUIRE(cut_at.count(graph::index(output)));
+      CHECK(cut_at[graph::index(output)] == cut_at[graph::index(input)] + 1);
+      CHECK(g.op(g.tensor(output).producer).name == fmt::format("blocks.{}.add", i));
+    }
+  }
 }

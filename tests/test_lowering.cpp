@@ -288,7 +288,7 @@ TEST_CASE("lower: parameter gradients are category gradient with the parameters'
       int64_t kept = 0;
       for (size_t si = 0; si < g.storages().size(); ++si) {
         const StorageId sid{static_cast<uint32_t>(si)};
-        if (g.storage(sid).producer != kNoOp && a.plan->is_persistent(sid)) kept += g.allocated(g.storage(sid).bytes);
+        if (g.storage(sid).producer != kNoOp && a.tables->is_persistent(sid)) kept += g.allocated(g.storage(sid).bytes);
       }
       CHECK(kept <= g.allocated(g.storage(g.tensor(s.loss).storage).bytes));
       CHECK(a.result.live_end_step == a.result.live_step_start + kept);

@@ -56,7 +56,7 @@ struct Sim {
 };
 Sim simulate_plan(const study::Scenario& s, const graph::BlockPlan& p) {
   graph::StepGraph step = graph::lower_training_step(s.model, s.training, graph::profile(s.profile), &p);
-  sim::Plan plan(step.graph, s.device);
+  sim::StepTables plan(step.graph, s.device);
   sim::SimResult r = sim::simulate(plan);
   return {r.peak_bytes, r.step_time_ns};
 }
@@ -190,7 +190,7 @@ TEST_CASE("study::plan_for_budget: the kept analysis is the chosen plan's, and e
     // The analysis handed back is what analyzing the chosen plan gives.
     REQUIRE(r.analysis);
     study::Scenario chosen = s;
-    chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+    chosen.checkpoint = r.plan;
     const study::Analysis a = study::analyze(chosen);
     CHECK(r.analysis->result.peak_bytes == r.peak_bytes);
     CHECK(r.analysis->result.step_time_ns == r.step_time_ns);

@@ -81,7 +81,7 @@ TEST_CASE("study::load_scenario: without a file, the defaults (gpt2 small on an 
   CHECK(s.profile == graph::ProfileId::torch_cuda);
   CHECK(s.device.name == "H100-SXM-80GB");
   CHECK(s.device.memory_bytes == 80LL * 1024 * 1024 * 1024);
-  CHECK(s.checkpoint_policy == "none");
+  CHECK(s.checkpoint_text() == "none");
   CHECK(s.origin.empty());
   CHECK(s.where("model.d_model") == "model.d_model");
 }
@@ -153,7 +153,7 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   CHECK(s.profile == graph::ProfileId::torch_cuda);
   CHECK(s.cpu_isa == graph::CpuIsa::avx2);
   CHECK(s.device.name == "A100-80GB");
-  CHECK(s.checkpoint_policy == "none");
+  CHECK(s.checkpoint_text() == "none");
   // Every key was set, each at its own line.
   std::set<std::string> set_keys;
   for (const auto& [k, where] : s.origin) set_keys.insert(k);

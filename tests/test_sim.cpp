@@ -16,7 +16,7 @@ using namespace actsim;
 using namespace actsim::graph;
 using sim::DeviceSpec;
 using sim::Observer;
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 
 namespace {
@@ -103,7 +103,7 @@ struct Recorder : Observer {
   }
 };
 
-SimResult run(const Plan& plan, Observer* o = nullptr) {
+SimResult run(const StepTables& plan, Observer* o = nullptr) {
   if (!o) return sim::simulate(plan);
   Observer* const obs[] = {o};
   return sim::simulate(plan, obs);
@@ -130,11 +130,11 @@ void check_equal(const SimResult& x, const SimResult& y) {
 
 }  // namespace
 
-// ---- Plan ---------------------------------------------------------------------------------------
+// ---- StepTables ---------------------------------------------------------------------------------
 
-TEST_CASE("sim::Plan: allocations at the producer, uses by every reader, persistent leaves", "[sim]") {
+TEST_CASE("sim::StepTables: allocations at the producer, uses by every reader, persistent leaves", "[sim]") {
   TinyStep t;
-  Plan plan(t.g, test_device());
+  StepTables plan(t.g, test_device());
   auto ids = [](std::span<const StorageId> s) {
     std::vector<uint32_t> v;
     for (StorageId x : s) v.push_back(index(x));
@@ -165,7 +165,7 @@ TEST_CASE("sim::Plan: allocations at the producer, uses by every reader, persist
 
 TEST_CASE("sim::simulate: peak, phase ends and times of a hand-built step", "[sim]") {
   TinyStep t;
-  Plan plan(t.g, test_device());
+  StepTables plan(t.g, test_device());
   SimResult r = run(plan);
   CHECK(r.live_step_start == 1000);  // P; the host 'step' scalar is not device memory
   CHECK(r.step_start_by_category[static_cast<size_t>(Category::parameter)] == 1000);
@@ -194,7 +194,7 @@ TEST_CASE("sim::simulate: peak, phase ends and times of a hand-built step", "[si
 
 TEST_CASE("sim::simulate: an observer sees allocation at op start, free after last use, in order", "[sim]") {
   TinyStep t;
-  Plan plan(t.g, test_device());
+  StepTables plan(t.g, test_device());
   Recorder rec;
   SimResult r = run(plan, &rec);
   // start0 allocA ws+ | ws- end0 | start1 allocB allocS | freeA end1 | start2 end2 |
@@ -252,7 +252,7 @@ TEST_CASE("sim::simulate: an observer sees allocation at op start, free after la
 
 TEST_CASE("sim::simulate: deterministic, and two observers see the same events", "[sim]") {
   TinyStep t;
-  Plan plan(t.g, test_device());
+  StepTables plan(t.g, test_device());
   Recorder r1, r2;
   Observer* const both[] = {&r1, &r2};
   SimResult a = sim::simulate(plan, both);
@@ -266,8 +266,8 @@ TEST_CASE("sim::simulate: deterministic, and two observers see the same events",
       "", {"model.family=llama", "model.vocab_size=97", "model.seq_len=16", "model.d_model=32", "model.n_heads=4",
            "model.n_kv_heads=2", "model.n_layers=2", "training.batch_size=2"}));
   Recorder rec;
-  SimResult x = run(*an.plan, &rec);
-  SimResult y = run(*an.plan);
+  SimResult x = run(*an.tables, &rec);
+  SimResult y = run(*an.tables);
   check_equal(x, y);
   check_equal(x, an.result);
   int64_t live = x.live_step_start, peak = live, allocs = 0, frees = 0, starts = 0, ends = 0;
@@ -305,7 +305,7 @@ TEST_CASE("sim::simulate: a graph with no ops keeps its persistent storages", "[
   g.add_storage({.bytes = 123, .category = Category::parameter});
   g.add_storage({.bytes = 5, .category = Category::optimizer_state, .location = Location::host});
   g.freeze();
-  Plan plan(g, test_device());
+  StepTables plan(g, test_device());
   SimResult r = run(plan);
   CHECK(r.peak_bytes == 123);
   CHECK(r.live_step_start == 123);

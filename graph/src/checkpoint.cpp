@@ -16,6 +16,7 @@ std::string_view to_string(BlockMode m) {
     case BlockMode::selective: return "selective";
     case BlockMode::ops: return "ops";
     case BlockMode::offload: return "offloaded";
+    case BlockMode::mlp: return "mlp-recomputed";
   }
   return "?";
 }
@@ -92,6 +93,7 @@ CheckpointPolicy parse_policy(const std::string& text, const std::string& where)
   else if (head == "sqrt") no_arg(), p.kind = CheckpointPolicy::Kind::sqrt;
   else if (head == "selective") no_arg(), p.kind = CheckpointPolicy::Kind::selective;
   else if (head == "offload") no_arg(), p.kind = CheckpointPolicy::Kind::offload;
+  else if (head == "mlp") no_arg(), p.kind = CheckpointPolicy::Kind::mlp;
   else if (head == "every") {
     p.kind = CheckpointPolicy::Kind::every;
     p.every = parse_count(arg, where, text);
@@ -133,7 +135,7 @@ CheckpointPolicy parse_policy(const std::string& text, const std::string& where)
   } else {
     throw InputError(fmt::format(
         "{}: unknown checkpoint policy \"{}\" (one of: none, full, every:K, sqrt, selective, ops:LIST, offload, "
-        "budget:BYTES)",
+        "mlp, budget:BYTES)",
         where, text));
   }
   return p;
@@ -167,6 +169,9 @@ BlockPlan block_plan(const CheckpointPolicy& p, int64_t n) {
     case CheckpointPolicy::Kind::offload:
       for (auto& m : b.mode) m = BlockMode::offload;
       break;
+    case CheckpointPolicy::Kind::mlp:
+      for (auto& m : b.mode) m = BlockMode::mlp;
+      break;
     case CheckpointPolicy::Kind::budget:
       ACTSIM_ASSERT(false, "a budget needs the planner, not block_plan");
   }
@@ -181,10 +186,11 @@ bool BlockPlan::is_trivial() const {
 }
 
 std::string BlockPlan::describe() const {
-  int counts[5] = {};
+  constexpr int kModes = static_cast<int>(BlockMode::mlp) + 1;
+  int counts[kModes] = {};
   for (BlockMode m : mode) ++counts[static_cast<int>(m)];
   std::string out;
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < kModes; ++i) {
     if (!counts[i]) continue;
     if (!out.empty()) out += ", ";
     out += fmt::format("{} {}", counts[i], to_string(static_cast<BlockMode>(i)));

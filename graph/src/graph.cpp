@@ -1,7 +1,5 @@
 #include "actsim/graph/graph.hpp"
 
-#include <boost/graph/adjacency_list.hpp>
-#include <boost/graph/topological_sort.hpp>
 #include <fmt/format.h>
 
 #include <array>
@@ -143,10 +141,9 @@ void Graph::validate() const {
     }
   }
   // Dataflow: an edge from each tensor's producer to each op that reads, saves or holds it.
-  // Ops are stored in execution order, so every edge must point forward; Boost's topological
-  // sort double-checks acyclicity independently of that order.
-  using G = boost::adjacency_list<boost::vecS, boost::vecS, boost::directedS>;
-  G g(ops_.size());
+  // Ops are stored in execution order and every edge must point forward, so the graph is acyclic
+  // by construction (a topological sort could not fail; Boost.Graph's work is the cut tensors,
+  // cuts.cpp).
   for (size_t i = 0; i < ops_.size(); ++i) {
     const Op& op = ops_[i];
     for (const auto* list : {&op.inputs, &op.holds, &op.saved, &op.releases}) {
@@ -156,19 +153,12 @@ void Graph::validate() const {
         if (list == &op.saved && index(p) == i) continue;           // an op may save its own output
         ACTSIM_ASSERT(index(p) < i, fmt::format("op {} reads {} before it is produced", op.name,
                                                  tensors_[index(t)].name));
-        boost::add_edge(index(p), i, g);
       }
     }
     for (TensorId t : op.outputs) {
       ACTSIM_ASSERT(tensors_.at(index(t)).producer == OpId{static_cast<uint32_t>(i)},
                     "output not produced by its op: " + tensors_[index(t)].name);
     }
-  }
-  std::vector<size_t> order;
-  try {
-    boost::topological_sort(g, std::back_inserter(order));
-  } catch (const boost::not_a_dag&) {
-    ACTSIM_ASSERT(false, "graph has a cycle");
   }
 }
 

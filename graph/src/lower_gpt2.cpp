@@ -55,6 +55,8 @@ TensorId Lowering::gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
   TensorId a = gpt2_attention(i, p, h);
   scope(i, s);
   x = b.binary(OpKind::add, x, a);
+  scope(i, s);
+  mlp_begin(i);
   scope(i, s + ".ln_2");
   h = b.layer_norm(x, p.ln2_w, p.ln2_b);
   scope(i, s + ".mlp.c_fc");
@@ -66,7 +68,9 @@ TensorId Lowering::gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
   scope(i, s + ".mlp.dropout");
   f = b.dropout(f, m.dropout);
   scope(i, s);
-  return b.binary(OpKind::add, x, f);
+  x = b.binary(OpKind::add, x, f);
+  mlp_end(i);
+  return x;
 }
 
 void Lowering::gpt2() {

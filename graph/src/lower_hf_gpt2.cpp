@@ -85,6 +85,7 @@ struct HfGpt2 : HfBase {
     TensorId a = attention(i, p, h, mask, cache, use_cache);
     l.scope(i, s);
     x = b.binary(OpKind::add, a, x);  // attn_output + residual
+    l.mlp_begin(i);
     l.scope(i, s + ".ln_2");
     h = b.layer_norm(x, p.ln2_w, p.ln2_b);
     l.scope(i, s + ".mlp.c_fc");
@@ -97,6 +98,7 @@ struct HfGpt2 : HfBase {
     f = b.dropout(f, m.dropout);
     l.scope(i, s);
     TensorId out = b.binary(OpKind::add, x, f);  // residual + feed_forward_hidden_states
+    l.mlp_end(i);
     l.leave_block();
     b.block_outputs.push_back(out);
     return out;

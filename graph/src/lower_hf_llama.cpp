@@ -139,6 +139,8 @@ struct HfLlama : HfBase {
     TensorId a = attention(i, p, h, cos, sin, mask, cache);
     l.scope(i, s);
     x = add(x, b.dropout(a, m.dropout));  // Phi3's resid_attn_dropout (resid_pdrop)
+    l.scope(i, s);
+    l.mlp_begin(i);
     l.scope(i, s + ".post_attention_layernorm");
     h = rmsnorm(x, p.post_norm);
     if (m.fused_qkv_mlp) {
@@ -153,6 +155,7 @@ struct HfLlama : HfBase {
       TensorId f = b.linear(gu, p.down, std::nullopt);
       l.scope(i, s);
       TensorId out = add(x, b.dropout(f, m.dropout));
+      l.mlp_end(i);
       l.leave_block();
       b.block_outputs.push_back(out);
       return out;
@@ -170,6 +173,7 @@ struct HfLlama : HfBase {
     TensorId f = b.linear(gu, p.down, opt(p.down_b));
     l.scope(i, s);
     TensorId out = add(x, f);
+    l.mlp_end(i);
     l.leave_block();
     b.block_outputs.push_back(out);
     return out;

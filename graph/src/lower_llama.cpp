@@ -83,6 +83,8 @@ TensorId Lowering::llama_block_ops(int i, const LlamaBlock& p, TensorId x, Tenso
   TensorId a = llama_attention(i, p, h, cos_c, sin_c, pos);
   scope(i, s);
   x = b.binary(OpKind::add, x, a);
+  scope(i, s);
+  mlp_begin(i);
   scope(i, s + ".ffn_norm");
   h = rmsnorm(x, p.ffn_norm);
   // self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -97,7 +99,9 @@ TensorId Lowering::llama_block_ops(int i, const LlamaBlock& p, TensorId x, Tenso
   scope(i, s + ".ffn.w2");
   TensorId f = b.linear(gu, p.w2, std::nullopt);
   scope(i, s);
-  return b.binary(OpKind::add, x, f);
+  x = b.binary(OpKind::add, x, f);
+  mlp_end(i);
+  return x;
 }
 
 void Lowering::llama() {

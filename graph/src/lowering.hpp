@@ -30,7 +30,8 @@ struct Lowering {
 
   // Checkpointing: region ids are unique per recomputed unit (a segment, a block's attention core,
   // a block under ops:LIST).
-  static constexpr int32_t kSelectiveRegion = 1 << 20, kOpsRegion = 2 << 20, kBlockRegion = 3 << 20;
+  static constexpr int32_t kSelectiveRegion = 1 << 20, kOpsRegion = 2 << 20, kBlockRegion = 3 << 20,
+                           kMlpRegion = 4 << 20;
   BlockMode mode(int i) const { return plan ? plan->mode[static_cast<size_t>(i)] : BlockMode::keep; }
   void enter_block(int i) {
     switch (mode(i)) {
@@ -61,6 +62,16 @@ struct Lowering {
   }
   void core_end(int i) {
     if (mode(i) == BlockMode::selective) b.set_region(-1);
+  }
+  // Half-block checkpointing: the MLP sublayer of block i (norm, MLP, residual add) as one
+  // checkpoint call, from the mid-block residual to the block output (two consecutive cut tensors).
+  void mlp_begin(int i) {
+    if (mode(i) != BlockMode::mlp) return;
+    b.rng_stash[kMlpRegion + i] = b.stash_rng("checkpoint.rng_state");
+    b.set_region(kMlpRegion + i);
+  }
+  void mlp_end(int i) {
+    if (mode(i) == BlockMode::mlp) b.set_region(-1);
   }
 
   TensorId param(const std::string& name, const Shape& shape) {

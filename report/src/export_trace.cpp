@@ -18,7 +18,7 @@ namespace actsim::report {
 using graph::OpId;
 using graph::StorageId;
 using sim::Observer;
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 using sim::simulate;
 using study::Analysis;
@@ -134,7 +134,7 @@ Timeline record_timeline(const Analysis& a) {
   t.events.reserve(static_cast<size_t>(a.result.events));
   Recorder rec(g, t);
   Observer* obs[] = {&rec};
-  SimResult r = simulate(*a.plan, obs);
+  SimResult r = simulate(*a.tables, obs);
   ACTSIM_ASSERT(r.peak_bytes == a.result.peak_bytes, "re-simulation gave another peak");
   t.step_time_ns = r.step_time_ns;
   return t;

@@ -43,88 +43,109 @@ int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
   const double compute_s = rate > 0 ? op.flops / rate : 0;
   const double memory_s = d.mem_bandwidth > 0 ? static_cast<double>(op.bytes_moved) / d.mem_bandwidth : 0;
   const double s = std::max(compute_s, memory_s);
-  // Beyond ~292 years the conversion to int64 would be undefined: saturate, and let the plan's
+  // Beyond ~292 years the conversion to int64 would be undefined: saturate, and let the tables'
   // checked total reject it (Note [Checked totals]).
   const double ns = s * 1e9 + 0.5 + static_cast<double>(op.kernels) * static_cast<double>(d.launch_overhead_ns);
   if (!(ns < 9.0e18)) return std::numeric_limits<int64_t>::max();
   return static_cast<int64_t>(s * 1e9 + 0.5) + static_cast<int64_t>(op.kernels) * d.launch_overhead_ns;
 }
 
-Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibration) : g_(g) {
+StepTables::StepTables(const Graph& g, const DeviceSpec& device, const Calibration* calibration)
+    : StepTables(Unchecked{}, g, device, calibration) {
+  if (!overflow_.empty()) throw ByteOverflow(overflow_);
+}
+
+std::optional<StepTables> StepTables::try_build(const Graph& g, const DeviceSpec& device, std::string* why,
+                                                const Calibration* calibration) {
+  StepTables t(Unchecked{}, g, device, calibration);
+  if (t.overflow_.empty()) return t;
+  if (why) *why = t.overflow_;
+  return std::nullopt;
+}
+
+StepTables::StepTables(Unchecked, const Graph& g, const DeviceSpec& device, const Calibration* calibration) : g_(g) {
   const size_t n_ops = g.n_ops();
   const size_t n_st = g.storages().size();
+  // Flat copies of what the passes below look up per tensor and per storage (the graph's deques
+  // are slow to index at random), each filled in one sequential walk.
+  std::vector<uint32_t> t_storage, t_producer;  // [tensors]; producer UINT32_MAX = none
+  std::vector<uint8_t> t_view;
+  t_storage.reserve(g.tensors().size());
+  t_producer.reserve(g.tensors().size());
+  t_view.reserve(g.tensors().size());
+  for (const graph::Tensor& t : g.tensors()) {
+    t_storage.push_back(index(t.storage));
+    t_producer.push_back(t.producer == graph::kNoOp ? UINT32_MAX : index(t.producer));
+    t_view.push_back(t.is_view ? 1 : 0);
+  }
+  std::vector<uint32_t> s_producer;  // [storages]
+  s_producer.reserve(n_st);
+  for (const graph::Storage& st : g.storages()) s_producer.push_back(st.producer == graph::kNoOp ? UINT32_MAX : index(st.producer));
+  op_stream_.reserve(n_ops);
+  for (const Op& op : g.ops()) op_stream_.push_back(op.stream);
+
   use_count_.assign(n_st, 0);
   // A storage is used by its producer and by every op that reads, holds or releases one of its
   // tensors (or outputs a view of it); it is freed when the last of those ends.
   std::vector<uint32_t> last_seen(n_st, UINT32_MAX);
   alloc_begin_.reserve(n_ops + 1);
   use_begin_.reserve(n_ops + 1);
-  for (size_t i = 0; i < n_ops; ++i) {
-    const Op& op = g.ops()[i];
+  dep_begin_.reserve(n_ops + 1);
+  uint32_t i = 0;
+  for (const Op& op : g.ops()) {
     alloc_begin_.push_back(static_cast<uint32_t>(allocs_.size()));
     use_begin_.push_back(static_cast<uint32_t>(uses_.size()));
     auto use = [&](graph::TensorId t) {
-      StorageId s = g.tensor(t).storage;
-      if (last_seen[index(s)] == i) return;
-      last_seen[index(s)] = static_cast<uint32_t>(i);
-      uses_.push_back(s);
-      ++use_count_[index(s)];
+      const uint32_t s = t_storage[index(t)];
+      if (last_seen[s] == i) return;
+      last_seen[s] = i;
+      uses_.push_back(StorageId{s});
+      ++use_count_[s];
     };
     for (graph::TensorId t : op.outputs) {
-      const graph::Tensor& tt = g.tensor(t);
-      if (!tt.is_view && g.storage(tt.storage).producer == graph::OpId{static_cast<uint32_t>(i)}) {
-        allocs_.push_back(tt.storage);
-      }
+      const uint32_t s = t_storage[index(t)];
+      if (!t_view[index(t)] && s_producer[s] == i) allocs_.push_back(StorageId{s});
       use(t);
     }
     for (graph::TensorId t : op.inputs) use(t);
     for (graph::TensorId t : op.holds) use(t);
     for (graph::TensorId t : op.releases) use(t);
-  }
-  alloc_begin_.push_back(static_cast<uint32_t>(allocs_.size()));
-  use_begin_.push_back(static_cast<uint32_t>(uses_.size()));
-  // Storages that exist before the step stay unless an op releases them (none does today).
-  for (size_t s = 0; s < n_st; ++s) {
-    if (g.storages()[s].producer == graph::kNoOp || g.storages()[s].keep) use_count_[s] = -1;
-  }
-  // Cross-stream dependencies: producers of an op's inputs that run on another stream.
-  dep_begin_.reserve(n_ops + 1);
-  for (size_t i = 0; i < n_ops; ++i) {
+    // Cross-stream dependencies: producers of an op's inputs that run on another stream.
     dep_begin_.push_back(static_cast<uint32_t>(deps_.size()));
-    const Op& op = g.ops()[i];
     for (graph::TensorId t : op.inputs) {
       // The op allocating the storage (a view made later, e.g. of a prefetched copy, names no
       // producer of its own).
-      OpId p = g.tensor(t).producer;
-      if (p == graph::kNoOp) p = g.storage(g.tensor(t).storage).producer;
-      if (p != graph::kNoOp && g.op(p).stream != op.stream) deps_.push_back(p);
+      uint32_t p = t_producer[index(t)];
+      if (p == UINT32_MAX) p = s_producer[t_storage[index(t)]];
+      if (p != UINT32_MAX && op_stream_[p] != op.stream) deps_.push_back(OpId{p});
     }
     for (OpId p : op.after) {
-      if (g.op(p).stream != op.stream) deps_.push_back(p);
+      if (op_stream_[index(p)] != op.stream) deps_.push_back(p);
     }
+    ++i;
   }
+  alloc_begin_.push_back(static_cast<uint32_t>(allocs_.size()));
+  use_begin_.push_back(static_cast<uint32_t>(uses_.size()));
   dep_begin_.push_back(static_cast<uint32_t>(deps_.size()));
   st_bytes_.resize(n_st);
   st_cat_.resize(n_st);
   st_host_.resize(n_st);
-  for (size_t i = 0; i < n_st; ++i) {
-    const graph::Storage& st = g.storages()[i];
-    st_bytes_[i] = st.location == Location::host ? st.bytes : g.allocated(st.bytes);
-    st_cat_[i] = static_cast<uint8_t>(st.category);
-    st_host_[i] = st.location == Location::host;
+  size_t k = 0;
+  for (const graph::Storage& st : g.storages()) {
+    // Storages that exist before the step stay unless an op releases them (none does today).
+    if (st.producer == graph::kNoOp || st.keep) use_count_[k] = -1;
+    st_bytes_[k] = st.location == Location::host ? st.bytes : g.allocated(st.bytes);
+    st_cat_[k] = static_cast<uint8_t>(st.category);
+    st_host_[k] = st.location == Location::host;
+    ++k;
   }
-  op_ws_.resize(n_ops);
-  op_stream_.resize(n_ops);
-  op_phase_.resize(n_ops);
-  for (size_t i = 0; i < n_ops; ++i) {
-    const Op& op = g.ops()[i];
-    op_ws_[i] = op.workspace_bytes > 0 ? g.allocated(op.workspace_bytes) : 0;
-    op_stream_[i] = op.stream;
-    op_phase_[i] = static_cast<uint8_t>(op.phase);
-  }
-  duration_ns_.resize(n_ops);
-  for (size_t i = 0; i < n_ops; ++i) {
-    duration_ns_[i] = calibration ? calibration->op_time_ns(g, g.ops()[i], device) : op_time_ns(g, g.ops()[i], device);
+  op_ws_.reserve(n_ops);
+  op_phase_.reserve(n_ops);
+  duration_ns_.reserve(n_ops);
+  for (const Op& op : g.ops()) {
+    op_ws_.push_back(op.workspace_bytes > 0 ? g.allocated(op.workspace_bytes) : 0);
+    op_phase_.push_back(static_cast<uint8_t>(op.phase));
+    duration_ns_.push_back(calibration ? calibration->op_time_ns(g, op, device) : op_time_ns(g, op, device));
   }
   // Note [Checked totals]: every sum the event loop forms (live bytes, per category, on the
   // host, a report's saved bytes) is at most the sum of every storage and workspace, and every
@@ -135,18 +156,21 @@ Plan::Plan(const Graph& g, const DeviceSpec& device, const Calibration* calibrat
   bool ok = true;
   for (int64_t b : st_bytes_) ok = ok && add(total_bytes, b);
   for (int64_t b : op_ws_) ok = ok && add(total_bytes, b);
-  if (!ok) throw ByteOverflow("the step's byte counts (all storages and workspaces together) overflow int64");
+  if (!ok) {
+    overflow_ = "the step's byte counts (all storages and workspaces together) overflow int64";
+    return;
+  }
   for (int64_t t : duration_ns_) ok = ok && add(total_ns, t);
-  if (!ok) throw ByteOverflow("the step's simulated time (all op durations together) overflows int64 nanoseconds");
+  if (!ok) overflow_ = "the step's simulated time (all op durations together) overflows int64 nanoseconds";
 }
 
-std::span<const StorageId> Plan::allocs(OpId op) const {
+std::span<const StorageId> StepTables::allocs(OpId op) const {
   return {allocs_.data() + alloc_begin_[index(op)], allocs_.data() + alloc_begin_[index(op) + 1]};
 }
-std::span<const StorageId> Plan::uses(OpId op) const {
+std::span<const StorageId> StepTables::uses(OpId op) const {
   return {uses_.data() + use_begin_[index(op)], uses_.data() + use_begin_[index(op) + 1]};
 }
-std::span<const OpId> Plan::cross_stream_deps(OpId op) const {
+std::span<const OpId> StepTables::cross_stream_deps(OpId op) const {
   return {deps_.data() + dep_begin_[index(op)], deps_.data() + dep_begin_[index(op) + 1]};
 }
 
@@ -167,7 +191,7 @@ struct Event {
 
 class Engine {
  public:
-  Engine(const Plan& p, std::span<Observer* const> obs) : p_(p), g_(p.graph()), obs_(obs) {}
+  Engine(const StepTables& p, std::span<Observer* const> obs) : p_(p), g_(p.graph()), obs_(obs) {}
 
   SimResult run();
 
@@ -179,7 +203,7 @@ class Engine {
   void alloc(StorageId s, OpId by, int64_t now);
   void free(StorageId s, OpId by, int64_t now);
 
-  const Plan& p_;
+  const StepTables& p_;
   const Graph& g_;
   std::span<Observer* const> obs_;
   std::priority_queue<Event, std::vector<Event>, std::greater<>> q_;
@@ -336,8 +360,8 @@ SimResult Engine::run() {
 
 }  // namespace
 
-SimResult simulate(const Plan& plan, std::span<Observer* const> observers) {
-  Engine e(plan, observers);
+SimResult simulate(const StepTables& tables, std::span<Observer* const> observers) {
+  Engine e(tables, observers);
   return e.run();
 }
 

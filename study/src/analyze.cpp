@@ -1,4 +1,4 @@
-// Lowering and simulating one scenario: analyze(), the per-block plan of a policy, the batch search.
+// Simulating one resolved step (simulate_step) and one scenario (analyze = resolve + simulate_step).
 #include "actsim/study/analyze.hpp"
 
 #include <fmt/format.h>
@@ -8,45 +8,66 @@
 #include <tuple>
 
 #include "actsim/graph/profile.hpp"
-#include "actsim/study/planner.hpp"
 #include "actsim/util/error.hpp"
 
 namespace actsim::study {
 
-using sim::Plan;
+using sim::StepTables;
 using sim::ByteOverflow;
 using sim::simulate;
+using sim::SimResult;
 
 using graph::Category;
 using graph::Location;
 
-graph::BlockPlan block_plan_of(const Scenario& s) {
-  if (s.block_plan) return *s.block_plan;
-  const graph::CheckpointPolicy p = graph::parse_policy(s.checkpoint_policy, s.where("checkpoint.policy"));
-  if (p.kind == graph::CheckpointPolicy::Kind::budget) {
-    // The planner's plan (the least-memory plan when nothing fits the budget).
-    Scenario t = s;
-    t.checkpoint_policy = "none";
-    return plan_for_budget(t, p.budget_bytes).plan;
-  }
-  return graph::block_plan(p, s.model.n_layers);
-}
-
 Analysis analyze(const Scenario& s) { return analyze(s, s.runtime()); }
 
 Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
-  Analysis a;
-  a.scenario = s;
-  a.block_plan = block_plan_of(s);
-  a.step = std::make_unique<graph::StepGraph>(
-      graph::lower_training_step(s.model, s.training, runtime, &a.block_plan));
+  return simulate_step(resolve(s, runtime), s);
+}
+
+Analysis simulate_step(const ResolvedStep& step, const Scenario& s) {
   try {
-    a.plan = std::make_unique<Plan>(a.step->graph, s.device);
+    Analysis a = simulate_step(step);
+    a.scenario = s;
+    return a;
   } catch (const ByteOverflow& e) {
     throw ByteOverflow(fmt::format("{}, {}, {}, {}: {}", s.where("model.n_layers"), s.where("model.seq_len"),
                                    s.where("training.batch_size"), s.where("model.d_model"), e.what()));
   }
-  a.result = simulate(*a.plan);
+}
+
+namespace {
+
+// The step's graph, lowered once (the plan is the resolved one).
+std::unique_ptr<graph::StepGraph> lower(const ResolvedStep& step) {
+  return std::make_unique<graph::StepGraph>(
+      graph::lower_training_step(step.model, step.training, *step.runtime, &step.plan));
+}
+
+}  // namespace
+
+std::optional<SimResult> try_simulate_step(const ResolvedStep& step, std::span<sim::Observer* const> observers,
+                                           std::string* why) {
+  const std::unique_ptr<graph::StepGraph> g = lower(step);
+  std::optional<StepTables> tables = StepTables::try_build(g->graph, step.device, why);
+  if (!tables) return std::nullopt;
+  return simulate(*tables, observers);
+}
+
+SimResult simulate_step_result(const ResolvedStep& step, std::span<sim::Observer* const> observers) {
+  std::string why;
+  std::optional<SimResult> r = try_simulate_step(step, observers, &why);
+  if (!r) throw ByteOverflow(why);
+  return *r;
+}
+
+Analysis simulate_step(const ResolvedStep& step) {
+  Analysis a;
+  a.block_plan = step.plan;
+  a.step = lower(step);
+  a.tables = std::make_unique<StepTables>(a.step->graph, step.device);
+  a.result = simulate(*a.tables);
   const graph::Graph& g = a.step->graph;
   for (graph::TensorId p : a.step->params) {
     a.params_bytes += g.storage(g.tensor(p).storage).bytes;
@@ -128,36 +149,9 @@ Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
   return a;
 }
 
-int64_t max_batch_size(const Scenario& s) {
-  auto fits = [&](int64_t b) {
-    Scenario t = s;
-    t.training.batch_size = b;
-    graph::BlockPlan bp = block_plan_of(t);
-    graph::StepGraph step = graph::lower_training_step(t.model, t.training, t.runtime(), &bp);
-    try {
-      Plan plan(step.graph, t.device);
-      return simulate(plan).peak_bytes <= t.device.memory_bytes;
-    } catch (const ByteOverflow&) {
-      return false;  // a batch whose byte counts overflow int64 does not fit
-    }
-  };
-  if (!fits(1)) return 0;
-  int64_t lo = 1, hi = 2;
-  while (fits(hi)) {
-    lo = hi;
-    hi *= 2;
-    if (hi > (int64_t{1} << 24)) return lo;
-  }
-  while (hi - lo > 1) {
-    int64_t mid = lo + (hi - lo) / 2;
-    (fits(mid) ? lo : hi) = mid;
-  }
-  return lo;
-}
-
 void apply_calibration(Analysis& a, const sim::Calibration& c) {
-  a.plan = std::make_unique<sim::Plan>(a.step->graph, a.scenario.device, &c);
-  a.result = sim::simulate(*a.plan);
+  a.tables = std::make_unique<sim::StepTables>(a.step->graph, a.scenario.device, &c);
+  a.result = sim::simulate(*a.tables);
 }
 
 }  // namespace actsim::study

@@ -12,7 +12,7 @@ using graph::StorageId;
 using schedule::Schedule;
 using schedule::ScheduleEntry;
 using sim::Observer;
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 using Kind = ScheduleEntry::Kind;
 
@@ -23,7 +23,7 @@ namespace {
 // it is written at the first event that is not one of them.
 class Recorder : public Observer {
  public:
-  Recorder(const Plan& p, std::vector<ScheduleEntry>& out) : p_(p), out_(out) {}
+  Recorder(const StepTables& p, std::vector<ScheduleEntry>& out) : p_(p), out_(out) {}
   void on_op_start(OpId op, int64_t t) override {
     flush();
     pending_ = op;
@@ -52,7 +52,7 @@ class Recorder : public Observer {
   }
 
  private:
-  const Plan& p_;
+  const StepTables& p_;
   std::vector<ScheduleEntry>& out_;
   OpId pending_ = graph::kNoOp;
   int64_t pending_t_ = 0;
@@ -69,9 +69,9 @@ Schedule make_schedule(const Analysis& a) {
   s.training = a.scenario.training;
   s.profile = a.scenario.profile;
   s.device = a.scenario.device.name;
-  Recorder rec(*a.plan, s.entries);
+  Recorder rec(*a.tables, s.entries);
   Observer* obs[] = {&rec};
-  SimResult r = simulate(*a.plan, obs);
+  SimResult r = simulate(*a.tables, obs);
   rec.flush();
   s.simulated_peak_bytes = r.peak_bytes;
   s.simulated_live_step_start = r.live_step_start;

@@ -21,7 +21,7 @@
 
 namespace actsim::study {
 
-using sim::Plan;
+using sim::StepTables;
 using sim::SimResult;
 using sim::simulate;
 
@@ -291,10 +291,14 @@ Chain measure_chain(const Scenario& s) {
     }
     return c;
   }
-  Scenario base = s;
-  base.checkpoint_policy = "none";
-  base.block_plan.reset();
-  Analysis a = analyze(base);
+  // Each measurement simulates the scenario's step under a fixed policy's plan (simulate_step: no
+  // resolving, no planning).
+  auto under = [&](graph::CheckpointPolicy::Kind kind) {
+    graph::CheckpointPolicy p;
+    p.kind = kind;
+    return simulate_step(resolve(s, graph::block_plan(p, s.model.n_layers)));
+  };
+  Analysis a = under(graph::CheckpointPolicy::Kind::none);
   const graph::Graph& g = a.step->graph;
   const int64_t L = s.model.n_layers;
   Chain c;
@@ -304,18 +308,15 @@ Chain measure_chain(const Scenario& s) {
     const graph::Op& op = g.ops()[i];
     if (op.layer < 0 || op.phase == graph::Phase::optimizer) continue;
     auto& v = op.phase == graph::Phase::forward ? c.forward_ns : c.backward_ns;
-    v[static_cast<size_t>(op.layer)] += a.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+    v[static_cast<size_t>(op.layer)] += a.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
   }
   // What a block recomputes for its own backward: the recompute ops of checkpointing every block.
-  Scenario full = s;
-  full.checkpoint_policy = "full";
-  full.block_plan.reset();
-  Analysis af = analyze(full);
+  Analysis af = under(graph::CheckpointPolicy::Kind::full);
   c.forward_saved_ns.assign(static_cast<size_t>(L), 0);
   for (size_t i = 0; i < af.step->graph.n_ops(); ++i) {
     const graph::Op& op = af.step->graph.ops()[i];
     if (op.recompute && op.layer >= 0) {
-      c.forward_saved_ns[static_cast<size_t>(op.layer)] += af.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+      c.forward_saved_ns[static_cast<size_t>(op.layer)] += af.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
     }
   }
   const int64_t x = s.training.batch_size * s.model.seq_len * s.model.d_model * graph::dtype_size(s.training.dtype);
@@ -324,10 +325,7 @@ Chain measure_chain(const Scenario& s) {
   for (int64_t i = 0; i < L; ++i) c.activation_bytes[static_cast<size_t>(i)] = std::max<int64_t>(0, a.per_layer_saved[static_cast<size_t>(i)] - x);
   // Selective keeping: what each block keeps with its attention core recomputed, and the
   // backward time including that recompute.
-  Scenario sel = s;
-  sel.checkpoint_policy = "selective";
-  sel.block_plan.reset();
-  Analysis as = analyze(sel);
+  Analysis as = under(graph::CheckpointPolicy::Kind::selective);
   c.activation_selective_bytes.resize(static_cast<size_t>(L));
   c.backward_selective_ns.assign(static_cast<size_t>(L), 0);
   for (int64_t i = 0; i < L; ++i) {
@@ -336,15 +334,12 @@ Chain measure_chain(const Scenario& s) {
   for (size_t i = 0; i < as.step->graph.n_ops(); ++i) {
     const graph::Op& op = as.step->graph.ops()[i];
     if (op.layer >= 0 && op.phase == graph::Phase::backward) {
-      c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.plan->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
+      c.backward_selective_ns[static_cast<size_t>(op.layer)] += as.tables->duration_ns(graph::OpId{static_cast<uint32_t>(i)});
     }
   }
   // Offload: the step time it adds, spread evenly over the blocks (copies overlap compute, so
   // this is an estimate; plans using it are simulated before they are chosen).
-  Scenario off = s;
-  off.checkpoint_policy = "offload";
-  off.block_plan.reset();
-  const int64_t off_time = analyze(off).result.step_time_ns;
+  const int64_t off_time = under(graph::CheckpointPolicy::Kind::offload).result.step_time_ns;
   c.offload_penalty_ns.assign(static_cast<size_t>(L), std::max<int64_t>(0, (off_time - a.result.step_time_ns) / std::max<int64_t>(1, L)));
   // The head: what the model keeps outside the blocks (embeddings aside, a constant), run once.
   c.has_head = true;
@@ -385,8 +380,8 @@ namespace {
 // the report's figures (kept: the answer's is what `actsim plan` prints).
 std::shared_ptr<const Analysis> simulate_plan(const Scenario& s, const graph::BlockPlan& bp) {
   Scenario t = s;
-  t.block_plan = std::make_shared<graph::BlockPlan>(bp);
-  return std::make_shared<const Analysis>(analyze(t));
+  t.checkpoint = bp;
+  return std::make_shared<const Analysis>(simulate_step(resolve(t, bp), t));
 }
 
 // A plan's identity: equal keys, equal lowered steps.

@@ -63,6 +63,16 @@ std::string Scenario::where(const std::string& key) const {
   return it->second + ": " + key;
 }
 
+std::string Scenario::checkpoint_text() const {
+  if (const auto* p = std::get_if<graph::CheckpointPolicy>(&checkpoint)) return p->text;
+  return std::get<graph::BlockPlan>(checkpoint).describe();
+}
+
+bool Scenario::is_budget() const {
+  const auto* p = std::get_if<graph::CheckpointPolicy>(&checkpoint);
+  return p && p->kind == graph::CheckpointPolicy::Kind::budget;
+}
+
 bool parse_size(const std::string& text, int64_t& bytes) { return graph::parse_size(text, bytes); }
 
 namespace {
@@ -216,8 +226,7 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
                                                              {"avx2", graph::CpuIsa::avx2}}, where, "CPU ISA");
   } else if (key == "device.name") sc.device = find_device(as_str(v, where), where);
   else if (key == "checkpoint.policy") {
-    sc.checkpoint_policy = as_str(v, where);
-    (void)graph::parse_policy(sc.checkpoint_policy, where);  // reject a bad policy where it is written
+    sc.checkpoint = graph::parse_policy(as_str(v, where), where);  // parsed once, rejected where it is written
   }
   else {
     std::string hint = closest(key, scenario_keys());
@@ -336,45 +345,47 @@ std::string blame(const Scenario& sc, std::initializer_list<const char*> keys) {
   return sc.where(*keys.begin());
 }
 
-void validate(const Scenario& sc) {
+// The first constraint `sc` breaks, as the one-line message validate() throws; nullopt if none.
+std::optional<std::string> first_problem(const Scenario& sc) {
+  auto fail = [](const std::string& where, const std::string& msg) { return std::optional<std::string>(where + ": " + msg); };
   const auto& m = sc.model;
   // The graph has ~100 ops per block; beyond this a run would take minutes and gigabytes.
   constexpr int64_t kMaxLayers = 20000;
   if (m.n_layers > kMaxLayers) {
-    fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
+    return fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
   }
   const auto& t = sc.training;
   if (m.family == Family::hf_llama || m.family == Family::hf_gpt2) {  // model.hf_config (issue 11)
     if (sc.profile == graph::ProfileId::torch_cpu) {
-      fail(blame(sc, {"runtime.profile", "model.hf_config"}), "transformers 5 needs PyTorch 2.x: use torch2-cpu or torch-cuda");
+      return fail(blame(sc, {"runtime.profile", "model.hf_config"}), "transformers 5 needs PyTorch 2.x: use torch2-cpu or torch-cuda");
     }
     if (m.attention == Attention::flash && m.sliding_window > 0 && m.seq_len >= m.sliding_window) {
-      fail(blame(sc, {"model.seq_len", "model.hf_config"}),
+      return fail(blame(sc, {"model.seq_len", "model.hf_config"}),
            fmt::format("seq_len {} reaches sliding_window {}: sdpa then gets a sliding-window mask, which is not lowered",
                        m.seq_len, m.sliding_window));
     }
-    if (m.family == Family::hf_llama && m.hd() % 2 != 0) fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
+    if (m.family == Family::hf_llama && m.hd() % 2 != 0) return fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
   }
   if (m.head_dim == 0 && m.d_model % m.n_heads != 0) {
-    fail(blame(sc, {"model.n_heads", "model.d_model"}),
+    return fail(blame(sc, {"model.n_heads", "model.d_model"}),
          fmt::format("model.n_heads = {} does not divide model.d_model = {}", m.n_heads, m.d_model));
   }
   if (m.n_kv_heads > 0 && m.n_heads % m.n_kv_heads != 0) {
-    fail(blame(sc, {"model.n_kv_heads", "model.n_heads"}),
+    return fail(blame(sc, {"model.n_kv_heads", "model.n_heads"}),
          fmt::format("model.n_kv_heads = {} does not divide model.n_heads = {}", m.n_kv_heads, m.n_heads));
   }
   if (m.family == Family::gpt2 && m.n_kv_heads > 0 && m.n_kv_heads != m.n_heads) {
-    fail(blame(sc, {"model.n_kv_heads", "model.family", "model.n_heads"}), "gpt2 has no grouped-query attention (n_kv_heads must equal n_heads)");
+    return fail(blame(sc, {"model.n_kv_heads", "model.family", "model.n_heads"}), "gpt2 has no grouped-query attention (n_kv_heads must equal n_heads)");
   }
   if (m.family == Family::llama && m.dropout > 0) {
-    fail(blame(sc, {"model.dropout", "model.family"}), "llama has no dropout (the reference model has none)");
+    return fail(blame(sc, {"model.dropout", "model.family"}), "llama has no dropout (the reference model has none)");
   }
   if (m.family == Family::llama && (m.d_model / m.n_heads) % 2 != 0) {
-    fail(blame(sc, {"model.n_heads", "model.d_model", "model.family"}),
+    return fail(blame(sc, {"model.n_heads", "model.d_model", "model.family"}),
          fmt::format("RoPE needs an even head size, d_model / n_heads = {}", m.d_model / m.n_heads));
   }
   if (m.attention == Attention::flash && !sc.runtime().has_sdpa) {
-    fail(blame(sc, {"model.attention", "runtime.profile"}),
+    return fail(blame(sc, {"model.attention", "runtime.profile"}),
          "attention = \"flash\" needs runtime.profile = \"torch-cuda\" or \"torch2-cpu\" (PyTorch 1.13 has no "
          "scaled_dot_product_attention)");
   }
@@ -384,12 +395,12 @@ void validate(const Scenario& sc) {
     // sdp_utils_cpp.cpp use_flash_attention_cpp: check_for_dropout fails on the CPU, and the math
     // fallback (_scaled_dot_product_attention_math: scaled copies, a float mask, the T x T
     // probabilities and their dropout) is not lowered.
-    fail(blame(sc, {"model.attention", "model.dropout", "runtime.profile"}),
+    return fail(blame(sc, {"model.attention", "model.dropout", "runtime.profile"}),
          "PyTorch 2.x on the CPU runs attention = \"flash\" with dropout > 0 through SDPA's math fallback, "
          "which actsim does not lower; use attention = \"eager\" or dropout = 0");
   }
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
-    fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
+    return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }
   // Byte counts of the largest tensors must fit int64 (with room for sums). An overflow is
   // reported at the largest factor the user set: that is the value to fix.
@@ -432,11 +443,18 @@ void validate(const Scenario& sc) {
       if (sc.origin.count(f.key) && (!culprit || f.value > culprit->value)) culprit = &f;
     }
     if (!culprit) culprit = c.factors.begin();
-    fail(sc.where(culprit->key), fmt::format("byte count of {} overflows int64", c.what));
+    return fail(sc.where(culprit->key), fmt::format("byte count of {} overflows int64", c.what));
   }
+  return std::nullopt;
+}
+
+void validate(const Scenario& sc) {
+  if (std::optional<std::string> problem = first_problem(sc)) throw InputError(*problem);
 }
 
 }  // namespace
+
+std::optional<std::string> scenario_problem(const Scenario& sc) { return first_problem(sc); }
 
 void apply_overrides(Scenario& sc, const std::vector<std::string>& overrides) {
   for (const std::string& o : overrides) {

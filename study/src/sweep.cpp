@@ -206,9 +206,9 @@ Reference analyze_reference(const Scenario& s) {
   }
   StartLive obs(a.result.live_step_start);
   Observer* list[] = {&obs};
-  (void)simulate(*a.plan, list);
+  (void)simulate(*a.tables, list);
   r.start_live = std::move(obs.live);
-  a.plan.reset();
+  a.tables.reset();
   r.step = std::shared_ptr<const graph::StepGraph>(std::move(a.step));
   return r;
 }
@@ -392,7 +392,7 @@ std::vector<SweepRow> run_sweep(const Scenario& base, const std::vector<SweepAxi
     Scenario s = base;
     try {
       apply_overrides(s, sets);
-      (void)block_plan_of(s);
+      (void)resolve(s);
     } catch (const InputError& e) {
       std::string msg = e.what();
       const std::string set_prefix = "--set: ";
@@ -439,7 +439,7 @@ std::vector<SweepRow> run_sweep(const Scenario& base, const std::vector<SweepAxi
     const int64_t n_big = static_cast<int64_t>(batches.size());
     batches.erase(std::unique(batches.begin(), batches.end()), batches.end());
     // Offload runs a copy stream: its event order depends on the durations (no model holds).
-    const graph::BlockPlan bp = block_plan_of(scen[static_cast<size_t>(members.front())]);
+    const graph::BlockPlan bp = resolve(scen[static_cast<size_t>(members.front())]).plan;
     const bool multi_stream = std::find(bp.mode.begin(), bp.mode.end(), graph::BlockMode::offload) != bp.mode.end();
     if (multi_stream || batches.size() < 3 || n_big < 4) {
       direct.insert(direct.end(), members.begin(), members.end());

@@ -3,7 +3,9 @@
 checkpoint: `full` and `every:K` wrap each block (or K blocks) in one torch.utils.checkpoint call
 (use_reentrant=False, RNG state preserved); `selective` wraps the attention core alone, as
 Megatron-LM does; `ops:KIND,...` is selective activation checkpointing (create_selective_checkpoint_
-contexts) with a policy that saves the outputs of the listed op kinds.
+contexts) with a policy that saves the outputs of the listed op kinds; `mlp` wraps each block's
+MLP sublayer (norm, MLP, residual add: the segment between the block's last two cut tensors) in one
+torch.utils.checkpoint call.
 """
 import torch
 
@@ -99,8 +101,36 @@ def core_checkpointed_forward(models, attn):
     return forward
 
 
+def mlp_checkpointed_forward(models, block):
+    """`mlp`: the block's forward with its MLP sublayer (norm, MLP, residual add) as one
+    torch.utils.checkpoint call (use_reentrant=False), from the residual stream between attention
+    and MLP to the block's output. The lines mirror shared/reference/models.py."""
+    from torch.utils.checkpoint import checkpoint
+
+    if isinstance(block, models.GPT2Block):
+        def mlp_half(x):
+            return x + block.mlp(block.ln_2(x))
+
+        def forward(x):
+            x = x + block.attn(block.ln_1(x))
+            return checkpoint(mlp_half, x, use_reentrant=False)
+        return forward
+
+    def mlp_half(x):
+        return x + block.ffn(block.ffn_norm(x))
+
+    def forward(x, token_positions):
+        x = x + block.attn(block.attn_norm(x), token_positions)
+        return checkpoint(mlp_half, x, use_reentrant=False)
+    return forward
+
+
 def wrap_checkpoint(model, policy, models):
     blocks = list(model.blocks)
+    if policy == "mlp":
+        for b in blocks:
+            b.forward = mlp_checkpointed_forward(models, b)
+        return
     if policy == "selective":
         for b in blocks:
             if b.attn.attention != "eager":

@@ -90,6 +90,12 @@ GRID2 = SPREAD + [
     # selective (Megatron-LM): the attention core alone as one checkpoint call
     {"n_layers": 3, "checkpoint": "selective", "dropout": 0.1},
     {"family": "llama", "checkpoint": "selective", "dtype": "bf16", "n_kv_heads": 2},
+    # half-block checkpointing (mlp): each block's MLP sublayer, the segment between its last two
+    # cut tensors, as one checkpoint call
+    {"n_layers": 3, "checkpoint": "mlp", "dropout": 0.1},
+    {"n_layers": 4, "checkpoint": "mlp", "dtype": "bf16"},
+    {"family": "llama", "checkpoint": "mlp", "n_kv_heads": 2},
+    {"family": "llama", "n_layers": 3, "checkpoint": "mlp", "attention": "flash", "dtype": "fp16"},
     {"dtype": "bf16", "optimizer_impl": "fused"},
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,

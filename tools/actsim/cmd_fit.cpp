@@ -8,16 +8,13 @@
 #include <thread>
 
 #include "actsim/util/error.hpp"
-#include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
-#include "actsim/sim/engine.hpp"
 #include "actsim/study/analyze.hpp"
+#include "actsim/study/batch_search.hpp"
 #include "actsim/util/units.hpp"
 #include "cli.hpp"
 
 namespace actsim::cli {
-
-using study::max_batch_size;
 
 namespace {
 
@@ -30,43 +27,6 @@ struct FitRow {
   int64_t step_time_ns = 0;
   int64_t max_seq_len = -1;                // --vary-seq: at the scenario's batch size; -1 = not asked
 };
-
-// Whether `s` with model.seq_len = t is a valid scenario whose simulated peak fits the device. A
-// length whose byte counts overflow int64 cannot fit: that is an answer here, not bad input.
-bool fits_seq(const study::Scenario& s, int64_t t) {
-  study::Scenario u = s;
-  try {
-    study::apply_overrides(u, {fmt::format("model.seq_len={}", t)});
-  } catch (const InputError&) {
-    return false;
-  }
-  graph::BlockPlan bp = study::block_plan_of(u);
-  graph::StepGraph step = graph::lower_training_step(u.model, u.training, u.runtime(), &bp);
-  try {
-    sim::Plan plan(step.graph, u.device);
-    return sim::simulate(plan).peak_bytes <= u.device.memory_bytes;
-  } catch (const sim::ByteOverflow&) {
-    return false;
-  }
-}
-
-// The largest seq_len that fits at the scenario's batch size (0 if none): doubling, then bisection,
-// as study::max_batch_size searches batch sizes.
-int64_t max_seq_len(const study::Scenario& s) {
-  constexpr int64_t kLimit = int64_t{1} << 24;  // 16M tokens: far beyond any device today
-  if (!fits_seq(s, 1)) return 0;
-  int64_t lo = 1, hi = 2;
-  while (fits_seq(s, hi)) {
-    lo = hi;
-    hi *= 2;
-    if (hi > kLimit) return lo;
-  }
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    (fits_seq(s, mid) ? lo : hi) = mid;
-  }
-  return lo;
-}
 
 std::vector<std::string> split_policies(const std::string& s) {
   std::vector<std::string> out(1);
@@ -102,9 +62,12 @@ int cmd_fit(const std::vector<std::string>& args) {
     return 0;
   }
   std::vector<std::string> policies(std::begin(kDefaultPolicies), std::end(kDefaultPolicies));
+  std::vector<graph::CheckpointPolicy> parsed;  // [policies], parsed once
+  for (const std::string& p : policies) parsed.push_back(graph::parse_policy(p, "--policies"));
   if (vm.count("policies")) {
     const std::string text = vm["policies"].as<std::string>();
     policies = split_policies(text);
+    parsed.clear();
     for (const std::string& p : policies) {
       if (p.empty()) throw InputError(fmt::format("--policies {}: empty policy in the list", text));
       const graph::CheckpointPolicy cp = graph::parse_policy(p, "--policies " + text);
@@ -112,6 +75,7 @@ int cmd_fit(const std::vector<std::string>& args) {
         throw InputError(fmt::format("--policies {}: \"{}\": a budget is planned by `actsim plan --budget`, not fitted",
                                      text, p));
       }
+      parsed.push_back(cp);
     }
   }
   const study::Scenario base = scenario_from(vm);
@@ -131,13 +95,12 @@ int cmd_fit(const std::vector<std::string>& args) {
     for (size_t i; (i = next.fetch_add(1)) < policies.size();) {
       try {
         study::Scenario s = base;
-        s.checkpoint_policy = policies[i];
-        s.block_plan = nullptr;
+        s.checkpoint = parsed[i];
         s.origin["checkpoint.policy"] = "--policies";
         FitRow& r = rows[i];
         r.policy = policies[i];
         r.max_batch_size = study::max_batch_size(s);
-        if (vary_seq) r.max_seq_len = max_seq_len(s);
+        if (vary_seq) r.max_seq_len = study::max_seq_len(s);
         s.training.batch_size = std::max<int64_t>(1, r.max_batch_size);
         const study::Analysis a = study::analyze(s);
         r.peak_bytes = a.result.peak_bytes;

@@ -34,6 +34,7 @@ nlohmann::json blocks_json(const graph::BlockPlan& p) {
     std::vector<std::string> recomputed_what;
     if (rec) recomputed_what.push_back("block");
     if (p.mode[i] == graph::BlockMode::selective) recomputed_what.push_back("attention core");
+    if (p.mode[i] == graph::BlockMode::mlp) recomputed_what.push_back("MLP sublayer");
     out.push_back({{"block", i},
                    {"mode", graph::to_string(p.mode[i])},
                    {"kept", rec ? "input (checkpoint)" : p.mode[i] == graph::BlockMode::offload ? "nothing on device" : "activations"},
@@ -120,7 +121,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   std::shared_ptr<const study::Analysis> kept = r.analysis;
   if (!kept) {
     study::Scenario chosen = s;
-    chosen.block_plan = std::make_shared<graph::BlockPlan>(r.plan);
+    chosen.checkpoint = r.plan;
     kept = std::make_shared<const study::Analysis>(study::analyze(chosen));
   }
   r.analysis.reset();

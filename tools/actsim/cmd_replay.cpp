@@ -320,7 +320,7 @@ int cmd_replay(const std::vector<std::string>& args) {
     const std::vector<std::string> sets =
         vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
     study::Scenario plain = input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets);
-    const std::string own = plain.checkpoint_policy;
+    const std::string own = plain.checkpoint_text();
     std::vector<std::string> policies;
     for (const std::string& p : policy_list) {
       if (p != "none") policies.push_back(p);
@@ -328,8 +328,7 @@ int cmd_replay(const std::vector<std::string>& args) {
     if (own != "none" && std::find(policies.begin(), policies.end(), own) == policies.end()) policies.push_back(own);
     auto run_policy = [&](const std::string& p) {
       study::Scenario sc = plain;
-      sc.checkpoint_policy = p;
-      sc.block_plan.reset();
+      sc.checkpoint = graph::parse_policy(p, "--policies");
       schedule::Schedule ps = study::make_schedule(study::analyze(sc));
       schedule::validate_schedule(ps);
       return replay::run(ps, *be, {.seed = seed, .stop_after_backward = true});

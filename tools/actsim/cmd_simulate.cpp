@@ -7,6 +7,7 @@
 #include "actsim/report/export.hpp"
 #include "actsim/sim/calibration.hpp"
 #include "actsim/study/analyze.hpp"
+#include "actsim/study/batch_search.hpp"
 #include "actsim/schedule/schedule.hpp"
 #include "actsim/util/units.hpp"
 #include "actsim/report/summary.hpp"
@@ -70,7 +71,7 @@ int cmd_simulate(const std::vector<std::string>& args) {
   study::Analysis a = study::analyze(s);
   if (vm.count("calibration")) study::apply_calibration(a, sim::load_calibration(vm["calibration"].as<std::string>()));
   if (vm.count("emit-schedule")) files.add("--emit-schedule", vm["emit-schedule"].as<std::string>(), study::emit_schedule(a));
-  const int64_t max_batch = vm.count("no-fit") ? -1 : study::max_batch_size(s);
+  const int64_t max_batch = vm.count("no-fit") ? -1 : study::max_batch_size(a);
   nlohmann::json j = report::to_json(a, max_batch);
   if (vm.count("timeline")) {
     j["timeline"] = report::timeline_json(a);

@@ -8,7 +8,8 @@
 // Semantics (torch.utils.checkpoint(use_reentrant=False) per segment): a recomputed segment keeps
 // only its inputs through the forward pass; when backward first needs one of its saved tensors,
 // the segment's forward ops run again (recompute ops) and the recomputed tensors are freed as
-// backward consumes them. `selective` (Megatron-LM) recomputes the attention core only; `ops:LIST`
+// backward consumes them. `mlp` checkpoints each block's MLP sublayer alone (the segment between the
+// block's last two cut tensors). `selective` (Megatron-LM) recomputes the attention core only; `ops:LIST`
 // (torch's create_selective_checkpoint_contexts) keeps the outputs of the listed op kinds inside
 // each checkpointed block and recomputes the rest; `offload` copies saved activations to host
 // memory on a copy stream and prefetches them back one block ahead of backward.
@@ -28,6 +29,9 @@ enum class BlockMode : uint8_t {
   selective,   // the attention core is recomputed
   ops,         // selective activation checkpointing: listed op kinds kept, the rest recomputed
   offload,     // saved activations go to host memory and come back for backward
+  mlp,         // half-block checkpointing: the MLP sublayer (norm, MLP, residual add: the segment
+               // between the block's mid-block residual and its output, two cut tensors of cuts.hpp)
+               // is one checkpoint call; the attention sublayer is kept
 };
 std::string_view to_string(BlockMode m);
 
@@ -52,15 +56,15 @@ struct BlockPlan {
 };
 
 struct CheckpointPolicy {
-  enum class Kind : uint8_t { none, full, every, sqrt, selective, ops, offload, budget } kind = Kind::none;
+  enum class Kind : uint8_t { none, full, every, sqrt, selective, ops, offload, budget, mlp } kind = Kind::none;
   int64_t every = 1;                 // every:K
   std::vector<OpKind> keep_kinds;    // ops:LIST
   int64_t budget_bytes = 0;          // budget:BYTES
-  std::string text;                  // as written
+  std::string text = "none";         // as written
 };
 
 // Parses "none", "full", "every:K", "sqrt", "selective", "ops:mm,softmax", "offload",
-// "budget:60GiB". Throws InputError("<where>: ...") naming `where` (file:line: key or option).
+// "budget:60GiB", "mlp". Throws InputError("<where>: ...") naming `where` (file:line: key or option).
 CheckpointPolicy parse_policy(const std::string& text, const std::string& where);
 
 // The per-block plan of a fixed policy (not budget: the planner makes that one).

@@ -6,7 +6,7 @@
 //   // step.pickle -> pytorch.org/memory_viz
 //   // step.html   -> any browser, no network
 //
-// Every exporter works from a Timeline: the plan re-simulated with a recording Observer, so the
+// Every exporter works from a Timeline: the step tables re-simulated with a recording Observer, so the
 // engine knows nothing about file formats (Taskflow's chrome observer, STYLE.md). Files are written
 // atomically (FILE.tmp.<pid>, then rename): an error leaves no half file.
 #pragma once
@@ -35,7 +35,7 @@ struct ExportRequest {
   int64_t max_events = 0;   // 0 = every event; else coarsen to about this many memory events
 };
 
-// Re-simulates a.plan with a recorder and writes every requested file atomically; throws
+// Re-simulates a.tables with a recorder and writes every requested file atomically; throws
 // InputError("FILE: cannot write ...") if one cannot be written (its temporary is removed).
 void write_exports(const study::Analysis& a, const ExportRequest& r);
 // The same files, rendered and added to `out` (written by out.commit(), all or nothing).
@@ -85,7 +85,7 @@ struct Timeline {
   int64_t step_time_ns = 0;
 };
 
-// Re-simulates the analysis's plan with a recording observer.
+// Re-simulates the analysis's step tables with a recording observer.
 Timeline record_timeline(const study::Analysis& a);
 
 // A row of a coarsened timeline: events [first, last] in one row (one event, or a run of small

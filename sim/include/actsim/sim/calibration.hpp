@@ -2,7 +2,7 @@
 // time model uses instead of, or to scale, its roofline estimates.
 //
 //   Calibration c = load_calibration("cpu.calib.json");   // InputError naming the file on bad input
-//   Plan plan(g, device, &c);                              // durations from the measurements
+//   StepTables tables(g, device, &c);                      // durations from the measurements
 //
 // An op's duration is, in order of preference: the measured seconds of an op with the same name
 // and the same FLOPs and bytes moved (the same model shapes), or its roofline time times the measured/predicted ratio of its kind

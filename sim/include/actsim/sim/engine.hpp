@@ -1,8 +1,8 @@
 // actsim::sim — the discrete-event engine and memory tracker.
 //
 //   StepGraph s = graph::lower_training_step(model, training, prof);
-//   Plan plan(s.graph, device);            // lifetimes and op durations, computed once per graph
-//   SimResult r = simulate(plan);           // peak, breakdown, live bytes at phase boundaries
+//   StepTables tables(s.graph, device);    // lifetimes and op durations, computed once per graph
+//   SimResult r = simulate(tables);        // peak, breakdown, live bytes at phase boundaries
 //
 // Events are ordered by (int64 nanoseconds, sequence number), so runs are reproducible. An op
 // starts when its stream is free and the ops producing its inputs on other streams have ended;
@@ -12,7 +12,9 @@
 #pragma once
 
 #include <array>
+#include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "actsim/util/error.hpp"
@@ -38,7 +40,6 @@ class Observer {
   virtual void on_workspace(OpId, int64_t /*bytes: + alloc, - free*/, int64_t /*time_ns*/, int64_t /*live*/) {}
 };
 
-// Everything the engine needs from a graph, precomputed once (flat CSR arrays indexed by op).
 // The step's byte or time totals do not fit int64 (Note [Checked totals] in engine.cpp). Bad
 // input to a command; an answer ("does not fit") to a search over sizes.
 class ByteOverflow : public InputError {
@@ -46,11 +47,17 @@ class ByteOverflow : public InputError {
   using InputError::InputError;
 };
 
-class Plan {
+// The step tables: everything the engine needs from a graph, precomputed once (flat CSR arrays
+// indexed by op). Not a checkpointing plan (graph::BlockPlan, study::plan_for_budget).
+class StepTables {
  public:
   // With a calibration (calibration.hpp), op durations come from measured times. Throws
   // ByteOverflow when the sum of all storage and workspace bytes, or of all durations, overflows.
-  Plan(const graph::Graph& g, const DeviceSpec& device, const Calibration* calibration = nullptr);
+  StepTables(const graph::Graph& g, const DeviceSpec& device, const Calibration* calibration = nullptr);
+  // The tables, or nullopt when those totals overflow (`why` gets the message): for a search over
+  // sizes such a step simply does not fit.
+  static std::optional<StepTables> try_build(const graph::Graph& g, const DeviceSpec& device, std::string* why = nullptr,
+                                             const Calibration* calibration = nullptr);
 
   const graph::Graph& graph() const { return g_; }
   std::span<const StorageId> allocs(OpId op) const;   // storages allocated when op starts
@@ -69,7 +76,11 @@ class Plan {
   graph::Phase phase(OpId op) const { return static_cast<graph::Phase>(op_phase_[graph::index(op)]); }
 
  private:
+  struct Unchecked {};
+  StepTables(Unchecked, const graph::Graph& g, const DeviceSpec& device, const Calibration* calibration);
+
   const graph::Graph& g_;
+  std::string overflow_;                                         // why the totals overflow; empty if they fit
   std::vector<uint32_t> alloc_begin_, use_begin_, dep_begin_;  // [n_ops + 1]
   std::vector<StorageId> allocs_, uses_;
   std::vector<OpId> deps_;
@@ -104,6 +115,6 @@ struct SimResult {
   int64_t host_bytes = 0;                       // host storages (CUDA's 0-dim CPU scalars), peak
 };
 
-SimResult simulate(const Plan& plan, std::span<Observer* const> observers = {});
+SimResult simulate(const StepTables& tables, std::span<Observer* const> observers = {});
 
 }  // namespace actsim::sim

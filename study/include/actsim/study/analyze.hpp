@@ -1,26 +1,32 @@
-// actsim::study::Analysis — a scenario lowered, simulated and summarised.
+// actsim::study::Analysis — a scenario resolved, lowered, simulated and summarised.
 //
 //   Scenario s = load_scenario("scenarios/seed-gpt2-xl.toml", {});
-//   Analysis a = analyze(s);
-//   int64_t b = max_batch_size(s);        // the largest batch that fits the device
+//   Analysis a = analyze(s);              // simulate_step(resolve(s)), and the scenario
+//   int64_t b = max_batch_size(a);        // the largest batch that fits the device (batch_search.hpp)
+//
+// simulate_step is the level below: a resolved step (resolve.hpp) lowered and simulated, with no
+// scenario and no planning. The planner and the batch search call it; analyze() is for commands.
 #pragma once
 
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "actsim/graph/lower.hpp"
 #include "actsim/sim/calibration.hpp"
 #include "actsim/sim/engine.hpp"
+#include "actsim/study/resolve.hpp"
 #include "actsim/study/scenario.hpp"
 
 namespace actsim::study {
 
 struct Analysis {
-  Scenario scenario;
-  graph::BlockPlan block_plan;             // per block: kept, recomputed, offloaded
+  Scenario scenario;                       // empty from simulate_step; analyze() sets it
+  graph::BlockPlan block_plan;             // per block: kept, recomputed, offloaded (the resolved plan)
   std::unique_ptr<graph::StepGraph> step;  // stable address: the plan refers to its graph
-  std::unique_ptr<sim::Plan> plan;
+  std::unique_ptr<sim::StepTables> tables;  // the engine's per-op tables of `step`
   sim::SimResult result;
   int64_t params_bytes = 0;                // parameter storages (tied weights once)
   int64_t param_count = 0;                 // parameter elements
@@ -44,16 +50,27 @@ struct Analysis {
   std::vector<SavedItem> block_saved;
 };
 
-// The per-block plan of the scenario's checkpoint policy (or its explicit plan).
-graph::BlockPlan block_plan_of(const Scenario& s);
-
-// Lowers and simulates one scenario.
+// Resolves, lowers and simulates one scenario. A step whose byte or time totals overflow int64 is
+// bad input: ByteOverflow naming the scenario keys that size it.
 Analysis analyze(const Scenario& s);
 // ... under the given rules instead of the scenario's profile (tests of the CUDA delta table).
 Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime);
 
-// The largest batch size whose simulated peak fits the device's memory (0 if none does).
-int64_t max_batch_size(const Scenario& s);
+// Lowers a resolved step, builds its step tables, simulates it and sums what it keeps: analyze()
+// after resolve(), without the scenario. Never plans. Throws ByteOverflow (the engine's message).
+Analysis simulate_step(const ResolvedStep& step);
+// ... for a scenario whose step is resolved already (the planner's candidates, resolve(s, plan)):
+// the analysis keeps `s`, and an overflow names its keys as analyze() does.
+Analysis simulate_step(const ResolvedStep& step, const Scenario& s);
+
+// The engine's result alone (the probes of the planner and the batch search); the graph and the
+// tables are freed before it returns. `observers` see the run. Throws ByteOverflow.
+sim::SimResult simulate_step_result(const ResolvedStep& step, std::span<sim::Observer* const> observers = {});
+// ... or nullopt when the step's totals overflow int64 (`why` gets the engine's message): for a
+// search over sizes, such a step does not fit.
+std::optional<sim::SimResult> try_simulate_step(const ResolvedStep& step,
+                                                std::span<sim::Observer* const> observers = {},
+                                                std::string* why = nullptr);
 
 // Rebuilds the analysis's step tables with a calibration and simulates again (memory figures do
 // not depend on durations on one stream; the times do).

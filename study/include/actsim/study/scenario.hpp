@@ -9,8 +9,9 @@
 #pragma once
 
 #include <map>
-#include <memory>
+#include <optional>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "actsim/graph/checkpoint.hpp"
@@ -29,9 +30,11 @@ struct Scenario {
   graph::ProfileId profile = graph::ProfileId::torch_cuda;
   graph::CpuIsa cpu_isa = graph::native_cpu_isa();  // runtime.cpu_isa; CPU profiles only
   sim::DeviceSpec device;
-  std::string checkpoint_policy = "none";  // checkpoint.policy as written
   std::string hf_architecture;          // model.hf_config's `architectures` value, or ""
-  std::shared_ptr<graph::BlockPlan> block_plan;  // an explicit per-block plan (the planner's), or null
+  // checkpoint.policy, parsed once where it is written (a budget included: resolve() asks the
+  // planner), or an explicit per-block plan that a program sets (`actsim plan`: the planner's).
+  using Checkpointing = std::variant<graph::CheckpointPolicy, graph::BlockPlan>;
+  Checkpointing checkpoint = graph::CheckpointPolicy{};
   // Where each key was set ("file.toml:12" or "--set"), for error messages of later stages.
   std::map<std::string, std::string> origin;
 
@@ -40,6 +43,11 @@ struct Scenario {
 
   // "file.toml:12: key" / "--set key" / "key" (defaults): where a key's value came from.
   std::string where(const std::string& key) const;
+
+  // checkpoint.policy as written ("none" by default); an explicit plan's description.
+  std::string checkpoint_text() const;
+  // A budget:BYTES policy (the plan depends on everything else in the scenario).
+  bool is_budget() const;
 };
 
 // All keys a scenario accepts, in documentation order.
@@ -53,6 +61,10 @@ Scenario load_scenario_text(const std::string& text, const std::string& path, co
 
 // Applies further overrides to a loaded scenario and validates again (used by sweeps).
 void apply_overrides(Scenario& s, const std::vector<std::string>& overrides);
+
+// The first constraint between keys that `s` breaks (the one-line message apply_overrides would
+// throw), or nullopt: for searches over sizes, where a size the scenario rules out is a "no".
+std::optional<std::string> scenario_problem(const Scenario& s);
 
 // Parses "60GiB", "60GB", "64424509440", "1.5TiB" into bytes; false if not a size.
 bool parse_size(const std::string& text, int64_t& bytes);
