@@ -53,9 +53,10 @@ void bench(const char* label, const study::Scenario& s, int reps) {
   const double t_sim = median_seconds(reps, [&] { r = sim::simulate(*tables); });
   delete tables;
   fmt::print("{:<28} ops {:>8}  events {:>9}  lower+autodiff {:8.3f} ms  tables {:7.3f} ms  simulate {:7.3f} ms  "
-             "{:6.1f} M events/s  (peak {} B)\n",
+             "{:6.1f} M events/s  per layer {:6.3f} ms  (peak {} B)\n",
              label, step.graph.n_ops(), r.events, t_lower * 1e3, t_tables * 1e3, t_sim * 1e3,
-             static_cast<double>(r.events) / t_sim / 1e6, r.peak_bytes);
+             static_cast<double>(r.events) / t_sim / 1e6, (t_lower + t_tables + t_sim) * 1e3 / s.model.n_layers,
+             r.peak_bytes);
 }
 
 // The batch search of `actsim simulate` (Note [Batch search]) against doubling then bisection
@@ -91,5 +92,13 @@ int main() {
                                 "training.dtype=bf16"}),
         7);
   bench_search("seed-gpt2-xl", study::load_scenario(dir + "/seed-gpt2-xl.toml", {}), 7);
+  // Issue 11: a Hugging Face config as transformers runs it (DynamicCache, fp32 RMSNorm, rotate_half,
+  // the upcast loss): Llama-3.1-8B's 32 layers against the seed's time per layer; and the import.
+  const std::string hf = dir + "/hf/llama-3.1-8b.toml";
+  bench("hf llama-3.1-8b (32 layers)", study::load_scenario(hf, {}), 11);
+  const double t_import = median_seconds(21, [&] { (void)study::load_scenario(hf, {}); });
+  const double t_plain = median_seconds(21, [&] { (void)study::load_scenario(dir + "/llama-3-8b.toml", {}); });
+  fmt::print("{:<28} load with model.hf_config {:.3f} ms, a TOML scenario {:.3f} ms\n", "hf import", t_import * 1e3,
+             t_plain * 1e3);
   return 0;
 }

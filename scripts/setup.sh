@@ -17,6 +17,9 @@ cd "$(dirname "$0")/.."
 TORCH_PIN="torch==2.13.0"
 NUMPY_PIN="numpy==2.4.1"
 ACCELERATE_PIN="accelerate==1.15.0"
+# transformers (the oracle of imported Hugging Face configs, tests/torch/test_against_hf.py) and the
+# dependencies whose versions decide whether it imports with torch 2.13.0 and accelerate 1.15.0.
+HF_PINS=("transformers==5.18.0" "huggingface_hub==2.4.0" "tokenizers==0.23.3" "safetensors==0.8.0")
 CUBLAS_PIN="nvidia-cublas==13.0.2.14"
 VENV=.venv
 
@@ -66,7 +69,7 @@ if command -v nvcc >/dev/null 2>&1 && [ ! -e "$(dirname "$(dirname "$(command -v
 fi
 
 if [ $tests = 1 ]; then
-  venv_pip "$TORCH_PIN" "$NUMPY_PIN" "$ACCELERATE_PIN"
+  venv_pip "$TORCH_PIN" "$NUMPY_PIN" "$ACCELERATE_PIN" "${HF_PINS[@]}"
 fi
 
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" >/dev/null

@@ -122,6 +122,9 @@ template <class A>
 void flash_attention(const OpCall& c, double p) {
   const TensorArg &qa = c.inputs.at(0), &ka = c.inputs.at(1), &va = c.inputs.at(2);
   if (qa.shape.size() != 4) throw std::runtime_error("cpu backend: flash_attention expects (B, H, T, hd)");
+  if (ka.shape != qa.shape || va.shape != qa.shape) {
+    throw std::runtime_error("cpu backend: flash_attention with grouped key/value heads (enable_gqa) is not implemented");
+  }
   const int64_t B = qa.shape[0], H = qa.shape[1], T = qa.shape[2], D = qa.shape[3], Tk = ka.shape[2];
   const std::vector<A> q = load<A>(qa), k = load<A>(ka), v = load<A>(va);
   std::vector<A> out(q.size(), A(0)), lse(static_cast<size_t>(B * H * T));

@@ -188,6 +188,24 @@ void first_input_backward(const Node& n, BackwardRule& r) {
   if (n.needs(0)) r.grads[0] = n.fresh_for(0);
 }
 
+// Hugging Face decoders (issue 11). CatBackward0: grad.narrow(dim, offset, size) for each input -- views.
+void cat_backward(const Node& n, BackwardRule& r) {
+  int64_t off = 0;
+  for (size_t i = 0; i < n.f.inputs.size(); ++i) {
+    const Shape sh = n.in(i).shape;
+    if (n.needs(i)) {
+      r.grads[i] = n.view(fmt::format("grad_narrow{}", i), sh, n.gt.strides, n.gt.offset + off * n.gt.strides.back());
+    }
+    off += sh.back();
+  }
+  r.kernels = 0;
+}
+
+// ToCopyBackward0: grad.to(self's dtype) -- a fresh gradient in the input's dtype.
+void cast_backward(const Node& n, BackwardRule& r) {
+  if (n.needs(0)) r.grads[0] = new_grad(n.b, "grad_cast", n.in(0).shape, n.in(0).dtype);
+}
+
 }  // namespace
 
 BackwardRule backward_rule(Builder& b, const Op& f, TensorId g) {
@@ -214,6 +232,12 @@ BackwardRule backward_rule(Builder& b, const Op& f, TensorId g) {
     case OpKind::log_softmax: case OpKind::masked_fill: case OpKind::native_dropout: case OpKind::nll_loss:
       first_input_backward(n, r);
       break;
+    case OpKind::neg:   // NegBackward0: grad.neg()
+    case OpKind::tanh:  // TanhBackward0: tanh_backward(grad, result)
+      first_input_backward(n, r);
+      break;
+    case OpKind::cat: cat_backward(n, r); break;
+    case OpKind::cast: cast_backward(n, r); break;
     default:
       ACTSIM_ASSERT(false, fmt::format("no backward for op kind {}", to_string(f.kind)));
   }

@@ -47,7 +47,8 @@ constexpr std::array<std::string_view, kNumOpKinds> kOpKindNames{
     "mm", "addmm", "bmm", "layer_norm", "gelu_tanh", "silu", "softmax", "masked_fill", "dropout_noise",
     "native_dropout", "flash_attention", "log_softmax", "nll_loss",
     "backward", "sum_to", "accumulate", "grad_seed",
-    "optim_update", "optim_temp", "zero_grad", "offload", "prefetch", "rng_stash"};
+    "optim_update", "optim_temp", "zero_grad", "offload", "prefetch", "rng_stash",
+    "neg", "cat", "cast", "rotary_table", "causal_mask", "pad", "tanh"};
 }  // namespace
 
 std::string_view to_string(OpKind k) { return kOpKindNames[static_cast<size_t>(k)]; }

@@ -40,6 +40,7 @@ constexpr int8_t out0 = kOut + 0, out1 = kOut + 1, out2 = kOut + 2;
                "the wrapped 0-dim float64 `other`"},                                                 \
       SaveRule{OpKind::gelu_tanh, {{in0}}, 1, "derivatives.yaml gelu: self: gelu_backward(grad, self, approximate)"}, \
       SaveRule{OpKind::silu, {{in0}}, 1, "derivatives.yaml silu: self: GradMode... silu_backward(grad, self)"}, \
+      SaveRule{OpKind::tanh, {{out0}}, 1, "derivatives.yaml tanh: self: tanh_backward(grad, result)"}, \
       SaveRule{OpKind::softmax, {{out0}}, 1,                                                        \
                "derivatives.yaml _softmax: self: _softmax_backward_data(grad, result, dim, self.scalar_type())"}, \
       SaveRule{OpKind::log_softmax, {{out0}}, 1,                                                    \

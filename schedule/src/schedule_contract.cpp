@@ -246,9 +246,13 @@ struct Checker {
         return arity(1, 1, 2, 2) && floating(in[0]) && elementwise_out(in[0], out[0]) && same_shape(in[0], out[1]) &&
                dtype_is(out[1], DType::b8);
       case OpKind::flash_attention: {
-        if (!arity(3, 3, 2, 2) || !rank_is(in[0], 4)) return false;
+        if (!arity(3, 3, 2, 2) || !rank_is(in[0], 4) || !rank_is(in[1], 4)) return false;
         const Shape& q = shape(in[0]);
-        return same_shape(in[0], in[1]) && same_shape(in[0], in[2]) && same_shape(in[0], out[0]) &&
+        const Shape& k = shape(in[1]);
+        // enable_gqa (transformers' sdpa): k and v may have fewer heads, a divisor of q's.
+        const bool gqa = k[0] == q[0] && k[2] == q[2] && k[3] == q[3] && k[1] > 0 && q[1] % k[1] == 0;
+        if (!gqa) return fail(fmt::format("{} and {}: key heads must divide query heads, other extents equal", show(in[0]), show(in[1])));
+        return same_shape(in[1], in[2]) && same_shape(in[0], out[0]) &&
                shape_is(out[1], {q[0], q[1], q[2]}) && floating(in[0]) && floating(in[1]) && floating(in[2]) &&
                floating(out[0]) && floating(out[1]);
       }
@@ -256,6 +260,34 @@ struct Checker {
         return arity(2, 2, 2, 2) && rank_is(in[0], 2) && floating(in[0]) && dtype_is(in[1], DType::i64) &&
                shape_is(in[1], {shape(in[0])[0]}) && shape_is(out[0], {}) && shape_is(out[1], {}) &&
                floating(out[0]) && floating(out[1]);
+      // Hugging Face decoders (graph/src/lower_hf_llama.cpp)
+      case OpKind::tanh:
+      case OpKind::neg: return arity(1, 1, 1, 1) && floating(in[0]) && elementwise_out(in[0], out[0]);
+      case OpKind::cast: return arity(1, 1, 1, 1) && floating(in[0]) && floating(out[0]) && same_shape(in[0], out[0]);
+      case OpKind::cat: {
+        if (!arity(2, 2, 1, 1) || !rank_at_least(in[0], 1) || !floating(in[0]) || !floating(in[1])) return false;
+        Shape a = shape(in[0]), b = shape(in[1]);
+        if (a.size() != b.size()) return fail(fmt::format("{} and {} must have the same rank", show(in[0]), show(in[1])));
+        const int64_t n = a.back() + b.back();
+        a.back() = b.back() = 0;
+        if (a != b) return fail(fmt::format("{} and {} differ beyond the last dim", show(in[0]), show(in[1])));
+        a.back() = n;
+        return shape_is(out[0], a);
+      }
+      case OpKind::rotary_table: {
+        if (!arity(2, 2, 2, 2) || !rank_is(in[0], 1) || !rank_is(in[1], 1) || !dtype_is(in[1], DType::i64)) return false;
+        const Shape s{1, shape(in[1])[0], 2 * shape(in[0])[0]};
+        return shape_is(out[0], s) && shape_is(out[1], s) && floating(out[0]) && floating(out[1]);
+      }
+      case OpKind::causal_mask: {
+        if (!arity(1, 1, 1, 1) || !rank_is(in[0], 1) || !dtype_is(in[0], DType::i64) || !rank_is(out[0], 4)) return false;
+        const int64_t t = shape(in[0])[0];
+        return shape_is(out[0], {shape(out[0])[0], 1, t, t}) && floating(out[0]);
+      }
+      case OpKind::pad: {
+        if (!arity(1, 1, 1, 1) || !rank_is(in[0], 2) || !dtype_is(in[0], DType::i64) || !dtype_is(out[0], DType::i64)) return false;
+        return shape_is(out[0], {shape(in[0])[0], shape(in[0])[1] + 1});
+      }
       default: return fail("is not a forward op kind");
     }
   }

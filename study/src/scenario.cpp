@@ -15,6 +15,7 @@
 #include "actsim/util/error.hpp"
 #include "actsim/util/files.hpp"
 #include "actsim/graph/profile.hpp"
+#include "actsim/study/hf_config.hpp"
 
 namespace actsim::study {
 
@@ -133,8 +134,41 @@ E pick(const std::string& s, const std::vector<std::pair<std::string, E>>& opts,
                           hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint), fmt::join(names, ", ")));
 }
 
+// model.hf_config (issue 11): a Hugging Face config.json decides the architecture; keys set
+// explicitly (before or after it, in the file or with --set) win over its values. A relative path
+// in a scenario file is relative to that file. Not in scenario_keys(): `actsim keys` lists it apart.
+void set_hf_config(Scenario& sc, const std::string& file, const std::string& loc) {
+  std::filesystem::path p(file);
+  if (p.is_relative() && loc != "--set" && !sc.file.empty()) p = std::filesystem::path(sc.file).parent_path() / p;
+  const HfConfig h = read_hf_config(p.string());
+  graph::ModelConfig& m = sc.model;
+  const graph::ModelConfig keep = m;
+  auto explicit_key = [&](const char* k) { return sc.origin.count(k) > 0; };
+  m = h.model;
+  m.seq_len = keep.seq_len;
+  if (explicit_key("model.dropout")) m.dropout = keep.dropout;
+  if (explicit_key("model.vocab_size")) m.vocab_size = keep.vocab_size;
+  if (explicit_key("model.d_model")) m.d_model = keep.d_model;
+  if (explicit_key("model.n_heads")) m.n_heads = keep.n_heads;
+  if (explicit_key("model.n_kv_heads")) m.n_kv_heads = keep.n_kv_heads;
+  if (explicit_key("model.n_layers")) m.n_layers = keep.n_layers;
+  if (explicit_key("model.d_ff")) m.d_ff = keep.d_ff;
+  if (explicit_key("model.tie_embeddings")) m.tie_embeddings = keep.tie_embeddings;
+  if (explicit_key("model.rope_theta")) m.rope_theta = keep.rope_theta;
+  if (explicit_key("model.attention")) m.attention = keep.attention;
+  sc.hf_architecture = h.architecture;
+}
+
 void set_key(Scenario& sc, const std::string& key, const Value& v, const std::string& loc) {
   const std::string where = loc + ": " + key;
+  if (key == "model.hf_config") {
+    set_hf_config(sc, as_str(v, where), loc);
+    sc.origin[key] = loc;
+    return;
+  }
+  if (key == "model.family" && (sc.model.family == Family::hf_llama || sc.model.family == Family::hf_gpt2)) {
+    fail(where, "model.hf_config decides the family; remove one of them");
+  }
   auto positive = [&](int64_t x) {
     if (x <= 0) fail(where, fmt::format("must be a positive integer, got {}", x));
     return x;
@@ -321,7 +355,18 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
   }
   const auto& t = sc.training;
-  if (m.d_model % m.n_heads != 0) {
+  if (m.family == Family::hf_llama || m.family == Family::hf_gpt2) {  // model.hf_config (issue 11)
+    if (sc.profile == graph::ProfileId::torch_cpu) {
+      return fail(blame(sc, {"runtime.profile", "model.hf_config"}), "transformers 5 needs PyTorch 2.x: use torch2-cpu or torch-cuda");
+    }
+    if (m.attention == Attention::flash && m.sliding_window > 0 && m.seq_len >= m.sliding_window) {
+      return fail(blame(sc, {"model.seq_len", "model.hf_config"}),
+           fmt::format("seq_len {} reaches sliding_window {}: sdpa then gets a sliding-window mask, which is not lowered",
+                       m.seq_len, m.sliding_window));
+    }
+    if (m.family == Family::hf_llama && m.hd() % 2 != 0) return fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
+  }
+  if (m.head_dim == 0 && m.d_model % m.n_heads != 0) {
     return fail(blame(sc, {"model.n_heads", "model.d_model"}),
          fmt::format("model.n_heads = {} does not divide model.d_model = {}", m.n_heads, m.d_model));
   }
@@ -344,7 +389,9 @@ std::optional<std::string> first_problem(const Scenario& sc) {
          "attention = \"flash\" needs runtime.profile = \"torch-cuda\" or \"torch2-cpu\" (PyTorch 1.13 has no "
          "scaled_dot_product_attention)");
   }
-  if (m.attention == Attention::flash && m.dropout > 0 && sc.profile == graph::ProfileId::torch2_cpu) {
+  const bool hf = m.family == Family::hf_llama || m.family == Family::hf_gpt2;
+  if (m.attention == Attention::flash && (hf ? m.attention_dropout : m.dropout) > 0 &&
+      sc.profile == graph::ProfileId::torch2_cpu) {
     // sdp_utils_cpp.cpp use_flash_attention_cpp: check_for_dropout fails on the CPU, and the math
     // fallback (_scaled_dot_product_attention_math: scaled copies, a float mask, the T x T
     // probabilities and their dropout) is not lowered.

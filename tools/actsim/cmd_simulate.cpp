@@ -22,6 +22,20 @@ using sim::simulate;
 using sim::devices;
 using report::coarsen;
 
+namespace {
+// --hf PATH: model.hf_config = PATH before the --set overrides (a TOML literal string unless the
+// path has a quote or a line break, then the bare text).
+study::Scenario scenario_with_hf(const po::variables_map& vm, const std::string& path) {
+  if (path.empty()) throw InputError("--hf \"\": an empty path is not a config.json");
+  const bool literal = path.find_first_of("'\n\r") == std::string::npos;
+  std::vector<std::string> sets{"model.hf_config=" + (literal ? "'" + path + "'" : path)};
+  if (vm.count("set")) {
+    for (const std::string& o : vm["set"].as<std::vector<std::string>>()) sets.push_back(o);
+  }
+  return study::load_scenario(vm.count("scenario") ? vm["scenario"].as<std::string>() : "", sets);
+}
+}  // namespace
+
 int cmd_simulate(const std::vector<std::string>& args) {
   po::options_description opts("actsim simulate [SCENARIO] [options]");
   opts.add_options()("help,h", "show this help");
@@ -29,6 +43,7 @@ int cmd_simulate(const std::vector<std::string>& args) {
   opts.add_options()
       ("json", "print one JSON object (the contract in README.md) instead of the table")
       ("out", po::value<std::string>(), "also write the JSON to this file (atomically)")
+      ("hf", po::value<std::string>(), "a Hugging Face config.json (as model.hf_config; --set applies on top)")
       ("no-fit", "skip the search for the largest batch size that fits the device")
       ("emit-schedule", po::value<std::string>(), "write the step's alloc/run/free schedule to FILE (JSON lines, docs/schedule-format.md)")
       ("calibration", po::value<std::string>(), "op times measured by `actsim replay --calibration-out FILE`");
@@ -49,7 +64,8 @@ int cmd_simulate(const std::vector<std::string>& args) {
                                             {vm.count("scenario") ? vm["scenario"].as<std::string>() : "",
                                              vm.count("calibration") ? vm["calibration"].as<std::string>() : ""});
   }
-  study::Scenario s = scenario_from(vm);
+  if (vm.count("hf")) files.protect(vm["hf"].as<std::string>());
+  study::Scenario s = vm.count("hf") ? scenario_with_hf(vm, vm["hf"].as<std::string>()) : scenario_from(vm);
   // One lowering and simulation, and about 14 more for the batch search (Note [Long work]).
   check_long_work(vm, (vm.count("no-fit") ? 1 : 15) * static_cast<double>(s.model.n_layers) * kSecondsPerLayer,
                   fmt::format("simulate at {} layers{}", s.model.n_layers, vm.count("no-fit") ? "" : " with the batch search (--no-fit skips it)"));

@@ -14,7 +14,11 @@
 
 namespace actsim::graph {
 
-enum class Family : uint8_t { gpt2, llama };
+// gpt2, llama: the reference models (../shared/reference/models.py). hf_llama: Hugging Face
+// transformers' LlamaForCausalLM and the families that run its code (Mistral, Qwen2, Qwen3), read
+// from a config.json (model.hf_config) and lowered as transformers' modeling code runs them.
+// hf_gpt2: transformers' GPT2LMHeadModel (Conv1D, gelu_new written out, dropout everywhere).
+enum class Family : uint8_t { gpt2, llama, hf_llama, hf_gpt2 };
 enum class Attention : uint8_t { eager, flash };
 enum class Optimizer : uint8_t { adamw, adam, sgd, sgd_momentum };
 enum class OptimizerImpl : uint8_t { profile_default, for_loop, foreach, fused };
@@ -42,8 +46,25 @@ struct ModelConfig {
   Attention attention = Attention::eager;
   int tie_embeddings = -1;      // -1 = the family's default (gpt2 tied, llama untied)
   double rope_theta = 10000.0;
+  // Hugging Face decoders (hf_llama) only.
+  int64_t head_dim = 0;         // 0 = d_model / n_heads (config.head_dim)
+  bool qkv_bias = false;        // q/k/v projections have a bias (attention_bias; Qwen2 always)
+  bool o_bias = false;          // o_proj has a bias (attention_bias)
+  bool mlp_bias = false;        // gate/up/down projections have a bias (mlp_bias)
+  bool qk_norm = false;         // RMSNorm of q and k per head before RoPE (Qwen3)
+  bool use_cache = true;        // config.use_cache: the forward fills a DynamicCache (k, v copies)
+  double attention_dropout = 0; // config.attention_dropout / attn_pdrop (applied in training)
+  double embd_dropout = 0;      // GPT-2's embd_pdrop
+  int64_t n_positions = 0;      // GPT-2's wpe rows (n_positions); 0 = seq_len
+  double norm_eps = 1e-6;       // config.rms_norm_eps
+  int64_t sliding_window = 0;   // Mistral's and Phi3's config.sliding_window; 0 = none
+  bool fused_qkv_mlp = false;   // Phi3: one qkv_proj, one gate_up_proj, and cat([rope(q_rot), q_pass])
+  double partial_rotary = 1.0;  // the share of head_dim that RoPE rotates (partial_rotary_factor)
+  bool longrope = false;        // rope_type "longrope": the first forward re-registers inv_freq as
+                                // original_inv_freq (one buffer storage for both)
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
+  int64_t hd() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
   int64_t ff() const;
   bool tied() const { return tie_embeddings < 0 ? family == Family::gpt2 : tie_embeddings != 0; }
 };

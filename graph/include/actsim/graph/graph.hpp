@@ -42,8 +42,16 @@ enum class OpKind : uint16_t {
   offload,        // copy a saved activation to host memory (copy stream)
   prefetch,       // copy it back to the device ahead of backward (copy stream)
   rng_stash,      // torch.utils.checkpoint's torch.get_rng_state(): a uint8 copy of the CPU generator
+  // Hugging Face transformers' decoders (lower_hf_llama.cpp)
+  neg,            // -x (rotate_half)
+  cat,            // torch.cat((a, b), dim=-1)
+  cast,           // x.to(dtype) when the dtype changes
+  rotary_table,   // the rotary embedding's cos and sin (B, T, head_dim), computed under no_grad
+  causal_mask,    // create_causal_mask for eager attention: a (B, 1, T, T) additive mask
+  pad,            // F.pad(labels, (0, 1), value=-100)
+  tanh,           // torch.tanh (GPT-2's gelu_new written out in Python)
 };
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::rng_stash) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::tanh) + 1;
 std::string_view to_string(OpKind k);
 // Parses an op-kind name as written by to_string; returns false if unknown.
 bool parse_op_kind(std::string_view s, OpKind& out);

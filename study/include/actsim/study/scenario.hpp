@@ -30,6 +30,7 @@ struct Scenario {
   graph::ProfileId profile = graph::ProfileId::torch_cuda;
   graph::CpuIsa cpu_isa = graph::native_cpu_isa();  // runtime.cpu_isa; CPU profiles only
   sim::DeviceSpec device;
+  std::string hf_architecture;          // model.hf_config's `architectures` value, or ""
   // checkpoint.policy, parsed once where it is written (a budget included: resolve() asks the
   // planner), or an explicit per-block plan that a program sets (`actsim plan`: the planner's).
   using Checkpointing = std::variant<graph::CheckpointPolicy, graph::BlockPlan>;

@@ -1,0 +1,124 @@
+// Lowering of the gpt2 family (nanoGPT, ../shared/reference/models.py GPT), op for op.
+#include "lowering.hpp"
+
+#include <cmath>
+
+namespace actsim::graph {
+
+// ---- GPT-2 (nanoGPT) ----------------------------------------------------------------------
+TensorId Lowering::gpt2_attention(int i, const Gpt2Block& p, TensorId x) {
+  const int64_t B = tr.batch_size, T = m.seq_len, C = m.d_model, H = m.n_heads, hd = C / H;
+  const std::string s = fmt::format("blocks.{}.attn", i);
+  scope(i, s + ".c_attn");
+  TensorId qkv = b.linear(x, p.c_attn_w, p.c_attn_b);
+  scope(i, s);
+  auto parts = b.split(qkv, C, 2);
+  TensorId k = b.transpose(b.view(parts[1], {B, T, H, hd}), 1, 2);
+  TensorId q = b.transpose(b.view(parts[0], {B, T, H, hd}), 1, 2);
+  TensorId v = b.transpose(b.view(parts[2], {B, T, H, hd}), 1, 2);
+  TensorId y;
+  core_begin(i);
+  if (m.attention == Attention::flash) {
+    y = b.flash_attention(q, k, v, m.dropout);
+  } else {
+    TensorId att = b.matmul(q, b.transpose(k, -2, -1));
+    att = b.scalar_op(OpKind::mul_scalar, att, 1.0 / std::sqrt(static_cast<double>(hd)));
+    // self.bias[:, :, :T, :T] is the whole buffer (T == block_size): the slice is skipped.
+    TensorId mask = b.eq_scalar(p.mask, 0.0);
+    att = b.masked_fill(att, mask);
+    att = b.unary(OpKind::softmax, att);
+    scope(i, s + ".attn_dropout");
+    att = b.dropout(att, m.dropout);
+    scope(i, s);
+    y = b.matmul(att, v);
+  }
+  core_end(i);
+  y = b.view(b.contiguous(b.transpose(y, 1, 2)), {B, T, C});
+  scope(i, s + ".c_proj");
+  y = b.linear(y, p.c_proj_w, p.c_proj_b);
+  scope(i, s + ".resid_dropout");
+  return b.dropout(y, m.dropout);
+}
+
+TensorId Lowering::gpt2_block(int i, const Gpt2Block& p, TensorId x) {
+  enter_block(i);
+  TensorId out = gpt2_block_ops(i, p, x);
+  leave_block();
+  b.block_outputs.push_back(out);
+  return out;
+}
+
+TensorId Lowering::gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
+  const std::string s = fmt::format("blocks.{}", i);
+  scope(i, s + ".ln_1");
+  TensorId h = b.layer_norm(x, p.ln1_w, p.ln1_b);
+  TensorId a = gpt2_attention(i, p, h);
+  scope(i, s);
+  x = b.binary(OpKind::add, x, a);
+  scope(i, s);
+  mlp_begin(i);
+  scope(i, s + ".ln_2");
+  h = b.layer_norm(x, p.ln2_w, p.ln2_b);
+  scope(i, s + ".mlp.c_fc");
+  TensorId f = b.linear(h, p.fc_w, p.fc_b);
+  scope(i, s + ".mlp.gelu");
+  f = b.unary(OpKind::gelu_tanh, f);
+  scope(i, s + ".mlp.c_proj");
+  f = b.linear(f, p.proj_w, p.proj_b);
+  scope(i, s + ".mlp.dropout");
+  f = b.dropout(f, m.dropout);
+  scope(i, s);
+  x = b.binary(OpKind::add, x, f);
+  mlp_end(i);
+  return x;
+}
+
+void Lowering::gpt2() {
+  const int64_t V = m.vocab_size, S = m.seq_len, d = m.d_model, ff = m.ff(), L = m.n_layers;
+  const int64_t B = tr.batch_size, T = m.seq_len;
+  // Parameters in model.parameters() order: wte (tied with lm_head), wpe, blocks, ln_f.
+  TensorId wte = param("wte.weight", {V, d});  // named_parameters() names a tied weight once, first
+  TensorId wpe = param("wpe.weight", {S, d});
+  std::vector<Gpt2Block> blocks(L);
+  for (int i = 0; i < L; ++i) {
+    auto n = [&](const char* x) { return fmt::format("blocks.{}.{}", i, x); };
+    b.set_layer(i);
+    Gpt2Block& p = blocks[i];
+    p.ln1_w = param(n("ln_1.weight"), {d});
+    p.ln1_b = param(n("ln_1.bias"), {d});
+    p.c_attn_w = param(n("attn.c_attn.weight"), {3 * d, d});
+    p.c_attn_b = param(n("attn.c_attn.bias"), {3 * d});
+    p.c_proj_w = param(n("attn.c_proj.weight"), {d, d});
+    p.c_proj_b = param(n("attn.c_proj.bias"), {d});
+    p.ln2_w = param(n("ln_2.weight"), {d});
+    p.ln2_b = param(n("ln_2.bias"), {d});
+    p.fc_w = param(n("mlp.c_fc.weight"), {ff, d});
+    p.fc_b = param(n("mlp.c_fc.bias"), {ff});
+    p.proj_w = param(n("mlp.c_proj.weight"), {d, ff});
+    p.proj_b = param(n("mlp.c_proj.bias"), {d});
+    p.mask = buffer(n("attn.bias"), {1, 1, S, S});
+  }
+  b.set_layer(-1);
+  TensorId lnf_w = param("ln_f.weight", {d});
+  TensorId lnf_b = param("ln_f.bias", {d});
+  TensorId lm_head = m.tied() ? wte : param("lm_head.weight", {V, d});
+  TensorId idx = b.leaf("idx", {B, T}, DType::i64, Category::input, false);
+  TensorId targets = b.leaf("targets", {B, T}, DType::i64, Category::input, false);
+
+  scope(-1, "");
+  TensorId pos = b.arange(T);
+  scope(-1, "wte");
+  TensorId tok = b.embedding(wte, idx);
+  scope(-1, "wpe");
+  TensorId pe = b.embedding(wpe, pos);
+  scope(-1, "");
+  TensorId x = b.binary(OpKind::add, tok, pe);
+  scope(-1, "drop");
+  x = b.dropout(x, m.dropout);
+  for (int i = 0; i < L; ++i) x = gpt2_block(i, blocks[i], x);
+  scope(-1, "ln_f");
+  x = b.layer_norm(x, lnf_w, lnf_b);
+  finish_loss(x, lm_head, targets, pos);
+}
+
+}  // namespace actsim::graph

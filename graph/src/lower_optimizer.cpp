@@ -1,0 +1,160 @@
+// Lowering of the optimizer step (torch/optim/{adamw,adam,sgd}.py, for-loop, foreach and fused) and
+// of zero_grad(set_to_none=True).
+#include "lowering.hpp"
+
+namespace actsim::graph {
+
+// ---- optimizer -----------------------------------------------------------------------------
+OptimizerImpl Lowering::resolve_impl() const {
+  OptimizerImpl impl = tr.optimizer_impl == OptimizerImpl::profile_default ? prof.default_impl : tr.optimizer_impl;
+  return impl;
+}
+
+void Lowering::optimizer() {
+  b.set_phase(Phase::optimizer);
+  b.set_scope("optimizer");
+  const OptimizerImpl impl = out.optimizer_impl = resolve_impl();
+  const bool adam = tr.optimizer == Optimizer::adamw || tr.optimizer == Optimizer::adam;
+  const bool momentum = tr.optimizer == Optimizer::sgd_momentum;
+  Graph& g = out.graph;
+  // State: created by the warm-up step, so it exists before this step.
+  struct State {
+    TensorId exp_avg = kNoTensor, exp_avg_sq = kNoTensor, step = kNoTensor, momentum = kNoTensor;
+  };
+  std::vector<State> st(out.params.size());
+  for (size_t i = 0; i < out.params.size(); ++i) {
+    const Tensor& p = g.tensor(out.params[i]);
+    b.set_layer(g.storage(p.storage).layer);
+    const Shape shape = p.shape;
+    const std::string name = p.name;
+    if (adam) {
+      st[i].exp_avg = b.leaf(name + ".exp_avg", shape, dt, Category::optimizer_state, false);
+      st[i].exp_avg_sq = b.leaf(name + ".exp_avg_sq", shape, dt, Category::optimizer_state, false);
+      // 'step' is a 0-dim float32 tensor: on the host for non-fused CUDA (torch 2.x), on the
+      // parameter's device when fused.
+      const Location loc = impl == OptimizerImpl::fused ? Location::device : prof.step_scalar_location;
+      st[i].step = b.leaf(name + ".step", {}, DType::f32, Category::optimizer_state, false, loc);
+    } else if (momentum) {
+      st[i].momentum = b.leaf(name + ".momentum_buffer", shape, dt, Category::optimizer_state, false);
+    }
+  }
+  auto grad_of = [&](size_t i) { return out.param_grads[i]; };
+  const size_t n = out.params.size();
+  OptimParams hp{.decoupled = tr.optimizer == Optimizer::adamw, .lr = tr.lr,
+                 .weight_decay = tr.weight_decay >= 0 ? tr.weight_decay : (tr.optimizer == Optimizer::adamw ? 1e-2 : 0.0),
+                 .momentum = momentum ? tr.momentum : 0.0};
+  auto params_for = [&](OptimStep st_kind) {
+    OpParams p;
+    p.optim = hp;
+    p.optim.step = st_kind;
+    return p;
+  };
+  // In-place updates with Python-number operands (mul_(beta1), step += 1, ...) hold a wrapped
+  // scalar and its cast while they run; the largest cast is to float32 ('step').
+  const int64_t scalar_ws = prof.scalar_temp_bytes(DType::f32);
+  auto update = [&](size_t i, const std::string& what, OptimStep kind, std::vector<TensorId> ins, int kernels,
+                    double per, int64_t ws = 0) {
+    const int64_t e = numel(g.tensor(out.params[i]).shape);
+    b.set_layer(g.storage(g.tensor(out.params[i]).storage).layer);
+    b.emit({.kind = OpKind::optim_update, .name = g.tensor(out.params[i]).name + "." + what, .inputs = std::move(ins),
+            .workspace_bytes = ws, .flops = per * e,
+            .bytes_moved = static_cast<int64_t>(kernels) * 3 * e * dtype_size(dt), .kernels = kernels,
+            .params = params_for(kind)});
+  };
+  auto temp = [&](size_t i, const std::string& what, OptimStep kind, std::vector<TensorId> ins, int64_t ws,
+                  std::vector<TensorId> holds = {}) {
+    const Tensor& p = g.tensor(out.params[i]);
+    b.set_layer(g.storage(p.storage).layer);
+    TensorId o = b.fresh(p.name + "." + what, p.shape, dt, Category::temporary);
+    b.emit({.kind = OpKind::optim_temp, .name = p.name + "." + what, .inputs = std::move(ins), .outputs = {o},
+            .holds = std::move(holds), .workspace_bytes = ws, .flops = static_cast<double>(numel(p.shape)),
+            .bytes_moved = 2 * g.view_bytes(o), .params = params_for(kind)});
+    return o;
+  };
+  if (!adam) {
+    for (size_t i = 0; i < n; ++i) {
+      if (grad_of(i) == kNoTensor) continue;
+      // param.add_(grad, alpha=-lr) takes a Scalar; buf.mul_(momentum) wraps a number.
+      if (momentum) {
+        update(i, "sgd_momentum", OptimStep::sgd_momentum, {out.params[i], grad_of(i), st[i].momentum}, 3, 5,
+               prof.scalar_temp_bytes(dt));
+      } else {
+        update(i, "sgd", OptimStep::sgd, {out.params[i], grad_of(i)}, 1, 2);
+      }
+    }
+    return;
+  }
+  auto moments_in = [&](size_t i) {
+    return std::vector<TensorId>{out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step};
+  };
+  if (impl == OptimizerImpl::fused) {
+    for (size_t i = 0; i < n; ++i) {
+      if (grad_of(i) != kNoTensor) update(i, "fused_adam", OptimStep::adam_fused, moments_in(i), 1, 16);
+    }
+    return;
+  }
+  if (impl == OptimizerImpl::for_loop) {
+    // _single_tensor_adam(w): denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    // holds sqrt and the division at once, and the previous parameter's denom until reassigned.
+    TensorId prev_denom = kNoTensor;
+    for (size_t i = 0; i < n; ++i) {
+      if (grad_of(i) == kNoTensor) continue;
+      update(i, "moments", OptimStep::adam_moments, moments_in(i), 5, 6, scalar_ws);
+      TensorId sq = temp(i, "sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0);
+      std::vector<TensorId> holds;
+      if (prev_denom != kNoTensor) holds.push_back(prev_denom);
+      TensorId denom = temp(i, "denom", OptimStep::adam_denom, {sq, st[i].step}, prof.scalar_temp_bytes(dt), holds);
+      // param.addcdiv_(exp_avg, denom, value=-step_size); the .add_(eps) before it wraps a number.
+      update(i, "addcdiv", OptimStep::adam_update, {out.params[i], st[i].exp_avg, denom, st[i].step}, 2, 4,
+             prof.scalar_temp_bytes(dt));
+      prev_denom = denom;
+    }
+    if (prev_denom != kNoTensor) b.hold_until_last(prev_denom);
+    return;
+  }
+  // foreach: _multi_tensor_adam(w) -- whole lists of temporaries. CPU foreach falls back to
+  // per-tensor ops, so mul_(beta1), step += 1 and + eps wrap numbers there.
+  std::vector<TensorId> sq(n, kNoTensor), denom(n, kNoTensor);
+  for (size_t i = 0; i < n; ++i) {
+    if (grad_of(i) != kNoTensor) update(i, "foreach_moments", OptimStep::adam_moments, moments_in(i), 5, 6, scalar_ws);
+  }
+  const bool two_lists = prof.foreach_adam_two_lists;
+  for (size_t i = 0; i < n; ++i) {
+    if (grad_of(i) == kNoTensor) continue;
+    sq[i] = temp(i, "foreach_sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (grad_of(i) == kNoTensor) continue;
+    if (two_lists) {
+      denom[i] = temp(i, "foreach_add", OptimStep::adam_denom, {sq[i], st[i].step}, prof.scalar_temp_bytes(dt));
+    } else {
+      // torch 2.x: _foreach_div_(exp_avg_sq_sqrt, bias_correction2_sqrt) and _foreach_add_(..., eps)
+      // in place; bias_correction2_sqrt is a list of Python numbers, which the CPU fallback wraps
+      // one tensor at a time (both in-place ops hold a wrapped scalar and its cast while they run).
+      update(i, "foreach_div_add", OptimStep::adam_denom, {sq[i], st[i].step}, 2, 2, prof.scalar_temp_bytes(dt));
+      denom[i] = sq[i];
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (grad_of(i) != kNoTensor) {
+      update(i, "foreach_addcdiv", OptimStep::adam_update, {out.params[i], st[i].exp_avg, denom[i], st[i].step}, 1, 4);
+    }
+  }
+  // Both lists are locals of _multi_tensor_adam(w): released when it returns.
+  for (size_t i = 0; i < n; ++i) {
+    if (sq[i] != kNoTensor) b.hold_until_last(sq[i]);
+    if (denom[i] != kNoTensor && denom[i] != sq[i]) b.hold_until_last(denom[i]);
+  }
+}
+
+void Lowering::zero_grad() {
+  b.set_layer(-1);
+  b.set_scope("");
+  Op z{.kind = OpKind::zero_grad, .name = "optimizer.zero_grad", .kernels = 0};
+  for (TensorId t : out.param_grads) {
+    if (t != kNoTensor) z.releases.push_back(t);
+  }
+  b.emit(std::move(z));
+}
+
+}  // namespace actsim::graph
