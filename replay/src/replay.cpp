@@ -350,7 +350,11 @@ ReplayResult Executor::finish(bool stopped) {
 ReplayResult Executor::run() {
   begin();
   bool stopped = false;
-  for (size_t i = 0; i < s_.entries.size() && !stopped; ++i) stopped = !step(i, o_.stop_after_backward);
+  const size_t n = s_.entries.size();
+  for (size_t i = 0; i < n && !stopped; ++i) {
+    stopped = !step(i, o_.stop_after_backward);
+    if (o_.progress && (i % 512 == 511 || i + 1 == n)) o_.progress(static_cast<int64_t>(i + 1), static_cast<int64_t>(n));
+  }
   return finish(stopped);
 }
 
@@ -424,8 +428,9 @@ ReplayResult run(const Schedule& s, Backend& be, const ReplayOptions& opts) {
 
 bool grads_equal(const ReplayResult& a, const ReplayResult& b) { return a.loss_bytes == b.loss_bytes && a.grads == b.grads; }
 
-SafetyCheck confirm_safety(const Schedule& s, Backend& be, const ReplayResult& freed, uint64_t seed) {
-  ReplayResult kept = run(s, be, {.seed = seed, .free_buffers = false});
+SafetyCheck confirm_safety(const Schedule& s, Backend& be, const ReplayResult& freed, uint64_t seed,
+                           std::function<void(int64_t done, int64_t total)> progress) {
+  ReplayResult kept = run(s, be, {.seed = seed, .free_buffers = false, .progress = std::move(progress)});
   SafetyCheck c;
   if (freed.loss_bytes != kept.loss_bytes) {
     c.detail = fmt::format("loss differs: {} (freed at the simulated points) vs {} (nothing freed)", freed.loss, kept.loss);
@@ -504,6 +509,11 @@ TightnessCheck confirm_tightness(const Schedule& s, Backend& be, const ReplayRes
   // and restores them. Probes whose reader is in the optimizer step run whole, alone.
   std::sort(shared.begin(), shared.end(), [](const Probe& a, const Probe& b) { return a.entry < b.entry; });
   const ReplayOptions plain{.seed = opts.seed};
+  const int64_t n_probes = static_cast<int64_t>(shared.size() + alone.size());
+  int64_t probes_done = 0;
+  auto probed = [&] {
+    if (opts.progress) opts.progress(++probes_done, n_probes);
+  };
   if (!shared.empty()) {
     Executor ex(s, be, plain);
     ex.begin();
@@ -523,6 +533,7 @@ TightnessCheck confirm_tightness(const Schedule& s, Backend& be, const ReplayRes
         item.confirmed = true;  // the poisoned values broke an op outright (an index out of range)
       }
       ex.restore(saved_state);
+      probed();
     }
   }
   for (const Probe& pr : alone) {
@@ -533,6 +544,7 @@ TightnessCheck confirm_tightness(const Schedule& s, Backend& be, const ReplayRes
     } catch (const ReplayError&) {
       item.confirmed = true;
     }
+    probed();
   }
   for (TightnessItem& item : c.items) {
     if (item.confirmed) {

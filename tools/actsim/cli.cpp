@@ -1,6 +1,9 @@
 #include "cli.hpp"
 
 #include <fmt/format.h>
+
+#include <algorithm>
+#include <iostream>
 #include <unistd.h>
 
 #include <filesystem>
@@ -51,6 +54,41 @@ std::string human_seconds(double s) {
   if (s < 120) return fmt::format("{:.0f} s", s);
   if (s < 7200) return fmt::format("{:.0f} min", s / 60);
   return fmt::format("{:.1f} h", s / 3600);
+}
+
+ProgressLine::ProgressLine(std::string label, std::string unit, bool bar, bool enabled)
+    : label_(std::move(label)), unit_(std::move(unit)), bar_(bar), enabled_(enabled && ::isatty(STDERR_FILENO)),
+      t0_(std::chrono::steady_clock::now()) {}
+
+void ProgressLine::stage(std::string name) {
+  stage_ = std::move(name);
+  t0_ = std::chrono::steady_clock::now();
+}
+
+void ProgressLine::update(int64_t done, int64_t total) {
+  if (!enabled_) return;
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  const std::string eta =
+      done > 0 && done < total
+          ? fmt::format(", ETA {}", human_seconds(secs * static_cast<double>(total - done) / static_cast<double>(done)))
+          : "";
+  std::string head;
+  if (bar_) {
+    constexpr int kWidth = 30;
+    const int filled = total > 0 ? static_cast<int>(kWidth * std::min(done, total) / total) : kWidth;
+    head = fmt::format("[{}{}] ", std::string(static_cast<size_t>(filled), '#'),
+                       std::string(static_cast<size_t>(kWidth - filled), '-'));
+  } else {
+    head = label_ + ": " + (stage_.empty() ? "" : stage_ + ", ");
+  }
+  std::cerr << fmt::format("\r{}{}/{} {}{}\033[K", head, done, total, unit_, eta) << std::flush;
+  drawn_ = true;
+}
+
+void ProgressLine::clear() {
+  if (!drawn_) return;
+  std::cerr << "\r\033[K" << std::flush;
+  drawn_ = false;
 }
 
 void add_force_option(po::options_description& opts) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <boost/program_options.hpp>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,31 @@ inline constexpr double kLongWorkSeconds = 60;
 void check_long_work(const po::variables_map& vm, double seconds, const std::string& what);
 void add_force_option(po::options_description& opts);
 std::string human_seconds(double s);
+
+// Note [Progress]: long work shows one line on stderr, redrawn in place, only when stderr is a
+// terminal (never in a pipe, a file or CI), with an ETA from the rate so far:
+//   "[##########--------------------] 512/1000 runs, ETA 12 s"   (sweep)
+//   "plan: 5/9 simulations, ETA 12 s"                              (plan)
+//   "replay: main run, 1024/5120 entries, ETA 3 s"                 (replay, per stage)
+// The line is erased when the work ends (or throws), so what the command prints stays clean.
+class ProgressLine {
+ public:
+  // `label` ("plan", "replay"), `unit` ("simulations"); `bar` draws a bar instead of the label.
+  ProgressLine(std::string label, std::string unit, bool bar = false, bool enabled = true);
+  ProgressLine(const ProgressLine&) = delete;
+  ProgressLine& operator=(const ProgressLine&) = delete;
+  ~ProgressLine() { clear(); }
+  bool enabled() const { return enabled_; }
+  // Starts a new stage (its own count and ETA): "replay: safety check, ...".
+  void stage(std::string name);
+  void update(int64_t done, int64_t total);
+  void clear();  // erases the line (nothing when disabled or nothing drawn)
+
+ private:
+  std::string label_, unit_, stage_;
+  bool bar_, enabled_, drawn_ = false;
+  std::chrono::steady_clock::time_point t0_;
+};
 
 int cmd_simulate(const std::vector<std::string>& args);
 int cmd_compare(const std::vector<std::string>& args);

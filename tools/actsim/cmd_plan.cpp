@@ -46,16 +46,6 @@ nlohmann::json blocks_json(const graph::BlockPlan& p) {
   return out;
 }
 
-// "plan: 5/9 simulations, ETA 12 s" on one terminal line, redrawn in place.
-void draw_progress(int64_t done, int64_t estimate) {
-  static const auto t0 = std::chrono::steady_clock::now();
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const std::string eta =
-      done > 0 && done < estimate
-          ? fmt::format(", ETA {}", human_seconds(secs * static_cast<double>(estimate - done) / static_cast<double>(done)))
-          : "";
-  std::cerr << fmt::format("\rplan: {}/{} simulations{}\033[K", done, estimate, eta) << std::flush;
-}
 
 }  // namespace
 
@@ -108,16 +98,16 @@ int cmd_plan(const std::vector<std::string>& args) {
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
 #endif
   study::PlanOptions po{.selective = vm.count("no-selective") == 0, .offload = vm.count("offload") > 0};
-  const bool bar = ::isatty(STDERR_FILENO);
-  if (bar) po.progress = draw_progress;
+  ProgressLine progress("plan", "simulations");
+  if (progress.enabled()) po.progress = [&](int64_t done, int64_t estimate) { progress.update(done, estimate); };
   study::PlanResult r;
   try {
     r = study::plan_for_budget(s, budget, po);
   } catch (...) {
-    if (bar) std::cerr << "\r\033[K" << std::flush;
+    progress.clear();
     throw;
   }
-  if (bar) std::cerr << "\r\033[K" << std::flush;
+  progress.clear();
   // The search simulated the answer already (usually): its analysis is the one to report.
   std::shared_ptr<const study::Analysis> kept = r.analysis;
   if (!kept) {

@@ -292,23 +292,35 @@ int cmd_replay(const std::vector<std::string>& args) {
   std::optional<replay::TightnessCheck> tight;
   TorchOutcome torch;
   double t_main = 0, t_safety = 0, t_tight = 0;
+  ProgressLine progress("replay", "entries");
+  auto show = [&](int64_t done, int64_t total) { progress.update(done, total); };
+  std::function<void(int64_t, int64_t)> on_progress;
+  if (progress.enabled()) on_progress = show;
   try {
     auto t0 = Clock::now();
-    r = replay::run(s, *be, {.seed = seed, .poison_freed = confirm, .keep_initial_values = want_torch});
+    progress.stage("the step");
+    r = replay::run(s, *be, {.seed = seed, .poison_freed = confirm, .keep_initial_values = want_torch, .progress = on_progress});
     t_main = since(t0);
     if (confirm) {
       memory = replay::confirm_memory(s, r);
       t0 = Clock::now();
-      safety = replay::confirm_safety(s, *be, r, seed);
+      progress.stage("safety (nothing freed)");
+      safety = replay::confirm_safety(s, *be, r, seed, on_progress);
       t_safety = since(t0);
       t0 = Clock::now();
-      tight = replay::confirm_tightness(s, *be, r, {.max_checked = static_cast<size_t>(sample), .seed = seed});
+      ProgressLine probes("replay", "tightness probes");
+      std::function<void(int64_t, int64_t)> on_probe;
+      progress.clear();
+      if (probes.enabled()) on_probe = [&](int64_t done, int64_t total) { probes.update(done, total); };
+      tight = replay::confirm_tightness(s, *be, r, {.max_checked = static_cast<size_t>(sample), .seed = seed, .progress = on_probe});
       t_tight = since(t0);
     }
   } catch (const replay::ReplayError& e) {
+    progress.clear();
     std::cerr << "actsim: replay failed: " << util::one_line(e.what()) << "\n";
     return 1;
   }
+  progress.clear();
   // (d) Recompute: every checkpoint policy's schedule gives the plain schedule's gradients.
   std::optional<bool> recompute_ok;
   json recompute_detail = nullptr;

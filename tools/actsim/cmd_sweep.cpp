@@ -28,17 +28,6 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// "[##########----------]  512/1000" on one terminal line, redrawn in place.
-void draw_progress(int64_t done, int64_t total) {
-  constexpr int kWidth = 30;
-  static const auto t0 = std::chrono::steady_clock::now();
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
-  const std::string eta = done > 0 && done < total ? fmt::format(", ETA {}", human_seconds(secs * static_cast<double>(total - done) / static_cast<double>(done))) : "";
-  std::cerr << fmt::format("\r[{}{}] {}/{} runs{}\033[K", std::string(static_cast<size_t>(filled), '#'),
-                           std::string(static_cast<size_t>(kWidth - filled), '-'), done, total, eta)
-            << std::flush;
-}
 
 }  // namespace
 
@@ -109,19 +98,19 @@ int cmd_sweep(const std::vector<std::string>& args) {
 #endif
   study::SweepOptions so;
   so.threads = static_cast<int>(threads);
-  const bool bar = !vm.count("no-progress") && ::isatty(STDERR_FILENO);
-  if (bar) so.progress = draw_progress;
+  ProgressLine progress("sweep", "runs", /*bar=*/true, !vm.count("no-progress"));
+  if (progress.enabled()) so.progress = [&](int64_t done, int64_t total) { progress.update(done, total); };
   study::SweepStats stats;
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<study::SweepRow> rows;
   try {
     rows = study::run_sweep(base, axes, so, &stats);
   } catch (...) {
-    if (bar) std::cerr << "\r\033[K" << std::flush;
+    progress.clear();
     throw;
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (bar) std::cerr << "\r\033[K" << std::flush;
+  progress.clear();
 
   int64_t n_pareto = 0;
   for (const study::SweepRow& r : rows) n_pareto += r.pareto;

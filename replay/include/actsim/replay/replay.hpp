@@ -37,6 +37,8 @@ struct ReplayOptions {
   size_t poison_before_entry = 0;
   bool stop_after_backward = false;        // skip the optimizer step (loss and gradients only)
   bool keep_initial_values = false;        // keep the host copies of pre-step storages (torch dump)
+  // Called every few hundred entries and at the end with (entries done, entries): a progress line.
+  std::function<void(int64_t done, int64_t total)> progress;
 };
 
 struct ReplayResult {
@@ -73,7 +75,8 @@ struct SafetyCheck {
   bool ok = false;
   std::string detail;                      // the first difference, when not ok
 };
-SafetyCheck confirm_safety(const schedule::Schedule& s, backends::Backend& be, const ReplayResult& freed, uint64_t seed = 0);
+SafetyCheck confirm_safety(const schedule::Schedule& s, backends::Backend& be, const ReplayResult& freed, uint64_t seed = 0,
+                           std::function<void(int64_t done, int64_t total)> progress = {});
 
 // (b) Tightness: poisoning a saved activation just before its simulated last use (the last op
 // reading it) changes the loss or a gradient. Saved activations are the step's storages that a
@@ -96,6 +99,7 @@ struct TightnessOptions {
   size_t max_checked = 40;                 // a seeded sample when there are more candidates
   uint64_t seed = 0;
   bool share_prefix = true;                // probes share the unpoisoned prefix (same results, faster)
+  std::function<void(int64_t done, int64_t total)> progress;  // (probes done, probes)
 };
 TightnessCheck confirm_tightness(const schedule::Schedule& s, backends::Backend& be, const ReplayResult& reference,
                                  const TightnessOptions& opts = {});
