@@ -394,7 +394,7 @@ std::set<uint32_t> brute_force_cuts(const graph::Graph& g, graph::TensorId sourc
       }
     }
   }
-  auto connected_without = [&](size_t removed) {
+  auto connected_without = [&](size_t removed) -> bool {  // not vector<bool>::reference into `seen`
     std::vector<bool> seen(adj.size(), false);
     std::queue<size_t> q;
     q.push(graph::index(source));
