@@ -26,6 +26,7 @@ std::string_view to_string(Family f) {
     case Family::llama: return "llama";
     case Family::hf_llama: return "hf_llama";
     case Family::hf_gpt2: return "hf_gpt2";
+    case Family::hf_neox: return "hf_neox";
   }
   return "?";
 }
@@ -87,7 +88,8 @@ void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& pr
   if (model.family == Family::gpt2) l.gpt2();
   else if (model.family == Family::llama) l.llama();
   else if (model.family == Family::hf_llama) lower_hf_llama(l);
-  else lower_hf_gpt2(l);
+  else if (model.family == Family::hf_gpt2) lower_hf_gpt2(l);
+  else lower_hf_neox(l);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
 }  // namespace

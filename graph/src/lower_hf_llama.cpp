@@ -1,6 +1,6 @@
 // Lowering of Hugging Face transformers' Llama-style decoders (Family::hf_llama): LlamaForCausalLM
 // and the families that run the same code with other flags (MistralForCausalLM, Qwen2ForCausalLM,
-// Qwen3ForCausalLM, Phi3ForCausalLM), op for op as transformers 5.18.0's modeling_llama.py / modeling_qwen3.py run
+// Qwen3ForCausalLM, Phi3ForCausalLM, GemmaForCausalLM), op for op as transformers 5.18.0's modeling_llama.py / modeling_qwen3.py / modeling_gemma.py run
 // them in training with `model(input_ids=x, labels=y).loss`: the DynamicCache the forward fills
 // when config.use_cache is on, create_causal_mask (none for sdpa, a (B, 1, T, T) additive mask for
 // eager), the rotary embedding computed once per forward, RMSNorm in fp32, rotate_half, sdpa with
@@ -29,6 +29,7 @@ struct HfLlama : HfBase {
 
   // LlamaRMSNorm: to(float32), pow(2).mean(-1, keepdim), x * rsqrt(var + eps), weight * x.to(input_dtype).
   TensorId rmsnorm(TensorId x, TensorId w) {
+    if (m.gemma) return gemma_rmsnorm(x, w);
     const DType in_dt = t(x).dtype;
     TensorId h = cast(x, DType::f32);
     TensorId var = b.mean_last(b.pow2(h));
@@ -36,6 +37,18 @@ struct HfLlama : HfBase {
     h = mul(h, r);
     h = cast(h, in_dt);
     return like(b.binary(OpKind::mul, w, h), h);
+  }
+
+  // GemmaRMSNorm: output = _norm(x.float()); output * (1.0 + self.weight.float()); .type_as(x).
+  TensorId gemma_rmsnorm(TensorId x, TensorId w) {
+    const DType in_dt = t(x).dtype;
+    TensorId h = cast(x, DType::f32);
+    TensorId var = b.mean_last(b.pow2(h));
+    TensorId r = b.unary(OpKind::rsqrt, b.scalar_op(OpKind::add_scalar, var, m.norm_eps));
+    h = mul(h, r);
+    TensorId w1 = b.scalar_op(OpKind::add_scalar, cast(w, DType::f32), 1.0);
+    h = mul(h, w1);
+    return cast(h, in_dt);
   }
 
   // q * cos + rotate_half(q) * sin, rotate_half(x) = cat(-x[..., n/2:], x[..., :n/2]).
@@ -164,7 +177,7 @@ struct HfLlama : HfBase {
     l.scope(i, s + ".mlp.gate_proj");
     TensorId gt = b.linear(h, p.gate, opt(p.gate_b));
     l.scope(i, s + ".mlp.act_fn");
-    gt = b.unary(OpKind::silu, gt);
+    gt = b.unary(m.gemma ? OpKind::gelu_tanh : OpKind::silu, gt);  // Gemma: gelu_pytorch_tanh
     l.scope(i, s + ".mlp.up_proj");
     TensorId up = b.linear(h, p.up, opt(p.up_b));
     l.scope(i, s + ".mlp");
@@ -188,6 +201,8 @@ struct HfLlama : HfBase {
     for (int i = 0; i < m.n_layers; ++i) use_cache = use_cache && l.mode(i) != BlockMode::recompute;
     // Parameters in model.parameters() order (module registration order).
     TensorId emb = param("model.embed_tokens.weight", {V, d});
+    // GemmaTextScaledWordEmbedding's embed_scale: a 0-dim buffer (sqrt(hidden_size)), cast with the model.
+    TensorId embed_scale = m.gemma ? l.buffer("model.embed_tokens.embed_scale", {}) : kNoTensor;
     std::vector<Layer> layers(static_cast<size_t>(m.n_layers));
     for (int i = 0; i < m.n_layers; ++i) {
       auto n = [&](const char* x) { return fmt::format("model.layers.{}.{}", i, x); };
@@ -235,6 +250,8 @@ struct HfLlama : HfBase {
 
     l.scope(-1, "model.embed_tokens");
     TensorId x = b.embedding(emb, idx);
+    // Gemma: embedding(input_ids) * self.embed_scale.to(self.weight.dtype) (the same dtype: the buffer itself).
+    if (m.gemma) x = mul(x, embed_scale);
     l.scope(-1, "model");
     TensorId pos = position_ids();
     TensorId mask = m.attention == Attention::eager ? causal_mask(pos) : kNoTensor;

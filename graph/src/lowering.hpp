@@ -121,5 +121,7 @@ struct Lowering {
 void lower_hf_llama(Lowering& l);
 // transformers' GPT2LMHeadModel (Family::hf_gpt2), lower_hf_gpt2.cpp.
 void lower_hf_gpt2(Lowering& l);
+// transformers' GPTNeoXForCausalLM (Family::hf_neox), lower_hf_neox.cpp.
+void lower_hf_neox(Lowering& l);
 
 }  // namespace actsim::graph

@@ -86,17 +86,20 @@ Analysis simulate_step(const ResolvedStep& step) {
   }
   // Kept for backward: device storages that exist when backward starts (from before the step or
   // from a forward op) and that a backward-phase op (backward, recompute, prefetch) reads or holds;
-  // parameters, buffers, optimizer state and gradients aside. Without checkpointing these are
-  // exactly the storages autograd saves; with it, what each block keeps through the forward pass.
+  // parameters, optimizer state and gradients aside. Without checkpointing these are exactly the
+  // storages autograd saves; with it, what each block keeps through the forward pass. A buffer
+  // counts only when autograd saves it (Gemma's embed_scale, by the embedding's mul), not when a
+  // recomputation reads it again.
   const size_t n_st = g.storages().size();
   std::vector<bool> kept(n_st, false);
-  auto keepable = [&](graph::StorageId sid) {
+  auto keepable = [&](graph::StorageId sid, const graph::Op& reader) {
     const graph::Storage& st = g.storage(sid);
     if (st.location == Location::host) return false;
-    if (st.category == Category::parameter || st.category == Category::buffer ||
-        st.category == Category::optimizer_state || st.category == Category::gradient) {
+    if (st.category == Category::parameter || st.category == Category::optimizer_state ||
+        st.category == Category::gradient) {
       return false;
     }
+    if (st.category == Category::buffer) return !reader.recompute;
     if (st.producer == graph::kNoOp) return true;
     const graph::Op& by = g.op(st.producer);
     // checkpoint's RNG stash is kept, but it is no saved tensor (the saved-tensor hooks never see it)
@@ -107,7 +110,7 @@ Analysis simulate_step(const ResolvedStep& step) {
     for (const auto* list : {&op.inputs, &op.holds}) {
       for (graph::TensorId t : *list) {
         graph::StorageId sid = g.tensor(t).storage;
-        if (keepable(sid)) kept[graph::index(sid)] = true;
+        if (keepable(sid, op)) kept[graph::index(sid)] = true;
       }
     }
   }

@@ -1,5 +1,5 @@
-// Hugging Face config.json -> ModelConfig (family hf_llama), with transformers 5.18.0's defaults
-// (models/{llama,mistral,qwen2,qwen3}/configuration_*.py).
+// Hugging Face config.json -> ModelConfig (families hf_llama, hf_gpt2, hf_neox), with transformers 5.18.0's defaults
+// (models/{llama,mistral,qwen2,qwen3,gemma,phi3,gpt2,gpt_neox}/configuration_*.py).
 #include "actsim/study/hf_config.hpp"
 
 #include <fmt/format.h>
@@ -32,14 +32,17 @@ struct Arch {
   int64_t sliding_window; // default when absent; 0 = none. Mistral: 4096; Qwen2/3 only with use_sliding_window
   bool phi3;              // fused qkv_proj and gate_up_proj, resid_pdrop, partial_rotary_factor
   double rms_norm_eps;    // default rms_norm_eps
+  bool tied;              // default tie_word_embeddings
+  bool gemma;             // scaled embeddings, RMSNorm's (1 + weight), gelu_pytorch_tanh
 };
 
 constexpr Arch kArchs[] = {
-    {"LlamaForCausalLM", "llama", 32000, 0, 0, false, true, true, false, 0, false, 1e-6},
-    {"MistralForCausalLM", "mistral", 32000, 8, 0, false, false, false, false, 4096, false, 1e-6},
-    {"Qwen2ForCausalLM", "qwen2", 151936, 32, 0, true, false, false, false, 4096, false, 1e-6},
-    {"Qwen3ForCausalLM", "qwen3", 151936, 32, 128, false, true, false, true, 4096, false, 1e-6},
-    {"Phi3ForCausalLM", "phi3", 32064, 0, 0, false, false, false, false, 0, true, 1e-5},
+    {"LlamaForCausalLM", "llama", 32000, 0, 0, false, true, true, false, 0, false, 1e-6, false, false},
+    {"MistralForCausalLM", "mistral", 32000, 8, 0, false, false, false, false, 4096, false, 1e-6, false, false},
+    {"Qwen2ForCausalLM", "qwen2", 151936, 32, 0, true, false, false, false, 4096, false, 1e-6, false, false},
+    {"Qwen3ForCausalLM", "qwen3", 151936, 32, 128, false, true, false, true, 4096, false, 1e-6, false, false},
+    {"GemmaForCausalLM", "gemma", 256000, 16, 256, false, true, false, false, 0, false, 1e-6, true, true},
+    {"Phi3ForCausalLM", "phi3", 32064, 0, 0, false, false, false, false, 0, true, 1e-5, false, false},
 };
 
 std::string type_of(const json& v) {
@@ -151,11 +154,64 @@ HfConfig parse_gpt2(const Reader& r, const std::string& path) {
   return h;
 }
 
+// GPTNeoXForCausalLM (models/gpt_neox/configuration_gpt_neox.py): rotary_pct and rotary_emb_base
+// (4.x names) or rope_parameters' partial_rotary_factor and rope_theta; attention_bias for both
+// query_key_value and dense; hidden_dropout for emb_dropout and the two residual dropouts.
+HfConfig parse_neox(const Reader& r) {
+  HfConfig h;
+  h.architecture = "GPTNeoXForCausalLM";
+  graph::ModelConfig& m = h.model;
+  m.family = graph::Family::hf_neox;
+  m.d_model = r.integer("hidden_size", 6144);
+  m.n_layers = r.integer("num_hidden_layers", 44);
+  m.n_heads = r.integer("num_attention_heads", 64);
+  m.d_ff = r.integer("intermediate_size", 24576);
+  m.vocab_size = r.integer("vocab_size", 50432);
+  h.max_position_embeddings = r.integer("max_position_embeddings", 2048);
+  if (m.d_model % m.n_heads != 0) {
+    r.fail("num_attention_heads", fmt::format("{} does not divide hidden_size = {}", m.n_heads, m.d_model));
+  }
+  const std::string act = r.string("hidden_act", "gelu");
+  if (act != "gelu") r.fail("hidden_act", fmt::format("\"{}\" is not lowered (gelu is)", act));
+  m.attention_dropout = r.number("attention_dropout", 0.0);
+  if (!(m.attention_dropout >= 0 && m.attention_dropout < 1)) {
+    r.fail("attention_dropout", fmt::format("must be in [0, 1), got {}", m.attention_dropout));
+  }
+  m.dropout = m.embd_dropout = r.number("hidden_dropout", 0.0);
+  if (!(m.dropout >= 0 && m.dropout < 1)) r.fail("hidden_dropout", fmt::format("must be in [0, 1), got {}", m.dropout));
+  m.norm_eps = r.number("layer_norm_eps", 1e-5);
+  m.tie_embeddings = r.boolean("tie_word_embeddings", false) ? 1 : 0;
+  m.use_cache = r.boolean("use_cache", true);
+  m.parallel_residual = r.boolean("use_parallel_residual", true);
+  m.qkv_bias = m.o_bias = r.boolean("attention_bias", true);
+  double theta = r.number("rotary_emb_base", 10000.0);
+  m.partial_rotary = r.number("rotary_pct", 0.25);
+  for (const char* k : {"rope_parameters", "rope_scaling"}) {
+    if (const json* rp = r.find(k)) {
+      if (!rp->is_object()) r.fail(k, fmt::format("expected an object, got {} {}", type_of(*rp), shown(*rp)));
+      const Reader sub{*rp, r.path};
+      if (sub.find("rope_theta")) theta = sub.number("rope_theta", theta);
+      if (sub.find("partial_rotary_factor")) m.partial_rotary = sub.number("partial_rotary_factor", 1.0);
+      if (sub.string("rope_type", sub.string("type", "default")) == "longrope") r.fail(k, "longrope is not lowered for GPT-NeoX");
+    }
+  }
+  if (!(theta > 0)) r.fail("rotary_emb_base", "must be positive");
+  m.rope_theta = theta;
+  const int64_t rd = static_cast<int64_t>(static_cast<double>(m.hd()) * m.partial_rotary);
+  if (!(m.partial_rotary > 0 && m.partial_rotary <= 1) || rd < 2 || rd % 2 != 0) {
+    r.fail("rotary_pct", fmt::format("{} gives a rotary dim of {} (must be even and positive)", m.partial_rotary, rd));
+  }
+  m.attention = graph::Attention::flash;  // transformers' default attn_implementation: "sdpa"
+  h.keys = {"model.family", "model.vocab_size", "model.d_model", "model.n_heads", "model.n_layers", "model.d_ff",
+            "model.tie_embeddings", "model.rope_theta", "model.attention"};
+  return h;
+}
+
 }  // namespace
 
 const std::vector<std::string>& hf_architectures() {
   static const std::vector<std::string> names = [] {
-    std::vector<std::string> v{"GPT2LMHeadModel"};
+    std::vector<std::string> v{"GPT2LMHeadModel", "GPTNeoXForCausalLM"};
     for (const Arch& a : kArchs) v.emplace_back(a.name);
     return v;
   }();
@@ -189,11 +245,13 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
     if (mt.empty()) r.fail("architectures", "missing (and no model_type)");
     arch_name = "model_type " + mt;
     if (mt == "gpt2") arch_name = "GPT2LMHeadModel";
+    if (mt == "gpt_neox") arch_name = "GPTNeoXForCausalLM";
     for (const Arch& x : kArchs) {
       if (mt == x.model_type) arch = &x;
     }
   }
-  if (arch_name == "GPT2LMHeadModel" || arch_name == "model_type gpt2") return parse_gpt2(r, path);
+  if (arch_name == "GPT2LMHeadModel") return parse_gpt2(r, path);
+  if (arch_name == "GPTNeoXForCausalLM") return parse_neox(r);
   if (!arch) {
     r.fail("architectures", fmt::format("\"{}\" is not supported (supported: {})", arch_name,
                                         fmt::join(hf_architectures(), ", ")));
@@ -221,11 +279,15 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
     r.fail("num_key_value_heads", fmt::format("{} does not divide num_attention_heads = {}", m.n_kv_heads, m.n_heads));
   }
   if (m.hd() % 2 != 0) r.fail(m.head_dim > 0 ? "head_dim" : "hidden_size", fmt::format("RoPE needs an even head size, got {}", m.hd()));
-  const std::string act = r.string("hidden_act", "silu");
-  if (act != "silu") r.fail("hidden_act", fmt::format("\"{}\" is not lowered (silu is)", act));
+  // Gemma: "gelu" is a legacy value that GemmaConfig turns into gelu_pytorch_tanh.
+  const std::string act = r.string("hidden_act", arch->gemma ? "gelu_pytorch_tanh" : "silu");
+  if (arch->gemma ? act != "gelu_pytorch_tanh" && act != "gelu" : act != "silu") {
+    r.fail("hidden_act", fmt::format("\"{}\" is not lowered ({} is)", act, arch->gemma ? "gelu_pytorch_tanh" : "silu"));
+  }
+  m.gemma = arch->gemma;
   m.norm_eps = r.number("rms_norm_eps", arch->rms_norm_eps);
   if (!(m.norm_eps > 0)) r.fail("rms_norm_eps", "must be positive");
-  m.tie_embeddings = r.boolean("tie_word_embeddings", false) ? 1 : 0;
+  m.tie_embeddings = r.boolean("tie_word_embeddings", arch->tied) ? 1 : 0;
   m.use_cache = r.boolean("use_cache", true);
   m.attention_dropout = r.number("attention_dropout", 0.0);
   if (m.attention_dropout != 0) r.fail("attention_dropout", "dropout in attention is not lowered (must be 0)");

@@ -166,7 +166,7 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
     sc.origin[key] = loc;
     return;
   }
-  if (key == "model.family" && (sc.model.family == Family::hf_llama || sc.model.family == Family::hf_gpt2)) {
+  if (key == "model.family" && graph::is_hf(sc.model.family)) {
     fail(where, "model.hf_config decides the family; remove one of them");
   }
   auto positive = [&](int64_t x) {
@@ -355,7 +355,7 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(sc.where("model.n_layers"), fmt::format("{} layers is more than actsim simulates (at most {})", m.n_layers, kMaxLayers));
   }
   const auto& t = sc.training;
-  if (m.family == Family::hf_llama || m.family == Family::hf_gpt2) {  // model.hf_config (issue 11)
+  if (graph::is_hf(m.family)) {  // model.hf_config (issue 11)
     if (sc.profile == graph::ProfileId::torch_cpu) {
       return fail(blame(sc, {"runtime.profile", "model.hf_config"}), "transformers 5 needs PyTorch 2.x: use torch2-cpu or torch-cuda");
     }
@@ -365,6 +365,12 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                        m.seq_len, m.sliding_window));
     }
     if (m.family == Family::hf_llama && m.hd() % 2 != 0) return fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
+    if (m.family == Family::hf_neox) {
+      const int64_t rd = static_cast<int64_t>(static_cast<double>(m.hd()) * m.partial_rotary);
+      if (rd < 2 || rd % 2 != 0) {
+        return fail(blame(sc, {"model.n_heads", "model.d_model"}), fmt::format("RoPE needs an even rotary dim, got {}", rd));
+      }
+    }
   }
   if (m.head_dim == 0 && m.d_model % m.n_heads != 0) {
     return fail(blame(sc, {"model.n_heads", "model.d_model"}),
@@ -389,7 +395,7 @@ std::optional<std::string> first_problem(const Scenario& sc) {
          "attention = \"flash\" needs runtime.profile = \"torch-cuda\" or \"torch2-cpu\" (PyTorch 1.13 has no "
          "scaled_dot_product_attention)");
   }
-  const bool hf = m.family == Family::hf_llama || m.family == Family::hf_gpt2;
+  const bool hf = graph::is_hf(m.family);
   if (m.attention == Attention::flash && (hf ? m.attention_dropout : m.dropout) > 0 &&
       sc.profile == graph::ProfileId::torch2_cpu) {
     // sdp_utils_cpp.cpp use_flash_attention_cpp: check_for_dropout fails on the CPU, and the math

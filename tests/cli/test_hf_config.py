@@ -12,6 +12,10 @@ import tempfile
 
 GOOD = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 101}
+NEOX = {"architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 101, "rotary_pct": 0.25}
+GEMMA = {"architectures": ["GemmaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 101}
 
 passed = failed = 0
 
@@ -46,7 +50,10 @@ def main():
             ("negative size", dict(GOOD, num_hidden_layers=-2), "num_hidden_layers"),
             ("heads do not divide hidden", dict(GOOD, hidden_size=66), "num_attention_heads"),
             ("kv heads do not divide heads", dict(GOOD, num_key_value_heads=3), "num_key_value_heads"),
-            ("unsupported architecture", dict(GOOD, architectures=["GPTNeoXForCausalLM"]), "architectures"),
+            ("unsupported architecture", dict(GOOD, architectures=["FalconForCausalLM"]), "architectures"),
+            ("gpt-neox: unsupported activation", dict(NEOX, hidden_act="relu"), "hidden_act"),
+            ("gpt-neox: odd rotary dim", dict(NEOX, rotary_pct=0.2), "rotary_pct"),
+            ("gemma: unsupported activation", dict(GEMMA, hidden_act="silu"), "hidden_act"),
             ("unsupported activation", dict(GOOD, hidden_act="gelu"), "hidden_act"),
             ("not JSON", "{ hidden_size: 64", ""),
             ("not an object", "[1, 2]", ""),

@@ -54,6 +54,16 @@ GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 48
         "n_head": 4, "n_positions": 40, "vocab_size": 103, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
         "attn_pdrop": 0.0, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
         "bos_token_id": 1, "eos_token_id": 2}
+NEOX = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64,
+        "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 109,
+        "max_position_embeddings": 64, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+        "use_parallel_residual": True, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0}
+GEMMA = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 48,
+         "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 113, "max_position_embeddings": 64,
+         "rms_norm_eps": 1e-6, "hidden_act": "gelu", "tie_word_embeddings": True, "pad_token_id": 0,
+         "bos_token_id": 2, "eos_token_id": 1}
 
 # (label, config, run settings)
 CONFIGS = [
@@ -83,6 +93,17 @@ CONFIGS = [
     ("phi3 longrope", dict(PHI3, max_position_embeddings=256, sliding_window=None,
                            rope_scaling={"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 4.0],
                                          "short_factor": [1.0, 1.0, 1.2, 1.5]}), {}),
+    ("neox sdpa", NEOX, {}),
+    ("neox eager", NEOX, {"attn": "eager"}),
+    ("neox sequential full rotary no bias bf16", dict(NEOX, use_parallel_residual=False, rotary_pct=1.0,
+                                                      attention_bias=False), {"dtype": "bf16", "seq_len": 13}),
+    ("neox dropout eager no cache", dict(NEOX, hidden_dropout=0.1, attention_dropout=0.1, use_cache=False,
+                                         rotary_pct=0.5), {"attn": "eager", "batch_size": 3}),
+    ("neox hidden dropout sdpa bf16", dict(NEOX, hidden_dropout=0.1), {"dtype": "bf16"}),
+    ("gemma sdpa", GEMMA, {}),
+    ("gemma eager bf16", GEMMA, {"attn": "eager", "dtype": "bf16"}),
+    ("gemma mha untied bf16", dict(GEMMA, num_key_value_heads=4, tie_word_embeddings=False,
+                                   hidden_act="gelu_pytorch_tanh"), {"dtype": "bf16", "seq_len": 13}),
 ]
 
 RUN_DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa",

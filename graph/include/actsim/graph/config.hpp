@@ -18,7 +18,10 @@ namespace actsim::graph {
 // transformers' LlamaForCausalLM and the families that run its code (Mistral, Qwen2, Qwen3), read
 // from a config.json (model.hf_config) and lowered as transformers' modeling code runs them.
 // hf_gpt2: transformers' GPT2LMHeadModel (Conv1D, gelu_new written out, dropout everywhere).
-enum class Family : uint8_t { gpt2, llama, hf_llama, hf_gpt2 };
+// hf_neox: transformers' GPTNeoXForCausalLM (Pythia: fused qkv, partial rotary, parallel residual).
+enum class Family : uint8_t { gpt2, llama, hf_llama, hf_gpt2, hf_neox };
+// The families read from a Hugging Face config.json (model.hf_config).
+constexpr bool is_hf(Family f) { return f == Family::hf_llama || f == Family::hf_gpt2 || f == Family::hf_neox; }
 enum class Attention : uint8_t { eager, flash };
 enum class Optimizer : uint8_t { adamw, adam, sgd, sgd_momentum };
 enum class OptimizerImpl : uint8_t { profile_default, for_loop, foreach, fused };
@@ -62,6 +65,9 @@ struct ModelConfig {
   double partial_rotary = 1.0;  // the share of head_dim that RoPE rotates (partial_rotary_factor)
   bool longrope = false;        // rope_type "longrope": the first forward re-registers inv_freq as
                                 // original_inv_freq (one buffer storage for both)
+  bool parallel_residual = false; // GPT-NeoX's use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x))
+  bool gemma = false;           // Gemma: embeddings times sqrt(hidden), RMSNorm's (1 + weight) in fp32,
+                                // gelu_pytorch_tanh in the MLP
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hd() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
