@@ -17,6 +17,7 @@
 #include <string>
 
 #include "actsim/util/error.hpp"
+#include "actsim/util/parallel.hpp"
 #include "actsim/graph/profile.hpp"
 
 namespace actsim::study {
@@ -492,24 +493,9 @@ struct PlanShared {
       if (!dup) todo.emplace_back(std::move(k), bp);
     }
     std::vector<std::shared_ptr<const Analysis>> out(todo.size());
-    std::vector<std::exception_ptr> errors(todo.size());
-    const size_t workers = std::min<size_t>(todo.size(), std::max(1u, std::thread::hardware_concurrency()));
-    std::atomic<size_t> next{0};
-    auto work = [&] {
-      for (size_t i; (i = next++) < todo.size();) {
-        try {
-          out[i] = simulate_plan(s, *todo[i].second);
-        } catch (...) {
-          errors[i] = std::current_exception();
-        }
-      }
-    };
-    std::vector<std::thread> pool;
-    for (size_t w = 1; w < workers; ++w) pool.emplace_back(work);
-    work();
-    for (std::thread& t : pool) t.join();
+    util::parallel_for(static_cast<int64_t>(todo.size()), util::hardware_threads(),
+                       [&](int64_t i) { out[static_cast<size_t>(i)] = simulate_plan(s, *todo[static_cast<size_t>(i)].second); });
     for (size_t i = 0; i < todo.size(); ++i) {
-      if (errors[i]) std::rethrow_exception(errors[i]);
       record(std::move(todo[i].first), std::move(out[i]));
     }
   }
