@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <atomic>
 #include <condition_variable>
 #include <mutex>
 #include <exception>
