@@ -20,6 +20,8 @@ ACCELERATE_PIN="accelerate==1.15.0"
 # transformers (the oracle of imported Hugging Face configs, tests/torch/test_against_hf.py) and the
 # dependencies whose versions decide whether it imports with torch 2.13.0 and accelerate 1.15.0.
 HF_PINS=("transformers==5.18.0" "huggingface_hub==2.4.0" "tokenizers==0.23.3" "safetensors==0.8.0")
+# peft (the oracle of training.trainable = "lora") and the dependencies it pulls that are not pinned above.
+PEFT_PINS=("peft==0.21.2" "psutil==7.2.2" "PyYAML==6.0.4" "tqdm==4.70.1" "packaging==26.4")
 CUBLAS_PIN="nvidia-cublas==13.0.2.14"
 VENV=.venv
 
@@ -69,7 +71,7 @@ if command -v nvcc >/dev/null 2>&1 && [ ! -e "$(dirname "$(dirname "$(command -v
 fi
 
 if [ $tests = 1 ]; then
-  venv_pip "$TORCH_PIN" "$NUMPY_PIN" "$ACCELERATE_PIN" "${HF_PINS[@]}"
+  venv_pip "$TORCH_PIN" "$NUMPY_PIN" "$ACCELERATE_PIN" "${HF_PINS[@]}" "${PEFT_PINS[@]}"
 fi
 
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" >/dev/null
