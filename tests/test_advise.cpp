@@ -118,7 +118,10 @@ TEST_CASE("study::advise: ranks by tokens/s, plans only what does not fit, stops
   const study::AdviseResult r = study::advise(s, {.budget_bytes = 45, .threads = 2}, fake.hooks());
   CHECK(r.global_batch == 8);
   CHECK(r.candidates == 8);  // 2 attentions x 4 micro-batches
-  CHECK(r.simulations == 9);  // and the scenario as given
+  // The scenario as given is one of them (eager, micro-batch 8): not simulated twice.
+  CHECK(r.simulations == 8);
+  CHECK(r.as_given.peak_bytes == 90);
+  CHECK(r.as_given.micro_batch == 8);
   // Not fitting without a plan: eager 4 and 8, flash 8. Eager 4 is planned and fits; eager 8 and
   // flash 8 are planned and do not fit.
   CHECK(fake.plans == 3);

@@ -254,20 +254,22 @@ AdviseResult advise(const Scenario& s, const AdviseOptions& options, const Advis
     if (options.progress) options.progress(done.load(), std::max(estimate, done.load()));
   };
 
-  // Stage 1: the scenario as given and every point without checkpointing.
+  // Stage 1: every point without checkpointing, and the scenario as given unless a point is it
+  // (no changes: the scenario's own values and checkpoint.policy none).
+  std::optional<size_t> given_point;
+  for (size_t k = 0; k < points.size() && !given_point; ++k) {
+    if (candidate(points[k], "none").changes.empty()) given_point = k;
+  }
   std::vector<AdviseCandidate> plain(points.size());
-  util::parallel_for(static_cast<int64_t>(points.size()) + 1, threads, [&](int64_t i) {
-    if (i == 0) {
+  const int64_t jobs = static_cast<int64_t>(points.size()) + (given_point ? 0 : 1);
+  util::parallel_for(jobs, threads, [&](int64_t i) {
+    if (i == static_cast<int64_t>(points.size())) {
       const AdviseHooks::Probe r = hooks.simulate(s);
       AdviseCandidate& c = res.as_given;
-      c.micro_batch = s.training.batch_size;
-      c.accum_steps = accum_steps_of(s.training);
-      c.checkpointed = s.is_budget();
       c.plan = r.plan;
       fill(c, r);
-      c.fits = r.ok && r.peak_bytes <= budget;
     } else {
-      const size_t k = static_cast<size_t>(i - 1);
+      const size_t k = static_cast<size_t>(i);
       AdviseCandidate c = candidate(points[k], "none");
       const AdviseHooks::Probe r = hooks.simulate(scenarios[k]);
       c.plan = "none";
@@ -277,7 +279,19 @@ AdviseResult advise(const Scenario& s, const AdviseOptions& options, const Advis
     }
     ++done;
   }, tick);
-  res.simulations = static_cast<int64_t>(points.size()) + 1;
+  res.simulations = jobs;
+  if (given_point) {
+    res.as_given = plain[*given_point];
+    res.as_given.overrides.clear();
+    res.as_given.changes.clear();
+  }
+  {
+    AdviseCandidate& c = res.as_given;
+    c.micro_batch = s.training.batch_size;
+    c.accum_steps = accum_steps_of(s.training);
+    c.checkpointed = s.is_budget();
+    c.fits = c.simulated && c.peak_bytes <= budget;
+  }
 
   std::vector<AdviseCandidate> fitting;
   for (const AdviseCandidate& c : plain) {
