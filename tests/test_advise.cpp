@@ -180,6 +180,25 @@ TEST_CASE("study::advise: nothing fits: no ranking, the least peak seen", "[advi
   CHECK(j["least_peak"]["peak_bytes"] == 15);
 }
 
+TEST_CASE("study::advise: a combination the lowering refuses is ruled out, the scenario's own error stops it",
+          "[advise]") {
+  Fake fake;
+  study::AdviseHooks h = fake.hooks();
+  auto simulate = h.simulate;
+  h.simulate = [&](const study::Scenario& s) {
+    if (s.name.find("model.attention=flash") != std::string::npos) throw InputError("flash: refused");
+    return simulate(s);
+  };
+  study::Scenario s = tiny({"training.batch_size=2"});
+  const study::AdviseResult r = study::advise(s, {.budget_bytes = 1000, .threads = 2}, h);
+  CHECK(r.candidates == 2);  // eager at micro-batches 1 and 2
+  CHECK(r.ranked.size() == 2);
+  for (const auto& c : r.ranked) CHECK(c.overrides.front() == "model.attention=eager");
+  // When the scenario as given is what the lowering refuses, its error is the answer.
+  h.simulate = [&](const study::Scenario&) -> study::AdviseHooks::Probe { throw InputError("refused"); };
+  CHECK_THROWS_AS(study::advise(s, {.budget_bytes = 1000, .threads = 2}, h), InputError);
+}
+
 TEST_CASE("study::advise: axes follow scenario_keys()", "[advise]") {
   Fake fake;
   study::AdviseHooks h = fake.hooks();

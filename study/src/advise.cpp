@@ -261,6 +261,7 @@ AdviseResult advise(const Scenario& s, const AdviseOptions& options, const Advis
     if (candidate(points[k], "none").changes.empty()) given_point = k;
   }
   std::vector<AdviseCandidate> plain(points.size());
+  std::vector<char> refused(points.size(), 0);
   const int64_t jobs = static_cast<int64_t>(points.size()) + (given_point ? 0 : 1);
   util::parallel_for(jobs, threads, [&](int64_t i) {
     if (i == static_cast<int64_t>(points.size())) {
@@ -271,7 +272,14 @@ AdviseResult advise(const Scenario& s, const AdviseOptions& options, const Advis
     } else {
       const size_t k = static_cast<size_t>(i);
       AdviseCandidate c = candidate(points[k], "none");
-      const AdviseHooks::Probe r = hooks.simulate(scenarios[k]);
+      AdviseHooks::Probe r;
+      try {
+        r = hooks.simulate(scenarios[k]);
+      } catch (const InputError&) {
+        // A combination that only the lowering refuses (not the scenario loader): ruled out as
+        // the loader's refusals are. The scenario as given is simulated apart, and its errors stop.
+        refused[k] = 1;
+      }
       c.plan = "none";
       fill(c, r);
       c.fits = r.ok && r.peak_bytes <= budget;
@@ -280,6 +288,11 @@ AdviseResult advise(const Scenario& s, const AdviseOptions& options, const Advis
     ++done;
   }, tick);
   res.simulations = jobs;
+  res.candidates -= std::count(refused.begin(), refused.end(), 1);
+  if (given_point && refused[*given_point]) {
+    // The scenario itself is refused: say so with its own error.
+    (void)hooks.simulate(s);
+  }
   if (given_point) {
     res.as_given = plain[*given_point];
     res.as_given.overrides.clear();
