@@ -4,8 +4,8 @@
 //
 // Reports (median of 5 runs) the whole advise search of scenarios/seed-gpt2-xl.toml at the
 // device's memory (every candidate fits: one simulation each), and at batch 8 (nothing fits
-// without a plan: the planner runs) at the device's memory and under 60 GiB, with the counts of
-// the search. THREADS defaults to the hardware's concurrency, as the command's.
+// without a plan: the planner runs) at the device's memory and under 60 GiB, and, once the key
+// exists, at batch 4 with 2 accumulation steps (the micro-batch axis), with the counts of the search. THREADS defaults to the hardware's concurrency, as the command's.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -52,5 +52,10 @@ int main(int argc, char** argv) {
   run("device memory", {}, 0, threads);
   run("batch 8, device memory", {"training.batch_size=8"}, 0, threads);
   run("batch 8, budget 60 GiB", {"training.batch_size=8"}, 60LL << 30, threads);
+  // Once training.grad_accum_steps exists: the micro-batch axis (1x8, 2x4, 4x2, 8x1).
+  const auto& keys = study::scenario_keys();
+  if (std::find(keys.begin(), keys.end(), "training.grad_accum_steps") != keys.end()) {
+    run("batch 4 x 2 micro-batches", {"training.batch_size=4", "training.grad_accum_steps=2"}, 0, threads);
+  }
   return 0;
 }
