@@ -191,16 +191,19 @@ def main():
 
     # Bad input.
     with tempfile.TemporaryDirectory(prefix="actsim_advise_") as tmp:
+        bad = os.path.join(tmp, "bad.toml")
+        with open(bad, "w") as f:
+            f.write("[model]\nn_head = 12\n")
         r.expect_error("advise: unknown option", ["advise", "--bogus"], ["bogus"])
         r.expect_error("advise: a budget that is not a size", ["advise", "--budget", "lots"], ["--budget lots"])
         r.expect_error("advise: a zero budget", ["advise", "--budget", "0"], ["--budget 0"])
         r.expect_error("advise: --allow with an unknown value", ["advise", "--allow", "lorra"],
                        ["--allow lorra", 'did you mean "lora"'])
         r.expect_error("advise: --threads 0", ["advise", "--threads", "0"], ["--threads 0"])
+        r.expect_error("advise: long work needs --force", ["advise", "--threads", "1", "--set", "model.n_layers=20000"],
+                       ["--force"])
+        r.expect_error("advise: two scenario files", ["advise", bad, bad], ["advise takes one SCENARIO"])
         r.expect_error("advise: a bad --set", ["advise", "--set", "model.n_heads=7"], ["model.n_heads"])
-        bad = os.path.join(tmp, "bad.toml")
-        with open(bad, "w") as f:
-            f.write("[model]\nn_head = 12\n")
         r.expect_error("advise: a bad scenario file", ["advise", bad], [f"{bad}:2: model.n_head"])
         if "training.trainable" not in keys:
             r.expect_error("advise: --allow lora without training.trainable", ["advise", "--allow", "lora"],
