@@ -23,7 +23,7 @@ namespace {
 
 constexpr const char* kAdviseHelp = R"(
 What is searched (each axis only when this build has its scenario key; `actsim keys` lists them):
-  training.trainable   the scenario's own, and lora (peft's defaults for lora.*) with --allow lora
+  training.trainable   the scenario's own, and lora (its lora.* keys or their defaults), with --allow lora
   training.autocast    none, bf16, fp16 (values the profile rules out are dropped)
   model.attention      eager, flash (flash needs PyTorch 2.x: torch-cuda or torch2-cpu)
   micro-batch          training.batch_size = b and training.grad_accum_steps = G / b for every

@@ -23,7 +23,7 @@ namespace actsim::study {
 
 struct AdviseOptions {
   int64_t budget_bytes = 0;   // a candidate fits when its simulated peak is at most this; 0 = the device's memory
-  bool allow_lora = false;    // also try training.trainable=lora (peft's defaults for lora.*)
+  bool allow_lora = false;    // also try training.trainable=lora (the scenario's lora.* keys, or their defaults)
   int threads = 0;            // worker threads; 0 = util::hardware_threads()
   int64_t top = 10;           // how many fitting candidates to rank
   // Called on the calling thread about every 100 ms: simulations done, an estimate of the total.
