@@ -10,6 +10,7 @@
 #include <numeric>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "actsim/sim/engine.hpp"
 #include "actsim/study/analyze.hpp"
@@ -59,6 +60,22 @@ int64_t accum_steps_of(const T& t) {
   }
 }
 
+// training.autocast as --set writes it, once TrainingConfig has it (a DType; f32 means none).
+template <typename T>
+std::optional<std::string> autocast_of(const T& t) {
+  if constexpr (requires { t.autocast; }) {
+    if constexpr (std::is_same_v<std::remove_cvref_t<decltype(t.autocast)>, graph::DType>) {
+      switch (t.autocast) {
+        case graph::DType::f32: return "none";
+        case graph::DType::bf16: return "bf16";
+        case graph::DType::f16: return "fp16";
+        default: break;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
 bool has_key(const std::vector<std::string>& keys, const std::string& k) {
   return std::find(keys.begin(), keys.end(), k) != keys.end();
 }
@@ -70,6 +87,9 @@ std::optional<std::string> base_value(const Scenario& base, const std::string& k
   if (key == "model.attention") return std::string(graph::to_string(base.model.attention));
   if (key == "training.batch_size") return std::to_string(base.training.batch_size);
   if (key == "training.grad_accum_steps") return std::to_string(accum_steps_of(base.training));
+  if (key == "training.autocast") {
+    if (std::optional<std::string> v = autocast_of(base.training)) return v;
+  }
   static const std::map<std::string, std::string> defaults{{"training.autocast", "none"},
                                                            {"training.trainable", "all"}};
   auto it = defaults.find(key);
