@@ -10,6 +10,7 @@
 #include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
 #include "actsim/report/summary.hpp"
+#include "actsim/sim/event_log.hpp"
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/make_schedule.hpp"
 #include "actsim/study/scenario.hpp"
@@ -125,4 +126,23 @@ TEST_CASE("study::Scenario: training.grad_accum_steps is a positive integer", "[
   for (const char* bad : {"training.grad_accum_steps=0", "training.grad_accum_steps=-2", "training.grad_accum_steps=1.5"}) {
     CHECK_THROWS_WITH(study::load_scenario("", {bad}), Catch::Contains("training.grad_accum_steps"));
   }
+}
+
+TEST_CASE("sim::EventLog: with accumulation the optimizer starts after the repeated micro-batches", "[accum]") {
+  const study::Analysis a = run("gpt2", 4);
+  const sim::EventLog log = sim::record_events(*a.tables);
+  CHECK(log.result.peak_bytes == a.result.peak_bytes);
+  int64_t last = 0, optimizer_start = -1;
+  for (const sim::EngineEvent& e : log.events) {
+    CHECK(e.time_ns >= last);  // observers see time move forward across the idle stretch
+    last = e.time_ns;
+    if (e.kind == sim::EngineEvent::Kind::op_start && optimizer_start < 0 &&
+        a.step->graph.ops()[e.id].phase == graph::Phase::optimizer) {
+      optimizer_start = e.time_ns;
+    }
+  }
+  // The last micro-batch's backward ends (N - 2 later micro-batches after the simulated one) where
+  // the optimizer step begins.
+  CHECK(optimizer_start == a.result.phase_end_ns[1]);
+  CHECK(last == a.result.step_time_ns);
 }
