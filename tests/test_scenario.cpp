@@ -129,7 +129,9 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
                                      "name = \"A100-80GB\"\n"            // 26
                                      "[checkpoint]\n"                    // 27
                                      "policy = \"none\"\n");             // 28
-  study::Scenario s = study::load_scenario(path, {});
+  // Keys added after this file was written are set with --set (its lines stay as they are).
+  study::Scenario s = study::load_scenario(path, {"training.grad_accum_steps=2"});
+  CHECK(s.training.grad_accum_steps == 2);
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);
