@@ -52,9 +52,9 @@ def apply(model, cfg):
     if t == "all":
         return
     if t == "lora":
-        alpha = cfg["lora_alpha"]
-        apply_lora(model, cfg["lora_r"], int(alpha) if float(alpha).is_integer() else alpha,
-                   cfg["lora_dropout"], cfg["lora_targets"])
+        alpha = float(cfg["lora_alpha"])
+        apply_lora(model, int(cfg["lora_r"]), int(alpha) if alpha.is_integer() else alpha,
+                   float(cfg["lora_dropout"]), cfg["lora_targets"])
         return
     if t.startswith("frozen:"):
         freeze(model, t[len("frozen:"):])
