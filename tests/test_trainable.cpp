@@ -182,3 +182,27 @@ TEST_CASE("study::load_scenario: trainable subsets that name nothing are one-lin
   CHECK(error_of(small("gpt2", {"training.trainable=lora"})).empty());
   CHECK(error_of(small("llama", {"training.trainable=lora"})).empty());
 }
+
+TEST_CASE("study::load_scenario: LoRA on Hugging Face models: hf_llama families yes, Conv1D gpt2 refused", "[trainable]") {
+  const std::string hf = std::string(ACTSIM_SOURCE_DIR) + "/scenarios/hf/";
+  auto with = [&](const std::string& config, std::vector<std::string> more) {
+    std::vector<std::string> o{"model.hf_config=" + hf + config, "model.n_layers=2", "model.seq_len=16",
+                               "training.batch_size=1", "runtime.profile=torch2-cpu"};
+    o.insert(o.end(), more.begin(), more.end());
+    return o;
+  };
+  CHECK(error_of(with("qwen3-0.6b.json", {"training.trainable=lora"})).empty());
+  CHECK(error_of(with("qwen3-0.6b.json", {"training.trainable=lora", "lora.targets=all-linear"})).empty());
+  CHECK(error_of(with("gpt2.json", {"model.attention=eager", "training.trainable=lora"})).find("LoRA is lowered for the gpt2, llama and hf_llama") !=
+        std::string::npos);
+  CHECK(error_of(with("gpt2.json", {"model.attention=eager", "training.trainable=frozen:transformer.wte,transformer.h.0"})).empty());
+  // Phi3 fuses q, k and v: peft's llama default names nothing there.
+  CHECK(error_of(with("phi-3-mini-4k.json", {"training.trainable=lora"})).find("set lora.targets") != std::string::npos);
+  CHECK(error_of(with("phi-3-mini-4k.json", {"training.trainable=lora", "lora.targets=qkv_proj"})).empty());
+  // all-linear leaves a transformers model's output layer out (peft's rule for a PreTrainedModel).
+  study::Analysis a = study::analyze(study::load_scenario(
+      "", with("qwen3-0.6b.json", {"training.trainable=lora", "lora.targets=all-linear", "lora.r=2"})));
+  for (TensorId p : a.step->params) {
+    CHECK(a.step->graph.tensor(p).name.rfind("lm_head.lora", 0) != 0);
+  }
+}

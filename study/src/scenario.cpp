@@ -268,13 +268,18 @@ std::optional<std::string> trainable_problem(const Scenario& sc) {
     return std::nullopt;
   }
   if (tc.lora_targets.size() == 1 && tc.lora_targets[0] == "all-linear") return std::nullopt;
-  for (const std::string& x : tc.lora_targets) {
+  const bool by_default = tc.lora_targets.empty();
+  for (const std::string& x : by_default ? graph::default_lora_targets(f) : tc.lora_targets) {
     bool any = false;
     for (const std::string& n : names.linear_modules) any = any || graph::lora_target_matches(x, n);
-    if (!any) {
-      return problem(sc.where("lora.targets"), fmt::format("\"{}\" names no Linear module (this model's: {}; or all-linear)", x,
-                                                          sample(names.linear_modules, true)));
+    if (any) continue;
+    if (by_default) {  // Phi3's fused qkv_proj, for one
+      return problem(sc.where("training.trainable"),
+                     fmt::format("the default LoRA target \"{}\" names no Linear module of this model (its: {}); set lora.targets",
+                                 x, sample(names.linear_modules, true)));
     }
+    return problem(sc.where("lora.targets"), fmt::format("\"{}\" names no Linear module (this model's: {}; or all-linear)", x,
+                                                        sample(names.linear_modules, true)));
   }
   return std::nullopt;
 }
