@@ -206,3 +206,13 @@ TEST_CASE("study::load_scenario: LoRA on Hugging Face models: hf_llama families 
     CHECK(a.step->graph.tensor(p).name.rfind("lm_head.lora", 0) != 0);
   }
 }
+
+TEST_CASE("study::analyze: a checkpointed frozen block saves only its argument, as _NoopSaveInputs packs it",
+          "[trainable]") {
+  // PyTorch 2.13 (tests/torch, frozen:wte,wpe,blocks.0 with checkpoint full and mlp): block 0
+  // saves 4,096 B, the (2, 16, 32) fp32 argument of its checkpoint call, and nothing else.
+  for (const char* policy : {"checkpoint.policy=full", "checkpoint.policy=mlp"}) {
+    study::Analysis f = analyze_small("gpt2", {"training.trainable=frozen:wte,wpe,blocks.0", "model.n_layers=3", policy});
+    CHECK(f.per_layer_saved[0] == 2 * 16 * 32 * 4);
+  }
+}
