@@ -142,14 +142,14 @@ TensorId Lowering::linear_weight(const std::string& module, const Shape& shape) 
 }
 
 TensorId Lowering::tied_linear(const std::string& module, TensorId w) {
-  linear_modules.push_back(module);
+  if (!b.is_replaying_leaves()) linear_modules.push_back(module);
   if (!is_lora_target(tr.trainable, m.family, module)) return w;
   const Shape shape = b.graph().tensor(w).shape;  // (out, in)
   const int64_t r = tr.trainable.lora_r;
   LoraAdapter a{.module = module, .layer = b.graph().storage(b.graph().tensor(w).storage).layer};
   auto adapter_param = [&](const char* which, const Shape& s) {
     TensorId t = b.leaf(module + "." + which + ".default.weight", s, dt, Category::parameter, true);
-    out.params.push_back(t);
+    if (!b.is_replaying_leaves()) out.params.push_back(t);  // a later micro-batch reuses the first's
     return t;
   };
   a.a = adapter_param("lora_A", {r, shape[1]});

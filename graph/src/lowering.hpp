@@ -79,7 +79,7 @@ struct Lowering {
 
   TensorId param(const std::string& name, const Shape& shape) {
     TensorId t = b.leaf(name, shape, dt, Category::parameter, trainable(name));
-    out.params.push_back(t);
+    if (!b.is_replaying_leaves()) out.params.push_back(t);
     return t;
   }
   TensorId buffer(const std::string& name, const Shape& shape) {

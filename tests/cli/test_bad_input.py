@@ -118,6 +118,14 @@ BAD_SCENARIOS = [
     ("LoRA dropout of 1", "[lora]\ndropout = 1.0\n", 2, "lora.dropout", ["[0, 1)"]),
     ("LoRA all-linear with others", "[lora]\ntargets = \"all-linear,c_attn\"\n", 2, "lora.targets", ["stands alone"]),
     ("LoRA targets not strings", "[lora]\ntargets = [1, 2]\n", 2, "lora.targets", ["list of module names"]),
+    # gradient accumulation (issue 12, recipe 2)
+    ("zero micro-batches", "[training]\ngrad_accum_steps = 0\n", 2, "training.grad_accum_steps", ["positive"]),
+    ("negative micro-batches", "[training]\nbatch_size = 2\ngrad_accum_steps = -3\n", 3,
+     "training.grad_accum_steps", ["positive"]),
+    ("fractional micro-batches", "[training]\ngrad_accum_steps = 2.5\n", 2, "training.grad_accum_steps",
+     ["expected an integer"]),
+    ("micro-batches as a string", "[training]\ngrad_accum_steps = \"4\"\n", 2, "training.grad_accum_steps",
+     ["expected an integer"]),
 ]
 
 # (name, file text, line) -- TOML syntax errors name the line only.

@@ -3,7 +3,7 @@
 
 usage: test_against_torch.py ACTSIM_BINARY [--oracle torch-cpu|torch2-cpu] [--only SUBSTRING]
 
-  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 17-configuration
+  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 19-configuration
                        spread below, actsim with runtime.profile=torch-cpu
   --oracle torch2-cpu  the pinned PyTorch 2.x in the project's .venv (scripts/setup.sh --tests), the
                        wider grid of GRID2, actsim with runtime.profile=torch2-cpu
@@ -58,6 +58,9 @@ SPREAD = [
     # trainable subsets (issue 12, recipe 3): frozen embeddings and first block, on both oracles
     {"trainable": "frozen:wte,wpe,blocks.{0..0}", "n_layers": 3, "dropout": 0.1},
     {"family": "llama", "trainable": "frozen:tok_embeddings,blocks.0"},
+    # gradient accumulation (issue 12, recipe 2): N x (loss / N).backward(), then one step
+    {"grad_accum_steps": 2, "dropout": 0.1},
+    {"family": "llama", "grad_accum_steps": 3, "dtype": "bf16", "n_kv_heads": 2},
 ]
 
 # PyTorch 2.x on the CPU: at least as wide as SPREAD, plus fp16, MQA, flash (SDPA on the CPU), the
@@ -111,11 +114,15 @@ GRID2 = SPREAD + [
     {"trainable": "lora", "lora_targets": "all-linear", "lora_dropout": 0.1, "dropout": 0.1},
     {"family": "llama", "n_layers": 3, "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
      "dtype": "bf16"},
+    # gradient accumulation with checkpointing and the other optimizer implementations
+    {"grad_accum_steps": 3, "n_layers": 3, "checkpoint": "full", "dropout": 0.1},
+    {"family": "llama", "grad_accum_steps": 2, "checkpoint": "full", "optimizer_impl": "foreach"},
+    {"grad_accum_steps": 2, "dtype": "bf16", "optimizer_impl": "fused"},
 ]
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
               "attention"]
-OTHER_KEYS = {"checkpoint": "checkpoint.policy",
+OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.grad_accum_steps",
               # trainable subsets (issue 12, recipe 3)
               "trainable": "training.trainable", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
               "lora_dropout": "lora.dropout", "lora_targets": "lora.targets"}

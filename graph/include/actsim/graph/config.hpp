@@ -104,6 +104,9 @@ struct TrainingConfig {
   double lr = 1e-3;
   double momentum = 0.9;        // sgd_momentum
   TrainableConfig trainable;    // trainable subsets (issue 12, recipe 3)
+  // Gradient accumulation (issue 12, recipe 2): micro-batches of batch_size per optimizer step,
+  // each `loss = model(idx, targets) / N; loss.backward()`; 1 = no division, one backward.
+  int64_t grad_accum_steps = 1;
 };
 
 }  // namespace actsim::graph
