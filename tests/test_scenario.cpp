@@ -128,9 +128,14 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
                                      "[device]\n"                        // 25
                                      "name = \"A100-80GB\"\n"            // 26
                                      "[checkpoint]\n"                    // 27
-                                     "policy = \"none\"\n");             // 28
+                                     "policy = \"none\"\n"               // 28
+                                     "[lora]\n"                          // 29 (issue 12, recipe 3)
+                                     "r = 4\n"                           // 30
+                                     "alpha = 16\n"                      // 31
+                                     "dropout = 0.1\n"                   // 32
+                                     "targets = [\"q_proj\", \"v_proj\"]\n");  // 33
   // Keys added after this file was written are set with --set (its lines stay as they are).
-  study::Scenario s = study::load_scenario(path, {"training.grad_accum_steps=2"});
+  study::Scenario s = study::load_scenario(path, {"training.grad_accum_steps=2", "training.trainable=lora"});
   CHECK(s.training.grad_accum_steps == 2);
   CHECK(s.name == "my-run");
   CHECK(s.file == path);

@@ -216,7 +216,12 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
     }
     g_.add_op(std::move(op));
   }
-  for (TensorId t : transient) b_.hold_until_last(t);
+  // Held by the recomputation's last op; one that op made itself (a wrapped number of the last
+  // recomputed op: LoRA's `* scaling` ending a block) dies with it anyway.
+  const OpId last_op{static_cast<uint32_t>(g_.n_ops() - 1)};
+  for (TensorId t : transient) {
+    if (g_.tensor(t).producer != last_op) b_.hold_until_last(t);
+  }
   if (g_.n_ops() > first_op) rc.end = OpId{static_cast<uint32_t>(g_.n_ops() - 1)};
 }
 

@@ -62,7 +62,7 @@ std::string_view to_string(ProfileId p) {
 void Lowering::finish_loss(TensorId x, TensorId lm_head, TensorId targets, TensorId held) {
   const int64_t B = tr.batch_size, T = m.seq_len, V = m.vocab_size;
   scope(-1, "lm_head");
-  TensorId logits = b.linear(x, lm_head, std::nullopt);
+  TensorId logits = linear(x, lm_head, std::nullopt);
   scope(-1, "cross_entropy");
   TensorId lv = b.view(logits, {B * T, V});
   TensorId tv = b.view(targets, {B * T});
@@ -81,15 +81,20 @@ void check_config(const ModelConfig& m, const RuntimeProfile& prof) {
 
 }  // namespace
 
+void lower_family(Lowering& l) {
+  const Family f = l.m.family;
+  if (f == Family::gpt2) l.gpt2();
+  else if (f == Family::llama) l.llama();
+  else if (f == Family::hf_llama) lower_hf_llama(l);
+  else if (f == Family::hf_gpt2) lower_hf_gpt2(l);
+  else lower_hf_neox(l);
+}
+
 namespace {
 void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
   check_config(model, prof);
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
-  if (model.family == Family::gpt2) l.gpt2();
-  else if (model.family == Family::llama) l.llama();
-  else if (model.family == Family::hf_llama) lower_hf_llama(l);
-  else if (model.family == Family::hf_gpt2) lower_hf_gpt2(l);
-  else lower_hf_neox(l);
+  lower_family(l);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
 

@@ -79,7 +79,7 @@ struct HfLlama : HfBase {
   TensorId proj_heads(int i, const std::string& s, const char* name, TensorId x, TensorId w, TensorId bias,
                       int64_t heads, TensorId norm) {
     l.scope(i, s + "." + name);
-    TensorId y = b.view(b.linear(x, w, opt(bias)), {B, T, heads, hd});
+    TensorId y = b.view(l.linear(x, w, opt(bias)), {B, T, heads, hd});
     if (norm != kNoTensor) {
       l.scope(i, s + "." + std::string(name).substr(0, 1) + "_norm");
       y = rmsnorm(y, norm);
@@ -93,7 +93,7 @@ struct HfLlama : HfBase {
     TensorId q, k, v;
     if (m.fused_qkv_mlp) {  // Phi3: qkv = qkv_proj(x); q, k, v = slices of its last dim
       l.scope(i, s + ".qkv_proj");
-      TensorId qkv = b.linear(x, p.wqkv, std::nullopt);
+      TensorId qkv = l.linear(x, p.wqkv, std::nullopt);
       l.scope(i, s);
       auto heads = [&](int64_t from, int64_t n) {
         return b.transpose(b.view(b.slice(qkv, -1, from * hd, (from + n) * hd, 1), {B, T, n, hd}), 1, 2);
@@ -140,7 +140,7 @@ struct HfLlama : HfBase {
     l.core_end(i);
     o = b.view(b.contiguous(b.transpose(o, 1, 2)), {B, T, H * hd});
     l.scope(i, s + ".o_proj");
-    return b.linear(o, p.wo, opt(p.bo));
+    return l.linear(o, p.wo, opt(p.bo));
   }
 
   TensorId layer(int i, const Layer& p, TensorId x, TensorId cos, TensorId sin, TensorId mask,
@@ -159,13 +159,13 @@ struct HfLlama : HfBase {
     if (m.fused_qkv_mlp) {
       // Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1); down_proj(up * act_fn(gate))
       l.scope(i, s + ".mlp.gate_up_proj");
-      auto parts = b.split(b.linear(h, p.gate_up, std::nullopt), ff, 2);
+      auto parts = b.split(l.linear(h, p.gate_up, std::nullopt), ff, 2);
       l.scope(i, s + ".mlp.activation_fn");
       TensorId act = b.unary(OpKind::silu, parts[0]);
       l.scope(i, s + ".mlp");
       TensorId gu = b.binary(OpKind::mul, parts[1], act);
       l.scope(i, s + ".mlp.down_proj");
-      TensorId f = b.linear(gu, p.down, std::nullopt);
+      TensorId f = l.linear(gu, p.down, std::nullopt);
       l.scope(i, s);
       TensorId out = add(x, b.dropout(f, m.dropout));
       l.mlp_end(i);
@@ -175,15 +175,15 @@ struct HfLlama : HfBase {
     }
     // down_proj(act_fn(gate_proj(x)) * up_proj(x))
     l.scope(i, s + ".mlp.gate_proj");
-    TensorId gt = b.linear(h, p.gate, opt(p.gate_b));
+    TensorId gt = l.linear(h, p.gate, opt(p.gate_b));
     l.scope(i, s + ".mlp.act_fn");
     gt = b.unary(m.gemma ? OpKind::gelu_tanh : OpKind::silu, gt);  // Gemma: gelu_pytorch_tanh
     l.scope(i, s + ".mlp.up_proj");
-    TensorId up = b.linear(h, p.up, opt(p.up_b));
+    TensorId up = l.linear(h, p.up, opt(p.up_b));
     l.scope(i, s + ".mlp");
     TensorId gu = b.binary(OpKind::mul, gt, up);
     l.scope(i, s + ".mlp.down_proj");
-    TensorId f = b.linear(gu, p.down, opt(p.down_b));
+    TensorId f = l.linear(gu, p.down, opt(p.down_b));
     l.scope(i, s);
     TensorId out = add(x, f);
     l.mlp_end(i);
@@ -209,31 +209,31 @@ struct HfLlama : HfBase {
       b.set_layer(i);
       Layer& p = layers[static_cast<size_t>(i)];
       if (m.fused_qkv_mlp) {  // Phi3Attention registers o_proj before qkv_proj
-        p.wo = param(n("self_attn.o_proj.weight"), {d, H * hd});
-        p.wqkv = param(n("self_attn.qkv_proj.weight"), {(H + 2 * KV) * hd, d});
-        p.gate_up = param(n("mlp.gate_up_proj.weight"), {2 * ff, d});
-        p.down = param(n("mlp.down_proj.weight"), {d, ff});
+        p.wo = l.linear_weight(n("self_attn.o_proj"), {d, H * hd});
+        p.wqkv = l.linear_weight(n("self_attn.qkv_proj"), {(H + 2 * KV) * hd, d});
+        p.gate_up = l.linear_weight(n("mlp.gate_up_proj"), {2 * ff, d});
+        p.down = l.linear_weight(n("mlp.down_proj"), {d, ff});
         p.in_norm = param(n("input_layernorm.weight"), {d});
         p.post_norm = param(n("post_attention_layernorm.weight"), {d});
         continue;
       }
-      p.wq = param(n("self_attn.q_proj.weight"), {H * hd, d});
+      p.wq = l.linear_weight(n("self_attn.q_proj"), {H * hd, d});
       p.bq = maybe_bias(m.qkv_bias, n("self_attn.q_proj.bias"), H * hd);
-      p.wk = param(n("self_attn.k_proj.weight"), {KV * hd, d});
+      p.wk = l.linear_weight(n("self_attn.k_proj"), {KV * hd, d});
       p.bk = maybe_bias(m.qkv_bias, n("self_attn.k_proj.bias"), KV * hd);
-      p.wv = param(n("self_attn.v_proj.weight"), {KV * hd, d});
+      p.wv = l.linear_weight(n("self_attn.v_proj"), {KV * hd, d});
       p.bv = maybe_bias(m.qkv_bias, n("self_attn.v_proj.bias"), KV * hd);
-      p.wo = param(n("self_attn.o_proj.weight"), {d, H * hd});
+      p.wo = l.linear_weight(n("self_attn.o_proj"), {d, H * hd});
       p.bo = maybe_bias(m.o_bias, n("self_attn.o_proj.bias"), d);
       if (m.qk_norm) {
         p.q_norm = param(n("self_attn.q_norm.weight"), {hd});
         p.k_norm = param(n("self_attn.k_norm.weight"), {hd});
       }
-      p.gate = param(n("mlp.gate_proj.weight"), {ff, d});
+      p.gate = l.linear_weight(n("mlp.gate_proj"), {ff, d});
       p.gate_b = maybe_bias(m.mlp_bias, n("mlp.gate_proj.bias"), ff);
-      p.up = param(n("mlp.up_proj.weight"), {ff, d});
+      p.up = l.linear_weight(n("mlp.up_proj"), {ff, d});
       p.up_b = maybe_bias(m.mlp_bias, n("mlp.up_proj.bias"), ff);
-      p.down = param(n("mlp.down_proj.weight"), {d, ff});
+      p.down = l.linear_weight(n("mlp.down_proj"), {d, ff});
       p.down_b = maybe_bias(m.mlp_bias, n("mlp.down_proj.bias"), d);
       p.in_norm = param(n("input_layernorm.weight"), {d});
       p.post_norm = param(n("post_attention_layernorm.weight"), {d});
@@ -244,7 +244,8 @@ struct HfLlama : HfBase {
     TensorId inv_freq = l.buffer("model.rotary_emb.inv_freq", {rd / 2});
     // longrope_frequency_update: register_buffer("inv_freq", original_inv_freq) -- one storage.
     if (!m.longrope) (void)l.buffer("model.rotary_emb.original_inv_freq", {rd / 2});
-    TensorId lm_head = m.tied() ? emb : param("lm_head.weight", {V, d});
+    TensorId lm_head = m.tied() ? l.tied_linear("lm_head", emb) : l.linear_weight("lm_head", {V, d});
+    if (l.params_only) return;
     TensorId idx = b.leaf("input_ids", {B, T}, DType::i64, Category::input, false);
     TensorId labels = b.leaf("labels", {B, T}, DType::i64, Category::input, false);
 

@@ -24,6 +24,7 @@ void Lowering::optimizer() {
   std::vector<State> st(out.params.size());
   for (size_t i = 0; i < out.params.size(); ++i) {
     const Tensor& p = g.tensor(out.params[i]);
+    if (!p.requires_grad) continue;  // frozen (training.trainable): not in the optimizer's list
     b.set_layer(g.storage(p.storage).layer);
     const Shape shape = p.shape;
     const std::string name = p.name;

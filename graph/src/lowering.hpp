@@ -6,7 +6,10 @@
 
 #include <fmt/format.h>
 
+#include <optional>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "actsim/graph/lower.hpp"
 #include "builder.hpp"
@@ -75,7 +78,7 @@ struct Lowering {
   }
 
   TensorId param(const std::string& name, const Shape& shape) {
-    TensorId t = b.leaf(name, shape, dt, Category::parameter, true);
+    TensorId t = b.leaf(name, shape, dt, Category::parameter, trainable(name));
     if (!b.is_replaying_leaves()) out.params.push_back(t);
     return t;
   }
@@ -85,6 +88,30 @@ struct Lowering {
   void scope(int32_t layer, const std::string& s) {
     b.set_layer(layer);
     b.set_scope(s);
+  }
+
+  // ---- trainable subsets and LoRA (training.trainable), lower_lora.cpp ------------------------
+  bool params_only = false;                // model_names(): each family returns after its parameters
+  std::vector<std::string> linear_modules; // the nn.Linear modules, in model order
+  struct LoraAdapter {
+    std::string module;                    // "blocks.0.attn.c_attn"
+    int32_t layer = -1;
+    TensorId a = kNoTensor, b = kNoTensor; // lora_A (r x in), lora_B (out x r)
+  };
+  std::unordered_map<uint32_t, LoraAdapter> lora;  // base weight tensor -> its adapter
+  // Whether parameter `name` requires grad (all; frozen: no pattern matches; lora: never).
+  bool trainable(const std::string& name) const;
+  // An nn.Linear's weight (module + ".weight"), and under LoRA its adapter's A and B after it.
+  TensorId linear_weight(const std::string& module, const Shape& shape);
+  // The Linear `module` whose weight is `w` (a tied lm_head): the same bookkeeping.
+  TensorId tied_linear(const std::string& module, TensorId w);
+  // F.linear, plus peft's LoRA branch when `w` has an adapter (every family calls this).
+  TensorId linear(TensorId x, TensorId w, std::optional<TensorId> bias);
+  // A module's argument (a Python local) stays alive until the module returns: the last op
+  // emitted holds `t`. Only under a trainable subset: with every weight trained, the linears that
+  // read these tensors save them for backward, which outlives the frame.
+  void hold_frame(TensorId t) {
+    if (tr.trainable.mode != Trainable::all) b.hold_until_last(t);
   }
 
   // Shared tail of both families: logits, cross-entropy (lower.cpp).
@@ -116,6 +143,11 @@ struct Lowering {
   void optimizer();
   void zero_grad();
 };
+
+// Runs the family's lowering; with l.params_only it stops after the parameters (lower.cpp).
+void lower_family(Lowering& l);
+// The parameters alone (l.params_only set): model_names() (lower_lora.cpp).
+inline void lower_parameters(Lowering& l) { lower_family(l); }
 
 // Hugging Face transformers' Llama-style decoders (Family::hf_llama), lower_hf_llama.cpp.
 void lower_hf_llama(Lowering& l);

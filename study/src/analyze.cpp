@@ -121,10 +121,18 @@ Analysis simulate_step(const ResolvedStep& step) {
   // (in a recompute region) reads it from outside the region, or caches it (ops:LIST).
   a.per_layer_saved.assign(static_cast<size_t>(g.n_layers), 0);
   std::vector<bool> counted(n_st, false);
-  auto count = [&](const graph::Op& op, graph::TensorId t) {
+  // torch.utils.checkpoint's _NoopSaveInputs packs the call's tensor arguments under the
+  // saved-tensor hooks even when nothing in the region needs a gradient (a frozen block,
+  // training.trainable): saved, though the frame drops them when the call returns.
+  auto packed_argument = [&](const graph::Op& op, graph::TensorId t) {
+    const graph::Storage& st = g.storage(g.tensor(t).storage);
+    if (st.category != Category::activation && st.category != Category::input) return false;
+    return st.producer == graph::kNoOp || g.op(st.producer).region != op.region;
+  };
+  auto count = [&](const graph::Op& op, graph::TensorId t, bool packed = false) {
     graph::StorageId sid = g.tensor(t).storage;
     const size_t i = graph::index(sid);
-    if (!kept[i] || counted[i]) return;
+    if ((!kept[i] && !packed) || counted[i]) return;
     counted[i] = true;
     const graph::Storage& st = g.storage(sid);
     a.saved_bytes += st.bytes;
@@ -142,7 +150,7 @@ Analysis simulate_step(const ResolvedStep& step) {
     if (op.region < 0) {
       for (graph::TensorId t : op.saved) count(op, t);
     } else {
-      for (graph::TensorId t : op.inputs) count(op, t);
+      for (graph::TensorId t : op.inputs) count(op, t, packed_argument(op, t));
       for (graph::TensorId t : op.saved) count(op, t);  // what the region keeps past its hooks (kept only)
       if (op.cached) {
         for (graph::TensorId t : op.outputs) count(op, t);

@@ -101,6 +101,23 @@ BAD_SCENARIOS = [
     ("unknown profile", "[runtime]\nprofile = \"torch_cpu\"\n", 2, "runtime.profile",
      ['did you mean "torch-cpu"']),
     ("array value", "[model]\nd_model = [1, 2]\n", 2, "model.d_model", []),
+    # trainable subsets (issue 12, recipe 3)
+    ("unknown trainable subset", "[training]\ntrainable = \"some\"\n", 2, "training.trainable",
+     ["all, lora, frozen:PATTERNS"]),
+    ("frozen pattern naming no parameter", "[training]\ntrainable = \"frozen:wte,blocks.0.attn.q_proj\"\n", 2,
+     "training.trainable", ['"blocks.0.attn.q_proj" names no parameter']),
+    ("frozen with a bad range", "[training]\ntrainable = \"frozen:blocks.{3..1}\"\n", 2, "training.trainable",
+     ["bad range"]),
+    ("frozen everything", "[training]\ntrainable = \"frozen:*\"\n", 2, "training.trainable", ["nothing would train"]),
+    ("LoRA target naming no module", "[training]\ntrainable = \"lora\"\n[lora]\ntargets = [\"c_attn\", \"q_proj\"]\n",
+     4, "lora.targets", ['"q_proj" names no Linear module']),
+    ("LoRA target naming no module (llama)",
+     "[model]\nfamily = \"llama\"\n[training]\ntrainable = \"lora\"\n[lora]\ntargets = \"q_proj,gate_proj\"\n",
+     6, "lora.targets", ['"gate_proj" names no Linear module', "w1"]),
+    ("LoRA rank zero", "[lora]\nr = 0\n", 2, "lora.r", ["positive"]),
+    ("LoRA dropout of 1", "[lora]\ndropout = 1.0\n", 2, "lora.dropout", ["[0, 1)"]),
+    ("LoRA all-linear with others", "[lora]\ntargets = \"all-linear,c_attn\"\n", 2, "lora.targets", ["stands alone"]),
+    ("LoRA targets not strings", "[lora]\ntargets = [1, 2]\n", 2, "lora.targets", ["list of module names"]),
     # gradient accumulation (issue 12, recipe 2)
     ("zero micro-batches", "[training]\ngrad_accum_steps = 0\n", 2, "training.grad_accum_steps", ["positive"]),
     ("negative micro-batches", "[training]\nbatch_size = 2\ngrad_accum_steps = -3\n", 3,
@@ -161,6 +178,11 @@ def main():
         r.expect_error("--set: llama with dropout over a file",
                        ["simulate", good, "--no-fit", "--set", "model.dropout=0.1", "--out", out_path],
                        ["--set: model.dropout"], out_path)
+
+        r.expect_error("--set: LoRA target naming no module",
+                       ["simulate", "--no-fit", "--set", "training.trainable=lora", "--set", "lora.targets=c_atn",
+                        "--out", out_path],
+                       ["--set: lora.targets", '"c_atn" names no Linear module'], out_path)
 
         # Bad options.
         r.expect_error("option: unknown option", ["simulate", "--bogus", "--out", out_path], ["--bogus"], out_path)

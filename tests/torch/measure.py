@@ -46,6 +46,13 @@ DEFAULTS = {
     # gradient accumulation (issue 12, recipe 2): N times `loss = model(idx, targets) / N;
     # loss.backward()` before the optimizer step; 1 = the plain step, no division
     "grad_accum_steps": 1,
+    # trainable subsets (issue 12, recipe 3; tests/torch/recipes_lora.py): all | lora |
+    # frozen:PATTERNS; LoRA as peft applies it (PyTorch 2.x only)
+    "trainable": "all",
+    "lora_r": 8,
+    "lora_alpha": 8.0,
+    "lora_dropout": 0.0,
+    "lora_targets": "q_proj,v_proj",
     # Not a scenario key: intra-op threads. One thread keeps the trace deterministic and makes sure
     # every allocation happens on the profiled thread (OpenMP workers could allocate scratch).
     "threads": 1,
@@ -53,6 +60,8 @@ DEFAULTS = {
 INT_KEYS = {"vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff",
             "batch_size", "seed", "threads", "grad_accum_steps"}
 FLOAT_KEYS = {"dropout"}
+            "batch_size", "seed", "threads", "lora_r"}
+FLOAT_KEYS = {"dropout", "lora_alpha", "lora_dropout"}
 CHOICES = {
     "family": ("gpt2", "llama"),
     "dtype": ("fp32", "bf16", "fp16"),
@@ -140,6 +149,12 @@ def build(torch, models, cfg):
             n_kv_heads=cfg["n_kv_heads"], attention=cfg["attention"])
     except (ValueError, AssertionError) as e:
         raise UsageError("build_model rejected the configuration: %s" % (e or type(e).__name__))
+    if cfg["trainable"] != "all":  # before the cast and the checkpoint wrappers (model names)
+        import recipes_lora
+        try:
+            recipes_lora.apply(model, cfg)
+        except ValueError as e:
+            raise UsageError(str(e))
     if cfg["dtype"] != "fp32":
         model.to(torch_dtype(torch, cfg["dtype"]))
     if cfg["checkpoint"] != "none":
@@ -496,7 +511,7 @@ def measure_memory(torch, models, cfg, trace):
                  with_stack=False) as prof:
         with record_function("actsim::setup"):
             model, idx, targets = build(torch, models, cfg)
-            opt = make_optimizer(torch, cfg, model.parameters())
+            opt = make_optimizer(torch, cfg, [p for p in model.parameters() if p.requires_grad])
         with record_function("actsim::warmup"):
             # steady state: the optimizer state exists before the measured step
             loss = train_step(model, opt, idx, targets, n=cfg["grad_accum_steps"])

@@ -24,7 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
 
 DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa", "optimizer": "adamw",
-            "optimizer_impl": "for_loop", "seed": 0, "threads": 1}
+            "optimizer_impl": "for_loop", "seed": 0, "threads": 1,
+            # trainable subsets (issue 12, recipe 3; recipes_lora.py)
+            "trainable": "all", "lora_r": 8, "lora_alpha": "8", "lora_dropout": "0.0", "lora_targets": "q_proj,v_proj"}
 
 
 def blocks_of(hf):
@@ -62,6 +64,9 @@ def make_build(config_path):
         torch.manual_seed(cfg["seed"])
         conf = transformers.AutoConfig.from_pretrained(config_path)
         hf = transformers.AutoModelForCausalLM.from_config(conf, attn_implementation=cfg["attn"])
+        if cfg["trainable"] != "all":  # peft / frozen patterns on the transformers model itself
+            import recipes_lora
+            recipes_lora.apply(hf, cfg)
         if cfg["dtype"] != "fp32":
             hf.to(measure.torch_dtype(torch, cfg["dtype"]))
         model = make_wrapper(torch)(hf)

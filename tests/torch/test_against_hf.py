@@ -102,6 +102,8 @@ CONFIGS = [
     ("neox dropout eager no cache", dict(NEOX, hidden_dropout=0.1, attention_dropout=0.1, use_cache=False,
                                          rotary_pct=0.5), {"attn": "eager", "batch_size": 3}),
     ("neox hidden dropout sdpa bf16", dict(NEOX, hidden_dropout=0.1), {"dtype": "bf16"}),
+    # LoRA as peft 0.21.2 applies it on a transformers model (issue 12, recipe 3)
+    ("llama lora all-linear", LLAMA, {"trainable": "lora", "lora_targets": "all-linear", "lora_r": 4}),
     ("gemma sdpa", GEMMA, {}),
     ("gemma eager bf16", GEMMA, {"attn": "eager", "dtype": "bf16"}),
     ("gemma mha untied bf16", dict(GEMMA, num_key_value_heads=4, tie_word_embeddings=False,
@@ -128,6 +130,11 @@ def check(actsim, pool, tmp, label, config, settings):
             f"training.batch_size={run['batch_size']}", f"training.dtype={run['dtype']}",
             f"training.optimizer={run['optimizer']}", f"training.optimizer_impl={run['optimizer_impl']}",
             "model.attention=" + ("flash" if run["attn"] == "sdpa" else "eager")]
+    # trainable subsets (issue 12, recipe 3)
+    for k, key in (("trainable", "training.trainable"), ("lora_r", "lora.r"), ("lora_alpha", "lora.alpha"),
+                   ("lora_dropout", "lora.dropout"), ("lora_targets", "lora.targets")):
+        if k in run:
+            sets.append(f"{key}={run[k]}")
     cmd = [actsim, "simulate", "--json", "--no-fit", "--hf", path]
     for s in sets:
         cmd += ["--set", s]

@@ -3,7 +3,7 @@
 
 usage: test_against_torch.py ACTSIM_BINARY [--oracle torch-cpu|torch2-cpu] [--only SUBSTRING]
 
-  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 15-configuration
+  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 19-configuration
                        spread below, actsim with runtime.profile=torch-cpu
   --oracle torch2-cpu  the pinned PyTorch 2.x in the project's .venv (scripts/setup.sh --tests), the
                        wider grid of GRID2, actsim with runtime.profile=torch2-cpu
@@ -55,6 +55,9 @@ SPREAD = [
      "n_layers": 2, "batch_size": 1, "dtype": "bf16"},
     {"family": "gpt2", "vocab_size": 211, "seq_len": 40, "d_model": 64, "n_heads": 8, "n_layers": 1,
      "batch_size": 4, "dropout": 0.2, "dtype": "bf16"},
+    # trainable subsets (issue 12, recipe 3): frozen embeddings and first block, on both oracles
+    {"trainable": "frozen:wte,wpe,blocks.{0..0}", "n_layers": 3, "dropout": 0.1},
+    {"family": "llama", "trainable": "frozen:tok_embeddings,blocks.0"},
     # gradient accumulation (issue 12, recipe 2): N x (loss / N).backward(), then one step
     {"grad_accum_steps": 2, "dropout": 0.1},
     {"family": "llama", "grad_accum_steps": 3, "dtype": "bf16", "n_kv_heads": 2},
@@ -105,6 +108,12 @@ GRID2 = SPREAD + [
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
      "attention": "flash"},
+    # LoRA as peft 0.21.2 applies it (issue 12, recipe 3): attention and all linears, both families
+    {"trainable": "lora", "lora_targets": "c_attn,attn.c_proj", "lora_r": 4, "lora_alpha": 16},
+    {"family": "llama", "trainable": "lora", "lora_targets": "q_proj,k_proj,v_proj,o_proj", "n_kv_heads": 2},
+    {"trainable": "lora", "lora_targets": "all-linear", "lora_dropout": 0.1, "dropout": 0.1},
+    {"family": "llama", "n_layers": 3, "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
+     "dtype": "bf16"},
     # gradient accumulation with checkpointing and the other optimizer implementations
     {"grad_accum_steps": 3, "n_layers": 3, "checkpoint": "full", "dropout": 0.1},
     {"family": "llama", "grad_accum_steps": 2, "checkpoint": "full", "optimizer_impl": "foreach"},
@@ -113,7 +122,10 @@ GRID2 = SPREAD + [
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
               "attention"]
-OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.grad_accum_steps"}
+OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.grad_accum_steps",
+              # trainable subsets (issue 12, recipe 3)
+              "trainable": "training.trainable", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
+              "lora_dropout": "lora.dropout", "lora_targets": "lora.targets"}
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
 
 

@@ -8,7 +8,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "actsim/graph/types.hpp"
 
@@ -78,6 +80,21 @@ struct ModelConfig {
 // gpt2: 4d. llama: int(2*4d/3) rounded up to a multiple of 8 (as ../shared/reference/models.py).
 int64_t default_d_ff(Family f, int64_t d_model);
 
+// ---- trainable subsets (issue 12, recipe 3: LoRA as peft applies it, frozen weights) ----------
+// all: every parameter trains. lora: peft's LoRA on the target Linear modules, every other
+// parameter frozen. frozen: the parameters whose names match a pattern are frozen.
+enum class Trainable : uint8_t { all, lora, frozen };
+struct TrainableConfig {
+  Trainable mode = Trainable::all;
+  std::vector<std::string> frozen;        // frozen: name patterns (trainable.hpp), braces expanded
+  int64_t lora_r = 8;                     // LoraConfig.r
+  double lora_alpha = 8;                  // LoraConfig.lora_alpha (scaling = alpha / r)
+  double lora_dropout = 0;                // LoraConfig.lora_dropout (nn.Identity when 0)
+  std::vector<std::string> lora_targets;  // LoraConfig.target_modules; empty = the family's default,
+                                          // {"all-linear"} = every Linear (peft's rule)
+};
+// ---- end trainable subsets -------------------------------------------------------------------
+
 struct TrainingConfig {
   int64_t batch_size = 8;
   DType dtype = DType::f32;     // model (parameters, activations) dtype; whole-model cast
@@ -86,6 +103,7 @@ struct TrainingConfig {
   double weight_decay = -1;     // -1 = torch.optim's default (AdamW 0.01, Adam and SGD 0)
   double lr = 1e-3;
   double momentum = 0.9;        // sgd_momentum
+  TrainableConfig trainable;    // trainable subsets (issue 12, recipe 3)
   // Gradient accumulation (issue 12, recipe 2): micro-batches of batch_size per optimizer step,
   // each `loss = model(idx, targets) / N; loss.backward()`; 1 = no division, one backward.
   int64_t grad_accum_steps = 1;
