@@ -29,6 +29,9 @@ enum class ProfileId : uint8_t { torch_cuda, torch_cpu, torch2_cpu };
 // The CPU's vector ISA, where a CPU runtime's kernels depend on it (oneDNN's bf16 matmul needs
 // AVX-512 BW/VL/DQ). `native` is the machine actsim runs on.
 enum class CpuIsa : uint8_t { avx512, avx2 };
+// torch.utils.checkpoint(use_reentrant=False) (saved-tensor hooks) or use_reentrant=True
+// (CheckpointFunction: no_grad forward, the whole call recomputed and backpropagated in its backward).
+enum class CheckpointImpl : uint8_t { nonreentrant, reentrant };
 
 std::string_view to_string(Family f);
 std::string_view to_string(Attention a);
@@ -86,6 +89,10 @@ struct TrainingConfig {
   double weight_decay = -1;     // -1 = torch.optim's default (AdamW 0.01, Adam and SGD 0)
   double lr = 1e-3;
   double momentum = 0.9;        // sgd_momentum
+  // checkpoint implementation (issue 12, recipe 4): checkpoint.impl and checkpoint.preserve_rng_state,
+  // torch.utils.checkpoint's use_reentrant and preserve_rng_state for every checkpoint call
+  CheckpointImpl checkpoint_impl = CheckpointImpl::nonreentrant;
+  bool preserve_rng_state = true;
 };
 
 }  // namespace actsim::graph
