@@ -48,8 +48,9 @@ bool non_overlapping_and_dense(const Shape& shape, const Strides& strides) {
 
 class Engine {
  public:
-  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan)
-      : b_(b), g_(b.graph()), params_(params), plan_(plan), reentrant_(b.ckpt_reentrant) {
+  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan, OpId forward_begin,
+         const std::vector<TensorId>* grads)
+      : b_(b), g_(b.graph()), params_(params), plan_(plan), reentrant_(b.ckpt_reentrant), grads_before_(grads) {
     param_grad_.assign(params.size(), kNoTensor);
     param_buf_.assign(params.size(), kNoTensor);
     param_deps_.assign(params.size(), 0);
@@ -57,7 +58,7 @@ class Engine {
     deps_.assign(g_.n_ops(), 0);
     refs_.assign(g_.storages().size() * 2, 0);
     for (size_t i = 0; i < params.size(); ++i) param_index_[index(params[i])] = i;
-    for (size_t i = 0; i < g_.n_ops(); ++i) {
+    for (size_t i = index(forward_begin); i < g_.n_ops(); ++i) {
       const Op& op = g_.ops()[i];
       if (op.phase == Phase::forward && op.region >= 0) regions_[op.region].push_back(OpId{static_cast<uint32_t>(i)});
     }
@@ -101,6 +102,7 @@ class Engine {
   const std::vector<TensorId>& params_;
   const BlockPlan* plan_;
   const bool reentrant_;                                   // checkpoint.impl = reentrant
+  const std::vector<TensorId>* grads_before_;              // [params] .grad from earlier micro-batches
   std::unordered_map<int32_t, bool> scheduled_;            // block -> its before_backward list ran
   std::unordered_map<uint32_t, std::vector<uint32_t>> cached_views_;  // storage -> remapped_t_ keys
   std::unordered_map<uint32_t, size_t> param_index_;
@@ -548,6 +550,17 @@ void Engine::accumulate_grad(size_t i) {
   const Tensor& gt = g_.tensor(grad);
   b_.set_layer(g_.storage(pt.storage).layer);
   b_.set_scope("");
+  if (grads_before_ && (*grads_before_)[i] != kNoTensor) {
+    // A later micro-batch of gradient accumulation: .grad is defined and backward runs without
+    // grad mode, so `variable_grad += new_grad` adds in place (dense + dense, in 1.13 and 2.x
+    // alike); the new gradient is released when the node ends.
+    const TensorId pg = (*grads_before_)[i];
+    b_.emit({.kind = OpKind::accumulate, .name = pt.name + ".grad.add_", .inputs = {pg, grad},
+             .flops = static_cast<double>(numel(pt.shape)), .bytes_moved = 3 * g_.view_bytes(grad)});
+    drop_ref(grad);
+    param_grad_[i] = pg;
+    return;
+  }
   const bool layout_ok =
       gt.strides == pt.strides && gt.offset == 0 && g_.storage(gt.storage).bytes == g_.view_bytes(grad);
   TensorId pg = grad;
@@ -613,8 +626,8 @@ void Engine::deliver(TensorId grad, TensorId input, int32_t from_region) {
 }  // namespace
 
 std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
-                                    const BlockPlan* plan) {
-  Engine e(b, params, plan);
+                                    const BlockPlan* plan, OpId forward_begin, const std::vector<TensorId>* grads) {
+  Engine e(b, params, plan, forward_begin, grads);
   return e.run(loss);
 }
 

@@ -83,9 +83,17 @@ Shape broadcast(const Shape& a, const Shape& b) {
 
 TensorId Builder::leaf(const std::string& name, const Shape& shape, DType dt, Category c,
                        bool requires_grad, Location loc) {
+  if (replaying_) {
+    ACTSIM_ASSERT(next_leaf_ < leaves_.size(), "a replayed forward makes more leaves than the first: " + name);
+    const TensorId t = leaves_[next_leaf_++];
+    ACTSIM_ASSERT(T(t).name == name && T(t).shape == shape && T(t).dtype == dt,
+                  "a replayed forward's leaf differs from the first's: " + name);
+    return t;
+  }
   StorageId s = g_.add_storage({.bytes = numel(shape) * dtype_size(dt), .category = c, .location = loc,
                                 .layer = layer_});
-  return g_.add_tensor({.name = name, .shape = shape, .dtype = dt, .storage = s, .requires_grad = requires_grad});
+  leaves_.push_back(g_.add_tensor({.name = name, .shape = shape, .dtype = dt, .storage = s, .requires_grad = requires_grad}));
+  return leaves_.back();
 }
 
 TensorId Builder::stash_rng(const std::string& name) {

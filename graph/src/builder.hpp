@@ -37,6 +37,12 @@ class Builder {
   Graph& graph() { return g_; }
   const RuntimeProfile& prof() const { return prof_; }
 
+  // Gradient accumulation: a later micro-batch's forward is lowered again by the same family code;
+  // while replaying, leaf() hands out the first forward's leaves (parameters, buffers, inputs) in
+  // the order they were made instead of making new ones.
+  void replay_leaves(bool on) { replaying_ = on, next_leaf_ = 0; }
+  bool is_replaying_leaves() const { return replaying_; }
+
   // Tensors that exist before the step (no producing op).
   TensorId leaf(const std::string& name, const Shape& shape, DType dt, Category c, bool requires_grad,
                 Location loc = Location::device);
@@ -124,6 +130,9 @@ class Builder {
   int32_t region_ = -1;
   const std::vector<OpKind>* cached_ = nullptr;
   bool offload_ = false;
+  std::vector<TensorId> leaves_;  // every leaf made, in order (gradient accumulation's replay)
+  size_t next_leaf_ = 0;
+  bool replaying_ = false;
 };
 
 }  // namespace actsim::graph

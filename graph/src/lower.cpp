@@ -92,6 +92,56 @@ void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& pr
   else lower_hf_neox(l);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
+
+// Note [Gradient accumulation]: N micro-batches, each `loss = model(idx, targets) / N;
+// loss.backward()`, then one optimizer step. Two micro-batches are lowered: the first (its
+// AccumulateGrad creates .grad: steals or clones) and one later micro-batch (.grad exists and is
+// added into in place). Every later micro-batch starts from the same live bytes (parameters,
+// optimizer state, inputs, .grad, the previous micro-batch's loss) and runs the same ops, so the
+// second stands for all N - 1 of them: the engine runs it once for memory and charges its time
+// N - 1 times (Graph::micro_batches). The division is an op of the graph (div.Tensor with the
+// number wrapped as a 0-dim tensor, which DivBackward0 saves); the Python local `loss` keeps the
+// previous micro-batch's loss alive until the next division returns.
+void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
+  Graph& g = l.out.graph;
+  Builder& b = l.b;
+  const double n = static_cast<double>(l.tr.grad_accum_steps);
+  auto divide = [&](TensorId loss) {
+    b.set_phase(Phase::forward);
+    l.scope(-1, "loss");
+    return b.scalar_op(OpKind::div_scalar, loss, n);
+  };
+  const TensorId first_loss = divide(l.out.loss);
+  l.out.param_grads = differentiate(b, first_loss, l.out.params, l.plan);
+  // The second micro-batch's forward: the same family code, on the first's leaves; what the
+  // builder collected per forward (checkpoint RNG stashes, offloads, block outputs) starts anew.
+  // (Reentrant checkpoint, issue 12 recipe 4: the first micro-batch's ctx.fwd_cpu_state stashes
+  // live with its autograd graph, which dies when `loss` is rebound, not past the step.)
+  std::vector<TensorId> first_graph_stashes;
+  for (const auto& [r, t] : b.rng_stash) {
+    if (t != kNoTensor && g.storage(g.tensor(t).storage).keep) {
+      g.storage(g.tensor(t).storage).keep = false;
+      first_graph_stashes.push_back(t);
+    }
+  }
+  b.rng_stash.clear();
+  b.offloaded.clear();
+  b.offload_order.clear();
+  b.block_outputs.clear();
+  const OpId begin{static_cast<uint32_t>(g.n_ops())};
+  b.set_phase(Phase::forward);
+  b.replay_leaves(true);
+  lower_model(l, model, prof);
+  b.replay_leaves(false);
+  l.out.loss = divide(l.out.loss);
+  g.op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
+  for (TensorId t : first_graph_stashes) b.hold_until_last(t);
+  differentiate(b, l.out.loss, l.out.params, l.plan, begin, &l.out.param_grads);
+  g.micro_batches = l.tr.grad_accum_steps;
+  g.last_micro_batch = begin;
+  g.after_micro_batches = OpId{static_cast<uint32_t>(g.n_ops())};
+}
+
 }  // namespace
 
 StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
@@ -105,7 +155,11 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
                               const BlockPlan* plan) {
   Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
-  l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
+  if (training.grad_accum_steps > 1) {
+    accumulate_micro_batches(l, model, prof);
+  } else {
+    l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
+  }
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
   l.optimizer();

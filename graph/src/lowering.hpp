@@ -78,7 +78,7 @@ struct Lowering {
 
   TensorId param(const std::string& name, const Shape& shape) {
     TensorId t = b.leaf(name, shape, dt, Category::parameter, true);
-    out.params.push_back(t);
+    if (!b.is_replaying_leaves()) out.params.push_back(t);
     return t;
   }
   TensorId buffer(const std::string& name, const Shape& shape) {

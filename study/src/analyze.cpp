@@ -90,6 +90,8 @@ Analysis simulate_step(const ResolvedStep& step) {
   // storages autograd saves; with it, what each block keeps through the forward pass. A buffer
   // counts only when autograd saves it (Gemma's embed_scale, by the embedding's mul), not when a
   // recomputation reads it again.
+  // With gradient accumulation, what one micro-batch keeps: the first's ops (the later one's are alike).
+  const size_t n_ops = g.micro_batches > 1 ? graph::index(g.last_micro_batch) : g.n_ops();
   const size_t n_st = g.storages().size();
   std::vector<bool> kept(n_st, false);
   auto keepable = [&](graph::StorageId sid, const graph::Op& reader) {
@@ -105,7 +107,8 @@ Analysis simulate_step(const ResolvedStep& step) {
     // checkpoint's RNG stash is kept, but it is no saved tensor (the saved-tensor hooks never see it)
     return by.phase == graph::Phase::forward && by.kind != graph::OpKind::rng_stash;
   };
-  for (const graph::Op& op : g.ops()) {
+  for (size_t i = 0; i < n_ops; ++i) {
+    const graph::Op& op = g.ops()[i];
     if (op.phase == graph::Phase::forward) continue;
     for (const auto* list : {&op.inputs, &op.holds}) {
       for (graph::TensorId t : *list) {

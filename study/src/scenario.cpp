@@ -49,6 +49,8 @@ const std::vector<std::string>& scenario_keys() {
       "training.optimizer",
       "training.optimizer_impl",
       "training.weight_decay",
+      // gradient accumulation (issue 12, recipe 2)
+      "training.grad_accum_steps",
       "runtime.profile",
       "runtime.cpu_isa",
       "device.name",
@@ -216,6 +218,8 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   else if (key == "training.weight_decay") {
     t.weight_decay = as_num(v, where);
     if (t.weight_decay < 0) fail(where, "must be non-negative");
+  } else if (key == "training.grad_accum_steps") {  // gradient accumulation (issue 12, recipe 2)
+    t.grad_accum_steps = positive(as_int(v, where));
   } else if (key == "runtime.profile") {
     std::string p = as_str(v, where);
     if (!graph::parse_profile(p, sc.profile)) {

@@ -101,6 +101,14 @@ BAD_SCENARIOS = [
     ("unknown profile", "[runtime]\nprofile = \"torch_cpu\"\n", 2, "runtime.profile",
      ['did you mean "torch-cpu"']),
     ("array value", "[model]\nd_model = [1, 2]\n", 2, "model.d_model", []),
+    # gradient accumulation (issue 12, recipe 2)
+    ("zero micro-batches", "[training]\ngrad_accum_steps = 0\n", 2, "training.grad_accum_steps", ["positive"]),
+    ("negative micro-batches", "[training]\nbatch_size = 2\ngrad_accum_steps = -3\n", 3,
+     "training.grad_accum_steps", ["positive"]),
+    ("fractional micro-batches", "[training]\ngrad_accum_steps = 2.5\n", 2, "training.grad_accum_steps",
+     ["expected an integer"]),
+    ("micro-batches as a string", "[training]\ngrad_accum_steps = \"4\"\n", 2, "training.grad_accum_steps",
+     ["expected an integer"]),
     # checkpoint implementation (issue 12, recipe 4)
     ("unknown checkpoint implementation", "[checkpoint]\nimpl = \"reentrent\"\n", 2, "checkpoint.impl",
      ['did you mean "reentrant"', "one of: nonreentrant, reentrant"]),

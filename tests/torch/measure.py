@@ -47,12 +47,15 @@ DEFAULTS = {
     "checkpoint_impl": "nonreentrant",
     "preserve_rng_state": "true",
     "seed": 0,
+    # gradient accumulation (issue 12, recipe 2): N times `loss = model(idx, targets) / N;
+    # loss.backward()` before the optimizer step; 1 = the plain step, no division
+    "grad_accum_steps": 1,
     # Not a scenario key: intra-op threads. One thread keeps the trace deterministic and makes sure
     # every allocation happens on the profiled thread (OpenMP workers could allocate scratch).
     "threads": 1,
 }
 INT_KEYS = {"vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff",
-            "batch_size", "seed", "threads"}
+            "batch_size", "seed", "threads", "grad_accum_steps"}
 FLOAT_KEYS = {"dropout"}
 CHOICES = {
     "family": ("gpt2", "llama"),
@@ -335,6 +338,8 @@ def measure_saved(torch, models, cfg, trace):
     recipes.RECORD_SAC["on"] = True
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack_identity):
         loss = model(idx, targets)
+        if cfg["grad_accum_steps"] > 1:  # one micro-batch's forward includes the division
+            loss = loss / cfg["grad_accum_steps"]
     recipes.RECORD_SAC["on"] = False
     recipes.ON_CLOSURE_ARGS["fn"] = None
     for h in handles:
@@ -426,18 +431,24 @@ def measure_saved(torch, models, cfg, trace):
 # --mode memory
 
 
-def train_step(model, opt, idx, targets, record_function=None):
-    """One step of the spec. With record_function, each phase is a named profiler range."""
+def train_step(model, opt, idx, targets, record_function=None, n=1):
+    """One step of the spec. With record_function, each phase is a named profiler range.
+
+    n > 1: gradient accumulation, n micro-batches; the last one's ranges are forward and backward,
+    micro-batch k's before it forward@k and backward@k."""
     if record_function is None:
-        loss = model(idx, targets)
-        loss.backward()
+        for _ in range(n):
+            loss = model(idx, targets) if n == 1 else model(idx, targets) / n
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-    with record_function("actsim::forward"):
-        loss = model(idx, targets)
-    with record_function("actsim::backward"):
-        loss.backward()
+    for k in range(n):
+        tag = "" if k == n - 1 else "@%d" % k
+        with record_function("actsim::forward" + tag):
+            loss = model(idx, targets) if n == 1 else model(idx, targets) / n
+        with record_function("actsim::backward" + tag):
+            loss.backward()
     with record_function("actsim::optimizer"):
         opt.step()
     with record_function("actsim::zero_grad"):
@@ -511,9 +522,9 @@ def measure_memory(torch, models, cfg, trace):
             opt = make_optimizer(torch, cfg, model.parameters())
         with record_function("actsim::warmup"):
             # steady state: the optimizer state exists before the measured step
-            loss = train_step(model, opt, idx, targets)
+            loss = train_step(model, opt, idx, targets, n=cfg["grad_accum_steps"])
             del loss
-        loss = train_step(model, opt, idx, targets, record_function)
+        loss = train_step(model, opt, idx, targets, record_function, n=cfg["grad_accum_steps"])
     loss_value = loss.item()
 
     nodes = list(flatten(prof.profiler.kineto_results.experimental_event_tree()))
@@ -521,18 +532,20 @@ def measure_memory(torch, models, cfg, trace):
     for n in nodes:
         if n.name.startswith("actsim::") and "Allocation" not in str(n.tag):
             ranges[n.name[len("actsim::"):]] = (n.start_time_ns, n.end_time_ns)
-    missing = [p for p in ("setup", "warmup") + PHASES if p not in ranges]
+    micro = tuple("%s@%d" % (p, k) for k in range(cfg["grad_accum_steps"] - 1) for p in PHASES[:2])
+    missing = [p for p in ("setup", "warmup") + PHASES + micro if p not in ranges]
     if missing:
         raise RuntimeError("profiler lost the ranges %s" % missing)
+    step_t0 = ranges[micro[0] if micro else "forward"][0]  # the first micro-batch's forward
 
     mem = [n for n in nodes if "Allocation" in str(n.tag)]
     mem.sort(key=lambda n: n.start_time_ns)  # sort is stable: same-time events keep tree order
 
     def phase_of(t):
-        for name in ("setup", "warmup") + PHASES:
+        for name in ("setup", "warmup") + PHASES + micro:
             start, end = ranges[name]
             if start <= t <= end:
-                return name
+                return name.partition("@")[0]  # an earlier micro-batch's forward or backward
         if t < ranges["setup"][0]:
             return "before"
         return "between"  # outside every range: would be a surprise, so it gets its own name
@@ -562,14 +575,14 @@ def measure_memory(torch, models, cfg, trace):
         return value
 
     live = {
-        "step_start": total_at(ranges["forward"][0], False),
+        "step_start": total_at(step_t0, False),
         "end_forward": total_at(ranges["forward"][1], True),
         "end_backward": total_at(ranges["backward"][1], True),
         "end_optimizer": total_at(ranges["optimizer"][1], True),
         "after_zero_grad": total_at(ranges["zero_grad"][1], True),
     }
 
-    step = [e for e in events if ranges["forward"][0] <= e["t"] <= ranges["zero_grad"][1]]
+    step = [e for e in events if step_t0 <= e["t"] <= ranges["zero_grad"][1]]
     for i, e in enumerate(step):
         e["i"] = i
     peak = None
@@ -597,7 +610,7 @@ def measure_memory(torch, models, cfg, trace):
     alive = {}
     at_start = at_end = None
     for e in events:
-        if at_start is None and e["t"] >= ranges["forward"][0]:
+        if at_start is None and e["t"] >= step_t0:
             at_start = dict(alive)
         if at_end is None and e["t"] > ranges["zero_grad"][1]:
             at_end = dict(alive)
@@ -651,7 +664,7 @@ def measure_memory(torch, models, cfg, trace):
         result["events"] = [traced(e) for e in step]
         # between the end of the warm-up and the start of forward; expected to be empty
         result["events_before_forward"] = [
-            traced(e) for e in events if ranges["warmup"][1] < e["t"] < ranges["forward"][0]]
+            traced(e) for e in events if ranges["warmup"][1] < e["t"] < step_t0]
     return result
 
 

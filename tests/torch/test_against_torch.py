@@ -55,6 +55,9 @@ SPREAD = [
      "n_layers": 2, "batch_size": 1, "dtype": "bf16"},
     {"family": "gpt2", "vocab_size": 211, "seq_len": 40, "d_model": 64, "n_heads": 8, "n_layers": 1,
      "batch_size": 4, "dropout": 0.2, "dtype": "bf16"},
+    # gradient accumulation (issue 12, recipe 2): N x (loss / N).backward(), then one step
+    {"grad_accum_steps": 2, "dropout": 0.1},
+    {"family": "llama", "grad_accum_steps": 3, "dtype": "bf16", "n_kv_heads": 2},
     # checkpoint implementations (issue 12, recipe 4), on both oracles (GRID2 includes SPREAD):
     # reentrant and non-reentrant, with and without preserve_rng_state, both families
     {"n_layers": 3, "checkpoint": "full", "dropout": 0.1, "checkpoint_impl": "reentrant"},
@@ -112,11 +115,15 @@ GRID2 = SPREAD + [
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
      "attention": "flash"},
+    # gradient accumulation with checkpointing and the other optimizer implementations
+    {"grad_accum_steps": 3, "n_layers": 3, "checkpoint": "full", "dropout": 0.1},
+    {"family": "llama", "grad_accum_steps": 2, "checkpoint": "full", "optimizer_impl": "foreach"},
+    {"grad_accum_steps": 2, "dtype": "bf16", "optimizer_impl": "fused"},
 ]
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
               "attention"]
-OTHER_KEYS = {"checkpoint": "checkpoint.policy",
+OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.grad_accum_steps",
               # checkpoint implementation (issue 12, recipe 4)
               "checkpoint_impl": "checkpoint.impl", "preserve_rng_state": "checkpoint.preserve_rng_state"}
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]

@@ -89,6 +89,9 @@ struct TrainingConfig {
   double weight_decay = -1;     // -1 = torch.optim's default (AdamW 0.01, Adam and SGD 0)
   double lr = 1e-3;
   double momentum = 0.9;        // sgd_momentum
+  // Gradient accumulation (issue 12, recipe 2): micro-batches of batch_size per optimizer step,
+  // each `loss = model(idx, targets) / N; loss.backward()`; 1 = no division, one backward.
+  int64_t grad_accum_steps = 1;
   // checkpoint implementation (issue 12, recipe 4): checkpoint.impl and checkpoint.preserve_rng_state,
   // torch.utils.checkpoint's use_reentrant and preserve_rng_state for every checkpoint call
   CheckpointImpl checkpoint_impl = CheckpointImpl::nonreentrant;

@@ -177,6 +177,10 @@ class Graph {
   int32_t n_layers = 0;                    // number of transformer blocks
   int64_t alloc_granularity = 1;           // bytes; a device allocation occupies a multiple of it
                                            // (the runtime profile's; 512 under torch-cuda)
+  // Gradient accumulation (Note [Gradient accumulation] in lower.cpp): ops [last_micro_batch,
+  // after_micro_batches) are one later micro-batch, standing for micro_batches - 1 of them.
+  int64_t micro_batches = 1;
+  OpId last_micro_batch = kNoOp, after_micro_batches = kNoOp;
 
   // The bytes a device allocation of `bytes` occupies in the allocator's count.
   int64_t allocated(int64_t bytes) const {
