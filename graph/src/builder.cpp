@@ -105,6 +105,17 @@ TensorId Builder::stash_rng(const std::string& name) {
   return t;
 }
 
+void Builder::begin_checkpoint_call(int32_t r) {
+  if (rng_stash.count(r)) return;
+  if (!ckpt_preserve_rng) {
+    rng_stash[r] = kNoTensor;
+    return;
+  }
+  const TensorId t = stash_rng("checkpoint.rng_state");
+  if (ckpt_reentrant) g_.storage(T(t).storage).keep = true;  // CheckpointFunction's ctx.fwd_cpu_state
+  rng_stash[r] = t;
+}
+
 TensorId Builder::fresh(const std::string& name, const Shape& shape, DType dt, Category c) {
   StorageId s = g_.add_storage({.bytes = numel(shape) * dtype_size(dt), .category = c, .layer = layer_});
   return g_.add_tensor({.name = qualify(name), .shape = shape, .dtype = dt, .storage = s});

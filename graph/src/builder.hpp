@@ -68,6 +68,13 @@ class Builder {
   std::unordered_map<int32_t, TensorId> rng_stash;
   // Emits a torch.get_rng_state() copy (kCpuRngStateBytes, where the profile keeps it).
   TensorId stash_rng(const std::string& name);
+  // The checkpoint implementation (TrainingConfig::checkpoint_impl, preserve_rng_state).
+  bool ckpt_reentrant = false;
+  bool ckpt_preserve_rng = true;
+  // A checkpoint call begins (region r): its RNG stash when it preserves the RNG state (kNoTensor
+  // in rng_stash otherwise). Reentrant keeps it in ctx.fwd_cpu_state, alive with the autograd
+  // graph (the training loop's `loss`), past the step; non-reentrant in its frame.
+  void begin_checkpoint_call(int32_t r);
 
   // The last op emitted holds `t` (a Python local released when the op's frame returns).
   void hold_until_last(TensorId t);

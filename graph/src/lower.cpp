@@ -120,6 +120,15 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   l.out.param_grads = differentiate(b, first_loss, l.out.params, l.plan);
   // The second micro-batch's forward: the same family code, on the first's leaves; what the
   // builder collected per forward (checkpoint RNG stashes, offloads, block outputs) starts anew.
+  // (Reentrant checkpoint, issue 12 recipe 4: the first micro-batch's ctx.fwd_cpu_state stashes
+  // live with its autograd graph, which dies when `loss` is rebound, not past the step.)
+  std::vector<TensorId> first_graph_stashes;
+  for (const auto& [r, t] : b.rng_stash) {
+    if (t != kNoTensor && g.storage(g.tensor(t).storage).keep) {
+      g.storage(g.tensor(t).storage).keep = false;
+      first_graph_stashes.push_back(t);
+    }
+  }
   b.rng_stash.clear();
   b.offloaded.clear();
   b.offload_order.clear();
@@ -131,6 +140,7 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   b.replay_leaves(false);
   l.out.loss = divide(l.out.loss);
   g.op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
+  for (TensorId t : first_graph_stashes) b.hold_until_last(t);
   differentiate(b, l.out.loss, l.out.params, l.plan, begin, &l.out.param_grads);
   g.micro_batches = l.tr.grad_accum_steps;
   g.last_micro_batch = begin;

@@ -29,6 +29,8 @@ struct Lowering {
   Lowering(const ModelConfig& mc, const TrainingConfig& tc, const RuntimeProfile& p, const BlockPlan* bp)
       : m(mc), tr(tc), prof(p), b(out.graph, p, tc.dtype), dt(tc.dtype), plan(bp) {
     out.graph.alloc_granularity = p.alloc_granularity;
+    b.ckpt_reentrant = tc.checkpoint_impl == CheckpointImpl::reentrant;
+    b.ckpt_preserve_rng = tc.preserve_rng_state;
   }
 
   // Checkpointing: region ids are unique per recomputed unit (a segment, a block's attention core,
@@ -41,12 +43,12 @@ struct Lowering {
       case BlockMode::recompute: {
         const int32_t r = plan->before_backward.empty() ? plan->segment[static_cast<size_t>(i)] : kBlockRegion + i;
         // A new checkpoint call (every:K spans K blocks): it stashes the RNG state first.
-        if (!b.rng_stash.count(r)) b.rng_stash[r] = b.stash_rng("checkpoint.rng_state");
+        b.begin_checkpoint_call(r);
         b.set_region(r);
         break;
       }
       case BlockMode::ops:  // selective activation checkpointing: a checkpoint call too
-        b.rng_stash[kOpsRegion + i] = b.stash_rng("checkpoint.rng_state");
+        b.begin_checkpoint_call(kOpsRegion + i);
         b.set_region(kOpsRegion + i, &plan->keep_kinds);
         break;
       case BlockMode::offload: b.set_offload(true); break;
@@ -60,7 +62,7 @@ struct Lowering {
   // Megatron-LM selective recompute: the attention core (scores, mask, softmax, dropout, x V).
   void core_begin(int i) {
     if (mode(i) != BlockMode::selective) return;
-    b.rng_stash[kSelectiveRegion + i] = b.stash_rng("checkpoint.rng_state");  // one checkpoint call
+    b.begin_checkpoint_call(kSelectiveRegion + i);  // one checkpoint call
     b.set_region(kSelectiveRegion + i);
   }
   void core_end(int i) {
@@ -70,7 +72,7 @@ struct Lowering {
   // checkpoint call, from the mid-block residual to the block output (two consecutive cut tensors).
   void mlp_begin(int i) {
     if (mode(i) != BlockMode::mlp) return;
-    b.rng_stash[kMlpRegion + i] = b.stash_rng("checkpoint.rng_state");
+    b.begin_checkpoint_call(kMlpRegion + i);
     b.set_region(kMlpRegion + i);
   }
   void mlp_end(int i) {

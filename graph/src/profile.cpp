@@ -113,6 +113,7 @@ constexpr RuntimeProfile kTorchCpu{
     .rng_state_location = Location::device,
     .wrapped_numbers_unhooked = false,
     .checkpoint_unpack_releases = false,
+    .checkpoint_early_stop = false,
     .rules = kCpu113Rules,
 };
 
@@ -135,6 +136,7 @@ constexpr RuntimeProfile kTorch2Cpu{
     .rng_state_location = Location::device,
     .wrapped_numbers_unhooked = true,
     .checkpoint_unpack_releases = true,
+    .checkpoint_early_stop = true,
     .rules = kTorch2Rules,
 };
 

@@ -62,6 +62,9 @@ const std::vector<std::string>& scenario_keys() {
       "lora.alpha",
       "lora.dropout",
       "lora.targets",
+      // checkpoint implementation (issue 12, recipe 4)
+      "checkpoint.impl",
+      "checkpoint.preserve_rng_state",
   };
   return keys;
 }
@@ -360,6 +363,13 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   }
   else if (set_trainable_key(sc, key, v, where)) {
   }
+  // checkpoint implementation (issue 12, recipe 4)
+  else if (key == "checkpoint.impl")
+    sc.training.checkpoint_impl = pick<graph::CheckpointImpl>(
+        as_str(v, where),
+        {{"nonreentrant", graph::CheckpointImpl::nonreentrant}, {"reentrant", graph::CheckpointImpl::reentrant}}, where,
+        "checkpoint implementation");
+  else if (key == "checkpoint.preserve_rng_state") sc.training.preserve_rng_state = as_bool(v, where);
   else {
     std::string hint = closest(key, scenario_keys());
     fail(where, fmt::format("unknown key{}", hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint)));
@@ -547,6 +557,18 @@ std::optional<std::string> first_problem(const Scenario& sc) {
          "which actsim does not lower; use attention = \"eager\" or dropout = 0");
   }
   if (std::optional<std::string> p = trainable_problem(sc)) return p;  // trainable subsets (issue 12)
+  // checkpoint implementation (issue 12, recipe 4): torch.utils.checkpoint refuses context_fn (what
+  // selective activation checkpointing passes) with use_reentrant=True.
+  if (t.checkpoint_impl == graph::CheckpointImpl::reentrant) {
+    const auto* p = std::get_if<graph::CheckpointPolicy>(&sc.checkpoint);
+    if (p && p->kind == graph::CheckpointPolicy::Kind::ops) {
+      return fail(blame(sc, {"checkpoint.impl", "checkpoint.policy"}),
+                  fmt::format("checkpoint.policy = \"{}\" (selective activation checkpointing) needs checkpoint.impl = "
+                              "\"nonreentrant\": torch.utils.checkpoint passes its context_fn only with "
+                              "use_reentrant=False",
+                              p->text));
+    }
+  }
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }

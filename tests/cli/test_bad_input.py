@@ -126,6 +126,13 @@ BAD_SCENARIOS = [
      ["expected an integer"]),
     ("micro-batches as a string", "[training]\ngrad_accum_steps = \"4\"\n", 2, "training.grad_accum_steps",
      ["expected an integer"]),
+    # checkpoint implementation (issue 12, recipe 4)
+    ("unknown checkpoint implementation", "[checkpoint]\nimpl = \"reentrent\"\n", 2, "checkpoint.impl",
+     ['did you mean "reentrant"', "one of: nonreentrant, reentrant"]),
+    ("preserve_rng_state not a boolean", "[checkpoint]\npreserve_rng_state = \"yes\"\n", 2,
+     "checkpoint.preserve_rng_state", ["expected true or false"]),
+    ("reentrant with selective activation checkpointing",
+     "[checkpoint]\npolicy = \"ops:mm\"\nimpl = \"reentrant\"\n", 3, "checkpoint.impl", ["use_reentrant=False"]),
 ]
 
 # (name, file text, line) -- TOML syntax errors name the line only.

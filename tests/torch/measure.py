@@ -42,6 +42,10 @@ DEFAULTS = {
     # none | full | every:K | selective | ops:KIND,KIND (PyTorch 2.x: torch.utils.checkpoint with
     # use_reentrant=False; selective and ops: with selective activation checkpointing)
     "checkpoint": "none",
+    # checkpoint implementation (issue 12, recipe 4): torch.utils.checkpoint's use_reentrant and
+    # preserve_rng_state keyword arguments of every checkpoint call (recipes.py)
+    "checkpoint_impl": "nonreentrant",
+    "preserve_rng_state": "true",
     "seed": 0,
     # gradient accumulation (issue 12, recipe 2): N times `loss = model(idx, targets) / N;
     # loss.backward()` before the optimizer step; 1 = the plain step, no division
@@ -68,6 +72,9 @@ CHOICES = {
     "optimizer": ("adamw", "adam", "sgd", "sgd_momentum"),
     "optimizer_impl": ("for_loop", "foreach", "fused"),
     "attention": ("eager", "flash"),
+    # checkpoint implementation (issue 12, recipe 4)
+    "checkpoint_impl": ("nonreentrant", "reentrant"),
+    "preserve_rng_state": ("true", "false"),
 }
 PHASES = ("forward", "backward", "optimizer", "zero_grad")  # the measured step, in order
 LR = 1e-3  # irrelevant to memory; small so that the warm-up step cannot produce inf/nan
@@ -160,7 +167,8 @@ def build(torch, models, cfg):
     if cfg["checkpoint"] != "none":
         import recipes  # tests/torch/recipes.py (imports torch itself)
         try:
-            recipes.wrap_checkpoint(model, cfg["checkpoint"], models)
+            recipes.wrap_checkpoint(model, cfg["checkpoint"], models, cfg["checkpoint_impl"],
+                                    cfg["preserve_rng_state"] == "true")
         except ValueError as e:
             raise UsageError(str(e))
     model.train()
@@ -241,6 +249,10 @@ def saved_grad_fn_tensors(torch, node):
             value = getattr(node, attr)
         except RuntimeError:  # already freed: cannot happen before backward, but stay robust
             continue
+        except Exception as e:  # 1.13's non-reentrant checkpoint hook (recipes.RecomputeInWalk)
+            if type(e).__name__ == "RecomputeInWalk":
+                continue
+            raise
         if isinstance(value, torch.Tensor):
             out.append((attr, value))
         elif isinstance(value, (list, tuple)):
@@ -330,12 +342,21 @@ def measure_saved(torch, models, cfg, trace):
         return t  # keep the tensor itself so that the grad_fn walk sees the same storages
 
     import recipes
+
+    def closure_args(tensors):  # 1.13 non-reentrant checkpoint: its arguments (recipes.py)
+        for t in tensors:
+            ptr, nbytes = storage_key(t)
+            if ptr and nbytes and ptr not in param_ptrs and ptr not in first_block:
+                first_block[ptr] = current["block"]
+                nbytes_of[ptr] = nbytes
+    recipes.ON_CLOSURE_ARGS["fn"] = closure_args
     recipes.RECORD_SAC["on"] = True
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack_identity):
         loss = model(idx, targets)
         if cfg["grad_accum_steps"] > 1:  # one micro-batch's forward includes the division
             loss = loss / cfg["grad_accum_steps"]
     recipes.RECORD_SAC["on"] = False
+    recipes.ON_CLOSURE_ARGS["fn"] = None
     for h in handles:
         h.remove()
     walker.claim([loss.grad_fn], -1)
@@ -367,6 +388,7 @@ def measure_saved(torch, models, cfg, trace):
     walk = []
     walk_bytes = {}
     unhooked = 0
+    recipes.WALKING["on"] = True
     for node in walker.order:
         for attr, t in saved_grad_fn_tensors(torch, node):
             ptr, nbytes = storage_key(t)
@@ -384,6 +406,7 @@ def measure_saved(torch, models, cfg, trace):
                 "view_nbytes": t.numel() * t.element_size(), "storage_nbytes": nbytes,
                 "storage_id": sid[ptr], "is_param": is_param,
                 "is_input": ptr in input_ptrs, "is_buffer": ptr in buffer_ptrs})
+    recipes.WALKING["on"] = False
 
     per_layer = [0] * len(blocks)
     outside = 0

@@ -3,7 +3,7 @@
 
 usage: test_against_torch.py ACTSIM_BINARY [--oracle torch-cpu|torch2-cpu] [--only SUBSTRING]
 
-  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 19-configuration
+  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 21-configuration
                        spread below, actsim with runtime.profile=torch-cpu
   --oracle torch2-cpu  the pinned PyTorch 2.x in the project's .venv (scripts/setup.sh --tests), the
                        wider grid of GRID2, actsim with runtime.profile=torch2-cpu
@@ -61,6 +61,13 @@ SPREAD = [
     # gradient accumulation (issue 12, recipe 2): N x (loss / N).backward(), then one step
     {"grad_accum_steps": 2, "dropout": 0.1},
     {"family": "llama", "grad_accum_steps": 3, "dtype": "bf16", "n_kv_heads": 2},
+    # checkpoint implementations (issue 12, recipe 4), on both oracles (GRID2 includes SPREAD):
+    # reentrant and non-reentrant, with and without preserve_rng_state, both families
+    {"n_layers": 3, "checkpoint": "full", "dropout": 0.1, "checkpoint_impl": "reentrant"},
+    {"n_layers": 4, "checkpoint": "every:2", "dropout": 0.1, "preserve_rng_state": "false"},
+    {"family": "llama", "n_layers": 3, "checkpoint": "full"},
+    {"family": "llama", "n_layers": 4, "checkpoint": "every:2", "dtype": "bf16", "n_kv_heads": 2,
+     "checkpoint_impl": "reentrant", "preserve_rng_state": "false"},
 ]
 
 # PyTorch 2.x on the CPU: at least as wide as SPREAD, plus fp16, MQA, flash (SDPA on the CPU), the
@@ -95,6 +102,9 @@ GRID2 = SPREAD + [
     {"n_layers": 2, "checkpoint": "ops:mm,addmm,softmax", "dropout": 0.1},
     {"family": "llama", "checkpoint": "ops:mm,silu"},
     {"family": "llama", "checkpoint": "full", "attention": "flash", "optimizer_impl": "foreach"},
+    # reentrant checkpoint of the attention core: its arguments are strided views of the QKV output
+    # (issue 12, recipe 4)
+    {"n_layers": 3, "checkpoint": "selective", "dropout": 0.1, "checkpoint_impl": "reentrant"},
     # selective (Megatron-LM): the attention core alone as one checkpoint call
     {"n_layers": 3, "checkpoint": "selective", "dropout": 0.1},
     {"family": "llama", "checkpoint": "selective", "dtype": "bf16", "n_kv_heads": 2},
@@ -125,7 +135,9 @@ MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_hea
 OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.grad_accum_steps",
               # trainable subsets (issue 12, recipe 3)
               "trainable": "training.trainable", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
-              "lora_dropout": "lora.dropout", "lora_targets": "lora.targets"}
+              "lora_dropout": "lora.dropout", "lora_targets": "lora.targets",
+              # checkpoint implementation (issue 12, recipe 4)
+              "checkpoint_impl": "checkpoint.impl", "preserve_rng_state": "checkpoint.preserve_rng_state"}
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
 
 

@@ -31,6 +31,9 @@ enum class ProfileId : uint8_t { torch_cuda, torch_cpu, torch2_cpu };
 // The CPU's vector ISA, where a CPU runtime's kernels depend on it (oneDNN's bf16 matmul needs
 // AVX-512 BW/VL/DQ). `native` is the machine actsim runs on.
 enum class CpuIsa : uint8_t { avx512, avx2 };
+// torch.utils.checkpoint(use_reentrant=False) (saved-tensor hooks) or use_reentrant=True
+// (CheckpointFunction: no_grad forward, the whole call recomputed and backpropagated in its backward).
+enum class CheckpointImpl : uint8_t { nonreentrant, reentrant };
 
 std::string_view to_string(Family f);
 std::string_view to_string(Attention a);
@@ -107,6 +110,10 @@ struct TrainingConfig {
   // Gradient accumulation (issue 12, recipe 2): micro-batches of batch_size per optimizer step,
   // each `loss = model(idx, targets) / N; loss.backward()`; 1 = no division, one backward.
   int64_t grad_accum_steps = 1;
+  // checkpoint implementation (issue 12, recipe 4): checkpoint.impl and checkpoint.preserve_rng_state,
+  // torch.utils.checkpoint's use_reentrant and preserve_rng_state for every checkpoint call
+  CheckpointImpl checkpoint_impl = CheckpointImpl::nonreentrant;
+  bool preserve_rng_state = true;
 };
 
 }  // namespace actsim::graph

@@ -84,6 +84,8 @@ struct RuntimeProfile {
   bool wrapped_numbers_unhooked;         // saved wrapped numbers skip saved-tensor hooks (2.x), so
                                          // a checkpointed region keeps them past its forward
   bool checkpoint_unpack_releases;       // a recomputed saved tensor dies with its node's apply (2.x)
+  bool checkpoint_early_stop;            // non-reentrant recomputation stops after the last op whose
+                                         // output backward needs (2.x); 1.13 reruns the whole function
   // Transient device bytes while an op takes a Python number: the wrapped 0-dim float64 and its
   // cast to the operand dtype (CPU: both go through the allocator; CUDA: host scalars, none).
   int64_t scalar_temp_bytes(DType operand) const {
