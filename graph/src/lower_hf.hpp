@@ -59,6 +59,11 @@ struct HfBase {
             .bytes_moved = 2 * g().view_bytes(x)});
     return out;
   }
+  // Gemma2's tanh softcapping: x / c, torch.tanh, * c (three tensors; tanh saves its result).
+  TensorId softcap(TensorId x, double c) {
+    TensorId y = b.unary(OpKind::tanh, b.scalar_op(OpKind::div_scalar, x, c));
+    return b.scalar_op(OpKind::mul_scalar, y, c);
+  }
   TensorId mul(TensorId a, TensorId c) { return like(b.binary(OpKind::mul, a, c), a); }
   TensorId add(TensorId a, TensorId c) { return like(b.binary(OpKind::add, a, c), a); }
 
