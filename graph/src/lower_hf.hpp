@@ -72,6 +72,9 @@ struct HfBase {
   TensorId position_ids();
   // create_causal_mask under eager attention: a (B, 1, T, T) additive mask in the model dtype.
   TensorId causal_mask(TensorId pos);
+  // MixtralSparseMoeBlock on h (B, T, d) with transformers' default experts implementation
+  // (grouped_mm; lower_hf_moe.cpp). `s` is the block's module path ("model.layers.3.mlp").
+  TensorId moe(int i, const std::string& s, TensorId h, TensorId router, TensorId gate_up, TensorId down);
   // lm_head, then ForCausalLMLoss; the outputs object (logits, the cache) is dropped when forward returns.
   void causal_lm_loss(TensorId x, TensorId lm_head, TensorId labels, const std::vector<TensorId>& cache);
 };

@@ -1,6 +1,7 @@
 // Lowering of Hugging Face transformers' Llama-style decoders (Family::hf_llama): LlamaForCausalLM
 // and the families that run the same code with other flags (MistralForCausalLM, Qwen2ForCausalLM,
-// Qwen3ForCausalLM, Phi3ForCausalLM, GemmaForCausalLM), op for op as transformers 5.18.0's modeling_llama.py / modeling_qwen3.py / modeling_gemma.py run
+// Qwen3ForCausalLM, Phi3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, MixtralForCausalLM with its
+// MoE block in lower_hf_moe.cpp), op for op as transformers 5.18.0's modeling_llama.py / modeling_qwen3.py / modeling_gemma.py run
 // them in training with `model(input_ids=x, labels=y).loss`: the DynamicCache the forward fills
 // when config.use_cache is on, create_causal_mask (none for sdpa, a (B, 1, T, T) additive mask for
 // eager), the rotary embedding computed once per forward, RMSNorm in fp32, rotate_half, sdpa with
@@ -18,7 +19,8 @@ struct HfLlama : HfBase {
   struct Layer {
     TensorId wq, bq = kNoTensor, wk, bk = kNoTensor, wv, bv = kNoTensor, wo, bo = kNoTensor, q_norm = kNoTensor,
         k_norm = kNoTensor, wqkv = kNoTensor, gate_up = kNoTensor, gate = kNoTensor, gate_b = kNoTensor, up, up_b = kNoTensor, down, down_b = kNoTensor, in_norm, post_norm,
-        pre_ff_norm = kNoTensor, post_ff_norm = kNoTensor;  // Gemma2
+        pre_ff_norm = kNoTensor, post_ff_norm = kNoTensor,  // Gemma2
+        router = kNoTensor;                                 // Mixtral: mlp.gate (gate_up, down: the experts')
   };
 
   int64_t rd;
@@ -168,6 +170,15 @@ struct HfLlama : HfBase {
       l.scope(i, s + ".post_attention_layernorm");
       h = rmsnorm(x, p.post_norm);
     }
+    if (m.n_experts > 0) {  // MixtralSparseMoeBlock
+      TensorId f = moe(i, s + ".mlp", h, p.router, p.gate_up, p.down);
+      l.scope(i, s);
+      TensorId out = add(x, f);
+      l.mlp_end(i);
+      l.leave_block();
+      b.block_outputs.push_back(out);
+      return out;
+    }
     if (m.fused_qkv_mlp) {
       // Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1); down_proj(up * act_fn(gate))
       l.scope(i, s + ".mlp.gate_up_proj");
@@ -245,6 +256,14 @@ struct HfLlama : HfBase {
         p.q_norm = param(n("self_attn.q_norm.weight"), {hd});
         p.k_norm = param(n("self_attn.k_norm.weight"), {hd});
       }
+      if (m.n_experts > 0) {  // MixtralSparseMoeBlock: gate (the router), experts' stacked weights
+        p.router = param(n("mlp.gate.weight"), {m.n_experts, d});
+        p.gate_up = param(n("mlp.experts.gate_up_proj"), {m.n_experts, 2 * ff, d});
+        p.down = param(n("mlp.experts.down_proj"), {m.n_experts, d, ff});
+        p.in_norm = param(n("input_layernorm.weight"), {d});
+        p.post_norm = param(n("post_attention_layernorm.weight"), {d});
+        continue;
+      }
       p.gate = param(n("mlp.gate_proj.weight"), {ff, d});
       p.gate_b = maybe_bias(m.mlp_bias, n("mlp.gate_proj.bias"), ff);
       p.up = param(n("mlp.up_proj.weight"), {ff, d});
@@ -278,7 +297,7 @@ struct HfLlama : HfBase {
     if (use_cache && m.gemma2) {
       l.scope(-1, "model.past_key_values");
       for (int64_t i = 0; i < m.n_sliding_layers; ++i) {
-        TensorId sw = b.fresh("sliding_window_tensor", {}, DType::i64);
+        TensorId sw = b.fresh("sliding_window_tensor", {1}, DType::i64);  // 0-dim; {1} for the arange contract
         b.emit({.kind = OpKind::arange, .name = "sliding_window_tensor", .outputs = {sw}, .bytes_moved = 8});
         cache.push_back(sw);
       }

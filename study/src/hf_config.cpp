@@ -251,6 +251,20 @@ void parse_gemma2(const Reader& r, HfConfig& h) {
   }
 }
 
+// MixtralForCausalLM (models/mixtral/configuration_mixtral.py): num_local_experts (alias
+// num_experts), num_experts_per_tok. The load-balancing loss is off unless output_router_logits.
+void parse_mixtral(const Reader& r, graph::ModelConfig& m) {
+  m.n_experts = aliased(r, "num_local_experts", "num_experts", 8);
+  m.experts_top_k = r.integer("num_experts_per_tok", 2);
+  if (m.experts_top_k > m.n_experts) {
+    r.fail("num_experts_per_tok", fmt::format("{} is more than num_local_experts = {}", m.experts_top_k, m.n_experts));
+  }
+  m.router_aux_loss = r.boolean("output_router_logits", false);
+  if (m.router_aux_loss) r.fail("output_router_logits", "true (the load-balancing loss) is not lowered");
+  (void)r.number("router_aux_loss_coef", 0.001);
+  if (r.number("router_jitter_noise", 0.0) != 0) r.fail("router_jitter_noise", "jitter in training is not lowered (must be 0)");
+}
+
 }  // namespace
 
 const std::vector<std::string>& hf_architectures() {
@@ -374,6 +388,7 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
   h.max_position_embeddings = r.integer("max_position_embeddings", int64_t{0});
   const bool mistral = std::string(arch->model_type) == "mistral" || std::string(arch->model_type) == "mixtral" || arch->phi3;
   if (gemma2) parse_gemma2(r, h);
+  if (std::string(arch->model_type) == "mixtral") parse_mixtral(r, m);
   if (!mistral && !gemma2 && arch->sliding_window > 0 && r.boolean("use_sliding_window", false)) {
     r.fail("use_sliding_window", "sliding-window layers (max_window_layers) are not lowered");
   }
