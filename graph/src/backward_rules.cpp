@@ -109,9 +109,18 @@ void sub_backward(const Node& n, BackwardRule& r) {
 }
 
 // mul_tensor_backward: grad * other (broadcast shape; validate_outputs reduces it).
+// With mixed dtypes (a bf16 tensor times float32 routing weights: a float32 product) the engine's
+// validate_outputs casts an input's gradient to its dtype: the float32 product is transient.
 void mul_backward(const Node& n, BackwardRule& r) {
   for (size_t i = 0; i < 2; ++i) {
-    if (n.needs(i)) r.grads[i] = n.grad(fmt::format("grad_mul{}", i), n.gt.shape);
+    if (!n.needs(i)) continue;
+    const DType in_dt = n.in(i).dtype;
+    if (in_dt != n.dt && is_floating(in_dt)) {
+      r.grads[i] = new_grad(n.b, fmt::format("grad_mul{}", i), n.gt.shape, in_dt);
+      r.workspace += numel(n.gt.shape) * dtype_size(n.dt);
+    } else {
+      r.grads[i] = n.grad(fmt::format("grad_mul{}", i), n.gt.shape);
+    }
   }
   r.kernels = n.needs(0) + n.needs(1);
 }

@@ -129,6 +129,7 @@ CONFIGS = [
     ("mixtral eager balanced routing", MIXTRAL, {"attn": "eager", "routing": "16,16,16,16"}),
     ("mixtral skewed routing per layer", dict(MIXTRAL, num_local_experts=5, num_experts_per_tok=3),
      {"batch_size": 3, "seq_len": 11, "routing": "33,0,33,31,2;1,32,33,33,0"}),
+    ("mixtral bf16 eager", MIXTRAL, {"attn": "eager", "dtype": "bf16"}),
 ]
 
 RUN_DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa",
