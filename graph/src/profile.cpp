@@ -50,6 +50,13 @@ constexpr int8_t out0 = kOut + 0, out1 = kOut + 1, out2 = kOut + 2;
       SaveRule{OpKind::nll_loss, {{in0}, {in1}, {out1}}, 3,                                         \
                "derivatives.yaml nll_loss_forward: self: nll_loss_backward(grad, self, target, "   \
                "weight, reduction, ignore_index, total_weight)"},                                    \
+      SaveRule{OpKind::topk, {{out1}}, 1,                                                           \
+               "derivatives.yaml topk: self: value_selecting_reduction_backward_symint(grad, dim, indices, ...)"}, \
+      SaveRule{OpKind::div_inplace, {{in1, in0}, {out1, in1}}, 2,                                   \
+               "derivatives.yaml div.Tensor: self: div_tensor_self_backward(grad, other, ...), other: " \
+               "div_tensor_other_backward(grad, self, other); in place, the original self is a clone"}, \
+      SaveRule{OpKind::grouped_mm, {{in0}, {in1}, {in2}}, 3,                                        \
+               "derivatives.yaml _grouped_mm: self, mat2: _grouped_mm_backward(grad, self, mat2, offs, ...)"}, \
       SaveRule{OpKind::flash_attention, {{in0}, {in1}, {in2}, {out0}, {out1}}, 5,                   \
                "derivatives.yaml _scaled_dot_product_flash_attention: query, key, value: "         \
                "_scaled_dot_product_flash_attention_backward(grad, query, key, value, output, logsumexp, ...)"}

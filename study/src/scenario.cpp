@@ -297,6 +297,33 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
     sc.origin[key] = loc;
     return;
   }
+  // issue 11 (hfrest): model.moe_routing = "n0,n1,...,nE-1" tokens per expert for every layer, or
+  // one such list per layer separated by ';'. Checked against the model in first_problem.
+  if (key == "model.moe_routing") {
+    sc.moe_routing.clear();
+    const std::string text = as_str(v, where);
+    std::vector<int64_t> cur;
+    std::string num;
+    auto flush_num = [&]() {
+      size_t a = num.find_first_not_of(" \t"), z = num.find_last_not_of(" \t");
+      const std::string n = a == std::string::npos ? "" : num.substr(a, z - a + 1);
+      if (n.empty() || n.find_first_not_of("0123456789") != std::string::npos || n.size() > 12) {
+        fail(where, fmt::format("expected comma-separated token counts (\"8,8,0,16\", layers separated by ';'), got \"{}\"", text));
+      }
+      cur.push_back(std::stoll(n));
+      num.clear();
+    };
+    for (char c : text + ";") {
+      if (c == ',') flush_num();
+      else if (c == ';') {
+        flush_num();
+        sc.moe_routing.push_back(cur);
+        cur.clear();
+      } else num += c;
+    }
+    sc.origin[key] = loc;
+    return;
+  }
   if (key == "model.family" && graph::is_hf(sc.model.family)) {
     fail(where, "model.hf_config decides the family; remove one of them");
   }
@@ -514,6 +541,34 @@ std::optional<std::string> first_problem(const Scenario& sc) {
       return fail(blame(sc, {"model.seq_len", "model.hf_config"}),
            fmt::format("seq_len {} reaches sliding_window {}: sdpa then gets a sliding-window mask, which is not lowered",
                        m.seq_len, m.sliding_window));
+    }
+    // model.moe_routing (issue 11: hfrest): one list per layer (or one for all), one count per
+    // expert, each at most the token count (topk picks an expert once per token), summing to
+    // tokens x num_experts_per_tok.
+    if (!sc.moe_routing.empty()) {
+      const std::string w = sc.where("model.moe_routing");
+      if (m.n_experts == 0) return fail(w, "needs a mixture-of-experts model (model.hf_config with num_local_experts)");
+      const auto n_lists = static_cast<int64_t>(sc.moe_routing.size());
+      if (n_lists != 1 && n_lists != m.n_layers) {
+        return fail(w, fmt::format("{} lists: give one for every layer or one per layer ({})", n_lists, m.n_layers));
+      }
+      const int64_t tokens = t.batch_size * m.seq_len;
+      for (int64_t l = 0; l < n_lists; ++l) {
+        const auto& r = sc.moe_routing[static_cast<size_t>(l)];
+        const std::string which = n_lists == 1 ? "" : fmt::format("layer {}: ", l);
+        if (static_cast<int64_t>(r.size()) != m.n_experts) {
+          return fail(w, fmt::format("{}{} counts for {} experts (num_local_experts)", which, r.size(), m.n_experts));
+        }
+        int64_t sum = 0;
+        for (int64_t c : r) {
+          if (c > tokens) return fail(w, fmt::format("{}{} tokens for one expert, but there are {} tokens", which, c, tokens));
+          sum += c;
+        }
+        if (sum != tokens * m.experts_top_k) {
+          return fail(w, fmt::format("{}the counts sum to {}, not tokens x num_experts_per_tok = {} x {} = {}", which, sum,
+                                     tokens, m.experts_top_k, tokens * m.experts_top_k));
+        }
+      }
     }
     if (m.family == Family::hf_llama && m.hd() % 2 != 0) return fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
     if (m.family == Family::hf_neox) {

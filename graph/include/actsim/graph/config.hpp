@@ -73,6 +73,15 @@ struct ModelConfig {
   bool parallel_residual = false; // GPT-NeoX's use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x))
   bool gemma = false;           // Gemma: embeddings times sqrt(hidden), RMSNorm's (1 + weight) in fp32,
                                 // gelu_pytorch_tanh in the MLP
+  // Gemma2 and the mixture-of-experts decoders (issue 11: hfrest).
+  bool gemma2 = false;          // Gemma2: norms after attention and around the MLP, a full and a sliding mask
+  double attn_softcap = 0;      // attn_logit_softcapping: scores / c, tanh, * c (eager only); 0 = none
+  double final_softcap = 0;     // final_logit_softcapping: logits / c, tanh, * c; 0 = none
+  double query_scale = 0;       // Gemma2's query_pre_attn_scalar ** -0.5; 0 = head_dim ** -0.5
+  int64_t n_sliding_layers = 0; // layers whose layer_types is "sliding_attention" (Gemma2's DynamicCache)
+  int64_t n_experts = 0;        // Mixtral's num_local_experts; 0 = a dense MLP
+  int64_t experts_top_k = 0;    // num_experts_per_tok
+  bool router_aux_loss = false; // output_router_logits: the load-balancing loss is added to the loss
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hd() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
