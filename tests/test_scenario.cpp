@@ -129,7 +129,10 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
                                      "name = \"A100-80GB\"\n"            // 26
                                      "[checkpoint]\n"                    // 27
                                      "policy = \"none\"\n");             // 28
-  study::Scenario s = study::load_scenario(path, {});
+  // Recipe keys (issue 12) come from --set, so the file's line numbers stay put.
+  study::Scenario s = study::load_scenario(path, {"training.autocast=bf16"});
+  CHECK(s.training.autocast == graph::DType::bf16);
+  CHECK(s.where("training.autocast") == "--set: training.autocast");
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);

@@ -84,12 +84,17 @@ void check_config(const ModelConfig& m, const RuntimeProfile& prof) {
 namespace {
 void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
   check_config(model, prof);
+  ACTSIM_ASSERT(prof.autocast_supports(l.tr.autocast), "autocast dtype unsupported (checked by the loader)");
+  l.b.set_autocast(l.tr.autocast);  // f32: off
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
   if (model.family == Family::gpt2) l.gpt2();
   else if (model.family == Family::llama) l.llama();
   else if (model.family == Family::hf_llama) lower_hf_llama(l);
   else if (model.family == Family::hf_gpt2) lower_hf_gpt2(l);
   else lower_hf_neox(l);
+  // torch.autocast's __exit__ clears the weight-cast cache once model(idx, targets) returns.
+  for (TensorId c : l.b.cast_cache) l.b.hold_until_last(c);
+  l.b.set_autocast(DType::f32);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
 }  // namespace
@@ -105,10 +110,16 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
                               const BlockPlan* plan) {
   Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
-  l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
+  // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary).
+  const bool scaled = training.autocast == DType::f16;
+  const TensorId root = scaled ? l.scaler_scale_loss(l.out.loss) : l.out.loss;
+  l.out.param_grads = differentiate(l.b, root, l.out.params, plan);
+  if (scaled) l.b.hold_until_last(root);  // the temporary lives until .backward() returns
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
+  if (scaled) l.scaler_unscale();
   l.optimizer();
+  if (scaled) l.scaler_update();
   l.zero_grad();
   l.out.graph.freeze();
   return std::move(l.out);

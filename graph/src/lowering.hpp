@@ -115,6 +115,14 @@ struct Lowering {
   OptimizerImpl resolve_impl() const;
   void optimizer();
   void zero_grad();
+
+  // ---- torch.amp.GradScaler (training.autocast = fp16), lower_optimizer.cpp ------------------
+  struct Scaler {
+    TensorId scale = kNoTensor, growth_tracker = kNoTensor, found_inf = kNoTensor;
+  } scaler;
+  TensorId scaler_scale_loss(TensorId loss);  // scaler.scale(loss): loss * scale
+  void scaler_unscale();                      // scaler.step's unscale_ and inf check
+  void scaler_update();                       // scaler.update()
 };
 
 // Hugging Face transformers' Llama-style decoders (Family::hf_llama), lower_hf_llama.cpp.

@@ -49,6 +49,7 @@ const std::vector<std::string>& scenario_keys() {
       "training.optimizer",
       "training.optimizer_impl",
       "training.weight_decay",
+      "training.autocast",  // autocast recipe (issue 12)
       "runtime.profile",
       "runtime.cpu_isa",
       "device.name",
@@ -210,6 +211,11 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
         as_str(v, where),
         {{"for_loop", OptimizerImpl::for_loop}, {"foreach", OptimizerImpl::foreach}, {"fused", OptimizerImpl::fused}},
         where, "optimizer implementation");
+  // --- autocast recipe (issue 12): torch.autocast's dtype for the forward, or none ---
+  else if (key == "training.autocast")
+    t.autocast = pick<DType>(as_str(v, where), {{"none", DType::f32}, {"bf16", DType::bf16}, {"fp16", DType::f16}},
+                             where, "autocast dtype");
+  // --- end autocast recipe ---
   else if (key == "training.weight_decay") {
     t.weight_decay = as_num(v, where);
     if (t.weight_decay < 0) fail(where, "must be non-negative");
@@ -404,6 +410,13 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(blame(sc, {"model.attention", "model.dropout", "runtime.profile"}),
          "PyTorch 2.x on the CPU runs attention = \"flash\" with dropout > 0 through SDPA's math fallback, "
          "which actsim does not lower; use attention = \"eager\" or dropout = 0");
+  }
+  // autocast recipe (issue 12)
+  if (!sc.runtime().autocast_supports(t.autocast)) {
+    return fail(blame(sc, {"training.autocast", "runtime.profile"}),
+                "PyTorch 1.13's CPU autocast supports bf16 only (torch.autocast(\"cpu\", dtype=torch.float16) raises "
+                "\"AutocastCPU only support Bfloat16\"); use training.autocast = \"bf16\" or runtime.profile = "
+                "\"torch2-cpu\"");
   }
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");

@@ -42,6 +42,9 @@ DEFAULTS = {
     # use_reentrant=False; selective and ops: with selective activation checkpointing)
     "checkpoint": "none",
     "seed": 0,
+    # autocast (issue 12 recipe 1): none | bf16 | fp16 -- the forward under torch.autocast("cpu"),
+    # fp16 with torch.amp.GradScaler (tests/torch/recipes_amp.py)
+    "autocast": "none",
     # Not a scenario key: intra-op threads. One thread keeps the trace deterministic and makes sure
     # every allocation happens on the profiled thread (OpenMP workers could allocate scratch).
     "threads": 1,
@@ -55,6 +58,7 @@ CHOICES = {
     "optimizer": ("adamw", "adam", "sgd", "sgd_momentum"),
     "optimizer_impl": ("for_loop", "foreach", "fused"),
     "attention": ("eager", "flash"),
+    "autocast": ("none", "bf16", "fp16"),  # autocast recipe
 }
 PHASES = ("forward", "backward", "optimizer", "zero_grad")  # the measured step, in order
 LR = 1e-3  # irrelevant to memory; small so that the warm-up step cannot produce inf/nan
@@ -144,6 +148,10 @@ def build(torch, models, cfg):
             recipes.wrap_checkpoint(model, cfg["checkpoint"], models)
         except ValueError as e:
             raise UsageError(str(e))
+    if cfg["autocast"] != "none":  # autocast recipe
+        import recipes_amp
+        recipes_amp.wrap_autocast(model, torch_dtype(torch, cfg["autocast"]))
+        model.grad_scaler = recipes_amp.make_scaler() if cfg["autocast"] == "fp16" else None
     model.train()
     shape = (cfg["batch_size"], cfg["seq_len"])
     idx = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
@@ -404,18 +412,32 @@ def measure_saved(torch, models, cfg, trace):
 
 def train_step(model, opt, idx, targets, record_function=None):
     """One step of the spec. With record_function, each phase is a named profiler range."""
+    scaler = getattr(model, "grad_scaler", None)  # autocast=fp16: torch.amp.GradScaler
+    if scaler is not None:
+        import recipes_amp
     if record_function is None:
         loss = model(idx, targets)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            recipes_amp.scaled_backward(scaler, loss)
+            if not recipes_amp.scaled_step(scaler, opt):
+                raise RuntimeError("GradScaler skipped the warm-up step (inf/nan gradients)")
         opt.zero_grad(set_to_none=True)
         return loss
     with record_function("actsim::forward"):
         loss = model(idx, targets)
     with record_function("actsim::backward"):
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            recipes_amp.scaled_backward(scaler, loss)
     with record_function("actsim::optimizer"):
-        opt.step()
+        if scaler is None:
+            opt.step()
+        elif not recipes_amp.scaled_step(scaler, opt):
+            raise RuntimeError("GradScaler skipped the measured step (inf/nan gradients)")
     with record_function("actsim::zero_grad"):
         opt.zero_grad(set_to_none=True)
     return loss  # the caller holds it past zero_grad, as a training loop's local would be

@@ -53,6 +53,9 @@ SPREAD = [
      "n_layers": 2, "batch_size": 1, "dtype": "bf16"},
     {"family": "gpt2", "vocab_size": 211, "seq_len": 40, "d_model": 64, "n_heads": 8, "n_layers": 1,
      "batch_size": 4, "dropout": 0.2, "dtype": "bf16"},
+    # autocast recipe (issue 12): the forward under torch.autocast("cpu", bf16), fp32 parameters
+    {"autocast": "bf16"},
+    {"family": "llama", "autocast": "bf16", "n_kv_heads": 2},
 ]
 
 # PyTorch 2.x on the CPU: at least as wide as SPREAD, plus fp16, MQA, flash (SDPA on the CPU), the
@@ -100,11 +103,16 @@ GRID2 = SPREAD + [
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
      "attention": "flash"},
+    # autocast recipe (issue 12): fp16 with torch.amp.GradScaler, checkpointing and dropout under bf16
+    {"autocast": "fp16"},
+    {"family": "llama", "autocast": "fp16", "attention": "flash"},
+    {"n_layers": 3, "checkpoint": "full", "autocast": "bf16"},
+    {"autocast": "bf16", "dropout": 0.1},
 ]
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
               "attention"]
-OTHER_KEYS = {"checkpoint": "checkpoint.policy"}
+OTHER_KEYS = {"checkpoint": "checkpoint.policy", "autocast": "training.autocast"}
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
 
 

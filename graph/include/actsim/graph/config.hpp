@@ -86,6 +86,12 @@ struct TrainingConfig {
   double weight_decay = -1;     // -1 = torch.optim's default (AdamW 0.01, Adam and SGD 0)
   double lr = 1e-3;
   double momentum = 0.9;        // sgd_momentum
+  // --- autocast recipe (issue 12, recipe 1) ---
+  // training.autocast: none, or the dtype torch.autocast runs model(idx, targets) under (bf16,
+  // f16); parameters stay in `dtype`. f16 adds torch.amp.GradScaler around backward and the step.
+  DType autocast = DType::f32;  // f32 = none
+  bool autocast_on() const { return autocast != DType::f32; }
+  // --- end autocast recipe ---
 };
 
 }  // namespace actsim::graph
