@@ -101,6 +101,11 @@ BAD_SCENARIOS = [
     ("unknown profile", "[runtime]\nprofile = \"torch_cpu\"\n", 2, "runtime.profile",
      ['did you mean "torch-cpu"']),
     ("array value", "[model]\nd_model = [1, 2]\n", 2, "model.d_model", []),
+    # autocast recipe (issue 12)
+    ("unknown autocast dtype", "[training]\nautocast = \"fp8\"\n", 2, "training.autocast",
+     ["one of: none, bf16, fp16"]),
+    ("fp16 autocast on torch-cpu", "[training]\nautocast = \"fp16\"\n[runtime]\nprofile = \"torch-cpu\"\n",
+     2, "training.autocast", ["bf16 only"]),
 ]
 
 # (name, file text, line) -- TOML syntax errors name the line only.
