@@ -159,6 +159,11 @@ def main():
                        ["simulate", good, "--no-fit", "--set", "model.dropout=0.1", "--out", out_path],
                        ["--set: model.dropout"], out_path)
 
+        # autocast recipe (issue 12): replay has no autocast casts yet
+        r.expect_error("--set: replay under autocast",
+                       ["replay", "--set", "training.autocast=bf16"] + SMALL,
+                       ["--set: training.autocast", "replay"], None)
+
         # Bad options.
         r.expect_error("option: unknown option", ["simulate", "--bogus", "--out", out_path], ["--bogus"], out_path)
         r.expect_error("option: --set without '='", ["simulate", "--set", "model.d_model", "--out", out_path],
