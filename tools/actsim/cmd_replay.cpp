@@ -247,10 +247,10 @@ int cmd_replay(const std::vector<std::string>& args) {
     const std::vector<std::string> sets =
         vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
     const study::Scenario sc = input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets);
-    if (sc.training.autocast_on()) {  // autocast recipe (issue 12): the kernels have no casts yet
+    if (sc.training.autocast == graph::DType::f16) {  // autocast recipe (issue 12)
       throw InputError(sc.where("training.autocast") +
-                       ": replay runs whole-model dtypes only (the backends have no autocast casts); "
-                       "simulate it, or replay with training.autocast = \"none\"");
+                       ": replay has no kernels for torch.amp.GradScaler (training.autocast = \"fp16\"); "
+                       "simulate it, or replay with training.autocast = \"bf16\"");
     }
     study::Analysis a = study::analyze(sc);
     s = study::make_schedule(a);
