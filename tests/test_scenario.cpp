@@ -137,8 +137,11 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   // Keys added after this file was written are set with --set (its lines stay as they are).
   study::Scenario s = study::load_scenario(path, {"training.grad_accum_steps=2", "training.trainable=lora",
       // checkpoint implementation (issue 12, recipe 4)
-      "checkpoint.impl=reentrant", "checkpoint.preserve_rng_state=false"});
+      "checkpoint.impl=reentrant", "checkpoint.preserve_rng_state=false",
+      "training.autocast=bf16"});  // autocast recipe (issue 12, recipe 1)
   CHECK(s.training.grad_accum_steps == 2);
+  CHECK(s.training.autocast == graph::DType::bf16);
+  CHECK(s.where("training.autocast") == "--set: training.autocast");
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);

@@ -498,6 +498,19 @@ void Engine::run_node(OpId fid) {
       add_ref(r);
       gi = r;
     }
+    if (g_.tensor(gi).dtype != in(i).dtype && is_floating(in(i).dtype)) {
+      // validate_outputs: grad = grad.to(metadata.dtype) -- under autocast a float32 residual's
+      // gradient reaches the bf16 operand of a promoting add or mul.
+      const Shape shape = in(i).shape;
+      const DType to = in(i).dtype;
+      const Strides st = g_.tensor(gi).is_view ? Strides{} : g_.tensor(gi).strides;
+      TensorId r = new_grad(fmt::format("grad_to{}", i), shape, to, st);
+      b_.emit({.kind = OpKind::cast, .name = "grad.to", .inputs = {gi}, .outputs = {r}, .holds = node_holds,
+               .bytes_moved = g_.view_bytes(gi) + g_.view_bytes(r)});
+      drop_ref(gi);
+      add_ref(r);
+      gi = r;
+    }
     outs.emplace_back(gi, f.inputs[i]);
   }
   for (const Slot& s : slots) {

@@ -93,8 +93,13 @@ void lower_family(Lowering& l) {
 namespace {
 void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
   check_config(model, prof);
+  ACTSIM_ASSERT(prof.autocast_supports(l.tr.autocast), "autocast dtype unsupported (checked by the loader)");
+  l.b.set_autocast(l.tr.autocast);  // f32: off
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
   lower_family(l);
+  // torch.autocast's __exit__ clears the weight-cast cache once model(idx, targets) returns.
+  for (TensorId c : l.b.cast_cache) l.b.hold_until_last(c);
+  l.b.set_autocast(DType::f32);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
 
@@ -160,14 +165,21 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
                               const BlockPlan* plan) {
   Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
+  // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary). With
+  // accumulation, fp16 autocast is refused by the loader (the scaled micro-batches are not lowered).
+  const bool scaled = training.autocast == DType::f16;
   if (training.grad_accum_steps > 1) {
     accumulate_micro_batches(l, model, prof);
   } else {
-    l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
+    const TensorId root = scaled ? l.scaler_scale_loss(l.out.loss) : l.out.loss;
+    l.out.param_grads = differentiate(l.b, root, l.out.params, plan);
+    if (scaled) l.b.hold_until_last(root);  // the temporary lives until .backward() returns
   }
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
+  if (scaled) l.scaler_unscale();
   l.optimizer();
+  if (scaled) l.scaler_update();
   l.zero_grad();
   l.out.graph.freeze();
   return std::move(l.out);

@@ -144,6 +144,14 @@ struct Lowering {
   OptimizerImpl resolve_impl() const;
   void optimizer();
   void zero_grad();
+
+  // ---- torch.amp.GradScaler (training.autocast = fp16), lower_optimizer.cpp ------------------
+  struct Scaler {
+    TensorId scale = kNoTensor, growth_tracker = kNoTensor, found_inf = kNoTensor;
+  } scaler;
+  TensorId scaler_scale_loss(TensorId loss);  // scaler.scale(loss): loss * scale
+  void scaler_unscale();                      // scaler.step's unscale_ and inf check
+  void scaler_update();                       // scaler.update()
 };
 
 // Runs the family's lowering; with l.params_only it stops after the parameters (lower.cpp).

@@ -109,7 +109,8 @@ std::string to_table(const Analysis& a, int64_t max_batch) {
   const auto& m = s.model;
   std::string out;
   auto line = [&](const std::string& l) { out += l + "\n"; };
-  const char* dt = s.training.dtype == graph::DType::f32 ? "fp32" : s.training.dtype == graph::DType::bf16 ? "bf16" : "fp16";
+  std::string dt = s.training.dtype == graph::DType::f32 ? "fp32" : s.training.dtype == graph::DType::bf16 ? "bf16" : "fp16";
+  if (s.training.autocast_on()) dt += s.training.autocast == graph::DType::bf16 ? " + autocast bf16" : " + autocast fp16";
   line(fmt::format("actsim: {} -- {} family, {} layers, d_model {}, {} heads{}, d_ff {}, vocab {}, seq {}",
                    s.name, graph::to_string(m.family), m.n_layers, m.d_model, m.n_heads,
                    m.kv_heads() != m.n_heads ? fmt::format(" ({} kv)", m.kv_heads()) : "", m.ff(), m.vocab_size,

@@ -110,6 +110,10 @@ Analysis simulate_step(const ResolvedStep& step) {
   for (size_t i = 0; i < n_ops; ++i) {
     const graph::Op& op = g.ops()[i];
     if (op.phase == graph::Phase::forward) continue;
+    // Only autograd keeps tensors for backward: its nodes, and the recompute and prefetch that feed
+    // them. The optimizer step and the training loop's own ops (GradScaler's loss * scale) keep
+    // nothing; the engine's bookkeeping (sum_to, accumulate) holds only what a node keeps.
+    if (op.kind != graph::OpKind::backward && op.kind != graph::OpKind::prefetch && !op.recompute) continue;
     for (const auto* list : {&op.inputs, &op.holds}) {
       for (graph::TensorId t : *list) {
         graph::StorageId sid = g.tensor(t).storage;

@@ -52,6 +52,7 @@ const std::vector<std::string>& scenario_keys() {
       "training.weight_decay",
       // gradient accumulation (issue 12, recipe 2)
       "training.grad_accum_steps",
+      "training.autocast",  // autocast recipe (issue 12)
       "runtime.profile",
       "runtime.cpu_isa",
       "device.name",
@@ -368,6 +369,11 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
         as_str(v, where),
         {{"for_loop", OptimizerImpl::for_loop}, {"foreach", OptimizerImpl::foreach}, {"fused", OptimizerImpl::fused}},
         where, "optimizer implementation");
+  // --- autocast recipe (issue 12): torch.autocast's dtype for the forward, or none ---
+  else if (key == "training.autocast")
+    t.autocast = pick<DType>(as_str(v, where), {{"none", DType::f32}, {"bf16", DType::bf16}, {"fp16", DType::f16}},
+                             where, "autocast dtype");
+  // --- end autocast recipe ---
   else if (key == "training.weight_decay") {
     t.weight_decay = as_num(v, where);
     if (t.weight_decay < 0) fail(where, "must be non-negative");
@@ -623,6 +629,18 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                               "use_reentrant=False",
                               p->text));
     }
+  }
+  // autocast recipe (issue 12)
+  if (!sc.runtime().autocast_supports(t.autocast)) {
+    return fail(blame(sc, {"training.autocast", "runtime.profile"}),
+                "PyTorch 1.13's CPU autocast supports bf16 only (torch.autocast(\"cpu\", dtype=torch.float16) raises "
+                "\"AutocastCPU only support Bfloat16\"); use training.autocast = \"bf16\" or runtime.profile = "
+                "\"torch2-cpu\"");
+  }
+  if (t.autocast == DType::f16 && t.grad_accum_steps > 1) {
+    return fail(blame(sc, {"training.autocast", "training.grad_accum_steps"}),
+                "fp16 autocast (GradScaler) with gradient accumulation is not lowered yet; use training.autocast = "
+                "\"bf16\" or training.grad_accum_steps = 1");
   }
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");

@@ -133,6 +133,11 @@ BAD_SCENARIOS = [
      "checkpoint.preserve_rng_state", ["expected true or false"]),
     ("reentrant with selective activation checkpointing",
      "[checkpoint]\npolicy = \"ops:mm\"\nimpl = \"reentrant\"\n", 3, "checkpoint.impl", ["use_reentrant=False"]),
+    # autocast recipe (issue 12)
+    ("unknown autocast dtype", "[training]\nautocast = \"fp8\"\n", 2, "training.autocast",
+     ["one of: none, bf16, fp16"]),
+    ("fp16 autocast on torch-cpu", "[training]\nautocast = \"fp16\"\n[runtime]\nprofile = \"torch-cpu\"\n",
+     2, "training.autocast", ["bf16 only"]),
 ]
 
 # (name, file text, line) -- TOML syntax errors name the line only.
@@ -190,6 +195,10 @@ def main():
                        ["simulate", "--no-fit", "--set", "training.trainable=lora", "--set", "lora.targets=c_atn",
                         "--out", out_path],
                        ["--set: lora.targets", '"c_atn" names no Linear module'], out_path)
+        # autocast recipe (issue 12): replay has no GradScaler kernels
+        r.expect_error("--set: replay under fp16 autocast (GradScaler)",
+                       ["replay", "--set", "training.autocast=fp16", "--set", "runtime.profile=torch2-cpu"] + SMALL,
+                       ["--set: training.autocast", "replay"], None)
 
         # Bad options.
         r.expect_error("option: unknown option", ["simulate", "--bogus", "--out", out_path], ["--bogus"], out_path)

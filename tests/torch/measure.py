@@ -57,6 +57,9 @@ DEFAULTS = {
     "lora_alpha": 8.0,
     "lora_dropout": 0.0,
     "lora_targets": "q_proj,v_proj",
+    # autocast (issue 12 recipe 1): none | bf16 | fp16 -- the forward under torch.autocast("cpu"),
+    # fp16 with torch.amp.GradScaler (tests/torch/recipes_amp.py)
+    "autocast": "none",
     # Not a scenario key: intra-op threads. One thread keeps the trace deterministic and makes sure
     # every allocation happens on the profiled thread (OpenMP workers could allocate scratch).
     "threads": 1,
@@ -75,6 +78,7 @@ CHOICES = {
     # checkpoint implementation (issue 12, recipe 4)
     "checkpoint_impl": ("nonreentrant", "reentrant"),
     "preserve_rng_state": ("true", "false"),
+    "autocast": ("none", "bf16", "fp16"),  # autocast recipe
 }
 PHASES = ("forward", "backward", "optimizer", "zero_grad")  # the measured step, in order
 LR = 1e-3  # irrelevant to memory; small so that the warm-up step cannot produce inf/nan
@@ -171,6 +175,10 @@ def build(torch, models, cfg):
                                     cfg["preserve_rng_state"] == "true")
         except ValueError as e:
             raise UsageError(str(e))
+    if cfg["autocast"] != "none":  # autocast recipe
+        import recipes_amp
+        recipes_amp.wrap_autocast(model, torch_dtype(torch, cfg["autocast"]))
+        model.grad_scaler = recipes_amp.make_scaler() if cfg["autocast"] == "fp16" else None
     model.train()
     shape = (cfg["batch_size"], cfg["seq_len"])
     idx = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
@@ -450,12 +458,25 @@ def train_step(model, opt, idx, targets, record_function=None, n=1):
     """One step of the spec. With record_function, each phase is a named profiler range.
 
     n > 1: gradient accumulation, n micro-batches; the last one's ranges are forward and backward,
-    micro-batch k's before it forward@k and backward@k."""
+    micro-batch k's before it forward@k and backward@k. autocast=fp16: GradScaler's
+    scaler.scale(loss).backward(), scaler.step and scaler.update (tests/torch/recipes_amp.py)."""
+    scaler = getattr(model, "grad_scaler", None)
+    if scaler is not None:
+        import recipes_amp
+
+    def backward(loss):
+        if scaler is None:
+            loss.backward()
+        else:
+            recipes_amp.scaled_backward(scaler, loss)
     if record_function is None:
         for _ in range(n):
             loss = model(idx, targets) if n == 1 else model(idx, targets) / n
-            loss.backward()
-        opt.step()
+            backward(loss)
+        if scaler is None:
+            opt.step()
+        elif not recipes_amp.scaled_step(scaler, opt):
+            raise RuntimeError("GradScaler skipped the warm-up step (inf/nan gradients)")
         opt.zero_grad(set_to_none=True)
         return loss
     for k in range(n):
@@ -463,9 +484,12 @@ def train_step(model, opt, idx, targets, record_function=None, n=1):
         with record_function("actsim::forward" + tag):
             loss = model(idx, targets) if n == 1 else model(idx, targets) / n
         with record_function("actsim::backward" + tag):
-            loss.backward()
+            backward(loss)
     with record_function("actsim::optimizer"):
-        opt.step()
+        if scaler is None:
+            opt.step()
+        elif not recipes_amp.scaled_step(scaler, opt):
+            raise RuntimeError("GradScaler skipped the measured step (inf/nan gradients)")
     with record_function("actsim::zero_grad"):
         opt.zero_grad(set_to_none=True)
     return loss  # the caller holds it past zero_grad, as a training loop's local would be

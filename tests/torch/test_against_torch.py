@@ -68,6 +68,9 @@ SPREAD = [
     {"family": "llama", "n_layers": 3, "checkpoint": "full"},
     {"family": "llama", "n_layers": 4, "checkpoint": "every:2", "dtype": "bf16", "n_kv_heads": 2,
      "checkpoint_impl": "reentrant", "preserve_rng_state": "false"},
+    # autocast recipe (issue 12): the forward under torch.autocast("cpu", bf16), fp32 parameters
+    {"autocast": "bf16"},
+    {"family": "llama", "autocast": "bf16", "n_kv_heads": 2},
 ]
 
 # PyTorch 2.x on the CPU: at least as wide as SPREAD, plus fp16, MQA, flash (SDPA on the CPU), the
@@ -128,6 +131,11 @@ GRID2 = SPREAD + [
     {"grad_accum_steps": 3, "n_layers": 3, "checkpoint": "full", "dropout": 0.1},
     {"family": "llama", "grad_accum_steps": 2, "checkpoint": "full", "optimizer_impl": "foreach"},
     {"grad_accum_steps": 2, "dtype": "bf16", "optimizer_impl": "fused"},
+    # autocast recipe (issue 12): fp16 with torch.amp.GradScaler, checkpointing and dropout under bf16
+    {"autocast": "fp16"},
+    {"family": "llama", "autocast": "fp16", "attention": "flash"},
+    {"n_layers": 3, "checkpoint": "full", "autocast": "bf16"},
+    {"autocast": "bf16", "dropout": 0.1},
 ]
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
@@ -137,7 +145,8 @@ OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.g
               "trainable": "training.trainable", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
               "lora_dropout": "lora.dropout", "lora_targets": "lora.targets",
               # checkpoint implementation (issue 12, recipe 4)
-              "checkpoint_impl": "checkpoint.impl", "preserve_rng_state": "checkpoint.preserve_rng_state"}
+              "checkpoint_impl": "checkpoint.impl", "preserve_rng_state": "checkpoint.preserve_rng_state",
+              "autocast": "training.autocast"}  # autocast recipe (issue 12, recipe 1)
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
 
 

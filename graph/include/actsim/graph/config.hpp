@@ -123,6 +123,12 @@ struct TrainingConfig {
   // torch.utils.checkpoint's use_reentrant and preserve_rng_state for every checkpoint call
   CheckpointImpl checkpoint_impl = CheckpointImpl::nonreentrant;
   bool preserve_rng_state = true;
+  // --- autocast recipe (issue 12, recipe 1) ---
+  // training.autocast: none, or the dtype torch.autocast runs model(idx, targets) under (bf16,
+  // f16); parameters stay in `dtype`. f16 adds torch.amp.GradScaler around backward and the step.
+  DType autocast = DType::f32;  // f32 = none
+  bool autocast_on() const { return autocast != DType::f32; }
+  // --- end autocast recipe ---
 };
 
 }  // namespace actsim::graph
