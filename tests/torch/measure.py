@@ -65,9 +65,7 @@ DEFAULTS = {
     "threads": 1,
 }
 INT_KEYS = {"vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff",
-            "batch_size", "seed", "threads", "grad_accum_steps"}
-FLOAT_KEYS = {"dropout"}
-            "batch_size", "seed", "threads", "lora_r"}
+            "batch_size", "seed", "threads", "grad_accum_steps", "lora_r"}
 FLOAT_KEYS = {"dropout", "lora_alpha", "lora_dropout"}
 CHOICES = {
     "family": ("gpt2", "llama"),
