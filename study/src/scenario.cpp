@@ -629,6 +629,32 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                               "use_reentrant=False",
                               p->text));
     }
+    // A reentrant call's output requires grad only if one of its tensor inputs does. With the
+    // embeddings frozen (LoRA freezes them; so may frozen:PATTERNS) the first checkpointed block's
+    // input does not, and PyTorch gives the checkpointed blocks no gradients at all ("None of the
+    // inputs have requires_grad=True. Gradients will be None"): refuse that step rather than
+    // simulate one nobody meant to run.
+    const auto* pol = std::get_if<graph::CheckpointPolicy>(&sc.checkpoint);
+    const bool checkpointing = !pol || pol->kind != graph::CheckpointPolicy::Kind::none;
+    const graph::TrainableConfig& tc = t.trainable;
+    if (checkpointing && tc.mode != graph::Trainable::all) {
+      bool input_requires_grad = false;
+      if (tc.mode == graph::Trainable::frozen) {
+        for (const std::string& n : graph::model_names(m, sc.runtime()).parameters) {
+          if (n.find(".0.") != std::string::npos) break;  // the first block: what comes before it embeds
+          bool frozen = false;
+          for (const std::string& pat : tc.frozen) frozen = frozen || graph::pattern_matches(pat, n);
+          input_requires_grad = input_requires_grad || !frozen;
+        }
+      }
+      if (!input_requires_grad) {
+        return fail(blame(sc, {"checkpoint.impl", "training.trainable"}),
+                    "checkpoint.impl = \"reentrant\" with frozen embeddings: the first checkpointed block's input "
+                    "does not require grad, so torch.utils.checkpoint(use_reentrant=True) gives the checkpointed "
+                    "blocks no gradients (PyTorch warns \"None of the inputs have requires_grad=True\"); use "
+                    "checkpoint.impl = \"nonreentrant\"");
+      }
+    }
   }
   // autocast recipe (issue 12)
   if (!sc.runtime().autocast_supports(t.autocast)) {

@@ -131,6 +131,9 @@ BAD_SCENARIOS = [
      ['did you mean "reentrant"', "one of: nonreentrant, reentrant"]),
     ("preserve_rng_state not a boolean", "[checkpoint]\npreserve_rng_state = \"yes\"\n", 2,
      "checkpoint.preserve_rng_state", ["expected true or false"]),
+    ("reentrant checkpointing with frozen embeddings (LoRA)",
+     "[training]\ntrainable = \"lora\"\n[checkpoint]\npolicy = \"full\"\nimpl = \"reentrant\"\n", 5, "checkpoint.impl",
+     ["None of the inputs have requires_grad=True"]),
     ("reentrant with selective activation checkpointing",
      "[checkpoint]\npolicy = \"ops:mm\"\nimpl = \"reentrant\"\n", 3, "checkpoint.impl", ["use_reentrant=False"]),
     # autocast recipe (issue 12)

@@ -138,6 +138,16 @@ GRID2 = SPREAD + [
     {"autocast": "bf16", "dropout": 0.1},
 ]
 
+# Recipes combined (issue 12): accumulation with LoRA and checkpointing, with autocast and
+# checkpointing, and autocast with LoRA.
+GRID2 += [
+    {"family": "llama", "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
+     "grad_accum_steps": 2, "n_kv_heads": 2},
+    {"family": "llama", "autocast": "bf16", "checkpoint": "full", "grad_accum_steps": 2, "n_kv_heads": 2},
+    {"autocast": "bf16", "trainable": "lora", "lora_targets": "c_attn,attn.c_proj", "grad_accum_steps": 3,
+     "dropout": 0.1},
+]
+
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
               "attention"]
 OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.grad_accum_steps",
