@@ -3,7 +3,7 @@
 
 usage: test_against_torch.py ACTSIM_BINARY [--oracle torch-cpu|torch2-cpu] [--only SUBSTRING]
 
-  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 21-configuration
+  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 25-configuration
                        spread below, actsim with runtime.profile=torch-cpu
   --oracle torch2-cpu  the pinned PyTorch 2.x in the project's .venv (scripts/setup.sh --tests), the
                        wider grid of GRID2, actsim with runtime.profile=torch2-cpu
