@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
 
 DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa", "optimizer": "adamw",
-            "optimizer_impl": "for_loop", "seed": 0, "threads": 1,
+            "optimizer_impl": "for_loop", "seed": 0, "threads": 1, "grad_accum_steps": 1,
             # trainable subsets (issue 12, recipe 3; recipes_lora.py)
             "trainable": "all", "lora_r": 8, "lora_alpha": "8", "lora_dropout": "0.0", "lora_targets": "q_proj,v_proj",
             # issue 11 (hfrest): force a mixture-of-experts router's choice: tokens per expert,
