@@ -31,8 +31,8 @@ struct Slot {
 
 class Engine {
  public:
-  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan)
-      : b_(b), g_(b.graph()), params_(params), plan_(plan) {
+  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan, const GradReadyHook& hook)
+      : b_(b), g_(b.graph()), hook_(hook), params_(params), plan_(plan) {
     param_grad_.assign(params.size(), kNoTensor);
     param_buf_.assign(params.size(), kNoTensor);
     param_deps_.assign(params.size(), 0);
@@ -81,6 +81,7 @@ class Engine {
 
   Builder& b_;
   Graph& g_;
+  GradReadyHook hook_;  // issue 13: DDP / ZeRO gradient hooks
   const std::vector<TensorId>& params_;
   const BlockPlan* plan_;
   std::unordered_map<int32_t, bool> scheduled_;            // block -> its before_backward list ran
@@ -479,7 +480,7 @@ void Engine::accumulate_grad(size_t i) {
   }
   g_.storage(g_.tensor(pg).storage).category = Category::gradient;
   g_.tensor(pg).name = pt.name + ".grad";
-  param_grad_[i] = pg;
+  param_grad_[i] = hook_ ? hook_(i, pg) : pg;
 }
 
 void Engine::deliver(TensorId grad, TensorId input) {
@@ -500,8 +501,8 @@ void Engine::deliver(TensorId grad, TensorId input) {
 }  // namespace
 
 std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
-                                    const BlockPlan* plan) {
-  Engine e(b, params, plan);
+                                    const BlockPlan* plan, const GradReadyHook& on_grad_ready) {
+  Engine e(b, params, plan, on_grad_ready);
   return e.run(loss);
 }
 

@@ -84,6 +84,7 @@ void check_config(const ModelConfig& m, const RuntimeProfile& prof) {
 namespace {
 void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
   check_config(model, prof);
+  l.parallel_forward_begin();
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
   if (model.family == Family::gpt2) l.gpt2();
   else if (model.family == Family::llama) l.llama();
@@ -91,6 +92,7 @@ void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& pr
   else if (model.family == Family::hf_gpt2) lower_hf_gpt2(l);
   else lower_hf_neox(l);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
+  l.parallel_forward_end();
 }
 }  // namespace
 
@@ -105,10 +107,17 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
                               const BlockPlan* plan) {
   Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
-  l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
+  GradReadyHook hook;
+  if (training.parallel.active()) hook = [&l](size_t i, TensorId g) { return l.parallel_grad_ready(i, g); };
+  l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan, hook);
+  l.parallel_backward_end();
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
-  l.optimizer();
+  if (training.master_weights == MasterWeights::fp32 || training.parallel.sharding != Sharding::none) {
+    l.optimizer_flat();
+  } else {
+    l.optimizer();
+  }
   l.zero_grad();
   l.out.graph.freeze();
   return std::move(l.out);

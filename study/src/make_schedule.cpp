@@ -3,6 +3,9 @@
 
 #include "actsim/sim/engine.hpp"
 #include "actsim/sim/event_log.hpp"
+#include "actsim/util/error.hpp"
+
+#include <fmt/format.h>
 
 namespace actsim::study {
 
@@ -69,6 +72,13 @@ std::vector<ScheduleEntry> entries_of(const StepTables& p, const std::vector<Eng
 }  // namespace
 
 Schedule make_schedule(const Analysis& a) {
+  // issue 13: collectives have no kernels to replay (one process cannot run the other ranks).
+  if (a.scenario.training.parallel.active() || a.scenario.training.master_weights != graph::MasterWeights::none) {
+    throw InputError(fmt::format("{}: schedules and replay of data-parallel or master-weight steps are not "
+                                       "supported yet", a.scenario.where(a.scenario.training.parallel.active()
+                                                                             ? "parallel.dp"
+                                                                             : "training.master_weights")));
+  }
   Schedule s;
   s.source = a.scenario.file.empty() ? a.scenario.name : a.scenario.file;
   s.scenario_name = a.scenario.name;

@@ -78,6 +78,24 @@ struct ModelConfig {
 // gpt2: 4d. llama: int(2*4d/3) rounded up to a multiple of 8 (as ../shared/reference/models.py).
 int64_t default_d_ff(Family f, int64_t d_model);
 
+// ---- issue 13: data parallelism and sharding (parallel.*), master weights -----------------
+// none: DistributedDataParallel (gradients all-reduced in buckets). zero1/zero2: DeepSpeed's ZeRO
+// stages 1 and 2 (fp32 master, exp_avg and exp_avg_sq partitioned over the ranks as flat shards;
+// stage 2 reduce-scatters each gradient and keeps only its shard).
+enum class Sharding : uint8_t { none, zero1, zero2 };
+std::string_view to_string(Sharding s);
+struct ParallelConfig {
+  int64_t dp = 1;                       // data-parallel degree (ranks)
+  Sharding sharding = Sharding::none;
+  double bucket_cap_mb = 25;            // DDP's bucket_cap_mb (MiB); the first bucket is 1 MiB
+  bool gradient_as_bucket_view = false; // DDP: gradients are views into the buckets
+  bool active() const { return dp > 1; }
+};
+// none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
+// gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).
+enum class MasterWeights : uint8_t { none, fp32 };
+// ---- end issue 13 --------------------------------------------------------------------------
+
 struct TrainingConfig {
   int64_t batch_size = 8;
   DType dtype = DType::f32;     // model (parameters, activations) dtype; whole-model cast
@@ -86,6 +104,9 @@ struct TrainingConfig {
   double weight_decay = -1;     // -1 = torch.optim's default (AdamW 0.01, Adam and SGD 0)
   double lr = 1e-3;
   double momentum = 0.9;        // sgd_momentum
+  // issue 13: data parallelism (one rank class is lowered), master weights
+  ParallelConfig parallel;
+  MasterWeights master_weights = MasterWeights::none;
 };
 
 }  // namespace actsim::graph
