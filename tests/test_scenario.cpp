@@ -128,8 +128,15 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
                                      "[device]\n"                        // 25
                                      "name = \"A100-80GB\"\n"            // 26
                                      "[checkpoint]\n"                    // 27
-                                     "policy = \"none\"\n");             // 28
-  study::Scenario s = study::load_scenario(path, {});
+                                     "policy = \"none\"\n"               // 28
+                                     // issue 13 (lines 29-33; training.master_weights by --set:
+                                     // the [training] table is closed by now)
+                                     "[parallel]\n"
+                                     "dp = 2\n"
+                                     "sharding = \"none\"\n"
+                                     "bucket_cap_mb = 10\n"
+                                     "gradient_as_bucket_view = true\n");
+  study::Scenario s = study::load_scenario(path, {"training.master_weights=none"});
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);
