@@ -467,6 +467,12 @@ void Engine::run_node(OpId fid) {
   op.bytes_moved = out_bytes + g_.view_bytes(g);
   for (TensorId t : saved) op.bytes_moved += g_.view_bytes(t);
   if (kernels == 0) op.bytes_moved = 0, op.flops = 0;
+  if (rule.collective != OpKind::backward) {  // issue 13: a tensor-parallel region's collective
+    op.kind = rule.collective;
+    op.params.group_size = rule.group_size;
+    op.bytes_moved = rule.bytes;
+    op.flops = 0;
+  }
   b_.emit(std::move(op));
 
   // The node's outputs now reference their storages; its inputs are released after delivery's

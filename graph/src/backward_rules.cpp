@@ -253,6 +253,31 @@ void cast_backward(const Node& n, BackwardRule& r) {
   if (n.needs(0)) r.grads[0] = new_grad(n.b, "grad_cast", n.in(0).shape, n.in(0).dtype);
 }
 
+// issue 13: the backward of Megatron-LM's tensor-parallel regions (mappings.py), a collective.
+void tp_region_backward(const Node& n, BackwardRule& r) {
+  r.group_size = n.f.params.group_size;
+  r.bytes = n.b.graph().view_bytes(n.g);
+  switch (n.f.params.start) {
+    case kTpCopyTo:  // _CopyToModelParallelRegion.backward: all_reduce(grad), in place
+      r.grads[0] = n.g;
+      r.collective = OpKind::all_reduce;
+      return;
+    case kTpReduceFrom:  // _ReduceFromModelParallelRegion.backward: the gradient itself
+      r.grads[0] = n.g;
+      r.kernels = 0;
+      return;
+    case kTpGatherFromSp:  // _GatherFromSequenceParallelRegion.backward: reduce-scatter into a shard
+      r.grads[0] = n.fresh_for(0);
+      r.collective = OpKind::reduce_scatter;
+      return;
+    default:  // _ReduceScatterToSequenceParallelRegion / _ScatterToSequenceParallelRegion: all-gather
+      r.grads[0] = n.fresh_for(0);
+      r.collective = OpKind::all_gather;
+      r.bytes = numel(n.in(0).shape) * dtype_size(n.dt);
+      return;
+  }
+}
+
 }  // namespace
 
 BackwardRule backward_rule(Builder& b, const Op& f, TensorId g) {
@@ -260,6 +285,10 @@ BackwardRule backward_rule(Builder& b, const Op& f, TensorId g) {
   const Node n{.b = b, .f = f, .g = g, .gt = gt, .dt = gt.dtype};
   BackwardRule r;
   r.grads.assign(f.inputs.size(), kNoTensor);
+  if (is_tp_region(f)) {  // issue 13: tensor parallelism
+    tp_region_backward(n, r);
+    return r;
+  }
   switch (f.kind) {
     case OpKind::view: view_backward(n, r); break;
     case OpKind::copy:

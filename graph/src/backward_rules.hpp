@@ -16,7 +16,23 @@ struct BackwardRule {
   std::vector<TensorId> grads;  // [forward inputs] the gradient for input i, kNoTensor if none
   int64_t workspace = 0;        // transient bytes while the node runs
   int kernels = 1;              // kernel launches; 0 = no kernel (views and pass-throughs)
+  // issue 13, tensor parallelism: a node that is a collective (the backward of Megatron-LM's
+  // region functions) runs as that collective over group_size ranks, moving `bytes`.
+  OpKind collective = OpKind::backward;
+  int64_t group_size = 0, bytes = 0;
 };
+
+// issue 13, tensor parallelism (lower_tp.cpp): Megatron-LM's autograd functions of
+// tensor_parallel/mappings.py, as forward ops of the compute stream tagged with OpParams::start
+// (and OpParams::group_size = tp). Their backward is the dual collective.
+enum TpRegion : int64_t {
+  kTpCopyTo = 1,         // copy_to_tensor_model_parallel_region: identity; backward all-reduce
+  kTpReduceFrom = 2,     // reduce_from_tensor_model_parallel_region: all-reduce; backward identity
+  kTpGatherFromSp = 3,   // gather_from_sequence_parallel_region: all-gather; backward reduce-scatter
+  kTpReduceScatterToSp = 4,  // reduce_scatter_to_sequence_parallel_region; backward all-gather
+  kTpScatterToSp = 5,    // scatter_to_sequence_parallel_region: split (no communication); backward all-gather
+};
+inline bool is_tp_region(const Op& f) { return f.phase == Phase::forward && f.params.group_size > 0 && f.params.start >= kTpCopyTo; }
 
 // A fresh contiguous gradient (category temporary), or with `strides` when given.
 TensorId new_grad(Builder& b, const std::string& name, const Shape& shape, DType dt, const Strides& strides = {});

@@ -60,12 +60,13 @@ std::string_view to_string(ProfileId p) {
 // Shared tail of both families: logits, cross-entropy; `logits` and `held` stay referenced by
 // the Python frame until forward returns (after the loss).
 void Lowering::finish_loss(TensorId x, TensorId lm_head, TensorId targets, TensorId held) {
-  const int64_t B = tr.batch_size, T = m.seq_len, V = m.vocab_size;
+  const int64_t B = tr.batch_size, T = m.seq_len, V = tp() > 1 ? tp_vocab() : m.vocab_size;
   scope(-1, "lm_head");
-  TensorId logits = linear(x, lm_head, std::nullopt);
+  TensorId logits = tp_column(tp_in(x), lm_head, std::nullopt);  // tensor parallelism: the vocab shard
   scope(-1, "cross_entropy");
   TensorId lv = b.view(logits, {B * T, V});
   TensorId tv = b.view(targets, {B * T});
+  tp_loss_reductions();  // issue 13: vocab-parallel cross-entropy's all-reduces (tp > 1)
   out.loss = b.cross_entropy(lv, tv);
   b.hold_until_last(logits);
   b.hold_until_last(held);

@@ -7,10 +7,11 @@ namespace actsim::graph {
 
 // ---- GPT-2 (nanoGPT) ----------------------------------------------------------------------
 TensorId Lowering::gpt2_attention(int i, const Gpt2Block& p, TensorId x) {
-  const int64_t B = tr.batch_size, T = m.seq_len, C = m.d_model, H = m.n_heads, hd = C / H;
+  // Tensor parallelism: this rank's heads and width (lower_tp.cpp); tp == 1: the whole layer.
+  const int64_t B = tr.batch_size, T = m.seq_len, C = tp_shard(m.d_model), H = tp_shard(m.n_heads), hd = m.d_model / m.n_heads;
   const std::string s = fmt::format("blocks.{}.attn", i);
   scope(i, s + ".c_attn");
-  TensorId qkv = linear(x, p.c_attn_w, p.c_attn_b);
+  TensorId qkv = tp_column(tp_in(x), p.c_attn_w, p.c_attn_b);
   scope(i, s);
   auto parts = b.split(qkv, C, 2);
   TensorId k = b.transpose(b.view(parts[1], {B, T, H, hd}), 1, 2);
@@ -35,7 +36,7 @@ TensorId Lowering::gpt2_attention(int i, const Gpt2Block& p, TensorId x) {
   core_end(i);
   y = b.view(b.contiguous(b.transpose(y, 1, 2)), {B, T, C});
   scope(i, s + ".c_proj");
-  y = linear(y, p.c_proj_w, p.c_proj_b);
+  y = tp_row(y, p.c_proj_w, p.c_proj_b);
   scope(i, s + ".resid_dropout");
   y = b.dropout(y, m.dropout);
   hold_frame(x);  // CausalSelfAttention.forward's x
@@ -63,11 +64,11 @@ TensorId Lowering::gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
   scope(i, s + ".ln_2");
   h = b.layer_norm(x, p.ln2_w, p.ln2_b);
   scope(i, s + ".mlp.c_fc");
-  TensorId f = linear(h, p.fc_w, p.fc_b);
+  TensorId f = tp_column(tp_in(h), p.fc_w, p.fc_b);
   scope(i, s + ".mlp.gelu");
   f = b.unary(OpKind::gelu_tanh, f);
   scope(i, s + ".mlp.c_proj");
-  f = linear(f, p.proj_w, p.proj_b);
+  f = tp_row(f, p.proj_w, p.proj_b);
   scope(i, s + ".mlp.dropout");
   f = b.dropout(f, m.dropout);
   hold_frame(h);  // GPT2MLP.forward's x
@@ -80,8 +81,9 @@ TensorId Lowering::gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
 }
 
 void Lowering::gpt2() {
-  const int64_t V = m.vocab_size, S = m.seq_len, d = m.d_model, ff = m.ff(), L = m.n_layers;
-  const int64_t B = tr.batch_size, T = m.seq_len;
+  // Tensor parallelism (lower_tp.cpp): this rank's shards; tp == 1: the whole model.
+  const int64_t V = tp_vocab(), S = m.seq_len, d = m.d_model, ff = m.ff(), L = m.n_layers;
+  const int64_t B = tr.batch_size, T = m.seq_len, dl = tp_shard(d), ffl = tp_shard(ff);
   // Parameters in model.parameters() order: wte (tied with lm_head), wpe, blocks, ln_f.
   TensorId wte = param("wte.weight", {V, d});  // named_parameters() names a tied weight once, first
   TensorId wpe = param("wpe.weight", {S, d});
@@ -92,15 +94,15 @@ void Lowering::gpt2() {
     Gpt2Block& p = blocks[i];
     p.ln1_w = param(n("ln_1.weight"), {d});
     p.ln1_b = param(n("ln_1.bias"), {d});
-    p.c_attn_w = linear_weight(n("attn.c_attn"), {3 * d, d});
-    p.c_attn_b = param(n("attn.c_attn.bias"), {3 * d});
-    p.c_proj_w = linear_weight(n("attn.c_proj"), {d, d});
+    p.c_attn_w = linear_weight(n("attn.c_attn"), {3 * dl, d});
+    p.c_attn_b = param(n("attn.c_attn.bias"), {3 * dl});
+    p.c_proj_w = linear_weight(n("attn.c_proj"), {d, dl});
     p.c_proj_b = param(n("attn.c_proj.bias"), {d});
     p.ln2_w = param(n("ln_2.weight"), {d});
     p.ln2_b = param(n("ln_2.bias"), {d});
-    p.fc_w = linear_weight(n("mlp.c_fc"), {ff, d});
-    p.fc_b = param(n("mlp.c_fc.bias"), {ff});
-    p.proj_w = linear_weight(n("mlp.c_proj"), {d, ff});
+    p.fc_w = linear_weight(n("mlp.c_fc"), {ffl, d});
+    p.fc_b = param(n("mlp.c_fc.bias"), {ffl});
+    p.proj_w = linear_weight(n("mlp.c_proj"), {d, ffl});
     p.proj_b = param(n("mlp.c_proj.bias"), {d});
     p.mask = buffer(n("attn.bias"), {1, 1, S, S});
   }
@@ -115,13 +117,13 @@ void Lowering::gpt2() {
   scope(-1, "");
   TensorId pos = b.arange(T);
   scope(-1, "wte");
-  TensorId tok = b.embedding(wte, idx);
+  TensorId tok = tp_embedding(wte, idx, false);
   scope(-1, "wpe");
   TensorId pe = b.embedding(wpe, pos);
   scope(-1, "");
   TensorId x = b.binary(OpKind::add, tok, pe);
   scope(-1, "drop");
-  x = b.dropout(x, m.dropout);
+  x = b.dropout(tp_scatter(x), m.dropout);  // sequence parallelism: the embedding's dropout on s/tp
   for (int i = 0; i < L; ++i) x = gpt2_block(i, blocks[i], x);
   scope(-1, "ln_f");
   x = b.layer_norm(x, lnf_w, lnf_b);

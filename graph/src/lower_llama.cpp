@@ -35,14 +35,17 @@ TensorId Lowering::repeat_kv(TensorId x, int64_t n_rep) {
 }
 
 TensorId Lowering::llama_attention(int i, const LlamaBlock& p, TensorId x, TensorId cos_c, TensorId sin_c, TensorId pos) {
-  const int64_t B = tr.batch_size, T = m.seq_len, d = m.d_model, H = m.n_heads, KV = m.kv_heads(), hd = d / H;
+  // Tensor parallelism: this rank's heads and width (lower_tp.cpp); tp == 1: the whole layer.
+  const int64_t B = tr.batch_size, T = m.seq_len, d = tp_shard(m.d_model), H = tp_shard(m.n_heads),
+                KV = tp_shard(m.kv_heads()), hd = m.d_model / m.n_heads;
   const std::string s = fmt::format("blocks.{}.attn", i);
+  const TensorId xin = tp_in(x);
   scope(i, s + ".q_proj");
-  TensorId q = b.transpose(b.view(linear(x, p.wq, std::nullopt), {B, T, H, hd}), 1, 2);
+  TensorId q = b.transpose(b.view(tp_column(xin, p.wq, std::nullopt), {B, T, H, hd}), 1, 2);
   scope(i, s + ".k_proj");
-  TensorId k = b.transpose(b.view(linear(x, p.wk, std::nullopt), {B, T, KV, hd}), 1, 2);
+  TensorId k = b.transpose(b.view(tp_column(xin, p.wk, std::nullopt), {B, T, KV, hd}), 1, 2);
   scope(i, s + ".v_proj");
-  TensorId v = b.transpose(b.view(linear(x, p.wv, std::nullopt), {B, T, KV, hd}), 1, 2);
+  TensorId v = b.transpose(b.view(tp_column(xin, p.wv, std::nullopt), {B, T, KV, hd}), 1, 2);
   scope(i, s + ".rope");
   q = rope(q, cos_c, sin_c, pos);
   k = rope(k, cos_c, sin_c, pos);
@@ -65,7 +68,7 @@ TensorId Lowering::llama_attention(int i, const LlamaBlock& p, TensorId x, Tenso
   core_end(i);
   o = b.view(b.contiguous(b.transpose(o, 1, 2)), {B, T, d});
   scope(i, s + ".o_proj");
-  o = linear(o, p.wo, std::nullopt);
+  o = tp_row(o, p.wo, std::nullopt);
   hold_frame(x);  // LlamaAttention.forward's x
   return o;
 }
@@ -92,15 +95,16 @@ TensorId Lowering::llama_block_ops(int i, const LlamaBlock& p, TensorId x, Tenso
   h = rmsnorm(x, p.ffn_norm);
   // self.w2(F.silu(self.w1(x)) * self.w3(x))
   scope(i, s + ".ffn.w1");
-  TensorId g = linear(h, p.w1, std::nullopt);
+  const TensorId hin = tp_in(h);
+  TensorId g = tp_column(hin, p.w1, std::nullopt);
   scope(i, s + ".ffn");
   g = b.unary(OpKind::silu, g);
   scope(i, s + ".ffn.w3");
-  TensorId u = linear(h, p.w3, std::nullopt);
+  TensorId u = tp_column(hin, p.w3, std::nullopt);
   scope(i, s + ".ffn");
   TensorId gu = b.binary(OpKind::mul, g, u);
   scope(i, s + ".ffn.w2");
-  TensorId f = linear(gu, p.w2, std::nullopt);
+  TensorId f = tp_row(gu, p.w2, std::nullopt);
   hold_frame(h);  // SwiGLU.forward's x
   scope(i, s);
   x = b.binary(OpKind::add, x, f);
@@ -111,8 +115,9 @@ TensorId Lowering::llama_block_ops(int i, const LlamaBlock& p, TensorId x, Tenso
 }
 
 void Lowering::llama() {
-  const int64_t V = m.vocab_size, S = m.seq_len, d = m.d_model, ff = m.ff(), L = m.n_layers;
-  const int64_t H = m.n_heads, KV = m.kv_heads(), hd = d / H;
+  // Tensor parallelism (lower_tp.cpp): this rank's shards; tp == 1: the whole model.
+  const int64_t V = tp_vocab(), S = m.seq_len, d = m.d_model, ff = tp_shard(m.ff()), L = m.n_layers;
+  const int64_t H = m.n_heads, KV = m.kv_heads(), hd = d / H, dl = tp_shard(d), kvl = tp_shard(KV * hd);
   const int64_t B = tr.batch_size, T = m.seq_len;
   TensorId emb = param("tok_embeddings.weight", {V, d});
   // One RotaryPositionalEmbedding module shared by all blocks: one pair of tables.
@@ -124,10 +129,10 @@ void Lowering::llama() {
     b.set_layer(i);
     LlamaBlock& p = blocks[i];
     p.attn_norm = param(n("attn_norm.weight"), {d});
-    p.wq = linear_weight(n("attn.q_proj"), {d, d});
-    p.wk = linear_weight(n("attn.k_proj"), {KV * hd, d});
-    p.wv = linear_weight(n("attn.v_proj"), {KV * hd, d});
-    p.wo = linear_weight(n("attn.o_proj"), {d, d});
+    p.wq = linear_weight(n("attn.q_proj"), {dl, d});
+    p.wk = linear_weight(n("attn.k_proj"), {kvl, d});
+    p.wv = linear_weight(n("attn.v_proj"), {kvl, d});
+    p.wo = linear_weight(n("attn.o_proj"), {d, dl});
     p.ffn_norm = param(n("ffn_norm.weight"), {d});
     p.w1 = linear_weight(n("ffn.w1"), {ff, d});
     p.w2 = linear_weight(n("ffn.w2"), {d, ff});
@@ -143,7 +148,7 @@ void Lowering::llama() {
   scope(-1, "");
   TensorId pos = b.arange(T);
   scope(-1, "tok_embeddings");
-  TensorId x = b.embedding(emb, idx);
+  TensorId x = tp_embedding(emb, idx, true);
   for (int i = 0; i < L; ++i) x = llama_block(i, blocks[i], x, cos_c, sin_c, pos);
   scope(-1, "norm");
   x = rmsnorm(x, norm);

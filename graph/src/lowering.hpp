@@ -149,6 +149,27 @@ struct Lowering {
   TensorId parallel_grad_ready(size_t param, TensorId grad);  // the gradient hook
   void parallel_backward_end();             // DDP's finalize; ZeRO-1's last all-reduce
   void optimizer_flat();                    // master weights / ZeRO: fp32 flat partitions
+  // ---- issue 13: tensor and sequence parallelism (Megatron-LM), lower_tp.cpp -----------------
+  // One tensor-parallel rank: with tp == 1 every hook is the plain op (the graph is unchanged).
+  int64_t tp() const { return tr.parallel.tp; }
+  bool sp() const { return tr.parallel.tp > 1 && tr.parallel.sp; }
+  int64_t tp_shard(int64_t n) const { return n / tr.parallel.tp; }  // a column/row-parallel width
+  int64_t tp_vocab() const;                 // this rank's embedding rows (padded vocab / tp)
+  int64_t tp_seq() const { return sp() ? m.seq_len / tr.parallel.tp : m.seq_len; }  // tokens a norm sees
+  // What a ColumnParallelLinear reads: x (copy_to region) or, with sp, x all-gathered.
+  TensorId tp_in(TensorId x);
+  // ColumnParallelLinear on tp_in's result: the weight shard [out/tp, in]; with sp it saves the
+  // sequence shard, not the gathered input (Megatron re-gathers it in backward).
+  TensorId tp_column(TensorId xin, TensorId w, std::optional<TensorId> bias);
+  // RowParallelLinear: the weight shard [out, in/tp], the partial output all-reduced (or
+  // reduce-scattered with sp), then the replicated bias.
+  TensorId tp_row(TensorId x, TensorId w, std::optional<TensorId> bias);
+  // VocabParallelEmbedding: this rank's rows, the partial lookup all-reduced (reduce-scattered
+  // with sp when `scatter`).
+  TensorId tp_embedding(TensorId w, TensorId idx, bool scatter);
+  TensorId tp_scatter(TensorId x);          // scatter_to_sequence_parallel_region (sp)
+  void tp_loss_reductions();                // vocab-parallel cross-entropy's three all-reduces
+  std::unordered_map<uint32_t, TensorId> tp_shard_of;  // gathered input -> its sequence shard
   // ---- optimizer step and zero_grad, lower_optimizer.cpp -------------------------------------
   OptimizerImpl resolve_impl() const;
   void optimizer();

@@ -73,6 +73,10 @@ const std::vector<std::string>& scenario_keys() {
       "parallel.bucket_cap_mb",
       "parallel.gradient_as_bucket_view",
       "training.master_weights",
+      // issue 13: tensor and sequence parallelism (scenario_tp.cpp)
+      "parallel.tp",
+      "parallel.sp",
+      "parallel.tp_impl",
   };
   return keys;
 }
@@ -244,7 +248,8 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   else if (key == "checkpoint.policy") {
     sc.checkpoint = graph::parse_policy(as_str(v, where), where);  // parsed once, rejected where it is written
   }
-  else if (set_trainable_key(sc, key, v, where)) {
+  else if (set_tp_key(sc, key, v, where)) {  // issue 13: tensor and sequence parallelism
+  } else if (set_trainable_key(sc, key, v, where)) {
   }
   // checkpoint implementation (issue 12, recipe 4)
   else if (key == "checkpoint.impl")
@@ -558,6 +563,7 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(sc.where("parallel.gradient_as_bucket_view"), "gradient_as_bucket_view is DDP's (parallel.sharding = \"none\")");
   }
   // ---- end issue 13 ----
+  if (std::optional<std::string> p = tp_problem(sc)) return p;  // issue 13: tensor and sequence parallelism
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }

@@ -83,5 +83,9 @@ bool set_trainable_key(Scenario& sc, const std::string& key, const Value& v, con
 // The trainable subset against the model's own names: every frozen pattern and LoRA target must
 // name something, and something must still train.
 std::optional<std::string> trainable_problem(const Scenario& sc);
+// issue 13, tensor and sequence parallelism (scenario_tp.cpp): parallel.tp, parallel.sp and
+// parallel.tp_impl (false if `key` is none of them), and the combinations that are refused.
+bool set_tp_key(Scenario& sc, const std::string& key, const Value& v, const std::string& where);
+std::optional<std::string> tp_problem(const Scenario& sc);
 
 }  // namespace actsim::study::scenario_detail

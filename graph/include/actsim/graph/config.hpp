@@ -112,12 +112,21 @@ struct TrainableConfig {
 // stage 2 reduce-scatters each gradient and keeps only its shard).
 enum class Sharding : uint8_t { none, zero1, zero2 };
 std::string_view to_string(Sharding s);
+// Tensor parallelism's implementation: Megatron-LM's ColumnParallelLinear/RowParallelLinear, or
+// PyTorch's DTensor ColwiseParallel/RowwiseParallel/SequenceParallel.
+enum class TpImpl : uint8_t { megatron, dtensor };
+std::string_view to_string(TpImpl t);
 struct ParallelConfig {
   int64_t dp = 1;                       // data-parallel degree (ranks)
   Sharding sharding = Sharding::none;
   double bucket_cap_mb = 25;            // DDP's bucket_cap_mb (MiB); the first bucket is 1 MiB
   bool gradient_as_bucket_view = false; // DDP: gradients are views into the buckets
   bool active() const { return dp > 1; }
+  // ---- issue 13: tensor and sequence parallelism (lower_tp.cpp) ----
+  int64_t tp = 1;                       // tensor-parallel degree: this rank holds 1/tp of each sharded layer
+  bool sp = false;                      // sequence parallelism (Megatron-LM): norms and dropouts on s/tp
+  TpImpl tp_impl = TpImpl::megatron;    // megatron: Megatron-LM's layers; dtensor: not lowered yet (refused)
+  // ---- end tensor and sequence parallelism ----
 };
 // none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
 // gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).
