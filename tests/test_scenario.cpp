@@ -182,10 +182,21 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   CHECK(s.training.checkpoint_impl == graph::CheckpointImpl::reentrant);  // issue 12, recipe 4
   CHECK(!s.training.preserve_rng_state);
   CHECK(s.where("checkpoint.preserve_rng_state") == "--set: checkpoint.preserve_rng_state");
+  // issue 13, tensor and sequence parallelism: its keys in a scenario of their own (torch-cuda only).
+  const std::string tpath = dir.write("every-tp-key.toml",
+                                      "[parallel]\n"              // 1
+                                      "tp = 2\n"                  // 2
+                                      "sp = true\n"               // 3
+                                      "tp_impl = \"megatron\"\n");  // 4
+  study::Scenario tps = study::load_scenario(tpath, {"runtime.profile=torch-cuda"});
+  CHECK(tps.training.parallel.tp == 2);
+  CHECK(tps.training.parallel.sp);
+  CHECK(tps.where("parallel.tp_impl") == tpath + ":4: parallel.tp_impl");
   // Every key was set, each at its own line.
   std::set<std::string> set_keys;
   for (const auto& [k, where] : s.origin) set_keys.insert(k);
   for (const auto& [k, where] : par.origin) set_keys.insert(k);  // issue 13
+  for (const auto& [k, where] : tps.origin) set_keys.insert(k);  // issue 13: tensor parallelism
   const auto& keys = study::scenario_keys();
   CHECK(set_keys == std::set<std::string>(keys.begin(), keys.end()));
   CHECK(s.where("name") == path + ":1: name");

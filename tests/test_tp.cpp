@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "actsim/study/analyze.hpp"
+#include "actsim/study/make_schedule.hpp"
 #include "actsim/study/scenario.hpp"
 #include "actsim/util/error.hpp"
 
@@ -186,6 +187,9 @@ TEST_CASE("tensor parallelism: bad combinations are one line naming the key", "[
   const std::string gqa = error_of({"model.family=llama", "runtime.profile=torch-cuda", "model.d_model=256",
                                     "model.n_heads=8", "model.n_kv_heads=2", "parallel.tp=4"});
   CHECK(gqa.find("does not divide the 2 key/value heads") != std::string::npos);
+  // replay and --emit-schedule: one process cannot run the other ranks' collectives
+  CHECK_THROWS_WITH(study::make_schedule(run(megatron(64, 256, 8, 1, 2, false))),
+                    Catch::Contains("parallel.tp: schedules and replay of tensor-parallel steps"));
   const std::string hf = error_of({"model.family=hf_llama", "runtime.profile=torch-cuda", "parallel.tp=2"});
   CHECK(!hf.empty());
 }

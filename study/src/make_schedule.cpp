@@ -85,6 +85,11 @@ Schedule make_schedule(const Analysis& a) {
                                                                        ? "parallel.dp"
                                                                        : "training.master_weights")));
   }
+  // issue 13: tensor parallelism, likewise (its collectives need the other ranks).
+  if (a.scenario.training.parallel.tp > 1) {
+    throw InputError(fmt::format("{}: schedules and replay of tensor-parallel steps are not supported yet",
+                                 a.scenario.where("parallel.tp")));
+  }
   Schedule s;
   s.source = a.scenario.file.empty() ? a.scenario.name : a.scenario.file;
   s.scenario_name = a.scenario.name;
