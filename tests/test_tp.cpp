@@ -10,6 +10,7 @@
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/make_schedule.hpp"
 #include "actsim/study/scenario.hpp"
+#include "actsim/sim/engine.hpp"
 #include "actsim/util/error.hpp"
 
 using namespace actsim;
@@ -162,10 +163,22 @@ TEST_CASE("tensor parallelism: collectives per layer and their time", "[tp]") {
       CHECK(op.bytes_moved == s * b * h * 2);
     }
   }
-  // The step pays for the communication: without it (tp = 1) the per-rank matmuls are t times
-  // larger, so compare with the same shards on a link that is free: time grows with the bytes.
-  CHECK(tp.result.step_time_ns > 0);
-  CHECK(sp.result.step_time_ns > 0);
+  // Each collective takes the ring's time over t ranks on NVLink (t <= gpus_per_node): an all-reduce
+  // 2(t-1)/t of its bytes in 2(t-1) latency steps, an all-gather or reduce-scatter half that.
+  const sim::DeviceSpec& dev = sp.scenario.device;
+  REQUIRE(dev.link_bandwidth > 0);
+  for (const study::Analysis* an : {&tp, &sp}) {
+    int checked = 0;
+    for (const auto& op : an->step->graph.ops()) {
+      if (!graph::is_collective(op.kind) || op.layer != 0 || op.kernels == 0) continue;
+      const int64_t steps = op.kind == graph::OpKind::all_reduce ? 2 * (t - 1) : t - 1;
+      const double ns = static_cast<double>(steps) / t * static_cast<double>(op.bytes_moved) / dev.link_bandwidth * 1e9 +
+                        0.5 + static_cast<double>(steps * dev.link_latency_ns);
+      CHECK(sim::op_time_ns(an->step->graph, op, dev) == static_cast<int64_t>(ns));
+      ++checked;
+    }
+    CHECK(checked == 8 - 4 * (an == &tp));
+  }
 }
 
 TEST_CASE("tensor parallelism: bad combinations are one line naming the key", "[tp]") {
