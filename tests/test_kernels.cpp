@@ -161,12 +161,14 @@ TrainingConfig training(DType dt, Optimizer o = Optimizer::adamw, OptimizerImpl 
 StepGraph lower(const ModelConfig& m, const TrainingConfig& t, ProfileId p, const BlockPlan* plan = nullptr) {
   StepGraph s = lower_training_step(m, t, profile(p), plan);
   if (t.dtype == DType::f64) {
-    for (const Op& op : s.graph.ops()) {
-      if (op.kind != OpKind::flash_attention) continue;
-      Tensor& lse = s.graph.tensor(op.outputs[1]);
-      lse.dtype = DType::f64;
-      s.graph.storage(lse.storage).bytes = numel(lse.shape) * 8;
-    }
+    s.graph.rewrite([](Graph& g) {
+      for (const Op& op : g.ops()) {
+        if (op.kind != OpKind::flash_attention) continue;
+        Tensor& lse = g.mutable_tensor(op.outputs[1]);
+        lse.dtype = DType::f64;
+        g.mutable_storage(lse.storage).bytes = numel(lse.shape) * 8;
+      }
+    });
   }
   return s;
 }

@@ -205,7 +205,7 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
         remap_storage(index(tt.storage), g_.add_storage({.bytes = st.bytes, .category = st.category,
                                                          .location = st.location, .layer = st.layer}));
         TensorId id = mapped(t);
-        g_.tensor(id).is_view = false;  // it allocates the replacement
+        g_.mutable_tensor(id).is_view = false;  // it allocates the replacement
         op.outputs.push_back(id);
       } else {
         TensorId m = mapped(t);
@@ -363,6 +363,8 @@ void Engine::run_node(OpId fid) {
 
   Op op{.kind = OpKind::backward, .name = "backward", .workspace_bytes = workspace, .kernels = kernels,
         .forward = fid};
+  op.inputs.reserve(slots.size() + saved.size()), op.grad_in_of.reserve(slots.size());
+  op.grad_of.reserve(grads.size()), op.grad_outputs.reserve(grads.size());
   for (size_t j = 0; j < slots.size(); ++j) {
     if (slots[j].grad == kNoTensor) continue;
     op.inputs.push_back(slots[j].grad);
@@ -477,8 +479,8 @@ void Engine::accumulate_grad(size_t i) {
     drop_ref(grad);
     add_ref(pg);
   }
-  g_.storage(g_.tensor(pg).storage).category = Category::gradient;
-  g_.tensor(pg).name = pt.name + ".grad";
+  g_.mutable_storage(g_.tensor(pg).storage).category = Category::gradient;
+  g_.mutable_tensor(pg).name = pt.name + ".grad";
   param_grad_[i] = pg;
 }
 

@@ -15,7 +15,7 @@ namespace actsim::graph {
 
 TensorId new_grad(Builder& b, const std::string& name, const Shape& shape, DType dt, const Strides& strides) {
   TensorId t = b.fresh(name, shape, dt, Category::temporary);
-  if (!strides.empty()) b.graph().tensor(t).strides = strides;
+  if (!strides.empty()) b.graph().mutable_tensor(t).strides = strides;
   return t;
 }
 

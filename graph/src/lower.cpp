@@ -102,12 +102,13 @@ StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training
 }
 
 StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
-                              const BlockPlan* plan) {
+                              const BlockPlan* plan, LowerOptions options) {
   Lowering l(model, training, prof, plan);
+  l.b.set_names(options.names);
   lower_model(l, model, prof);
   l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
-  l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
+  l.out.graph.mutable_storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
   l.optimizer();
   l.zero_grad();
   l.out.graph.freeze();

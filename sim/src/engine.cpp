@@ -66,8 +66,8 @@ std::optional<StepTables> StepTables::try_build(const Graph& g, const DeviceSpec
 StepTables::StepTables(Unchecked, const Graph& g, const DeviceSpec& device, const Calibration* calibration) : g_(g) {
   const size_t n_ops = g.n_ops();
   const size_t n_st = g.storages().size();
-  // Flat copies of what the passes below look up per tensor and per storage (the graph's deques
-  // are slow to index at random), each filled in one sequential walk.
+  // Flat copies of what the passes below look up per tensor and per storage (dense arrays of ids
+  // instead of the graph's large elements), each filled in one sequential walk.
   std::vector<uint32_t> t_storage, t_producer;  // [tensors]; producer UINT32_MAX = none
   std::vector<uint8_t> t_view;
   t_storage.reserve(g.tensors().size());
@@ -91,6 +91,10 @@ StepTables::StepTables(Unchecked, const Graph& g, const DeviceSpec& device, cons
   alloc_begin_.reserve(n_ops + 1);
   use_begin_.reserve(n_ops + 1);
   dep_begin_.reserve(n_ops + 1);
+  size_t n_uses = 0;
+  for (const Op& op : g.ops()) n_uses += op.outputs.size() + op.inputs.size() + op.holds.size() + op.releases.size();
+  uses_.reserve(n_uses);
+  allocs_.reserve(n_st);
   uint32_t i = 0;
   for (const Op& op : g.ops()) {
     alloc_begin_.push_back(static_cast<uint32_t>(allocs_.size()));
