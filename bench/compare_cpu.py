@@ -7,8 +7,14 @@ scenarios/ (ACTSIM_DATA), and their stdout must be identical in every run.
 
     bench/compare_cpu.py OLD NEW [--runs N] -- ARGS...
     bench/compare_cpu.py /tmp/actsim-base build/tools/actsim -- simulate scenarios/seed-gpt2-xl.toml --json
+    bench/compare_cpu.py /tmp/actsim-base build/tools/actsim --ignore planner.simulations -- plan \
+        scenarios/seed-gpt2-xl.toml --set model.n_layers=96 --set training.batch_size=2 --budget 90GiB --json
+
+--ignore KEY (dotted, repeatable) drops a key of JSON output before the comparison (a figure that is
+meant to differ, such as the planner's count of simulations).
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -26,6 +32,18 @@ def run(binary, args, env):
     return out, p.returncode, ru.ru_utime + ru.ru_stime, wall, ru.ru_maxrss / 1024.0
 
 
+def strip(out, keys):
+    doc = json.loads(out)
+    for key in keys:
+        *path, last = key.split(".")
+        d = doc
+        for k in path:
+            d = d.get(k, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+            d.pop(last, None)
+    return json.dumps(doc, sort_keys=True)
+
+
 def main():
     argv = sys.argv[1:]
     if "--" not in argv:
@@ -35,6 +53,7 @@ def main():
     ap.add_argument("old")
     ap.add_argument("new")
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--ignore", action="append", default=[])
     opts = ap.parse_args(argv[:split])
     args = argv[split + 1:]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +68,8 @@ def main():
                 sys.exit(f"{which} exited with {rc}")
             outs[which] = out
             figures[which].append((cpu, wall, rss))
+        if opts.ignore:
+            outs = {w: strip(o, opts.ignore) for w, o in outs.items()}
         if outs["old"] != outs["new"]:
             sys.exit(f"outputs differ (run {i + 1})")
     med = {w: [statistics.median(f[k] for f in figures[w]) for k in range(3)] for w in figures}

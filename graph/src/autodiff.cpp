@@ -265,7 +265,8 @@ bool Engine::edge_of(TensorId t, Edge& e) const {
 std::vector<TensorId> Engine::run(TensorId loss) {
   // Dependencies: count edges into each node over the nodes reachable from the loss.
   std::vector<OpId> stack{g_.tensor(loss).producer};
-  std::unordered_map<uint32_t, bool> seen{{index(stack[0]), true}};
+  std::vector<bool> seen(g_.n_ops(), false);
+  seen[index(stack[0])] = true;
   while (!stack.empty()) {
     OpId f = stack.back();
     stack.pop_back();
@@ -401,6 +402,7 @@ void Engine::run_node(OpId fid) {
     if (t != kNoTensor) add_ref(t);
   }
   std::vector<TensorId> node_holds;
+  node_holds.reserve(slots.size() + saved.size());
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) node_holds.push_back(s.grad);
   }
@@ -411,6 +413,7 @@ void Engine::run_node(OpId fid) {
     if (!handed_over) node_holds.push_back(saved[i]);
   }
   std::vector<std::pair<TensorId, TensorId>> outs;  // (grad, input) after reduction
+  outs.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i] == kNoTensor) continue;
     TensorId gi = grads[i];
