@@ -160,6 +160,18 @@ TrainingConfig training(DType dt, Optimizer o = Optimizer::adamw, OptimizerImpl 
 // FlashAttention does) so that finite differences can be checked to 1e-6.
 StepGraph lower(const ModelConfig& m, const TrainingConfig& t, ProfileId p, const BlockPlan* plan = nullptr) {
   StepGraph s = lower_training_step(m, t, profile(p), plan);
+  if (t.dtype == DType::f64 && is_hf(m.family)) {
+    // transformers computes parts of any model in fp32 (logits.float() before the loss, RMSNorm,
+    // eager softmax): widen those to f64 too, so that the casts run as f64 copies and finite
+    // differences stay exact to 1e-6.
+    for (size_t i = 0; i < s.graph.tensors().size(); ++i) {
+      Tensor& t32 = s.graph.tensor(TensorId{static_cast<uint32_t>(i)});
+      if (t32.dtype != DType::f32) continue;
+      t32.dtype = DType::f64;
+      Storage& st = s.graph.storage(t32.storage);
+      st.bytes = std::max(st.bytes, (t32.offset + numel(t32.shape)) * 8);
+    }
+  }
   if (t.dtype == DType::f64) {
     s.graph.rewrite([](Graph& g) {
       for (const Op& op : g.ops()) {
@@ -251,6 +263,69 @@ TEST_CASE("backends::cpu: flash attention gradients match finite differences in 
 TEST_CASE("backends::cpu: llama gradients match finite differences in fp64 (RMSNorm, RoPE, GQA, SiLU)", "[kernels]") {
   check_gradients(variants()[4]);
   check_gradients(variants()[5]);
+}
+
+// Tiny Hugging Face decoders (model.hf_config families): rotary tables, rotate_half's neg and cat,
+// casts, the eager causal mask (with a sliding window shorter than the sequence), sdpa with grouped
+// key/value heads, gelu_new's tanh, the labels' pad.
+std::vector<Variant> hf_variants() {
+  ModelConfig base;
+  base.vocab_size = 11;
+  base.seq_len = 6;
+  base.d_model = 16;
+  base.n_heads = 4;
+  base.n_layers = 1;
+  base.tie_embeddings = 0;
+  ModelConfig llama = base;  // Qwen3-like: q/k norm, biases, GQA, a window of 3 under eager
+  llama.family = Family::hf_llama;
+  llama.n_kv_heads = 2;
+  llama.d_ff = 12;
+  llama.qkv_bias = true;
+  llama.qk_norm = true;
+  llama.sliding_window = 3;
+  ModelConfig llama_sdpa = llama;
+  llama_sdpa.attention = Attention::flash;
+  llama_sdpa.sliding_window = 0;
+  llama_sdpa.n_kv_heads = 1;
+  ModelConfig gpt2 = base;
+  gpt2.family = Family::hf_gpt2;
+  gpt2.n_heads = 2;
+  ModelConfig neox = base;
+  neox.family = Family::hf_neox;
+  neox.parallel_residual = true;
+  neox.n_heads = 2;  // head_dim 8: RoPE rotates 4 of them
+  neox.partial_rotary = 0.5;
+  neox.d_ff = 16;
+  ModelConfig gemma = llama_sdpa;
+  gemma.gemma = true;
+  gemma.head_dim = 4;
+  gemma.qk_norm = false;
+  gemma.tie_embeddings = 1;
+  return {
+      {"hf_llama eager GQA window", llama, ProfileId::torch2_cpu},
+      {"hf_llama sdpa MQA", llama_sdpa, ProfileId::torch2_cpu},
+      {"hf_gpt2 eager", gpt2, ProfileId::torch2_cpu},
+      {"hf_neox eager partial rotary", neox, ProfileId::torch2_cpu},
+      {"gemma sdpa", gemma, ProfileId::torch2_cpu},
+  };
+}
+
+TEST_CASE("backends::cpu: Hugging Face decoders' gradients match finite differences in fp64", "[kernels]") {
+  std::set<std::string> ran;
+  for (const Variant& v : hf_variants()) {
+    check_gradients(v, 4);
+    StepGraph s = lower(v.model, training(DType::bf16), v.profile);  // bf16: the fp32 casts are real
+    auto be = backends::make_backend("cpu");
+    Runner r(s, *be, v.model);
+    r.run({Phase::forward, Phase::backward, Phase::optimizer});
+    CHECK(std::isfinite(r.loss()));
+    ran.insert(r.kinds.begin(), r.kinds.end());
+  }
+  for (const char* k : {"neg", "cat", "cast", "rotary_table", "causal_mask", "pad", "tanh", "flash_attention",
+                        "backward:neg", "backward:cat", "backward:cast", "backward:tanh", "backward:flash_attention"}) {
+    INFO(k);
+    CHECK(ran.count(k) == 1);
+  }
 }
 
 TEST_CASE("backends::cpu: the tiny models run every op kind the lowering emits, forward and backward", "[kernels]") {

@@ -172,6 +172,7 @@ template <class A>
 void flash_attention_backward(const Bwd& b) {
   const TensorArg &qa = b.need_in(0), &ka = b.need_in(1), &va = b.need_in(2);
   const int64_t B = qa.shape[0], H = qa.shape[1], T = qa.shape[2], D = qa.shape[3], Tk = ka.shape[2];
+  const int64_t Hk = ka.shape.at(1);  // grouped key/value heads: dk and dv sum over each group
   const double p = b.f.params.scalar;
   const std::vector<A> q = load<A>(qa), k = load<A>(ka), v = load<A>(va);
   const std::vector<A> o = load<A>(b.need_out(0)), lse = load<A>(b.need_out(1)), dO = load<A>(b.g0());
@@ -180,13 +181,14 @@ void flash_attention_backward(const Bwd& b) {
   const A zscale = static_cast<A>(p > 0 ? 1.0 / (1.0 - p) : 1.0);
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const A* qb = q.data() + bh * T * D;
-    const A* kb = k.data() + bh * Tk * D;
-    const A* vb = v.data() + bh * Tk * D;
+    const int64_t kvh = (bh / H) * Hk + (bh % H) / (H / Hk);
+    const A* kb = k.data() + kvh * Tk * D;
+    const A* vb = v.data() + kvh * Tk * D;
     const A* ob = o.data() + bh * T * D;
     const A* gb = dO.data() + bh * T * D;
     A* dqb = dq.data() + bh * T * D;
-    A* dkb = dk.data() + bh * Tk * D;
-    A* dvb = dv.data() + bh * Tk * D;
+    A* dkb = dk.data() + kvh * Tk * D;
+    A* dvb = dv.data() + kvh * Tk * D;
     for (int64_t i = 0; i < T; ++i) {
       const int64_t nj = std::min(i + 1, Tk);
       A di = 0;
@@ -405,6 +407,34 @@ void run_backward(const OpCall& c, const graph::Op& op) {
       return;
     }
     case OpKind::flash_attention: return flash_attention_backward<A>(b);
+    // Hugging Face transformers' decoders.
+    case OpKind::neg:  // NegBackward0: -grad
+      return elementwise_dx<A>(b, [](std::vector<A>& g) { for (A& v : g) v = -v; });
+    case OpKind::tanh: {  // TanhBackward0: grad * (1 - y^2)
+      if (!b.out(0)) return;
+      const std::vector<A> y = load<A>(b.need_out(0));
+      return elementwise_dx<A>(b, [&](std::vector<A>& g) {
+        for (size_t i = 0; i < g.size(); ++i) g[i] *= A(1) - y[i] * y[i];
+      });
+    }
+    case OpKind::cast:  // ToCopyBackward0: the gradient in the input's dtype (store rounds)
+      return elementwise_dx<A>(b, [](std::vector<A>&) {});
+    case OpKind::cat: {  // CatBackward0: narrows of the gradient (views unless given buffers)
+      const TensorArg& g = b.g0();
+      const size_t dim = static_cast<size_t>(f.params.dim0);
+      int64_t off = 0;
+      for (size_t i = 0; i < f.inputs.size(); ++i) {
+        const int64_t n = gr.tensor(f.inputs[i]).shape.at(dim);
+        if (const TensorArg* dx = b.out(i)) {
+          TensorArg sub = g;
+          sub.shape[dim] = n;
+          sub.offset += off * sub.strides[dim];
+          store(*dx, load<A>(sub));
+        }
+        off += n;
+      }
+      return;
+    }
     case OpKind::nll_loss: {
       const TensorArg* dx = b.out(0);
       if (!dx) return;

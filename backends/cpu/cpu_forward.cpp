@@ -122,10 +122,12 @@ template <class A>
 void flash_attention(const OpCall& c, double p) {
   const TensorArg &qa = c.inputs.at(0), &ka = c.inputs.at(1), &va = c.inputs.at(2);
   if (qa.shape.size() != 4) throw std::runtime_error("cpu backend: flash_attention expects (B, H, T, hd)");
-  if (ka.shape != qa.shape || va.shape != qa.shape) {
-    throw std::runtime_error("cpu backend: flash_attention with grouped key/value heads (enable_gqa) is not implemented");
-  }
   const int64_t B = qa.shape[0], H = qa.shape[1], T = qa.shape[2], D = qa.shape[3], Tk = ka.shape[2];
+  // Grouped key/value heads (enable_gqa): query head h reads key/value head h / (H / Hk).
+  const int64_t Hk = ka.shape.at(1);
+  if (ka.shape != va.shape || ka.shape[0] != B || ka.shape[3] != D || Hk <= 0 || H % Hk != 0) {
+    throw std::runtime_error("cpu backend: flash_attention: key/value shapes do not match the query's");
+  }
   const std::vector<A> q = load<A>(qa), k = load<A>(ka), v = load<A>(va);
   std::vector<A> out(q.size(), A(0)), lse(static_cast<size_t>(B * H * T));
   const A scale = static_cast<A>(1.0 / std::sqrt(static_cast<double>(D)));
@@ -133,8 +135,9 @@ void flash_attention(const OpCall& c, double p) {
   std::vector<A> s(static_cast<size_t>(Tk));
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const A* qb = q.data() + bh * T * D;
-    const A* kb = k.data() + bh * Tk * D;
-    const A* vb = v.data() + bh * Tk * D;
+    const int64_t kvh = (bh / H) * Hk + (bh % H) / (H / Hk);
+    const A* kb = k.data() + kvh * Tk * D;
+    const A* vb = v.data() + kvh * Tk * D;
     for (int64_t i = 0; i < T; ++i) {
       const int64_t nj = std::min(i + 1, Tk);  // causal: keys j <= i
       A m = -std::numeric_limits<A>::infinity();
@@ -190,6 +193,70 @@ void gather_rows(const OpCall& c) {
     std::copy(w.begin() + idx[n] * d, w.begin() + (idx[n] + 1) * d, out.begin() + n * d);
   }
   store(c.outputs.at(0), out);
+}
+
+// torch.cat((a, b), dim): each input's rows of the dims from `dim` on, in turn, per outer index.
+template <class A>
+void cat(const OpCall& c, int dim) {
+  const TensorArg& out = c.outputs.at(0);
+  const auto inner_of = [dim](const Shape& sh) {
+    int64_t n = 1;
+    for (size_t d = static_cast<size_t>(dim); d < sh.size(); ++d) n *= sh[d];
+    return n;
+  };
+  int64_t outer = 1;
+  for (int d = 0; d < dim; ++d) outer *= out.shape.at(static_cast<size_t>(d));
+  std::vector<std::vector<A>> parts;
+  for (const TensorArg& in : c.inputs) parts.push_back(load<A>(in));
+  std::vector<A> o;
+  o.reserve(static_cast<size_t>(numel(out)));
+  for (int64_t r = 0; r < outer; ++r) {
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const int64_t n = inner_of(c.inputs[i].shape);
+      o.insert(o.end(), parts[i].begin() + r * n, parts[i].begin() + (r + 1) * n);
+    }
+  }
+  store(out, o);
+}
+
+// transformers' create_causal_mask for eager attention: (B, 1, T, T), 0 where query q may attend
+// key k (k <= q, and q - k < sliding_window when there is one), torch.finfo(dtype).min elsewhere.
+template <class A>
+void causal_mask(const OpCall& c, int64_t window) {
+  const TensorArg& out = c.outputs.at(0);
+  const int64_t T = out.shape.back();
+  double lowest = std::numeric_limits<float>::lowest();
+  if (out.dtype == DType::bf16) lowest = -3.3895313892515355e38;  // torch.finfo(torch.bfloat16).min
+  else if (out.dtype == DType::f16) lowest = -65504.0;            // torch.finfo(torch.float16).min
+  else if (out.dtype == DType::f64) lowest = std::numeric_limits<double>::lowest();
+  std::vector<double> v(static_cast<size_t>(numel(out)));
+  for (size_t e = 0; e < v.size(); ++e) {
+    const int64_t q = (static_cast<int64_t>(e) / T) % T, k = static_cast<int64_t>(e) % T;
+    const bool allowed = k <= q && (window <= 0 || q - k < window);
+    v[e] = allowed ? 0.0 : lowest;
+  }
+  store(out, v);
+}
+
+// The rotary embedding's tables (LlamaRotaryEmbedding.forward): freqs = positions x inv_freq in
+// fp32, emb = cat(freqs, freqs), cos(emb) and sin(emb) in the model dtype, shape (1, T, rd).
+template <class A>
+void rotary_table(const OpCall& c) {
+  const std::vector<double> inv = load<double>(c.inputs.at(0));
+  const std::vector<int64_t> pos = load_index(c.inputs.at(1));
+  const TensorArg &co = c.outputs.at(0), &so = c.outputs.at(1);
+  const int64_t rd = co.shape.back(), half = rd / 2;
+  if (half == 0 || static_cast<int64_t>(inv.size()) != half) throw std::runtime_error("cpu backend: rotary_table: inv_freq does not match the table");
+  std::vector<float> cv(static_cast<size_t>(numel(co))), sv(cv.size());
+  for (size_t t = 0; t < pos.size(); ++t) {
+    for (int64_t j = 0; j < rd; ++j) {
+      const float f = static_cast<float>(pos[t]) * static_cast<float>(inv[static_cast<size_t>(j % half)]);
+      cv[t * rd + j] = std::cos(f);
+      sv[t * rd + j] = std::sin(f);
+    }
+  }
+  store(co, cv);
+  store(so, sv);
 }
 
 }  // namespace
@@ -319,6 +386,23 @@ void run_forward(const OpCall& c, const graph::Op& k) {
     }
     case OpKind::flash_attention: return flash_attention<A>(c, s);
     case OpKind::nll_loss: return nll_loss<A>(c);
+    // Hugging Face transformers' decoders.
+    case OpKind::neg: return unary<A>(c, [](A x) { return -x; });
+    case OpKind::tanh: return unary<A>(c, [](A x) { return std::tanh(x); });
+    case OpKind::cast: return store(c.outputs.at(0), load<A>(c.inputs.at(0)));  // rounds to the output dtype
+    case OpKind::cat: return cat<A>(c, k.params.dim0);
+    case OpKind::causal_mask: return causal_mask<A>(c, k.params.start);
+    case OpKind::rotary_table: return rotary_table<A>(c);
+    case OpKind::pad: {  // F.pad(labels, (0, 1), value): one more column of `value` on the last dim
+      const TensorArg &in = c.inputs.at(0), &out = c.outputs.at(0);
+      const std::vector<int64_t> x = load_index(in);
+      const int64_t n = last_dim(in), m = last_dim(out);
+      std::vector<int64_t> o(static_cast<size_t>(numel(out)), static_cast<int64_t>(s));
+      for (int64_t r = 0; n > 0 && r < static_cast<int64_t>(x.size()) / n; ++r) {
+        std::copy(x.begin() + r * n, x.begin() + (r + 1) * n, o.begin() + r * m);
+      }
+      return store_index(out, o);
+    }
     default:
       throw std::runtime_error(fmt::format("cpu backend: {} is not a forward op kind", graph::to_string(k.kind)));
   }

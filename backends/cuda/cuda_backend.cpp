@@ -1,6 +1,7 @@
 // The CUDA replay backend: device memory from a stream-ordered pool, one stream, one cuBLAS
 // handle, CUDA events around every op. docs/cuda.md has the design notes referred to below.
 #include <cublas_v2.h>
+#include <fmt/format.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -67,6 +68,23 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+
+  // The Hugging Face decoders' op kinds and grouped key/value heads in SDPA have CPU reference
+  // kernels only (backends/cpu); their CUDA kernels are not written yet.
+  std::string cannot_run(const graph::Graph& g, const graph::Op& op) const override {
+    const graph::Op& f = op.kind == graph::OpKind::backward ? g.op(op.forward) : op;
+    switch (f.kind) {
+      case graph::OpKind::neg: case graph::OpKind::cat: case graph::OpKind::cast: case graph::OpKind::rotary_table:
+      case graph::OpKind::causal_mask: case graph::OpKind::pad: case graph::OpKind::tanh:
+        return fmt::format("op kind {} (Hugging Face decoders) has no CUDA kernel yet", graph::to_string(f.kind));
+      case graph::OpKind::flash_attention:
+        if (g.tensor(f.inputs.at(1)).shape.at(1) != g.tensor(f.inputs.at(0)).shape.at(1)) {
+          return "flash attention with grouped key/value heads (enable_gqa) has no CUDA kernel yet";
+        }
+        return {};
+      default: return {};
+    }
+  }
 
   void* alloc(int64_t bytes) override {
     ACTSIM_ASSERT(bytes >= 0, "negative allocation");

@@ -15,7 +15,7 @@ TensorId HfBase::causal_mask(TensorId pos) {
   l.scope(-1, "model.create_causal_mask");
   TensorId mask = b.fresh("causal_mask", {B, 1, T, T}, dt);
   b.emit({.kind = OpKind::causal_mask, .name = "causal_mask", .inputs = {pos}, .outputs = {mask},
-          .bytes_moved = g().view_bytes(mask)});
+          .bytes_moved = g().view_bytes(mask), .params = {.start = m.sliding_window}});  // start: the window, 0 = none
   return mask;
 }
 

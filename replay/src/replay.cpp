@@ -118,6 +118,12 @@ std::vector<uint8_t> initial_values(const Schedule& s, StorageId sid, uint64_t s
           const float ang = static_cast<float>(i / half) * inv;
           return static_cast<double>(is_cos ? std::cos(ang) : std::sin(ang));
         });
+      } else if (ends_with(name, "inv_freq") && t.shape.size() == 1) {
+        // Hugging Face rotary embeddings (default rope type): 1 / theta^(arange(0, rd, 2) / rd), fp32.
+        const int64_t rd = 2 * t.shape[0];
+        fill([&](int64_t i) {
+          return 1.0 / std::pow(s.model.rope_theta, static_cast<double>(2 * i) / static_cast<double>(rd));
+        });
       } else {
         fill([&](int64_t i) { return 2 * uniform(key, i) - 1; });
       }

@@ -53,7 +53,10 @@ std::vector<ScheduleEntry> entries_of(const StepTables& p, const std::vector<Eng
       case EngineEvent::Kind::workspace_free: {
         const bool alloc = e.kind == EngineEvent::Kind::workspace_alloc;
         if (!alloc || OpId{e.id} != pending) flush();
-        out.push_back({.kind = alloc ? Kind::ws_alloc : Kind::ws_free, .id = e.id, .bytes = e.bytes, .live = e.live,
+        // The op's workspace as requested, like an alloc's storage bytes (the engine's event carries
+        // the allocator's rounded size, which is already in `live`).
+        const int64_t bytes = p.graph().op(OpId{e.id}).workspace_bytes;
+        out.push_back({.kind = alloc ? Kind::ws_alloc : Kind::ws_free, .id = e.id, .bytes = bytes, .live = e.live,
                        .time_ns = e.time_ns});
         break;
       }

@@ -102,6 +102,53 @@ for label, extra, torch_runs in CONFIGS:
     check(label + ": tightness: every unconfirmed tensor explained", not unexplained, str(unexplained)[:400])
     check(label + ": predicted vs measured step time", j.get("predicted_step_ns", 0) > 0 and j.get("measured_step_ns", 0) > 0)
 
+# ---- Hugging Face decoders (model.hf_config) -------------------------------------------------
+# Tiny configs of the imported families: rotary tables, rotate_half (neg, cat), fp32 casts, the
+# eager causal mask with a sliding window shorter than the sequence, sdpa with grouped key/value
+# heads, gelu_new's tanh, the labels' pad. Every confirmation must pass, recompute policies included.
+HF = {
+    "mistral window eager": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 32,
+                              "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "vocab_size": 89, "max_position_embeddings": 64,
+                              "sliding_window": 5, "tie_word_embeddings": False},
+                             ["model.attention=eager", "model.seq_len=12"]),
+    "qwen3 sdpa mqa bf16": ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 32,
+                             "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 83,
+                             "max_position_embeddings": 64, "tie_word_embeddings": True},
+                            ["model.attention=flash", "training.dtype=bf16", "model.seq_len=12"]),
+    "gpt2 eager": ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32, "n_layer": 2,
+                    "n_head": 4, "n_positions": 40, "vocab_size": 103, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
+                    "attn_pdrop": 0.0}, ["model.attention=eager", "model.seq_len=12"]),
+    "neox parallel residual": ({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
+                                "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "vocab_size": 109, "max_position_embeddings": 64,
+                                "rotary_pct": 0.25, "use_parallel_residual": True},
+                               ["model.attention=flash", "model.seq_len=12"]),
+}
+hf_tmp = tempfile.mkdtemp(prefix="actsim-replay-hf-")
+for label, (config, extra) in HF.items():
+    path = os.path.join(hf_tmp, label.replace(" ", "_") + ".json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    args = ["replay", "--set", "model.hf_config=" + path, "--set", "runtime.profile=torch2-cpu",
+            "--set", "training.batch_size=2"]
+    for kv in extra:
+        args += ["--set", kv]
+    p, secs = run(args + ["--backend", "cpu", "--confirm", "--json"])
+    try:
+        j = json.loads(p.stdout)
+    except ValueError:
+        j = {}
+    c = j.get("confirm", {})
+    rd = j.get("details", {}).get("recompute", [])
+    check("hf %s: replay --confirm passes (exit 0)" % label, p.returncode == 0, p.stderr.strip()[-400:])
+    check("hf %s: safety, memory, recompute" % label,
+          c.get("safety") is True and c.get("memory") is True and c.get("recompute") is True and
+          len(rd) >= 4 and all(d["equal"] for d in rd), str(c))
+    check("hf %s: measured peak == simulated peak" % label,
+          j.get("measured_peak_bytes") == j.get("simulated_peak_bytes") is not None, str(j.get("measured_peak_bytes")))
+
 # ---- schedule files --------------------------------------------------------------------------
 tmp = tempfile.mkdtemp(prefix="actsim-replay-")
 sched = os.path.join(tmp, "step.jsonl")

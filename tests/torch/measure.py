@@ -11,6 +11,7 @@ shared/reference/models.py on CPU (Debian's torch 1.13) and reports, as one JSON
 
 Usage:
   /usr/bin/python3 tests/torch/measure.py --mode saved|memory [--trace] [KEY=VALUE ...]
+  /usr/bin/python3 tests/torch/measure.py --serve   (requests on stdin: forkserver.py)
 
 Run it with Debian's /usr/bin/python3: the pyenv python3 that may come first on PATH has no torch.
 The reference models are found through $ACTSIM_REFERENCE, else <repo root>/../shared/reference.
@@ -681,4 +682,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:  # many runs from one import of torch (forkserver.py)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import forkserver
+        forkserver.serve(main, preload=("torch",))
+        sys.exit(0)
     sys.exit(main())

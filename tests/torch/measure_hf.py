@@ -106,4 +106,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:  # many runs from one import of torch and transformers
+        import forkserver
+        forkserver.serve(main, preload=("torch", "transformers", "transformers.models.auto.modeling_auto"))
+        sys.exit(0)
     sys.exit(main())

@@ -22,6 +22,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import forkserver  # noqa: E402
 MEASURE = os.path.join(HERE, "measure_hf.py")
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -117,7 +119,7 @@ def run_json(cmd, env=None):
     return json.loads(p.stdout)
 
 
-def check(actsim, tmp, label, config, settings):
+def check(actsim, pool, tmp, label, config, settings):
     run = dict(RUN_DEFAULTS, **settings)
     path = os.path.join(tmp, label.replace(" ", "_") + ".json")
     with open(path, "w") as f:
@@ -130,8 +132,11 @@ def check(actsim, tmp, label, config, settings):
     for s in sets:
         cmd += ["--set", s]
     a = run_json(cmd)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    both = run_json([PYTHON, MEASURE, "--mode", "both", path] + [f"{k}={v}" for k, v in run.items()], env)
+    argv = ["--mode", "both", path] + [f"{k}={v}" for k, v in run.items()]
+    rc, out, err = pool.run(argv)
+    if rc != 0:
+        raise RuntimeError(f"measure_hf.py {' '.join(argv)} failed ({rc}): {err.strip()[-2000:]}")
+    both = json.loads(out)
     s, m = both["saved"], both["memory"]
     pairs = [
         ("activations.saved_bytes", a["activations"]["saved_bytes"], s["saved_bytes"]),
@@ -167,8 +172,13 @@ def main():
         return 77
     grid = [c for c in CONFIGS if args.only in c[0]]
     passed = failed = 0
-    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
-        for label, bad, peak in ex.map(lambda c: check(args.actsim, tmp, *c), grid):
+    # Two measurement servers: torch and transformers are imported once per server, each
+    # configuration runs in a fresh forked child (tests/torch/forkserver.py).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as tmp, \
+            forkserver.Pool([PYTHON, MEASURE, "--serve"], workers=2, env=env) as pool, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
+        for label, bad, peak in ex.map(lambda c: check(args.actsim, pool, tmp, *c), grid):
             if bad:
                 failed += 1
                 print(f"FAIL {label}")

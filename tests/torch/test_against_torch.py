@@ -24,6 +24,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import forkserver  # noqa: E402
 MEASURE = os.path.join(HERE, "measure.py")
 ROOT = os.path.dirname(os.path.dirname(HERE))
 ORACLES = {
@@ -115,7 +117,14 @@ def run_json(cmd):
     return json.loads(p.stdout)
 
 
-def check(actsim, oracle, overrides):
+def measure_json(pool, argv):
+    rc, out, err = pool.run(argv)
+    if rc != 0:
+        raise RuntimeError(f"measure.py {' '.join(argv)} failed ({rc}): {err.strip()[-2000:]}")
+    return json.loads(out)
+
+
+def check(actsim, oracle, pool, overrides):
     cfg = dict(BASE, **overrides)
     kv = [f"{k}={v}" for k, v in cfg.items()]
     sets = ["--set", f"runtime.profile={oracle}"]
@@ -128,7 +137,7 @@ def check(actsim, oracle, overrides):
         if k in cfg:
             sets += ["--set", f"{key}={cfg[k]}"]
     a = run_json([actsim, "simulate", "--json", "--no-fit"] + sets)
-    both = run_json([ORACLES[oracle], MEASURE, "--mode", "both"] + kv)
+    both = measure_json(pool, ["--mode", "both"] + kv)
     s, m = both["saved"], both["memory"]
     per_layer = a["activations"]["per_layer_saved_bytes"]
     ck = cfg.get("checkpoint", "none")
@@ -175,8 +184,11 @@ def main():
     grid = SPREAD if args.oracle == "torch-cpu" else GRID2
     grid = [o for o in grid if args.only in label_of(o)]
     passed = failed = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
-        for label, bad, peak in ex.map(lambda o: check(args.actsim, args.oracle, o), grid):
+    # Two measurement servers: torch is imported once per server, each configuration runs in a
+    # fresh forked child (tests/torch/forkserver.py).
+    with forkserver.Pool([py, MEASURE, "--serve"], workers=2) as pool, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
+        for label, bad, peak in ex.map(lambda o: check(args.actsim, args.oracle, pool, o), grid):
             if bad:
                 failed += 1
                 print(f"FAIL {label}")

@@ -257,6 +257,12 @@ int cmd_replay(const std::vector<std::string>& args) {
     }
   }
   std::unique_ptr<backends::Backend> be = backends::make_backend(backend_name);
+  for (const graph::Op& op : s.graph().ops()) {
+    if (const std::string why = be->cannot_run(s.graph(), op); !why.empty()) {
+      throw InputError(fmt::format("--backend {}: op {} ({}): {}; use --backend cpu", backend_name, op.name,
+                                   graph::to_string(op.kind), why));
+    }
+  }
   if (backend_name == "cuda") {
     // Refuse rather than over-commit: the whole schedule's peak must fit in free device memory.
     const int64_t free_bytes = backends::cuda_free_bytes();

@@ -54,6 +54,13 @@ class Backend {
   virtual void synchronize() {}
   // Seconds the last run() took on the device (CUDA events); 0 if not measured.
   virtual double last_run_seconds() const { return 0; }
+  // Why this backend cannot run `op` of `g` ("" when it can): checked for every op before a
+  // replay starts, so that a missing kernel is refused up front instead of failing midway.
+  virtual std::string cannot_run(const graph::Graph& g, const graph::Op& op) const {
+    (void)g;
+    (void)op;
+    return {};
+  }
 };
 
 // "cpu" always; "cuda" when built with CUDA and a device is present. Throws InputError otherwise.
