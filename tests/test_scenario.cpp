@@ -128,8 +128,20 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
                                      "[device]\n"                        // 25
                                      "name = \"A100-80GB\"\n"            // 26
                                      "[checkpoint]\n"                    // 27
-                                     "policy = \"none\"\n");             // 28
-  study::Scenario s = study::load_scenario(path, {});
+                                     "policy = \"none\"\n"               // 28
+                                     "[lora]\n"                          // 29 (issue 12, recipe 3)
+                                     "r = 4\n"                           // 30
+                                     "alpha = 16\n"                      // 31
+                                     "dropout = 0.1\n"                   // 32
+                                     "targets = [\"q_proj\", \"v_proj\"]\n");  // 33
+  // Keys added after this file was written are set with --set (its lines stay as they are).
+  study::Scenario s = study::load_scenario(path, {"training.grad_accum_steps=2", "training.trainable=lora",
+      // checkpoint implementation (issue 12, recipe 4)
+      "checkpoint.impl=reentrant", "checkpoint.preserve_rng_state=false",
+      "training.autocast=bf16"});  // autocast recipe (issue 12, recipe 1)
+  CHECK(s.training.grad_accum_steps == 2);
+  CHECK(s.training.autocast == graph::DType::bf16);
+  CHECK(s.where("training.autocast") == "--set: training.autocast");
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);
@@ -154,6 +166,9 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   CHECK(s.cpu_isa == graph::CpuIsa::avx2);
   CHECK(s.device.name == "A100-80GB");
   CHECK(s.checkpoint_text() == "none");
+  CHECK(s.training.checkpoint_impl == graph::CheckpointImpl::reentrant);  // issue 12, recipe 4
+  CHECK(!s.training.preserve_rng_state);
+  CHECK(s.where("checkpoint.preserve_rng_state") == "--set: checkpoint.preserve_rng_state");
   // Every key was set, each at its own line.
   std::set<std::string> set_keys;
   for (const auto& [k, where] : s.origin) set_keys.insert(k);

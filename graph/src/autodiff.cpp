@@ -15,7 +15,9 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
 #include <queue>
+#include <tuple>
 #include <unordered_map>
 
 #include "actsim/util/error.hpp"
@@ -29,10 +31,26 @@ struct Slot {
   TensorId grad = kNoTensor;  // accumulated gradient for this forward output
 };
 
+// Whether a tensor's elements fill exactly numel contiguous slots (in some dim order).
+bool non_overlapping_and_dense(const Shape& shape, const Strides& strides) {
+  std::vector<size_t> order;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] != 1) order.push_back(d);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return strides[a] < strides[b]; });
+  int64_t expected = 1;
+  for (size_t d : order) {
+    if (strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
 class Engine {
  public:
-  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan)
-      : b_(b), g_(b.graph()), params_(params), plan_(plan) {
+  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan, OpId forward_begin,
+         const std::vector<TensorId>* grads)
+      : b_(b), g_(b.graph()), params_(params), plan_(plan), reentrant_(b.ckpt_reentrant), grads_before_(grads) {
     param_grad_.assign(params.size(), kNoTensor);
     param_buf_.assign(params.size(), kNoTensor);
     param_deps_.assign(params.size(), 0);
@@ -40,7 +58,7 @@ class Engine {
     deps_.assign(g_.n_ops(), 0);
     refs_.assign(g_.storages().size() * 2, 0);
     for (size_t i = 0; i < params.size(); ++i) param_index_[index(params[i])] = i;
-    for (size_t i = 0; i < g_.n_ops(); ++i) {
+    for (size_t i = index(forward_begin); i < g_.n_ops(); ++i) {
       const Op& op = g_.ops()[i];
       if (op.phase == Phase::forward && op.region >= 0) regions_[op.region].push_back(OpId{static_cast<uint32_t>(i)});
     }
@@ -67,7 +85,7 @@ class Engine {
     return graph::new_grad(b_, name, shape, dt, strides);
   }
   void run_node(OpId f);
-  void deliver(TensorId grad, TensorId input);
+  void deliver(TensorId grad, TensorId input, int32_t from_region = -1);
   void accumulate(TensorId& buf, TensorId grad, int32_t layer);
   void accumulate_grad(size_t param);
   int& ref(TensorId t) {
@@ -83,6 +101,8 @@ class Engine {
   Graph& g_;
   const std::vector<TensorId>& params_;
   const BlockPlan* plan_;
+  const bool reentrant_;                                   // checkpoint.impl = reentrant
+  const std::vector<TensorId>* grads_before_;              // [params] .grad from earlier micro-batches
   std::unordered_map<int32_t, bool> scheduled_;            // block -> its before_backward list ran
   std::unordered_map<uint32_t, std::vector<uint32_t>> cached_views_;  // storage -> remapped_t_ keys
   std::unordered_map<uint32_t, size_t> param_index_;
@@ -106,6 +126,25 @@ class Engine {
   void remap_storage(uint32_t sid, StorageId to);
   void recompute_region(int32_t r, const std::vector<uint32_t>* targets = nullptr);
   void prefetch_block(int32_t layer);
+
+  // Reentrant checkpoint (CheckpointFunction): the call's backward node is the region's nodes
+  // run as one nested backward. Per region: its nodes still to run, the gradients it received
+  // (held by the node's args and the nested GraphRoot until it returns), the recomputed output.
+  struct Reentrant {
+    int pending = 0;
+    std::vector<TensorId> grads_in;
+    std::vector<TensorId> held;                            // the recomputed outputs of the call
+  };
+  std::unordered_map<int32_t, Reentrant> reentrant_calls_;
+  // Gradients for a reentrant call's arguments (detach_variable's leaves) gather in the leaf's
+  // AccumulateGrad: (region, producer op, output) -> the buffer and its pending edges.
+  struct ArgGrad {
+    TensorId buf = kNoTensor;
+    int pending = 0;
+  };
+  std::map<std::tuple<int32_t, uint32_t, size_t>, ArgGrad> arg_grads_;
+  bool is_reentrant_region(int32_t r) const { return reentrant_ && r >= 0; }
+  void finish_reentrant(int32_t r);
 };
 
 TensorId Engine::mapped(TensorId t) {
@@ -153,7 +192,14 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   std::vector<bool> rerun(ops.size(), false);
   bool reached = false;  // the recomputation runs (cached ops hand out their outputs) up to `reach`
   size_t reach = 0;
-  for (size_t k = ops.size(); k-- > 0;) {
+  // The whole function runs again: reentrant checkpoint's backward calls it under enable_grad,
+  // 1.13's unpack hook calls it under its inner hooks; 2.x non-reentrant stops early.
+  const bool whole = !targets && (reentrant_ || !b_.prof().checkpoint_early_stop);
+  for (size_t k = ops.size(); whole && k-- > 0;) {
+    if (!reached) reached = true, reach = k;
+    rerun[k] = !g_.op(ops[k]).cached;
+  }
+  for (size_t k = ops.size(); !whole && k-- > 0;) {
     const Op& op = g_.op(ops[k]);
     bool need = false;
     for (TensorId t : op.outputs) need = need || needed_st.count(index(g_.tensor(t).storage));
@@ -168,11 +214,13 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   // makes its own, alive until it ends.
   std::vector<TensorId> transient;
   const size_t first_op = g_.n_ops();
-  if (reached && b_.rng_stash.count(r)) {
+  const auto stash = b_.rng_stash.find(r);
+  if (reached && stash != b_.rng_stash.end() && stash->second != kNoTensor) {
     b_.set_layer(g_.op(ops.front()).layer);
     transient.push_back(b_.stash_rng("checkpoint.recompute.rng_state"));
   }
-  const bool keep_scalars = b_.prof().wrapped_numbers_unhooked;
+  // (Reentrant: the forward ran under no_grad and saved nothing; the recomputation saves as usual.)
+  const bool keep_scalars = b_.prof().wrapped_numbers_unhooked && !reentrant_;
   Recomputation& rc = recomputations_[r];
   rc = {.reached = reached, .reach = reach};
   std::vector<std::pair<size_t, OpId>>& emitted = rc.emitted;
@@ -214,8 +262,17 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
     }
     g_.add_op(std::move(op));
   }
-  for (TensorId t : transient) b_.hold_until_last(t);
+  // Held by the recomputation's last op; one that op made itself (a wrapped number of the last
+  // recomputed op: LoRA's `* scaling` ending a block) dies with it anyway.
+  const OpId last_op{static_cast<uint32_t>(g_.n_ops() - 1)};
+  for (TensorId t : transient) {
+    if (g_.tensor(t).producer != last_op) b_.hold_until_last(t);
+  }
   if (g_.n_ops() > first_op) rc.end = OpId{static_cast<uint32_t>(g_.n_ops() - 1)};
+  if (is_reentrant_region(r) && !ops.empty()) {
+    // CheckpointFunction.backward keeps `outputs` (the recomputed call's result) until it returns.
+    for (TensorId t : g_.op(ops.back()).outputs) reentrant_calls_[r].held.push_back(mapped(t));
+  }
 }
 
 // Offload: bring block `layer`'s activations back on the copy stream, after the op emitted last
@@ -270,6 +327,8 @@ std::vector<TensorId> Engine::run(TensorId loss) {
   while (!stack.empty()) {
     OpId f = stack.back();
     stack.pop_back();
+    const int32_t fr = g_.op(f).region;
+    if (is_reentrant_region(fr)) ++reentrant_calls_[fr].pending;
     for (TensorId in : g_.op(f).inputs) {
       Edge e;
       if (!edge_of(in, e)) continue;
@@ -277,7 +336,13 @@ std::vector<TensorId> Engine::run(TensorId loss) {
         ++param_deps_[e.param];
         continue;
       }
-      ++deps_[index(e.op)];
+      if (is_reentrant_region(fr) && g_.op(e.op).region != fr) {
+        // An argument of a reentrant call: one edge from the call's node, however many ops use it.
+        ArgGrad& a = arg_grads_[{fr, index(e.op), e.out}];
+        if (a.pending++ == 0) ++deps_[index(e.op)];
+      } else {
+        ++deps_[index(e.op)];
+      }
       if (!seen[index(e.op)]) {
         seen[index(e.op)] = true;
         stack.push_back(e.op);
@@ -312,7 +377,9 @@ void Engine::run_node(OpId fid) {
     prefetch_block(f.layer);
     prefetch_block(f.layer - 1);
   }
-  if (plan_ && !plan_->before_backward.empty() && f.layer >= 0 && !scheduled_[f.layer]) {
+  // (Reentrant: each recomputed block is one CheckpointFunction call; rotor's nested schedule needs
+  // non-reentrant frames, so the call's own backward recomputes it.)
+  if (plan_ && !plan_->before_backward.empty() && !reentrant_ && f.layer >= 0 && !scheduled_[f.layer]) {
     // An explicit (nested) schedule: before the first backward node of this block, run the
     // forward recomputations the planner listed for it.
     scheduled_[f.layer] = true;
@@ -334,8 +401,15 @@ void Engine::run_node(OpId fid) {
     }
   }
   if (f.region >= 0 && !recomputed_[f.region]) {
-    ACTSIM_ASSERT(!plan_ || plan_->before_backward.empty() || f.region < kBlockRegionBase,
+    ACTSIM_ASSERT(!plan_ || plan_->before_backward.empty() || reentrant_ || f.region < kBlockRegionBase,
                   "a scheduled block's backward ran before its recomputation: " + f.name);
+    if (is_reentrant_region(f.region)) {
+      // CheckpointFunctionBackward begins: its incoming gradients stay referenced until it returns.
+      Reentrant& rc = reentrant_calls_[f.region];
+      for (const Slot& s : slots_[index(fid)]) {
+        if (s.grad != kNoTensor) rc.grads_in.push_back(s.grad), add_ref(s.grad);
+      }
+    }
     recompute_region(f.region);
   }
   // Saved tensors, replaced by their recomputed or prefetched copies where there are some.
@@ -409,7 +483,8 @@ void Engine::run_node(OpId fid) {
   for (size_t i = 0; i < saved.size(); ++i) {
     // 2.x non-reentrant checkpoint: the frame hands a recomputed tensor over when it is unpacked
     // and forgets it, so it dies with the node's apply(), before validate_outputs' sum_to.
-    const bool handed_over = f.region >= 0 && saved[i] != f.saved[i] && b_.prof().checkpoint_unpack_releases;
+    const bool handed_over =
+        f.region >= 0 && saved[i] != f.saved[i] && b_.prof().checkpoint_unpack_releases && !reentrant_;
     if (!handed_over) node_holds.push_back(saved[i]);
   }
   std::vector<std::pair<TensorId, TensorId>> outs;  // (grad, input) after reduction
@@ -428,12 +503,38 @@ void Engine::run_node(OpId fid) {
       add_ref(r);
       gi = r;
     }
+    if (g_.tensor(gi).dtype != in(i).dtype && is_floating(in(i).dtype)) {
+      // validate_outputs: grad = grad.to(metadata.dtype) -- under autocast a float32 residual's
+      // gradient reaches the bf16 operand of a promoting add or mul.
+      const Shape shape = in(i).shape;
+      const DType to = in(i).dtype;
+      const Strides st = g_.tensor(gi).is_view ? Strides{} : g_.tensor(gi).strides;
+      TensorId r = new_grad(fmt::format("grad_to{}", i), shape, to, st);
+      b_.emit({.kind = OpKind::cast, .name = "grad.to", .inputs = {gi}, .outputs = {r}, .holds = node_holds,
+               .bytes_moved = g_.view_bytes(gi) + g_.view_bytes(r)});
+      drop_ref(gi);
+      add_ref(r);
+      gi = r;
+    }
     outs.emplace_back(gi, f.inputs[i]);
   }
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) drop_ref(s.grad);
   }
-  for (auto& [gi, x] : outs) deliver(gi, x);
+  for (auto& [gi, x] : outs) deliver(gi, x, f.region);
+  if (is_reentrant_region(f.region) && --reentrant_calls_[f.region].pending == 0) finish_reentrant(f.region);
+}
+
+// The nested backward of a reentrant call is over: CheckpointFunction.backward returns (its
+// recomputed outputs and incoming gradients go), then the node releases its saved arguments.
+void Engine::finish_reentrant(int32_t r) {
+  Reentrant& rc = reentrant_calls_[r];
+  for (TensorId t : rc.grads_in) {
+    drop_ref(t);
+    b_.hold_until_last(t);
+  }
+  for (TensorId t : rc.held) b_.hold_until_last(t);
+  for (TensorId t : checkpoint_arguments(g_, regions_[r])) b_.hold_until_last(t);
 }
 
 void Engine::accumulate(TensorId& buf, TensorId grad, int32_t layer) {
@@ -472,6 +573,17 @@ void Engine::accumulate_grad(size_t i) {
   const Tensor& gt = g_.tensor(grad);
   b_.set_layer(g_.storage(pt.storage).layer);
   b_.set_scope("");
+  if (grads_before_ && (*grads_before_)[i] != kNoTensor) {
+    // A later micro-batch of gradient accumulation: .grad is defined and backward runs without
+    // grad mode, so `variable_grad += new_grad` adds in place (dense + dense, in 1.13 and 2.x
+    // alike); the new gradient is released when the node ends.
+    const TensorId pg = (*grads_before_)[i];
+    b_.emit({.kind = OpKind::accumulate, .name = pt.name + ".grad.add_", .inputs = {pg, grad},
+             .flops = static_cast<double>(numel(pt.shape)), .bytes_moved = 3 * g_.view_bytes(grad)});
+    drop_ref(grad);
+    param_grad_[i] = pg;
+    return;
+  }
   const bool layout_ok =
       gt.strides == pt.strides && gt.offset == 0 && g_.storage(gt.storage).bytes == g_.view_bytes(grad);
   TensorId pg = grad;
@@ -487,9 +599,41 @@ void Engine::accumulate_grad(size_t i) {
   param_grad_[i] = pg;
 }
 
-void Engine::deliver(TensorId grad, TensorId input) {
+void Engine::deliver(TensorId grad, TensorId input, int32_t from_region) {
   Edge e;
   if (!edge_of(input, e)) return;
+  if (!e.is_param && is_reentrant_region(from_region) && g_.op(e.op).region != from_region) {
+    // A reentrant call's argument: its detached leaf's AccumulateGrad gathers the gradient, steals
+    // it when nothing else references it and its layout matches, else clones it; the call returns
+    // it (inp.grad) to the outer engine.
+    ArgGrad& a = arg_grads_.at({from_region, index(e.op), e.out});
+    const int32_t layer = g_.op(e.op).layer;
+    accumulate(a.buf, grad, layer);
+    if (--a.pending > 0) return;
+    TensorId gx = a.buf;
+    const Tensor& xt = g_.tensor(input);
+    const Tensor& gt = g_.tensor(gx);
+    // torch/csrc/autograd/utils/grad_layout_contract.h: obeys_layout_contract, clone_obey_contract.
+    const bool dense = non_overlapping_and_dense(xt.shape, xt.strides);
+    bool layout_ok = dense || is_contiguous(gt.shape, gt.strides);
+    for (size_t d = 0; dense && d < xt.shape.size(); ++d) {
+      layout_ok = layout_ok && (xt.shape[d] == 1 || gt.strides[d] == xt.strides[d]);
+    }
+    if (!(refs(gx) == 1 && layout_ok)) {
+      b_.set_layer(layer);
+      TensorId c = new_grad("checkpoint.arg.grad", xt.shape, gt.dtype, dense ? xt.strides : Strides{});
+      b_.emit({.kind = OpKind::copy, .name = "checkpoint.arg.grad.clone", .inputs = {gx}, .outputs = {c},
+               .bytes_moved = 2 * g_.view_bytes(gx)});
+      drop_ref(gx);
+      add_ref(c);
+      gx = c;
+    }
+    std::vector<Slot>& slots = slots_[index(e.op)];
+    slots.resize(g_.op(e.op).outputs.size());
+    accumulate(slots[e.out].grad, gx, layer);
+    if (--deps_[index(e.op)] == 0) ready_.push(index(e.op));
+    return;
+  }
   if (e.is_param) {
     accumulate(param_buf_[e.param], grad, g_.storage(g_.tensor(params_[e.param]).storage).layer);
     // AccumulateGrad has the highest priority in the ready queue: it runs as soon as ready.
@@ -505,8 +649,8 @@ void Engine::deliver(TensorId grad, TensorId input) {
 }  // namespace
 
 std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
-                                    const BlockPlan* plan) {
-  Engine e(b, params, plan);
+                                    const BlockPlan* plan, OpId forward_begin, const std::vector<TensorId>* grads) {
+  Engine e(b, params, plan, forward_begin, grads);
   return e.run(loss);
 }
 

@@ -12,7 +12,11 @@ namespace actsim::graph {
 // gradients end in storages of category gradient; returns them in `params` order (kNoTensor
 // for a parameter that received no gradient).
 // `plan` (optional) gives the explicit recompute schedule of checkpointed blocks.
+// Gradient accumulation: `forward_begin` is the first op of this micro-batch's forward (its
+// checkpoint regions are its own), and `grads` (optional) the parameters' .grad left by earlier
+// micro-batches, which AccumulateGrad adds into in place; then those are returned.
 std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
-                                    const BlockPlan* plan = nullptr);
+                                    const BlockPlan* plan = nullptr, OpId forward_begin = OpId{0},
+                                    const std::vector<TensorId>* grads = nullptr);
 
 }  // namespace actsim::graph

@@ -109,9 +109,18 @@ void sub_backward(const Node& n, BackwardRule& r) {
 }
 
 // mul_tensor_backward: grad * other (broadcast shape; validate_outputs reduces it).
+// With mixed dtypes (a bf16 tensor times float32 routing weights: a float32 product) the engine's
+// validate_outputs casts an input's gradient to its dtype: the float32 product is transient.
 void mul_backward(const Node& n, BackwardRule& r) {
   for (size_t i = 0; i < 2; ++i) {
-    if (n.needs(i)) r.grads[i] = n.grad(fmt::format("grad_mul{}", i), n.gt.shape);
+    if (!n.needs(i)) continue;
+    const DType in_dt = n.in(i).dtype;
+    if (in_dt != n.dt && is_floating(in_dt)) {
+      r.grads[i] = new_grad(n.b, fmt::format("grad_mul{}", i), n.gt.shape, in_dt);
+      r.workspace += numel(n.gt.shape) * dtype_size(n.dt);
+    } else {
+      r.grads[i] = n.grad(fmt::format("grad_mul{}", i), n.gt.shape);
+    }
   }
   r.kernels = n.needs(0) + n.needs(1);
 }
@@ -201,6 +210,44 @@ void cat_backward(const Node& n, BackwardRule& r) {
   r.kernels = 0;
 }
 
+// Mixture of experts (issue 11: hfrest). SumBackward1: grad.unsqueeze(dim) if not keepdim, then
+// expand to the input's shape -- a view of the incoming gradient (stride 0 along dim).
+void sum_dim_backward(const Node& n, BackwardRule& r) {
+  if (!n.needs(0)) return;
+  const int dim = n.f.params.dim0;
+  Strides st = n.gt.strides.empty() ? contiguous_strides(n.gt.shape) : n.gt.strides;
+  if (n.f.params.start == 0) st.insert(st.begin() + dim, 0);
+  st[static_cast<size_t>(dim)] = 0;
+  const Shape sh = n.in(0).shape;
+  r.grads[0] = n.view("grad_sum", sh, st, n.gt.offset);
+  r.kernels = 0;
+}
+
+// DivBackward0 of `a /= b`: div_tensor_other_backward (-grad * ((self / other) / other): three
+// transients, then the product) before div_tensor_self_backward (grad / other); the engine then
+// reduces other's gradient to its shape.
+void div_backward(const Node& n, BackwardRule& r) {
+  const int64_t bytes = numel(n.gt.shape) * dtype_size(n.dt);
+  if (n.needs(1)) {
+    r.grads[1] = n.grad("grad_div_other", n.gt.shape);
+    r.workspace = 3 * bytes;
+  }
+  if (n.needs(0)) r.grads[0] = n.grad("grad_div_self", n.gt.shape);
+  r.kernels = 4 * n.needs(1) + n.needs(0);
+}
+
+// GroupedMmBackward0: mat2's gradient first (in mat2's layout, so that the transposed expert weight
+// gets a contiguous gradient), then self's.
+void grouped_mm_backward(const Node& n, BackwardRule& r) {
+  if (n.needs(1)) {
+    const Shape sh = n.in(1).shape;  // copies: the graph's tensors move as the gradient is added
+    const Strides st = n.in(1).strides;
+    r.grads[1] = n.grad("grad_grouped_mm_mat2", sh, st);
+  }
+  if (n.needs(0)) r.grads[0] = n.fresh_for(0);
+  r.kernels = n.needs(0) + n.needs(1);
+}
+
 // ToCopyBackward0: grad.to(self's dtype) -- a fresh gradient in the input's dtype.
 void cast_backward(const Node& n, BackwardRule& r) {
   if (n.needs(0)) r.grads[0] = new_grad(n.b, "grad_cast", n.in(0).shape, n.in(0).dtype);
@@ -238,6 +285,10 @@ BackwardRule backward_rule(Builder& b, const Op& f, TensorId g) {
       break;
     case OpKind::cat: cat_backward(n, r); break;
     case OpKind::cast: cast_backward(n, r); break;
+    case OpKind::topk: first_input_backward(n, r); break;  // TopkBackward0: zeros(self) scattered
+    case OpKind::sum_dim: sum_dim_backward(n, r); break;
+    case OpKind::div_inplace: div_backward(n, r); break;
+    case OpKind::grouped_mm: grouped_mm_backward(n, r); break;
     default:
       ACTSIM_ASSERT(false, fmt::format("no backward for op kind {}", to_string(f.kind)));
   }

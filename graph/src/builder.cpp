@@ -83,9 +83,17 @@ Shape broadcast(const Shape& a, const Shape& b) {
 
 TensorId Builder::leaf(const std::string& name, const Shape& shape, DType dt, Category c,
                        bool requires_grad, Location loc) {
+  if (replaying_) {
+    ACTSIM_ASSERT(next_leaf_ < leaves_.size(), "a replayed forward makes more leaves than the first: " + name);
+    const TensorId t = leaves_[next_leaf_++];
+    ACTSIM_ASSERT(T(t).name == name && T(t).shape == shape && T(t).dtype == dt,
+                  "a replayed forward's leaf differs from the first's: " + name);
+    return t;
+  }
   StorageId s = g_.add_storage({.bytes = numel(shape) * dtype_size(dt), .category = c, .location = loc,
                                 .layer = layer_});
-  return g_.add_tensor({.name = name, .shape = shape, .dtype = dt, .storage = s, .requires_grad = requires_grad});
+  leaves_.push_back(g_.add_tensor({.name = name, .shape = shape, .dtype = dt, .storage = s, .requires_grad = requires_grad}));
+  return leaves_.back();
 }
 
 TensorId Builder::stash_rng(const std::string& name) {
@@ -95,6 +103,17 @@ TensorId Builder::stash_rng(const std::string& name) {
   // A host-side copy of 5 KiB: no kernel, no time worth modelling.
   emit({.kind = OpKind::rng_stash, .name = name, .outputs = {t}, .kernels = 0});
   return t;
+}
+
+void Builder::begin_checkpoint_call(int32_t r) {
+  if (rng_stash.count(r)) return;
+  if (!ckpt_preserve_rng) {
+    rng_stash[r] = kNoTensor;
+    return;
+  }
+  const TensorId t = stash_rng("checkpoint.rng_state");
+  if (ckpt_reentrant) g_.mutable_storage(T(t).storage).keep = true;  // CheckpointFunction's ctx.fwd_cpu_state
+  rng_stash[r] = t;
 }
 
 TensorId Builder::fresh(std::string_view name, Shape shape, DType dt, Category c) {
@@ -315,13 +334,21 @@ TensorId Builder::index_rows(TensorId table, TensorId idx) {
 
 TensorId Builder::binary(OpKind k, TensorId a, TensorId b) {
   Shape sh = broadcast(T(a).shape, T(b).shape);
-  TensorId out = fresh(std::string(to_string(k)), sh, T(a).dtype);
+  // Type promotion (c10::promoteTypes): under autocast a float32 residual meets a bf16 sublayer
+  // output. A 0-dim operand of the same category does not decide the dtype.
+  DType dt = T(a).dtype;
+  if (T(b).dtype != dt && is_floating(dt) && is_floating(T(b).dtype)) {
+    if (T(a).shape.empty() != T(b).shape.empty()) dt = T(a).shape.empty() ? T(b).dtype : dt;
+    else dt = (dt == DType::f64 || T(b).dtype == DType::f64) ? DType::f64 : DType::f32;
+  }
+  TensorId out = fresh(std::string(to_string(k)), sh, dt);
   emit({.kind = k, .name = std::string(to_string(k)), .inputs = {a, b}, .outputs = {out},
         .flops = static_cast<double>(numel(sh)), .bytes_moved = bytes(a) + bytes(b) + bytes(out)});
   return out;
 }
 
 TensorId Builder::scalar_op(OpKind k, TensorId x, double s) {
+  auto ac = autocast_args(k, {&x});
   TensorId out = fresh(std::string(to_string(k)), T(x).shape, T(x).dtype);
   Op op{.kind = k, .name = std::string(to_string(k)), .inputs = {x}, .outputs = {out},
         .flops = static_cast<double>(numel(T(x).shape)), .bytes_moved = bytes(x) + bytes(out),
@@ -341,6 +368,7 @@ TensorId Builder::scalar_op(OpKind k, TensorId x, double s) {
 }
 
 TensorId Builder::unary(OpKind k, TensorId x) {
+  auto ac = autocast_args(k, {&x});
   TensorId out = fresh(std::string(to_string(k)), T(x).shape, T(x).dtype);
   double per = (k == OpKind::gelu_tanh) ? 8 : (k == OpKind::softmax || k == OpKind::log_softmax) ? 5 : 4;
   emit({.kind = k, .name = std::string(to_string(k)), .inputs = {x}, .outputs = {out},
@@ -371,6 +399,7 @@ int64_t Builder::matmul_ws(TensorId a, int64_t batch, int64_t m, int64_t k, int6
 }
 
 TensorId Builder::mm(TensorId a, TensorId b) {
+  auto ac = autocast_args(OpKind::mm, {&a, &b});
   const int64_t m = T(a).shape[0], k = T(a).shape[1], n = T(b).shape[1];
   TensorId out = fresh("mm", {m, n}, T(a).dtype);
   emit({.kind = OpKind::mm, .name = "mm", .inputs = {a, b}, .outputs = {out},
@@ -380,6 +409,7 @@ TensorId Builder::mm(TensorId a, TensorId b) {
 }
 
 TensorId Builder::addmm(TensorId bias, TensorId a, TensorId b) {
+  auto ac = autocast_args(OpKind::addmm, {&bias, &a, &b});
   const int64_t m = T(a).shape[0], k = T(a).shape[1], n = T(b).shape[1];
   TensorId out = fresh("addmm", {m, n}, T(a).dtype);
   emit({.kind = OpKind::addmm, .name = "addmm", .inputs = {bias, a, b}, .outputs = {out},
@@ -389,6 +419,7 @@ TensorId Builder::addmm(TensorId bias, TensorId a, TensorId b) {
 }
 
 TensorId Builder::bmm(TensorId a, TensorId b) {
+  auto ac = autocast_args(OpKind::bmm, {&a, &b});
   const int64_t bs = T(a).shape[0], m = T(a).shape[1], k = T(a).shape[2], n = T(b).shape[2];
   TensorId out = fresh("bmm", {bs, m, n}, T(a).dtype);
   emit({.kind = OpKind::bmm, .name = "bmm", .inputs = {a, b}, .outputs = {out},
@@ -398,6 +429,7 @@ TensorId Builder::bmm(TensorId a, TensorId b) {
 }
 
 TensorId Builder::matmul(TensorId a, TensorId b) {
+  auto ac = autocast_args(OpKind::mm, {&a, &b});  // aten::matmul is on the lists with mm and bmm
   const Shape sa = T(a).shape, sb = T(b).shape;
   if (sa.size() >= 3 && sb.size() == 2) {
     // at::native::matmul, dim1 >= 3 && dim2 == 2: fold the batch into the rows of one mm.
@@ -425,6 +457,9 @@ TensorId Builder::matmul(TensorId a, TensorId b) {
 }
 
 TensorId Builder::linear(TensorId x, TensorId w, std::optional<TensorId> b) {
+  TensorId bias = b.value_or(kNoTensor);
+  auto ac = b ? autocast_args(OpKind::addmm, {&x, &w, &bias}) : autocast_args(OpKind::mm, {&x, &w});
+  if (b) b = bias;
   TensorId wt = transpose(w, 0, 1);
   const Shape sx = T(x).shape;
   if (b && sx.size() == 3 && is_contiguous(sx, T(x).strides)) {
@@ -439,6 +474,7 @@ TensorId Builder::linear(TensorId x, TensorId w, std::optional<TensorId> b) {
 }
 
 TensorId Builder::layer_norm(TensorId x, TensorId w, TensorId b) {
+  auto ac = autocast_args(OpKind::layer_norm, {&x, &w, &b});
   Shape stat = T(x).shape;
   stat.back() = 1;
   DType sdt = (prof_.layer_norm_stats_fp32 && T(x).dtype != DType::f64) ? DType::f32 : T(x).dtype;
@@ -477,6 +513,7 @@ TensorId Builder::dropout(TensorId x, double p) {
 }
 
 TensorId Builder::stack_last(TensorId a, TensorId b) {
+  auto ac = autocast_args(OpKind::stack, {&a, &b});
   Shape sh = T(a).shape;
   sh.push_back(2);
   TensorId out = fresh("stack", sh, T(a).dtype);
@@ -486,6 +523,7 @@ TensorId Builder::stack_last(TensorId a, TensorId b) {
 }
 
 TensorId Builder::flash_attention(TensorId q, TensorId k, TensorId v, double p) {
+  auto ac = autocast_args(OpKind::flash_attention, {&q, &k, &v});
   // FlashAttention-2 / SDPA flash backend: out (B, h, T, hd) and an fp32 log-sum-exp (B, h, T);
   // no T x T tensor exists. Dropout state is a philox seed/offset pair, not a mask.
   const Shape& sq = T(q).shape;
@@ -503,6 +541,9 @@ TensorId Builder::flash_attention(TensorId q, TensorId k, TensorId v, double p) 
 }
 
 TensorId Builder::cross_entropy(TensorId logits2d, TensorId target1d) {
+  // cross_entropy_loss on the CPU lists (fp32), log_softmax's fp32_set_opt_dtype on CUDA's: one
+  // float32 copy of 16-bit logits either way.
+  auto ac = autocast_args(OpKind::nll_loss, {&logits2d});
   TensorId logp = unary(OpKind::log_softmax, logits2d);
   TensorId loss = fresh("loss", {}, T(logits2d).dtype);
   TensorId total_weight = fresh("nll_loss.total_weight", {}, T(logits2d).dtype);

@@ -3,6 +3,7 @@
 // would), and records what autograd saves (the profile's rules). Used by lower.cpp.
 #pragma once
 
+#include <initializer_list>
 #include <optional>
 #include <unordered_map>
 #include <string>
@@ -42,6 +43,12 @@ class Builder {
   Graph& graph() { return g_; }
   const RuntimeProfile& prof() const { return prof_; }
 
+  // Gradient accumulation: a later micro-batch's forward is lowered again by the same family code;
+  // while replaying, leaf() hands out the first forward's leaves (parameters, buffers, inputs) in
+  // the order they were made instead of making new ones.
+  void replay_leaves(bool on) { replaying_ = on, next_leaf_ = 0; }
+  bool is_replaying_leaves() const { return replaying_; }
+
   // Tensors that exist before the step (no producing op).
   TensorId leaf(const std::string& name, const Shape& shape, DType dt, Category c, bool requires_grad,
                 Location loc = Location::device);
@@ -66,9 +73,44 @@ class Builder {
   std::unordered_map<int32_t, TensorId> rng_stash;
   // Emits a torch.get_rng_state() copy (kCpuRngStateBytes, where the profile keeps it).
   TensorId stash_rng(const std::string& name);
+  // The checkpoint implementation (TrainingConfig::checkpoint_impl, preserve_rng_state).
+  bool ckpt_reentrant = false;
+  bool ckpt_preserve_rng = true;
+  // A checkpoint call begins (region r): its RNG stash when it preserves the RNG state (kNoTensor
+  // in rng_stash otherwise). Reentrant keeps it in ctx.fwd_cpu_state, alive with the autograd
+  // graph (the training loop's `loss`), past the step; non-reentrant in its frame.
+  void begin_checkpoint_call(int32_t r);
 
   // The last op emitted holds `t` (a Python local released when the op's frame returns).
   void hold_until_last(TensorId t);
+
+  // --- torch.autocast (training.autocast; autocast.cpp) ---------------------------------------
+  // While set (and in forward), the entry points below cast their floating inputs by the
+  // profile's op lists; the ops inside an entry point run with autocast excluded.
+  // Entering an autocast region (each micro-batch's forward is one) starts an empty weight-cast cache.
+  void set_autocast(DType dt) {
+    if (dt != DType::f32) cast_of_.clear(), cast_cache.clear();
+    autocast_ = dt;
+  }
+  DType autocast() const { return autocast_; }
+  // x.to(dt) (aten::_to_copy): a new tensor, strides kept when x is non-overlapping and dense;
+  // x itself when the dtype is already dt. ToCopyBackward0 saves nothing.
+  TensorId cast(TensorId x, DType dt, const std::string& name = "to");
+  // The weight-cast cache (autocast_mode.cpp cached_cast): the low-precision copy of each leaf
+  // float32 parameter, made once per autocast region and held until the region ends.
+  std::vector<TensorId> cast_cache;
+  // Casts the entry point's inputs by the policy of `k`; the returned guard excludes autocast for
+  // the ops the entry point emits (WrapFunction_'s ExcludeDispatchKeyGuard).
+  class Excluded {
+   public:
+    explicit Excluded(Builder* b) : b_(b) { ++b_->excluded_; }
+    ~Excluded() { --b_->excluded_; }
+    Excluded(const Excluded&) = delete;
+    Excluded& operator=(const Excluded&) = delete;
+   private:
+    Builder* b_;
+  };
+  [[nodiscard]] Excluded autocast_args(OpKind k, std::initializer_list<TensorId*> args);
 
   // --- views (no memory) -------------------------------------------------------------------
   TensorId view(TensorId x, const Shape& shape);              // asserts viewable
@@ -128,6 +170,12 @@ class Builder {
   const std::vector<OpKind>* cached_ = nullptr;
   bool offload_ = false;
   bool names_ = true;
+  std::vector<TensorId> leaves_;  // every leaf made, in order (gradient accumulation's replay)
+  size_t next_leaf_ = 0;
+  bool replaying_ = false;
+  DType autocast_ = DType::f32;          // f32 = autocast off
+  int excluded_ = 0;                     // > 0 inside an autocast entry point
+  std::unordered_map<uint32_t, TensorId> cast_of_;  // the cache: parameter tensor -> its cast
 };
 
 }  // namespace actsim::graph

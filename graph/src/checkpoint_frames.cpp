@@ -5,6 +5,26 @@
 
 namespace actsim::graph {
 
+std::vector<TensorId> checkpoint_arguments(const Graph& g, const std::vector<OpId>& ops) {
+  std::unordered_map<uint32_t, bool> own, held;
+  for (OpId o : ops) {
+    for (TensorId t : g.op(o).outputs) {
+      if (!g.tensor(t).is_view) own[index(g.tensor(t).storage)] = true;  // allocated in the region
+    }
+  }
+  std::vector<TensorId> out;
+  for (OpId o : ops) {
+    for (TensorId t : g.op(o).inputs) {
+      const uint32_t s = index(g.tensor(t).storage);
+      const Category c = g.storage(g.tensor(t).storage).category;
+      if (own.count(s) || held.count(s) || (c != Category::activation && c != Category::input)) continue;
+      held[s] = true;
+      out.push_back(t);
+    }
+  }
+  return out;
+}
+
 void keep_checkpoint_frames(Graph& g, const std::unordered_map<int32_t, TensorId>& rng_stash,
                             const std::unordered_map<int32_t, std::vector<OpId>>& regions,
                             const std::unordered_map<int32_t, Recomputation>& recomputations) {
@@ -21,24 +41,10 @@ void keep_checkpoint_frames(Graph& g, const std::unordered_map<int32_t, TensorId
     auto ops = regions.find(r);
     if (it == last.end() || ops == regions.end()) continue;
     Op& end = g.mutable_op(it->second);
-    end.holds.push_back(stash);
+    if (stash != kNoTensor) end.holds.push_back(stash);
     // The checkpoint call's arguments (the block input, llama's token positions) are saved by
     // its frame (_NoopSaveInputs) until then too: activations the region reads from outside.
-    std::unordered_map<uint32_t, bool> own, held;
-    for (OpId o : ops->second) {
-      for (TensorId t : g.op(o).outputs) {
-        if (!g.tensor(t).is_view) own[index(g.tensor(t).storage)] = true;  // allocated in the region
-      }
-    }
-    for (OpId o : ops->second) {
-      for (TensorId t : g.op(o).inputs) {
-        const uint32_t s = index(g.tensor(t).storage);
-        const Category c = g.storage(g.tensor(t).storage).category;
-        if (own.count(s) || held.count(s) || (c != Category::activation && c != Category::input)) continue;
-        held[s] = true;
-        end.holds.push_back(t);
-      }
-    }
+    for (TensorId t : checkpoint_arguments(g, ops->second)) end.holds.push_back(t);
   }
   // Selective activation checkpointing caches the outputs of the listed ops whether or not
   // backward asks for them; those it never asks for stay in the cache until the region's

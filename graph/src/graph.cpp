@@ -48,7 +48,8 @@ constexpr std::array<std::string_view, kNumOpKinds> kOpKindNames{
     "native_dropout", "flash_attention", "log_softmax", "nll_loss",
     "backward", "sum_to", "accumulate", "grad_seed",
     "optim_update", "optim_temp", "zero_grad", "offload", "prefetch", "rng_stash",
-    "neg", "cat", "cast", "rotary_table", "causal_mask", "pad", "tanh"};
+    "neg", "cat", "cast", "rotary_table", "causal_mask", "pad", "tanh",
+    "topk", "sum_dim", "div_inplace", "grouped_mm", "moe_index"};
 }  // namespace
 
 std::string_view to_string(OpKind k) { return kOpKindNames[static_cast<size_t>(k)]; }

@@ -62,7 +62,7 @@ std::string_view to_string(ProfileId p) {
 void Lowering::finish_loss(TensorId x, TensorId lm_head, TensorId targets, TensorId held) {
   const int64_t B = tr.batch_size, T = m.seq_len, V = m.vocab_size;
   scope(-1, "lm_head");
-  TensorId logits = b.linear(x, lm_head, std::nullopt);
+  TensorId logits = linear(x, lm_head, std::nullopt);
   scope(-1, "cross_entropy");
   TensorId lv = b.view(logits, {B * T, V});
   TensorId tv = b.view(targets, {B * T});
@@ -81,17 +81,77 @@ void check_config(const ModelConfig& m, const RuntimeProfile& prof) {
 
 }  // namespace
 
+void lower_family(Lowering& l) {
+  const Family f = l.m.family;
+  if (f == Family::gpt2) l.gpt2();
+  else if (f == Family::llama) l.llama();
+  else if (f == Family::hf_llama) lower_hf_llama(l);
+  else if (f == Family::hf_gpt2) lower_hf_gpt2(l);
+  else lower_hf_neox(l);
+}
+
 namespace {
 void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
   check_config(model, prof);
+  ACTSIM_ASSERT(prof.autocast_supports(l.tr.autocast), "autocast dtype unsupported (checked by the loader)");
+  l.b.set_autocast(l.tr.autocast);  // f32: off
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
-  if (model.family == Family::gpt2) l.gpt2();
-  else if (model.family == Family::llama) l.llama();
-  else if (model.family == Family::hf_llama) lower_hf_llama(l);
-  else if (model.family == Family::hf_gpt2) lower_hf_gpt2(l);
-  else lower_hf_neox(l);
+  lower_family(l);
+  // torch.autocast's __exit__ clears the weight-cast cache once model(idx, targets) returns.
+  for (TensorId c : l.b.cast_cache) l.b.hold_until_last(c);
+  l.b.set_autocast(DType::f32);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
 }
+
+// Note [Gradient accumulation]: N micro-batches, each `loss = model(idx, targets) / N;
+// loss.backward()`, then one optimizer step. Two micro-batches are lowered: the first (its
+// AccumulateGrad creates .grad: steals or clones) and one later micro-batch (.grad exists and is
+// added into in place). Every later micro-batch starts from the same live bytes (parameters,
+// optimizer state, inputs, .grad, the previous micro-batch's loss) and runs the same ops, so the
+// second stands for all N - 1 of them: the engine runs it once for memory and charges its time
+// N - 1 times (Graph::micro_batches). The division is an op of the graph (div.Tensor with the
+// number wrapped as a 0-dim tensor, which DivBackward0 saves); the Python local `loss` keeps the
+// previous micro-batch's loss alive until the next division returns.
+void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const RuntimeProfile& prof) {
+  Graph& g = l.out.graph;
+  Builder& b = l.b;
+  const double n = static_cast<double>(l.tr.grad_accum_steps);
+  auto divide = [&](TensorId loss) {
+    b.set_phase(Phase::forward);
+    l.scope(-1, "loss");
+    return b.scalar_op(OpKind::div_scalar, loss, n);
+  };
+  const TensorId first_loss = divide(l.out.loss);
+  l.out.param_grads = differentiate(b, first_loss, l.out.params, l.plan);
+  // The second micro-batch's forward: the same family code, on the first's leaves; what the
+  // builder collected per forward (checkpoint RNG stashes, offloads, block outputs) starts anew.
+  // (Reentrant checkpoint, issue 12 recipe 4: the first micro-batch's ctx.fwd_cpu_state stashes
+  // live with its autograd graph, which dies when `loss` is rebound, not past the step.)
+  std::vector<TensorId> first_graph_stashes;
+  for (const auto& [r, t] : b.rng_stash) {
+    if (t != kNoTensor && g.storage(g.tensor(t).storage).keep) {
+      g.mutable_storage(g.tensor(t).storage).keep = false;
+      first_graph_stashes.push_back(t);
+    }
+  }
+  b.rng_stash.clear();
+  b.offloaded.clear();
+  b.offload_order.clear();
+  b.block_outputs.clear();
+  const OpId begin{static_cast<uint32_t>(g.n_ops())};
+  b.set_phase(Phase::forward);
+  b.replay_leaves(true);
+  lower_model(l, model, prof);
+  b.replay_leaves(false);
+  l.out.loss = divide(l.out.loss);
+  g.mutable_op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
+  for (TensorId t : first_graph_stashes) b.hold_until_last(t);
+  differentiate(b, l.out.loss, l.out.params, l.plan, begin, &l.out.param_grads);
+  g.micro_batches = l.tr.grad_accum_steps;
+  g.last_micro_batch = begin;
+  g.after_micro_batches = OpId{static_cast<uint32_t>(g.n_ops())};
+}
+
 }  // namespace
 
 StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
@@ -106,10 +166,21 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   Lowering l(model, training, prof, plan);
   l.b.set_names(options.names);
   lower_model(l, model, prof);
-  l.out.param_grads = differentiate(l.b, l.out.loss, l.out.params, plan);
+  // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary). With
+  // accumulation, fp16 autocast is refused by the loader (the scaled micro-batches are not lowered).
+  const bool scaled = training.autocast == DType::f16;
+  if (training.grad_accum_steps > 1) {
+    accumulate_micro_batches(l, model, prof);
+  } else {
+    const TensorId root = scaled ? l.scaler_scale_loss(l.out.loss) : l.out.loss;
+    l.out.param_grads = differentiate(l.b, root, l.out.params, plan);
+    if (scaled) l.b.hold_until_last(root);  // the temporary lives until .backward() returns
+  }
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.mutable_storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
+  if (scaled) l.scaler_unscale();
   l.optimizer();
+  if (scaled) l.scaler_update();
   l.zero_grad();
   l.out.graph.freeze();
   return std::move(l.out);

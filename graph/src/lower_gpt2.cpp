@@ -10,7 +10,7 @@ TensorId Lowering::gpt2_attention(int i, const Gpt2Block& p, TensorId x) {
   const int64_t B = tr.batch_size, T = m.seq_len, C = m.d_model, H = m.n_heads, hd = C / H;
   const std::string s = fmt::format("blocks.{}.attn", i);
   scope(i, s + ".c_attn");
-  TensorId qkv = b.linear(x, p.c_attn_w, p.c_attn_b);
+  TensorId qkv = linear(x, p.c_attn_w, p.c_attn_b);
   scope(i, s);
   auto parts = b.split(qkv, C, 2);
   TensorId k = b.transpose(b.view(parts[1], {B, T, H, hd}), 1, 2);
@@ -35,9 +35,11 @@ TensorId Lowering::gpt2_attention(int i, const Gpt2Block& p, TensorId x) {
   core_end(i);
   y = b.view(b.contiguous(b.transpose(y, 1, 2)), {B, T, C});
   scope(i, s + ".c_proj");
-  y = b.linear(y, p.c_proj_w, p.c_proj_b);
+  y = linear(y, p.c_proj_w, p.c_proj_b);
   scope(i, s + ".resid_dropout");
-  return b.dropout(y, m.dropout);
+  y = b.dropout(y, m.dropout);
+  hold_frame(x);  // CausalSelfAttention.forward's x
+  return y;
 }
 
 TensorId Lowering::gpt2_block(int i, const Gpt2Block& p, TensorId x) {
@@ -50,6 +52,7 @@ TensorId Lowering::gpt2_block(int i, const Gpt2Block& p, TensorId x) {
 
 TensorId Lowering::gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
   const std::string s = fmt::format("blocks.{}", i);
+  const TensorId in = x;  // GPT2.forward's loop variable holds the block input until block(x) returns
   scope(i, s + ".ln_1");
   TensorId h = b.layer_norm(x, p.ln1_w, p.ln1_b);
   TensorId a = gpt2_attention(i, p, h);
@@ -60,15 +63,18 @@ TensorId Lowering::gpt2_block_ops(int i, const Gpt2Block& p, TensorId x) {
   scope(i, s + ".ln_2");
   h = b.layer_norm(x, p.ln2_w, p.ln2_b);
   scope(i, s + ".mlp.c_fc");
-  TensorId f = b.linear(h, p.fc_w, p.fc_b);
+  TensorId f = linear(h, p.fc_w, p.fc_b);
   scope(i, s + ".mlp.gelu");
   f = b.unary(OpKind::gelu_tanh, f);
   scope(i, s + ".mlp.c_proj");
-  f = b.linear(f, p.proj_w, p.proj_b);
+  f = linear(f, p.proj_w, p.proj_b);
   scope(i, s + ".mlp.dropout");
   f = b.dropout(f, m.dropout);
+  hold_frame(h);  // GPT2MLP.forward's x
   scope(i, s);
   x = b.binary(OpKind::add, x, f);
+  // Under `mlp` this add is recomputed in backward, where the block input is long gone.
+  if (mode(i) != BlockMode::mlp) hold_frame(in);
   mlp_end(i);
   return x;
 }
@@ -86,22 +92,23 @@ void Lowering::gpt2() {
     Gpt2Block& p = blocks[i];
     p.ln1_w = param(n("ln_1.weight"), {d});
     p.ln1_b = param(n("ln_1.bias"), {d});
-    p.c_attn_w = param(n("attn.c_attn.weight"), {3 * d, d});
+    p.c_attn_w = linear_weight(n("attn.c_attn"), {3 * d, d});
     p.c_attn_b = param(n("attn.c_attn.bias"), {3 * d});
-    p.c_proj_w = param(n("attn.c_proj.weight"), {d, d});
+    p.c_proj_w = linear_weight(n("attn.c_proj"), {d, d});
     p.c_proj_b = param(n("attn.c_proj.bias"), {d});
     p.ln2_w = param(n("ln_2.weight"), {d});
     p.ln2_b = param(n("ln_2.bias"), {d});
-    p.fc_w = param(n("mlp.c_fc.weight"), {ff, d});
+    p.fc_w = linear_weight(n("mlp.c_fc"), {ff, d});
     p.fc_b = param(n("mlp.c_fc.bias"), {ff});
-    p.proj_w = param(n("mlp.c_proj.weight"), {d, ff});
+    p.proj_w = linear_weight(n("mlp.c_proj"), {d, ff});
     p.proj_b = param(n("mlp.c_proj.bias"), {d});
     p.mask = buffer(n("attn.bias"), {1, 1, S, S});
   }
   b.set_layer(-1);
   TensorId lnf_w = param("ln_f.weight", {d});
   TensorId lnf_b = param("ln_f.bias", {d});
-  TensorId lm_head = m.tied() ? wte : param("lm_head.weight", {V, d});
+  TensorId lm_head = m.tied() ? tied_linear("lm_head", wte) : linear_weight("lm_head", {V, d});
+  if (params_only) return;
   TensorId idx = b.leaf("idx", {B, T}, DType::i64, Category::input, false);
   TensorId targets = b.leaf("targets", {B, T}, DType::i64, Category::input, false);
 
@@ -119,6 +126,7 @@ void Lowering::gpt2() {
   scope(-1, "ln_f");
   x = b.layer_norm(x, lnf_w, lnf_b);
   finish_loss(x, lm_head, targets, pos);
+  hold_frame(x);  // GPT2.forward's x = self.ln_f(x)
 }
 
 }  // namespace actsim::graph

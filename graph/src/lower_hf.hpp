@@ -59,6 +59,11 @@ struct HfBase {
             .bytes_moved = 2 * g().view_bytes(x)});
     return out;
   }
+  // Gemma2's tanh softcapping: x / c, torch.tanh, * c (three tensors; tanh saves its result).
+  TensorId softcap(TensorId x, double c) {
+    TensorId y = b.unary(OpKind::tanh, b.scalar_op(OpKind::div_scalar, x, c));
+    return b.scalar_op(OpKind::mul_scalar, y, c);
+  }
   TensorId mul(TensorId a, TensorId c) { return like(b.binary(OpKind::mul, a, c), a); }
   TensorId add(TensorId a, TensorId c) { return like(b.binary(OpKind::add, a, c), a); }
 
@@ -67,6 +72,9 @@ struct HfBase {
   TensorId position_ids();
   // create_causal_mask under eager attention: a (B, 1, T, T) additive mask in the model dtype.
   TensorId causal_mask(TensorId pos);
+  // MixtralSparseMoeBlock on h (B, T, d) with transformers' default experts implementation
+  // (grouped_mm; lower_hf_moe.cpp). `s` is the block's module path ("model.layers.3.mlp").
+  TensorId moe(int i, const std::string& s, TensorId h, TensorId router, TensorId gate_up, TensorId down);
   // lm_head, then ForCausalLMLoss; the outputs object (logits, the cache) is dropped when forward returns.
   void causal_lm_loss(TensorId x, TensorId lm_head, TensorId labels, const std::vector<TensorId>& cache);
 };

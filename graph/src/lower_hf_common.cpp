@@ -21,7 +21,9 @@ TensorId HfBase::causal_mask(TensorId pos) {
 
 void HfBase::causal_lm_loss(TensorId x, TensorId lm_head, TensorId labels, const std::vector<TensorId>& cache) {
   l.scope(-1, "lm_head");
-  TensorId logits = b.linear(x, lm_head, std::nullopt);
+  TensorId logits = l.linear(x, lm_head, std::nullopt);
+  // Gemma2's final_logit_softcapping: logits / c, tanh, * c (the outputs object holds the result).
+  if (m.final_softcap > 0) logits = softcap(logits, m.final_softcap);
   // ForCausalLMLoss: logits.float(); labels = pad(labels, (0, 1), value=-100);
   // shift_labels = labels[..., 1:].contiguous(); cross_entropy(logits.view(-1, V), shift_labels.view(-1)).
   l.scope(-1, "loss_function");

@@ -133,6 +133,7 @@ struct HfGpt2 : HfBase {
     TensorId lnf_w = l.param("transformer.ln_f.weight", {d});
     TensorId lnf_b = l.param("transformer.ln_f.bias", {d});
     TensorId lm_head = m.tied() ? wte : l.param("lm_head.weight", {V, d});
+    if (l.params_only) return;  // model_names(): the parameters alone
     TensorId idx = b.leaf("input_ids", {B, T}, DType::i64, Category::input, false);
     TensorId labels = b.leaf("labels", {B, T}, DType::i64, Category::input, false);
 

@@ -167,6 +167,7 @@ struct HfNeox : HfBase {
     TensorId inv_freq = l.buffer("gpt_neox.rotary_emb.inv_freq", {rd / 2});
     (void)l.buffer("gpt_neox.rotary_emb.original_inv_freq", {rd / 2});
     TensorId lm_head = m.tied() ? emb : l.param("lm_head.weight", {V, d});
+    if (l.params_only) return;  // model_names(): the parameters alone
     TensorId idx = b.leaf("input_ids", {B, T}, DType::i64, Category::input, false);
     TensorId labels = b.leaf("labels", {B, T}, DType::i64, Category::input, false);
 

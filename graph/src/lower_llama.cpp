@@ -38,11 +38,11 @@ TensorId Lowering::llama_attention(int i, const LlamaBlock& p, TensorId x, Tenso
   const int64_t B = tr.batch_size, T = m.seq_len, d = m.d_model, H = m.n_heads, KV = m.kv_heads(), hd = d / H;
   const std::string s = fmt::format("blocks.{}.attn", i);
   scope(i, s + ".q_proj");
-  TensorId q = b.transpose(b.view(b.linear(x, p.wq, std::nullopt), {B, T, H, hd}), 1, 2);
+  TensorId q = b.transpose(b.view(linear(x, p.wq, std::nullopt), {B, T, H, hd}), 1, 2);
   scope(i, s + ".k_proj");
-  TensorId k = b.transpose(b.view(b.linear(x, p.wk, std::nullopt), {B, T, KV, hd}), 1, 2);
+  TensorId k = b.transpose(b.view(linear(x, p.wk, std::nullopt), {B, T, KV, hd}), 1, 2);
   scope(i, s + ".v_proj");
-  TensorId v = b.transpose(b.view(b.linear(x, p.wv, std::nullopt), {B, T, KV, hd}), 1, 2);
+  TensorId v = b.transpose(b.view(linear(x, p.wv, std::nullopt), {B, T, KV, hd}), 1, 2);
   scope(i, s + ".rope");
   q = rope(q, cos_c, sin_c, pos);
   k = rope(k, cos_c, sin_c, pos);
@@ -65,7 +65,9 @@ TensorId Lowering::llama_attention(int i, const LlamaBlock& p, TensorId x, Tenso
   core_end(i);
   o = b.view(b.contiguous(b.transpose(o, 1, 2)), {B, T, d});
   scope(i, s + ".o_proj");
-  return b.linear(o, p.wo, std::nullopt);
+  o = linear(o, p.wo, std::nullopt);
+  hold_frame(x);  // LlamaAttention.forward's x
+  return o;
 }
 
 TensorId Lowering::llama_block(int i, const LlamaBlock& p, TensorId x, TensorId cos_c, TensorId sin_c, TensorId pos) {
@@ -78,6 +80,7 @@ TensorId Lowering::llama_block(int i, const LlamaBlock& p, TensorId x, TensorId 
 
 TensorId Lowering::llama_block_ops(int i, const LlamaBlock& p, TensorId x, TensorId cos_c, TensorId sin_c, TensorId pos) {
   const std::string s = fmt::format("blocks.{}", i);
+  const TensorId in = x;  // Llama.forward's loop variable holds the block input until block(x) returns
   scope(i, s + ".attn_norm");
   TensorId h = rmsnorm(x, p.attn_norm);
   TensorId a = llama_attention(i, p, h, cos_c, sin_c, pos);
@@ -89,17 +92,20 @@ TensorId Lowering::llama_block_ops(int i, const LlamaBlock& p, TensorId x, Tenso
   h = rmsnorm(x, p.ffn_norm);
   // self.w2(F.silu(self.w1(x)) * self.w3(x))
   scope(i, s + ".ffn.w1");
-  TensorId g = b.linear(h, p.w1, std::nullopt);
+  TensorId g = linear(h, p.w1, std::nullopt);
   scope(i, s + ".ffn");
   g = b.unary(OpKind::silu, g);
   scope(i, s + ".ffn.w3");
-  TensorId u = b.linear(h, p.w3, std::nullopt);
+  TensorId u = linear(h, p.w3, std::nullopt);
   scope(i, s + ".ffn");
   TensorId gu = b.binary(OpKind::mul, g, u);
   scope(i, s + ".ffn.w2");
-  TensorId f = b.linear(gu, p.w2, std::nullopt);
+  TensorId f = linear(gu, p.w2, std::nullopt);
+  hold_frame(h);  // SwiGLU.forward's x
   scope(i, s);
   x = b.binary(OpKind::add, x, f);
+  // Under `mlp` this add is recomputed in backward, where the block input is long gone.
+  if (mode(i) != BlockMode::mlp) hold_frame(in);
   mlp_end(i);
   return x;
 }
@@ -118,18 +124,19 @@ void Lowering::llama() {
     b.set_layer(i);
     LlamaBlock& p = blocks[i];
     p.attn_norm = param(n("attn_norm.weight"), {d});
-    p.wq = param(n("attn.q_proj.weight"), {d, d});
-    p.wk = param(n("attn.k_proj.weight"), {KV * hd, d});
-    p.wv = param(n("attn.v_proj.weight"), {KV * hd, d});
-    p.wo = param(n("attn.o_proj.weight"), {d, d});
+    p.wq = linear_weight(n("attn.q_proj"), {d, d});
+    p.wk = linear_weight(n("attn.k_proj"), {KV * hd, d});
+    p.wv = linear_weight(n("attn.v_proj"), {KV * hd, d});
+    p.wo = linear_weight(n("attn.o_proj"), {d, d});
     p.ffn_norm = param(n("ffn_norm.weight"), {d});
-    p.w1 = param(n("ffn.w1.weight"), {ff, d});
-    p.w2 = param(n("ffn.w2.weight"), {d, ff});
-    p.w3 = param(n("ffn.w3.weight"), {ff, d});
+    p.w1 = linear_weight(n("ffn.w1"), {ff, d});
+    p.w2 = linear_weight(n("ffn.w2"), {d, ff});
+    p.w3 = linear_weight(n("ffn.w3"), {ff, d});
   }
   b.set_layer(-1);
   TensorId norm = param("norm.weight", {d});
-  TensorId lm_head = m.tied() ? emb : param("lm_head.weight", {V, d});
+  TensorId lm_head = m.tied() ? tied_linear("lm_head", emb) : linear_weight("lm_head", {V, d});
+  if (params_only) return;
   TensorId idx = b.leaf("idx", {B, T}, DType::i64, Category::input, false);
   TensorId targets = b.leaf("targets", {B, T}, DType::i64, Category::input, false);
 
@@ -141,6 +148,7 @@ void Lowering::llama() {
   scope(-1, "norm");
   x = rmsnorm(x, norm);
   finish_loss(x, lm_head, targets, pos);
+  hold_frame(x);  // Llama.forward's x = self.norm(x)
 }
 
 }  // namespace actsim::graph

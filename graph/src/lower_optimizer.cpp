@@ -24,6 +24,7 @@ void Lowering::optimizer() {
   std::vector<State> st(out.params.size());
   for (size_t i = 0; i < out.params.size(); ++i) {
     const Tensor& p = g.tensor(out.params[i]);
+    if (!p.requires_grad) continue;  // frozen (training.trainable): not in the optimizer's list
     b.set_layer(g.storage(p.storage).layer);
     const Shape shape = p.shape;
     const std::string name = p.name;
@@ -145,6 +146,74 @@ void Lowering::optimizer() {
     if (sq[i] != kNoTensor) b.hold_until_last(sq[i]);
     if (denom[i] != kNoTensor && denom[i] != sq[i]) b.hold_until_last(denom[i]);
   }
+}
+
+// ---- torch.amp.GradScaler (torch/amp/grad_scaler.py, 2.x) ----------------------------------
+// The simulator takes the branch a steady-state step takes: no inf or NaN in the gradients, so
+// scaler.step runs optimizer.step(). A skipped step (found_inf) allocates a subset of this: the
+// same unscale_ temporaries and no optimizer temporaries; its peak is never above this one's.
+TensorId Lowering::scaler_scale_loss(TensorId loss) {
+  // _scale and _growth_tracker: 0-dim float32 and int32 tensors made by the warm-up step's first
+  // scale() (_lazy_init_scale_growth_tracker); they persist, as the optimizer state does.
+  scaler.scale = b.leaf("grad_scaler._scale", {}, DType::f32, Category::temporary, false);
+  scaler.growth_tracker = b.leaf("grad_scaler._growth_tracker", {}, DType::i32, Category::temporary, false);
+  out.graph.mutable_storage(out.graph.tensor(scaler.scale).storage).keep = true;
+  out.graph.mutable_storage(out.graph.tensor(scaler.growth_tracker).storage).keep = true;
+  b.set_phase(Phase::backward);
+  b.set_layer(-1);
+  b.set_scope("grad_scaler");
+  // outputs * scale.to(device): MulBackward0 saves `scale`, which persists anyway; it is left out
+  // of the op's inputs so that it never counts as an activation kept for backward.
+  TensorId scaled = b.fresh("scaled_loss", {}, out.graph.tensor(loss).dtype);
+  b.emit({.kind = OpKind::mul, .name = "scale", .inputs = {loss}, .outputs = {scaled}, .flops = 1, .bytes_moved = 12});
+  return scaled;
+}
+
+void Lowering::scaler_unscale() {
+  b.set_phase(Phase::optimizer);
+  b.set_layer(-1);
+  b.set_scope("grad_scaler");
+  auto small = [&](const std::string& name, DType dt, std::vector<TensorId> ins, std::vector<TensorId> holds = {}) {
+    TensorId o = b.fresh(name, {}, dt, Category::temporary);
+    b.emit({.kind = OpKind::optim_temp, .name = name, .inputs = std::move(ins), .outputs = {o},
+            .holds = std::move(holds), .bytes_moved = 2 * dtype_size(dt)});
+    return o;
+  };
+  // unscale_: inv_scale = self._scale.double().reciprocal().float()
+  TensorId d = small("unscale_.double", DType::f64, {scaler.scale});
+  TensorId r = small("unscale_.reciprocal", DType::f64, {d});
+  TensorId inv = small("unscale_.inv_scale", DType::f32, {r});
+  TensorId found = small("unscale_.found_inf", DType::f32, {});
+  // _unscale_grads_: _MultiDeviceReplicator.get(device) copies found_inf and inv_scale (to(copy=True)),
+  // found_inf first (argument order); one group per (device, dtype) of the gradients.
+  TensorId found_copy = small("unscale_.found_inf.copy", DType::f32, {found});
+  TensorId inv_copy = small("unscale_.inv_scale.copy", DType::f32, {inv});
+  std::vector<TensorId> grads{found_copy, inv_copy};
+  for (TensorId gr : out.param_grads) {
+    if (gr != kNoTensor) grads.push_back(gr);
+  }
+  int64_t n = 0;
+  for (TensorId gr : out.param_grads) {
+    if (gr != kNoTensor) n += numel(out.graph.tensor(gr).shape);
+  }
+  // _amp_foreach_non_finite_check_and_unscale_ in place (nothing allocated on the CPU); inv_scale,
+  // found_inf and the inv_scale copy die when unscale_ returns; the found_inf copy stays in the
+  // per-optimizer state until update().
+  b.emit({.kind = OpKind::optim_update, .name = "_amp_foreach_non_finite_check_and_unscale_",
+          .inputs = std::move(grads), .holds = {inv, found}, .flops = 2.0 * n,
+          .bytes_moved = 2 * n * dtype_size(dt), .kernels = 1});
+  scaler.found_inf = found_copy;
+}
+
+void Lowering::scaler_update() {
+  b.set_phase(Phase::optimizer);
+  b.set_layer(-1);
+  b.set_scope("grad_scaler");
+  // torch._amp_update_scale_(_scale, _growth_tracker, found_inf, ...) in place; then
+  // _per_optimizer_states is reset, which releases the found_inf copy.
+  b.emit({.kind = OpKind::optim_update, .name = "_amp_update_scale_",
+          .inputs = {scaler.scale, scaler.growth_tracker, scaler.found_inf}, .flops = 4, .bytes_moved = 12,
+          .kernels = 1});
 }
 
 void Lowering::zero_grad() {

@@ -6,7 +6,10 @@
 
 #include <fmt/format.h>
 
+#include <optional>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "actsim/graph/lower.hpp"
 #include "builder.hpp"
@@ -26,6 +29,8 @@ struct Lowering {
   Lowering(const ModelConfig& mc, const TrainingConfig& tc, const RuntimeProfile& p, const BlockPlan* bp)
       : m(mc), tr(tc), prof(p), b(out.graph, p, tc.dtype), dt(tc.dtype), plan(bp) {
     out.graph.alloc_granularity = p.alloc_granularity;
+    b.ckpt_reentrant = tc.checkpoint_impl == CheckpointImpl::reentrant;
+    b.ckpt_preserve_rng = tc.preserve_rng_state;
   }
 
   // Checkpointing: region ids are unique per recomputed unit (a segment, a block's attention core,
@@ -38,12 +43,12 @@ struct Lowering {
       case BlockMode::recompute: {
         const int32_t r = plan->before_backward.empty() ? plan->segment[static_cast<size_t>(i)] : kBlockRegion + i;
         // A new checkpoint call (every:K spans K blocks): it stashes the RNG state first.
-        if (!b.rng_stash.count(r)) b.rng_stash[r] = b.stash_rng("checkpoint.rng_state");
+        b.begin_checkpoint_call(r);
         b.set_region(r);
         break;
       }
       case BlockMode::ops:  // selective activation checkpointing: a checkpoint call too
-        b.rng_stash[kOpsRegion + i] = b.stash_rng("checkpoint.rng_state");
+        b.begin_checkpoint_call(kOpsRegion + i);
         b.set_region(kOpsRegion + i, &plan->keep_kinds);
         break;
       case BlockMode::offload: b.set_offload(true); break;
@@ -57,7 +62,7 @@ struct Lowering {
   // Megatron-LM selective recompute: the attention core (scores, mask, softmax, dropout, x V).
   void core_begin(int i) {
     if (mode(i) != BlockMode::selective) return;
-    b.rng_stash[kSelectiveRegion + i] = b.stash_rng("checkpoint.rng_state");  // one checkpoint call
+    b.begin_checkpoint_call(kSelectiveRegion + i);  // one checkpoint call
     b.set_region(kSelectiveRegion + i);
   }
   void core_end(int i) {
@@ -67,7 +72,7 @@ struct Lowering {
   // checkpoint call, from the mid-block residual to the block output (two consecutive cut tensors).
   void mlp_begin(int i) {
     if (mode(i) != BlockMode::mlp) return;
-    b.rng_stash[kMlpRegion + i] = b.stash_rng("checkpoint.rng_state");
+    b.begin_checkpoint_call(kMlpRegion + i);
     b.set_region(kMlpRegion + i);
   }
   void mlp_end(int i) {
@@ -75,8 +80,8 @@ struct Lowering {
   }
 
   TensorId param(const std::string& name, const Shape& shape) {
-    TensorId t = b.leaf(name, shape, dt, Category::parameter, true);
-    out.params.push_back(t);
+    TensorId t = b.leaf(name, shape, dt, Category::parameter, trainable(name));
+    if (!b.is_replaying_leaves()) out.params.push_back(t);
     return t;
   }
   TensorId buffer(const std::string& name, const Shape& shape) {
@@ -85,6 +90,30 @@ struct Lowering {
   void scope(int32_t layer, const std::string& s) {
     b.set_layer(layer);
     b.set_scope(s);
+  }
+
+  // ---- trainable subsets and LoRA (training.trainable), lower_lora.cpp ------------------------
+  bool params_only = false;                // model_names(): each family returns after its parameters
+  std::vector<std::string> linear_modules; // the nn.Linear modules, in model order
+  struct LoraAdapter {
+    std::string module;                    // "blocks.0.attn.c_attn"
+    int32_t layer = -1;
+    TensorId a = kNoTensor, b = kNoTensor; // lora_A (r x in), lora_B (out x r)
+  };
+  std::unordered_map<uint32_t, LoraAdapter> lora;  // base weight tensor -> its adapter
+  // Whether parameter `name` requires grad (all; frozen: no pattern matches; lora: never).
+  bool trainable(const std::string& name) const;
+  // An nn.Linear's weight (module + ".weight"), and under LoRA its adapter's A and B after it.
+  TensorId linear_weight(const std::string& module, const Shape& shape);
+  // The Linear `module` whose weight is `w` (a tied lm_head): the same bookkeeping.
+  TensorId tied_linear(const std::string& module, TensorId w);
+  // F.linear, plus peft's LoRA branch when `w` has an adapter (every family calls this).
+  TensorId linear(TensorId x, TensorId w, std::optional<TensorId> bias);
+  // A module's argument (a Python local) stays alive until the module returns: the last op
+  // emitted holds `t`. Only under a trainable subset: with every weight trained, the linears that
+  // read these tensors save them for backward, which outlives the frame.
+  void hold_frame(TensorId t) {
+    if (tr.trainable.mode != Trainable::all) b.hold_until_last(t);
   }
 
   // Shared tail of both families: logits, cross-entropy (lower.cpp).
@@ -115,7 +144,20 @@ struct Lowering {
   OptimizerImpl resolve_impl() const;
   void optimizer();
   void zero_grad();
+
+  // ---- torch.amp.GradScaler (training.autocast = fp16), lower_optimizer.cpp ------------------
+  struct Scaler {
+    TensorId scale = kNoTensor, growth_tracker = kNoTensor, found_inf = kNoTensor;
+  } scaler;
+  TensorId scaler_scale_loss(TensorId loss);  // scaler.scale(loss): loss * scale
+  void scaler_unscale();                      // scaler.step's unscale_ and inf check
+  void scaler_update();                       // scaler.update()
 };
+
+// Runs the family's lowering; with l.params_only it stops after the parameters (lower.cpp).
+void lower_family(Lowering& l);
+// The parameters alone (l.params_only set): model_names() (lower_lora.cpp).
+inline void lower_parameters(Lowering& l) { lower_family(l); }
 
 // Hugging Face transformers' Llama-style decoders (Family::hf_llama), lower_hf_llama.cpp.
 void lower_hf_llama(Lowering& l);

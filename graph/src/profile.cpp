@@ -50,6 +50,13 @@ constexpr int8_t out0 = kOut + 0, out1 = kOut + 1, out2 = kOut + 2;
       SaveRule{OpKind::nll_loss, {{in0}, {in1}, {out1}}, 3,                                         \
                "derivatives.yaml nll_loss_forward: self: nll_loss_backward(grad, self, target, "   \
                "weight, reduction, ignore_index, total_weight)"},                                    \
+      SaveRule{OpKind::topk, {{out1}}, 1,                                                           \
+               "derivatives.yaml topk: self: value_selecting_reduction_backward_symint(grad, dim, indices, ...)"}, \
+      SaveRule{OpKind::div_inplace, {{in1, in0}, {out1, in1}}, 2,                                   \
+               "derivatives.yaml div.Tensor: self: div_tensor_self_backward(grad, other, ...), other: " \
+               "div_tensor_other_backward(grad, self, other); in place, the original self is a clone"}, \
+      SaveRule{OpKind::grouped_mm, {{in0}, {in1}, {in2}}, 3,                                        \
+               "derivatives.yaml _grouped_mm: self, mat2: _grouped_mm_backward(grad, self, mat2, offs, ...)"}, \
       SaveRule{OpKind::flash_attention, {{in0}, {in1}, {in2}, {out0}, {out1}}, 5,                   \
                "derivatives.yaml _scaled_dot_product_flash_attention: query, key, value: "         \
                "_scaled_dot_product_flash_attention_backward(grad, query, key, value, output, logsumexp, ...)"}
@@ -113,6 +120,7 @@ constexpr RuntimeProfile kTorchCpu{
     .rng_state_location = Location::device,
     .wrapped_numbers_unhooked = false,
     .checkpoint_unpack_releases = false,
+    .checkpoint_early_stop = false,
     .rules = kCpu113Rules,
 };
 
@@ -135,6 +143,7 @@ constexpr RuntimeProfile kTorch2Cpu{
     .rng_state_location = Location::device,
     .wrapped_numbers_unhooked = true,
     .checkpoint_unpack_releases = true,
+    .checkpoint_early_stop = true,
     .rules = kTorch2Rules,
 };
 
@@ -214,7 +223,58 @@ constexpr RuntimeProfile on_avx2(RuntimeProfile p) {
 constexpr RuntimeProfile kTorchCpuAvx2 = on_avx2(kTorchCpu);
 constexpr RuntimeProfile kTorch2CpuAvx2 = on_avx2(kTorch2Cpu);
 
+// torch.autocast's op lists for the op kinds the lowerings emit (training.autocast). Each row names
+// the aten ops of aten/src/ATen/autocast_mode.cpp (lists of the AutocastCPU / AutocastCUDA
+// registrations) that the op kind stands for; linear and matmul are the entry points of mm, addmm
+// and bmm, and cross_entropy_loss that of log_softmax + nll_loss (the builder applies the policy at
+// the entry point; the ops inside run with autocast excluded, as WrapFunction_ does).
+// CPU, PyTorch 1.13 (v1.13.0 autocast_mode.cpp, TORCH_LIBRARY_IMPL(aten, AutocastCPU)) and 2.x
+// (v2.13.0, the same file) agree on every op kind here; checked on both with tests/torch.
+constexpr std::array kAutocastCpu{
+    AutocastRule{OpKind::mm, CastPolicy::lower_precision_fp, "mm, matmul, linear"},
+    AutocastRule{OpKind::addmm, CastPolicy::lower_precision_fp, "addmm, linear"},
+    AutocastRule{OpKind::bmm, CastPolicy::lower_precision_fp, "bmm, matmul"},
+    AutocastRule{OpKind::flash_attention, CastPolicy::lower_precision_fp, "scaled_dot_product_attention (2.x)"},
+    AutocastRule{OpKind::nll_loss, CastPolicy::fp32, "cross_entropy_loss, nll_loss"},
+    AutocastRule{OpKind::stack, CastPolicy::promote, "stack"},
+    AutocastRule{OpKind::cat, CastPolicy::promote, "cat"},
+};
+// CUDA, PyTorch 2.x (v2.13.0 autocast_mode.h AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32,
+// AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_PROMOTE, registered by TORCH_LIBRARY_IMPL(aten,
+// Autocast)). Not confirmed on a GPU yet.
+constexpr std::array kAutocastCuda{
+    AutocastRule{OpKind::mm, CastPolicy::lower_precision_fp, "mm, matmul, linear"},
+    AutocastRule{OpKind::addmm, CastPolicy::lower_precision_fp, "addmm, linear"},
+    AutocastRule{OpKind::bmm, CastPolicy::lower_precision_fp, "bmm, matmul"},
+    AutocastRule{OpKind::flash_attention, CastPolicy::lower_precision_fp, "scaled_dot_product_attention"},
+    AutocastRule{OpKind::layer_norm, CastPolicy::fp32, "layer_norm, native_layer_norm"},
+    AutocastRule{OpKind::rsqrt, CastPolicy::fp32, "rsqrt"},
+    AutocastRule{OpKind::pow_scalar, CastPolicy::fp32, "pow.Tensor_Scalar"},
+    AutocastRule{OpKind::nll_loss, CastPolicy::fp32, "nll_loss (cross_entropy_loss's log_softmax is "
+                                                     "fp32_set_opt_dtype: the same cast of the logits)"},
+    AutocastRule{OpKind::softmax, CastPolicy::fp32_set_opt_dtype, "softmax"},
+    AutocastRule{OpKind::log_softmax, CastPolicy::fp32_set_opt_dtype, "log_softmax"},
+};
+
 }  // namespace
+
+std::span<const AutocastRule> RuntimeProfile::autocast_rules() const {
+  if (id == ProfileId::torch_cuda) return kAutocastCuda;
+  return kAutocastCpu;
+}
+
+CastPolicy RuntimeProfile::autocast_policy(OpKind k) const {
+  for (const AutocastRule& r : autocast_rules()) {
+    if (r.op == k) return r.policy;
+  }
+  return CastPolicy::none;
+}
+
+bool RuntimeProfile::autocast_supports(DType dt) const {
+  // torch/amp/autocast_mode.py (1.13) __enter__: torch.set_autocast_cpu_dtype raises "Currently,
+  // AutocastCPU only support Bfloat16 as the autocast_cpu_dtype" for float16.
+  return dt != DType::f16 || id != ProfileId::torch_cpu;
+}
 
 const SaveRule* RuntimeProfile::rule(OpKind k) const {
   for (const SaveRule& r : rules) {

@@ -615,6 +615,8 @@ bool torch_checkable(const Schedule& s, std::string& why_not) {
     why_not = "the PyTorch check needs model.dropout = 0 (dropout masks differ between generators)";
   } else if (s.model.attention != graph::Attention::eager) {
     why_not = "the PyTorch check needs model.attention = eager (torch 1.13 has no SDPA)";
+  } else if (s.training.autocast_on()) {  // autocast recipe (issue 12)
+    why_not = "the PyTorch check runs without autocast (training.autocast = none)";
   } else if (s.training.dtype != DType::f32 && s.training.dtype != DType::f64) {
     why_not = "the PyTorch check compares fp32 (or fp64) runs only";
   } else {

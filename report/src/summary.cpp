@@ -95,6 +95,7 @@ nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
   j["phase_end_ns"] = {{"forward", r.phase_end_ns[0]}, {"backward", r.phase_end_ns[1]},
                        {"optimizer", r.phase_end_ns[2]}};
   j["events"] = r.events;
+  j["micro_batches"] = g.micro_batches;  // gradient accumulation: live_bytes are the last one's
   j["ops"] = g.n_ops();
   j["fits"] = r.peak_bytes <= s.device.memory_bytes;
   if (max_batch >= 0) j["max_batch_size"] = max_batch;
@@ -108,13 +109,15 @@ std::string to_table(const Analysis& a, int64_t max_batch) {
   const auto& m = s.model;
   std::string out;
   auto line = [&](const std::string& l) { out += l + "\n"; };
-  const char* dt = s.training.dtype == graph::DType::f32 ? "fp32" : s.training.dtype == graph::DType::bf16 ? "bf16" : "fp16";
+  std::string dt = s.training.dtype == graph::DType::f32 ? "fp32" : s.training.dtype == graph::DType::bf16 ? "bf16" : "fp16";
+  if (s.training.autocast_on()) dt += s.training.autocast == graph::DType::bf16 ? " + autocast bf16" : " + autocast fp16";
   line(fmt::format("actsim: {} -- {} family, {} layers, d_model {}, {} heads{}, d_ff {}, vocab {}, seq {}",
                    s.name, graph::to_string(m.family), m.n_layers, m.d_model, m.n_heads,
                    m.kv_heads() != m.n_heads ? fmt::format(" ({} kv)", m.kv_heads()) : "", m.ff(), m.vocab_size,
                    m.seq_len));
-  line(fmt::format("        batch {}, {}, {} ({}), attention {}, dropout {}, profile {}, device {} ({})",
-                   s.training.batch_size, dt, graph::to_string(s.training.optimizer),
+  line(fmt::format("        batch {}{}, {}, {} ({}), attention {}, dropout {}, profile {}, device {} ({})",
+                   s.training.batch_size,
+                   g.micro_batches > 1 ? fmt::format(" x {} micro-batches", g.micro_batches) : "", dt, graph::to_string(s.training.optimizer),
                    graph::to_string(a.step->optimizer_impl), graph::to_string(m.attention), m.dropout,
                    graph::to_string(s.profile), s.device.name, human_bytes(s.device.memory_bytes)));
   line("");
@@ -137,12 +140,19 @@ std::string to_table(const Analysis& a, int64_t max_batch) {
   line(fmt::format("    at {:.3f} ms in the {} pass, op {}", r.peak_time_ns / 1e6, graph::to_string(r.peak_phase),
                    pop.name));
   line("");
-  line("  live bytes: step start " + human_bytes(r.live_step_start) + ", end of forward " +
+  line(std::string(g.micro_batches > 1 ? "  live bytes (last micro-batch): step start " : "  live bytes: step start ") +
+       human_bytes(r.live_step_start) + ", end of forward " +
        human_bytes(r.live_end_forward) + ", end of backward " + human_bytes(r.live_end_backward) +
        ", after the optimizer " + human_bytes(r.live_end_optimizer));
-  line(fmt::format("  simulated step time: {:.3f} ms (forward {:.3f}, backward {:.3f}, optimizer {:.3f})",
-                   r.step_time_ns / 1e6, r.phase_end_ns[0] / 1e6, (r.phase_end_ns[1] - r.phase_end_ns[0]) / 1e6,
-                   (r.phase_end_ns[2] - r.phase_end_ns[1]) / 1e6));
+  if (g.micro_batches > 1) {
+    line(fmt::format("  simulated step time: {:.3f} ms ({} micro-batches of forward and backward {:.3f}, optimizer {:.3f})",
+                     r.step_time_ns / 1e6, g.micro_batches, r.phase_end_ns[1] / 1e6,
+                     (r.phase_end_ns[2] - r.phase_end_ns[1]) / 1e6));
+  } else {
+    line(fmt::format("  simulated step time: {:.3f} ms (forward {:.3f}, backward {:.3f}, optimizer {:.3f})",
+                     r.step_time_ns / 1e6, r.phase_end_ns[0] / 1e6, (r.phase_end_ns[1] - r.phase_end_ns[0]) / 1e6,
+                     (r.phase_end_ns[2] - r.phase_end_ns[1]) / 1e6));
+  }
   line("");
   line("  at the peak, by category:");
   for (int c = 0; c < graph::kNumCategories; ++c) {

@@ -288,6 +288,19 @@ struct Checker {
         if (!arity(1, 1, 1, 1) || !rank_is(in[0], 2) || !dtype_is(in[0], DType::i64) || !dtype_is(out[0], DType::i64)) return false;
         return shape_is(out[0], {shape(in[0])[0], shape(in[0])[1] + 1});
       }
+      // Mixture-of-experts decoders (graph/src/lower_hf_moe.cpp)
+      case OpKind::topk:
+        return arity(1, 1, 2, 2) && floating(in[0]) && same_shape(out[0], out[1]) && floating(out[0]) &&
+               dtype_is(out[1], DType::i64);
+      case OpKind::sum_dim: return arity(1, 1, 1, 1) && floating(in[0]) && floating(out[0]);
+      case OpKind::div_inplace:
+        return arity(2, 2, 2, 2) && floating(in[0]) && floating(in[1]) && same_shape(in[0], out[0]) &&
+               same_shape(in[0], out[1]);
+      case OpKind::grouped_mm: {
+        if (!arity(3, 3, 1, 1) || !rank_is(in[0], 2) || !rank_is(in[1], 3) || !rank_is(in[2], 1)) return false;
+        return shape_is(out[0], {shape(in[0])[0], shape(in[1])[2]}) && floating(out[0]);
+      }
+      case OpKind::moe_index: return arity(1, 1, 1, 2);
       default: return fail("is not a forward op kind");
     }
   }

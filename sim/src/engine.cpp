@@ -166,6 +166,11 @@ StepTables::StepTables(Unchecked, const Graph& g, const DeviceSpec& device, cons
     return;
   }
   for (int64_t t : duration_ns_) ok = ok && add(total_ns, t);
+  // Gradient accumulation charges one micro-batch's time micro_batches - 2 more times (Note
+  // [Micro-batches]); that time is at most the whole step's.
+  int64_t repeated_ns = 0;
+  if (g.micro_batches > 2) ok = ok && !__builtin_mul_overflow(g.micro_batches - 2, total_ns, &repeated_ns) &&
+                                add(total_ns, repeated_ns);
   if (!ok) overflow_ = "the step's simulated time (all op durations together) overflows int64 nanoseconds";
 }
 
@@ -181,6 +186,12 @@ std::span<const OpId> StepTables::cross_stream_deps(OpId op) const {
 
 namespace {
 
+// Note [Micro-batches]: with gradient accumulation the graph holds the first micro-batch and one
+// later micro-batch (Note [Gradient accumulation] in graph/src/lower.cpp), which stands for the
+// N - 1 later ones: each starts from the same live bytes and runs the same ops, so simulating it
+// once gives every byte of the sequence (the peak, the last micro-batch's boundaries). Its time
+// is charged N - 1 times: ops after it start N - 2 of its durations after it ends (observers see
+// an idle stretch there), and its events are counted N - 1 times.
 struct OpStart {
   OpId op;
 };
@@ -223,6 +234,11 @@ class Engine {
   std::vector<bool> stream_busy_;
   std::vector<bool> done_;
   std::array<uint32_t, 3> last_of_phase_{UINT32_MAX, UINT32_MAX, UINT32_MAX};
+  // Note [Micro-batches]: the later micro-batch's ops [rep_begin_, rep_end_) and the time and
+  // events charged for the rep_extra_ identical micro-batches after it.
+  uint32_t rep_begin_ = UINT32_MAX, rep_end_ = UINT32_MAX;
+  int64_t rep_extra_ = 0, rep_t0_ = -1, rep_ev0_ = 0, rep_left_ = 0, gate_ns_ = 0, extra_events_ = 0;
+  bool rep_done_ = true;
 };
 
 void Engine::alloc(StorageId s, OpId by, int64_t now) {
@@ -256,12 +272,14 @@ void Engine::try_start(int32_t stream, int64_t now) {
   for (OpId d : p_.cross_stream_deps(op)) {
     if (!done_[index(d)]) return;  // retried when that producer ends
   }
+  if (index(op) >= rep_end_ && !rep_done_) return;  // after the micro-batches: retried when they end
   stream_busy_[stream] = true;
   ++stream_next_[stream];
-  push(now, OpStart{op});
+  push(index(op) >= rep_end_ ? std::max(now, gate_ns_) : now, OpStart{op});
 }
 
 void Engine::on(const OpStart& e, int64_t now) {
+  if (index(e.op) == rep_begin_) rep_t0_ = now, rep_ev0_ = r_.events + mem_events_;
   for (Observer* o : obs_) o->on_op_start(e.op, now);
   for (StorageId s : p_.allocs(e.op)) alloc(s, e.op, now);
   const int64_t ws = p_.workspace_bytes(e.op);
@@ -300,6 +318,18 @@ void Engine::on(const OpEnd& e, int64_t now) {
   if (i == last_of_phase_[0]) r_.live_end_forward = live_, r_.phase_end_ns[0] = now;
   if (i == last_of_phase_[1]) r_.live_end_backward = live_, r_.phase_end_ns[1] = now;
   if (i == last_of_phase_[2]) r_.live_end_optimizer = live_, r_.phase_end_ns[2] = now;
+  if (i >= rep_begin_ && i < rep_end_ && --rep_left_ == 0) {
+    // Note [Micro-batches]: the later micro-batch has run once; the rep_extra_ more like it take
+    // as long, allocate and free alike, and end where it ended. What follows starts after them;
+    // the last micro-batch's phases end that much later.
+    rep_done_ = true;
+    const int64_t gap = rep_extra_ * (now - rep_t0_);
+    gate_ns_ = now + gap;
+    extra_events_ = rep_extra_ * (r_.events + mem_events_ - rep_ev0_);
+    for (size_t k = 0; k < 2; ++k) {
+      if (last_of_phase_[k] >= rep_begin_ && last_of_phase_[k] < rep_end_) r_.phase_end_ns[k] += gap;
+    }
+  }
   stream_busy_[p_.stream(e.op)] = false;
   for (size_t s = 0; s < stream_ops_.size(); ++s) try_start(static_cast<int32_t>(s), now);
 }
@@ -332,6 +362,13 @@ SimResult Engine::run() {
     stream_ops_[op.stream].push_back(static_cast<uint32_t>(i));
     if (op.kind != OpKind::zero_grad) last_of_phase_[static_cast<size_t>(op.phase)] = static_cast<uint32_t>(i);
   }
+  if (g_.micro_batches > 2 && g_.last_micro_batch != graph::kNoOp) {
+    rep_begin_ = index(g_.last_micro_batch);
+    rep_end_ = index(g_.after_micro_batches);
+    rep_extra_ = g_.micro_batches - 2;
+    rep_left_ = static_cast<int64_t>(rep_end_ - rep_begin_);
+    rep_done_ = rep_left_ == 0;
+  }
   stream_next_.assign(stream_ops_.size(), 0);
   stream_busy_.assign(stream_ops_.size(), false);
   for (size_t s = 0; s < stream_ops_.size(); ++s) try_start(static_cast<int32_t>(s), 0);
@@ -347,7 +384,7 @@ SimResult Engine::run() {
   for (size_t s = 0; s < stream_ops_.size(); ++s) {
     ACTSIM_ASSERT(stream_next_[s] == stream_ops_[s].size(), "ops left unscheduled (a dependency never ran)");
   }
-  r_.events += mem_events_;
+  r_.events += mem_events_ + extra_events_;
   r_.step_time_ns = now;
   r_.live_end_step = live_;
   // Storages live at the peak: allocated at or before the peak's event and not freed by then.

@@ -91,6 +91,8 @@ Analysis simulate_step(const ResolvedStep& step) {
   // storages autograd saves; with it, what each block keeps through the forward pass. A buffer
   // counts only when autograd saves it (Gemma's embed_scale, by the embedding's mul), not when a
   // recomputation reads it again.
+  // With gradient accumulation, what one micro-batch keeps: the first's ops (the later one's are alike).
+  const size_t n_ops = g.micro_batches > 1 ? graph::index(g.last_micro_batch) : g.n_ops();
   const size_t n_st = g.storages().size();
   std::vector<bool> kept(n_st, false);
   auto keepable = [&](graph::StorageId sid, const graph::Op& reader) {
@@ -106,8 +108,13 @@ Analysis simulate_step(const ResolvedStep& step) {
     // checkpoint's RNG stash is kept, but it is no saved tensor (the saved-tensor hooks never see it)
     return by.phase == graph::Phase::forward && by.kind != graph::OpKind::rng_stash;
   };
-  for (const graph::Op& op : g.ops()) {
+  for (size_t i = 0; i < n_ops; ++i) {
+    const graph::Op& op = g.ops()[i];
     if (op.phase == graph::Phase::forward) continue;
+    // Only autograd keeps tensors for backward: its nodes, and the recompute and prefetch that feed
+    // them. The optimizer step and the training loop's own ops (GradScaler's loss * scale) keep
+    // nothing; the engine's bookkeeping (sum_to, accumulate) holds only what a node keeps.
+    if (op.kind != graph::OpKind::backward && op.kind != graph::OpKind::prefetch && !op.recompute) continue;
     for (const auto* list : {&op.inputs, &op.holds}) {
       for (graph::TensorId t : *list) {
         graph::StorageId sid = g.tensor(t).storage;
@@ -119,10 +126,18 @@ Analysis simulate_step(const ResolvedStep& step) {
   // (in a recompute region) reads it from outside the region, or caches it (ops:LIST).
   a.per_layer_saved.assign(static_cast<size_t>(g.n_layers), 0);
   std::vector<bool> counted(n_st, false);
-  auto count = [&](const graph::Op& op, graph::TensorId t) {
+  // torch.utils.checkpoint's _NoopSaveInputs packs the call's tensor arguments under the
+  // saved-tensor hooks even when nothing in the region needs a gradient (a frozen block,
+  // training.trainable): saved, though the frame drops them when the call returns.
+  auto packed_argument = [&](const graph::Op& op, graph::TensorId t) {
+    const graph::Storage& st = g.storage(g.tensor(t).storage);
+    if (st.category != Category::activation && st.category != Category::input) return false;
+    return st.producer == graph::kNoOp || g.op(st.producer).region != op.region;
+  };
+  auto count = [&](const graph::Op& op, graph::TensorId t, bool packed = false) {
     graph::StorageId sid = g.tensor(t).storage;
     const size_t i = graph::index(sid);
-    if (!kept[i] || counted[i]) return;
+    if ((!kept[i] && !packed) || counted[i]) return;
     counted[i] = true;
     const graph::Storage& st = g.storage(sid);
     a.saved_bytes += st.bytes;
@@ -140,7 +155,7 @@ Analysis simulate_step(const ResolvedStep& step) {
     if (op.region < 0) {
       for (graph::TensorId t : op.saved) count(op, t);
     } else {
-      for (graph::TensorId t : op.inputs) count(op, t);
+      for (graph::TensorId t : op.inputs) count(op, t, packed_argument(op, t));
       for (graph::TensorId t : op.saved) count(op, t);  // what the region keeps past its hooks (kept only)
       if (op.cached) {
         for (graph::TensorId t : op.outputs) count(op, t);

@@ -43,6 +43,9 @@ constexpr Arch kArchs[] = {
     {"Qwen3ForCausalLM", "qwen3", 151936, 32, 128, false, true, false, true, 4096, false, 1e-6, false, false},
     {"GemmaForCausalLM", "gemma", 256000, 16, 256, false, true, false, false, 0, false, 1e-6, true, true},
     {"Phi3ForCausalLM", "phi3", 32064, 0, 0, false, false, false, false, 0, true, 1e-5, false, false},
+    // issue 11 (hfrest): Gemma2 (parse_gemma2) and Mixtral (parse_mixtral).
+    {"Gemma2ForCausalLM", "gemma2", 256000, 4, 256, false, true, false, false, 4096, false, 1e-6, true, true},
+    {"MixtralForCausalLM", "mixtral", 32000, 8, 0, false, false, false, false, 0, false, 1e-5, false, false},
 };
 
 std::string type_of(const json& v) {
@@ -207,6 +210,61 @@ HfConfig parse_neox(const Reader& r) {
   return h;
 }
 
+// A softcapping value: a positive number, or null (explicitly off); `def` when absent.
+double softcapping(const Reader& r, const char* field, double def) {
+  if (r.j.contains(field) && r.j.at(field).is_null()) return 0;
+  const double c = r.number(field, def);
+  if (!(c > 0)) r.fail(field, fmt::format("must be positive (or null for none), got {}", c));
+  return c;
+}
+
+// Gemma2ForCausalLM (models/gemma2/configuration_gemma2.py): query_pre_attn_scalar, tanh
+// softcapping of the attention scores (eager) and of the logits, the pre/post feedforward norms,
+// layer_types (default: even layers sliding_attention, odd full_attention) and sliding_window.
+void parse_gemma2(const Reader& r, HfConfig& h) {
+  graph::ModelConfig& m = h.model;
+  m.gemma2 = true;
+  const double qs = r.number("query_pre_attn_scalar", 256.0);
+  if (!(qs > 0)) r.fail("query_pre_attn_scalar", fmt::format("must be positive, got {}", qs));
+  m.query_scale = 1.0 / std::sqrt(qs);
+  m.attn_softcap = softcapping(r, "attn_logit_softcapping", 50.0);
+  m.final_softcap = softcapping(r, "final_logit_softcapping", 30.0);
+  if (r.boolean("use_bidirectional_attention", false)) r.fail("use_bidirectional_attention", "true is not lowered");
+  if (!r.find("sliding_window") && r.j.contains("sliding_window")) {
+    r.fail("sliding_window", "null: Gemma2's forward always builds a sliding-window mask (transformers raises)");
+  }
+  h.sliding_window = r.integer("sliding_window", 4096);
+  m.n_sliding_layers = 0;
+  if (const json* lt = r.find("layer_types")) {
+    if (!lt->is_array() || static_cast<int64_t>(lt->size()) != m.n_layers) {
+      r.fail("layer_types", fmt::format("expected an array of {} strings (num_hidden_layers), got {} {}", m.n_layers,
+                                        type_of(*lt), shown(*lt)));
+    }
+    for (const json& x : *lt) {
+      if (!x.is_string() || (x != "sliding_attention" && x != "full_attention")) {
+        r.fail("layer_types", fmt::format("expected \"sliding_attention\" or \"full_attention\", got {}", shown(x)));
+      }
+      m.n_sliding_layers += x == "sliding_attention" ? 1 : 0;
+    }
+  } else {
+    m.n_sliding_layers = (m.n_layers + 1) / 2;
+  }
+}
+
+// MixtralForCausalLM (models/mixtral/configuration_mixtral.py): num_local_experts (alias
+// num_experts), num_experts_per_tok. The load-balancing loss is off unless output_router_logits.
+void parse_mixtral(const Reader& r, graph::ModelConfig& m) {
+  m.n_experts = aliased(r, "num_local_experts", "num_experts", 8);
+  m.experts_top_k = r.integer("num_experts_per_tok", 2);
+  if (m.experts_top_k > m.n_experts) {
+    r.fail("num_experts_per_tok", fmt::format("{} is more than num_local_experts = {}", m.experts_top_k, m.n_experts));
+  }
+  m.router_aux_loss = r.boolean("output_router_logits", false);
+  if (m.router_aux_loss) r.fail("output_router_logits", "true (the load-balancing loss) is not lowered");
+  (void)r.number("router_aux_loss_coef", 0.001);
+  if (r.number("router_jitter_noise", 0.0) != 0) r.fail("router_jitter_noise", "jitter in training is not lowered (must be 0)");
+}
+
 }  // namespace
 
 const std::vector<std::string>& hf_architectures() {
@@ -280,9 +338,13 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
   }
   if (m.hd() % 2 != 0) r.fail(m.head_dim > 0 ? "head_dim" : "hidden_size", fmt::format("RoPE needs an even head size, got {}", m.hd()));
   // Gemma: "gelu" is a legacy value that GemmaConfig turns into gelu_pytorch_tanh.
-  const std::string act = r.string("hidden_act", arch->gemma ? "gelu_pytorch_tanh" : "silu");
-  if (arch->gemma ? act != "gelu_pytorch_tanh" && act != "gelu" : act != "silu") {
-    r.fail("hidden_act", fmt::format("\"{}\" is not lowered ({} is)", act, arch->gemma ? "gelu_pytorch_tanh" : "silu"));
+  // Gemma2's MLP reads hidden_activation (hidden_act is not a Gemma2Config field).
+  const bool gemma2 = std::string(arch->model_type) == "gemma2";
+  const char* act_field = gemma2 ? "hidden_activation" : "hidden_act";
+  const std::string act = r.string(act_field, arch->gemma ? "gelu_pytorch_tanh" : "silu");
+  // (GemmaConfig maps the legacy "gelu" to gelu_pytorch_tanh; Gemma2Config does not.)
+  if (arch->gemma ? act != "gelu_pytorch_tanh" && (gemma2 || act != "gelu") : act != "silu") {
+    r.fail(act_field, fmt::format("\"{}\" is not lowered ({} is)", act, arch->gemma ? "gelu_pytorch_tanh" : "silu"));
   }
   m.gemma = arch->gemma;
   m.norm_eps = r.number("rms_norm_eps", arch->rms_norm_eps);
@@ -324,8 +386,10 @@ HfConfig parse_hf_config(const std::string& text, const std::string& path) {
   }
   m.rope_theta = theta;
   h.max_position_embeddings = r.integer("max_position_embeddings", int64_t{0});
-  const bool mistral = std::string(arch->model_type) == "mistral" || arch->phi3;
-  if (!mistral && arch->sliding_window > 0 && r.boolean("use_sliding_window", false)) {
+  const bool mistral = std::string(arch->model_type) == "mistral" || std::string(arch->model_type) == "mixtral" || arch->phi3;
+  if (gemma2) parse_gemma2(r, h);
+  if (std::string(arch->model_type) == "mixtral") parse_mixtral(r, m);
+  if (!mistral && !gemma2 && arch->sliding_window > 0 && r.boolean("use_sliding_window", false)) {
     r.fail("use_sliding_window", "sliding-window layers (max_window_layers) are not lowered");
   }
   if (mistral) {

@@ -1,8 +1,11 @@
 // The schedule of an analysed scenario: entries derived from the engine's event log (sim/event_log.hpp).
 #include "actsim/study/make_schedule.hpp"
 
+#include <fmt/format.h>
+
 #include "actsim/sim/engine.hpp"
 #include "actsim/sim/event_log.hpp"
+#include "actsim/util/error.hpp"
 
 namespace actsim::study {
 
@@ -69,6 +72,12 @@ std::vector<ScheduleEntry> entries_of(const StepTables& p, const std::vector<Eng
 }  // namespace
 
 Schedule make_schedule(const Analysis& a) {
+  // Gradient accumulation: the graph holds two micro-batches standing for N (Note [Micro-batches]
+  // in sim/src/engine.cpp), which no schedule format names; refused rather than replayed wrong.
+  if (a.step->graph.micro_batches > 1) {
+    throw InputError(fmt::format("{} = {}: replay and --emit-schedule run one micro-batch per step; set it to 1",
+                                 a.scenario.where("training.grad_accum_steps"), a.step->graph.micro_batches));
+  }
   Schedule s;
   s.source = a.scenario.file.empty() ? a.scenario.name : a.scenario.file;
   s.scenario_name = a.scenario.name;

@@ -15,7 +15,9 @@
 #include "actsim/util/error.hpp"
 #include "actsim/util/files.hpp"
 #include "actsim/graph/profile.hpp"
+#include "actsim/graph/trainable.hpp"
 #include "actsim/study/hf_config.hpp"
+#include "scenario_values.hpp"
 
 namespace actsim::study {
 
@@ -49,10 +51,22 @@ const std::vector<std::string>& scenario_keys() {
       "training.optimizer",
       "training.optimizer_impl",
       "training.weight_decay",
+      // gradient accumulation (issue 12, recipe 2)
+      "training.grad_accum_steps",
+      "training.autocast",  // autocast recipe (issue 12)
       "runtime.profile",
       "runtime.cpu_isa",
       "device.name",
       "checkpoint.policy",
+      // trainable subsets (issue 12, recipe 3): LoRA and frozen weights
+      "training.trainable",
+      "lora.r",
+      "lora.alpha",
+      "lora.dropout",
+      "lora.targets",
+      // checkpoint implementation (issue 12, recipe 4)
+      "checkpoint.impl",
+      "checkpoint.preserve_rng_state",
   };
   return keys;
 }
@@ -77,62 +91,7 @@ bool parse_size(const std::string& text, int64_t& bytes) { return graph::parse_s
 
 namespace {
 
-using Value = std::variant<int64_t, double, bool, std::string>;
-
-std::string type_name(const Value& v) {
-  switch (v.index()) {
-    case 0: return "an integer";
-    case 1: return "a number";
-    case 2: return "a boolean";
-    default: return "a string";
-  }
-}
-
-std::string show(const Value& v) {
-  switch (v.index()) {
-    case 0: return std::to_string(std::get<0>(v));
-    case 1: return fmt::format("{}", std::get<1>(v));
-    case 2: return std::get<2>(v) ? "true" : "false";
-    default: return "\"" + std::get<3>(v) + "\"";
-  }
-}
-
-[[noreturn]] void fail(const std::string& where, const std::string& msg) { throw InputError(where + ": " + msg); }
-
-int64_t as_int(const Value& v, const std::string& where) {
-  if (auto* i = std::get_if<int64_t>(&v)) return *i;
-  fail(where, fmt::format("expected an integer, got {} {}", type_name(v), show(v)));
-}
-double as_num(const Value& v, const std::string& where) {
-  if (auto* i = std::get_if<int64_t>(&v)) return static_cast<double>(*i);
-  if (auto* d = std::get_if<double>(&v)) {
-    // nan and inf are TOML floats, but no scenario key means anything by them.
-    if (!std::isfinite(*d)) fail(where, fmt::format("expected a finite number, got {}", show(v)));
-    return *d;
-  }
-  fail(where, fmt::format("expected a number, got {} {}", type_name(v), show(v)));
-}
-bool as_bool(const Value& v, const std::string& where) {
-  if (auto* b = std::get_if<bool>(&v)) return *b;
-  fail(where, fmt::format("expected true or false, got {} {}", type_name(v), show(v)));
-}
-std::string as_str(const Value& v, const std::string& where) {
-  if (auto* s = std::get_if<std::string>(&v)) return *s;
-  fail(where, fmt::format("expected a string, got {} {}", type_name(v), show(v)));
-}
-
-template <typename E>
-E pick(const std::string& s, const std::vector<std::pair<std::string, E>>& opts, const std::string& where,
-       const char* what) {
-  std::vector<std::string> names;
-  for (auto& [n, e] : opts) {
-    if (n == s) return e;
-    names.push_back(n);
-  }
-  std::string hint = closest(s, names);
-  fail(where, fmt::format("unknown {} \"{}\"{} (one of: {})", what, s,
-                          hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint), fmt::join(names, ", ")));
-}
+using namespace scenario_detail;
 
 // model.hf_config (issue 11): a Hugging Face config.json decides the architecture; keys set
 // explicitly (before or after it, in the file or with --set) win over its values. A relative path
@@ -159,10 +118,38 @@ void set_hf_config(Scenario& sc, const std::string& file, const std::string& loc
   sc.hf_architecture = h.architecture;
 }
 
+
 void set_key(Scenario& sc, const std::string& key, const Value& v, const std::string& loc) {
   const std::string where = loc + ": " + key;
   if (key == "model.hf_config") {
     set_hf_config(sc, as_str(v, where), loc);
+    sc.origin[key] = loc;
+    return;
+  }
+  // issue 11 (hfrest): model.moe_routing = "n0,n1,...,nE-1" tokens per expert for every layer, or
+  // one such list per layer separated by ';'. Checked against the model in first_problem.
+  if (key == "model.moe_routing") {
+    sc.moe_routing.clear();
+    const std::string text = as_str(v, where);
+    std::vector<int64_t> cur;
+    std::string num;
+    auto flush_num = [&]() {
+      size_t a = num.find_first_not_of(" \t"), z = num.find_last_not_of(" \t");
+      const std::string n = a == std::string::npos ? "" : num.substr(a, z - a + 1);
+      if (n.empty() || n.find_first_not_of("0123456789") != std::string::npos || n.size() > 12) {
+        fail(where, fmt::format("expected comma-separated token counts (\"8,8,0,16\", layers separated by ';'), got \"{}\"", text));
+      }
+      cur.push_back(std::stoll(n));
+      num.clear();
+    };
+    for (char c : text + ";") {
+      if (c == ',') flush_num();
+      else if (c == ';') {
+        flush_num();
+        sc.moe_routing.push_back(cur);
+        cur.clear();
+      } else num += c;
+    }
     sc.origin[key] = loc;
     return;
   }
@@ -210,9 +197,16 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
         as_str(v, where),
         {{"for_loop", OptimizerImpl::for_loop}, {"foreach", OptimizerImpl::foreach}, {"fused", OptimizerImpl::fused}},
         where, "optimizer implementation");
+  // --- autocast recipe (issue 12): torch.autocast's dtype for the forward, or none ---
+  else if (key == "training.autocast")
+    t.autocast = pick<DType>(as_str(v, where), {{"none", DType::f32}, {"bf16", DType::bf16}, {"fp16", DType::f16}},
+                             where, "autocast dtype");
+  // --- end autocast recipe ---
   else if (key == "training.weight_decay") {
     t.weight_decay = as_num(v, where);
     if (t.weight_decay < 0) fail(where, "must be non-negative");
+  } else if (key == "training.grad_accum_steps") {  // gradient accumulation (issue 12, recipe 2)
+    t.grad_accum_steps = positive(as_int(v, where));
   } else if (key == "runtime.profile") {
     std::string p = as_str(v, where);
     if (!graph::parse_profile(p, sc.profile)) {
@@ -228,6 +222,15 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   else if (key == "checkpoint.policy") {
     sc.checkpoint = graph::parse_policy(as_str(v, where), where);  // parsed once, rejected where it is written
   }
+  else if (set_trainable_key(sc, key, v, where)) {
+  }
+  // checkpoint implementation (issue 12, recipe 4)
+  else if (key == "checkpoint.impl")
+    sc.training.checkpoint_impl = pick<graph::CheckpointImpl>(
+        as_str(v, where),
+        {{"nonreentrant", graph::CheckpointImpl::nonreentrant}, {"reentrant", graph::CheckpointImpl::reentrant}}, where,
+        "checkpoint implementation");
+  else if (key == "checkpoint.preserve_rng_state") sc.training.preserve_rng_state = as_bool(v, where);
   else {
     std::string hint = closest(key, scenario_keys());
     fail(where, fmt::format("unknown key{}", hint.empty() ? "" : fmt::format("; did you mean \"{}\"?", hint)));
@@ -251,7 +254,7 @@ void walk(Scenario& sc, const toml::table& t, const std::string& prefix, const s
       bool known_table = false;
       for (const auto& known : scenario_keys()) known_table = known_table || known.rfind(key + ".", 0) == 0;
       if (!known_table) {
-        std::string hint = closest(key, {"model", "training", "runtime", "device", "checkpoint"});
+        std::string hint = closest(key, {"model", "training", "runtime", "device", "checkpoint", "lora"});
         fail(loc + ": " + key,
              fmt::format("unknown table{}", hint.empty() ? "" : fmt::format("; did you mean [{}]?", hint)));
       }
@@ -259,6 +262,15 @@ void walk(Scenario& sc, const toml::table& t, const std::string& prefix, const s
       continue;
     }
     auto v = from_node(node);
+    if (const toml::array* arr = node.as_array(); arr && key == "lora.targets") {  // ["q_proj", "v_proj"]
+      std::string joined;
+      for (const toml::node& e : *arr) {
+        const auto* str = e.as_string();
+        if (!str) fail(loc + ": " + key, "expected a list of module names (strings)");
+        joined += (joined.empty() ? "" : ",") + str->get();
+      }
+      v = Value{joined};
+    }
     if (!v) fail(loc + ": " + key, "expected a number, boolean or string");
     set_key(sc, key, *v, loc);
   }
@@ -364,6 +376,34 @@ std::optional<std::string> first_problem(const Scenario& sc) {
            fmt::format("seq_len {} reaches sliding_window {}: sdpa then gets a sliding-window mask, which is not lowered",
                        m.seq_len, m.sliding_window));
     }
+    // model.moe_routing (issue 11: hfrest): one list per layer (or one for all), one count per
+    // expert, each at most the token count (topk picks an expert once per token), summing to
+    // tokens x num_experts_per_tok.
+    if (!sc.moe_routing.empty()) {
+      const std::string w = sc.where("model.moe_routing");
+      if (m.n_experts == 0) return fail(w, "needs a mixture-of-experts model (model.hf_config with num_local_experts)");
+      const auto n_lists = static_cast<int64_t>(sc.moe_routing.size());
+      if (n_lists != 1 && n_lists != m.n_layers) {
+        return fail(w, fmt::format("{} lists: give one for every layer or one per layer ({})", n_lists, m.n_layers));
+      }
+      const int64_t tokens = t.batch_size * m.seq_len;
+      for (int64_t l = 0; l < n_lists; ++l) {
+        const auto& r = sc.moe_routing[static_cast<size_t>(l)];
+        const std::string which = n_lists == 1 ? "" : fmt::format("layer {}: ", l);
+        if (static_cast<int64_t>(r.size()) != m.n_experts) {
+          return fail(w, fmt::format("{}{} counts for {} experts (num_local_experts)", which, r.size(), m.n_experts));
+        }
+        int64_t sum = 0;
+        for (int64_t c : r) {
+          if (c > tokens) return fail(w, fmt::format("{}{} tokens for one expert, but there are {} tokens", which, c, tokens));
+          sum += c;
+        }
+        if (sum != tokens * m.experts_top_k) {
+          return fail(w, fmt::format("{}the counts sum to {}, not tokens x num_experts_per_tok = {} x {} = {}", which, sum,
+                                     tokens, m.experts_top_k, tokens * m.experts_top_k));
+        }
+      }
+    }
     if (m.family == Family::hf_llama && m.hd() % 2 != 0) return fail(blame(sc, {"model.n_heads", "model.d_model"}), "RoPE needs an even head size");
     if (m.family == Family::hf_neox) {
       const int64_t rd = static_cast<int64_t>(static_cast<double>(m.hd()) * m.partial_rotary);
@@ -404,6 +444,57 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(blame(sc, {"model.attention", "model.dropout", "runtime.profile"}),
          "PyTorch 2.x on the CPU runs attention = \"flash\" with dropout > 0 through SDPA's math fallback, "
          "which actsim does not lower; use attention = \"eager\" or dropout = 0");
+  }
+  if (std::optional<std::string> p = trainable_problem(sc)) return p;  // trainable subsets (issue 12)
+  // checkpoint implementation (issue 12, recipe 4): torch.utils.checkpoint refuses context_fn (what
+  // selective activation checkpointing passes) with use_reentrant=True.
+  if (t.checkpoint_impl == graph::CheckpointImpl::reentrant) {
+    const auto* p = std::get_if<graph::CheckpointPolicy>(&sc.checkpoint);
+    if (p && p->kind == graph::CheckpointPolicy::Kind::ops) {
+      return fail(blame(sc, {"checkpoint.impl", "checkpoint.policy"}),
+                  fmt::format("checkpoint.policy = \"{}\" (selective activation checkpointing) needs checkpoint.impl = "
+                              "\"nonreentrant\": torch.utils.checkpoint passes its context_fn only with "
+                              "use_reentrant=False",
+                              p->text));
+    }
+    // A reentrant call's output requires grad only if one of its tensor inputs does. With the
+    // embeddings frozen (LoRA freezes them; so may frozen:PATTERNS) the first checkpointed block's
+    // input does not, and PyTorch gives the checkpointed blocks no gradients at all ("None of the
+    // inputs have requires_grad=True. Gradients will be None"): refuse that step rather than
+    // simulate one nobody meant to run.
+    const auto* pol = std::get_if<graph::CheckpointPolicy>(&sc.checkpoint);
+    const bool checkpointing = !pol || pol->kind != graph::CheckpointPolicy::Kind::none;
+    const graph::TrainableConfig& tc = t.trainable;
+    if (checkpointing && tc.mode != graph::Trainable::all) {
+      bool input_requires_grad = false;
+      if (tc.mode == graph::Trainable::frozen) {
+        for (const std::string& n : graph::model_names(m, sc.runtime()).parameters) {
+          if (n.find(".0.") != std::string::npos) break;  // the first block: what comes before it embeds
+          bool frozen = false;
+          for (const std::string& pat : tc.frozen) frozen = frozen || graph::pattern_matches(pat, n);
+          input_requires_grad = input_requires_grad || !frozen;
+        }
+      }
+      if (!input_requires_grad) {
+        return fail(blame(sc, {"checkpoint.impl", "training.trainable"}),
+                    "checkpoint.impl = \"reentrant\" with frozen embeddings: the first checkpointed block's input "
+                    "does not require grad, so torch.utils.checkpoint(use_reentrant=True) gives the checkpointed "
+                    "blocks no gradients (PyTorch warns \"None of the inputs have requires_grad=True\"); use "
+                    "checkpoint.impl = \"nonreentrant\"");
+      }
+    }
+  }
+  // autocast recipe (issue 12)
+  if (!sc.runtime().autocast_supports(t.autocast)) {
+    return fail(blame(sc, {"training.autocast", "runtime.profile"}),
+                "PyTorch 1.13's CPU autocast supports bf16 only (torch.autocast(\"cpu\", dtype=torch.float16) raises "
+                "\"AutocastCPU only support Bfloat16\"); use training.autocast = \"bf16\" or runtime.profile = "
+                "\"torch2-cpu\"");
+  }
+  if (t.autocast == DType::f16 && t.grad_accum_steps > 1) {
+    return fail(blame(sc, {"training.autocast", "training.grad_accum_steps"}),
+                "fp16 autocast (GradScaler) with gradient accumulation is not lowered yet; use training.autocast = "
+                "\"bf16\" or training.grad_accum_steps = 1");
   }
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");

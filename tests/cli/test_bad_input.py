@@ -101,6 +101,46 @@ BAD_SCENARIOS = [
     ("unknown profile", "[runtime]\nprofile = \"torch_cpu\"\n", 2, "runtime.profile",
      ['did you mean "torch-cpu"']),
     ("array value", "[model]\nd_model = [1, 2]\n", 2, "model.d_model", []),
+    # trainable subsets (issue 12, recipe 3)
+    ("unknown trainable subset", "[training]\ntrainable = \"some\"\n", 2, "training.trainable",
+     ["all, lora, frozen:PATTERNS"]),
+    ("frozen pattern naming no parameter", "[training]\ntrainable = \"frozen:wte,blocks.0.attn.q_proj\"\n", 2,
+     "training.trainable", ['"blocks.0.attn.q_proj" names no parameter']),
+    ("frozen with a bad range", "[training]\ntrainable = \"frozen:blocks.{3..1}\"\n", 2, "training.trainable",
+     ["bad range"]),
+    ("frozen everything", "[training]\ntrainable = \"frozen:*\"\n", 2, "training.trainable", ["nothing would train"]),
+    ("LoRA target naming no module", "[training]\ntrainable = \"lora\"\n[lora]\ntargets = [\"c_attn\", \"q_proj\"]\n",
+     4, "lora.targets", ['"q_proj" names no Linear module']),
+    ("LoRA target naming no module (llama)",
+     "[model]\nfamily = \"llama\"\n[training]\ntrainable = \"lora\"\n[lora]\ntargets = \"q_proj,gate_proj\"\n",
+     6, "lora.targets", ['"gate_proj" names no Linear module', "w1"]),
+    ("LoRA rank zero", "[lora]\nr = 0\n", 2, "lora.r", ["positive"]),
+    ("LoRA dropout of 1", "[lora]\ndropout = 1.0\n", 2, "lora.dropout", ["[0, 1)"]),
+    ("LoRA all-linear with others", "[lora]\ntargets = \"all-linear,c_attn\"\n", 2, "lora.targets", ["stands alone"]),
+    ("LoRA targets not strings", "[lora]\ntargets = [1, 2]\n", 2, "lora.targets", ["list of module names"]),
+    # gradient accumulation (issue 12, recipe 2)
+    ("zero micro-batches", "[training]\ngrad_accum_steps = 0\n", 2, "training.grad_accum_steps", ["positive"]),
+    ("negative micro-batches", "[training]\nbatch_size = 2\ngrad_accum_steps = -3\n", 3,
+     "training.grad_accum_steps", ["positive"]),
+    ("fractional micro-batches", "[training]\ngrad_accum_steps = 2.5\n", 2, "training.grad_accum_steps",
+     ["expected an integer"]),
+    ("micro-batches as a string", "[training]\ngrad_accum_steps = \"4\"\n", 2, "training.grad_accum_steps",
+     ["expected an integer"]),
+    # checkpoint implementation (issue 12, recipe 4)
+    ("unknown checkpoint implementation", "[checkpoint]\nimpl = \"reentrent\"\n", 2, "checkpoint.impl",
+     ['did you mean "reentrant"', "one of: nonreentrant, reentrant"]),
+    ("preserve_rng_state not a boolean", "[checkpoint]\npreserve_rng_state = \"yes\"\n", 2,
+     "checkpoint.preserve_rng_state", ["expected true or false"]),
+    ("reentrant checkpointing with frozen embeddings (LoRA)",
+     "[training]\ntrainable = \"lora\"\n[checkpoint]\npolicy = \"full\"\nimpl = \"reentrant\"\n", 5, "checkpoint.impl",
+     ["None of the inputs have requires_grad=True"]),
+    ("reentrant with selective activation checkpointing",
+     "[checkpoint]\npolicy = \"ops:mm\"\nimpl = \"reentrant\"\n", 3, "checkpoint.impl", ["use_reentrant=False"]),
+    # autocast recipe (issue 12)
+    ("unknown autocast dtype", "[training]\nautocast = \"fp8\"\n", 2, "training.autocast",
+     ["one of: none, bf16, fp16"]),
+    ("fp16 autocast on torch-cpu", "[training]\nautocast = \"fp16\"\n[runtime]\nprofile = \"torch-cpu\"\n",
+     2, "training.autocast", ["bf16 only"]),
 ]
 
 # (name, file text, line) -- TOML syntax errors name the line only.
@@ -153,6 +193,15 @@ def main():
         r.expect_error("--set: llama with dropout over a file",
                        ["simulate", good, "--no-fit", "--set", "model.dropout=0.1", "--out", out_path],
                        ["--set: model.dropout"], out_path)
+
+        r.expect_error("--set: LoRA target naming no module",
+                       ["simulate", "--no-fit", "--set", "training.trainable=lora", "--set", "lora.targets=c_atn",
+                        "--out", out_path],
+                       ["--set: lora.targets", '"c_atn" names no Linear module'], out_path)
+        # autocast recipe (issue 12): replay has no GradScaler kernels
+        r.expect_error("--set: replay under fp16 autocast (GradScaler)",
+                       ["replay", "--set", "training.autocast=fp16", "--set", "runtime.profile=torch2-cpu"] + SMALL,
+                       ["--set: training.autocast", "replay"], None)
 
         # Bad options.
         r.expect_error("option: unknown option", ["simulate", "--bogus", "--out", out_path], ["--bogus"], out_path)

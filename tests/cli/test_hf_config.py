@@ -16,6 +16,13 @@ NEOX = {"architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64, "intermediat
         "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 101, "rotary_pct": 0.25}
 GEMMA = {"architectures": ["GemmaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 101}
+# issue 11 (hfrest)
+GEMMA2 = {"architectures": ["Gemma2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+          "vocab_size": 101, "sliding_window": 64}
+MIXTRAL = {"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 101,
+           "num_local_experts": 4, "num_experts_per_tok": 2}
 
 passed = failed = 0
 
@@ -55,6 +62,19 @@ def main():
             ("gpt-neox: odd rotary dim", dict(NEOX, rotary_pct=0.2), "rotary_pct"),
             ("gemma: unsupported activation", dict(GEMMA, hidden_act="silu"), "hidden_act"),
             ("unsupported activation", dict(GOOD, hidden_act="gelu"), "hidden_act"),
+            ("gemma2: softcapping of the wrong type", dict(GEMMA2, attn_logit_softcapping="50"),
+             "attn_logit_softcapping"),
+            ("gemma2: negative final softcapping", dict(GEMMA2, final_logit_softcapping=-1.0),
+             "final_logit_softcapping"),
+            ("gemma2: layer_types of the wrong length", dict(GEMMA2, layer_types=["full_attention"]), "layer_types"),
+            ("gemma2: unknown layer type", dict(GEMMA2, layer_types=["full_attention", "chunked", "full_attention"]),
+             "layer_types"),
+            ("gemma2: null sliding_window", dict(GEMMA2, sliding_window=None), "sliding_window"),
+            ("gemma2: exact gelu", dict(GEMMA2, hidden_activation="gelu"), "hidden_activation"),
+            ("mixtral: top-k above the experts", dict(MIXTRAL, num_experts_per_tok=5), "num_experts_per_tok"),
+            ("mixtral: experts of the wrong type", dict(MIXTRAL, num_local_experts=4.0), "num_local_experts"),
+            ("mixtral: load-balancing loss", dict(MIXTRAL, output_router_logits=True), "output_router_logits"),
+            ("mixtral: router jitter", dict(MIXTRAL, router_jitter_noise=0.01), "router_jitter_noise"),
             ("not JSON", "{ hidden_size: 64", ""),
             ("not an object", "[1, 2]", ""),
         ]
@@ -89,6 +109,27 @@ def main():
         check("explicit model.d_ff wins over the config whatever the key order",
               p1.returncode == 0 and p2.returncode == 0 and json.loads(p1.stdout)["params_bytes"] ==
               json.loads(p2.stdout)["params_bytes"], p1.stderr + p2.stderr)
+        # model.moe_routing (issue 11: hfrest): 2 x 16 tokens, top-2 of 4 experts: 64 rows
+        moe = write("moe.json", MIXTRAL)
+        base = ["simulate", "--hf", moe, "--no-fit", "--json", "--set", "model.seq_len=16",
+                "--set", "training.batch_size=2", "--set", "runtime.profile=torch2-cpu"]
+        p0 = run(actsim, base)
+        for routing in ("16,16,16,16", "32,0,30,2;1,31,32,0"):
+            p = run(actsim, base + ["--set", f"model.moe_routing={routing}"])
+            check(f"model.moe_routing={routing} simulates, the same bytes as balanced routing (grouped_mm)",
+                  p.returncode == 0 and p0.returncode == 0 and json.loads(p.stdout)["peak"] ==
+                  json.loads(p0.stdout)["peak"], p.stderr.strip() + p0.stderr.strip())
+        for routing, what in (("16,16,16", "counts for 4 experts"), ("16,16,16,15", "sum to 63"),
+                              ("33,31,0,0", "33 tokens for one expert"), ("16,16,x,16", "comma-separated"),
+                              ("16,16,16,16;16,16,16,16;16,16,16,16", "3 lists")):
+            p = run(actsim, base + ["--set", f"model.moe_routing={routing}"])
+            err = p.stderr.strip()
+            check(f"bad model.moe_routing={routing} -> exit 2, one line naming the key",
+                  p.returncode == 2 and p.stdout == "" and len(err.splitlines()) == 1 and "model.moe_routing" in err
+                  and what in err, f"exit {p.returncode}: {err!r}")
+        p = run(actsim, ["simulate", "--hf", good, "--no-fit", "--set", "model.moe_routing=1,1"])
+        check("model.moe_routing on a dense model is refused", p.returncode == 2 and "model.moe_routing" in p.stderr,
+              p.stderr.strip())
         p = run(actsim, ["simulate", "--hf", good, "--no-fit", "--set", "model.family=gpt2"])
         check("model.family with model.hf_config is refused", p.returncode == 2, p.stderr.strip())
         p = run(actsim, ["simulate", "--hf", good, "--no-fit", "--set", "runtime.profile=torch-cpu"])

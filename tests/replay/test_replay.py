@@ -61,6 +61,9 @@ CONFIGS = [
                                                "runtime.profile=torch-cuda"], False),
     ("llama adam foreach torch-cpu", ["model.family=llama", "training.optimizer=adam",
                                       "training.optimizer_impl=foreach", "runtime.profile=torch-cpu"], True),
+    # autocast recipe (issue 12): the forward's casts under torch.autocast("cpu", bf16)
+    ("llama autocast bf16 torch-cpu", ["model.family=llama", "training.autocast=bf16", "model.n_kv_heads=2",
+                                       "runtime.profile=torch-cpu"], False),
 ]
 
 for label, extra, torch_runs in CONFIGS:

@@ -42,20 +42,41 @@ DEFAULTS = {
     # none | full | every:K | selective | ops:KIND,KIND (PyTorch 2.x: torch.utils.checkpoint with
     # use_reentrant=False; selective and ops: with selective activation checkpointing)
     "checkpoint": "none",
+    # checkpoint implementation (issue 12, recipe 4): torch.utils.checkpoint's use_reentrant and
+    # preserve_rng_state keyword arguments of every checkpoint call (recipes.py)
+    "checkpoint_impl": "nonreentrant",
+    "preserve_rng_state": "true",
     "seed": 0,
+    # gradient accumulation (issue 12, recipe 2): N times `loss = model(idx, targets) / N;
+    # loss.backward()` before the optimizer step; 1 = the plain step, no division
+    "grad_accum_steps": 1,
+    # trainable subsets (issue 12, recipe 3; tests/torch/recipes_lora.py): all | lora |
+    # frozen:PATTERNS; LoRA as peft applies it (PyTorch 2.x only)
+    "trainable": "all",
+    "lora_r": 8,
+    "lora_alpha": 8.0,
+    "lora_dropout": 0.0,
+    "lora_targets": "q_proj,v_proj",
+    # autocast (issue 12 recipe 1): none | bf16 | fp16 -- the forward under torch.autocast("cpu"),
+    # fp16 with torch.amp.GradScaler (tests/torch/recipes_amp.py)
+    "autocast": "none",
     # Not a scenario key: intra-op threads. One thread keeps the trace deterministic and makes sure
     # every allocation happens on the profiled thread (OpenMP workers could allocate scratch).
     "threads": 1,
 }
 INT_KEYS = {"vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff",
-            "batch_size", "seed", "threads"}
-FLOAT_KEYS = {"dropout"}
+            "batch_size", "seed", "threads", "grad_accum_steps", "lora_r"}
+FLOAT_KEYS = {"dropout", "lora_alpha", "lora_dropout"}
 CHOICES = {
     "family": ("gpt2", "llama"),
     "dtype": ("fp32", "bf16", "fp16"),
     "optimizer": ("adamw", "adam", "sgd", "sgd_momentum"),
     "optimizer_impl": ("for_loop", "foreach", "fused"),
     "attention": ("eager", "flash"),
+    # checkpoint implementation (issue 12, recipe 4)
+    "checkpoint_impl": ("nonreentrant", "reentrant"),
+    "preserve_rng_state": ("true", "false"),
+    "autocast": ("none", "bf16", "fp16"),  # autocast recipe
 }
 PHASES = ("forward", "backward", "optimizer", "zero_grad")  # the measured step, in order
 LR = 1e-3  # irrelevant to memory; small so that the warm-up step cannot produce inf/nan
@@ -137,14 +158,25 @@ def build(torch, models, cfg):
             n_kv_heads=cfg["n_kv_heads"], attention=cfg["attention"])
     except (ValueError, AssertionError) as e:
         raise UsageError("build_model rejected the configuration: %s" % (e or type(e).__name__))
+    if cfg["trainable"] != "all":  # before the cast and the checkpoint wrappers (model names)
+        import recipes_lora
+        try:
+            recipes_lora.apply(model, cfg)
+        except ValueError as e:
+            raise UsageError(str(e))
     if cfg["dtype"] != "fp32":
         model.to(torch_dtype(torch, cfg["dtype"]))
     if cfg["checkpoint"] != "none":
         import recipes  # tests/torch/recipes.py (imports torch itself)
         try:
-            recipes.wrap_checkpoint(model, cfg["checkpoint"], models)
+            recipes.wrap_checkpoint(model, cfg["checkpoint"], models, cfg["checkpoint_impl"],
+                                    cfg["preserve_rng_state"] == "true")
         except ValueError as e:
             raise UsageError(str(e))
+    if cfg["autocast"] != "none":  # autocast recipe
+        import recipes_amp
+        recipes_amp.wrap_autocast(model, torch_dtype(torch, cfg["autocast"]))
+        model.grad_scaler = recipes_amp.make_scaler() if cfg["autocast"] == "fp16" else None
     model.train()
     shape = (cfg["batch_size"], cfg["seq_len"])
     idx = torch.randint(0, cfg["vocab_size"], shape, dtype=torch.int64)
@@ -223,6 +255,10 @@ def saved_grad_fn_tensors(torch, node):
             value = getattr(node, attr)
         except RuntimeError:  # already freed: cannot happen before backward, but stay robust
             continue
+        except Exception as e:  # 1.13's non-reentrant checkpoint hook (recipes.RecomputeInWalk)
+            if type(e).__name__ == "RecomputeInWalk":
+                continue
+            raise
         if isinstance(value, torch.Tensor):
             out.append((attr, value))
         elif isinstance(value, (list, tuple)):
@@ -312,10 +348,21 @@ def measure_saved(torch, models, cfg, trace):
         return t  # keep the tensor itself so that the grad_fn walk sees the same storages
 
     import recipes
+
+    def closure_args(tensors):  # 1.13 non-reentrant checkpoint: its arguments (recipes.py)
+        for t in tensors:
+            ptr, nbytes = storage_key(t)
+            if ptr and nbytes and ptr not in param_ptrs and ptr not in first_block:
+                first_block[ptr] = current["block"]
+                nbytes_of[ptr] = nbytes
+    recipes.ON_CLOSURE_ARGS["fn"] = closure_args
     recipes.RECORD_SAC["on"] = True
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack_identity):
         loss = model(idx, targets)
+        if cfg["grad_accum_steps"] > 1:  # one micro-batch's forward includes the division
+            loss = loss / cfg["grad_accum_steps"]
     recipes.RECORD_SAC["on"] = False
+    recipes.ON_CLOSURE_ARGS["fn"] = None
     for h in handles:
         h.remove()
     walker.claim([loss.grad_fn], -1)
@@ -347,6 +394,7 @@ def measure_saved(torch, models, cfg, trace):
     walk = []
     walk_bytes = {}
     unhooked = 0
+    recipes.WALKING["on"] = True
     for node in walker.order:
         for attr, t in saved_grad_fn_tensors(torch, node):
             ptr, nbytes = storage_key(t)
@@ -364,6 +412,7 @@ def measure_saved(torch, models, cfg, trace):
                 "view_nbytes": t.numel() * t.element_size(), "storage_nbytes": nbytes,
                 "storage_id": sid[ptr], "is_param": is_param,
                 "is_input": ptr in input_ptrs, "is_buffer": ptr in buffer_ptrs})
+    recipes.WALKING["on"] = False
 
     per_layer = [0] * len(blocks)
     outside = 0
@@ -403,20 +452,42 @@ def measure_saved(torch, models, cfg, trace):
 # --mode memory
 
 
-def train_step(model, opt, idx, targets, record_function=None):
-    """One step of the spec. With record_function, each phase is a named profiler range."""
+def train_step(model, opt, idx, targets, record_function=None, n=1):
+    """One step of the spec. With record_function, each phase is a named profiler range.
+
+    n > 1: gradient accumulation, n micro-batches; the last one's ranges are forward and backward,
+    micro-batch k's before it forward@k and backward@k. autocast=fp16: GradScaler's
+    scaler.scale(loss).backward(), scaler.step and scaler.update (tests/torch/recipes_amp.py)."""
+    scaler = getattr(model, "grad_scaler", None)
+    if scaler is not None:
+        import recipes_amp
+
+    def backward(loss):
+        if scaler is None:
+            loss.backward()
+        else:
+            recipes_amp.scaled_backward(scaler, loss)
     if record_function is None:
-        loss = model(idx, targets)
-        loss.backward()
-        opt.step()
+        for _ in range(n):
+            loss = model(idx, targets) if n == 1 else model(idx, targets) / n
+            backward(loss)
+        if scaler is None:
+            opt.step()
+        elif not recipes_amp.scaled_step(scaler, opt):
+            raise RuntimeError("GradScaler skipped the warm-up step (inf/nan gradients)")
         opt.zero_grad(set_to_none=True)
         return loss
-    with record_function("actsim::forward"):
-        loss = model(idx, targets)
-    with record_function("actsim::backward"):
-        loss.backward()
+    for k in range(n):
+        tag = "" if k == n - 1 else "@%d" % k
+        with record_function("actsim::forward" + tag):
+            loss = model(idx, targets) if n == 1 else model(idx, targets) / n
+        with record_function("actsim::backward" + tag):
+            backward(loss)
     with record_function("actsim::optimizer"):
-        opt.step()
+        if scaler is None:
+            opt.step()
+        elif not recipes_amp.scaled_step(scaler, opt):
+            raise RuntimeError("GradScaler skipped the measured step (inf/nan gradients)")
     with record_function("actsim::zero_grad"):
         opt.zero_grad(set_to_none=True)
     return loss  # the caller holds it past zero_grad, as a training loop's local would be
@@ -485,12 +556,12 @@ def measure_memory(torch, models, cfg, trace):
                  with_stack=False) as prof:
         with record_function("actsim::setup"):
             model, idx, targets = build(torch, models, cfg)
-            opt = make_optimizer(torch, cfg, model.parameters())
+            opt = make_optimizer(torch, cfg, [p for p in model.parameters() if p.requires_grad])
         with record_function("actsim::warmup"):
             # steady state: the optimizer state exists before the measured step
-            loss = train_step(model, opt, idx, targets)
+            loss = train_step(model, opt, idx, targets, n=cfg["grad_accum_steps"])
             del loss
-        loss = train_step(model, opt, idx, targets, record_function)
+        loss = train_step(model, opt, idx, targets, record_function, n=cfg["grad_accum_steps"])
     loss_value = loss.item()
 
     nodes = list(flatten(prof.profiler.kineto_results.experimental_event_tree()))
@@ -498,18 +569,20 @@ def measure_memory(torch, models, cfg, trace):
     for n in nodes:
         if n.name.startswith("actsim::") and "Allocation" not in str(n.tag):
             ranges[n.name[len("actsim::"):]] = (n.start_time_ns, n.end_time_ns)
-    missing = [p for p in ("setup", "warmup") + PHASES if p not in ranges]
+    micro = tuple("%s@%d" % (p, k) for k in range(cfg["grad_accum_steps"] - 1) for p in PHASES[:2])
+    missing = [p for p in ("setup", "warmup") + PHASES + micro if p not in ranges]
     if missing:
         raise RuntimeError("profiler lost the ranges %s" % missing)
+    step_t0 = ranges[micro[0] if micro else "forward"][0]  # the first micro-batch's forward
 
     mem = [n for n in nodes if "Allocation" in str(n.tag)]
     mem.sort(key=lambda n: n.start_time_ns)  # sort is stable: same-time events keep tree order
 
     def phase_of(t):
-        for name in ("setup", "warmup") + PHASES:
+        for name in ("setup", "warmup") + PHASES + micro:
             start, end = ranges[name]
             if start <= t <= end:
-                return name
+                return name.partition("@")[0]  # an earlier micro-batch's forward or backward
         if t < ranges["setup"][0]:
             return "before"
         return "between"  # outside every range: would be a surprise, so it gets its own name
@@ -539,14 +612,14 @@ def measure_memory(torch, models, cfg, trace):
         return value
 
     live = {
-        "step_start": total_at(ranges["forward"][0], False),
+        "step_start": total_at(step_t0, False),
         "end_forward": total_at(ranges["forward"][1], True),
         "end_backward": total_at(ranges["backward"][1], True),
         "end_optimizer": total_at(ranges["optimizer"][1], True),
         "after_zero_grad": total_at(ranges["zero_grad"][1], True),
     }
 
-    step = [e for e in events if ranges["forward"][0] <= e["t"] <= ranges["zero_grad"][1]]
+    step = [e for e in events if step_t0 <= e["t"] <= ranges["zero_grad"][1]]
     for i, e in enumerate(step):
         e["i"] = i
     peak = None
@@ -574,7 +647,7 @@ def measure_memory(torch, models, cfg, trace):
     alive = {}
     at_start = at_end = None
     for e in events:
-        if at_start is None and e["t"] >= ranges["forward"][0]:
+        if at_start is None and e["t"] >= step_t0:
             at_start = dict(alive)
         if at_end is None and e["t"] > ranges["zero_grad"][1]:
             at_end = dict(alive)
@@ -628,7 +701,7 @@ def measure_memory(torch, models, cfg, trace):
         result["events"] = [traced(e) for e in step]
         # between the end of the warm-up and the start of forward; expected to be empty
         result["events_before_forward"] = [
-            traced(e) for e in events if ranges["warmup"][1] < e["t"] < ranges["forward"][0]]
+            traced(e) for e in events if ranges["warmup"][1] < e["t"] < step_t0]
     return result
 
 

@@ -9,7 +9,7 @@ the CPU profiler's allocation trace) is measure.py's, unchanged.
 
 usage: .venv/bin/python tests/torch/measure_hf.py --mode saved|memory|both [--trace] CONFIG.json
            [batch_size=2] [seq_len=16] [dtype=fp32] [attn=sdpa|eager] [optimizer=adamw]
-           [optimizer_impl=for_loop]
+           [optimizer_impl=for_loop] [routing=N0,N1,...[;...]]
 """
 import argparse
 import json
@@ -24,7 +24,46 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
 
 DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa", "optimizer": "adamw",
-            "optimizer_impl": "for_loop", "seed": 0, "threads": 1}
+            "optimizer_impl": "for_loop", "seed": 0, "threads": 1, "grad_accum_steps": 1,
+            # trainable subsets (issue 12, recipe 3; recipes_lora.py)
+            "trainable": "all", "lora_r": 8, "lora_alpha": "8", "lora_dropout": "0.0", "lora_targets": "q_proj,v_proj",
+            # issue 11 (hfrest): force a mixture-of-experts router's choice: tokens per expert,
+            # "n0,n1,..." for every layer or one list per layer separated by ';' ("" = the router's own)
+            "routing": ""}
+
+
+def assignment(counts, n_tokens, top_k):
+    """(n_tokens, top_k) expert ids in which expert e appears counts[e] times and never twice in a
+    row: the experts' runs laid out column by column (a run of at most n_tokens is in distinct rows)."""
+    slots = [e for e, c in enumerate(counts) for _ in range(c)]
+    assert len(slots) == n_tokens * top_k and max(counts) <= n_tokens, (counts, n_tokens, top_k)
+    rows = [[0] * top_k for _ in range(n_tokens)]
+    for s, e in enumerate(slots):
+        rows[s % n_tokens][s // n_tokens] = e
+    return rows
+
+
+def force_routing(torch, hf, spec, n_tokens):
+    """Replace each MixtralTopKRouter.forward by the same code whose topk indices are then
+    overwritten (through .data, so autograd's saved indices are the same storage, unversioned) with
+    a prescribed assignment. The tensors, their sizes and the autograd graph are the router's own."""
+    import types
+    from transformers.models.mixtral import modeling_mixtral
+    lists = [[int(c) for c in part.split(",")] for part in spec.split(";")]
+    routers = [m for m in hf.modules() if isinstance(m, modeling_mixtral.MixtralTopKRouter)]
+    F = torch.nn.functional
+    for i, router in enumerate(routers):
+        rows = assignment(lists[i if len(lists) > 1 else 0], n_tokens, router.top_k)
+
+        def forward(self, hidden_states, rows=rows):
+            hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+            router_logits = F.linear(hidden_states, self.weight)
+            router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)
+            router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+            router_indices.data.copy_(torch.tensor(rows, dtype=router_indices.dtype))  # the forced choice
+            router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+            return router_logits, router_top_value, router_indices
+        router.forward = types.MethodType(forward, router)
 
 
 def blocks_of(hf):
@@ -62,8 +101,13 @@ def make_build(config_path):
         torch.manual_seed(cfg["seed"])
         conf = transformers.AutoConfig.from_pretrained(config_path)
         hf = transformers.AutoModelForCausalLM.from_config(conf, attn_implementation=cfg["attn"])
+        if cfg["trainable"] != "all":  # peft / frozen patterns on the transformers model itself
+            import recipes_lora
+            recipes_lora.apply(hf, cfg)
         if cfg["dtype"] != "fp32":
             hf.to(measure.torch_dtype(torch, cfg["dtype"]))
+        if cfg["routing"]:
+            force_routing(torch, hf, cfg["routing"], cfg["batch_size"] * cfg["seq_len"])
         model = make_wrapper(torch)(hf)
         model.train()
         shape = (cfg["batch_size"], cfg["seq_len"])

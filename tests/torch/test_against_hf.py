@@ -66,6 +66,21 @@ GEMMA = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_s
          "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 113, "max_position_embeddings": 64,
          "rms_norm_eps": 1e-6, "hidden_act": "gelu", "tie_word_embeddings": True, "pad_token_id": 0,
          "bos_token_id": 2, "eos_token_id": 1}
+# issue 11 (hfrest): Gemma2 -- softcapping, query_pre_attn_scalar, the feedforward norms, alternating
+# sliding-window layers.
+GEMMA2 = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 48,
+          "intermediate_size": 80, "num_hidden_layers": 3, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 127, "max_position_embeddings": 64,
+          "query_pre_attn_scalar": 24, "sliding_window": 32, "attn_logit_softcapping": 50.0,
+          "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "pad_token_id": 0, "bos_token_id": 2,
+          "eos_token_id": 1}
+# issue 11 (hfrest): a mixture of experts; `routing` forces the router's choice in the reference
+# run (measure_hf.py) and is given to actsim as model.moe_routing.
+MIXTRAL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 32,
+           "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 97, "max_position_embeddings": 64,
+           "num_local_experts": 4, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": False}
 
 # (label, config, run settings)
 CONFIGS = [
@@ -102,10 +117,23 @@ CONFIGS = [
     ("neox dropout eager no cache", dict(NEOX, hidden_dropout=0.1, attention_dropout=0.1, use_cache=False,
                                          rotary_pct=0.5), {"attn": "eager", "batch_size": 3}),
     ("neox hidden dropout sdpa bf16", dict(NEOX, hidden_dropout=0.1), {"dtype": "bf16"}),
+    # LoRA as peft 0.21.2 applies it on a transformers model (issue 12, recipe 3)
+    ("llama lora all-linear", LLAMA, {"trainable": "lora", "lora_targets": "all-linear", "lora_r": 4}),
     ("gemma sdpa", GEMMA, {}),
     ("gemma eager bf16", GEMMA, {"attn": "eager", "dtype": "bf16"}),
     ("gemma mha untied bf16", dict(GEMMA, num_key_value_heads=4, tie_word_embeddings=False,
                                    hidden_act="gelu_pytorch_tanh"), {"dtype": "bf16", "seq_len": 13}),
+    # issue 11 (hfrest)
+    ("gemma2 sdpa", GEMMA2, {}),
+    ("gemma2 eager bf16", GEMMA2, {"attn": "eager", "dtype": "bf16"}),
+    ("gemma2 eager window untied biases no final softcap", dict(
+        GEMMA2, sliding_window=8, final_logit_softcapping=None, tie_word_embeddings=False, attention_bias=True,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"]), {"attn": "eager", "seq_len": 20}),
+    ("mixtral sdpa", MIXTRAL, {}),
+    ("mixtral eager balanced routing", MIXTRAL, {"attn": "eager", "routing": "16,16,16,16"}),
+    ("mixtral skewed routing per layer", dict(MIXTRAL, num_local_experts=5, num_experts_per_tok=3),
+     {"batch_size": 3, "seq_len": 11, "routing": "33,0,33,31,2;1,32,33,33,0"}),
+    ("mixtral bf16 eager", MIXTRAL, {"attn": "eager", "dtype": "bf16"}),
 ]
 
 RUN_DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa",
@@ -128,6 +156,13 @@ def check(actsim, pool, tmp, label, config, settings):
             f"training.batch_size={run['batch_size']}", f"training.dtype={run['dtype']}",
             f"training.optimizer={run['optimizer']}", f"training.optimizer_impl={run['optimizer_impl']}",
             "model.attention=" + ("flash" if run["attn"] == "sdpa" else "eager")]
+    # trainable subsets (issue 12, recipe 3)
+    for k, key in (("trainable", "training.trainable"), ("lora_r", "lora.r"), ("lora_alpha", "lora.alpha"),
+                   ("lora_dropout", "lora.dropout"), ("lora_targets", "lora.targets")):
+        if k in run:
+            sets.append(f"{key}={run[k]}")
+    if run.get("routing"):
+        sets.append(f"model.moe_routing={run['routing']}")
     cmd = [actsim, "simulate", "--json", "--no-fit", "--hf", path]
     for s in sets:
         cmd += ["--set", s]

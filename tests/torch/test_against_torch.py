@@ -3,7 +3,7 @@
 
 usage: test_against_torch.py ACTSIM_BINARY [--oracle torch-cpu|torch2-cpu] [--only SUBSTRING]
 
-  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 15-configuration
+  --oracle torch-cpu   (default) Debian's PyTorch 1.13 through /usr/bin/python3, the 25-configuration
                        spread below, actsim with runtime.profile=torch-cpu
   --oracle torch2-cpu  the pinned PyTorch 2.x in the project's .venv (scripts/setup.sh --tests), the
                        wider grid of GRID2, actsim with runtime.profile=torch2-cpu
@@ -55,6 +55,22 @@ SPREAD = [
      "n_layers": 2, "batch_size": 1, "dtype": "bf16"},
     {"family": "gpt2", "vocab_size": 211, "seq_len": 40, "d_model": 64, "n_heads": 8, "n_layers": 1,
      "batch_size": 4, "dropout": 0.2, "dtype": "bf16"},
+    # trainable subsets (issue 12, recipe 3): frozen embeddings and first block, on both oracles
+    {"trainable": "frozen:wte,wpe,blocks.{0..0}", "n_layers": 3, "dropout": 0.1},
+    {"family": "llama", "trainable": "frozen:tok_embeddings,blocks.0"},
+    # gradient accumulation (issue 12, recipe 2): N x (loss / N).backward(), then one step
+    {"grad_accum_steps": 2, "dropout": 0.1},
+    {"family": "llama", "grad_accum_steps": 3, "dtype": "bf16", "n_kv_heads": 2},
+    # checkpoint implementations (issue 12, recipe 4), on both oracles (GRID2 includes SPREAD):
+    # reentrant and non-reentrant, with and without preserve_rng_state, both families
+    {"n_layers": 3, "checkpoint": "full", "dropout": 0.1, "checkpoint_impl": "reentrant"},
+    {"n_layers": 4, "checkpoint": "every:2", "dropout": 0.1, "preserve_rng_state": "false"},
+    {"family": "llama", "n_layers": 3, "checkpoint": "full"},
+    {"family": "llama", "n_layers": 4, "checkpoint": "every:2", "dtype": "bf16", "n_kv_heads": 2,
+     "checkpoint_impl": "reentrant", "preserve_rng_state": "false"},
+    # autocast recipe (issue 12): the forward under torch.autocast("cpu", bf16), fp32 parameters
+    {"autocast": "bf16"},
+    {"family": "llama", "autocast": "bf16", "n_kv_heads": 2},
 ]
 
 # PyTorch 2.x on the CPU: at least as wide as SPREAD, plus fp16, MQA, flash (SDPA on the CPU), the
@@ -89,6 +105,9 @@ GRID2 = SPREAD + [
     {"n_layers": 2, "checkpoint": "ops:mm,addmm,softmax", "dropout": 0.1},
     {"family": "llama", "checkpoint": "ops:mm,silu"},
     {"family": "llama", "checkpoint": "full", "attention": "flash", "optimizer_impl": "foreach"},
+    # reentrant checkpoint of the attention core: its arguments are strided views of the QKV output
+    # (issue 12, recipe 4)
+    {"n_layers": 3, "checkpoint": "selective", "dropout": 0.1, "checkpoint_impl": "reentrant"},
     # selective (Megatron-LM): the attention core alone as one checkpoint call
     {"n_layers": 3, "checkpoint": "selective", "dropout": 0.1},
     {"family": "llama", "checkpoint": "selective", "dtype": "bf16", "n_kv_heads": 2},
@@ -102,11 +121,42 @@ GRID2 = SPREAD + [
     {"family": "llama", "dtype": "bf16", "optimizer": "adam", "optimizer_impl": "fused"},
     {"vocab_size": 101, "seq_len": 13, "d_model": 24, "n_heads": 3, "n_layers": 3, "batch_size": 3,
      "attention": "flash"},
+    # LoRA as peft 0.21.2 applies it (issue 12, recipe 3): attention and all linears, both families
+    {"trainable": "lora", "lora_targets": "c_attn,attn.c_proj", "lora_r": 4, "lora_alpha": 16},
+    {"family": "llama", "trainable": "lora", "lora_targets": "q_proj,k_proj,v_proj,o_proj", "n_kv_heads": 2},
+    {"trainable": "lora", "lora_targets": "all-linear", "lora_dropout": 0.1, "dropout": 0.1},
+    {"family": "llama", "n_layers": 3, "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
+     "dtype": "bf16"},
+    # gradient accumulation with checkpointing and the other optimizer implementations
+    {"grad_accum_steps": 3, "n_layers": 3, "checkpoint": "full", "dropout": 0.1},
+    {"family": "llama", "grad_accum_steps": 2, "checkpoint": "full", "optimizer_impl": "foreach"},
+    {"grad_accum_steps": 2, "dtype": "bf16", "optimizer_impl": "fused"},
+    # autocast recipe (issue 12): fp16 with torch.amp.GradScaler, checkpointing and dropout under bf16
+    {"autocast": "fp16"},
+    {"family": "llama", "autocast": "fp16", "attention": "flash"},
+    {"n_layers": 3, "checkpoint": "full", "autocast": "bf16"},
+    {"autocast": "bf16", "dropout": 0.1},
+]
+
+# Recipes combined (issue 12): accumulation with LoRA and checkpointing, with autocast and
+# checkpointing, and autocast with LoRA.
+GRID2 += [
+    {"family": "llama", "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
+     "grad_accum_steps": 2, "n_kv_heads": 2},
+    {"family": "llama", "autocast": "bf16", "checkpoint": "full", "grad_accum_steps": 2, "n_kv_heads": 2},
+    {"autocast": "bf16", "trainable": "lora", "lora_targets": "c_attn,attn.c_proj", "grad_accum_steps": 3,
+     "dropout": 0.1},
 ]
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
               "attention"]
-OTHER_KEYS = {"checkpoint": "checkpoint.policy"}
+OTHER_KEYS = {"checkpoint": "checkpoint.policy", "grad_accum_steps": "training.grad_accum_steps",
+              # trainable subsets (issue 12, recipe 3)
+              "trainable": "training.trainable", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
+              "lora_dropout": "lora.dropout", "lora_targets": "lora.targets",
+              # checkpoint implementation (issue 12, recipe 4)
+              "checkpoint_impl": "checkpoint.impl", "preserve_rng_state": "checkpoint.preserve_rng_state",
+              "autocast": "training.autocast"}  # autocast recipe (issue 12, recipe 1)
 TRAIN_KEYS = ["batch_size", "dtype", "optimizer", "optimizer_impl"]
 
 

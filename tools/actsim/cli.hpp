@@ -75,5 +75,6 @@ int cmd_keys(const std::vector<std::string>& args);
 int cmd_fit(const std::vector<std::string>& args);
 int cmd_sweep(const std::vector<std::string>& args);
 int cmd_replay(const std::vector<std::string>& args);
+int cmd_advise(const std::vector<std::string>& args);
 
 }  // namespace actsim::cli

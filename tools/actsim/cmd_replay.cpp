@@ -246,7 +246,13 @@ int cmd_replay(const std::vector<std::string>& args) {
   } else {
     const std::vector<std::string> sets =
         vm.count("set") ? vm["set"].as<std::vector<std::string>>() : std::vector<std::string>{};
-    study::Analysis a = study::analyze(input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets));
+    const study::Scenario sc = input.empty() ? study::load_scenario("", sets) : study::load_scenario_text(text, input, sets);
+    if (sc.training.autocast == graph::DType::f16) {  // autocast recipe (issue 12)
+      throw InputError(sc.where("training.autocast") +
+                       ": replay has no kernels for torch.amp.GradScaler (training.autocast = \"fp16\"); "
+                       "simulate it, or replay with training.autocast = \"bf16\"");
+    }
+    study::Analysis a = study::analyze(sc);
     s = study::make_schedule(a);
     try {
       schedule::validate_schedule(s);

@@ -33,6 +33,9 @@ commands:
   fit [SCENARIO]        the largest batch (--vary-seq: and seq_len) that fits, per checkpoint policy
   sweep [SCENARIO] --vary KEY=V1,V2,...  the cross product in parallel, with the Pareto frontier
   replay [SCENARIO|SCHEDULE]  run the step for real (cpu/cuda) and confirm the simulation
+  advise [SCENARIO] [--budget SIZE] [--allow lora]
+                        the fastest way to train it: checkpointing, autocast, attention,
+                        micro-batch and accumulation (LoRA if allowed), ranked by tokens/s
 
 Run `actsim <command> --help` for the options of a command.
 )";
@@ -52,6 +55,7 @@ int main(int argc, char** argv) {
       {"fit", cli::cmd_fit},
       {"sweep", cli::cmd_sweep},
       {"replay", cli::cmd_replay},
+      {"advise", cli::cmd_advise},
   };
   try {
     if (args.empty()) throw InputError("no command given (see actsim --help)");

@@ -8,7 +8,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "actsim/graph/types.hpp"
 
@@ -29,6 +31,9 @@ enum class ProfileId : uint8_t { torch_cuda, torch_cpu, torch2_cpu };
 // The CPU's vector ISA, where a CPU runtime's kernels depend on it (oneDNN's bf16 matmul needs
 // AVX-512 BW/VL/DQ). `native` is the machine actsim runs on.
 enum class CpuIsa : uint8_t { avx512, avx2 };
+// torch.utils.checkpoint(use_reentrant=False) (saved-tensor hooks) or use_reentrant=True
+// (CheckpointFunction: no_grad forward, the whole call recomputed and backpropagated in its backward).
+enum class CheckpointImpl : uint8_t { nonreentrant, reentrant };
 
 std::string_view to_string(Family f);
 std::string_view to_string(Attention a);
@@ -68,6 +73,15 @@ struct ModelConfig {
   bool parallel_residual = false; // GPT-NeoX's use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x))
   bool gemma = false;           // Gemma: embeddings times sqrt(hidden), RMSNorm's (1 + weight) in fp32,
                                 // gelu_pytorch_tanh in the MLP
+  // Gemma2 and the mixture-of-experts decoders (issue 11: hfrest).
+  bool gemma2 = false;          // Gemma2: norms after attention and around the MLP, a full and a sliding mask
+  double attn_softcap = 0;      // attn_logit_softcapping: scores / c, tanh, * c (eager only); 0 = none
+  double final_softcap = 0;     // final_logit_softcapping: logits / c, tanh, * c; 0 = none
+  double query_scale = 0;       // Gemma2's query_pre_attn_scalar ** -0.5; 0 = head_dim ** -0.5
+  int64_t n_sliding_layers = 0; // layers whose layer_types is "sliding_attention" (Gemma2's DynamicCache)
+  int64_t n_experts = 0;        // Mixtral's num_local_experts; 0 = a dense MLP
+  int64_t experts_top_k = 0;    // num_experts_per_tok
+  bool router_aux_loss = false; // output_router_logits: the load-balancing loss is added to the loss
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hd() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
@@ -78,6 +92,21 @@ struct ModelConfig {
 // gpt2: 4d. llama: int(2*4d/3) rounded up to a multiple of 8 (as ../shared/reference/models.py).
 int64_t default_d_ff(Family f, int64_t d_model);
 
+// ---- trainable subsets (issue 12, recipe 3: LoRA as peft applies it, frozen weights) ----------
+// all: every parameter trains. lora: peft's LoRA on the target Linear modules, every other
+// parameter frozen. frozen: the parameters whose names match a pattern are frozen.
+enum class Trainable : uint8_t { all, lora, frozen };
+struct TrainableConfig {
+  Trainable mode = Trainable::all;
+  std::vector<std::string> frozen;        // frozen: name patterns (trainable.hpp), braces expanded
+  int64_t lora_r = 8;                     // LoraConfig.r
+  double lora_alpha = 8;                  // LoraConfig.lora_alpha (scaling = alpha / r)
+  double lora_dropout = 0;                // LoraConfig.lora_dropout (nn.Identity when 0)
+  std::vector<std::string> lora_targets;  // LoraConfig.target_modules; empty = the family's default,
+                                          // {"all-linear"} = every Linear (peft's rule)
+};
+// ---- end trainable subsets -------------------------------------------------------------------
+
 struct TrainingConfig {
   int64_t batch_size = 8;
   DType dtype = DType::f32;     // model (parameters, activations) dtype; whole-model cast
@@ -86,6 +115,20 @@ struct TrainingConfig {
   double weight_decay = -1;     // -1 = torch.optim's default (AdamW 0.01, Adam and SGD 0)
   double lr = 1e-3;
   double momentum = 0.9;        // sgd_momentum
+  TrainableConfig trainable;    // trainable subsets (issue 12, recipe 3)
+  // Gradient accumulation (issue 12, recipe 2): micro-batches of batch_size per optimizer step,
+  // each `loss = model(idx, targets) / N; loss.backward()`; 1 = no division, one backward.
+  int64_t grad_accum_steps = 1;
+  // checkpoint implementation (issue 12, recipe 4): checkpoint.impl and checkpoint.preserve_rng_state,
+  // torch.utils.checkpoint's use_reentrant and preserve_rng_state for every checkpoint call
+  CheckpointImpl checkpoint_impl = CheckpointImpl::nonreentrant;
+  bool preserve_rng_state = true;
+  // --- autocast recipe (issue 12, recipe 1) ---
+  // training.autocast: none, or the dtype torch.autocast runs model(idx, targets) under (bf16,
+  // f16); parameters stay in `dtype`. f16 adds torch.amp.GradScaler around backward and the step.
+  DType autocast = DType::f32;  // f32 = none
+  bool autocast_on() const { return autocast != DType::f32; }
+  // --- end autocast recipe ---
 };
 
 }  // namespace actsim::graph

@@ -52,8 +52,14 @@ enum class OpKind : uint16_t {
   causal_mask,    // create_causal_mask for eager attention: a (B, 1, T, T) additive mask
   pad,            // F.pad(labels, (0, 1), value=-100)
   tanh,           // torch.tanh (GPT-2's gelu_new written out in Python)
+  // Mixture-of-experts decoders (lower_hf_moe.cpp; issue 11: hfrest)
+  topk,           // torch.topk(x, k, dim=-1): values and int64 indices
+  sum_dim,        // x.sum(dim=params.dim0, keepdim=params.start != 0)
+  div_inplace,    // a /= b: autograd saves a clone of a (outputs: a itself, the clone)
+  grouped_mm,     // torch.nn.functional.grouped_mm(x, w, offs): one matmul per expert's rows
+  moe_index,      // routing bookkeeping without gradient (sort, floor_divide, histc, cumsum, inverse permutation)
 };
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::tanh) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::moe_index) + 1;
 std::string_view to_string(OpKind k);
 // Parses an op-kind name as written by to_string; returns false if unknown.
 bool parse_op_kind(std::string_view s, OpKind& out);
@@ -192,6 +198,10 @@ class Graph {
   int32_t n_layers = 0;                    // number of transformer blocks
   int64_t alloc_granularity = 1;           // bytes; a device allocation occupies a multiple of it
                                            // (the runtime profile's; 512 under torch-cuda)
+  // Gradient accumulation (Note [Gradient accumulation] in lower.cpp): ops [last_micro_batch,
+  // after_micro_batches) are one later micro-batch, standing for micro_batches - 1 of them.
+  int64_t micro_batches = 1;
+  OpId last_micro_batch = kNoOp, after_micro_batches = kNoOp;
 
   // The bytes a device allocation of `bytes` occupies in the allocator's count.
   int64_t allocated(int64_t bytes) const {

@@ -63,6 +63,22 @@ struct DeltaInfo {
   std::string_view source;               // PyTorch 2.x file and function
 };
 
+// torch.autocast's cast policies (aten/src/ATen/autocast_mode.h CastPolicy) for the op kinds the
+// lowerings emit, per device type and PyTorch version (autocast_mode.cpp's KERNEL_CPU / KERNEL_CUDA
+// lists); an op kind with no entry runs in whatever dtype its inputs have (type promotion).
+enum class CastPolicy : uint8_t {
+  none,
+  lower_precision_fp,                    // floating inputs cast to the autocast dtype (matmuls)
+  fp32,                                  // floating inputs cast to float32 (losses; CUDA's norms)
+  fp32_set_opt_dtype,                    // called with dtype=float32: the input is cast to float32
+  promote,                               // floating inputs cast to their widest dtype (stack, cat)
+};
+struct AutocastRule {
+  OpKind op;
+  CastPolicy policy;
+  std::string_view aten;                 // the aten op(s) listed in autocast_mode.cpp
+};
+
 struct RuntimeProfile {
   ProfileId id;
   std::string_view name;                 // "torch-cuda"
@@ -84,6 +100,8 @@ struct RuntimeProfile {
   bool wrapped_numbers_unhooked;         // saved wrapped numbers skip saved-tensor hooks (2.x), so
                                          // a checkpointed region keeps them past its forward
   bool checkpoint_unpack_releases;       // a recomputed saved tensor dies with its node's apply (2.x)
+  bool checkpoint_early_stop;            // non-reentrant recomputation stops after the last op whose
+                                         // output backward needs (2.x); 1.13 reruns the whole function
   // Transient device bytes while an op takes a Python number: the wrapped 0-dim float64 and its
   // cast to the operand dtype (CPU: both go through the allocator; CUDA: host scalars, none).
   int64_t scalar_temp_bytes(DType operand) const {
@@ -92,6 +110,10 @@ struct RuntimeProfile {
   std::span<const SaveRule> rules;
 
   const SaveRule* rule(OpKind k) const;
+  // torch.autocast (training.autocast): the op lists of this profile's device type and version.
+  std::span<const AutocastRule> autocast_rules() const;
+  CastPolicy autocast_policy(OpKind k) const;
+  bool autocast_supports(DType dt) const;  // 1.13's CPU autocast accepts bf16 only
   // Transient bytes one (batched) matrix product A (M x K) @ B (K x N) allocates while it runs.
   int64_t matmul_workspace(DType dt, int64_t batch, int64_t m, int64_t k, int64_t n, bool a_col_major) const;
 };

@@ -31,6 +31,10 @@ struct Scenario {
   graph::CpuIsa cpu_isa = graph::native_cpu_isa();  // runtime.cpu_isa; CPU profiles only
   sim::DeviceSpec device;
   std::string hf_architecture;          // model.hf_config's `architectures` value, or ""
+  // model.moe_routing (issue 11: hfrest): tokens routed to each expert, one list for every layer
+  // or one per layer; empty = balanced. Checked against the config; under transformers' grouped_mm
+  // experts no allocation depends on it (README: Mixture of experts).
+  std::vector<std::vector<int64_t>> moe_routing;
   // checkpoint.policy, parsed once where it is written (a budget included: resolve() asks the
   // planner), or an explicit per-block plan that a program sets (`actsim plan`: the planner's).
   using Checkpointing = std::variant<graph::CheckpointPolicy, graph::BlockPlan>;
