@@ -81,7 +81,7 @@ TensorId Lowering::tp_column(TensorId xin, TensorId w, std::optional<TensorId> b
   // The matmul saves the sequence shard (Megatron's ctx.save_for_backward(input, weight)).
   const StorageId gathered = g.tensor(xin).storage;
   for (size_t i = first; i < g.n_ops(); ++i) {
-    Op& op = g.op(OpId{static_cast<uint32_t>(i)});
+    Op& op = g.mutable_op(OpId{static_cast<uint32_t>(i)});
     for (TensorId& t : op.saved) {
       if (g.tensor(t).storage == gathered) t = it->second;
     }
