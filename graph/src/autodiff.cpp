@@ -118,8 +118,20 @@ class Engine {
 
   // Checkpointing and offload: forward storages replaced in backward by a recomputed or
   // prefetched copy, and the tensors viewing those copies.
-  std::unordered_map<uint32_t, StorageId> remap_;          // storage -> replacement storage
-  std::unordered_map<uint32_t, TensorId> remapped_t_;      // tensor -> same view of the replacement
+  // Flat tables indexed by id (grown on demand; a hash lookup per input was a tenth of a planner
+  // probe's lowering): storage -> replacement storage (index + 1, 0 = none), tensor -> the same
+  // view of the replacement (kNoTensor = none yet).
+  std::vector<uint32_t> remap_;
+  size_t n_remapped_ = 0;
+  std::vector<TensorId> remapped_t_;
+  StorageId remap_of(uint32_t sid) const {
+    return sid < remap_.size() && remap_[sid] != 0 ? StorageId{remap_[sid] - 1} : StorageId{~0U};
+  }
+  void set_remap(uint32_t sid, StorageId to) {
+    if (sid >= remap_.size()) remap_.resize(std::max<size_t>(sid + 1, remap_.size() * 2), 0);
+    if (remap_[sid] == 0) ++n_remapped_;
+    remap_[sid] = index(to) + 1;
+  }
   std::unordered_map<int32_t, std::vector<OpId>> regions_; // region -> forward ops, in order
   std::unordered_map<int32_t, bool> recomputed_;
   std::unordered_map<int32_t, Recomputation> recomputations_;
@@ -151,28 +163,28 @@ class Engine {
 
 TensorId Engine::mapped(TensorId t) {
   const Tensor& tt = g_.tensor(t);
-  auto it = remap_.find(index(tt.storage));
-  if (it == remap_.end()) return t;
-  auto jt = remapped_t_.find(index(t));
-  if (jt != remapped_t_.end()) return jt->second;
+  const uint32_t sid = index(tt.storage);
+  if (sid >= remap_.size() || remap_[sid] == 0) return t;
+  if (index(t) < remapped_t_.size() && remapped_t_[index(t)] != kNoTensor) return remapped_t_[index(t)];
   Tensor c = tt;
-  c.storage = it->second;
+  c.storage = remap_of(sid);
   c.producer = kNoOp;
   c.requires_grad = false;
   c.is_view = true;  // a view of the replacement (which has its own first tensor)
-  c.name = tt.name + ".re";
+  c.name += ".re";  // c is a copy of tt
   TensorId id = g_.add_tensor(std::move(c));
+  if (index(t) >= remapped_t_.size()) remapped_t_.resize(std::max<size_t>(index(t) + 1, remapped_t_.size() * 2), kNoTensor);
   remapped_t_[index(t)] = id;
   cached_views_[index(tt.storage)].push_back(index(t));
   return id;
 }
 
 void Engine::remap_storage(uint32_t sid, StorageId to) {
-  remap_[sid] = to;
+  set_remap(sid, to);
   // Tensors viewing an older replacement of this storage are stale now.
   auto it = cached_views_.find(sid);
   if (it == cached_views_.end()) return;
-  for (uint32_t t : it->second) remapped_t_.erase(t);
+  for (uint32_t t : it->second) remapped_t_[t] = kNoTensor;
   it->second.clear();
 }
 
@@ -183,7 +195,7 @@ void Engine::remap_storage(uint32_t sid, StorageId to) {
 void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   recomputed_[r] = true;
   const std::vector<OpId>& ops = regions_[r];
-  std::unordered_map<uint32_t, bool> needed_st;
+  std::vector<bool> needed_st(g_.storages().size(), false);  // [storages existing now]
   if (targets) {
     for (uint32_t sid : *targets) needed_st[sid] = true;
   } else {
@@ -204,7 +216,7 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   for (size_t k = ops.size(); !whole && k-- > 0;) {
     const Op& op = g_.op(ops[k]);
     bool need = false;
-    for (TensorId t : op.outputs) need = need || needed_st.count(index(g_.tensor(t).storage));
+    for (TensorId t : op.outputs) need = need || needed_st[index(g_.tensor(t).storage)];
     if (!need) continue;
     if (!reached) reached = true, reach = k;
     if (op.cached) continue;
@@ -229,7 +241,7 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   for (size_t k = 0; k < ops.size(); ++k) {
     if (!rerun[k]) continue;
     emitted.emplace_back(k, OpId{static_cast<uint32_t>(g_.n_ops())});
-    const Op orig = g_.op(ops[k]);
+    const Op& orig = g_.op(ops[k]);  // ops never move (ChunkedVector)
     Op op{.kind = orig.kind, .phase = Phase::backward, .layer = orig.layer, .name = orig.name + ".recompute",
           .workspace_bytes = orig.workspace_bytes, .flops = orig.flops, .bytes_moved = orig.bytes_moved,
           .kernels = orig.kernels, .forward = ops[k], .recompute = true, .params = orig.params};
@@ -297,7 +309,7 @@ void Engine::prefetch_block(int32_t layer) {
     TensorId dt = g_.add_tensor(std::move(d));
     g_.add_op({.kind = OpKind::prefetch, .phase = Phase::backward, .layer = layer, .name = name,
                .inputs = {o.host}, .outputs = {dt}, .bytes_moved = st.bytes, .stream = 1, .after = {last}});
-    remap_[sid] = ds;
+    set_remap(sid, ds);
   }
 }
 
@@ -416,7 +428,7 @@ void Engine::run_node(OpId fid) {
   }
   // Saved tensors, replaced by their recomputed or prefetched copies where there are some.
   std::vector<TensorId> saved = f.saved;
-  if (!remap_.empty()) {
+  if (n_remapped_ > 0) {
     for (TensorId& t : saved) t = mapped(t);
   }
   b_.set_layer(f.layer);

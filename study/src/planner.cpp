@@ -136,17 +136,26 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
             if (rest < kInfeasible && cost < best) best = cost, pick = -4;
           }
         }
-        // Checkpoint at k: run s..k-1 keeping nothing, store x_k, do k..t, then s..k-1 again.
-        for (int k = s + 1; k <= t; ++k) {
-          const int m2 = m - in_[k];
-          if (m2 < 0) continue;
-          const int64_t right = c_[at(k, t, m2)], left = c_[at(s, k - 1, m)];
-          if (right >= kInfeasible || left >= kInfeasible) continue;
-          const int64_t cost = (fwd_prefix_[k] - fwd_prefix_[s]) + right + left;
-          if (cost < best) best = cost, pick = k - s;  // relative: keys are shared by equal chains
-        }
         c_[at(s, t, m)] = best;
         choice_[at(s, t, m)] = pick;
+      }
+      // Checkpoint at k: run s..k-1 keeping nothing, store x_k, do k..t, then s..k-1 again. Over
+      // k, then m (the rows are contiguous in m); for each m the first k with the least cost wins,
+      // as when k is the inner loop. Keys (k, t) and (s, k - 1) are shorter chains than (s, t).
+      int64_t* best = &c_[at(s, t, 0)];
+      int32_t* pick = &choice_[at(s, t, 0)];
+      for (int k = s + 1; k <= t; ++k) {
+        const int ik = in_[k];
+        const int64_t fwd_k = fwd_prefix_[k] - fwd_prefix_[s];
+        const int64_t* right = &c_[at(k, t, 0)];
+        const int64_t* left = &c_[at(s, k - 1, 0)];
+        const int32_t rel = k - s;  // relative: keys are shared by equal chains
+        for (int m = ik; m <= levels_; ++m) {
+          const int64_t r = right[m - ik], l = left[m];
+          if (r >= kInfeasible || l >= kInfeasible) continue;
+          const int64_t cost = fwd_k + r + l;
+          if (cost < best[m]) best[m] = cost, pick[m] = rel;
+        }
       }
     }
   }
