@@ -491,11 +491,6 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                 "\"AutocastCPU only support Bfloat16\"); use training.autocast = \"bf16\" or runtime.profile = "
                 "\"torch2-cpu\"");
   }
-  if (t.autocast == DType::f16 && t.grad_accum_steps > 1) {
-    return fail(blame(sc, {"training.autocast", "training.grad_accum_steps"}),
-                "fp16 autocast (GradScaler) with gradient accumulation is not lowered yet; use training.autocast = "
-                "\"bf16\" or training.grad_accum_steps = 1");
-  }
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }
