@@ -418,7 +418,7 @@ std::vector<TensorId> Engine::run(TensorId loss) {
     run_node(f);
   }
   b_.hold_until_last(seed);
-  keep_checkpoint_frames(g_, b_.rng_stash, regions_, recomputations_);
+  keep_checkpoint_frames(g_, b_.rng_stash, regions_, recomputations_, b_.ckpt_kwargs);
   return param_grad_;
 }
 

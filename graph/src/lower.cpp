@@ -140,7 +140,16 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
       first_graph_stashes.push_back(t);
     }
   }
+  for (const auto& [r, ts] : b.ckpt_kwargs) {  // ctx.run_function's keyword arguments, likewise
+    for (TensorId t : ts) {
+      if (g.storage(g.tensor(t).storage).keep) {
+        g.storage(g.tensor(t).storage).keep = false;
+        first_graph_stashes.push_back(t);
+      }
+    }
+  }
   b.rng_stash.clear();
+  b.ckpt_kwargs.clear();
   b.offloaded.clear();
   b.offload_order.clear();
   b.block_outputs.clear();
