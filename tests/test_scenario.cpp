@@ -142,6 +142,19 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   CHECK(s.training.grad_accum_steps == 2);
   CHECK(s.training.autocast == graph::DType::bf16);
   CHECK(s.where("training.autocast") == "--set: training.autocast");
+  // issue 13: the [parallel] keys and training.master_weights, in a scenario of their own (data
+  // parallelism does not combine with accumulation, LoRA or autocast yet).
+  const std::string ppath = dir.write("every-parallel-key.toml",
+                                      "[parallel]\n"                       // 1
+                                      "dp = 2\n"                           // 2
+                                      "sharding = \"none\"\n"              // 3
+                                      "bucket_cap_mb = 10\n"               // 4
+                                      "gradient_as_bucket_view = true\n");  // 5
+  study::Scenario par = study::load_scenario(ppath, {"training.master_weights=none"});
+  CHECK(par.training.parallel.dp == 2);
+  CHECK(par.training.parallel.bucket_cap_mb == 10);
+  CHECK(par.training.parallel.gradient_as_bucket_view);
+  CHECK(par.where("parallel.bucket_cap_mb") == ppath + ":4: parallel.bucket_cap_mb");
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);
@@ -172,6 +185,7 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   // Every key was set, each at its own line.
   std::set<std::string> set_keys;
   for (const auto& [k, where] : s.origin) set_keys.insert(k);
+  for (const auto& [k, where] : par.origin) set_keys.insert(k);  // issue 13
   const auto& keys = study::scenario_keys();
   CHECK(set_keys == std::set<std::string>(keys.begin(), keys.end()));
   CHECK(s.where("name") == path + ":1: name");

@@ -49,8 +49,9 @@ bool non_overlapping_and_dense(const Shape& shape, const Strides& strides) {
 class Engine {
  public:
   Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan, OpId forward_begin,
-         const std::vector<TensorId>* grads)
-      : b_(b), g_(b.graph()), params_(params), plan_(plan), reentrant_(b.ckpt_reentrant), grads_before_(grads) {
+         const std::vector<TensorId>* grads, const GradReadyHook& hook)
+      : b_(b), g_(b.graph()), hook_(hook), params_(params), plan_(plan), reentrant_(b.ckpt_reentrant),
+        grads_before_(grads) {
     param_grad_.assign(params.size(), kNoTensor);
     param_buf_.assign(params.size(), kNoTensor);
     param_deps_.assign(params.size(), 0);
@@ -99,6 +100,7 @@ class Engine {
 
   Builder& b_;
   Graph& g_;
+  GradReadyHook hook_;  // issue 13: DDP / ZeRO gradient hooks
   const std::vector<TensorId>& params_;
   const BlockPlan* plan_;
   const bool reentrant_;                                   // checkpoint.impl = reentrant
@@ -643,7 +645,7 @@ void Engine::accumulate_grad(size_t i) {
   }
   g_.storage(g_.tensor(pg).storage).category = Category::gradient;
   g_.tensor(pg).name = pt.name + ".grad";
-  param_grad_[i] = pg;
+  param_grad_[i] = hook_ ? hook_(i, pg) : pg;
 }
 
 void Engine::deliver(TensorId grad, TensorId input, int32_t from_region) {
@@ -696,8 +698,9 @@ void Engine::deliver(TensorId grad, TensorId input, int32_t from_region) {
 }  // namespace
 
 std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
-                                    const BlockPlan* plan, OpId forward_begin, const std::vector<TensorId>* grads) {
-  Engine e(b, params, plan, forward_begin, grads);
+                                    const BlockPlan* plan, OpId forward_begin, const std::vector<TensorId>* grads,
+                                    const GradReadyHook& on_grad_ready) {
+  Engine e(b, params, plan, forward_begin, grads, on_grad_ready);
   return e.run(loss);
 }
 

@@ -49,7 +49,8 @@ constexpr std::array<std::string_view, kNumOpKinds> kOpKindNames{
     "backward", "sum_to", "accumulate", "grad_seed",
     "optim_update", "optim_temp", "zero_grad", "offload", "prefetch", "rng_stash",
     "neg", "cat", "cast", "rotary_table", "causal_mask", "pad", "tanh",
-    "topk", "sum_dim", "div_inplace", "grouped_mm", "moe_index"};
+    "topk", "sum_dim", "div_inplace", "grouped_mm", "moe_index",
+    "bucket_copy", "all_reduce", "reduce_scatter", "all_gather"};
 }  // namespace
 
 std::string_view to_string(OpKind k) { return kOpKindNames[static_cast<size_t>(k)]; }

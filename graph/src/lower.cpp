@@ -95,12 +95,14 @@ void lower_model(Lowering& l, const ModelConfig& model, const RuntimeProfile& pr
   check_config(model, prof);
   ACTSIM_ASSERT(prof.autocast_supports(l.tr.autocast), "autocast dtype unsupported (checked by the loader)");
   l.b.set_autocast(l.tr.autocast);  // f32: off
+  l.parallel_forward_begin();
   ACTSIM_ASSERT(!l.plan || static_cast<int64_t>(l.plan->mode.size()) == model.n_layers, "plan size != n_layers");
   lower_family(l);
   // torch.autocast's __exit__ clears the weight-cast cache once model(idx, targets) returns.
   for (TensorId c : l.b.cast_cache) l.b.hold_until_last(c);
   l.b.set_autocast(DType::f32);
   l.out.graph.n_layers = static_cast<int32_t>(model.n_layers);
+  l.parallel_forward_end();
 }
 
 // Note [Gradient accumulation]: N micro-batches, each `loss = model(idx, targets) / N;
@@ -183,19 +185,28 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   Lowering l(model, training, prof, plan);
   lower_model(l, model, prof);
   // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary), once
-  // per micro-batch with accumulation.
+  // per micro-batch with accumulation. Data parallelism's gradient hooks (issue 13) run with one
+  // micro-batch only (the loader refuses parallel.dp > 1 with accumulation until DDP's no_sync is
+  // lowered).
   const bool scaled = training.autocast == DType::f16;
   if (training.grad_accum_steps > 1) {
     accumulate_micro_batches(l, model, prof);
   } else {
+    GradReadyHook hook;
+    if (training.parallel.active()) hook = [&l](size_t i, TensorId g) { return l.parallel_grad_ready(i, g); };
     const TensorId root = scaled ? l.scaler_scale_loss(l.out.loss) : l.out.loss;
-    l.out.param_grads = differentiate(l.b, root, l.out.params, plan);
+    l.out.param_grads = differentiate(l.b, root, l.out.params, plan, OpId{0}, nullptr, hook);
     if (scaled) l.b.hold_until_last(root);  // the temporary lives until .backward() returns
   }
+  l.parallel_backward_end();
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
   if (scaled) l.scaler_unscale();
-  l.optimizer();
+  if (training.master_weights == MasterWeights::fp32 || training.parallel.sharding != Sharding::none) {
+    l.optimizer_flat();
+  } else {
+    l.optimizer();
+  }
   if (scaled) l.scaler_update();
   l.zero_grad();
   l.out.graph.freeze();

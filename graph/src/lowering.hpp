@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <optional>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -140,6 +141,14 @@ struct Lowering {
   TensorId llama_block_ops(int i, const LlamaBlock& p, TensorId x, TensorId cos_c, TensorId sin_c, TensorId pos);
   void llama();
 
+  // ---- issue 13: data parallelism, lower_parallel.cpp ---------------------------------------
+  struct Parallel;                          // DDP buckets, ZeRO reductions (lower_parallel.cpp)
+  std::shared_ptr<Parallel> par;
+  void parallel_forward_begin();            // DDP.forward: the buffers' broadcast (sized later)
+  void parallel_forward_end();
+  TensorId parallel_grad_ready(size_t param, TensorId grad);  // the gradient hook
+  void parallel_backward_end();             // DDP's finalize; ZeRO-1's last all-reduce
+  void optimizer_flat();                    // master weights / ZeRO: fp32 flat partitions
   // ---- optimizer step and zero_grad, lower_optimizer.cpp -------------------------------------
   OptimizerImpl resolve_impl() const;
   void optimizer();

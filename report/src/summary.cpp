@@ -44,6 +44,34 @@ std::vector<PeakGroup> peak_groups(const Analysis& a) {
   return out;
 }
 
+namespace {
+
+// ---- issue 13: data parallelism ----
+// The rank classes of a data-parallel step: every rank of DDP and of ZeRO's even flat partitions
+// holds the same bytes, so one class holds them all.
+void add_parallel_json(nlohmann::json& j, const Analysis& a) {
+  const graph::TrainingConfig& t = a.scenario.training;
+  if (t.master_weights != graph::MasterWeights::none) j["training"]["master_weights"] = "fp32";
+  if (!t.parallel.active()) return;
+  const graph::ParallelConfig& p = t.parallel;
+  j["parallel"] = {{"dp", p.dp}, {"sharding", graph::to_string(p.sharding)}, {"bucket_cap_mb", p.bucket_cap_mb},
+                   {"gradient_as_bucket_view", p.gradient_as_bucket_view}};
+  nlohmann::json figures = j;
+  j["ranks"] = nlohmann::json::array({{{"class", 0}, {"coordinates", {{"dp", {0, p.dp - 1}}}}, {"count", p.dp},
+                                       {"figures", std::move(figures)}}});
+  j["peak_rank_class"] = 0;
+}
+
+std::string parallel_line(const Analysis& a) {
+  const graph::ParallelConfig& p = a.scenario.training.parallel;
+  if (!p.active()) return "";
+  return fmt::format("        data parallel over {} ranks ({}); figures of rank class 0 (dp ranks 0-{}, {} ranks alike), "
+                     "the highest peak\n",
+                     p.dp, p.sharding == graph::Sharding::none ? "DDP" : graph::to_string(p.sharding), p.dp - 1, p.dp);
+}
+
+}  // namespace
+
 nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
   const SimResult& r = a.result;
   const graph::Graph& g = a.step->graph;
@@ -99,6 +127,7 @@ nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
   j["ops"] = g.n_ops();
   j["fits"] = r.peak_bytes <= s.device.memory_bytes;
   if (max_batch >= 0) j["max_batch_size"] = max_batch;
+  add_parallel_json(j, a);  // issue 13: only for parallel.dp > 1 or master weights
   return j;
 }
 
@@ -120,6 +149,7 @@ std::string to_table(const Analysis& a, int64_t max_batch) {
                    g.micro_batches > 1 ? fmt::format(" x {} micro-batches", g.micro_batches) : "", dt, graph::to_string(s.training.optimizer),
                    graph::to_string(a.step->optimizer_impl), graph::to_string(m.attention), m.dropout,
                    graph::to_string(s.profile), s.device.name, human_bytes(s.device.memory_bytes)));
+  out += parallel_line(a);
   line("");
   line(fmt::format("  {:<44} {:>14}", "what", "memory"));
   line(fmt::format("  {:<44} {:>14}", fmt::format("parameters ({} elements)", with_commas(a.param_count)),

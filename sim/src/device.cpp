@@ -82,6 +82,15 @@ std::vector<DeviceSpec> load_devices() {
     s.host_bandwidth = num("host_bandwidth");
     s.launch_overhead_ns = static_cast<int64_t>(num("launch_overhead_ns"));
     s.matmul_efficiency = (*d)["matmul_efficiency"].value_or(0.7);
+    // issue 13: optional link figures (collectives)
+    s.link_bandwidth = (*d)["link_bandwidth"].value_or(0.0);
+    s.network_bandwidth = (*d)["network_bandwidth"].value_or(0.0);
+    s.link_latency_ns = (*d)["link_latency_ns"].value_or(int64_t{0});
+    s.gpus_per_node = (*d)["gpus_per_node"].value_or(int64_t{8});
+    if (s.link_bandwidth < 0 || s.network_bandwidth < 0 || s.link_latency_ns < 0 || s.gpus_per_node < 1) {
+      throw InputError(fmt::format("{}:{}: {}: link figures must be non-negative (gpus_per_node positive)", path,
+                                   d->source().begin.line, name.str()));
+    }
     s.source = (*d)["source"].value_or(std::string{});
     out.push_back(std::move(s));
   }

@@ -20,6 +20,22 @@ using graph::Op;
 using graph::OpKind;
 using graph::Phase;
 
+// A ring collective over `group_size` ranks (issue 13): all-reduce moves 2 (N - 1) / N of the
+// bytes through each rank's link in 2 (N - 1) steps; reduce-scatter, all-gather and broadcast
+// (pipelined) half that. Inside a node the link is NVLink; a group larger than a node runs at the
+// network's per-GPU bandwidth.
+static int64_t collective_time_ns(const Op& op, const DeviceSpec& d) {
+  const int64_t n = op.params.group_size;
+  if (n <= 1) return 0;
+  const double bw = n <= d.gpus_per_node ? d.link_bandwidth : d.network_bandwidth;
+  const double steps = static_cast<double>(op.kind == OpKind::all_reduce ? 2 * (n - 1) : n - 1);
+  const double frac = steps / static_cast<double>(n);
+  const double s = bw > 0 ? frac * static_cast<double>(op.bytes_moved) / bw : 0;
+  const double ns = s * 1e9 + 0.5 + steps * static_cast<double>(d.link_latency_ns);
+  if (!(ns < 9.0e18)) return std::numeric_limits<int64_t>::max();
+  return static_cast<int64_t>(ns);
+}
+
 int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
   if (op.kernels == 0) return 0;
   if (op.kind == OpKind::offload || op.kind == OpKind::prefetch) {
@@ -27,6 +43,7 @@ int64_t op_time_ns(const Graph& g, const Op& op, const DeviceSpec& d) {
     const double s = d.host_bandwidth > 0 ? static_cast<double>(op.bytes_moved) / d.host_bandwidth : 0;
     return static_cast<int64_t>(s * 1e9 + 0.5) + d.launch_overhead_ns;
   }
+  if (graph::is_collective(op.kind)) return collective_time_ns(op, d);
   graph::DType dt = graph::DType::f32;
   if (!op.outputs.empty()) dt = g.tensor(op.outputs[0]).dtype;
   else if (!op.inputs.empty()) dt = g.tensor(op.inputs[0]).dtype;

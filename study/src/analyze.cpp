@@ -73,9 +73,13 @@ Analysis simulate_step(const ResolvedStep& step) {
     a.params_bytes += g.storage(g.tensor(p).storage).bytes;
     a.param_count += graph::numel(g.tensor(p).shape);
   }
+  std::vector<graph::StorageId> grad_storages;  // distinct: DDP's bucket views share a bucket
   for (graph::TensorId t : a.step->param_grads) {
-    if (t != graph::kNoTensor) a.grads_bytes += g.storage(g.tensor(t).storage).bytes;
+    if (t != graph::kNoTensor) grad_storages.push_back(g.tensor(t).storage);
   }
+  std::sort(grad_storages.begin(), grad_storages.end());
+  grad_storages.erase(std::unique(grad_storages.begin(), grad_storages.end()), grad_storages.end());
+  for (graph::StorageId sid : grad_storages) a.grads_bytes += g.storage(sid).bytes;
   for (const graph::Storage& st : g.storages()) {
     if (st.producer != graph::kNoOp) continue;
     if (st.category == Category::optimizer_state) {

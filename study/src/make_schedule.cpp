@@ -78,6 +78,13 @@ Schedule make_schedule(const Analysis& a) {
     throw InputError(fmt::format("{} = {}: replay and --emit-schedule run one micro-batch per step; set it to 1",
                                  a.scenario.where("training.grad_accum_steps"), a.step->graph.micro_batches));
   }
+  // issue 13: collectives have no kernels to replay (one process cannot run the other ranks).
+  if (a.scenario.training.parallel.active() || a.scenario.training.master_weights != graph::MasterWeights::none) {
+    throw InputError(fmt::format("{}: schedules and replay of data-parallel or master-weight steps are not "
+                                 "supported yet", a.scenario.where(a.scenario.training.parallel.active()
+                                                                       ? "parallel.dp"
+                                                                       : "training.master_weights")));
+  }
   Schedule s;
   s.source = a.scenario.file.empty() ? a.scenario.name : a.scenario.file;
   s.scenario_name = a.scenario.name;

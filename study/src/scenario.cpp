@@ -67,6 +67,12 @@ const std::vector<std::string>& scenario_keys() {
       // checkpoint implementation (issue 12, recipe 4)
       "checkpoint.impl",
       "checkpoint.preserve_rng_state",
+      // issue 13: data parallelism and sharding, master weights
+      "parallel.dp",
+      "parallel.sharding",
+      "parallel.bucket_cap_mb",
+      "parallel.gradient_as_bucket_view",
+      "training.master_weights",
   };
   return keys;
 }
@@ -219,6 +225,22 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
                                  : pick<graph::CpuIsa>(isa, {{"native", graph::CpuIsa::avx512}, {"avx512", graph::CpuIsa::avx512},
                                                              {"avx2", graph::CpuIsa::avx2}}, where, "CPU ISA");
   } else if (key == "device.name") sc.device = find_device(as_str(v, where), where);
+  // ---- issue 13: data parallelism and sharding, master weights ----
+  else if (key == "parallel.dp") t.parallel.dp = positive(as_int(v, where));
+  else if (key == "parallel.sharding")
+    t.parallel.sharding = pick<graph::Sharding>(
+        as_str(v, where),
+        {{"none", graph::Sharding::none}, {"zero1", graph::Sharding::zero1}, {"zero2", graph::Sharding::zero2}}, where,
+        "sharding");
+  else if (key == "parallel.bucket_cap_mb") {
+    t.parallel.bucket_cap_mb = as_num(v, where);
+    if (!(t.parallel.bucket_cap_mb > 0 && t.parallel.bucket_cap_mb < 1e9)) fail(where, "must be a positive number of MiB");
+  } else if (key == "parallel.gradient_as_bucket_view") t.parallel.gradient_as_bucket_view = as_bool(v, where);
+  else if (key == "training.master_weights")
+    t.master_weights = pick<graph::MasterWeights>(
+        as_str(v, where), {{"none", graph::MasterWeights::none}, {"fp32", graph::MasterWeights::fp32}}, where,
+        "master weights");
+  // ---- end issue 13 ----
   else if (key == "checkpoint.policy") {
     sc.checkpoint = graph::parse_policy(as_str(v, where), where);  // parsed once, rejected where it is written
   }
@@ -491,6 +513,46 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                 "\"AutocastCPU only support Bfloat16\"); use training.autocast = \"bf16\" or runtime.profile = "
                 "\"torch2-cpu\"");
   }
+  // ---- issue 13: data parallelism and sharding, master weights ----
+  if (t.parallel.dp > 1 && t.grad_accum_steps > 1) {
+    return fail(blame(sc, {"parallel.dp", "training.grad_accum_steps"}),
+                "data parallelism with gradient accumulation (DDP's no_sync, ZeRO's accumulation) is not lowered yet; "
+                "set training.grad_accum_steps = 1");
+  }
+  if ((t.parallel.dp > 1 || t.master_weights != graph::MasterWeights::none) && t.autocast_on()) {
+    return fail(blame(sc, {"training.autocast", "parallel.dp", "training.master_weights"}),
+                "autocast with data parallelism or master weights is not lowered yet; set training.autocast = \"none\"");
+  }
+  if ((t.parallel.dp > 1 || t.master_weights != graph::MasterWeights::none) && t.trainable.mode != graph::Trainable::all) {
+    return fail(blame(sc, {"training.trainable", "parallel.dp", "training.master_weights"}),
+                "frozen parameters or LoRA with data parallelism or master weights are not lowered yet; set "
+                "training.trainable = \"all\"");
+  }
+  if (t.master_weights == graph::MasterWeights::fp32 && t.dtype == DType::f32) {
+    return fail(blame(sc, {"training.master_weights", "training.dtype"}),
+                "master_weights = \"fp32\" keeps an fp32 copy of bf16/fp16 parameters; the parameters are fp32 already");
+  }
+  const bool flat = t.master_weights == graph::MasterWeights::fp32 || t.parallel.sharding != graph::Sharding::none;
+  if (flat && t.optimizer != Optimizer::adamw && t.optimizer != Optimizer::adam) {
+    return fail(blame(sc, {"training.optimizer", "parallel.sharding", "training.master_weights"}),
+                "master weights and ZeRO are modelled for Adam/AdamW (the fp32 flat partitions of FusedAdam)");
+  }
+  if (flat && sc.origin.count("training.optimizer_impl")) {
+    return fail(sc.where("training.optimizer_impl"),
+                "master weights and ZeRO step with FusedAdam over a flat fp32 partition; remove optimizer_impl");
+  }
+  if (t.parallel.sharding != graph::Sharding::none && t.parallel.dp < 2) {
+    return fail(blame(sc, {"parallel.sharding", "parallel.dp"}), "sharding needs parallel.dp > 1 (there is nothing to shard over)");
+  }
+  if (t.parallel.dp == 1 && (sc.origin.count("parallel.bucket_cap_mb") || sc.origin.count("parallel.gradient_as_bucket_view"))) {
+    return fail(blame(sc, {"parallel.bucket_cap_mb", "parallel.gradient_as_bucket_view"}),
+                "DDP's buckets need parallel.dp > 1");
+  }
+  if (t.parallel.sharding != graph::Sharding::none &&
+      sc.origin.count("parallel.gradient_as_bucket_view")) {
+    return fail(sc.where("parallel.gradient_as_bucket_view"), "gradient_as_bucket_view is DDP's (parallel.sharding = \"none\")");
+  }
+  // ---- end issue 13 ----
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {
     return fail(blame(sc, {"training.optimizer_impl", "runtime.profile"}), "torch 1.13 on the CPU has no fused optimizers");
   }

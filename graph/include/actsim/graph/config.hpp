@@ -106,6 +106,23 @@ struct TrainableConfig {
                                           // {"all-linear"} = every Linear (peft's rule)
 };
 // ---- end trainable subsets -------------------------------------------------------------------
+// ---- issue 13: data parallelism and sharding (parallel.*), master weights -----------------
+// none: DistributedDataParallel (gradients all-reduced in buckets). zero1/zero2: DeepSpeed's ZeRO
+// stages 1 and 2 (fp32 master, exp_avg and exp_avg_sq partitioned over the ranks as flat shards;
+// stage 2 reduce-scatters each gradient and keeps only its shard).
+enum class Sharding : uint8_t { none, zero1, zero2 };
+std::string_view to_string(Sharding s);
+struct ParallelConfig {
+  int64_t dp = 1;                       // data-parallel degree (ranks)
+  Sharding sharding = Sharding::none;
+  double bucket_cap_mb = 25;            // DDP's bucket_cap_mb (MiB); the first bucket is 1 MiB
+  bool gradient_as_bucket_view = false; // DDP: gradients are views into the buckets
+  bool active() const { return dp > 1; }
+};
+// none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
+// gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).
+enum class MasterWeights : uint8_t { none, fp32 };
+// ---- end issue 13 --------------------------------------------------------------------------
 
 struct TrainingConfig {
   int64_t batch_size = 8;
@@ -129,6 +146,9 @@ struct TrainingConfig {
   DType autocast = DType::f32;  // f32 = none
   bool autocast_on() const { return autocast != DType::f32; }
   // --- end autocast recipe ---
+  // issue 13: data parallelism (one rank class is lowered), master weights
+  ParallelConfig parallel;
+  MasterWeights master_weights = MasterWeights::none;
 };
 
 }  // namespace actsim::graph

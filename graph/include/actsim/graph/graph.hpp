@@ -56,8 +56,16 @@ enum class OpKind : uint16_t {
   div_inplace,    // a /= b: autograd saves a clone of a (outputs: a itself, the clone)
   grouped_mm,     // torch.nn.functional.grouped_mm(x, w, offs): one matmul per expert's rows
   moe_index,      // routing bookkeeping without gradient (sort, floor_divide, histc, cumsum, inverse permutation)
+  // data parallelism (lower_parallel.cpp): collectives run on the communication stream (2)
+  bucket_copy,    // DDP's hook: a gradient copied (divided by the world size) into its bucket
+  all_reduce,     // in place over the ranks (DDP's bucket, ZeRO-1's gradients)
+  reduce_scatter, // a gradient reduced over the ranks, this rank's shard kept (ZeRO-2)
+  all_gather,     // the updated parameter shards gathered back into the parameters (ZeRO)
 };
-inline constexpr int kNumOpKinds = static_cast<int>(OpKind::moe_index) + 1;
+inline constexpr int kNumOpKinds = static_cast<int>(OpKind::all_gather) + 1;
+inline constexpr bool is_collective(OpKind k) {
+  return k == OpKind::all_reduce || k == OpKind::reduce_scatter || k == OpKind::all_gather;
+}
 std::string_view to_string(OpKind k);
 // Parses an op-kind name as written by to_string; returns false if unknown.
 bool parse_op_kind(std::string_view s, OpKind& out);
@@ -115,6 +123,7 @@ struct OpParams {
   int64_t start = 0, step = 1;             // slice start and step; split chunk size in start
   double scalar = 0;                       // scalar operand (mul_scalar, dropout p, eps, ...)
   OptimParams optim;                       // optimizer ops
+  int64_t group_size = 0;                  // collectives: ranks taking part
 };
 
 struct Op {
@@ -142,7 +151,8 @@ struct Op {
                                            // the rest the forward op's saved tensors
   std::vector<int8_t> grad_in_of;          // backward ops: [n_grad_inputs] forward output index of
                                            // each incoming gradient
-  int32_t stream = 0;                      // 0 = compute, 1 = copy (offload/prefetch)
+  int32_t stream = 0;                      // 0 = compute, 1 = copy (offload/prefetch),
+                                           // 2 = communication (collectives)
   std::vector<OpId> after;                 // ops that must end before this one starts (besides
                                            // the producers of its inputs)
   int32_t region = -1;                     // forward ops: recompute region (checkpointing), -1 = none

@@ -23,6 +23,11 @@ struct DeviceSpec {
   double host_bandwidth = 0;       // bytes/s each way (PCIe / C2C), for offload
   int64_t launch_overhead_ns = 0;  // per kernel
   double matmul_efficiency = 0.7;  // fraction of peak FLOP/s a large GEMM reaches
+  // issue 13: collectives (ring algorithms) between GPUs of a node and across nodes
+  double link_bandwidth = 0;       // bytes/s each way per GPU inside a node (NVLink); 0 = unknown
+  double network_bandwidth = 0;    // bytes/s each way per GPU across nodes (InfiniBand)
+  int64_t link_latency_ns = 0;     // per ring step
+  int64_t gpus_per_node = 8;
   std::string source;              // where the figures come from
 
   double flops(graph::DType t) const;

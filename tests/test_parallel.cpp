@@ -1,0 +1,173 @@
+// Tests of data parallelism (issue 13): the ZeRO paper's model-state bytes per GPU (Rajbhandari et
+// al. 2020, section 5.1 and figure 1) from actsim's per-rank simulation, term by term; DDP's
+// buckets; the per-rank JSON; bad combinations of keys.
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "actsim/report/summary.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/scenario.hpp"
+#include "actsim/util/error.hpp"
+
+using namespace actsim;
+
+namespace {
+
+study::Analysis run(const std::vector<std::string>& sets) { return study::analyze(study::load_scenario("", sets)); }
+
+// A llama (untied embeddings, no biases) of 7,512,559,616 parameters: the ZeRO paper's example is
+// 7.5B. bf16 parameters and gradients, Adam with an fp32 master copy (K = 12), torch-cuda.
+std::vector<std::string> zero_model(int64_t dp, const std::string& sharding) {
+  std::vector<std::string> s{"model.family=llama", "model.d_model=4096", "model.n_heads=32", "model.n_layers=36",
+                             "model.vocab_size=32000", "model.seq_len=16", "training.batch_size=1",
+                             "training.dtype=bf16", "training.optimizer=adam", "training.master_weights=fp32",
+                             "runtime.profile=torch-cuda", "device.name=H100-SXM-80GB"};
+  if (dp > 1) {
+    s.push_back(fmt::format("parallel.dp={}", dp));
+    s.push_back("parallel.sharding=" + sharding);
+  }
+  if (dp > 1 && sharding == "none") s.push_back("parallel.gradient_as_bucket_view=true");
+  return s;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+TEST_CASE("ZeRO paper: model-state bytes per GPU, term by term (K = 12)", "[parallel][zero]") {
+  const int64_t N = 64;
+  // The paper's own figures for psi = 7.5B, N = 64: 120, 31.4, 16.6 and 1.9 GB.
+  const double psi_paper = 7.5e9;
+  CHECK(std::round(16 * psi_paper / 1e9) == 120);
+  CHECK(std::round((4 * psi_paper + 12 * psi_paper / N) / 1e8) == 314);
+  CHECK(std::round((2 * psi_paper + 14 * psi_paper / N) / 1e8) == 166);
+  CHECK(std::round(16 * psi_paper / N / 1e8) == 19);
+
+  // actsim's simulated rank: parameters, gradients and optimizer state, each a term of the formula.
+  // The reference model's extras, named: Adam's 'step' (one fp32 scalar, 4 bytes, on the device
+  // with FusedAdam), the flat partition's padding to a multiple of N (ceil(psi / N) elements per
+  // rank), and under ZeRO-2 each gradient's own shard padding (ceil(numel / N) per tensor). No
+  // buffers count: the llama's RoPE tables are buffers, not model state (buffers_bytes).
+  const study::Analysis base = run(zero_model(1, "none"));
+  const int64_t psi = base.param_count;
+  REQUIRE(psi == 7'512'559'616);
+  const int64_t step = 4;
+  const int64_t part = ceil_div(psi, N);
+
+  SECTION("baseline data parallelism (DDP, gradients as bucket views): 2 + 2 + K = 16 psi") {
+    const study::Analysis a = run(zero_model(N, "none"));
+    CHECK(a.params_bytes == 2 * psi);
+    CHECK(a.grads_bytes == 2 * psi);  // the DDP buckets, of which .grad are views
+    CHECK(a.optimizer_bytes == 12 * psi + step);
+    CHECK(a.params_bytes + a.grads_bytes + a.optimizer_bytes - step == 16 * psi);
+    // the same model state without data parallelism
+    CHECK(base.params_bytes + base.grads_bytes + base.optimizer_bytes - step == 16 * psi);
+  }
+  SECTION("P_os (ZeRO-1): 4 psi + 12 psi / N") {
+    const study::Analysis a = run(zero_model(N, "zero1"));
+    CHECK(a.params_bytes == 2 * psi);
+    CHECK(a.grads_bytes == 2 * psi);
+    CHECK(a.optimizer_bytes == 12 * part + step);
+    CHECK(a.params_bytes + a.grads_bytes + a.optimizer_bytes - step - 12 * (part * N - psi) / N ==
+          4 * psi + 12 * psi / N);
+    CHECK(std::round((a.params_bytes + a.grads_bytes + a.optimizer_bytes) / 1e8) == 315);  // 31.5 GB at 7.51B
+  }
+  SECTION("P_os+g (ZeRO-2): 2 psi + 14 psi / N") {
+    const study::Analysis a = run(zero_model(N, "zero2"));
+    int64_t grad_shards = 0;  // the per-tensor shards of the gradients
+    const auto& g = a.step->graph;
+    for (auto p : a.step->params) grad_shards += 2 * ceil_div(graph::numel(g.tensor(p).shape), N);
+    CHECK(a.params_bytes == 2 * psi);
+    CHECK(a.grads_bytes == grad_shards);
+    CHECK(grad_shards - 2 * psi / N < 2 * static_cast<int64_t>(a.step->params.size()));  // padding < 1 element each
+    CHECK(a.optimizer_bytes == 12 * part + step);
+    CHECK(a.params_bytes + 2 * psi / N + a.optimizer_bytes - step - 12 * (part * N - psi) / N ==
+          2 * psi + 14 * psi / N);
+  }
+}
+
+TEST_CASE("DDP: buckets are persistent gradients; gradient_as_bucket_view drops the copies", "[parallel][ddp]") {
+  const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
+                                      "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
+                                      "training.batch_size=2", "training.optimizer_impl=for_loop"};
+  const study::Analysis one = run(base);
+  auto with = [&](std::vector<std::string> more) {
+    std::vector<std::string> s = base;
+    s.insert(s.end(), more.begin(), more.end());
+    return run(s);
+  };
+  const study::Analysis ddp = with({"parallel.dp=2"});
+  // DDP's flat bucket holds a copy of every gradient, all step long; the buffers' broadcast is a
+  // transient. Measured by tests/torch/test_parallel.py to the byte.
+  CHECK(ddp.result.live_step_start == one.result.live_step_start + one.params_bytes);
+  CHECK(ddp.result.live_end_backward == one.result.live_end_backward + one.params_bytes);
+  CHECK(ddp.result.peak_bytes == one.result.peak_bytes + one.params_bytes);
+  const study::Analysis view = with({"parallel.dp=2", "parallel.gradient_as_bucket_view=true"});
+  // after backward: what was there at step start, and the loss (kept past the step)
+  CHECK(view.result.live_end_backward == ddp.result.live_step_start + (one.result.live_end_step - one.result.live_step_start));
+  CHECK(view.result.peak_bytes < ddp.result.peak_bytes);
+  // Collectives run on the communication stream and take time from the link figures.
+  int n_all_reduce = 0;
+  for (const auto& op : ddp.step->graph.ops()) {
+    if (op.kind == graph::OpKind::all_reduce) {
+      ++n_all_reduce;
+      CHECK(op.stream == 2);
+    }
+  }
+  CHECK(n_all_reduce == 1);  // everything fits the 1 MiB first bucket
+  const nlohmann::json j = report::to_json(ddp, -1);
+  REQUIRE(j.contains("ranks"));
+  CHECK(j["ranks"].size() == 1);
+  CHECK(j["ranks"][0]["count"] == 2);
+  CHECK(j["ranks"][0]["figures"]["peak"] == j["peak"]);
+  CHECK_FALSE(report::to_json(one, -1).contains("ranks"));
+}
+
+TEST_CASE("DDP buckets: 1 MiB first, then bucket_cap_mb, in the order gradients become ready", "[parallel][ddp]") {
+  const study::Analysis a = run({"model.d_model=256", "model.n_heads=4", "model.n_layers=2", "model.seq_len=16", "training.batch_size=1",
+                                 "parallel.dp=8", "parallel.bucket_cap_mb=2"});
+  std::vector<int64_t> sizes;
+  const auto& g = a.step->graph;
+  for (const auto& st : g.storages()) {
+    if (g.tensor(st.first).name.rfind("ddp.bucket", 0) == 0) sizes.push_back(st.bytes);
+  }
+  REQUIRE(sizes.size() >= 3);
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  CHECK(total == a.params_bytes);
+  CHECK(sizes[0] >= 1024 * 1024);
+  CHECK(sizes[0] < 1024 * 1024 + 256 * 50257 * 4);
+  for (size_t i = 1; i + 1 < sizes.size(); ++i) CHECK(sizes[i] >= 2 * 1024 * 1024);
+  // A step over 8 ranks inside a node takes longer than one without data parallelism.
+  const study::Analysis one = run({"model.d_model=256", "model.n_heads=4", "model.n_layers=2", "model.seq_len=16", "training.batch_size=1"});
+  CHECK(a.result.step_time_ns > one.result.step_time_ns);
+}
+
+TEST_CASE("bad parallel combinations are one-line errors naming the key", "[parallel][scenario]") {
+  auto message = [](const std::vector<std::string>& sets) {
+    try {
+      (void)study::load_scenario("", sets);
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK_THAT(message({"parallel.dp=0"}), Catch::Contains("parallel.dp") && Catch::Contains("positive"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero9"}), Catch::Contains("parallel.sharding"));
+  CHECK_THAT(message({"parallel.sharding=zero2"}), Catch::Contains("parallel.sharding") && Catch::Contains("dp > 1"));
+  CHECK_THAT(message({"training.master_weights=fp32"}), Catch::Contains("training.master_weights"));
+  CHECK_THAT(message({"training.master_weights=fp32", "training.dtype=bf16", "training.optimizer=sgd"}),
+             Catch::Contains("training.optimizer"));
+  CHECK_THAT(message({"parallel.bucket_cap_mb=5"}), Catch::Contains("parallel.bucket_cap_mb"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.gradient_as_bucket_view=true"}),
+             Catch::Contains("parallel.gradient_as_bucket_view"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.bucket_cap_mb=0"}), Catch::Contains("parallel.bucket_cap_mb"));
+  for (const auto& m : {message({"parallel.dp=0"}), message({"parallel.sharding=zero2"})}) {
+    CHECK(m.find('\n') == std::string::npos);
+  }
+}

@@ -1,0 +1,112 @@
+"""Byte-exact cross-check of actsim's per-rank simulation of data parallelism against real
+torch.distributed on the CPU (issue 13).
+
+usage: test_parallel.py ACTSIM_BINARY [--only SUBSTRING]
+
+Runs every configuration below in 2 ranks (processes joined by the gloo backend on localhost,
+tests/torch/measure_dist.py: all configurations in the same two processes, one after another),
+each rank measured as tests/torch/measure.py measures one process (the CPU profiler's allocation
+trace of a steady-state step: the third, after DDP has rebuilt its buckets), and requires each
+rank's figures to equal those of `actsim simulate --json` (runtime.profile = torch2-cpu) for its
+rank class, to the byte. Exits 77 (skipped) when .venv's python cannot import torch.
+"""
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from test_against_torch import BASE, MODEL_KEYS, TRAIN_KEYS, run_json  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+MEASURE_DIST = os.path.join(HERE, "measure_dist.py")
+DP = 2
+
+# (overrides of test_against_torch's BASE, parallel settings); at most 6 (CI budget).
+CONFIGS = [
+    ({}, {"parallel": "ddp"}),
+    ({"dropout": 0.1}, {"parallel": "ddp", "gradient_as_bucket_view": 1}),
+    ({"family": "llama", "dtype": "bf16", "n_kv_heads": 2}, {"parallel": "ddp"}),
+    ({"family": "llama", "optimizer_impl": "foreach"}, {"parallel": "ddp", "gradient_as_bucket_view": 1}),
+    # more than the 1 MiB first bucket: several buckets of 1 MiB
+    ({"d_model": 256, "n_heads": 4, "n_layers": 2}, {"parallel": "ddp", "bucket_cap_mb": 1.0}),
+]
+
+
+def actsim_sets(cfg, par):
+    sets = ["--set", "runtime.profile=torch2-cpu", "--set", f"parallel.dp={DP}"]
+    for k in MODEL_KEYS:
+        if k in cfg:
+            sets += ["--set", f"model.{k}={cfg[k]}"]
+    for k in TRAIN_KEYS:
+        sets += ["--set", f"training.{k}={cfg[k]}"]
+    if "bucket_cap_mb" in par:
+        sets += ["--set", f"parallel.bucket_cap_mb={par['bucket_cap_mb']}"]
+    if par.get("gradient_as_bucket_view"):
+        sets += ["--set", "parallel.gradient_as_bucket_view=true"]
+    return sets
+
+
+def label(over, par):
+    return ",".join(f"{k}={v}" for k, v in list(over.items()) + list(par.items()))
+
+
+def main(argv):
+    actsim = argv[1]
+    only = argv[argv.index("--only") + 1] if "--only" in argv else None
+    if not os.path.exists(PYTHON) or subprocess.run([PYTHON, "-c", "import torch.distributed"],
+                                                    capture_output=True).returncode != 0:
+        print("skipped: no torch in .venv")
+        return 77
+    configs = [(o, p) for o, p in CONFIGS if only is None or only in label(o, p)]
+    groups = []
+    for over, par in configs:
+        cfg = dict(BASE, **over)
+        if groups:
+            groups.append("--")
+        groups += [f"{k}={v}" for k, v in cfg.items()] + [f"{k}={v}" for k, v in par.items()]
+    p = subprocess.run([PYTHON, MEASURE_DIST, f"dp={DP}"] + groups, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stderr[-4000:])
+        return 1
+    measured = json.loads(p.stdout)["configs"]
+    failures = 0
+    for (over, par), m in zip(configs, measured):
+        cfg = dict(BASE, **over)
+        a = run_json([actsim, "simulate", "--json", "--no-fit"] + actsim_sets(cfg, par))
+        bad = []
+        for rank, r in enumerate(m["ranks"]):
+            cls = a["ranks"][0]
+            if not (cls["coordinates"]["dp"][0] <= rank <= cls["coordinates"]["dp"][1]):
+                bad.append(f"rank {rank} is in no rank class")
+            f = cls["figures"]
+            pairs = [
+                ("params_bytes", f["params_bytes"], r["params_bytes"]),
+                ("optimizer_bytes", f["optimizer_bytes"], r["optimizer_bytes"]),
+                ("buffers_bytes", f["buffers_bytes"], r["buffers_bytes"]),
+                ("live_bytes.step_start", f["live_bytes"]["step_start"], r["live_bytes"]["step_start"]),
+                ("live_bytes.end_forward", f["live_bytes"]["end_forward"], r["live_bytes"]["end_forward"]),
+                ("live_bytes.end_backward", f["live_bytes"]["end_backward"], r["live_bytes"]["end_backward"]),
+                ("live_bytes.end_optimizer", f["live_bytes"]["end_optimizer"], r["live_bytes"]["end_optimizer"]),
+                ("live_bytes.end_step", f["live_bytes"]["end_step"], r["live_bytes"]["after_zero_grad"]),
+                ("peak.bytes", f["peak"]["bytes"], r["peak"]["bytes"]),
+                ("peak.phase", f["peak"]["phase"], r["peak"]["phase"]),
+            ]
+            bad += [f"rank {rank} {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
+            if r["inconsistent_totals"]:
+                bad.append(f"rank {rank}: the profiler's totals are inconsistent ({r['inconsistent_totals']})")
+        if a["peak"] != a["ranks"][0]["figures"]["peak"]:
+            bad.append("top-level peak is not the peak rank class's")
+        status = "ok" if not bad else "MISMATCH"
+        print(f"{status:8} {label(over, par)}: peak {a['peak']['bytes']} bytes per rank")
+        for b in bad:
+            print("         " + b)
+        failures += bool(bad)
+    print(f"{len(configs) - failures}/{len(configs)} configurations byte-exact on {DP} ranks")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
