@@ -151,3 +151,24 @@ TEST_CASE("checkpoint.impl: bad values are one-line InputErrors naming the key",
   }
   CHECK(error_of({"checkpoint.policy=ops:mm", "checkpoint.impl=nonreentrant"}) == "accepted");
 }
+
+TEST_CASE("checkpoint.impl: transformers' checkpointed layers keep their keyword arguments as long as the call",
+          "[checkpoint][ckimpl]") {
+  // GradientCheckpointingLayer checkpoints partial(layer.__call__, **kwargs): GPT-2's blocks get
+  // position_ids (a (1, T) int64 tensor) that way. Reentrant keeps it on ctx.run_function, with the
+  // autograd graph: past the step while the loop's `loss` is referenced (PyTorch 2.13 with
+  // transformers 5.18, tests/torch/test_against_hf.py "gpt2 gradient checkpointing reentrant").
+  const std::string hf = std::string(ACTSIM_SOURCE_DIR) + "/scenarios/hf/gpt2.json";
+  auto with = [&](std::vector<std::string> more) {
+    std::vector<std::string> o{"model.hf_config=" + hf, "model.n_layers=2", "model.seq_len=16",
+                               "training.batch_size=1", "runtime.profile=torch2-cpu", "model.attention=eager",
+                               "checkpoint.preserve_rng_state=false"};
+    o.insert(o.end(), more.begin(), more.end());
+    return run(o);
+  };
+  const study::Analysis none = with({});
+  const study::Analysis re = with({"checkpoint.policy=full", "checkpoint.impl=reentrant"});
+  const study::Analysis nonre = with({"checkpoint.policy=full"});
+  CHECK(re.result.live_end_step == none.result.live_end_step + 16 * 8);
+  CHECK(nonre.result.live_end_step == none.result.live_end_step);  // the frame is gone after backward
+}

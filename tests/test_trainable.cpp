@@ -216,3 +216,25 @@ TEST_CASE("study::analyze: a checkpointed frozen block saves only its argument, 
     CHECK(f.per_layer_saved[0] == 2 * 16 * 32 * 4);
   }
 }
+
+TEST_CASE("lower: under autocast peft copies a bf16 input to lora_A's float32 dtype; the recomputation keeps it",
+          "[trainable][autocast][checkpoint]") {
+  // x = self._cast_input_dtype(x, lora_A.weight.dtype): the MLP product and the attention output
+  // reach o_proj and down_proj in bf16, the norm outputs reach the others in float32.
+  study::Analysis a = analyze_small("llama", {"training.trainable=lora", "lora.targets=all-linear",
+                                              "training.autocast=bf16", "checkpoint.policy=full",
+                                              "model.dropout=0", "training.optimizer_impl=for_loop",
+                                              "runtime.cpu_isa=avx2"});
+  int copies = 0;
+  for (const Op& op : a.step->graph.ops()) {
+    if (op.phase == Phase::forward && op.name.find("cast_input_dtype") != std::string::npos) {
+      ++copies;
+      CHECK(a.step->graph.tensor(op.outputs[0]).dtype == DType::f32);
+    }
+  }
+  CHECK(copies == 2 * 2);  // o_proj and down_proj of both blocks
+  // Real PyTorch 2.13 (tests/torch GRID2): the recomputation runs up to its last saved tensor,
+  // the frozen base linear and peft's float32 copy included, and keeps the LoRA weights' casts
+  // in its weight-cast cache until it stops.
+  CHECK(a.result.peak_bytes == 410096);
+}

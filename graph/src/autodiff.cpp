@@ -139,6 +139,14 @@ class Engine {
   TensorId mapped(TensorId t);
   void remap_storage(uint32_t sid, StorageId to);
   void recompute_region(int32_t r, const std::vector<uint32_t>* targets = nullptr);
+  bool wrapped_scalar(TensorId t) const;
+  // Non-reentrant: the recomputation starts when a node unpacks a saved tensor of the region.
+  bool unpacks(const Op& f) const {
+    for (TensorId t : f.saved) {
+      if (!wrapped_scalar(t)) return true;
+    }
+    return false;
+  }
   void prefetch_block(int32_t layer);
 
   // Reentrant checkpoint (CheckpointFunction): the call's backward node is the region's nodes
@@ -192,15 +200,28 @@ void Engine::remap_storage(uint32_t sid, StorageId to) {
 // the region, the region's forward ops run again; only the ops whose outputs (transitively) feed
 // a saved tensor are rerun (2.x stops recomputation early), ops with cached outputs (selective
 // activation checkpointing) are not rerun at all.
+// A wrapped number (`* scaling`) that 2.x saves past the checkpoint's hooks: no saved tensor of
+// the frame, so the recomputation neither waits for it nor starts when a node reads it.
+bool Engine::wrapped_scalar(TensorId t) const {
+  const OpId p = g_.tensor(t).producer;
+  if (!b_.prof().wrapped_numbers_unhooked || reentrant_ || p == kNoOp) return false;
+  const Op& o = g_.op(p);
+  return (o.kind == OpKind::mul_scalar || o.kind == OpKind::div_scalar) && o.outputs.size() > 1 && o.outputs[1] == t;
+}
+
 void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   recomputed_[r] = true;
   const std::vector<OpId>& ops = regions_[r];
   std::vector<bool> needed_st(g_.storages().size(), false);  // [storages existing now]
+  // (Reentrant: the forward ran under no_grad and saved nothing; the recomputation saves as usual.)
+  const bool keep_scalars = b_.prof().wrapped_numbers_unhooked && !reentrant_;
   if (targets) {
     for (uint32_t sid : *targets) needed_st[sid] = true;
   } else {
     for (OpId o : ops) {
-      for (TensorId t : g_.op(o).saved) needed_st[index(g_.tensor(t).storage)] = true;
+      for (TensorId t : g_.op(o).saved) {
+        if (!wrapped_scalar(t)) needed_st[index(g_.tensor(t).storage)] = true;
+      }
     }
   }
   std::vector<bool> rerun(ops.size(), false);
@@ -223,6 +244,27 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
     rerun[k] = true;
     for (TensorId t : op.inputs) needed_st[index(g_.tensor(t).storage)] = true;
   }
+  // 2.x's early stop (_StopRecomputationError at the frame's last pack): the function runs in
+  // order up to there, so every op before the stop runs, needed or not (a frozen base linear's
+  // output that only the LoRA sum after the stop reads); what the rest of the function would
+  // still read (its Python locals: peft's float32 copy of x, `result`) lives until the stop.
+  std::vector<TensorId> until_stop;
+  if (!whole && !targets && reached) {
+    std::unordered_map<uint32_t, size_t> pos;
+    for (size_t k = 0; k <= reach; ++k) {
+      rerun[k] = !g_.op(ops[k]).cached;
+      pos[index(ops[k])] = k;
+    }
+    for (size_t k = reach + 1; k < ops.size(); ++k) {
+      for (const auto* list : {&g_.op(ops[k]).inputs, &g_.op(ops[k]).holds}) {
+        for (TensorId t : *list) {
+          const OpId p = g_.tensor(t).producer;
+          auto it = p == kNoOp ? pos.end() : pos.find(index(p));
+          if (it != pos.end() && rerun[it->second]) until_stop.push_back(t);
+        }
+      }
+    }
+  }
   // The recomputation runs under torch.random.fork_rng: another RNG stash while it runs. Wrapped
   // numbers the forward saved past the checkpoint's hooks (2.x) stay saved; the recomputation
   // makes its own, alive until it ends.
@@ -233,8 +275,6 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
     b_.set_layer(g_.op(ops.front()).layer);
     transient.push_back(b_.stash_rng("checkpoint.recompute.rng_state"));
   }
-  // (Reentrant: the forward ran under no_grad and saved nothing; the recomputation saves as usual.)
-  const bool keep_scalars = b_.prof().wrapped_numbers_unhooked && !reentrant_;
   Recomputation& rc = recomputations_[r];
   rc = {.reached = reached, .reach = reach};
   std::vector<std::pair<size_t, OpId>>& emitted = rc.emitted;
@@ -278,6 +318,18 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   }
   // Held by the recomputation's last op; one that op made itself (a wrapped number of the last
   // recomputed op: LoRA's `* scaling` ending a block) dies with it anyway.
+  for (TensorId t : until_stop) transient.push_back(mapped(t));
+  // The recomputation runs under the forward's autocast state, with a fresh weight-cast cache
+  // that holds each recomputed parameter cast until the recomputation's autocast region exits.
+  if (!b_.cast_cache.empty()) {
+    std::unordered_map<uint32_t, bool> cached_cast;
+    for (TensorId c : b_.cast_cache) cached_cast[index(c)] = true;
+    for (const auto& [k, id] : emitted) {
+      for (TensorId t : g_.op(ops[k]).outputs) {
+        if (cached_cast.count(index(t))) transient.push_back(mapped(t));
+      }
+    }
+  }
   const OpId last_op{static_cast<uint32_t>(g_.n_ops() - 1)};
   for (TensorId t : transient) {
     if (g_.tensor(t).producer != last_op) b_.hold_until_last(t);
@@ -381,7 +433,7 @@ std::vector<TensorId> Engine::run(TensorId loss) {
     run_node(f);
   }
   b_.hold_until_last(seed);
-  keep_checkpoint_frames(g_, b_.rng_stash, regions_, recomputations_);
+  keep_checkpoint_frames(g_, b_.rng_stash, regions_, recomputations_, b_.ckpt_kwargs);
   return param_grad_;
 }
 
@@ -414,7 +466,7 @@ void Engine::run_node(OpId fid) {
       recompute_region(region, &targets);
     }
   }
-  if (f.region >= 0 && !recomputed_[f.region]) {
+  if (f.region >= 0 && !recomputed_[f.region] && (is_reentrant_region(f.region) || unpacks(f))) {
     ACTSIM_ASSERT(!plan_ || plan_->before_backward.empty() || reentrant_ || f.region < kBlockRegionBase,
                   "a scheduled block's backward ran before its recomputation: " + f.name);
     if (is_reentrant_region(f.region)) {

@@ -116,6 +116,16 @@ void Builder::begin_checkpoint_call(int32_t r) {
   rng_stash[r] = t;
 }
 
+void Builder::checkpoint_kwargs(std::initializer_list<TensorId> ts) {
+  if (region_ < 0) return;
+  std::vector<TensorId>& held = ckpt_kwargs[region_];
+  for (TensorId t : ts) {
+    if (t == kNoTensor || std::find(held.begin(), held.end(), t) != held.end()) continue;
+    held.push_back(t);
+    if (ckpt_reentrant) g_.mutable_storage(T(t).storage).keep = true;
+  }
+}
+
 TensorId Builder::fresh(std::string_view name, Shape shape, DType dt, Category c) {
   StorageId s = g_.add_storage({.bytes = numel(shape) * dtype_size(dt), .category = c, .layer = layer_});
   return g_.add_tensor({.name = qualify(name), .shape = std::move(shape), .dtype = dt, .storage = s});

@@ -80,6 +80,13 @@ class Builder {
   // in rng_stash otherwise). Reentrant keeps it in ctx.fwd_cpu_state, alive with the autograd
   // graph (the training loop's `loss`), past the step; non-reentrant in its frame.
   void begin_checkpoint_call(int32_t r);
+  // Tensors the checkpoint call's function object holds besides its arguments: transformers'
+  // GradientCheckpointingLayer checkpoints partial(layer.__call__, **kwargs), whose keyword
+  // arguments (position_ids, the mask, the rotary tables) live as long as the call: non-reentrant
+  // in its frame, until the region's backward has run; reentrant on ctx.run_function, with the
+  // autograd graph (past the step, as ctx.fwd_cpu_state). By recompute region.
+  std::unordered_map<int32_t, std::vector<TensorId>> ckpt_kwargs;
+  void checkpoint_kwargs(std::initializer_list<TensorId> ts);
 
   // The last op emitted holds `t` (a Python local released when the op's frame returns).
   void hold_until_last(TensorId t);

@@ -27,7 +27,8 @@ std::vector<TensorId> checkpoint_arguments(const Graph& g, const std::vector<OpI
 
 void keep_checkpoint_frames(Graph& g, const std::unordered_map<int32_t, TensorId>& rng_stash,
                             const std::unordered_map<int32_t, std::vector<OpId>>& regions,
-                            const std::unordered_map<int32_t, Recomputation>& recomputations) {
+                            const std::unordered_map<int32_t, Recomputation>& recomputations,
+                            const std::unordered_map<int32_t, std::vector<TensorId>>& kwargs) {
   if (rng_stash.empty()) return;
   std::unordered_map<int32_t, OpId> last;
   for (size_t i = 0; i < g.n_ops(); ++i) {
@@ -45,6 +46,12 @@ void keep_checkpoint_frames(Graph& g, const std::unordered_map<int32_t, TensorId
     // The checkpoint call's arguments (the block input, llama's token positions) are saved by
     // its frame (_NoopSaveInputs) until then too: activations the region reads from outside.
     for (TensorId t : checkpoint_arguments(g, ops->second)) end.holds.push_back(t);
+    // The function object's keyword arguments (Builder::ckpt_kwargs) stay in the frame as long,
+    // but no saved-tensor hook packs them (_NoopSaveInputs saves the tensor arguments alone): a
+    // use of the op, not something it keeps for backward.
+    if (auto kw = kwargs.find(r); kw != kwargs.end()) {
+      for (TensorId t : kw->second) end.releases.push_back(t);
+    }
   }
   // Selective activation checkpointing caches the outputs of the listed ops whether or not
   // backward asks for them; those it never asks for stay in the cache until the region's

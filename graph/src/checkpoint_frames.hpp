@@ -31,6 +31,7 @@ std::vector<TensorId> checkpoint_arguments(const Graph& g, const std::vector<OpI
 // A stash of kNoTensor (preserve_rng_state = false) keeps only the arguments.
 void keep_checkpoint_frames(Graph& g, const std::unordered_map<int32_t, TensorId>& rng_stash,
                             const std::unordered_map<int32_t, std::vector<OpId>>& regions,
-                            const std::unordered_map<int32_t, Recomputation>& recomputations);
+                            const std::unordered_map<int32_t, Recomputation>& recomputations,
+                            const std::unordered_map<int32_t, std::vector<TensorId>>& kwargs = {});
 
 }  // namespace actsim::graph

@@ -124,8 +124,14 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
     l.scope(-1, "loss");
     return b.scalar_op(OpKind::div_scalar, loss, n);
   };
+  // fp16 autocast: each micro-batch runs scaler.scale(loss).backward(), so the gradients
+  // accumulate scaled; unscale_, the inf check and update() run once, at the step.
+  const bool scaled = l.tr.autocast == DType::f16;
+  auto root_of = [&](TensorId loss) { return scaled ? l.scaler_scale_loss(loss) : loss; };
   const TensorId first_loss = divide(l.out.loss);
-  l.out.param_grads = differentiate(b, first_loss, l.out.params, l.plan);
+  const TensorId first_root = root_of(first_loss);
+  l.out.param_grads = differentiate(b, first_root, l.out.params, l.plan);
+  if (scaled) b.hold_until_last(first_root);  // the temporary lives until .backward() returns
   // The second micro-batch's forward: the same family code, on the first's leaves; what the
   // builder collected per forward (checkpoint RNG stashes, offloads, block outputs) starts anew.
   // (Reentrant checkpoint, issue 12 recipe 4: the first micro-batch's ctx.fwd_cpu_state stashes
@@ -137,7 +143,16 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
       first_graph_stashes.push_back(t);
     }
   }
+  for (const auto& [r, ts] : b.ckpt_kwargs) {  // ctx.run_function's keyword arguments, likewise
+    for (TensorId t : ts) {
+      if (g.storage(g.tensor(t).storage).keep) {
+        g.mutable_storage(g.tensor(t).storage).keep = false;
+        first_graph_stashes.push_back(t);
+      }
+    }
+  }
   b.rng_stash.clear();
+  b.ckpt_kwargs.clear();
   b.offloaded.clear();
   b.offload_order.clear();
   b.block_outputs.clear();
@@ -149,7 +164,9 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   l.out.loss = divide(l.out.loss);
   g.mutable_op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
   for (TensorId t : first_graph_stashes) b.hold_until_last(t);
-  differentiate(b, l.out.loss, l.out.params, l.plan, begin, &l.out.param_grads);
+  const TensorId root = root_of(l.out.loss);
+  differentiate(b, root, l.out.params, l.plan, begin, &l.out.param_grads);
+  if (scaled) b.hold_until_last(root);
   g.micro_batches = l.tr.grad_accum_steps;
   g.last_micro_batch = begin;
   g.after_micro_batches = OpId{static_cast<uint32_t>(g.n_ops())};
@@ -169,10 +186,10 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   Lowering l(model, training, prof, plan);
   l.b.set_names(options.names);
   lower_model(l, model, prof);
-  // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary). With
-  // accumulation, fp16 autocast is refused by the loader (the scaled micro-batches are not lowered).
-  // Data parallelism's gradient hooks (issue 13) run with one micro-batch only (the loader refuses
-  // parallel.dp > 1 with accumulation until DDP's no_sync is lowered).
+  // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary), once
+  // per micro-batch with accumulation. Data parallelism's gradient hooks (issue 13) run with one
+  // micro-batch only (the loader refuses parallel.dp > 1 with accumulation until DDP's no_sync is
+  // lowered).
   const bool scaled = training.autocast == DType::f16;
   if (training.grad_accum_steps > 1) {
     accumulate_micro_batches(l, model, prof);

@@ -53,10 +53,14 @@ struct HfBase {
     return out;
   }
   // DynamicLayer.update: torch.cat([self.keys, key_states], dim=-2) with an empty self.keys -- a copy.
-  TensorId cache_copy(TensorId x) {
-    TensorId out = b.fresh("past_key_values", t(x).shape, t(x).dtype);
+  // lazy_initialization makes both empty tensors in key_states' dtype: under autocast a float32
+  // key (rope promotes) makes the bf16 values float32 too, cat's input cast a transient copy.
+  TensorId cache_copy(TensorId x, DType dt = DType::f32, bool as_key_dtype = false) {
+    const DType to = as_key_dtype ? dt : t(x).dtype;
+    const int64_t cast_ws = to != t(x).dtype ? numel(t(x).shape) * dtype_size(to) : 0;
+    TensorId out = b.fresh("past_key_values", t(x).shape, to);
     b.emit({.kind = OpKind::copy, .name = "past_key_values.update", .inputs = {x}, .outputs = {out},
-            .bytes_moved = 2 * g().view_bytes(x)});
+            .workspace_bytes = cast_ws, .bytes_moved = 2 * g().view_bytes(x)});
     return out;
   }
   // Gemma2's tanh softcapping: x / c, torch.tanh, * c (three tensors; tanh saves its result).

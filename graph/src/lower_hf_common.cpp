@@ -37,8 +37,10 @@ void HfBase::causal_lm_loss(TensorId x, TensorId lm_head, TensorId labels, const
   l.out.loss = b.cross_entropy(lv, tv);
   b.hold_until_last(padded);
   if (lf != logits) b.hold_until_last(lf);
-  // The outputs object (logits, the cache) is dropped when forward returns.
+  // The outputs object (logits, the cache) is dropped when forward returns; so is the base model's
+  // (last_hidden_state: the final norm's output, which under autocast lm_head does not save).
   b.hold_until_last(logits);
+  b.hold_until_last(x);
   for (TensorId c : cache) b.hold_until_last(c);
 }
 

@@ -77,8 +77,13 @@ struct HfGpt2 : HfBase {
     return b.dropout(o, m.dropout);
   }
 
+  TensorId pos_ids = kNoTensor;  // the model's position_ids, a keyword argument of every block call
+
   TensorId block(int i, const Block& p, TensorId x, TensorId mask, std::vector<TensorId>& cache, bool use_cache) {
     l.enter_block(i);
+    // gradient_checkpointing_enable(): partial(block.__call__, encoder_attention_mask=None,
+    // use_cache=..., position_ids=...) is the checkpointed function (the mask is an argument).
+    if (l.mode(i) == BlockMode::recompute) b.checkpoint_kwargs({pos_ids});
     const std::string s = fmt::format("transformer.h.{}", i);
     l.scope(i, s + ".ln_1");
     TensorId h = b.layer_norm(x, p.ln1_w, p.ln1_b);
@@ -141,6 +146,7 @@ struct HfGpt2 : HfBase {
     TensorId tok = b.embedding(wte, idx);
     l.scope(-1, "transformer");
     TensorId pos = position_ids();
+    pos_ids = pos;
     l.scope(-1, "transformer.wpe");
     TensorId pe = b.embedding(wpe, b.view(pos, {1, T}));
     l.scope(-1, "transformer");

@@ -115,8 +115,9 @@ struct HfLlama : HfBase {
     k = rope(k, cu, su);
     l.scope(i, s);
     if (use_cache) {
+      const DType key_dtype = t(k).dtype;
       k = cache_copy(k);
-      v = cache_copy(v);
+      v = cache_copy(v, key_dtype, true);
       cache.push_back(k);
       cache.push_back(v);
     }
@@ -148,9 +149,14 @@ struct HfLlama : HfBase {
     return l.linear(o, p.wo, opt(p.bo));
   }
 
+  TensorId pos_ids = kNoTensor;  // the model's position_ids, a keyword argument of every layer call
+
   TensorId layer(int i, const Layer& p, TensorId x, TensorId cos, TensorId sin, TensorId mask,
                  std::vector<TensorId>& cache) {
     l.enter_block(i);
+    // gradient_checkpointing_enable(): partial(layer.__call__, attention_mask=...,
+    // position_embeddings=(cos, sin), position_ids=...) is the checkpointed function.
+    if (l.mode(i) == BlockMode::recompute) b.checkpoint_kwargs({mask, cos, sin, pos_ids});
     const std::string s = fmt::format("model.layers.{}", i);
     l.scope(i, s + ".input_layernorm");
     TensorId h = rmsnorm(x, p.in_norm);
@@ -305,6 +311,7 @@ struct HfLlama : HfBase {
     }
     l.scope(-1, "model");
     TensorId pos = position_ids();
+    pos_ids = pos;
     TensorId mask = m.attention == Attention::eager ? causal_mask(pos) : kNoTensor;
     // Gemma2Model: causal_mask_mapping holds create_causal_mask's and create_sliding_window_causal_mask's
     // masks (both (B, 1, T, T) under eager; the sliding one is None under sdpa while T < sliding_window).

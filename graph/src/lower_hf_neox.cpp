@@ -60,8 +60,9 @@ struct HfNeox : HfBase {
     k = cat_last(ke, kp);
     l.scope(i, s);
     if (use_cache) {
+      const DType key_dtype = t(k).dtype;
       k = cache_copy(k);
-      v = cache_copy(v);
+      v = cache_copy(v, key_dtype, true);
       cache.push_back(k);
       cache.push_back(v);
     }

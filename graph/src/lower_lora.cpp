@@ -2,7 +2,7 @@
 // peft 0.21.2 applies it (peft/tuners/lora/layer.py, Linear.forward):
 //
 //   result = self.base_layer(x)                    # the frozen nn.Linear
-//   x = self._cast_input_dtype(x, lora_A.weight.dtype)   # x itself: same dtype
+//   x = self._cast_input_dtype(x, lora_A.weight.dtype)   # a copy when the dtypes differ
 //   result = result + lora_B(lora_A(dropout(x))) * scaling
 //   result = result.to(torch_result_dtype)         # result itself: same dtype
 //
@@ -164,10 +164,18 @@ TensorId Lowering::linear(TensorId x, TensorId w, std::optional<TensorId> bias) 
   if (it == lora.end()) return result;
   const LoraAdapter& a = it->second;
   const TrainableConfig& t = tr.trainable;
-  TensorId h = x;
+  // x = self._cast_input_dtype(x, lora_A.weight.dtype): a new tensor when the dtypes differ (under
+  // autocast a bf16 input, the attention output or the MLP product, becomes float32 here and is
+  // cast back to bf16 by lora_A's autocast wrapper); the local lives until forward returns.
+  TensorId xin = x;
+  if (b.graph().tensor(x).dtype != b.graph().tensor(a.a).dtype) {
+    scope(a.layer, a.module);
+    xin = b.cast(x, b.graph().tensor(a.a).dtype, "cast_input_dtype");
+  }
+  TensorId h = xin;
   if (t.lora_dropout > 0) {
     scope(a.layer, a.module + ".lora_dropout.default");
-    h = b.dropout(x, t.lora_dropout);
+    h = b.dropout(xin, t.lora_dropout);
   }
   scope(a.layer, a.module + ".lora_A.default");
   TensorId down = b.linear(h, a.a, std::nullopt);
@@ -177,6 +185,7 @@ TensorId Lowering::linear(TensorId x, TensorId w, std::optional<TensorId> bias) 
   TensorId scaled = b.scalar_op(OpKind::mul_scalar, up, t.lora_alpha / static_cast<double>(t.lora_r));
   TensorId sum = b.binary(OpKind::add, result, scaled);
   b.hold_until_last(x);  // lora.Linear.forward's argument, alive until it returns
+  if (xin != x) b.hold_until_last(xin);
   return sum;
 }
 

@@ -154,11 +154,14 @@ void Lowering::optimizer() {
 // same unscale_ temporaries and no optimizer temporaries; its peak is never above this one's.
 TensorId Lowering::scaler_scale_loss(TensorId loss) {
   // _scale and _growth_tracker: 0-dim float32 and int32 tensors made by the warm-up step's first
-  // scale() (_lazy_init_scale_growth_tracker); they persist, as the optimizer state does.
-  scaler.scale = b.leaf("grad_scaler._scale", {}, DType::f32, Category::temporary, false);
-  scaler.growth_tracker = b.leaf("grad_scaler._growth_tracker", {}, DType::i32, Category::temporary, false);
-  out.graph.mutable_storage(out.graph.tensor(scaler.scale).storage).keep = true;
-  out.graph.mutable_storage(out.graph.tensor(scaler.growth_tracker).storage).keep = true;
+  // scale() (_lazy_init_scale_growth_tracker); they persist, as the optimizer state does. With
+  // gradient accumulation every micro-batch scales its loss with the same two.
+  if (scaler.scale == kNoTensor) {
+    scaler.scale = b.leaf("grad_scaler._scale", {}, DType::f32, Category::temporary, false);
+    scaler.growth_tracker = b.leaf("grad_scaler._growth_tracker", {}, DType::i32, Category::temporary, false);
+    out.graph.mutable_storage(out.graph.tensor(scaler.scale).storage).keep = true;
+    out.graph.mutable_storage(out.graph.tensor(scaler.growth_tracker).storage).keep = true;
+  }
   b.set_phase(Phase::backward);
   b.set_layer(-1);
   b.set_scope("grad_scaler");

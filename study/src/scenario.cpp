@@ -518,11 +518,6 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                 "\"AutocastCPU only support Bfloat16\"); use training.autocast = \"bf16\" or runtime.profile = "
                 "\"torch2-cpu\"");
   }
-  if (t.autocast == DType::f16 && t.grad_accum_steps > 1) {
-    return fail(blame(sc, {"training.autocast", "training.grad_accum_steps"}),
-                "fp16 autocast (GradScaler) with gradient accumulation is not lowered yet; use training.autocast = "
-                "\"bf16\" or training.grad_accum_steps = 1");
-  }
   // ---- issue 13: data parallelism and sharding, master weights ----
   if (t.parallel.dp > 1 && t.grad_accum_steps > 1) {
     return fail(blame(sc, {"parallel.dp", "training.grad_accum_steps"}),

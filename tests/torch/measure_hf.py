@@ -29,7 +29,12 @@ DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa", "op
             "trainable": "all", "lora_r": 8, "lora_alpha": "8", "lora_dropout": "0.0", "lora_targets": "q_proj,v_proj",
             # issue 11 (hfrest): force a mixture-of-experts router's choice: tokens per expert,
             # "n0,n1,..." for every layer or one list per layer separated by ';' ("" = the router's own)
-            "routing": ""}
+            "routing": "",
+            # issue 12 on transformers models: the forward under torch.autocast (recipes_amp.py), and
+            # transformers' own gradient checkpointing, hf.gradient_checkpointing_enable(
+            # gradient_checkpointing_kwargs={"use_reentrant": checkpoint_impl == "reentrant"}):
+            # checkpoint=full (every decoder layer) or none
+            "autocast": "none", "checkpoint": "none", "checkpoint_impl": "nonreentrant"}
 
 
 def assignment(counts, n_tokens, top_k):
@@ -79,6 +84,28 @@ def blocks_of(hf):
     raise RuntimeError("no decoder layers found in %s" % type(hf).__name__)
 
 
+def outer_layers(torch, hf):
+    """Each decoder layer behind a module that only calls it, so that measure.py's block hooks run
+    outside the checkpoint call that the layer's own __call__ makes (GradientCheckpointingLayer), as
+    they do around recipes.Checkpointed for the reference models. The wrapper holds no tensor."""
+    class Outer(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+        def __getattr__(self, name):  # attention_type, ... as the model reads them off its layers
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("inner"), name)
+    layers = blocks_of(hf)
+    for i in range(len(layers)):
+        layers[i] = Outer(layers[i])
+
+
 def make_wrapper(torch):
     class Step(torch.nn.Module):
         """model(idx, targets) -> loss, as measure.py calls the reference models. The outputs
@@ -108,7 +135,18 @@ def make_build(config_path):
             hf.to(measure.torch_dtype(torch, cfg["dtype"]))
         if cfg["routing"]:
             force_routing(torch, hf, cfg["routing"], cfg["batch_size"] * cfg["seq_len"])
+        if cfg["checkpoint"] not in ("none", "full"):
+            raise ValueError("checkpoint=%s: transformers checkpoints every decoder layer (full) or none"
+                             % cfg["checkpoint"])
+        if cfg["checkpoint"] == "full":
+            hf.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": cfg["checkpoint_impl"] == "reentrant"})
+            outer_layers(torch, hf)
         model = make_wrapper(torch)(hf)
+        if cfg["autocast"] != "none":
+            import recipes_amp
+            recipes_amp.wrap_autocast(model, measure.torch_dtype(torch, cfg["autocast"]))
+            model.grad_scaler = recipes_amp.make_scaler() if cfg["autocast"] == "fp16" else None
         model.train()
         shape = (cfg["batch_size"], cfg["seq_len"])
         vocab = conf.vocab_size

@@ -134,6 +134,13 @@ CONFIGS = [
     ("mixtral skewed routing per layer", dict(MIXTRAL, num_local_experts=5, num_experts_per_tok=3),
      {"batch_size": 3, "seq_len": 11, "routing": "33,0,33,31,2;1,32,33,33,0"}),
     ("mixtral bf16 eager", MIXTRAL, {"attn": "eager", "dtype": "bf16"}),
+    # issue 12 on transformers models: the forward under torch.autocast("cpu", bf16); transformers'
+    # gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True}) on every
+    # decoder layer (checkpoint.policy=full, checkpoint.impl=reentrant); LoRA with its dropout (peft)
+    ("llama autocast bf16", LLAMA, {"autocast": "bf16"}),
+    ("gpt2 gradient checkpointing reentrant", GPT2, {"checkpoint": "full", "checkpoint_impl": "reentrant"}),
+    ("llama lora dropout", LLAMA, {"trainable": "lora", "lora_targets": "q_proj,v_proj,down_proj",
+                                   "lora_dropout": "0.1"}),
 ]
 
 RUN_DEFAULTS = {"batch_size": 2, "seq_len": 16, "dtype": "fp32", "attn": "sdpa",
@@ -163,6 +170,11 @@ def check(actsim, pool, tmp, label, config, settings):
             sets.append(f"{key}={run[k]}")
     if run.get("routing"):
         sets.append(f"model.moe_routing={run['routing']}")
+    # issue 12 on transformers models: autocast, and gradient_checkpointing_enable() as checkpoint.policy=full
+    for k, key in (("autocast", "training.autocast"), ("checkpoint", "checkpoint.policy"),
+                   ("checkpoint_impl", "checkpoint.impl")):
+        if k in run:
+            sets.append(f"{key}={run[k]}")
     cmd = [actsim, "simulate", "--json", "--no-fit", "--hf", path]
     for s in sets:
         cmd += ["--set", s]

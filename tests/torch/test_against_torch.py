@@ -146,6 +146,16 @@ GRID2 += [
     {"family": "llama", "autocast": "bf16", "checkpoint": "full", "grad_accum_steps": 2, "n_kv_heads": 2},
     {"autocast": "bf16", "trainable": "lora", "lora_targets": "c_attn,attn.c_proj", "grad_accum_steps": 3,
      "dropout": 0.1},
+    # autocast with LoRA and checkpointing (peft's float32 copy of a bf16 input, the recomputation's
+    # weight-cast cache and early stop), then all four recipes at once on both families
+    {"family": "llama", "autocast": "bf16", "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
+     "n_kv_heads": 2},
+    {"family": "llama", "autocast": "bf16", "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
+     "grad_accum_steps": 2},
+    {"n_layers": 3, "autocast": "bf16", "trainable": "lora", "lora_targets": "all-linear", "checkpoint": "full",
+     "grad_accum_steps": 2, "dropout": 0.1},
+    # fp16 autocast with accumulation: every micro-batch's scaler.scale(loss).backward(), one unscale_
+    {"family": "llama", "autocast": "fp16", "grad_accum_steps": 3, "n_kv_heads": 2},
 ]
 
 MODEL_KEYS = ["family", "vocab_size", "seq_len", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "dropout",
