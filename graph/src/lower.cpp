@@ -124,7 +124,13 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
     return b.scalar_op(OpKind::div_scalar, loss, n);
   };
   const TensorId first_loss = divide(l.out.loss);
-  l.out.param_grads = differentiate(b, first_loss, l.out.params, l.plan);
+  // Data parallelism (issue 13): DDP's hooks run in the backwards outside no_sync (the last one,
+  // or every one with parallel.no_sync = false); the later micro-batch stands for the last.
+  GradReadyHook hook;
+  if (l.tr.parallel.active()) hook = [&l](size_t i, TensorId gr) { return l.parallel_grad_ready(i, gr); };
+  l.out.param_grads = differentiate(b, first_loss, l.out.params, l.plan, OpId{0}, nullptr,
+                                    l.parallel_hooks(false) ? hook : GradReadyHook{});
+  if (l.parallel_hooks(false)) l.parallel_backward_end();
   // The second micro-batch's forward: the same family code, on the first's leaves; what the
   // builder collected per forward (checkpoint RNG stashes, offloads, block outputs) starts anew.
   // (Reentrant checkpoint, issue 12 recipe 4: the first micro-batch's ctx.fwd_cpu_state stashes
@@ -148,7 +154,8 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   l.out.loss = divide(l.out.loss);
   g.op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
   for (TensorId t : first_graph_stashes) b.hold_until_last(t);
-  differentiate(b, l.out.loss, l.out.params, l.plan, begin, &l.out.param_grads);
+  const std::vector<TensorId> before = l.out.param_grads;
+  l.out.param_grads = differentiate(b, l.out.loss, l.out.params, l.plan, begin, &before, hook);
   g.micro_batches = l.tr.grad_accum_steps;
   g.last_micro_batch = begin;
   g.after_micro_batches = OpId{static_cast<uint32_t>(g.n_ops())};
@@ -169,8 +176,6 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   lower_model(l, model, prof);
   // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary). With
   // accumulation, fp16 autocast is refused by the loader (the scaled micro-batches are not lowered).
-  // Data parallelism's gradient hooks (issue 13) run with one micro-batch only (the loader refuses
-  // parallel.dp > 1 with accumulation until DDP's no_sync is lowered).
   const bool scaled = training.autocast == DType::f16;
   if (training.grad_accum_steps > 1) {
     accumulate_micro_batches(l, model, prof);

@@ -12,7 +12,8 @@ each of `dp` processes joined by the gloo backend on localhost, with the model w
   fsdp2    torch.distributed.fsdp.fully_shard per block and on the root
 
 Usage: measure_dist.py [KEY=VALUE ...] with measure.py's keys plus parallel=..., dp=N,
-bucket_cap_mb=F, gradient_as_bucket_view=0|1, reshard_after_forward=0|1. Prints
+bucket_cap_mb=F, gradient_as_bucket_view=0|1, reshard_after_forward=0|1, no_sync=0|1 (with
+grad_accum_steps > 1: the first micro-batches under DDP's no_sync, as accelerate does; default 1). Prints
 {"ranks": [rank 0's result, rank 1's result, ...]} (measure.py --mode memory's object per rank).
 """
 import json
@@ -25,7 +26,7 @@ sys.path.insert(0, HERE)
 import measure  # noqa: E402
 
 DIST_DEFAULTS = {"parallel": "ddp", "dp": 2, "bucket_cap_mb": 25.0, "gradient_as_bucket_view": 0,
-                 "reshard_after_forward": 1}
+                 "reshard_after_forward": 1, "no_sync": 1}
 
 
 def split(argv):
@@ -237,6 +238,17 @@ def measure_one(torch, rank, world, dist, rest):
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(model, bucket_cap_mb=dist["bucket_cap_mb"],
                         gradient_as_bucket_view=bool(dist["gradient_as_bucket_view"]))
+            n = cfg_["grad_accum_steps"]
+            if n > 1 and dist["no_sync"]:
+                # `with model.no_sync():` around the first n - 1 micro-batches of every step, as
+                # accelerate and HF Trainer do: no_sync only clears require_backward_grad_sync,
+                # which DDP reads in its forward, so a pre-hook setting it per call is the same.
+                calls = [0]
+
+                def no_sync(module, args):
+                    module.require_backward_grad_sync = calls[0] % n == n - 1
+                    calls[0] += 1
+                model.register_forward_pre_hook(no_sync)
         elif kind == "fsdp2":
             from torch.distributed.fsdp import fully_shard
             from torch.distributed.device_mesh import init_device_mesh

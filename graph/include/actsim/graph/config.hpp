@@ -118,6 +118,8 @@ struct ParallelConfig {
   double bucket_cap_mb = 25;            // DDP's bucket_cap_mb (MiB); the first bucket is 1 MiB
   bool gradient_as_bucket_view = false; // DDP: gradients are views into the buckets
   bool active() const { return dp > 1; }
+  // --- dp2 (issue 13, data-parallel half): accumulation ---
+  bool no_sync = true;                  // DDP + accumulation: the first N-1 micro-batches under no_sync()
 };
 // none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
 // gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).
