@@ -229,12 +229,16 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   } else if (key == "device.name") sc.device = find_device(as_str(v, where), where);
   // ---- issue 13: data parallelism and sharding, master weights ----
   else if (key == "parallel.dp") t.parallel.dp = positive(as_int(v, where));
-  else if (key == "parallel.sharding")
+  else if (key == "parallel.sharding") {
+    // dp2: DeepSpeed ZeRO-3 and FSDP2's fully_shard are named in issue 13 but not lowered yet
+    if (const std::string s = as_str(v, where); s == "zero3" || s == "fsdp2")
+      fail(where, fmt::format("\"{}\" (parameters sharded and gathered per block) is not lowered yet; use "
+                              "\"none\", \"zero1\" or \"zero2\"", s));
     t.parallel.sharding = pick<graph::Sharding>(
         as_str(v, where),
         {{"none", graph::Sharding::none}, {"zero1", graph::Sharding::zero1}, {"zero2", graph::Sharding::zero2}}, where,
         "sharding");
-  else if (key == "parallel.bucket_cap_mb") {
+  } else if (key == "parallel.bucket_cap_mb") {
     t.parallel.bucket_cap_mb = as_num(v, where);
     if (!(t.parallel.bucket_cap_mb > 0 && t.parallel.bucket_cap_mb < 1e9)) fail(where, "must be a positive number of MiB");
   } else if (key == "parallel.gradient_as_bucket_view") t.parallel.gradient_as_bucket_view = as_bool(v, where);
