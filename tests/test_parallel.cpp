@@ -167,7 +167,61 @@ TEST_CASE("bad parallel combinations are one-line errors naming the key", "[para
   CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.gradient_as_bucket_view=true"}),
              Catch::Contains("parallel.gradient_as_bucket_view"));
   CHECK_THAT(message({"parallel.dp=2", "parallel.bucket_cap_mb=0"}), Catch::Contains("parallel.bucket_cap_mb"));
-  for (const auto& m : {message({"parallel.dp=0"}), message({"parallel.sharding=zero2"})}) {
+  // dp2: no_sync belongs to DDP with accumulation; ZeRO with accumulation is not lowered
+  CHECK_THAT(message({"parallel.dp=2", "parallel.no_sync=false"}),
+             Catch::Contains("parallel.no_sync") && Catch::Contains("grad_accum_steps > 1"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "training.grad_accum_steps=2", "training.dtype=bf16",
+                      "training.master_weights=fp32"}),
+             Catch::Contains("parallel.sharding") && Catch::Contains("accumulation"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero2", "training.autocast=bf16"}),
+             Catch::Contains("autocast"));
+  CHECK(message({"parallel.dp=2", "training.grad_accum_steps=2", "parallel.no_sync=false"}) == "no error");
+  CHECK(message({"parallel.dp=2", "training.autocast=bf16", "training.trainable=frozen:wte"}) == "no error");
+  for (const auto& m : {message({"parallel.dp=0"}), message({"parallel.sharding=zero2"}),
+                        message({"parallel.dp=2", "parallel.no_sync=false"})}) {
     CHECK(m.find('\n') == std::string::npos);
   }
+}
+
+TEST_CASE("DDP with gradient accumulation: no_sync reduces in the last micro-batch only", "[parallel][ddp]") {
+  // Checked to the byte by tests/torch/test_parallel.py (DDP + accumulation, LoRA-style frozen
+  // parameters, autocast); here the structure: which backwards all-reduce.
+  const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
+                                      "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
+                                      "training.batch_size=2", "training.optimizer_impl=for_loop", "parallel.dp=2",
+                                      "training.grad_accum_steps=3"};
+  auto with = [&](std::vector<std::string> more) {
+    std::vector<std::string> s = base;
+    s.insert(s.end(), more.begin(), more.end());
+    return run(s);
+  };
+  auto count = [](const study::Analysis& a, graph::OpKind kind, const std::string& name) {
+    int n = 0;
+    for (const auto& op : a.step->graph.ops()) n += op.kind == kind && op.name.find(name) != std::string::npos;
+    return n;
+  };
+  const study::Analysis quiet = with({});
+  const study::Analysis loud = with({"parallel.no_sync=false"});
+  // two micro-batches are lowered (the first, and one standing for the later ones)
+  CHECK(count(quiet, graph::OpKind::all_reduce, "ddp.bucket") == 1);     // the last backward's only
+  CHECK(count(loud, graph::OpKind::all_reduce, "ddp.bucket") == 2);      // every backward's
+  CHECK(count(quiet, graph::OpKind::all_gather, "ddp.broadcast_buffers") == 1);  // the first forward's
+  CHECK(count(loud, graph::OpKind::all_gather, "ddp.broadcast_buffers") == 2);
+  CHECK(count(loud, graph::OpKind::bucket_copy, "ddp.finalize") == 2);
+  // the same persistent buckets either way
+  CHECK(quiet.grads_bytes == loud.grads_bytes);
+  CHECK(quiet.result.live_step_start == loud.result.live_step_start);
+  // frozen parameters get no bucket space: the bucket holds the trainable parameters' gradients
+  const study::Analysis frozen = with({"training.trainable=frozen:wte,wpe"});
+  int64_t bucket = 0;
+  const auto& g = frozen.step->graph;
+  for (const auto& st : g.storages()) {
+    if (g.tensor(st.first).name.rfind("ddp.bucket", 0) == 0) bucket += st.bytes;
+  }
+  int64_t trainable = 0;
+  for (auto p : frozen.step->params) {
+    if (g.tensor(p).requires_grad) trainable += g.storage(g.tensor(p).storage).bytes;
+  }
+  CHECK(bucket == trainable);
+  CHECK(bucket < frozen.params_bytes);
 }

@@ -653,7 +653,7 @@ void Engine::accumulate_grad(size_t i) {
     b_.emit({.kind = OpKind::accumulate, .name = pt.name + ".grad.add_", .inputs = {pg, grad},
              .flops = static_cast<double>(numel(pt.shape)), .bytes_moved = 3 * g_.view_bytes(grad)});
     drop_ref(grad);
-    param_grad_[i] = pg;
+    param_grad_[i] = hook_ ? hook_(i, pg) : pg;  // issue 13: DDP's hook on the last micro-batch
     return;
   }
   const bool layout_ok =

@@ -130,7 +130,13 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   auto root_of = [&](TensorId loss) { return scaled ? l.scaler_scale_loss(loss) : loss; };
   const TensorId first_loss = divide(l.out.loss);
   const TensorId first_root = root_of(first_loss);
-  l.out.param_grads = differentiate(b, first_root, l.out.params, l.plan);
+  // Data parallelism (issue 13): DDP's hooks run in the backwards outside no_sync (the last one,
+  // or every one with parallel.no_sync = false); the later micro-batch stands for the last.
+  GradReadyHook hook;
+  if (l.tr.parallel.active()) hook = [&l](size_t i, TensorId gr) { return l.parallel_grad_ready(i, gr); };
+  l.out.param_grads = differentiate(b, first_root, l.out.params, l.plan, OpId{0}, nullptr,
+                                    l.parallel_hooks(false) ? hook : GradReadyHook{});
+  if (l.parallel_hooks(false)) l.parallel_backward_end();
   if (scaled) b.hold_until_last(first_root);  // the temporary lives until .backward() returns
   // The second micro-batch's forward: the same family code, on the first's leaves; what the
   // builder collected per forward (checkpoint RNG stashes, offloads, block outputs) starts anew.
@@ -165,7 +171,8 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   g.mutable_op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
   for (TensorId t : first_graph_stashes) b.hold_until_last(t);
   const TensorId root = root_of(l.out.loss);
-  differentiate(b, root, l.out.params, l.plan, begin, &l.out.param_grads);
+  const std::vector<TensorId> before = l.out.param_grads;
+  l.out.param_grads = differentiate(b, root, l.out.params, l.plan, begin, &before, hook);
   if (scaled) b.hold_until_last(root);
   g.micro_batches = l.tr.grad_accum_steps;
   g.last_micro_batch = begin;
@@ -187,9 +194,8 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   l.b.set_names(options.names);
   lower_model(l, model, prof);
   // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary), once
-  // per micro-batch with accumulation. Data parallelism's gradient hooks (issue 13) run with one
-  // micro-batch only (the loader refuses parallel.dp > 1 with accumulation until DDP's no_sync is
-  // lowered).
+  // per micro-batch with accumulation. Data parallelism's gradient hooks (issue 13): see
+  // accumulate_micro_batches for DDP's no_sync.
   const bool scaled = training.autocast == DType::f16;
   if (training.grad_accum_steps > 1) {
     accumulate_micro_batches(l, model, prof);

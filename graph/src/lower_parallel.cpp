@@ -18,23 +18,32 @@
 //  - ZeRO-2: each gradient is reduce-scattered as soon as it is ready and only its shard kept.
 //  - master_weights = fp32 without sharding: the same flat fp32 partition with N = 1.
 #include <algorithm>
+#include <unordered_map>
 
 #include "lowering.hpp"
 
 namespace actsim::graph {
 
 struct Lowering::Parallel {
-  OpId broadcast = kNoOp;                 // DDP.forward's buffer broadcast (workspace set at the end)
+  std::vector<OpId> broadcasts;           // DDP.forward's buffer broadcasts (workspace set at the end)
   struct Bucket {
     TensorId flat = kNoTensor;            // DDP: the persistent flat bucket; ZeRO-1: none
     int64_t bytes = 0;
     std::vector<TensorId> grads;          // ZeRO-1: the gradients reduced together
     OpId last_copy = kNoOp;
     bool closed = false;                  // full (its cap reached): all-reduced
+    size_t n_grads = 0;                   // gradients in it
+    size_t n_filled = 0;                  // a later backward: gradients copied in so far
   };
   std::vector<Bucket> buckets;
   std::vector<OpId> reductions;           // collectives the end of backward waits for
-  size_t ready = 0;                       // gradients made so far
+  size_t ready = 0;                       // gradients made so far in this backward
+  size_t trainable = 0;                   // parameters that get a gradient (require grad)
+  size_t forwards = 0;                    // DDP.forward calls lowered (micro-batches)
+  // Gradient accumulation with hooks in more than one backward: the buckets are laid out by the
+  // first one; a later one fills the same buckets (param -> bucket, offset in elements).
+  bool laid_out = false;
+  std::unordered_map<size_t, std::pair<size_t, int64_t>> slot;
 };
 
 std::string_view to_string(Sharding s) {
@@ -54,27 +63,41 @@ int64_t shard(int64_t n, int64_t ranks) { return (n + ranks - 1) / ranks; }
 
 void Lowering::parallel_forward_begin() {
   if (!tr.parallel.active()) return;
-  par = std::make_shared<Parallel>();
+  if (!par) par = std::make_shared<Parallel>();
+  const size_t k = par->forwards++;
   if (tr.parallel.sharding != Sharding::none) return;
+  // _pre_forward broadcasts the buffers when the previous forward left require_forward_param_sync
+  // set, i.e. ran outside no_sync: every micro-batch's forward, or with no_sync only the first
+  // one's (the step before ended with a synchronised forward); .params are built by then.
+  if (k > 0 && tr.parallel.no_sync) return;
   b.set_layer(-1);
   b.set_scope("ddp");
   // _sync_buffers -> _distributed_broadcast_coalesced: flatten, broadcast, copy back, free.
-  par->broadcast = b.emit({.kind = OpKind::all_gather, .name = "ddp.broadcast_buffers", .kernels = 1,
-                           .params = {.group_size = tr.parallel.dp}});
+  par->broadcasts.push_back(b.emit({.kind = OpKind::all_gather, .name = "ddp.broadcast_buffers", .kernels = 1,
+                                    .params = {.group_size = tr.parallel.dp}}));
 }
 
 void Lowering::parallel_forward_end() {
-  if (!par || par->broadcast == kNoOp) return;
+  if (!par || par->broadcasts.empty()) return;
   Graph& g = out.graph;
   int64_t by_dtype[8] = {};
   for (const Storage& st : g.storages()) {
     if (st.category == Category::buffer && st.producer == kNoOp) by_dtype[static_cast<int>(g.tensor(st.first).dtype)] += st.bytes;
   }
   const int64_t ws = *std::max_element(std::begin(by_dtype), std::end(by_dtype));
-  Op& op = g.mutable_op(par->broadcast);
-  op.workspace_bytes = ws;
-  op.bytes_moved = 2 * ws;
-  if (ws == 0) op.kernels = 0;  // no buffers: nothing broadcast
+  for (OpId id : par->broadcasts) {
+    Op& op = g.mutable_op(id);
+    op.workspace_bytes = ws;
+    op.bytes_moved = 2 * ws;
+    if (ws == 0) op.kernels = 0;  // no buffers: nothing broadcast
+  }
+}
+
+bool Lowering::parallel_hooks(bool last_micro_batch) const {
+  // DDP's no_sync (accelerate, HF Trainer): the reducer's hooks are armed only by a forward run
+  // outside it, the last micro-batch's. ZeRO (refused with accumulation) and no_sync = false:
+  // every backward reduces.
+  return tr.parallel.active() && (last_micro_batch || !tr.parallel.no_sync);
 }
 
 TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
@@ -84,8 +107,12 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
   const TensorId p = out.params[i];
   const std::string name = g.tensor(p).name;
   const int64_t bytes = g.view_bytes(grad);
+  if (par->trainable == 0) {  // the model's parameters exist once its forward is lowered
+    for (TensorId q : out.params) par->trainable += g.tensor(q).requires_grad ? 1 : 0;
+  }
   ++par->ready;
-  const bool last = par->ready == out.params.size();
+  const bool last = par->ready == par->trainable;
+  if (par->laid_out && pc.sharding == Sharding::none) return ddp_refill(i, grad);
   if (pc.sharding == Sharding::zero2) {
     // reduce_scatter of the gradient; this rank keeps its shard, the full gradient dies with it.
     TensorId sh = b.fresh(name + ".grad_shard", {shard(numel(g.tensor(p).shape), N)}, g.tensor(grad).dtype,
@@ -121,10 +148,12 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
       copy.outputs = {result};
     }
     bk.last_copy = b.emit(std::move(copy));
+    par->slot[i] = {par->buckets.size() - 1, offset};
   } else {
     bk.grads.push_back(grad);
   }
   bk.bytes += bytes;
+  ++bk.n_grads;
   const int64_t limit = par->buckets.size() == 1 ? kFirstBucketBytes
                                                  : static_cast<int64_t>(pc.bucket_cap_mb * 1024 * 1024);
   if (bk.bytes >= limit || last) {
@@ -158,10 +187,44 @@ void Lowering::parallel_backward_end() {
     for (TensorId t : out.param_grads) {
       if (t != kNoTensor) fin.inputs.push_back(t);
     }
-    fin.kernels = static_cast<int32_t>(out.params.size());
+    fin.kernels = static_cast<int32_t>(par->trainable);
     fin.bytes_moved = 2 * total;
   }
   b.emit(std::move(fin));
+  // A later backward (accumulation without no_sync) fills the same buckets again.
+  par->laid_out = true;
+  par->ready = 0;
+  par->reductions.clear();
+  for (auto& bk : par->buckets) bk.closed = false, bk.last_copy = kNoOp;
+}
+
+TensorId Lowering::ddp_refill(size_t i, TensorId grad) {
+  // A later backward's hook: the gradient into its place in the bucket laid out before; the
+  // bucket is all-reduced when its last pending gradient is in.
+  Graph& g = out.graph;
+  const ParallelConfig& pc = tr.parallel;
+  const TensorId p = out.params[i];
+  const std::string name = g.tensor(p).name;
+  const int64_t bytes = g.view_bytes(grad);
+  const auto [bi, offset] = par->slot.at(i);
+  Parallel::Bucket& bk = par->buckets[bi];
+  b.set_scope("ddp");
+  Op copy{.kind = OpKind::bucket_copy, .name = name + ".grad.to_bucket", .inputs = {grad, bk.flat},
+          .workspace_bytes = prof.scalar_temp_bytes(g.tensor(grad).dtype), .flops = static_cast<double>(bytes),
+          .bytes_moved = 2 * bytes};
+  TensorId result = grad;
+  if (pc.gradient_as_bucket_view && g.tensor(grad).storage != g.tensor(bk.flat).storage) {
+    result = b.alias(bk.flat, name + ".grad", g.tensor(p).shape, {}, offset);
+    copy.outputs = {result};
+  }
+  bk.last_copy = b.emit(std::move(copy));
+  if (++bk.n_filled == bk.n_grads) {
+    bk.n_filled = 0;
+    par->reductions.push_back(b.emit({.kind = OpKind::all_reduce, .name = fmt::format("ddp.bucket{}.all_reduce", bi),
+                                      .inputs = {bk.flat}, .bytes_moved = bk.bytes, .stream = kCommStream,
+                                      .after = {bk.last_copy}, .params = {.group_size = pc.dp}}));
+  }
+  return result;
 }
 
 void Lowering::optimizer_flat() {

@@ -148,6 +148,8 @@ struct Lowering {
   void parallel_forward_end();
   TensorId parallel_grad_ready(size_t param, TensorId grad);  // the gradient hook
   void parallel_backward_end();             // DDP's finalize; ZeRO-1's last all-reduce
+  bool parallel_hooks(bool last_micro_batch) const;  // does this backward reduce (no_sync)?
+  TensorId ddp_refill(size_t param, TensorId grad);  // a later backward's hook, buckets laid out
   void optimizer_flat();                    // master weights / ZeRO: fp32 flat partitions
   // ---- issue 13: tensor and sequence parallelism (Megatron-LM), lower_tp.cpp -----------------
   // One tensor-parallel rank: with tp == 1 every hook is the plain op (the graph is unchanged).

@@ -141,6 +141,13 @@ BAD_SCENARIOS = [
      ["one of: none, bf16, fp16"]),
     ("fp16 autocast on torch-cpu", "[training]\nautocast = \"fp16\"\n[runtime]\nprofile = \"torch-cpu\"\n",
      2, "training.autocast", ["bf16 only"]),
+    # data parallelism (issue 13, dp2)
+    ("no_sync without accumulation", "[parallel]\ndp = 2\nno_sync = false\n", 3, "parallel.no_sync",
+     ["grad_accum_steps > 1"]),
+    ("ZeRO-3 not lowered", "[parallel]\ndp = 4\nsharding = \"zero3\"\n", 3, "parallel.sharding",
+     ["not lowered yet"]),
+    ("FSDP2 not lowered", "[parallel]\ndp = 4\nsharding = \"fsdp2\"\n", 3, "parallel.sharding",
+     ["not lowered yet"]),
 ]
 
 # (name, file text, line) -- TOML syntax errors name the line only.

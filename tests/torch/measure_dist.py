@@ -12,7 +12,8 @@ each of `dp` processes joined by the gloo backend on localhost, with the model w
   fsdp2    torch.distributed.fsdp.fully_shard per block and on the root
 
 Usage: measure_dist.py [KEY=VALUE ...] with measure.py's keys plus parallel=..., dp=N,
-bucket_cap_mb=F, gradient_as_bucket_view=0|1, reshard_after_forward=0|1. Prints
+bucket_cap_mb=F, gradient_as_bucket_view=0|1, reshard_after_forward=0|1, no_sync=0|1 (with
+grad_accum_steps > 1: the first micro-batches under DDP's no_sync, as accelerate does; default 1). Prints
 {"ranks": [rank 0's result, rank 1's result, ...]} (measure.py --mode memory's object per rank).
 """
 import json
@@ -25,7 +26,7 @@ sys.path.insert(0, HERE)
 import measure  # noqa: E402
 
 DIST_DEFAULTS = {"parallel": "ddp", "dp": 2, "bucket_cap_mb": 25.0, "gradient_as_bucket_view": 0,
-                 "reshard_after_forward": 1}
+                 "reshard_after_forward": 1, "no_sync": 1}
 
 
 def split(argv):
@@ -39,12 +40,179 @@ def split(argv):
     return dist, rest
 
 
+def bucket_assignment(tensors, limit):
+    """c10d's compute_bucket_assignment_by_size with one size limit: tensors grouped by dtype and
+    device, a bucket closing once it reaches the limit, buckets in the order of their first
+    tensor."""
+    done, open_ = [], {}
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        idx, size = open_.get(key, ([], 0))
+        idx.append(i)
+        size += t.numel() * t.element_size()
+        if size >= limit:
+            done.append(idx)
+            open_.pop(key, None)
+        else:
+            open_[key] = (idx, size)
+    done += [idx for idx, _ in open_.values()]
+    return sorted(done, key=lambda idx: idx[0])
+
+
+def released(torch, *tensors):
+    """Wait until gloo's worker thread holds none of these tensors (it may keep its own tensor of
+    the same storage: both use counts back to the caller's one reference)."""
+    import time
+    for t in tensors:
+        while t._use_count() > 1 or torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2:
+            time.sleep(0)
+
+
+def verify_params(process_group, tensors, logger=None):
+    """DDP's _verify_param_shape_across_processes (c10d verify_params_across_processes: an
+    all-gather of the parameter count, a broadcast of every shape and stride from rank 0), its
+    tensors freed by this thread (see broadcast_coalesced). Setup only: nothing of it is live in
+    the measured step."""
+    import torch
+    world = process_group.size()
+    count = torch.tensor([len(tensors)], dtype=torch.int64)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    work = process_group.allgather([counts], [count])
+    work.wait()
+    del work
+    released(torch, count, *counts)
+    if any(int(c) != len(tensors) for c in counts):
+        raise RuntimeError("DDP expects the same number of parameters on every rank")
+    meta = torch.tensor([v for t in tensors for v in (*t.shape, *t.stride())], dtype=torch.int64)
+    mine = meta.clone()
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    work = process_group.broadcast([meta], opts)
+    work.wait()
+    del work
+    released(torch, meta)
+    if not torch.equal(meta, mine):
+        raise RuntimeError("DDP expects the same parameter shapes and strides on every rank")
+
+
+def broadcast_coalesced(process_group, tensors, buffer_size, src):
+    """torch.distributed._broadcast_coalesced (c10d/comm.cpp broadcast_coalesced: per bucket a
+    flattened copy broadcast, at most two in flight, unflattened back into the tensors) with the
+    same allocations, but each flat copy is freed by this thread.
+
+    Why: the C++ version drops its reference to the flat copy right after work.wait(), and gloo's
+    worker thread drops its own when it gets back to its queue; whichever is last frees it. When
+    it is the worker, the CPU allocator's profiler (thread-local) never sees the free and the rank
+    appears to hold those bytes forever: the 4 to 2,048 (buffers) or 118,400 (parameters, at DDP's
+    construction) stray bytes this oracle showed under load. Here the rank waits until gloo has
+    let go of the flat copy (its tensor's and its storage's use counts back to this function's own
+    reference) and frees it."""
+    import collections
+    import torch
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    in_flight = collections.deque()
+
+    def finish():
+        flat, bucket, work = in_flight.popleft()
+        work.wait()
+        del work
+        released(torch, flat)
+        with torch.no_grad():
+            for t, u in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(u)
+        del flat
+
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = src
+    opts.rootTensor = 0
+    for idx in bucket_assignment(tensors, buffer_size):
+        if len(in_flight) >= 2:
+            finish()
+        bucket = [tensors[i] for i in idx]
+        flat = _flatten_dense_tensors(bucket)
+        in_flight.append((flat, bucket, process_group.broadcast([flat], opts)))
+        del flat
+    while in_flight:
+        finish()
+
+
+class _Fields:
+    def __init__(self, fields, total):
+        self._f, self.total_allocated = fields, total
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+class _Node:
+    """A profiler allocation event with its running total corrected."""
+
+    def __init__(self, node, total):
+        self._n, self.extra_fields = node, _Fields(node.extra_fields, total)
+
+    def __getattr__(self, name):
+        return getattr(self._n, name)
+
+
+STRAYS = []  # what the last flatten() took out, for the result
+
+
+def gloo_race_candidates(model):
+    """The sizes of the tensors that DDP's C++ Reducer::rebuild_buckets (sync_bucket_indices, in
+    the warm-up's second forward) allocates on the rank's thread, broadcasts with gloo and drops
+    right after wait(), so that gloo's worker thread may be the one that frees them (and the
+    profiler, which only listens on this thread, never sees the free): the bucket indices and the
+    bucket sizes as int32. (Python-side collectives are replaced above instead.)"""
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_buckets = max(1, len(str(model._get_ddp_logging_data().get("rebuilt_bucket_sizes", "")).split(",")))
+    return {4 * (len(params) + 1), 4 * n_buckets}
+
+
+def make_flatten(plain_flatten, candidates):
+    """measure.flatten without the allocations that gloo's worker thread freed (see
+    gloo_race_candidates), every later running total lowered by their bytes. A stray is an
+    allocation on this thread whose free never shows: its pointer handed out again while it is
+    alive, or alive at the end of the trace though only the race's tensors can be (sizes in
+    candidates, allocated by the warm-up's DDP.forward's C++ directly)."""
+    def flatten(tree):
+        nodes = list(plain_flatten(tree))
+        mem = sorted((n for n in nodes if "Allocation" in str(n.tag)), key=lambda n: n.start_time_ns)
+        alive, strays = {}, set()
+        for n in mem:
+            f = n.extra_fields
+            if f.alloc_size >= 0:
+                if f.ptr in alive:
+                    strays.add(id(alive[f.ptr]))
+                alive[f.ptr] = n
+            else:
+                alive.pop(f.ptr, None)
+        for n in alive.values():
+            chain = measure.op_chain(n)
+            if (n.extra_fields.alloc_size in candidates
+                    and chain == ["aten::empty", "DistributedDataParallel.forward", "actsim::warmup"]):
+                strays.add(id(n))
+        STRAYS[:] = [{"bytes": n.extra_fields.alloc_size, "ops": measure.op_chain(n)}
+                     for n in mem if id(n) in strays]
+        out, less = {}, 0
+        for n in mem:
+            if id(n) in strays:
+                less += n.extra_fields.alloc_size
+            elif less:
+                out[id(n)] = _Node(n, n.extra_fields.total_allocated - less)
+        return [out.get(id(n), n) for n in nodes if id(n) not in strays]
+    return flatten
+
+
 def rank_main(rank, world, port, jobs, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import gc
     import torch
     import torch.distributed as td
     td.init_process_group("gloo", rank=rank, world_size=world)
+    td._broadcast_coalesced = broadcast_coalesced
+    import torch.nn.parallel.distributed as ddp_module
+    ddp_module._verify_param_shape_across_processes = verify_params
     results = []
     for dist, rest in jobs:
         gc.collect()
@@ -70,6 +238,17 @@ def measure_one(torch, rank, world, dist, rest):
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(model, bucket_cap_mb=dist["bucket_cap_mb"],
                         gradient_as_bucket_view=bool(dist["gradient_as_bucket_view"]))
+            n = cfg_["grad_accum_steps"]
+            if n > 1 and dist["no_sync"]:
+                # `with model.no_sync():` around the first n - 1 micro-batches of every step, as
+                # accelerate and HF Trainer do: no_sync only clears require_backward_grad_sync,
+                # which DDP reads in its forward, so a pre-hook setting it per call is the same.
+                calls = [0]
+
+                def no_sync(module, args):
+                    module.require_backward_grad_sync = calls[0] % n == n - 1
+                    calls[0] += 1
+                model.register_forward_pre_hook(no_sync)
         elif kind == "fsdp2":
             from torch.distributed.fsdp import fully_shard
             from torch.distributed.device_mesh import init_device_mesh
@@ -90,18 +269,34 @@ def measure_one(torch, rank, world, dist, rest):
 
     plain_step = measure.train_step
 
-    def train_step(model, opt, idx, targets, record_function=None):
+    def train_step(model, opt, idx, targets, record_function=None, n=1):
         # The warm-up runs two steps: DDP rebuilds its buckets in the second iteration's forward
         # (in the order the gradients became ready), so the third step is the steady state.
         if record_function is None:
-            plain_step(model, opt, idx, targets)
-        return plain_step(model, opt, idx, targets, record_function)
+            plain_step(model, opt, idx, targets, n=n)
+        return plain_step(model, opt, idx, targets, record_function, n=n)
 
-    measure.build, measure.make_optimizer, measure.train_step = build, make_optimizer, train_step
+    plain_flatten = measure.flatten
+    built = []
+
+    def build_and_keep(torch_, models_, cfg_):
+        model, idx, targets = build(torch_, models_, cfg_)
+        built.append(model)
+        return model, idx, targets
+
+    def flatten(tree):
+        m = built[0]
+        candidates = gloo_race_candidates(m) if hasattr(m, "_get_ddp_logging_data") else set()
+        return make_flatten(plain_flatten, candidates)(tree)
+
+    measure.build, measure.make_optimizer, measure.train_step = build_and_keep, make_optimizer, train_step
+    measure.flatten = flatten
     try:
         result = measure.measure_memory(torch, models, cfg, trace=bool(os.environ.get("ACTSIM_DIST_TRACE")))
     finally:
         measure.build, measure.make_optimizer, measure.train_step = plain_build, plain_opt, plain_step
+        measure.flatten = plain_flatten
+    result["gloo_strays"] = list(STRAYS)
     result["rank"] = rank
     result["parallel"] = dist
     return result
@@ -114,10 +309,10 @@ def free_port():
 
 
 def main(argv):
-    """Each argument group separated by '--' is one configuration; each runs in `dp` fresh
-    processes (spawned: a fresh allocator and process group per configuration, so that nothing
-    of one shows in the next one's trace; forked children of a process that imported torch, or
-    one pair of processes running the configurations in turn, both showed stray bytes)."""
+    """Each argument group separated by '--' is one configuration; all run one after another in
+    the same `dp` spawned processes (importing torch is most of the time; each configuration's
+    trace starts from its own first allocation, and broadcast_coalesced above keeps gloo's worker
+    threads from freeing what the ranks allocated)."""
     import multiprocessing as mp
     import tempfile
     groups, cur = [], []
@@ -130,27 +325,28 @@ def main(argv):
     groups.append(cur)
     jobs = [split(g) for g in groups]
     world = jobs[0][0]["dp"]
+    if any(d["dp"] != world for d, _ in jobs):
+        print("measure_dist: every configuration needs the same dp", file=sys.stderr)
+        return 2
     ctx = mp.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="actsim-dist-")
-    configs = []
-    for i, job in enumerate(jobs):
-        port = free_port()
-        paths = [os.path.join(tmp, "%d-%d.json" % (i, r)) for r in range(world)]
-        procs = [ctx.Process(target=rank_main, args=(r, world, port, [job], paths[r])) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        if any(p.exitcode for p in procs):
-            print("measure_dist: a rank failed (configuration %d)" % i, file=sys.stderr)
-            return 1
-        ranks = []
-        for path in paths:
-            with open(path) as f:
-                ranks.append(json.load(f)[0])
-            os.remove(path)
-        configs.append({"ranks": ranks})
+    port = free_port()
+    paths = [os.path.join(tmp, "%d.json" % r) for r in range(world)]
+    procs = [ctx.Process(target=rank_main, args=(r, world, port, jobs, paths[r])) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        print("measure_dist: a rank failed", file=sys.stderr)
+        return 1
+    per_rank = []
+    for path in paths:
+        with open(path) as f:
+            per_rank.append(json.load(f))
+        os.remove(path)
     os.rmdir(tmp)
+    configs = [{"ranks": [per_rank[r][i] for r in range(world)]} for i in range(len(jobs))]
     json.dump({"configs": configs}, sys.stdout)
     sys.stdout.write("\n")
     return 0

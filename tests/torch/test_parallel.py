@@ -17,7 +17,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_against_torch import BASE, MODEL_KEYS, TRAIN_KEYS, run_json  # noqa: E402
+from test_against_torch import BASE, MODEL_KEYS, OTHER_KEYS, TRAIN_KEYS, run_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -32,6 +32,9 @@ CONFIGS = [
     ({"family": "llama", "optimizer_impl": "foreach"}, {"parallel": "ddp", "gradient_as_bucket_view": 1}),
     # more than the 1 MiB first bucket: several buckets of 1 MiB
     ({"d_model": 256, "n_heads": 4, "n_layers": 2}, {"parallel": "ddp", "bucket_cap_mb": 1.0}),
+    # accumulation under no_sync (the last of 3 micro-batches reduces), autocast, frozen parameters
+    ({"family": "llama", "autocast": "bf16", "trainable": "frozen:tok_embeddings,blocks.0", "grad_accum_steps": 3},
+     {"parallel": "ddp"}),
 ]
 
 
@@ -42,6 +45,11 @@ def actsim_sets(cfg, par):
             sets += ["--set", f"model.{k}={cfg[k]}"]
     for k in TRAIN_KEYS:
         sets += ["--set", f"training.{k}={cfg[k]}"]
+    for k, key in OTHER_KEYS.items():
+        if k in cfg:
+            sets += ["--set", f"{key}={cfg[k]}"]
+    if "no_sync" in par:
+        sets += ["--set", f"parallel.no_sync={'true' if par['no_sync'] else 'false'}"]
     if "bucket_cap_mb" in par:
         sets += ["--set", f"parallel.bucket_cap_mb={par['bucket_cap_mb']}"]
     if par.get("gradient_as_bucket_view"):

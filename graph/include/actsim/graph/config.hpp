@@ -127,6 +127,8 @@ struct ParallelConfig {
   bool sp = false;                      // sequence parallelism (Megatron-LM): norms and dropouts on s/tp
   TpImpl tp_impl = TpImpl::megatron;    // megatron: Megatron-LM's layers; dtensor: not lowered yet (refused)
   // ---- end tensor and sequence parallelism ----
+  // --- dp2 (issue 13, data-parallel half): accumulation ---
+  bool no_sync = true;                  // DDP + accumulation: the first N-1 micro-batches under no_sync()
 };
 // none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
 // gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).
