@@ -150,7 +150,9 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
                                       "sharding = \"none\"\n"              // 3
                                       "bucket_cap_mb = 10\n"               // 4
                                       "gradient_as_bucket_view = true\n");  // 5
-  study::Scenario par = study::load_scenario(ppath, {"training.master_weights=none"});
+  study::Scenario par = study::load_scenario(ppath, {"training.master_weights=none",
+                                                     // dp2: DDP with accumulation
+                                                     "training.grad_accum_steps=2", "parallel.no_sync=false"});
   CHECK(par.training.parallel.dp == 2);
   CHECK(par.training.parallel.bucket_cap_mb == 10);
   CHECK(par.training.parallel.gradient_as_bucket_view);
