@@ -112,12 +112,27 @@ struct TrainableConfig {
 // stage 2 reduce-scatters each gradient and keeps only its shard).
 enum class Sharding : uint8_t { none, zero1, zero2 };
 std::string_view to_string(Sharding s);
+// Pipeline schedules (pp helper): GPipe, 1F1B (PipeDream-Flush), Megatron's interleaved 1F1B.
+enum class PpSchedule : uint8_t { gpipe, one_f_one_b, interleaved };
+std::string_view to_string(PpSchedule s);
 struct ParallelConfig {
   int64_t dp = 1;                       // data-parallel degree (ranks)
   Sharding sharding = Sharding::none;
   double bucket_cap_mb = 25;            // DDP's bucket_cap_mb (MiB); the first bucket is 1 MiB
   bool gradient_as_bucket_view = false; // DDP: gradients are views into the buckets
   bool active() const { return dp > 1; }
+  // ---- issue 13: pipeline parallelism (pp helper; study/src/pipeline*.cpp, lower_pp.cpp) ----
+  int64_t pp = 1;                       // pipeline stages
+  int64_t microbatches = 0;             // micro-batches per step (0 = pp)
+  PpSchedule pp_schedule = PpSchedule::one_f_one_b;
+  int64_t pp_chunks = 1;                // interleaved:V, the model chunks per stage (V)
+  // The piece of the model one lowering holds (set by study's pipeline per virtual stage, never by
+  // a scenario key): the embedding (else the input is received), the final norm, head and loss
+  // (else the output is sent and backward starts from a received gradient).
+  bool pp_embedding = true, pp_head = true;
+  int64_t pp_micro() const { return microbatches > 0 ? microbatches : pp; }
+  bool pp_stage() const { return !pp_embedding || !pp_head; }
+  // ---- end pipeline parallelism ----
 };
 // none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
 // gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).
