@@ -257,6 +257,7 @@ int64_t max_batch_size(const Analysis& a) {
 }
 
 int64_t max_batch_size(const Scenario& s) {
+  if (s.training.parallel.pp > 1 && !s.training.parallel.pp_stage()) return max_batch_size(analyze(s));  // issue 13
   if (s.is_budget()) {
     return largest_fitting([&](int64_t b) {
       Scenario t = s;
