@@ -153,6 +153,17 @@ TEST_CASE("stages: every parameter on one stage; the ranks JSON, one class per s
   bool emb0 = false;
   for (const auto& t : st0.tensors()) emb0 = emb0 || t.name == "tok_embeddings.weight";
   CHECK(emb0);
+  // gpt2 ties lm_head to wte: the last stage holds its own copy of the head (as Megatron-LM's last
+  // stage keeps a copy of the embedding), so the stages hold V x d more than the model.
+  std::vector<std::string> gpt2{"model.family=gpt2", "model.d_model=64", "model.n_heads=2", "model.n_layers=4",
+                                "model.vocab_size=256", "model.seq_len=16", "training.batch_size=1"};
+  const study::Analysis g1 = study::analyze(study::load_scenario("", gpt2));
+  gpt2.push_back("parallel.pp=4");
+  const nlohmann::json jg = report::to_json(study::analyze(study::load_scenario("", gpt2)), -1);
+  REQUIRE(jg["ranks"].size() == 4);
+  int64_t sum = 0;
+  for (const auto& r : jg["ranks"]) sum += r["figures"]["param_count"].get<int64_t>();
+  CHECK(sum == g1.param_count + 256 * 64);
 }
 
 TEST_CASE("bad pipeline combinations are one-line errors naming the key", "[pp][scenario]") {
