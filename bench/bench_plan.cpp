@@ -6,7 +6,8 @@
 // a three-block copy of the model), the rotor DP itself, and the whole `plan --budget` search
 // including the simulations that verify the chosen plan (README, "actsim plan": before and after
 // figures). Targets: the DP in under 100 ms (issue 3); the search 10x faster than its 5.5 s
-// (issue 9; not reached: four simulations of the 96-layer step remain, each a full lowering).
+// (issue 9; not reached: four simulations of the 96-layer step remain, each a full lowering; the
+// whole command is 6-7x below 7733f52 in CPU time, bench/compare_cpu.py).
 #include <fmt/format.h>
 
 #include <algorithm>

@@ -6,6 +6,8 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "../graph/src/builder.hpp"  // view_strides, is_contiguous: private to graph/, tested here
 #include "actsim/graph/graph.hpp"
@@ -390,4 +392,21 @@ TEST_CASE("graph::profile: mean(-1) saves its input on torch-cpu only", "[graph]
       }
     }
   }
+}
+
+TEST_CASE("graph::Graph: reads are const; writes are explicit and refused once frozen, but for rewrite()", "[graph]") {
+  // tensor(), storage() and op() give const references on a mutable graph too.
+  static_assert(std::is_const_v<std::remove_reference_t<decltype(std::declval<Graph&>().tensor(TensorId{0}))>>);
+  static_assert(std::is_const_v<std::remove_reference_t<decltype(std::declval<Graph&>().storage(StorageId{0}))>>);
+  static_assert(std::is_const_v<std::remove_reference_t<decltype(std::declval<Graph&>().op(OpId{0}))>>);
+  Graph g;
+  StorageId s = g.add_storage({.bytes = 16});
+  TensorId x = g.add_tensor({.name = "x", .shape = {4}, .storage = s});
+  g.add_op({.kind = OpKind::ones, .outputs = {x}});
+  g.mutable_tensor(x).name = "y";  // while building
+  g.freeze();
+  g.rewrite([&](Graph& w) { w.mutable_storage(s).bytes = 32; });  // validated and frozen again
+  CHECK(g.is_frozen());
+  CHECK(g.tensor(x).name == "y");
+  CHECK(g.storage(s).bytes == 32);
 }

@@ -164,21 +164,25 @@ StepGraph lower(const ModelConfig& m, const TrainingConfig& t, ProfileId p, cons
     // transformers computes parts of any model in fp32 (logits.float() before the loss, RMSNorm,
     // eager softmax): widen those to f64 too, so that the casts run as f64 copies and finite
     // differences stay exact to 1e-6.
-    for (size_t i = 0; i < s.graph.tensors().size(); ++i) {
-      Tensor& t32 = s.graph.tensor(TensorId{static_cast<uint32_t>(i)});
-      if (t32.dtype != DType::f32) continue;
-      t32.dtype = DType::f64;
-      Storage& st = s.graph.storage(t32.storage);
-      st.bytes = std::max(st.bytes, (t32.offset + numel(t32.shape)) * 8);
-    }
+    s.graph.rewrite([](Graph& g) {
+      for (size_t i = 0; i < g.tensors().size(); ++i) {
+        Tensor& t32 = g.mutable_tensor(TensorId{static_cast<uint32_t>(i)});
+        if (t32.dtype != DType::f32) continue;
+        t32.dtype = DType::f64;
+        Storage& st = g.mutable_storage(t32.storage);
+        st.bytes = std::max(st.bytes, (t32.offset + numel(t32.shape)) * 8);
+      }
+    });
   }
   if (t.dtype == DType::f64) {
-    for (const Op& op : s.graph.ops()) {
-      if (op.kind != OpKind::flash_attention) continue;
-      Tensor& lse = s.graph.tensor(op.outputs[1]);
-      lse.dtype = DType::f64;
-      s.graph.storage(lse.storage).bytes = numel(lse.shape) * 8;
-    }
+    s.graph.rewrite([](Graph& g) {
+      for (const Op& op : g.ops()) {
+        if (op.kind != OpKind::flash_attention) continue;
+        Tensor& lse = g.mutable_tensor(op.outputs[1]);
+        lse.dtype = DType::f64;
+        g.mutable_storage(lse.storage).bytes = numel(lse.shape) * 8;
+      }
+    });
   }
   return s;
 }

@@ -10,7 +10,10 @@
 #include "actsim/graph/lower.hpp"
 #include "actsim/graph/profile.hpp"
 #include "actsim/study/analyze.hpp"
+#include "actsim/study/resolve.hpp"
 #include "actsim/study/scenario.hpp"
+#include "actsim/sim/device.hpp"
+#include "actsim/sim/engine.hpp"
 
 using namespace actsim;
 using namespace actsim::graph;
@@ -362,4 +365,60 @@ TEST_CASE("lower: torch-cpu saved bytes equal real PyTorch 1.13's for the small 
   CHECK(l.per_layer_saved == std::vector<int64_t>{103'944, 103'944});
   CHECK(l.outside_saved == 29'444);
   CHECK(l.saved_bytes == 237'332);
+}
+
+// ---- unnamed lowering (LowerOptions::names = false) ----------------------------------------------
+
+TEST_CASE("lower: an unnamed lowering is the named one without names, and simulates the same", "[lowering]") {
+  int n = 0;
+  for (const char* file : {"seed-gpt2-xl.toml", "gpt2-xl.toml", "hf/gpt2.toml", "hf/pythia-1.4b.toml",
+                           "hf/qwen3-0.6b.toml", "hf/phi-3-mini-4k.toml"}) {
+    for (const char* policy : {"none", "full", "selective", "offload", "mlp", "every:2", "\"ops:mm,bmm\""}) {
+      study::Scenario s = study::load_scenario(
+          sim::data_dir() + "/" + file, {"model.n_layers=2", "model.seq_len=32", "training.batch_size=2",
+                                         std::string("checkpoint.policy=") + policy});
+      const study::ResolvedStep r = study::resolve(s);
+      const StepGraph a = lower_training_step(r.model, r.training, *r.runtime, &r.plan);
+      const StepGraph b = lower_training_step(r.model, r.training, *r.runtime, &r.plan, {.names = false});
+      INFO(file << " " << policy);
+      const Graph &ga = a.graph, &gb = b.graph;
+      REQUIRE(ga.n_ops() == gb.n_ops());
+      REQUIRE(ga.tensors().size() == gb.tensors().size());
+      REQUIRE(ga.storages().size() == gb.storages().size());
+      bool same = true;
+      size_t named_ops = 0, named_tensors = 0, made = 0;
+      for (size_t i = 0; i < ga.n_ops(); ++i) {
+        const Op &x = ga.ops()[i], &y = gb.ops()[i];
+        same = same && x.kind == y.kind && x.phase == y.phase && x.layer == y.layer && x.inputs == y.inputs &&
+               x.outputs == y.outputs && x.saved == y.saved && x.holds == y.holds && x.releases == y.releases &&
+               x.workspace_bytes == y.workspace_bytes && x.flops == y.flops && x.bytes_moved == y.bytes_moved &&
+               x.kernels == y.kernels && x.forward == y.forward && x.stream == y.stream && x.after == y.after &&
+               x.region == y.region && x.recompute == y.recompute;
+        named_ops += !y.name.empty() && y.name[0] != '.';
+      }
+      for (size_t i = 0; i < ga.tensors().size(); ++i) {
+        const Tensor &x = ga.tensors()[i], &y = gb.tensors()[i];
+        same = same && x.shape == y.shape && x.strides == y.strides && x.offset == y.offset && x.dtype == y.dtype &&
+               x.storage == y.storage && x.producer == y.producer && x.is_view == y.is_view;
+        // Leaves keep their names, and so do names derived from them (a parameter's ".grad").
+        if (x.producer != kNoOp) ++made, named_tensors += !y.name.empty() && y.name[0] != '.';
+      }
+      for (size_t i = 0; i < ga.storages().size(); ++i) {
+        const Storage &x = ga.storages()[i], &y = gb.storages()[i];
+        same = same && x.bytes == y.bytes && x.category == y.category && x.location == y.location &&
+               x.producer == y.producer && x.layer == y.layer && x.keep == y.keep;
+      }
+      CHECK(same);
+      CHECK(named_ops * 10 < ga.n_ops());  // most go unnamed
+      CHECK(named_tensors * 5 < made);  // the parameters' gradients keep "<param>.grad"
+      const sim::SimResult ra = sim::simulate(sim::StepTables(ga, s.device));
+      const sim::SimResult rb = sim::simulate(sim::StepTables(gb, s.device));
+      CHECK(ra.peak_bytes == rb.peak_bytes);
+      CHECK(ra.step_time_ns == rb.step_time_ns);
+      CHECK(ra.events == rb.events);
+      CHECK(ra.peak_by_category == rb.peak_by_category);
+      ++n;
+    }
+  }
+  CHECK(n == 6 * 7);
 }

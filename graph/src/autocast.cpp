@@ -39,7 +39,7 @@ TensorId Builder::cast(TensorId x, DType dt, const std::string& name) {
   TensorId out = fresh(name, shape, dt);
   // _to_copy with preserve_format: empty_strided with the input's strides when it is
   // non-overlapping and dense, else a contiguous tensor.
-  if (non_overlapping_and_dense(shape, T(x).strides)) g_.tensor(out).strides = T(x).strides;
+  if (non_overlapping_and_dense(shape, T(x).strides)) g_.mutable_tensor(out).strides = T(x).strides;
   emit({.kind = OpKind::cast, .name = name, .inputs = {x}, .outputs = {out}, .bytes_moved = bytes(x) + bytes(out)});
   return out;
 }

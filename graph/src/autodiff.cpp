@@ -255,7 +255,7 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
         remap_storage(index(tt.storage), g_.add_storage({.bytes = st.bytes, .category = st.category,
                                                          .location = st.location, .layer = st.layer}));
         TensorId id = mapped(t);
-        g_.tensor(id).is_view = false;  // it allocates the replacement
+        g_.mutable_tensor(id).is_view = false;  // it allocates the replacement
         op.outputs.push_back(id);
       } else {
         TensorId m = mapped(t);
@@ -324,7 +324,8 @@ bool Engine::edge_of(TensorId t, Edge& e) const {
 std::vector<TensorId> Engine::run(TensorId loss) {
   // Dependencies: count edges into each node over the nodes reachable from the loss.
   std::vector<OpId> stack{g_.tensor(loss).producer};
-  std::unordered_map<uint32_t, bool> seen{{index(stack[0]), true}};
+  std::vector<bool> seen(g_.n_ops(), false);
+  seen[index(stack[0])] = true;
   while (!stack.empty()) {
     OpId f = stack.back();
     stack.pop_back();
@@ -439,6 +440,8 @@ void Engine::run_node(OpId fid) {
 
   Op op{.kind = OpKind::backward, .name = "backward", .workspace_bytes = workspace, .kernels = kernels,
         .forward = fid};
+  op.inputs.reserve(slots.size() + saved.size()), op.grad_in_of.reserve(slots.size());
+  op.grad_of.reserve(grads.size()), op.grad_outputs.reserve(grads.size());
   for (size_t j = 0; j < slots.size(); ++j) {
     if (slots[j].grad == kNoTensor) continue;
     op.inputs.push_back(slots[j].grad);
@@ -475,6 +478,7 @@ void Engine::run_node(OpId fid) {
     if (t != kNoTensor) add_ref(t);
   }
   std::vector<TensorId> node_holds;
+  node_holds.reserve(slots.size() + saved.size());
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) node_holds.push_back(s.grad);
   }
@@ -486,6 +490,7 @@ void Engine::run_node(OpId fid) {
     if (!handed_over) node_holds.push_back(saved[i]);
   }
   std::vector<std::pair<TensorId, TensorId>> outs;  // (grad, input) after reduction
+  outs.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i] == kNoTensor) continue;
     TensorId gi = grads[i];
@@ -591,8 +596,8 @@ void Engine::accumulate_grad(size_t i) {
     drop_ref(grad);
     add_ref(pg);
   }
-  g_.storage(g_.tensor(pg).storage).category = Category::gradient;
-  g_.tensor(pg).name = pt.name + ".grad";
+  g_.mutable_storage(g_.tensor(pg).storage).category = Category::gradient;
+  g_.mutable_tensor(pg).name = pt.name + ".grad";
   param_grad_[i] = hook_ ? hook_(i, pg) : pg;
 }
 

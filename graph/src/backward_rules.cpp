@@ -15,7 +15,7 @@ namespace actsim::graph {
 
 TensorId new_grad(Builder& b, const std::string& name, const Shape& shape, DType dt, const Strides& strides) {
   TensorId t = b.fresh(name, shape, dt, Category::temporary);
-  if (!strides.empty()) b.graph().tensor(t).strides = strides;
+  if (!strides.empty()) b.graph().mutable_tensor(t).strides = strides;
   return t;
 }
 
@@ -26,7 +26,7 @@ struct Node {
   Builder& b;
   const Op& f;
   TensorId g;       // the first incoming gradient
-  const Tensor gt;  // a copy: the graph grows while the rule runs
+  const Tensor& gt;  // stable while the graph grows (its tensors never move)
   DType dt;
 
   const Tensor& in(size_t i) const { return b.graph().tensor(f.inputs[i]); }
@@ -256,7 +256,7 @@ void cast_backward(const Node& n, BackwardRule& r) {
 }  // namespace
 
 BackwardRule backward_rule(Builder& b, const Op& f, TensorId g) {
-  const Tensor gt = b.graph().tensor(g);
+  const Tensor& gt = b.graph().tensor(g);  // tensors never move while the graph grows
   const Node n{.b = b, .f = f, .g = g, .gt = gt, .dt = gt.dtype};
   BackwardRule r;
   r.grads.assign(f.inputs.size(), kNoTensor);

@@ -112,19 +112,19 @@ void Builder::begin_checkpoint_call(int32_t r) {
     return;
   }
   const TensorId t = stash_rng("checkpoint.rng_state");
-  if (ckpt_reentrant) g_.storage(T(t).storage).keep = true;  // CheckpointFunction's ctx.fwd_cpu_state
+  if (ckpt_reentrant) g_.mutable_storage(T(t).storage).keep = true;  // CheckpointFunction's ctx.fwd_cpu_state
   rng_stash[r] = t;
 }
 
-TensorId Builder::fresh(const std::string& name, const Shape& shape, DType dt, Category c) {
+TensorId Builder::fresh(std::string_view name, Shape shape, DType dt, Category c) {
   StorageId s = g_.add_storage({.bytes = numel(shape) * dtype_size(dt), .category = c, .layer = layer_});
-  return g_.add_tensor({.name = qualify(name), .shape = shape, .dtype = dt, .storage = s});
+  return g_.add_tensor({.name = qualify(name), .shape = std::move(shape), .dtype = dt, .storage = s});
 }
 
-TensorId Builder::alias(TensorId base, const std::string& name, const Shape& shape, const Strides& strides,
-                        int64_t offset) {
-  Tensor t{.name = name, .shape = shape, .strides = strides, .offset = offset, .dtype = T(base).dtype,
-           .storage = T(base).storage, .is_view = true};
+TensorId Builder::alias(TensorId base, std::string name, Shape shape, Strides strides, int64_t offset) {
+  if (!names_) name.clear();
+  Tensor t{.name = std::move(name), .shape = std::move(shape), .strides = std::move(strides), .offset = offset,
+           .dtype = T(base).dtype, .storage = T(base).storage, .is_view = true};
   return g_.add_tensor(std::move(t));
 }
 
@@ -145,10 +145,11 @@ OpId Builder::emit(Op op) {
     // Outputs that are differentiable (floating point) require grad; statistics and masks too
     // carry the flag in PyTorch only for output 0 of multi-output ops, which is what matters here.
     for (size_t i = 0; i < op.outputs.size(); ++i) {
-      Tensor& t = g_.tensor(op.outputs[i]);
+      Tensor& t = g_.mutable_tensor(op.outputs[i]);
       if (is_floating(t.dtype) && (i == 0 || op.kind == OpKind::view)) t.requires_grad = true;
     }
     if (const SaveRule* r = prof_.rule(op.kind)) {
+      op.saved.reserve(op.saved.size() + static_cast<size_t>(r->n_saves));
       for (int i = 0; i < r->n_saves; ++i) {
         const SaveSlot& s = r->saves[i];
         if (s.if_grad_of != kAlways &&
@@ -187,26 +188,27 @@ OpId Builder::emit(Op op) {
 
 void Builder::hold_until_last(TensorId t) {
   ACTSIM_ASSERT(g_.n_ops() > 0, "hold before any op");
-  g_.op(OpId{static_cast<uint32_t>(g_.n_ops() - 1)}).holds.push_back(t);
+  g_.mutable_op(OpId{static_cast<uint32_t>(g_.n_ops() - 1)}).holds.push_back(t);
 }
 
-TensorId Builder::view_op(TensorId x, const Shape& shape, const Strides& strides, int64_t offset,
-                          OpParams params, const std::string& what) {
-  TensorId out = alias(x, qualify(what), shape, strides, offset);
-  emit({.kind = OpKind::view, .name = what, .inputs = {x}, .outputs = {out}, .kernels = 0, .params = params});
+TensorId Builder::view_op(TensorId x, Shape shape, Strides strides, int64_t offset, OpParams params,
+                          std::string_view what) {
+  TensorId out = alias(x, qualify(what), std::move(shape), std::move(strides), offset);
+  emit({.kind = OpKind::view, .name = std::string(what), .inputs = {x}, .outputs = {out}, .kernels = 0,
+        .params = params});
   return out;
 }
 
 TensorId Builder::view(TensorId x, const Shape& shape) {
   auto st = view_strides(T(x).shape, T(x).strides, shape);
   ACTSIM_ASSERT(st.has_value(), "view of a non-viewable tensor: " + T(x).name);
-  return view_op(x, shape, *st, T(x).offset, {.view = ViewKind::reshape}, "view");
+  return view_op(x, shape, std::move(*st), T(x).offset, {.view = ViewKind::reshape}, "view");
 }
 
 TensorId Builder::reshape(TensorId x, const Shape& shape) {
   if (T(x).shape == shape) return x;
   if (auto st = view_strides(T(x).shape, T(x).strides, shape)) {
-    return view_op(x, shape, *st, T(x).offset, {.view = ViewKind::reshape}, "reshape");
+    return view_op(x, shape, std::move(*st), T(x).offset, {.view = ViewKind::reshape}, "reshape");
   }
   // at::reshape: _unsafe_view(self.clone(at::MemoryFormat::Contiguous), shape)
   TensorId c = contiguous(x);
@@ -221,7 +223,7 @@ TensorId Builder::transpose(TensorId x, int d0, int d1) {
   Strides st = t.strides;
   std::swap(sh[d0], sh[d1]);
   std::swap(st[d0], st[d1]);
-  return view_op(x, sh, st, t.offset,
+  return view_op(x, std::move(sh), std::move(st), t.offset,
                  {.view = ViewKind::transpose, .dim0 = static_cast<int16_t>(d0), .dim1 = static_cast<int16_t>(d1)},
                  "transpose");
 }
@@ -234,7 +236,7 @@ TensorId Builder::unsqueeze(TensorId x, int dim) {
   int64_t s = dim < static_cast<int>(sh.size()) ? sh[dim] * st[dim] : 1;
   sh.insert(sh.begin() + dim, 1);
   st.insert(st.begin() + dim, s);
-  return view_op(x, sh, st, t.offset, {.view = ViewKind::unsqueeze, .dim0 = static_cast<int16_t>(dim)}, "unsqueeze");
+  return view_op(x, std::move(sh), std::move(st), t.offset, {.view = ViewKind::unsqueeze, .dim0 = static_cast<int16_t>(dim)}, "unsqueeze");
 }
 
 TensorId Builder::expand(TensorId x, const Shape& shape) {
@@ -247,7 +249,7 @@ TensorId Builder::expand(TensorId x, const Shape& shape) {
       st[i] = 0;
     }
   }
-  return view_op(x, shape, st, t.offset, {.view = ViewKind::expand}, "expand");
+  return view_op(x, shape, std::move(st), t.offset, {.view = ViewKind::expand}, "expand");
 }
 
 std::vector<TensorId> Builder::split(TensorId x, int64_t size, int dim) {
@@ -258,8 +260,8 @@ std::vector<TensorId> Builder::split(TensorId x, int64_t size, int dim) {
   for (int64_t start = 0; start < t.shape[dim]; start += size) {
     Shape sh = T(x).shape;
     sh[dim] = std::min(size, T(x).shape[dim] - start);
-    outs.push_back(alias(x, qualify(fmt::format("split{}", outs.size())), sh, T(x).strides,
-                         T(x).offset + start * T(x).strides[dim]));
+    std::string name = names_ ? qualify(fmt::format("split{}", outs.size())) : std::string();
+    outs.push_back(alias(x, std::move(name), std::move(sh), T(x).strides, T(x).offset + start * T(x).strides[dim]));
   }
   emit({.kind = OpKind::view, .name = "split", .inputs = {x}, .outputs = outs, .kernels = 0,
         .params = {.view = ViewKind::split, .dim0 = static_cast<int16_t>(dim), .start = size}});
@@ -274,7 +276,7 @@ TensorId Builder::slice(TensorId x, int dim, int64_t start, int64_t end, int64_t
   Strides st = t.strides;
   sh[dim] = (end - start + step - 1) / step;
   st[dim] *= step;
-  return view_op(x, sh, st, t.offset + start * t.strides[dim],
+  return view_op(x, std::move(sh), std::move(st), t.offset + start * t.strides[dim],
                  {.view = ViewKind::slice, .dim0 = static_cast<int16_t>(dim), .start = start, .step = step}, "slice");
 }
 
@@ -529,7 +531,7 @@ TensorId Builder::flash_attention(TensorId q, TensorId k, TensorId v, double p) 
   // The output is allocated like the query (empty_like keeps its dim order): when q is a transposed
   // view of a (B, T, h, hd) projection, as in gpt2, so is the output, and the model's
   // out.transpose(1, 2).contiguous() copies nothing (checked on PyTorch 2.x: CPU flash kernel).
-  g_.tensor(out).strides = dense_strides_like(sq, T(q).strides);
+  g_.mutable_tensor(out).strides = dense_strides_like(sq, T(q).strides);
   TensorId lse = fresh("sdpa.logsumexp", {sq[0], sq[1], sq[2]}, DType::f32);
   const double flops = 4.0 * sq[0] * sq[1] * sq[2] * sq[2] * sq[3] / 2;  // causal: half the scores
   emit({.kind = OpKind::flash_attention, .name = "scaled_dot_product_attention", .inputs = {q, k, v},

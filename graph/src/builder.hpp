@@ -7,6 +7,7 @@
 #include <optional>
 #include <unordered_map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "actsim/graph/config.hpp"
@@ -28,7 +29,11 @@ class Builder {
 
   // Naming and attribution of the ops that follow.
   void set_layer(int32_t layer) { layer_ = layer; }
-  void set_scope(std::string scope) { scope_ = std::move(scope); }
+  void set_scope(std::string scope) {
+    if (names_) scope_ = std::move(scope);
+  }
+  // Unnamed lowering (LowerOptions::names = false): ops and the tensors they make get empty names.
+  void set_names(bool on) { names_ = on, scope_.clear(); }
   void set_phase(Phase p) { phase_ = p; }
   // Checkpointing: ops emitted from now on belong to recompute region `r` (-1 = none); ops of
   // `cached` kinds keep their outputs instead of being recomputed; `offload` marks their saves.
@@ -48,10 +53,9 @@ class Builder {
   TensorId leaf(const std::string& name, const Shape& shape, DType dt, Category c, bool requires_grad,
                 Location loc = Location::device);
   // A fresh contiguous tensor in a new storage (output of the op about to be emitted).
-  TensorId fresh(const std::string& name, const Shape& shape, DType dt, Category c = Category::activation);
+  TensorId fresh(std::string_view name, Shape shape, DType dt, Category c = Category::activation);
   // A view of `base` sharing its storage.
-  TensorId alias(TensorId base, const std::string& name, const Shape& shape, const Strides& strides,
-                 int64_t offset);
+  TensorId alias(TensorId base, std::string name, Shape shape, Strides strides, int64_t offset);
 
   // Appends an op (layer, phase and scope filled in), sets requires_grad on its outputs and the
   // tensors it saves from the profile's rule.
@@ -143,9 +147,15 @@ class Builder {
   TensorId cross_entropy(TensorId logits2d, TensorId target1d);  // log_softmax + nll_loss
 
  private:
-  std::string qualify(const std::string& n) const { return scope_.empty() ? n : scope_ + "." + n; }
-  TensorId view_op(TensorId x, const Shape& shape, const Strides& strides, int64_t offset,
-                   OpParams params, const std::string& what);
+  std::string qualify(std::string_view n) const {
+    if (!names_) return {};
+    std::string out;
+    out.reserve(scope_.size() + 1 + n.size());
+    if (!scope_.empty()) out.append(scope_).push_back('.');
+    out.append(n);
+    return out;
+  }
+  TensorId view_op(TensorId x, Shape shape, Strides strides, int64_t offset, OpParams params, std::string_view what);
   int64_t bytes(TensorId t) const { return g_.view_bytes(t); }
   int64_t matmul_ws(TensorId a, int64_t batch, int64_t m, int64_t k, int64_t n) const;
   const Tensor& T(TensorId t) const { return g_.tensor(t); }
@@ -159,6 +169,7 @@ class Builder {
   int32_t region_ = -1;
   const std::vector<OpKind>* cached_ = nullptr;
   bool offload_ = false;
+  bool names_ = true;
   std::vector<TensorId> leaves_;  // every leaf made, in order (gradient accumulation's replay)
   size_t next_leaf_ = 0;
   bool replaying_ = false;

@@ -40,7 +40,7 @@ void keep_checkpoint_frames(Graph& g, const std::unordered_map<int32_t, TensorId
     auto it = last.find(r);
     auto ops = regions.find(r);
     if (it == last.end() || ops == regions.end()) continue;
-    Op& end = g.op(it->second);
+    Op& end = g.mutable_op(it->second);
     if (stash != kNoTensor) end.holds.push_back(stash);
     // The checkpoint call's arguments (the block input, llama's token positions) are saved by
     // its frame (_NoopSaveInputs) until then too: activations the region reads from outside.
@@ -81,7 +81,7 @@ void keep_checkpoint_frames(Graph& g, const std::unordered_map<int32_t, TensorId
         const Tensor& tt = g.tensor(t);
         if (!tt.is_view && !read[index(tt.storage)]) {
           read[index(tt.storage)] = true;
-          g.op(until).holds.push_back(t);
+          g.mutable_op(until).holds.push_back(t);
         }
       }
     }

@@ -121,6 +121,8 @@ OpId Graph::add_op(Op op) {
   return id;
 }
 
+void Graph::frozen_write() { assertion_failed(__FILE__, __LINE__, "!frozen_", "write access to a frozen graph (use Graph::rewrite)"); }
+
 int64_t Graph::view_bytes(TensorId id) const {
   const Tensor& t = tensor(id);
   return numel(t.shape) * dtype_size(t.dtype);

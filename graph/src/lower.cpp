@@ -132,7 +132,7 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   std::vector<TensorId> first_graph_stashes;
   for (const auto& [r, t] : b.rng_stash) {
     if (t != kNoTensor && g.storage(g.tensor(t).storage).keep) {
-      g.storage(g.tensor(t).storage).keep = false;
+      g.mutable_storage(g.tensor(t).storage).keep = false;
       first_graph_stashes.push_back(t);
     }
   }
@@ -146,7 +146,7 @@ void accumulate_micro_batches(Lowering& l, const ModelConfig& model, const Runti
   lower_model(l, model, prof);
   b.replay_leaves(false);
   l.out.loss = divide(l.out.loss);
-  g.op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
+  g.mutable_op(OpId{static_cast<uint32_t>(g.n_ops() - 1)}).releases.push_back(first_loss);  // `loss = ...` rebinds
   for (TensorId t : first_graph_stashes) b.hold_until_last(t);
   differentiate(b, l.out.loss, l.out.params, l.plan, begin, &l.out.param_grads);
   g.micro_batches = l.tr.grad_accum_steps;
@@ -164,8 +164,9 @@ StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training
 }
 
 StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
-                              const BlockPlan* plan) {
+                              const BlockPlan* plan, LowerOptions options) {
   Lowering l(model, training, prof, plan);
+  l.b.set_names(options.names);
   lower_model(l, model, prof);
   // fp16 autocast: scaler.scale(loss).backward() (the scaled loss is backward's temporary). With
   // accumulation, fp16 autocast is refused by the loader (the scaled micro-batches are not lowered).
@@ -190,7 +191,7 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   }
   l.parallel_backward_end();
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
-  if (training.parallel.pp_head) l.out.graph.storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
+  if (training.parallel.pp_head) l.out.graph.mutable_storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
   if (scaled) l.scaler_unscale();
   if (training.master_weights == MasterWeights::fp32 || training.parallel.sharding != Sharding::none) {
     l.optimizer_flat();

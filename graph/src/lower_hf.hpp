@@ -27,7 +27,7 @@ struct HfBase {
   // TensorIterator allocates an elementwise op's output in the memory order of its first full-size
   // operand (q * cos keeps q's (B, T, H, hd) layout).
   TensorId like(TensorId out, TensorId src) {
-    if (t(src).shape == t(out).shape) g().tensor(out).strides = dense_strides_like(t(out).shape, t(src).strides);
+    if (t(src).shape == t(out).shape) g().mutable_tensor(out).strides = dense_strides_like(t(out).shape, t(src).strides);
     return out;
   }
   TensorId cast(TensorId x, DType to) {

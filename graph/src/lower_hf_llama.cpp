@@ -311,8 +311,8 @@ struct HfLlama : HfBase {
     TensorId sliding_mask = kNoTensor;
     if (m.gemma2 && m.attention == Attention::eager) {
       sliding_mask = causal_mask(pos);
-      g().tensor(sliding_mask).name = "sliding_causal_mask";
-      g().op(t(mask).producer).params.start = 0;  // create_causal_mask's: no window
+      g().mutable_tensor(sliding_mask).name = "sliding_causal_mask";
+      g().mutable_op(t(mask).producer).params.start = 0;  // create_causal_mask's: no window
     }
     // LlamaRotaryEmbedding.forward under no_grad: inv_freq @ position_ids in fp32, cat, cos/sin
     // times attention_scaling, .to(x.dtype). The fp32 intermediates are transient.

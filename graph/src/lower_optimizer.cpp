@@ -157,8 +157,8 @@ TensorId Lowering::scaler_scale_loss(TensorId loss) {
   // scale() (_lazy_init_scale_growth_tracker); they persist, as the optimizer state does.
   scaler.scale = b.leaf("grad_scaler._scale", {}, DType::f32, Category::temporary, false);
   scaler.growth_tracker = b.leaf("grad_scaler._growth_tracker", {}, DType::i32, Category::temporary, false);
-  out.graph.storage(out.graph.tensor(scaler.scale).storage).keep = true;
-  out.graph.storage(out.graph.tensor(scaler.growth_tracker).storage).keep = true;
+  out.graph.mutable_storage(out.graph.tensor(scaler.scale).storage).keep = true;
+  out.graph.mutable_storage(out.graph.tensor(scaler.growth_tracker).storage).keep = true;
   b.set_phase(Phase::backward);
   b.set_layer(-1);
   b.set_scope("grad_scaler");

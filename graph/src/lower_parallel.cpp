@@ -71,7 +71,7 @@ void Lowering::parallel_forward_end() {
     if (st.category == Category::buffer && st.producer == kNoOp) by_dtype[static_cast<int>(g.tensor(st.first).dtype)] += st.bytes;
   }
   const int64_t ws = *std::max_element(std::begin(by_dtype), std::end(by_dtype));
-  Op& op = g.op(par->broadcast);
+  Op& op = g.mutable_op(par->broadcast);
   op.workspace_bytes = ws;
   op.bytes_moved = 2 * ws;
   if (ws == 0) op.kernels = 0;  // no buffers: nothing broadcast
@@ -107,10 +107,10 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
   Parallel::Bucket& bk = par->buckets.back();
   TensorId result = grad;
   if (pc.sharding == Sharding::none) {
-    Tensor& flat = g.tensor(bk.flat);
+    Tensor& flat = g.mutable_tensor(bk.flat);
     const int64_t offset = flat.shape[0];
     flat.shape[0] += numel(g.tensor(grad).shape);
-    g.storage(flat.storage).bytes += bytes;
+    g.mutable_storage(flat.storage).bytes += bytes;
     b.set_scope("ddp");
     // mul_out(bucket_view, grad, 1/N): a wrapped Python number and its cast while it runs.
     Op copy{.kind = OpKind::bucket_copy, .name = name + ".grad.to_bucket", .inputs = {grad, bk.flat},

@@ -538,7 +538,7 @@ void Reader::build(const json& h) {
   for (RawTensor& t : tensors) g.add_tensor(std::move(t.t));
   for (Op& op : ops) g.add_op(std::move(op));
   // add_op attributes a storage to its producer's layer; keep the file's attribution.
-  for (size_t i = 0; i < storages.size(); ++i) g.storage(StorageId{static_cast<uint32_t>(i)}).layer = storages[i].layer;
+  for (size_t i = 0; i < storages.size(); ++i) g.mutable_storage(StorageId{static_cast<uint32_t>(i)}).layer = storages[i].layer;
   if (h.contains("n_layers")) g.n_layers = static_cast<int32_t>(get_int(h["n_layers"], hw, "n_layers"));
   g.freeze();
   if (g.n_layers < 0) hw.fail("header: negative n_layers");

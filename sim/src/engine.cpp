@@ -83,23 +83,24 @@ std::optional<StepTables> StepTables::try_build(const Graph& g, const DeviceSpec
 StepTables::StepTables(Unchecked, const Graph& g, const DeviceSpec& device, const Calibration* calibration) : g_(g) {
   const size_t n_ops = g.n_ops();
   const size_t n_st = g.storages().size();
-  // Flat copies of what the passes below look up per tensor and per storage (the graph's deques
-  // are slow to index at random), each filled in one sequential walk.
-  std::vector<uint32_t> t_storage, t_producer;  // [tensors]; producer UINT32_MAX = none
-  std::vector<uint8_t> t_view;
-  t_storage.reserve(g.tensors().size());
-  t_producer.reserve(g.tensors().size());
-  t_view.reserve(g.tensors().size());
-  for (const graph::Tensor& t : g.tensors()) {
-    t_storage.push_back(index(t.storage));
-    t_producer.push_back(t.producer == graph::kNoOp ? UINT32_MAX : index(t.producer));
-    t_view.push_back(t.is_view ? 1 : 0);
+  // Flat copies of what the passes below look up per tensor and per storage (dense arrays of ids
+  // instead of the graph's large elements), each filled in one sequential walk.
+  const size_t n_t = g.tensors().size();
+  std::vector<uint32_t> t_storage(n_t), t_producer(n_t);  // [tensors]; producer UINT32_MAX = none
+  std::vector<uint8_t> t_view(n_t);
+  for (size_t k = 0; k < n_t; ++k) {
+    const graph::Tensor& t = g.tensors()[k];
+    t_storage[k] = index(t.storage);
+    t_producer[k] = t.producer == graph::kNoOp ? UINT32_MAX : index(t.producer);
+    t_view[k] = t.is_view ? 1 : 0;
   }
-  std::vector<uint32_t> s_producer;  // [storages]
-  s_producer.reserve(n_st);
-  for (const graph::Storage& st : g.storages()) s_producer.push_back(st.producer == graph::kNoOp ? UINT32_MAX : index(st.producer));
-  op_stream_.reserve(n_ops);
-  for (const Op& op : g.ops()) op_stream_.push_back(op.stream);
+  std::vector<uint32_t> s_producer(n_st);  // [storages]
+  for (size_t k = 0; k < n_st; ++k) {
+    const graph::OpId p = g.storages()[k].producer;
+    s_producer[k] = p == graph::kNoOp ? UINT32_MAX : index(p);
+  }
+  op_stream_.resize(n_ops);
+  for (size_t k = 0; k < n_ops; ++k) op_stream_[k] = g.ops()[k].stream;
 
   use_count_.assign(n_st, 0);
   // A storage is used by its producer and by every op that reads, holds or releases one of its
@@ -108,6 +109,10 @@ StepTables::StepTables(Unchecked, const Graph& g, const DeviceSpec& device, cons
   alloc_begin_.reserve(n_ops + 1);
   use_begin_.reserve(n_ops + 1);
   dep_begin_.reserve(n_ops + 1);
+  size_t n_uses = 0;
+  for (const Op& op : g.ops()) n_uses += op.outputs.size() + op.inputs.size() + op.holds.size() + op.releases.size();
+  uses_.reserve(n_uses);
+  allocs_.reserve(n_st);
   uint32_t i = 0;
   for (const Op& op : g.ops()) {
     alloc_begin_.push_back(static_cast<uint32_t>(allocs_.size()));

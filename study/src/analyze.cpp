@@ -41,17 +41,18 @@ Analysis simulate_step(const ResolvedStep& step, const Scenario& s) {
 
 namespace {
 
-// The step's graph, lowered once (the plan is the resolved one).
-std::unique_ptr<graph::StepGraph> lower(const ResolvedStep& step) {
+// The step's graph, lowered once (the plan is the resolved one). Unnamed when only the engine
+// reads it (LowerOptions::names).
+std::unique_ptr<graph::StepGraph> lower(const ResolvedStep& step, bool names = true) {
   return std::make_unique<graph::StepGraph>(
-      graph::lower_training_step(step.model, step.training, *step.runtime, &step.plan));
+      graph::lower_training_step(step.model, step.training, *step.runtime, &step.plan, {.names = names}));
 }
 
 }  // namespace
 
 std::optional<SimResult> try_simulate_step(const ResolvedStep& step, std::span<sim::Observer* const> observers,
                                            std::string* why) {
-  const std::unique_ptr<graph::StepGraph> g = lower(step);
+  const std::unique_ptr<graph::StepGraph> g = lower(step, /*names=*/false);
   std::optional<StepTables> tables = StepTables::try_build(g->graph, step.device, why);
   if (!tables) return std::nullopt;
   return simulate(*tables, observers);

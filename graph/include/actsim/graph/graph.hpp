@@ -7,14 +7,16 @@
 //   OpId op     = g.add_op({.kind = OpKind::gelu_tanh, .phase = Phase::forward, .outputs = {t}});
 //   g.validate();   // acyclic, each tensor produced once, shapes inside their storages
 //
-// The graph is append-only and frozen after validation; rewrites (checkpointing) build a new one.
+// The graph is append-only and frozen after validation. tensor(), storage() and op() read; writes
+// go through mutable_tensor() & co. while it is built (the builder, autodiff, the schedule reader),
+// which a frozen graph refuses, or through the explicit rewrite(), which validates it again.
 // Analyses keep their results in side tables indexed by the ids, not in node fields.
 #pragma once
 
-#include <deque>
 #include <string>
 #include <vector>
 
+#include "actsim/graph/chunked_vector.hpp"
 #include "actsim/graph/types.hpp"
 
 namespace actsim::graph {
@@ -168,16 +170,29 @@ class Graph {
   TensorId add_tensor(Tensor t);
   OpId add_op(Op op);
 
+  // Read access, the only access a frozen graph gives.
   const Tensor& tensor(TensorId id) const { return tensors_[index(id)]; }
-  Tensor& tensor(TensorId id) { return tensors_[index(id)]; }
   const Storage& storage(StorageId id) const { return storages_[index(id)]; }
-  Storage& storage(StorageId id) { return storages_[index(id)]; }
   const Op& op(OpId id) const { return ops_[index(id)]; }
-  Op& op(OpId id) { return ops_[index(id)]; }
 
-  const std::deque<Tensor>& tensors() const { return tensors_; }
-  const std::deque<Storage>& storages() const { return storages_; }
-  const std::deque<Op>& ops() const { return ops_; }
+  // Write access while the graph is built (the builder, autodiff, the schedule reader); a frozen
+  // graph refuses it (ACTSIM_ASSERT). Change a frozen graph with rewrite().
+  Tensor& mutable_tensor(TensorId id) { return tensors_[index(check_thawed(id))]; }
+  Storage& mutable_storage(StorageId id) { return storages_[index(check_thawed(id))]; }
+  Op& mutable_op(OpId id) { return ops_[index(check_thawed(id))]; }
+
+  // The explicit rewrite of a frozen graph: `edit(graph)` runs with write access, then the graph
+  // is validated and frozen again.
+  template <typename F>
+  void rewrite(F&& edit) {
+    frozen_ = false;
+    edit(*this);
+    freeze();
+  }
+
+  const ChunkedVector<Tensor>& tensors() const { return tensors_; }
+  const ChunkedVector<Storage>& storages() const { return storages_; }
+  const ChunkedVector<Op>& ops() const { return ops_; }
   size_t n_ops() const { return ops_.size(); }
 
   // Bytes of a tensor's own view (numel * dtype size), not of its storage.
@@ -204,11 +219,18 @@ class Graph {
   }
 
  private:
-  // Deques: references stay valid while the graph grows (builders hold them across appends).
-  std::deque<Tensor> tensors_;
-  std::deque<Storage> storages_;
-  std::deque<Op> ops_;
+  // References stay valid while the graph grows (builders hold them across appends).
+  ChunkedVector<Tensor> tensors_;
+  ChunkedVector<Storage> storages_;
+  ChunkedVector<Op> ops_;
   bool frozen_ = false;
+
+  template <typename Id>
+  Id check_thawed(Id id) const {
+    if (frozen_) frozen_write();
+    return id;
+  }
+  [[noreturn]] static void frozen_write();
 };
 
 }  // namespace actsim::graph

@@ -27,9 +27,17 @@ struct StepGraph {
   OptimizerImpl optimizer_impl = OptimizerImpl::for_loop;  // resolved (never profile_default)
 };
 
+// What a lowering records beyond what the engine reads.
+struct LowerOptions {
+  // false: ops and the tensors they make are left unnamed (parameters keep their names). For
+  // lowerings whose graph only the engine reads (the batch search's probes): names are about a
+  // fifth of a lowering's allocations. Sizes, order and everything simulated are the same.
+  bool names = true;
+};
+
 // `plan` (optional) checkpoints, recomputes or offloads blocks (checkpoint.hpp).
 StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
-                              const BlockPlan* plan = nullptr);
+                              const BlockPlan* plan = nullptr, LowerOptions options = {});
 
 // The forward graph alone (params, buffers, inputs and the forward ops up to the loss).
 StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
