@@ -157,6 +157,18 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   CHECK(par.training.parallel.bucket_cap_mb == 10);
   CHECK(par.training.parallel.gradient_as_bucket_view);
   CHECK(par.where("parallel.bucket_cap_mb") == ppath + ":4: parallel.bucket_cap_mb");
+  // issue 13, pipeline parallelism: its keys in a scenario of their own (gpt2's 12 layers).
+  const std::string pppath = dir.write("every-pp-key.toml",
+                                       "[parallel]\n"                          // 1
+                                       "pp = 2\n"                              // 2
+                                       "microbatches = 4\n"                    // 3
+                                       "pp_schedule = \"interleaved:2\"\n");  // 4
+  study::Scenario pps = study::load_scenario(pppath, {});
+  CHECK(pps.training.parallel.pp == 2);
+  CHECK(pps.training.parallel.pp_micro() == 4);
+  CHECK(pps.training.parallel.pp_schedule == graph::PpSchedule::interleaved);
+  CHECK(pps.training.parallel.pp_chunks == 2);
+  CHECK(pps.where("parallel.pp_schedule") == pppath + ":4: parallel.pp_schedule");
   CHECK(s.name == "my-run");
   CHECK(s.file == path);
   CHECK(s.model.family == graph::Family::llama);
@@ -199,6 +211,7 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   for (const auto& [k, where] : s.origin) set_keys.insert(k);
   for (const auto& [k, where] : par.origin) set_keys.insert(k);  // issue 13
   for (const auto& [k, where] : tps.origin) set_keys.insert(k);  // issue 13: tensor parallelism
+  for (const auto& [k, where] : pps.origin) set_keys.insert(k);  // issue 13, pipeline parallelism
   const auto& keys = study::scenario_keys();
   CHECK(set_keys == std::set<std::string>(keys.begin(), keys.end()));
   CHECK(s.where("name") == path + ":1: name");

@@ -69,7 +69,7 @@ void Lowering::finish_loss(TensorId x, TensorId lm_head, TensorId targets, Tenso
   tp_loss_reductions();  // issue 13: vocab-parallel cross-entropy's all-reduces (tp > 1)
   out.loss = b.cross_entropy(lv, tv);
   b.hold_until_last(logits);
-  b.hold_until_last(held);
+  if (held != kNoTensor) b.hold_until_last(held);  // a last pipeline stage of gpt2 has no positions
 }
 
 namespace {
@@ -201,14 +201,21 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
     accumulate_micro_batches(l, model, prof);
   } else {
     GradReadyHook hook;
-    if (training.parallel.active()) hook = [&l](size_t i, TensorId g) { return l.parallel_grad_ready(i, g); };
+    const size_t n_params = l.out.params.size();
+    if (training.parallel.active()) {
+      hook = [&l, n_params](size_t i, TensorId g) { return i < n_params ? l.parallel_grad_ready(i, g) : g; };
+    }
     const TensorId root = scaled ? l.scaler_scale_loss(l.out.loss) : l.out.loss;
-    l.out.param_grads = differentiate(l.b, root, l.out.params, plan, OpId{0}, nullptr, hook);
+    // A pipeline stage's received input requires grad like a parameter (lower_pp.cpp).
+    std::vector<TensorId> leaves = l.out.params;
+    if (l.pp_recv != kNoTensor) leaves.push_back(l.pp_recv);
+    l.out.param_grads = differentiate(l.b, root, leaves, plan, OpId{0}, nullptr, hook);
+    if (l.pp_recv != kNoTensor) pp_send_input_grad(l);
     if (scaled) l.b.hold_until_last(root);  // the temporary lives until .backward() returns
   }
   l.parallel_backward_end();
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
-  l.out.graph.mutable_storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
+  if (training.parallel.pp_head) l.out.graph.mutable_storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
   if (scaled) l.scaler_unscale();
   if (training.master_weights == MasterWeights::fp32 || training.parallel.sharding != Sharding::none) {
     l.optimizer_flat();

@@ -85,8 +85,9 @@ void Lowering::gpt2() {
   const int64_t V = tp_vocab(), S = m.seq_len, d = m.d_model, ff = m.ff(), L = m.n_layers;
   const int64_t B = tr.batch_size, T = m.seq_len, dl = tp_shard(d), ffl = tp_shard(ff);
   // Parameters in model.parameters() order: wte (tied with lm_head), wpe, blocks, ln_f.
-  TensorId wte = param("wte.weight", {V, d});  // named_parameters() names a tied weight once, first
-  TensorId wpe = param("wpe.weight", {S, d});
+  const bool first = tr.parallel.pp_embedding, last = tr.parallel.pp_head;  // pipeline stages (issue 13)
+  TensorId wte = first ? param("wte.weight", {V, d}) : kNoTensor;  // named_parameters() names a tied weight once, first
+  TensorId wpe = first ? param("wpe.weight", {S, d}) : kNoTensor;
   std::vector<Gpt2Block> blocks(L);
   for (int i = 0; i < L; ++i) {
     auto n = [&](const char* x) { return fmt::format("blocks.{}.{}", i, x); };
@@ -107,24 +108,30 @@ void Lowering::gpt2() {
     p.mask = buffer(n("attn.bias"), {1, 1, S, S});
   }
   b.set_layer(-1);
-  TensorId lnf_w = param("ln_f.weight", {d});
-  TensorId lnf_b = param("ln_f.bias", {d});
-  TensorId lm_head = m.tied() ? tied_linear("lm_head", wte) : linear_weight("lm_head", {V, d});
+  TensorId lnf_w = last ? param("ln_f.weight", {d}) : kNoTensor;
+  TensorId lnf_b = last ? param("ln_f.bias", {d}) : kNoTensor;
+  TensorId lm_head = !last ? kNoTensor : m.tied() && first ? tied_linear("lm_head", wte) : linear_weight("lm_head", {V, d});
   if (params_only) return;
-  TensorId idx = b.leaf("idx", {B, T}, DType::i64, Category::input, false);
-  TensorId targets = b.leaf("targets", {B, T}, DType::i64, Category::input, false);
+  TensorId idx = first ? b.leaf("idx", {B, T}, DType::i64, Category::input, false) : kNoTensor;
+  TensorId targets = last ? b.leaf("targets", {B, T}, DType::i64, Category::input, false) : kNoTensor;
 
-  scope(-1, "");
-  TensorId pos = b.arange(T);
-  scope(-1, "wte");
-  TensorId tok = tp_embedding(wte, idx, false);
-  scope(-1, "wpe");
-  TensorId pe = b.embedding(wpe, pos);
-  scope(-1, "");
-  TensorId x = b.binary(OpKind::add, tok, pe);
-  scope(-1, "drop");
-  x = b.dropout(tp_scatter(x), m.dropout);  // sequence parallelism: the embedding's dropout on s/tp
+  TensorId x = kNoTensor, pos = kNoTensor;
+  if (first) {
+    scope(-1, "");
+    pos = b.arange(T);
+    scope(-1, "wte");
+    TensorId tok = tp_embedding(wte, idx, false);
+    scope(-1, "wpe");
+    TensorId pe = b.embedding(wpe, pos);
+    scope(-1, "");
+    x = b.binary(OpKind::add, tok, pe);
+    scope(-1, "drop");
+    x = b.dropout(tp_scatter(x), m.dropout);  // sequence parallelism: the embedding's dropout on s/tp
+  } else {
+    x = pp_input();
+  }
   for (int i = 0; i < L; ++i) x = gpt2_block(i, blocks[i], x);
+  if (!last) return pp_output(x, pos);
   scope(-1, "ln_f");
   x = b.layer_norm(x, lnf_w, lnf_b);
   finish_loss(x, lm_head, targets, pos);

@@ -119,7 +119,8 @@ void Lowering::llama() {
   const int64_t V = tp_vocab(), S = m.seq_len, d = m.d_model, ff = tp_shard(m.ff()), L = m.n_layers;
   const int64_t H = m.n_heads, KV = m.kv_heads(), hd = d / H, dl = tp_shard(d), kvl = tp_shard(KV * hd);
   const int64_t B = tr.batch_size, T = m.seq_len;
-  TensorId emb = param("tok_embeddings.weight", {V, d});
+  const bool first = tr.parallel.pp_embedding, last = tr.parallel.pp_head;  // pipeline stages (issue 13)
+  TensorId emb = first ? param("tok_embeddings.weight", {V, d}) : kNoTensor;
   // One RotaryPositionalEmbedding module shared by all blocks: one pair of tables.
   TensorId cos_c = buffer("rope.cos_cached", {S, hd / 2});
   TensorId sin_c = buffer("rope.sin_cached", {S, hd / 2});
@@ -139,17 +140,21 @@ void Lowering::llama() {
     p.w3 = linear_weight(n("ffn.w3"), {ff, d});
   }
   b.set_layer(-1);
-  TensorId norm = param("norm.weight", {d});
-  TensorId lm_head = m.tied() ? tied_linear("lm_head", emb) : linear_weight("lm_head", {V, d});
+  TensorId norm = last ? param("norm.weight", {d}) : kNoTensor;
+  TensorId lm_head = !last ? kNoTensor : m.tied() && first ? tied_linear("lm_head", emb) : linear_weight("lm_head", {V, d});
   if (params_only) return;
-  TensorId idx = b.leaf("idx", {B, T}, DType::i64, Category::input, false);
-  TensorId targets = b.leaf("targets", {B, T}, DType::i64, Category::input, false);
+  TensorId idx = first ? b.leaf("idx", {B, T}, DType::i64, Category::input, false) : kNoTensor;
+  TensorId targets = last ? b.leaf("targets", {B, T}, DType::i64, Category::input, false) : kNoTensor;
+  TensorId x = first ? kNoTensor : pp_input();
 
   scope(-1, "");
   TensorId pos = b.arange(T);
-  scope(-1, "tok_embeddings");
-  TensorId x = tp_embedding(emb, idx, true);
+  if (first) {
+    scope(-1, "tok_embeddings");
+    x = tp_embedding(emb, idx, true);
+  }
   for (int i = 0; i < L; ++i) x = llama_block(i, blocks[i], x, cos_c, sin_c, pos);
+  if (!last) return pp_output(x, pos);
   scope(-1, "norm");
   x = rmsnorm(x, norm);
   finish_loss(x, lm_head, targets, pos);

@@ -172,6 +172,14 @@ struct Lowering {
   TensorId tp_scatter(TensorId x);          // scatter_to_sequence_parallel_region (sp)
   void tp_loss_reductions();                // vocab-parallel cross-entropy's three all-reduces
   std::unordered_map<uint32_t, TensorId> tp_shard_of;  // gathered input -> its sequence shard
+  // ---- issue 13: pipeline stages, lower_pp.cpp (pp helper) -----------------------------------
+  // A stage without the embedding receives its input: a leaf requiring grad (torch.distributed.
+  // pipelining's recv buffer, detached with requires_grad_()), whose .grad is sent back after
+  // backward. A stage without the head sends its output, and backward starts from the gradient
+  // received for it (the seed of the root's shape).
+  TensorId pp_recv = kNoTensor;
+  TensorId pp_input();                      // the received activation (B, T, d)
+  void pp_output(TensorId x, TensorId held);  // the stage's output is backward's root
   // ---- optimizer step and zero_grad, lower_optimizer.cpp -------------------------------------
   OptimizerImpl resolve_impl() const;
   void optimizer();
@@ -186,6 +194,9 @@ struct Lowering {
   void scaler_update();                       // scaler.update()
 };
 
+// A pipeline stage's input gradient (the last entry of param_grads) is sent back: the entry is
+// removed, and a send op reads it, after which it is freed (lower_pp.cpp).
+void pp_send_input_grad(Lowering& l);
 // Runs the family's lowering; with l.params_only it stops after the parameters (lower.cpp).
 void lower_family(Lowering& l);
 // The parameters alone (l.params_only set): model_names() (lower_lora.cpp).

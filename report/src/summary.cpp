@@ -10,6 +10,7 @@
 
 #include "actsim/graph/profile.hpp"
 #include "actsim/schedule/schedule.hpp"
+#include "actsim/study/pipeline.hpp"
 #include "actsim/util/error.hpp"
 #include "actsim/util/units.hpp"
 
@@ -49,9 +50,13 @@ namespace {
 // ---- issue 13: data parallelism ----
 // The rank classes of a data-parallel step: every rank of DDP and of ZeRO's even flat partitions
 // holds the same bytes, so one class holds them all.
+nlohmann::json figures_json(const Analysis& a, int64_t max_batch);
+void add_pipeline_json(nlohmann::json& j, const Analysis& a);
+
 void add_parallel_json(nlohmann::json& j, const Analysis& a) {
   const graph::TrainingConfig& t = a.scenario.training;
   if (t.master_weights != graph::MasterWeights::none) j["training"]["master_weights"] = "fp32";
+  if (a.pipeline) return add_pipeline_json(j, a);
   if (!t.parallel.active()) return;
   const graph::ParallelConfig& p = t.parallel;
   j["parallel"] = {{"dp", p.dp}, {"sharding", graph::to_string(p.sharding)}, {"bucket_cap_mb", p.bucket_cap_mb},
@@ -62,8 +67,70 @@ void add_parallel_json(nlohmann::json& j, const Analysis& a) {
   j["peak_rank_class"] = 0;
 }
 
+// ---- issue 13: pipeline parallelism (pp helper) ----
+std::string schedule_name(const graph::ParallelConfig& p) {
+  return p.pp_schedule == graph::PpSchedule::interleaved ? fmt::format("interleaved:{}", p.pp_chunks)
+                                                        : std::string(graph::to_string(p.pp_schedule));
+}
+
+// The rank classes of a pipeline: the ranks of one stage (every dp rank, and every tp rank once
+// tensor parallelism lands: it divides the lowering, not the classes) hold the same bytes; the
+// stages differ (the embedding, the head, the micro-batches in flight), so each is a class.
+void add_pipeline_json(nlohmann::json& j, const Analysis& a) {
+  const study::Pipeline& pl = *a.pipeline;
+  const graph::ParallelConfig& p = pl.config;
+  j["parallel"] = {{"dp", p.dp}, {"sharding", graph::to_string(p.sharding)}, {"bucket_cap_mb", p.bucket_cap_mb},
+                   {"gradient_as_bucket_view", p.gradient_as_bucket_view}, {"pp", p.pp},
+                   {"microbatches", p.pp_micro()}, {"pp_schedule", schedule_name(p)}};
+  nlohmann::json ranks = nlohmann::json::array();
+  for (int64_t st = 0; st < p.pp; ++st) {
+    // The stage's first chunk's lowering, given the stage's figures for the moment of to_json.
+    study::Analysis& k = *pl.kinds[static_cast<size_t>(pl.stage_kinds[static_cast<size_t>(st)][0])];
+    const sim::SimResult saved = k.result;
+    const auto statics = std::make_tuple(k.params_bytes, k.param_count, k.grads_bytes, k.optimizer_bytes,
+                                         k.optimizer_host_bytes, k.buffers_bytes, k.inputs_bytes);
+    study::apply_stage(k, pl, static_cast<int>(st));
+    nlohmann::json fig = figures_json(k, -1);
+    k.result = saved;
+    std::tie(k.params_bytes, k.param_count, k.grads_bytes, k.optimizer_bytes, k.optimizer_host_bytes, k.buffers_bytes,
+             k.inputs_bytes) = statics;
+    const study::PpStageResult& r = pl.result.stages[static_cast<size_t>(st)];
+    ranks.push_back({{"class", st},
+                     {"coordinates", {{"dp", {0, p.dp - 1}}, {"pp", st}}},
+                     {"count", p.dp},
+                     {"pipeline", {{"layers", a.scenario.model.n_layers / p.pp}, {"max_in_flight", r.max_in_flight},
+                                   {"busy_ns", r.busy_ns}, {"idle_ns", pl.result.step_time_ns - r.busy_ns}}},
+                     {"figures", std::move(fig)}});
+  }
+  j["ranks"] = std::move(ranks);
+  j["peak_rank_class"] = pl.worst;
+  j["pipeline"] = {{"stages", p.pp}, {"microbatches", p.pp_micro()}, {"schedule", schedule_name(p)},
+                   {"chunks", p.pp_chunks}, {"step_time_ns", pl.result.step_time_ns},
+                   {"bubble_ns", pl.result.bubble_ns}};
+}
+
+std::string pipeline_line(const Analysis& a) {
+  const study::Pipeline& pl = *a.pipeline;
+  const graph::ParallelConfig& p = pl.config;
+  const auto& w = pl.result.stages[static_cast<size_t>(pl.worst)];
+  std::string out = fmt::format(
+      "        pipeline of {} stages ({}, {} micro-batches of batch {}){}; figures of rank class {} (pp stage {}, "
+      "{} ranks alike), the highest peak: {} micro-batches in flight; bubble {:.1f}% of the step\n",
+      p.pp, schedule_name(p), p.pp_micro(), a.scenario.training.batch_size,
+      p.dp > 1 ? fmt::format(" x data parallel {} ({})", p.dp, p.sharding == graph::Sharding::none ? "DDP" : graph::to_string(p.sharding)) : "",
+      pl.worst, pl.worst, p.dp, w.max_in_flight,
+      pl.result.step_time_ns > 0 ? 100.0 * static_cast<double>(pl.result.bubble_ns) / static_cast<double>(pl.result.step_time_ns) : 0.0);
+  for (int64_t st = 0; st < p.pp; ++st) {
+    const auto& r = pl.result.stages[static_cast<size_t>(st)];
+    out += fmt::format("          stage {}: peak {}, {} in flight, busy {:.3f} ms of {:.3f}\n", st, human_bytes(r.peak_bytes),
+                       r.max_in_flight, r.busy_ns / 1e6, pl.result.step_time_ns / 1e6);
+  }
+  return out;
+}
+
 std::string parallel_line(const Analysis& a) {
   const graph::ParallelConfig& p = a.scenario.training.parallel;
+  if (a.pipeline) return pipeline_line(a);
   if (!p.active()) return "";
   return fmt::format("        data parallel over {} ranks ({}); figures of rank class 0 (dp ranks 0-{}, {} ranks alike), "
                      "the highest peak\n",
@@ -73,6 +140,13 @@ std::string parallel_line(const Analysis& a) {
 }  // namespace
 
 nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
+  nlohmann::json j = figures_json(a, max_batch);
+  add_parallel_json(j, a);  // issue 13: only for parallel.dp > 1, parallel.pp > 1 or master weights
+  return j;
+}
+
+namespace {
+nlohmann::json figures_json(const Analysis& a, int64_t max_batch) {
   const SimResult& r = a.result;
   const graph::Graph& g = a.step->graph;
   const Scenario& s = a.scenario;
@@ -127,9 +201,9 @@ nlohmann::json to_json(const Analysis& a, int64_t max_batch) {
   j["ops"] = g.n_ops();
   j["fits"] = r.peak_bytes <= s.device.memory_bytes;
   if (max_batch >= 0) j["max_batch_size"] = max_batch;
-  add_parallel_json(j, a);  // issue 13: only for parallel.dp > 1 or master weights
   return j;
 }
+}  // namespace
 
 std::string to_table(const Analysis& a, int64_t max_batch) {
   const SimResult& r = a.result;

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "actsim/graph/profile.hpp"
+#include "actsim/study/pipeline.hpp"
 #include "actsim/util/error.hpp"
 
 namespace actsim::study {
@@ -23,6 +24,7 @@ using graph::Location;
 Analysis analyze(const Scenario& s) { return analyze(s, s.runtime()); }
 
 Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
+  if (s.training.parallel.pp > 1 && !s.training.parallel.pp_stage()) return analyze_pipeline(s, runtime);  // issue 13
   return simulate_step(resolve(s, runtime), s);
 }
 

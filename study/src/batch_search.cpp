@@ -227,6 +227,20 @@ class BatchSearch {
 
 int64_t max_batch_size(const Analysis& a) {
   const Scenario& s = a.scenario;
+  if (a.pipeline) {
+    // issue 13, pipeline parallelism: the largest micro-batch at which every stage fits, each
+    // size a whole pipeline (its stages' lowerings and the schedule's replay).
+    return largest_fitting([&](int64_t b) {
+      if (b == s.training.batch_size) return a.result.peak_bytes <= s.device.memory_bytes;
+      Scenario t = s;
+      t.training.batch_size = b;
+      try {
+        return analyze(t).result.peak_bytes <= t.device.memory_bytes;
+      } catch (const sim::ByteOverflow&) {
+        return false;
+      }
+    });
+  }
   if (s.is_budget()) {
     // The planner plans again at every batch size.
     return largest_fitting([&](int64_t b) {
@@ -243,6 +257,7 @@ int64_t max_batch_size(const Analysis& a) {
 }
 
 int64_t max_batch_size(const Scenario& s) {
+  if (s.training.parallel.pp > 1 && !s.training.parallel.pp_stage()) return max_batch_size(analyze(s));  // issue 13
   if (s.is_budget()) {
     return largest_fitting([&](int64_t b) {
       Scenario t = s;

@@ -510,6 +510,13 @@ struct PlanShared {
 };
 
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options) {
+  // issue 13: a pipeline's stages hold several micro-batches, whose held bytes a plan changes too;
+  // the planner plans one stage's single micro-batch (checkpoint.policy = "budget:..." under
+  // parallel.pp plans each stage so), not yet the replayed pipeline.
+  if (s.training.parallel.pp > 1 && !s.training.parallel.pp_stage()) {
+    throw InputError(s.where("parallel.pp") + ": actsim plan does not plan a pipeline yet (the micro-batches in flight); "
+                     "use checkpoint.policy with simulate");
+  }
   // The keep/recompute plan (the DP is exact there), then with the op-level and offload options
   // (estimated in the DP): every answer is simulated, and the fastest that fits wins, so the
   // options never make a plan slower.

@@ -17,6 +17,7 @@
 #include "actsim/graph/profile.hpp"
 #include "actsim/graph/trainable.hpp"
 #include "actsim/study/hf_config.hpp"
+#include "pipeline_keys.hpp"
 #include "scenario_values.hpp"
 
 namespace actsim::study {
@@ -79,6 +80,10 @@ const std::vector<std::string>& scenario_keys() {
       "parallel.tp_impl",
       // dp2 (issue 13, data-parallel half)
       "parallel.no_sync",
+      // issue 13: pipeline parallelism (pp helper, pipeline_keys.cpp)
+      "parallel.pp",
+      "parallel.microbatches",
+      "parallel.pp_schedule",
   };
   return keys;
 }
@@ -256,6 +261,7 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
     sc.checkpoint = graph::parse_policy(as_str(v, where), where);  // parsed once, rejected where it is written
   }
   else if (set_tp_key(sc, key, v, where)) {  // issue 13: tensor and sequence parallelism
+  } else if (set_pipeline_key(sc, key, v, where)) {  // issue 13: pipeline parallelism (pipeline_keys.cpp)
   } else if (set_trainable_key(sc, key, v, where)) {
   }
   // checkpoint implementation (issue 12, recipe 4)
@@ -480,6 +486,7 @@ std::optional<std::string> first_problem(const Scenario& sc) {
          "which actsim does not lower; use attention = \"eager\" or dropout = 0");
   }
   if (std::optional<std::string> p = trainable_problem(sc)) return p;  // trainable subsets (issue 12)
+  if (std::optional<std::string> p = pipeline_problem(sc)) return p;  // issue 13: pipeline parallelism
   // checkpoint implementation (issue 12, recipe 4): torch.utils.checkpoint refuses context_fn (what
   // selective activation checkpointing passes) with use_reentrant=True.
   if (t.checkpoint_impl == graph::CheckpointImpl::reentrant) {

@@ -112,7 +112,9 @@ std::vector<SweepRow> run_sweep(const Scenario& base, const std::vector<SweepAxi
     // Offload runs a copy stream: its event order depends on the durations (no model holds).
     const graph::BlockPlan bp = resolve(scen[static_cast<size_t>(members.front())]).plan;
     const bool multi_stream = std::find(bp.mode.begin(), bp.mode.end(), graph::BlockMode::offload) != bp.mode.end();
-    if (multi_stream || batches.size() < 3 || n_big < 4) {
+    // A pipeline (issue 13) is its stages' replay: no batch model, every row analyzed in full.
+    const bool pipeline = scen[static_cast<size_t>(members.front())].training.parallel.pp > 1;
+    if (multi_stream || pipeline || batches.size() < 3 || n_big < 4) {
       direct.insert(direct.end(), members.begin(), members.end());
       continue;
     }

@@ -116,6 +116,9 @@ std::string_view to_string(Sharding s);
 // PyTorch's DTensor ColwiseParallel/RowwiseParallel/SequenceParallel.
 enum class TpImpl : uint8_t { megatron, dtensor };
 std::string_view to_string(TpImpl t);
+// Pipeline schedules (pp helper): GPipe, 1F1B (PipeDream-Flush), Megatron's interleaved 1F1B.
+enum class PpSchedule : uint8_t { gpipe, one_f_one_b, interleaved };
+std::string_view to_string(PpSchedule s);
 struct ParallelConfig {
   int64_t dp = 1;                       // data-parallel degree (ranks)
   Sharding sharding = Sharding::none;
@@ -129,6 +132,18 @@ struct ParallelConfig {
   // ---- end tensor and sequence parallelism ----
   // --- dp2 (issue 13, data-parallel half): accumulation ---
   bool no_sync = true;                  // DDP + accumulation: the first N-1 micro-batches under no_sync()
+  // ---- issue 13: pipeline parallelism (pp helper; study/src/pipeline*.cpp, lower_pp.cpp) ----
+  int64_t pp = 1;                       // pipeline stages
+  int64_t microbatches = 0;             // micro-batches per step (0 = pp)
+  PpSchedule pp_schedule = PpSchedule::one_f_one_b;
+  int64_t pp_chunks = 1;                // interleaved:V, the model chunks per stage (V)
+  // The piece of the model one lowering holds (set by study's pipeline per virtual stage, never by
+  // a scenario key): the embedding (else the input is received), the final norm, head and loss
+  // (else the output is sent and backward starts from a received gradient).
+  bool pp_embedding = true, pp_head = true;
+  int64_t pp_micro() const { return microbatches > 0 ? microbatches : pp; }
+  bool pp_stage() const { return !pp_embedding || !pp_head; }
+  // ---- end pipeline parallelism ----
 };
 // none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
 // gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).

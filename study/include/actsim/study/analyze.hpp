@@ -22,6 +22,8 @@
 
 namespace actsim::study {
 
+struct Pipeline;  // pipeline.hpp
+
 struct Analysis {
   Scenario scenario;                       // empty from simulate_step; analyze() sets it
   graph::BlockPlan block_plan;             // per block: kept, recomputed, offloaded (the resolved plan)
@@ -48,6 +50,8 @@ struct Analysis {
     int64_t bytes;
   };
   std::vector<SavedItem> block_saved;
+  // issue 13, pipeline parallelism: every stage (pipeline.hpp); null without parallel.pp > 1
+  std::shared_ptr<const Pipeline> pipeline;
 };
 
 // Resolves, lowers and simulates one scenario. A step whose byte or time totals overflow int64 is

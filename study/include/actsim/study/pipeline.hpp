@@ -1,0 +1,93 @@
+// actsim::study pipeline — pipeline parallelism (issue 13): the schedules, the cross-stage event
+// simulation and the per-stage analyses.
+//
+//   Scenario s = load_scenario(path, {"parallel.pp=4", "parallel.microbatches=8"});
+//   Analysis a = analyze(s);              // the stage with the highest peak; a.pipeline has all stages
+//
+// Each stage's piece of the model is lowered and simulated once for one micro-batch (one lowering
+// per kind of virtual stage: first, middle, last); the pipeline then replays each stage's
+// forwards and backwards of every micro-batch in the order its schedule defines (Note [Pipeline
+// replay] in pipeline_schedule.cpp), with the sends and receives between stages, and gives each
+// stage its peak, its micro-batches in flight and the step's time with the bubble.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "actsim/graph/config.hpp"
+#include "actsim/graph/profile.hpp"
+
+namespace actsim::study {
+
+struct Analysis;
+struct Scenario;
+
+// One action of a stage: the forward or backward of micro-batch `mb` through model chunk `chunk`
+// (virtual stage chunk * p + stage).
+struct PpAction {
+  bool backward = false;
+  int32_t mb = 0;
+  int32_t chunk = 0;
+};
+// Per stage, its actions in order: GPipe (all forwards, then all backwards), 1F1B (p - s - 1
+// warm-up forwards, then one forward and one backward, then the cool-down backwards), Megatron's
+// interleaved 1F1B with V chunks per stage.
+std::vector<std::vector<PpAction>> pp_schedule(graph::PpSchedule kind, int64_t stages, int64_t microbatches,
+                                               int64_t chunks);
+
+// What one virtual stage's single micro-batch does, from its simulation (bytes relative to
+// `base`, the bytes live before any micro-batch: parameters, buffers, optimizer state).
+struct PpSegment {
+  int64_t base = 0;
+  int64_t held = 0;          // kept from a forward until its backward (saved activations, received input)
+  int64_t fwd_peak = 0;      // the forward's peak above base
+  int64_t bwd_peak = 0;      // the first backward's peak above base (this micro-batch's held bytes included)
+  int64_t bwd_peak_grads = 0;  // gradients live at that peak (a later backward adds into existing ones)
+  int64_t grads = 0;         // left after the first backward (.grad)
+  int64_t opt_peak = 0;      // the optimizer's peak above the bytes live when it starts
+  int64_t opt_end = 0;       // live change over the optimizer step and zero_grad
+  int64_t fwd_ns = 0, bwd_ns = 0, opt_ns = 0;  // compute-stream time of one forward, backward, step
+  int64_t p2p_ns = 0;        // sending this stage's output (or input gradient) to its neighbour
+};
+
+struct PpStageResult {
+  int64_t peak_bytes = 0;
+  int64_t max_in_flight = 0;   // micro-batches whose activations the stage held at once
+  int64_t busy_ns = 0;         // forwards, backwards and the optimizer step
+  int64_t forward_end_ns = 0;  // the stage's last forward ends
+  int64_t backward_end_ns = 0; // its last backward ends
+  int64_t end_ns = 0;          // its optimizer step ends
+  int64_t live_end_backward = 0, live_end_step = 0;
+  int64_t extra_held = 0;      // at the peak: held bytes of the other micro-batches in flight
+};
+
+struct PpResult {
+  std::vector<PpStageResult> stages;
+  int64_t step_time_ns = 0;    // the last stage to end
+  int64_t bubble_ns = 0;       // step time minus the busiest stage's busy time
+};
+
+// The pipeline replay: `segments` per virtual stage (chunk * p + stage). Pure: tests check it.
+PpResult run_pipeline(const std::vector<std::vector<PpAction>>& schedule, const std::vector<PpSegment>& segments,
+                      int64_t stages);
+
+// The stage analyses of a pipeline-parallel scenario (analyze() calls it when parallel.pp > 1).
+struct Pipeline {
+  graph::ParallelConfig config;
+  std::vector<std::shared_ptr<Analysis>> kinds;  // one per kind of virtual stage lowered
+  std::vector<std::vector<int>> stage_kinds;     // per stage, per chunk: index into kinds
+  std::vector<PpSegment> segments;               // per virtual stage
+  PpResult result;
+  int worst = 0;                                 // the stage with the highest peak
+};
+
+// A pipeline-parallel scenario's analysis (analyze() calls it when parallel.pp > 1): the stage
+// with the highest peak, with `pipeline` holding every stage.
+Analysis analyze_pipeline(const Scenario& s, const graph::RuntimeProfile& runtime);
+// Gives `a` (a lowering of stage `stage`'s first chunk) that stage's pipeline figures: its peak
+// (the other micro-batches in flight counted as activations), the step's time, its phase ends,
+// and with several chunks their parameters, gradients and state summed.
+void apply_stage(Analysis& a, const Pipeline& pl, int stage);
+
+}  // namespace actsim::study

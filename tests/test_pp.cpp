@@ -1,0 +1,195 @@
+// Tests of pipeline parallelism (issue 13, pp helper): the schedules against the published
+// formulas term by term (the 1F1B first stage holds p micro-batches of L/p layers, GPipe holds m,
+// the interleaved schedule's factor 1 + (p - 1)/(pV), the bubble (p - 1)/m of the ideal time),
+// the stage lowerings (every parameter on exactly one stage), the per-rank JSON, and bad
+// combinations of keys.
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "actsim/report/summary.hpp"
+#include "actsim/study/analyze.hpp"
+#include "actsim/study/pipeline.hpp"
+#include "actsim/study/scenario.hpp"
+#include "actsim/util/error.hpp"
+
+using namespace actsim;
+using graph::PpSchedule;
+
+namespace {
+
+// Every virtual stage alike: each forward holds `held` bytes until its backward, f and b
+// nanoseconds of compute, no transfer time.
+std::vector<study::PpSegment> uniform(int64_t n_virtual, int64_t held, int64_t f, int64_t b) {
+  study::PpSegment s;
+  s.held = held;
+  s.fwd_peak = held;
+  s.bwd_peak = held;
+  s.fwd_ns = f;
+  s.bwd_ns = b;
+  return std::vector<study::PpSegment>(static_cast<size_t>(n_virtual), s);
+}
+
+study::PpResult replay(PpSchedule k, int64_t p, int64_t m, int64_t V, int64_t held, int64_t f, int64_t b) {
+  return study::run_pipeline(study::pp_schedule(k, p, m, V), uniform(p * V, held, f, b), p);
+}
+
+}  // namespace
+
+TEST_CASE("schedules: every stage runs each micro-batch's forward and backward once per chunk", "[pp][schedule]") {
+  for (PpSchedule k : {PpSchedule::gpipe, PpSchedule::one_f_one_b, PpSchedule::interleaved}) {
+    const int64_t p = 4, m = 8, V = k == PpSchedule::interleaved ? 2 : 1;
+    const auto sched = study::pp_schedule(k, p, m, V);
+    REQUIRE(sched.size() == 4);
+    for (const auto& acts : sched) {
+      CHECK(static_cast<int64_t>(acts.size()) == 2 * m * V);
+      std::vector<int> seen(static_cast<size_t>(2 * m * V), 0);
+      for (const auto& a : acts) ++seen[static_cast<size_t>((a.backward ? m * V : 0) + a.chunk * m + a.mb)];
+      for (int c : seen) CHECK(c == 1);
+    }
+  }
+}
+
+TEST_CASE("1F1B: stage s holds p - s micro-batches; the first holds p micro-batches of L/p layers", "[pp][formula]") {
+  // Narayanan et al. 2021 (PipeDream-Flush), Korthikanti et al. 2022 section 4.2.3: the first
+  // stage holds p micro-batches' activations, each of L/p layers, so L layers' worth whatever p is.
+  const int64_t L = 48, per_layer = 1000;
+  for (int64_t p : {2, 4, 8}) {
+    const int64_t m = 4 * p;
+    const study::PpResult r = replay(PpSchedule::one_f_one_b, p, m, 1, per_layer * (L / p), 10, 20);
+    for (int64_t s = 0; s < p; ++s) CHECK(r.stages[static_cast<size_t>(s)].max_in_flight == p - s);
+    CHECK(r.stages[0].max_in_flight * (L / p) == L);
+    CHECK(r.stages[0].peak_bytes == p * per_layer * (L / p));
+    CHECK(r.stages[0].peak_bytes == L * per_layer);
+  }
+}
+
+TEST_CASE("GPipe holds every micro-batch", "[pp][formula]") {
+  const study::PpResult r = replay(PpSchedule::gpipe, 4, 6, 1, 100, 10, 20);
+  for (const auto& st : r.stages) {
+    CHECK(st.max_in_flight == 6);
+    CHECK(st.peak_bytes == 600);
+  }
+}
+
+TEST_CASE("interleaved: the first stage holds L (1 + (p - 1)/(pV)) layers", "[pp][formula]") {
+  // Narayanan et al. 2021 section 2.2, Korthikanti et al. 2022 section 4.2.3: Megatron's
+  // interleaved schedule makes the first stage hold p V + p - 1 chunk micro-batches of L/(pV) layers.
+  const int64_t L = 96, per_layer = 10;
+  for (int64_t p : {2, 4}) {
+    for (int64_t V : {2, 3}) {
+      const int64_t layers = L / (p * V), m = 2 * p;
+      const study::PpResult r = replay(PpSchedule::interleaved, p, m, V, per_layer * layers, 10, 20);
+      CHECK(r.stages[0].max_in_flight == p * V + p - 1);
+      // bytes: L (1 + (p - 1)/(pV)) layers = L + L (p - 1)/(pV) = L + (p - 1) layers
+      CHECK(r.stages[0].peak_bytes * p * V == per_layer * L * (p * V + p - 1));
+      CHECK(r.stages[0].peak_bytes == per_layer * (L + (p - 1) * layers));
+    }
+  }
+}
+
+TEST_CASE("bubble: (p - 1) forward-backward times, divided by V when interleaved", "[pp][formula]") {
+  const int64_t p = 4, m = 8, f = 100, b = 200;
+  for (PpSchedule k : {PpSchedule::gpipe, PpSchedule::one_f_one_b}) {
+    const study::PpResult r = replay(k, p, m, 1, 1, f, b);
+    CHECK(r.step_time_ns == (m + p - 1) * (f + b));
+    CHECK(r.bubble_ns == (p - 1) * (f + b));
+  }
+  // Interleaved: each chunk's forward and backward take 1/V of the stage's.
+  const int64_t V = 2;
+  const study::PpResult r = replay(PpSchedule::interleaved, p, m, V, 1, f / V, b / V);
+  CHECK(r.bubble_ns == (p - 1) * (f + b) / V);
+  CHECK(r.step_time_ns == m * (f + b) + (p - 1) * (f + b) / V);
+}
+
+namespace {
+std::vector<std::string> small_llama(std::vector<std::string> more) {
+  std::vector<std::string> s{"model.family=llama", "model.d_model=128", "model.n_heads=4", "model.n_layers=4",
+                             "model.vocab_size=512", "model.seq_len=32", "training.batch_size=2",
+                             "runtime.profile=torch-cuda", "device.name=H100-SXM-80GB"};
+  s.insert(s.end(), more.begin(), more.end());
+  return s;
+}
+}  // namespace
+
+TEST_CASE("stages: every parameter on one stage; the ranks JSON, one class per stage", "[pp][lowering]") {
+  const study::Analysis one = study::analyze(study::load_scenario("", small_llama({})));
+  for (const char* sched : {"gpipe", "1f1b", "interleaved:2"}) {
+    const study::Analysis a =
+        study::analyze(study::load_scenario("", small_llama({"parallel.pp=2", "parallel.microbatches=4",
+                                                             fmt::format("parallel.pp_schedule={}", sched)})));
+    REQUIRE(a.pipeline);
+    const nlohmann::json j = report::to_json(a, -1);
+    REQUIRE(j["ranks"].size() == 2);
+    int64_t params = 0, count = 0;
+    for (const auto& r : j["ranks"]) params += r["figures"]["param_count"].get<int64_t>();
+    CHECK(params == one.param_count);
+    const int w = j["peak_rank_class"];
+    CHECK(j["ranks"][w]["figures"]["peak"]["bytes"] == j["peak"]["bytes"]);
+    CHECK(j["ranks"][w]["figures"]["step_time_ns"] == j["step_time_ns"]);
+    for (const auto& r : j["ranks"]) {
+      CHECK(r["figures"]["peak"]["bytes"].get<int64_t>() <= j["peak"]["bytes"].get<int64_t>());
+      count += r["count"].get<int64_t>();
+    }
+    CHECK(count == 2);
+    // The pipeline holds more than one micro-batch's activations on the first stage, less than
+    // the whole model's activations of the whole batch.
+    CHECK(a.pipeline->result.stages[0].max_in_flight >= 2);
+    CHECK(j["pipeline"]["bubble_ns"].get<int64_t>() > 0);
+  }
+  // GPipe holds all four micro-batches on every stage; 1F1B's last stage only one.
+  const study::Analysis g = study::analyze(study::load_scenario("", small_llama({"parallel.pp=2", "parallel.microbatches=4",
+                                                                                "parallel.pp_schedule=gpipe"})));
+  const study::Analysis f = study::analyze(study::load_scenario("", small_llama({"parallel.pp=2", "parallel.microbatches=4"})));
+  CHECK(g.pipeline->result.stages[1].max_in_flight == 4);
+  CHECK(f.pipeline->result.stages[1].max_in_flight == 1);
+  CHECK(f.pipeline->result.stages[0].max_in_flight == 2);
+  CHECK(g.pipeline->result.stages[1].peak_bytes > f.pipeline->result.stages[1].peak_bytes);
+  // A stage's figures: the first stage holds the embedding, the last the head (untied llama).
+  const auto& st0 = g.pipeline->kinds[static_cast<size_t>(g.pipeline->stage_kinds[0][0])]->step->graph;
+  bool emb0 = false;
+  for (const auto& t : st0.tensors()) emb0 = emb0 || t.name == "tok_embeddings.weight";
+  CHECK(emb0);
+  // gpt2 ties lm_head to wte: the last stage holds its own copy of the head (as Megatron-LM's last
+  // stage keeps a copy of the embedding), so the stages hold V x d more than the model.
+  std::vector<std::string> gpt2{"model.family=gpt2", "model.d_model=64", "model.n_heads=2", "model.n_layers=4",
+                                "model.vocab_size=256", "model.seq_len=16", "training.batch_size=1"};
+  const study::Analysis g1 = study::analyze(study::load_scenario("", gpt2));
+  gpt2.push_back("parallel.pp=4");
+  const nlohmann::json jg = report::to_json(study::analyze(study::load_scenario("", gpt2)), -1);
+  REQUIRE(jg["ranks"].size() == 4);
+  int64_t sum = 0;
+  for (const auto& r : jg["ranks"]) sum += r["figures"]["param_count"].get<int64_t>();
+  CHECK(sum == g1.param_count + 256 * 64);
+}
+
+TEST_CASE("bad pipeline combinations are one-line errors naming the key", "[pp][scenario]") {
+  auto message = [](const std::vector<std::string>& sets) {
+    try {
+      (void)study::load_scenario("", small_llama(sets));
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK_THAT(message({"parallel.pp=0"}), Catch::Contains("parallel.pp"));
+  CHECK_THAT(message({"parallel.pp=8"}), Catch::Contains("parallel.pp") && Catch::Contains("4 layers"));
+  CHECK_THAT(message({"parallel.pp=3"}), Catch::Contains("parallel.pp") && Catch::Contains("evenly"));
+  CHECK_THAT(message({"parallel.pp=4", "parallel.microbatches=2"}),
+             Catch::Contains("parallel.microbatches") && Catch::Contains("at least one per stage"));
+  CHECK(message({"parallel.pp=4", "parallel.microbatches=2", "parallel.pp_schedule=gpipe"}) == "no error");
+  CHECK_THAT(message({"parallel.pp=2", "parallel.pp_schedule=interleaved:2", "parallel.microbatches=3"}),
+             Catch::Contains("parallel.microbatches") && Catch::Contains("multiple"));
+  CHECK_THAT(message({"parallel.pp=2", "parallel.pp_schedule=interleaved:4"}),
+             Catch::Contains("parallel.pp_schedule") && Catch::Contains("chunks"));
+  CHECK_THAT(message({"parallel.pp=2", "parallel.pp_schedule=interleaved"}), Catch::Contains("parallel.pp_schedule"));
+  CHECK_THAT(message({"parallel.pp=2", "parallel.pp_schedule=zigzag"}), Catch::Contains("parallel.pp_schedule"));
+  CHECK_THAT(message({"parallel.microbatches=4"}), Catch::Contains("parallel.microbatches") && Catch::Contains("pp > 1"));
+  CHECK_THAT(message({"parallel.pp=2", "training.grad_accum_steps=2"}), Catch::Contains("training.grad_accum_steps"));
+  for (const auto& m : {message({"parallel.pp=8"}), message({"parallel.pp=4", "parallel.microbatches=2"})}) {
+    CHECK(m.find('\n') == std::string::npos);
+  }
+}
