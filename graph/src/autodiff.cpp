@@ -7,29 +7,17 @@
 //  - validate_outputs reduces a broadcast gradient with sum_to while the node's inputs are alive;
 //  - InputBuffer::accumulate adds in place when it holds the only reference to the old gradient,
 //    else out of place; AccumulateGrad steals a gradient it holds the only reference to and whose
-//    strides match the parameter's ("gradient layout contract"), else clones it.
-#include "autodiff.hpp"
-#include "backward_rules.hpp"
-#include "checkpoint_frames.hpp"
+#include "autodiff_engine.hpp"
 
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <map>
-#include <queue>
-#include <tuple>
-#include <unordered_map>
 
 #include "actsim/util/error.hpp"
 
 namespace actsim::graph {
+namespace autodiff_detail {
 namespace {
-
-constexpr int32_t kBlockRegionBase = 3 << 20;  // lower.cpp's per-block regions of explicit schedules
-
-struct Slot {
-  TensorId grad = kNoTensor;  // accumulated gradient for this forward output
-};
 
 // Whether a tensor's elements fill exactly numel contiguous slots (in some dim order).
 bool non_overlapping_and_dense(const Shape& shape, const Strides& strides) {
@@ -46,128 +34,7 @@ bool non_overlapping_and_dense(const Shape& shape, const Strides& strides) {
   return true;
 }
 
-class Engine {
- public:
-  Engine(Builder& b, const std::vector<TensorId>& params, const BlockPlan* plan, OpId forward_begin,
-         const std::vector<TensorId>* grads, const GradReadyHook& hook)
-      : b_(b), g_(b.graph()), hook_(hook), params_(params), plan_(plan), reentrant_(b.ckpt_reentrant),
-        grads_before_(grads) {
-    param_grad_.assign(params.size(), kNoTensor);
-    param_buf_.assign(params.size(), kNoTensor);
-    param_deps_.assign(params.size(), 0);
-    slots_.resize(g_.n_ops());  // backward nodes are forward ops: ids below the current count
-    deps_.assign(g_.n_ops(), 0);
-    refs_.assign(g_.storages().size() * 2, 0);
-    for (size_t i = 0; i < params.size(); ++i) param_index_[index(params[i])] = i;
-    for (size_t i = index(forward_begin); i < g_.n_ops(); ++i) {
-      const Op& op = g_.ops()[i];
-      if (op.phase == Phase::forward && op.region >= 0) regions_[op.region].push_back(OpId{static_cast<uint32_t>(i)});
-    }
-  }
-
-  std::vector<TensorId> run(TensorId loss);
-
- private:
-  bool is_node(OpId f) const {
-    for (TensorId t : g_.op(f).inputs) {
-      if (g_.tensor(t).requires_grad) return true;
-    }
-    return false;
-  }
-  // The edge an input's gradient flows along: a parameter, or (producer op, output index).
-  struct Edge {
-    bool is_param = false;
-    size_t param = 0;
-    OpId op = kNoOp;
-    size_t out = 0;
-  };
-  bool edge_of(TensorId t, Edge& e) const;
-  TensorId new_grad(const std::string& name, const Shape& shape, DType dt, const Strides& strides = {}) {
-    return graph::new_grad(b_, name, shape, dt, strides);
-  }
-  void run_node(OpId f);
-  void deliver(TensorId grad, TensorId input, int32_t from_region = -1);
-  void accumulate(TensorId& buf, TensorId grad, int32_t layer);
-  void accumulate_grad(size_t param);
-  int& ref(TensorId t) {
-    const uint32_t s = index(g_.tensor(t).storage);
-    if (s >= refs_.size()) refs_.resize(std::max<size_t>(s + 1, refs_.size() * 2), 0);
-    return refs_[s];
-  }
-  void add_ref(TensorId t) { ++ref(t); }
-  void drop_ref(TensorId t) { --ref(t); }
-  int refs(TensorId t) { return ref(t); }
-
-  Builder& b_;
-  Graph& g_;
-  GradReadyHook hook_;  // issue 13: DDP / ZeRO gradient hooks
-  const std::vector<TensorId>& params_;
-  const BlockPlan* plan_;
-  const bool reentrant_;                                   // checkpoint.impl = reentrant
-  const std::vector<TensorId>* grads_before_;              // [params] .grad from earlier micro-batches
-  std::unordered_map<int32_t, bool> scheduled_;            // block -> its before_backward list ran
-  std::unordered_map<uint32_t, std::vector<uint32_t>> cached_views_;  // storage -> remapped_t_ keys
-  std::unordered_map<uint32_t, size_t> param_index_;
-  std::vector<TensorId> param_grad_;
-  std::vector<TensorId> param_buf_;                        // AccumulateGrad's InputBuffer
-  std::vector<int> param_deps_;                            // AccumulateGrad's pending edges
-  std::vector<std::vector<Slot>> slots_;                   // [forward ops] per-output gradient
-  std::vector<int> deps_;                                  // [forward ops] pending edges
-  std::vector<int> refs_;                                  // [storages] live gradient references
-  std::priority_queue<uint32_t> ready_;                    // forward op index: latest first
-
-  // Checkpointing and offload: forward storages replaced in backward by a recomputed or
-  // prefetched copy, and the tensors viewing those copies.
-  // Flat tables indexed by id (grown on demand; a hash lookup per input was a tenth of a planner
-  // probe's lowering): storage -> replacement storage (index + 1, 0 = none), tensor -> the same
-  // view of the replacement (kNoTensor = none yet).
-  std::vector<uint32_t> remap_;
-  size_t n_remapped_ = 0;
-  std::vector<TensorId> remapped_t_;
-  StorageId remap_of(uint32_t sid) const {
-    return sid < remap_.size() && remap_[sid] != 0 ? StorageId{remap_[sid] - 1} : StorageId{~0U};
-  }
-  void set_remap(uint32_t sid, StorageId to) {
-    if (sid >= remap_.size()) remap_.resize(std::max<size_t>(sid + 1, remap_.size() * 2), 0);
-    if (remap_[sid] == 0) ++n_remapped_;
-    remap_[sid] = index(to) + 1;
-  }
-  std::unordered_map<int32_t, std::vector<OpId>> regions_; // region -> forward ops, in order
-  std::unordered_map<int32_t, bool> recomputed_;
-  std::unordered_map<int32_t, Recomputation> recomputations_;
-  std::unordered_map<int32_t, bool> prefetched_;           // block -> prefetch emitted
-  TensorId mapped(TensorId t);
-  void remap_storage(uint32_t sid, StorageId to);
-  void recompute_region(int32_t r, const std::vector<uint32_t>* targets = nullptr);
-  bool wrapped_scalar(TensorId t) const;
-  // Non-reentrant: the recomputation starts when a node unpacks a saved tensor of the region.
-  bool unpacks(const Op& f) const {
-    for (TensorId t : f.saved) {
-      if (!wrapped_scalar(t)) return true;
-    }
-    return false;
-  }
-  void prefetch_block(int32_t layer);
-
-  // Reentrant checkpoint (CheckpointFunction): the call's backward node is the region's nodes
-  // run as one nested backward. Per region: its nodes still to run, the gradients it received
-  // (held by the node's args and the nested GraphRoot until it returns), the recomputed output.
-  struct Reentrant {
-    int pending = 0;
-    std::vector<TensorId> grads_in;
-    std::vector<TensorId> held;                            // the recomputed outputs of the call
-  };
-  std::unordered_map<int32_t, Reentrant> reentrant_calls_;
-  // Gradients for a reentrant call's arguments (detach_variable's leaves) gather in the leaf's
-  // AccumulateGrad: (region, producer op, output) -> the buffer and its pending edges.
-  struct ArgGrad {
-    TensorId buf = kNoTensor;
-    int pending = 0;
-  };
-  std::map<std::tuple<int32_t, uint32_t, size_t>, ArgGrad> arg_grads_;
-  bool is_reentrant_region(int32_t r) const { return reentrant_ && r >= 0; }
-  void finish_reentrant(int32_t r);
-};
+}  // namespace
 
 TensorId Engine::mapped(TensorId t) {
   const Tensor& tt = g_.tensor(t);
@@ -202,169 +69,6 @@ void Engine::remap_storage(uint32_t sid, StorageId to) {
 // activation checkpointing) are not rerun at all.
 // A wrapped number (`* scaling`) that 2.x saves past the checkpoint's hooks: no saved tensor of
 // the frame, so the recomputation neither waits for it nor starts when a node reads it.
-bool Engine::wrapped_scalar(TensorId t) const {
-  const OpId p = g_.tensor(t).producer;
-  if (!b_.prof().wrapped_numbers_unhooked || reentrant_ || p == kNoOp) return false;
-  const Op& o = g_.op(p);
-  return (o.kind == OpKind::mul_scalar || o.kind == OpKind::div_scalar) && o.outputs.size() > 1 && o.outputs[1] == t;
-}
-
-void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
-  recomputed_[r] = true;
-  const std::vector<OpId>& ops = regions_[r];
-  std::vector<bool> needed_st(g_.storages().size(), false);  // [storages existing now]
-  // (Reentrant: the forward ran under no_grad and saved nothing; the recomputation saves as usual.)
-  const bool keep_scalars = b_.prof().wrapped_numbers_unhooked && !reentrant_;
-  if (targets) {
-    for (uint32_t sid : *targets) needed_st[sid] = true;
-  } else {
-    for (OpId o : ops) {
-      for (TensorId t : g_.op(o).saved) {
-        if (!wrapped_scalar(t)) needed_st[index(g_.tensor(t).storage)] = true;
-      }
-    }
-  }
-  std::vector<bool> rerun(ops.size(), false);
-  bool reached = false;  // the recomputation runs (cached ops hand out their outputs) up to `reach`
-  size_t reach = 0;
-  // The whole function runs again: reentrant checkpoint's backward calls it under enable_grad,
-  // 1.13's unpack hook calls it under its inner hooks; 2.x non-reentrant stops early.
-  const bool whole = !targets && (reentrant_ || !b_.prof().checkpoint_early_stop);
-  for (size_t k = ops.size(); whole && k-- > 0;) {
-    if (!reached) reached = true, reach = k;
-    rerun[k] = !g_.op(ops[k]).cached;
-  }
-  for (size_t k = ops.size(); !whole && k-- > 0;) {
-    const Op& op = g_.op(ops[k]);
-    bool need = false;
-    for (TensorId t : op.outputs) need = need || needed_st[index(g_.tensor(t).storage)];
-    if (!need) continue;
-    if (!reached) reached = true, reach = k;
-    if (op.cached) continue;
-    rerun[k] = true;
-    for (TensorId t : op.inputs) needed_st[index(g_.tensor(t).storage)] = true;
-  }
-  // 2.x's early stop (_StopRecomputationError at the frame's last pack): the function runs in
-  // order up to there, so every op before the stop runs, needed or not (a frozen base linear's
-  // output that only the LoRA sum after the stop reads); what the rest of the function would
-  // still read (its Python locals: peft's float32 copy of x, `result`) lives until the stop.
-  std::vector<TensorId> until_stop;
-  if (!whole && !targets && reached) {
-    std::unordered_map<uint32_t, size_t> pos;
-    for (size_t k = 0; k <= reach; ++k) {
-      rerun[k] = !g_.op(ops[k]).cached;
-      pos[index(ops[k])] = k;
-    }
-    for (size_t k = reach + 1; k < ops.size(); ++k) {
-      for (const auto* list : {&g_.op(ops[k]).inputs, &g_.op(ops[k]).holds}) {
-        for (TensorId t : *list) {
-          const OpId p = g_.tensor(t).producer;
-          auto it = p == kNoOp ? pos.end() : pos.find(index(p));
-          if (it != pos.end() && rerun[it->second]) until_stop.push_back(t);
-        }
-      }
-    }
-  }
-  // The recomputation runs under torch.random.fork_rng: another RNG stash while it runs. Wrapped
-  // numbers the forward saved past the checkpoint's hooks (2.x) stay saved; the recomputation
-  // makes its own, alive until it ends.
-  std::vector<TensorId> transient;
-  const size_t first_op = g_.n_ops();
-  const auto stash = b_.rng_stash.find(r);
-  if (reached && stash != b_.rng_stash.end() && stash->second != kNoTensor) {
-    b_.set_layer(g_.op(ops.front()).layer);
-    transient.push_back(b_.stash_rng("checkpoint.recompute.rng_state"));
-  }
-  Recomputation& rc = recomputations_[r];
-  rc = {.reached = reached, .reach = reach};
-  std::vector<std::pair<size_t, OpId>>& emitted = rc.emitted;
-  for (size_t k = 0; k < ops.size(); ++k) {
-    if (!rerun[k]) continue;
-    emitted.emplace_back(k, OpId{static_cast<uint32_t>(g_.n_ops())});
-    const Op& orig = g_.op(ops[k]);  // ops never move (ChunkedVector)
-    Op op{.kind = orig.kind, .phase = Phase::backward, .layer = orig.layer, .name = orig.name + ".recompute",
-          .workspace_bytes = orig.workspace_bytes, .flops = orig.flops, .bytes_moved = orig.bytes_moved,
-          .kernels = orig.kernels, .forward = ops[k], .recompute = true, .params = orig.params};
-    for (TensorId t : orig.inputs) op.inputs.push_back(mapped(t));
-    for (TensorId t : orig.holds) op.holds.push_back(mapped(t));
-    for (size_t j = 0; j < orig.outputs.size(); ++j) {
-      const TensorId t = orig.outputs[j];
-      const Tensor& tt = g_.tensor(t);
-      if (keep_scalars && j == 1 && (orig.kind == OpKind::mul_scalar || orig.kind == OpKind::div_scalar)) {
-        const Storage& st = g_.storage(tt.storage);
-        Tensor copy = tt;
-        copy.name = tt.name + ".recompute";
-        copy.producer = kNoOp;
-        copy.storage = g_.add_storage({.bytes = st.bytes, .category = Category::temporary, .location = st.location,
-                                       .layer = st.layer});
-        const TensorId id = g_.add_tensor(std::move(copy));
-        op.outputs.push_back(id);
-        transient.push_back(id);
-        continue;
-      }
-      if (!tt.is_view) {
-        const Storage& st = g_.storage(tt.storage);
-        remap_storage(index(tt.storage), g_.add_storage({.bytes = st.bytes, .category = st.category,
-                                                         .location = st.location, .layer = st.layer}));
-        TensorId id = mapped(t);
-        g_.mutable_tensor(id).is_view = false;  // it allocates the replacement
-        op.outputs.push_back(id);
-      } else {
-        TensorId m = mapped(t);
-        if (m != t) op.outputs.push_back(m);  // a view of a recomputed base
-      }
-    }
-    g_.add_op(std::move(op));
-  }
-  // Held by the recomputation's last op; one that op made itself (a wrapped number of the last
-  // recomputed op: LoRA's `* scaling` ending a block) dies with it anyway.
-  for (TensorId t : until_stop) transient.push_back(mapped(t));
-  // The recomputation runs under the forward's autocast state, with a fresh weight-cast cache
-  // that holds each recomputed parameter cast until the recomputation's autocast region exits.
-  if (!b_.cast_cache.empty()) {
-    std::unordered_map<uint32_t, bool> cached_cast;
-    for (TensorId c : b_.cast_cache) cached_cast[index(c)] = true;
-    for (const auto& [k, id] : emitted) {
-      for (TensorId t : g_.op(ops[k]).outputs) {
-        if (cached_cast.count(index(t))) transient.push_back(mapped(t));
-      }
-    }
-  }
-  const OpId last_op{static_cast<uint32_t>(g_.n_ops() - 1)};
-  for (TensorId t : transient) {
-    if (g_.tensor(t).producer != last_op) b_.hold_until_last(t);
-  }
-  if (g_.n_ops() > first_op) rc.end = OpId{static_cast<uint32_t>(g_.n_ops() - 1)};
-  if (is_reentrant_region(r) && !ops.empty()) {
-    // CheckpointFunction.backward keeps `outputs` (the recomputed call's result) until it returns.
-    for (TensorId t : g_.op(ops.back()).outputs) reentrant_calls_[r].held.push_back(mapped(t));
-  }
-}
-
-// Offload: bring block `layer`'s activations back on the copy stream, after the op emitted last
-// (so a block's prefetch overlaps the backward of the block after it).
-void Engine::prefetch_block(int32_t layer) {
-  if (layer < 0 || prefetched_[layer]) return;
-  prefetched_[layer] = true;
-  const OpId last{static_cast<uint32_t>(g_.n_ops() - 1)};
-  for (uint32_t sid : b_.offload_order) {
-    const Builder::Offloaded& o = b_.offloaded.at(sid);
-    if (o.layer != layer) continue;
-    const Tensor h = g_.tensor(o.host);
-    const Storage& st = g_.storage(StorageId{sid});
-    StorageId ds = g_.add_storage({.bytes = st.bytes, .category = Category::activation, .layer = layer});
-    const std::string name = g_.tensor(st.first).name + ".prefetch";
-    Tensor d = h;
-    d.storage = ds;
-    d.producer = kNoOp;
-    d.name = name;
-    TensorId dt = g_.add_tensor(std::move(d));
-    g_.add_op({.kind = OpKind::prefetch, .phase = Phase::backward, .layer = layer, .name = name,
-               .inputs = {o.host}, .outputs = {dt}, .bytes_moved = st.bytes, .stream = 1, .after = {last}});
-    set_remap(sid, ds);
-  }
-}
-
 bool Engine::edge_of(TensorId t, Edge& e) const {
   const Tensor& tt = g_.tensor(t);
   if (!tt.requires_grad) return false;
@@ -718,12 +422,12 @@ void Engine::deliver(TensorId grad, TensorId input, int32_t from_region) {
   if (--deps_[index(e.op)] == 0) ready_.push(index(e.op));
 }
 
-}  // namespace
+}  // namespace autodiff_detail
 
 std::vector<TensorId> differentiate(Builder& b, TensorId loss, const std::vector<TensorId>& params,
                                     const BlockPlan* plan, OpId forward_begin, const std::vector<TensorId>* grads,
                                     const GradReadyHook& on_grad_ready) {
-  Engine e(b, params, plan, forward_begin, grads, on_grad_ready);
+  autodiff_detail::Engine e(b, params, plan, forward_begin, grads, on_grad_ready);
   return e.run(loss);
 }
 
