@@ -26,6 +26,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import forkserver  # noqa: E402
+from figures import figure_pairs  # noqa: E402
 MEASURE = os.path.join(HERE, "measure.py")
 ROOT = os.path.dirname(os.path.dirname(HERE))
 ORACLES = {
@@ -204,23 +205,7 @@ def check(actsim, oracle, pool, overrides):
     if ck.startswith("every:"):  # torch sees one module (one checkpoint call) per K blocks
         k = int(ck.split(":")[1])
         per_layer = [sum(per_layer[i:i + k]) for i in range(0, len(per_layer), k)]
-    pairs = [
-        ("activations.saved_bytes", a["activations"]["saved_bytes"], s["saved_bytes"]),
-        ("activations.per_layer_saved_bytes", per_layer, s["per_layer_saved_bytes"]),
-        ("activations.outside_layers_saved_bytes", a["activations"]["outside_layers_saved_bytes"],
-         s["outside_layers_saved_bytes"]),
-        ("params_bytes", a["params_bytes"], m["params_bytes"]),
-        ("optimizer_bytes", a["optimizer_bytes"], m["optimizer_bytes"]),
-        ("buffers_bytes", a["buffers_bytes"], m["buffers_bytes"]),
-        ("inputs_bytes", a["inputs_bytes"], m["inputs_bytes"]),
-        ("live_bytes.step_start", a["live_bytes"]["step_start"], m["live_bytes"]["step_start"]),
-        ("live_bytes.end_forward", a["live_bytes"]["end_forward"], m["live_bytes"]["end_forward"]),
-        ("live_bytes.end_backward", a["live_bytes"]["end_backward"], m["live_bytes"]["end_backward"]),
-        ("live_bytes.end_optimizer", a["live_bytes"]["end_optimizer"], m["live_bytes"]["end_optimizer"]),
-        ("live_bytes.end_step", a["live_bytes"]["end_step"], m["live_bytes"]["after_zero_grad"]),
-        ("peak.bytes", a["peak"]["bytes"], m["peak"]["bytes"]),
-        ("peak.phase", a["peak"]["phase"], m["peak"]["phase"]),
-    ]
+    pairs = figure_pairs(a, m, s, per_layer)
     bad = [f"{name}: actsim {x} != torch {y}" for name, x, y in pairs if x != y]
     return label_of(overrides), bad, a["peak"]["bytes"]
 

@@ -17,6 +17,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from figures import figure_pairs  # noqa: E402
 from test_against_torch import BASE, MODEL_KEYS, OTHER_KEYS, TRAIN_KEYS, run_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -90,18 +91,7 @@ def main(argv):
             if not (cls["coordinates"]["dp"][0] <= rank <= cls["coordinates"]["dp"][1]):
                 bad.append(f"rank {rank} is in no rank class")
             f = cls["figures"]
-            pairs = [
-                ("params_bytes", f["params_bytes"], r["params_bytes"]),
-                ("optimizer_bytes", f["optimizer_bytes"], r["optimizer_bytes"]),
-                ("buffers_bytes", f["buffers_bytes"], r["buffers_bytes"]),
-                ("live_bytes.step_start", f["live_bytes"]["step_start"], r["live_bytes"]["step_start"]),
-                ("live_bytes.end_forward", f["live_bytes"]["end_forward"], r["live_bytes"]["end_forward"]),
-                ("live_bytes.end_backward", f["live_bytes"]["end_backward"], r["live_bytes"]["end_backward"]),
-                ("live_bytes.end_optimizer", f["live_bytes"]["end_optimizer"], r["live_bytes"]["end_optimizer"]),
-                ("live_bytes.end_step", f["live_bytes"]["end_step"], r["live_bytes"]["after_zero_grad"]),
-                ("peak.bytes", f["peak"]["bytes"], r["peak"]["bytes"]),
-                ("peak.phase", f["peak"]["phase"], r["peak"]["phase"]),
-            ]
+            pairs = figure_pairs(f, r, inputs=False)
             bad += [f"rank {rank} {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
             if r["inconsistent_totals"]:
                 bad.append(f"rank {rank}: the profiler's totals are inconsistent ({r['inconsistent_totals']})")
