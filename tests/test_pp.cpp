@@ -12,9 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "actsim/report/export.hpp"    // pprank: the pipeline trace
 #include "actsim/report/summary.hpp"
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/pipeline.hpp"
+#include "actsim/study/planner.hpp"    // pprank: plan on a pipeline
 #include "actsim/study/scenario.hpp"
 #include "actsim/util/error.hpp"
 
@@ -296,4 +298,71 @@ TEST_CASE("rank classes of dp 2 x tp 2 x pp 2: one class per stage, 4 ranks each
   CHECK_THAT(report::to_table(tp_only, -1), Catch::Contains("tensor parallel over 2 ranks"));
 }
 
+TEST_CASE("the trace of a pipeline: one process per rank class, its peak the class's", "[pp][trace]") {
+  for (const char* sched : {"1f1b", "gpipe", "interleaved:2"}) {
+    INFO(sched);
+    const study::Analysis a = study::analyze(study::load_scenario(
+        "", small_llama({"parallel.pp=2", "parallel.microbatches=4", fmt::format("parallel.pp_schedule={}", sched)})));
+    const nlohmann::json j = report::to_json(a, -1);
+    const nlohmann::json tr = nlohmann::json::parse(report::pipeline_trace_json(a));
+    std::map<int64_t, std::string> names;
+    std::map<int64_t, int64_t> peak, slices;
+    for (const auto& e : tr["traceEvents"]) {
+      const int64_t pid = e["pid"];
+      if (e["ph"] == "M" && e["name"] == "process_name") names[pid] = e["args"]["name"];
+      if (e["ph"] == "C") peak[pid] = std::max(peak[pid], e["args"]["bytes"].get<int64_t>());
+      if (e["ph"] == "X") ++slices[pid];
+    }
+    REQUIRE(names.size() == 2);
+    for (int64_t st = 0; st < 2; ++st) {
+      CHECK_THAT(names[st + 1], Catch::Contains(fmt::format("pp stage {}", st)));
+      CHECK(peak[st + 1] == j["ranks"][static_cast<size_t>(st)]["figures"]["peak"]["bytes"].get<int64_t>());
+      // every forward and backward of every micro-batch (per chunk), and the optimizer step
+      CHECK(slices[st + 1] == 2 * 4 * a.scenario.training.parallel.pp_chunks + 1);
+    }
+  }
+  // The one-device exports are refused with one line naming parallel.pp.
+  const study::Analysis a = study::analyze(study::load_scenario("", small_llama({"parallel.pp=2"})));
+  for (const report::ExportRequest& r : {report::ExportRequest{.memviz = "x.pickle"}, report::ExportRequest{.csv = "x.csv"},
+                                         report::ExportRequest{.report = "x.html"}, report::ExportRequest{.svg = "x.svg"}}) {
+    try {
+      report::check_pipeline_exports(a, r);
+      FAIL("not refused");
+    } catch (const InputError& e) {
+      CHECK_THAT(std::string(e.what()), Catch::Contains("parallel.pp") && Catch::Contains("--trace"));
+      CHECK(std::string(e.what()).find('\n') == std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("plan on a pipeline: the worst stage planned, verified on the pipeline, never above the budget, monotone",
+          "[pp][planner]") {
+  const study::Scenario s = study::load_scenario(
+      "", small_llama({"parallel.pp=2", "parallel.microbatches=4", "model.n_layers=8", "model.seq_len=128"}));
+  const study::Analysis base = study::analyze(s);
+  graph::CheckpointPolicy full;
+  full.kind = graph::CheckpointPolicy::Kind::full;
+  study::Scenario sf = s;
+  sf.checkpoint = full;
+  const int64_t lo = study::analyze(sf).result.peak_bytes, hi = base.result.peak_bytes;
+  REQUIRE(lo < hi);
+  int64_t last_time = -1;
+  for (int i = 0; i <= 4; ++i) {
+    const int64_t budget = lo + (hi - lo) * i / 4;
+    INFO("budget " << budget);
+    const study::PlanResult r = study::plan_for_budget(s, budget);
+    REQUIRE(r.fits);
+    CHECK(r.peak_bytes <= budget);
+    CHECK(r.plan.mode.size() == 4);  // each stage's L/p blocks
+    // Verified: the pipeline simulated with the plan has that peak (its worst stage, micro-batches in flight).
+    study::Scenario chosen = s;
+    chosen.checkpoint = r.plan;
+    const study::Analysis v = study::analyze(chosen);
+    REQUIRE(v.pipeline);
+    CHECK(v.result.peak_bytes == r.peak_bytes);
+    CHECK(v.result.step_time_ns == r.step_time_ns);
+    if (last_time >= 0) CHECK(r.step_time_ns <= last_time);
+    last_time = r.step_time_ns;
+  }
+}
 // ---- end pprank ----

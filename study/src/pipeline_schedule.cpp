@@ -94,6 +94,7 @@ PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std
         at(x.backward ? bend : fend, vs, x.mb) = end;
         free_at[static_cast<size_t>(s)] = end;
         PpStageResult& st = r.stages[static_cast<size_t>(s)];
+        st.spans.push_back({.action = x, .start_ns = start, .end_ns = end});  // pprank: the trace's slices
         st.busy_ns += end - start;
         (x.backward ? st.backward_end_ns : st.forward_end_ns) = end;
         ++k, --left, progress = true;
@@ -115,8 +116,11 @@ PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std
     }
     int64_t peak = live, in_flight = 0, held = 0;
     std::vector<bool> grads(static_cast<size_t>(V), false);
+    size_t span = 0;
     for (const PpAction& x : sched[static_cast<size_t>(s)]) {
       const PpSegment& sg = seg[static_cast<size_t>(x.chunk * p + s)];
+      PpSpan& sp = st.spans[span++];  // pprank: the same order as the timing pass
+      sp.live_before = live;
       int64_t cand;
       if (!x.backward) {
         cand = live + sg.fwd_peak;
@@ -130,12 +134,16 @@ PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std
         live -= sg.held, held -= sg.held, --in_flight;
         if (first) live += sg.grads, grads[static_cast<size_t>(x.chunk)] = true;
       }
+      sp.peak = std::max({cand, sp.live_before, live});
+      sp.live_after = live;
     }
     st.live_end_backward = live;
     if (live + opt_peak > peak) peak = live + opt_peak, st.extra_held = 0;
     st.live_end_step = live + opt_end;
     st.peak_bytes = peak;
     st.end_ns = st.backward_end_ns + opt_ns;
+    st.spans.push_back({.action = {.backward = false, .mb = -1, .chunk = 0}, .start_ns = st.backward_end_ns, .end_ns = st.end_ns,
+                        .live_before = live, .peak = live + std::max<int64_t>(0, opt_peak), .live_after = st.live_end_step});
     st.busy_ns += opt_ns;
     r.step_time_ns = std::max(r.step_time_ns, st.end_ns);
     busiest = std::max(busiest, st.busy_ns);

@@ -51,6 +51,14 @@ struct PpSegment {
   int64_t p2p_ns = 0;        // sending this stage's output (or input gradient) to its neighbour
 };
 
+// pprank (issue 13): one action of a stage as the replay ran it, for the per-class trace: its
+// times and the stage's live bytes before, at its peak and after (mb -1: the optimizer step).
+struct PpSpan {
+  PpAction action;
+  int64_t start_ns = 0, end_ns = 0;
+  int64_t live_before = 0, peak = 0, live_after = 0;
+};
+
 struct PpStageResult {
   int64_t peak_bytes = 0;
   int64_t max_in_flight = 0;   // micro-batches whose activations the stage held at once
@@ -60,6 +68,7 @@ struct PpStageResult {
   int64_t end_ns = 0;          // its optimizer step ends
   int64_t live_end_backward = 0, live_end_step = 0;
   int64_t extra_held = 0;      // at the peak: held bytes of the other micro-batches in flight
+  std::vector<PpSpan> spans;   // pprank: every action in schedule order, then the optimizer step
 };
 
 struct PpResult {
