@@ -101,7 +101,8 @@ int cmd_simulate(const std::vector<std::string>& args) {
 void add_export_options(po::options_description& opts) {
   opts.add_options()
       ("trace", po::value<std::string>(), "FILE.json: Chrome trace (Perfetto, chrome://tracing): memory counters per "
-                                          "category, op slices per stream, the peak")
+                                          "category, op slices per stream, the peak; on a pipeline one process per "
+                                          "rank class")
       ("memviz", po::value<std::string>(), "FILE.pickle: snapshot for PyTorch's memory viewer (pytorch.org/memory_viz)")
       ("csv", po::value<std::string>(), "FILE.csv: one row per memory event with live bytes per category")
       ("report", po::value<std::string>(), "FILE.html: self-contained report (stacked memory chart, peak, tables)")
