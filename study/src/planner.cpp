@@ -497,19 +497,20 @@ struct PlanShared {
     }
     probes.emplace(std::move(key), p);
   }
-  // `answer`: a plan that may be the answer (its analysis is kept while it is the fastest that
+  // `answer`: a plan that may be the answer (its analysis `a` is kept while it is the fastest that
   // fits); otherwise its figures alone.
+  static Probe simulate(const Scenario& s, const graph::BlockPlan& bp, bool answer, std::shared_ptr<const Analysis>& a) {
+    if (!answer) return simulate_figures(s, bp);
+    a = simulate_plan(s, bp);
+    return {a->result.peak_bytes, a->result.step_time_ns};
+  }
   Probe probe(const Scenario& s, const graph::BlockPlan& bp, bool answer = true) {
     std::string k = plan_key(bp);
     auto it = probes.find(k);
     if (it != probes.end()) return it->second;
-    if (answer) {
-      std::shared_ptr<const Analysis> a = simulate_plan(s, bp);
-      const Probe p{a->result.peak_bytes, a->result.step_time_ns};
-      record(k, p, std::move(a));
-    } else {
-      record(k, simulate_figures(s, bp), nullptr);
-    }
+    std::shared_ptr<const Analysis> a;
+    const Probe p = simulate(s, bp, answer, a);
+    record(k, p, std::move(a));
     return probes.at(k);
   }
   // Simulates the plans not simulated yet, several at once (independent lowerings); `answers[i]`
@@ -547,12 +548,7 @@ struct PlanShared {
       const size_t i = order[static_cast<size_t>(j)];
       Todo& t = todo[i];
       try {
-        if (t.answer) {
-          t.analysis = simulate_plan(s, *t.plan);
-          t.figures = {t.analysis->result.peak_bytes, t.analysis->result.step_time_ns};
-        } else {
-          t.figures = simulate_figures(s, *t.plan);
-        }
+        t.figures = simulate(s, *t.plan, t.answer, t.analysis);
       } catch (...) {
         errors[i] = std::current_exception();
       }
