@@ -262,6 +262,24 @@ TEST_CASE("torch's input gradients: 1F1B sends keep one until the next backward,
   CHECK(g.stages[1].live_end_backward == 0);
 }
 
+TEST_CASE("torch's interleaved runtime keeps every send until step() returns", "[pp][torch]") {
+  // ScheduleInterleaved1F1B runs on _PipelineScheduleRuntime, whose send_ops list keeps every
+  // send's work: stage 0 of 2 with 2 chunks (virtual stages 0 and 2) over 2 micro-batches sends
+  // 4 outputs and (virtual stage 2) 2 input gradients, all live at its last two backwards (the
+  // first of them with both micro-batches' held bytes of chunk 0).
+  const int64_t H = 1, O = 1000, G = 100;
+  auto sent = [&](int64_t in_grad) {
+    study::PpSegment x = torch_segment(H, O, in_grad);
+    x.out_sent = true;
+    return x;
+  };
+  const std::vector<study::PpSegment> seg{sent(0), sent(G), sent(G), torch_segment(H, 0, G)};
+  const study::PpResult r = study::run_pipeline(study::pp_schedule(PpSchedule::interleaved, 2, 2, 2), seg, 2,
+                                                PpSchedule::interleaved);
+  CHECK(r.stages[0].peak_bytes == 4 * O + 2 * G + 2 * H);
+  CHECK(r.stages[0].live_end_backward == 0);
+}
+
 TEST_CASE("a later backward adds into .grad: its own peak, the losses kept until step() returns", "[pp][torch]") {
   study::PpSegment last = torch_segment(1000, 0, 0);
   last.grads = 500 + 4;  // the parameters' gradients and the micro-batch's loss (kept by the lowering)

@@ -26,7 +26,8 @@ std::vector<std::vector<PpAction>> pp_schedule(graph::PpSchedule kind, int64_t p
       // chunks in groups of p; step k of a stage is micro-batch (k / pV) p + k % p of chunk
       // (k % pV) / p (backward: the chunks in reverse).
       const int64_t total = m * V;
-      const int64_t warm = m == p ? total : std::min((p - s - 1) * 2 + (V - 1) * p, total);
+      // (torch's ScheduleInterleaved1F1B; Megatron-LM runs every forward first when m == p)
+      const int64_t warm = std::min((p - s - 1) * 2 + (V - 1) * p, total);
       auto mb_of = [&](int64_t k) { return (k / (p * V)) * p + k % p; };
       auto fchunk = [&](int64_t k) { return (k % (p * V)) / p; };
       auto bchunk = [&](int64_t k) { return V - 1 - (k % (p * V)) / p; };
@@ -55,8 +56,9 @@ std::vector<std::vector<PpAction>> pp_schedule(graph::PpSchedule kind, int64_t p
 // - each micro-batch's loss (last stage) stays in the schedule's list until step() returns;
 // - a later backward adds into .grad: each parameter's new gradient is a temporary freed once
 //   its AccumulateGrad has run (PpSegment::bwd_peak_later).
-// The interleaved schedule keeps Megatron-LM's order and frees outputs and input gradients with
-// their backward (not measured against torch's ScheduleInterleaved1F1B).
+// The interleaved schedule (torch's ScheduleInterleaved1F1B, Megatron-LM's order) runs on
+// _PipelineScheduleRuntime, whose send_ops list keeps every send, so every sent output and input
+// gradient, until step() returns; the last stage's logits go with their backward.
 namespace {
 
 struct StageMemory {
@@ -68,7 +70,7 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
                          graph::PpSchedule kind) {
   const int64_t V = static_cast<int64_t>(seg.size()) / p;
   const int64_t n = static_cast<int64_t>(acts.size());
-  const bool torch_rules = kind != graph::PpSchedule::interleaved;
+  const bool torch_rules = kind != graph::PpSchedule::interleaved;  // Schedule1F1B's and ScheduleGPipe's locals
   // Release points: 3k + 1 after action k's module part (before its loss), 3k + 2 after it ends.
   const int64_t kEnd = 3 * n;
   auto after = [](int64_t k) { return 3 * k + 2; };
@@ -119,6 +121,7 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
         int64_t at = kEnd;
         const int64_t b = find(k + 1, true, x.mb, x.chunk);
         if (b >= 0) at = after(b);
+        if (!torch_rules && sg.out_sent) at = kEnd;  // the runtime's send_ops
         if (torch_rules) {
           const int64_t f = find(k + 1, false, -1, x.chunk);  // the next forward rebinds `output`
           at = std::max(at, f >= 0 ? 3 * f + 1 : kEnd);
@@ -137,8 +140,8 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
       // The micro-batch's loss stays in the schedule's list until step() returns.
       live -= sg.held - sg.loss, held -= sg.held, --in_flight, losses += sg.loss;
       if (first) live += sg.grads - sg.loss, grads[static_cast<size_t>(x.chunk)] = true;
-      if (sg.in_grad > 0 && torch_rules) {
-        int64_t at = kEnd;
+      if (sg.in_grad > 0) {
+        int64_t at = kEnd;  // GPipe's bwd_sends_to_wait, the interleaved runtime's send_ops
         if (kind == graph::PpSchedule::one_f_one_b) {
           const int64_t b = find(k + 1, true, -1, x.chunk);
           if (b >= 0) at = after(b);
@@ -162,11 +165,11 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
 // micro-batch plus the send of its output, a backward needs v + 1's backward plus the send of its
 // input gradient. Sends and receives run beside the compute (their own stream), so they cost only
 // the latency they add on that path. Memory does not depend on the times: each forward adds its
-// micro-batch's held bytes (saved activations, its received input) until that micro-batch's
-// backward, and each action's transient peak is its own single-micro-batch peak above everything
-// else the stage holds. The first backward of a chunk creates its gradients (they stay); a later
-// one peaks at the first's peak less the gradients it created then, since .grad exists and it
-// adds into it in place.
+// micro-batch's held bytes (saved activations) until that micro-batch's backward, and each
+// action's transient peak is its own single-micro-batch peak above everything else the stage
+// holds (what the runtime keeps: Note [torch.distributed.pipelining's lifetimes]). The first
+// backward of a chunk creates its gradients (they stay); a later one peaks at its own peak, .grad
+// existing and its new gradients temporaries (PpSegment::bwd_peak_later).
 PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std::vector<PpSegment>& seg, int64_t p,
                       graph::PpSchedule kind) {
   const int64_t n_virtual = static_cast<int64_t>(seg.size());

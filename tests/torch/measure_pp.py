@@ -22,7 +22,8 @@ zero_grad) and the peak, each allocation's phase being that of the action runnin
 `forward_one_chunk` and the loss; backward: `backward_one_chunk`; else the phase around it).
 
 Usage: measure_pp.py [KEY=VALUE ...] [-- KEY=VALUE ... ] with measure.py's keys plus
-pp_schedule=gpipe|1f1b and microbatches=M (pp = 2 ranks). Prints {"configs": [{"ranks": [stage 0's
+pp_schedule=gpipe|1f1b|interleaved, microbatches=M and chunks=V (interleaved: V stages
+per rank, virtual stage c * 2 + rank; pp = 2 ranks). Prints {"configs": [{"ranks": [stage 0's
 result, stage 1's result]}, ...]}.
 """
 import os
@@ -35,7 +36,7 @@ import measure_dist  # noqa: E402
 
 PP = 2
 # measure_dist's argument split knows these keys too (its "dp" is the world size: the pp ranks).
-PP_DEFAULTS = {"pp_schedule": "1f1b", "microbatches": 2}
+PP_DEFAULTS = {"pp_schedule": "1f1b", "microbatches": 2, "chunks": 1}
 measure_dist.DIST_DEFAULTS.update(PP_DEFAULTS)
 measure_dist.DIST_DEFAULTS["dp"] = PP
 
@@ -108,7 +109,7 @@ def loss_fn_for(torch, family):
 
 def measure_one(torch, rank, world, dist, rest):
     """One configuration on this rank (stage `rank`): measure.py's figures of the steady step."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     from torch.profiler import ProfilerActivity, profile
     cfg = measure.parse_config(rest)
     models = measure.load_reference()
@@ -116,45 +117,54 @@ def measure_one(torch, rank, world, dist, rest):
         cfg["d_ff"] = models.default_d_ff(cfg["family"], cfg["d_model"])
     torch.set_num_threads(cfg["threads"])
     m = dist["microbatches"]
-    sched_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[dist["pp_schedule"]]
+    sched_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[dist["pp_schedule"]]
+    V = dist["chunks"]
     record_function = measure.profiler_range(torch)
-    first, last = rank == 0, rank == world - 1
+    first, last = rank == 0, rank == world - 1  # this rank holds stage 0 / the last stage
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=False) as prof:
         with record_function("actsim::setup"):
             whole = dict(cfg, batch_size=cfg["batch_size"] * m)
             model, idx, targets = measure.build(torch, models, whole)
-            module = stage_module(torch, model, cfg["family"], rank, world)
+            # virtual stage c * world + rank for chunk c (torch's and Megatron-LM's interleaving),
+            # each chunk cut from its own copy of the model (same seed), as torchtitan builds one
+            # model per stage: no module (llama's shared RoPE tables) shared between chunks
+            mods = []
+            for c in range(V):
+                if c:
+                    model = measure.build(torch, models, whole)[0]
+                mods.append(stage_module(torch, model, cfg["family"], c * world + rank, world * V))
             del model
             if not first:
                 del idx
             if not last:
                 del targets
-            stage = PipelineStage(module, rank, world, torch.device("cpu"))
-            sched = sched_cls(stage, n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
+            stages = [PipelineStage(mod, c * world + rank, world * V, torch.device("cpu")) for c, mod in enumerate(mods)]
+            if V == 1:
+                sched = sched_cls(stages[0], n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
+            else:
+                sched = sched_cls(stages, n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
+            module = torch.nn.ModuleList(mods)
             opt = measure.make_optimizer(torch, cfg, [p for p in module.parameters() if p.requires_grad])
         # Every action of the stage in a profiler range named after its phase.
-        plain_fwd, plain_bwd, plain_loss = stage.forward_one_chunk, stage.backward_one_chunk, sched._maybe_compute_loss
-
-        def fwd(*a, **k):
-            with record_function("actsim::F"):
-                return plain_fwd(*a, **k)
-
-        def bwd(*a, **k):
-            with record_function("actsim::B"):
-                return plain_bwd(*a, **k)
-
-        def loss(*a, **k):
-            with record_function("actsim::F"):
-                return plain_loss(*a, **k)
-        stage.forward_one_chunk, stage.backward_one_chunk, sched._maybe_compute_loss = fwd, bwd, loss
+        def ranged(name, fn):
+            def run(*a, **k):
+                with record_function(name):
+                    return fn(*a, **k)
+            return run
+        for stage in stages:
+            stage.forward_one_chunk = ranged("actsim::F", stage.forward_one_chunk)
+            stage.backward_one_chunk = ranged("actsim::B", stage.backward_one_chunk)
+        sched._maybe_compute_loss = ranged("actsim::F", sched._maybe_compute_loss)
 
         def step(ranged):
             def run():
                 if first:
                     sched.step(idx, return_outputs=False)
-                else:
+                elif last:
                     sched.step(target=targets, return_outputs=False)
+                else:
+                    sched.step(return_outputs=False)
             if not ranged:
                 run()
                 opt.step()

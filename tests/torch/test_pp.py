@@ -3,7 +3,7 @@ torch.distributed.pipelining on the CPU (issue 13).
 
 usage: test_pp.py ACTSIM_BINARY [--only SUBSTRING]
 
-Runs every configuration below as 2 pipeline stages on 2 ranks (processes joined by gloo on
+Runs every configuration below as 2 pipeline stages on 2 ranks (2 chunks each, interleaved) (processes joined by gloo on
 localhost, tests/torch/measure_pp.py: all configurations in the same two processes, one after
 another), each rank measured as tests/torch/measure.py measures one process (the CPU profiler's
 allocation trace of a steady step), and requires each stage's figures to equal those of
@@ -30,13 +30,16 @@ CONFIGS = [
     ({}, {"pp_schedule": "1f1b", "microbatches": 4}),
     ({"dropout": 0.1}, {"pp_schedule": "gpipe", "microbatches": 3}),
     ({"family": "llama", "dtype": "bf16", "n_kv_heads": 2}, {"pp_schedule": "1f1b", "microbatches": 3}),
+    # ScheduleInterleaved1F1B: 2 chunks per rank (virtual stages 0, 2 and 1, 3) of one block each
+    ({"n_layers": 4}, {"pp_schedule": "interleaved", "chunks": 2, "microbatches": 4}),
 ]
 
 
 def actsim_sets(cfg, par):
     sets = ["--set", "runtime.profile=torch2-cpu", "--set", f"parallel.pp={PP}",
             "--set", f"parallel.microbatches={par['microbatches']}",
-            "--set", f"parallel.pp_schedule={par['pp_schedule']}"]
+            "--set", "parallel.pp_schedule=" + (f"interleaved:{par['chunks']}" if par["pp_schedule"] == "interleaved"
+                                                 else par["pp_schedule"])]
     for k in MODEL_KEYS:
         if k in cfg:
             sets += ["--set", f"model.{k}={cfg[k]}"]
