@@ -3,15 +3,16 @@
 on the CPU (issue 13).
 
 The reference model (shared/reference/models.py) is built whole on every rank (same seed, same
-weights) and cut into pp stages as actsim cuts it: the embedding (gpt2: wte, wpe, dropout) on the
+weights) and cut into stages as actsim cuts it: the embedding (gpt2: wte, wpe, dropout) on the
 first stage, the blocks split evenly, the final norm and the head on the last, whose output is the
 logits; the loss is the schedule's loss_fn, the reference's cross-entropy. Each stage is a manual
 `PipelineStage` on its own rank (gloo on localhost, ranks as processes: tests/torch/measure_dist.py's
-harness, imported), driven by `ScheduleGPipe` or `Schedule1F1B` over `microbatches` micro-batches
-of `batch_size` each (the whole batch, microbatches x batch_size rows, is what `step` splits), as
-torchtitan drives it: `step(idx)` on the first stage, `step(target=targets)` on the last,
-`return_outputs=False`, the default `scale_grads=True`; then the optimizer's step and
-`zero_grad(set_to_none=True)`.
+harness, imported), driven by `ScheduleGPipe`, `Schedule1F1B` or `ScheduleInterleaved1F1B` (V
+stages per rank, each cut from its own copy of the model, as torchtitan builds one model per
+stage) over `microbatches` micro-batches of `batch_size` each (the whole batch, microbatches x
+batch_size rows, is what `step` splits), as torchtitan drives it: `step(idx)` on the first stage,
+`step(target=targets)` on the last, `step()` between, `return_outputs=False`, the default
+`scale_grads=True`; then the optimizer's step and `zero_grad(set_to_none=True)`.
 
 Each rank is measured as measure.py measures one process: everything is created under the CPU
 profiler, two warm-up steps (the first initialises the stage: shape inference, receive buffers;
@@ -22,9 +23,9 @@ zero_grad) and the peak, each allocation's phase being that of the action runnin
 `forward_one_chunk` and the loss; backward: `backward_one_chunk`; else the phase around it).
 
 Usage: measure_pp.py [KEY=VALUE ...] [-- KEY=VALUE ... ] with measure.py's keys plus
-pp_schedule=gpipe|1f1b|interleaved, microbatches=M and chunks=V (interleaved: V stages
-per rank, virtual stage c * 2 + rank; pp = 2 ranks). Prints {"configs": [{"ranks": [stage 0's
-result, stage 1's result]}, ...]}.
+pp_schedule=gpipe|1f1b|interleaved, microbatches=M, chunks=V (interleaved: V stages per rank,
+virtual stage c * P + rank) and dp=P, the ranks (measure_dist's world size; default 2, every
+configuration the same). Prints {"configs": [{"ranks": [rank 0's result, ...]}, ...]}.
 """
 import os
 import sys
@@ -108,7 +109,8 @@ def loss_fn_for(torch, family):
 
 
 def measure_one(torch, rank, world, dist, rest):
-    """One configuration on this rank (stage `rank`): measure.py's figures of the steady step."""
+    """One configuration on this rank (stage `rank`, and `rank` + P, ... interleaved): measure.py's
+    figures of the steady step."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     from torch.profiler import ProfilerActivity, profile
     cfg = measure.parse_config(rest)
@@ -135,10 +137,8 @@ def measure_one(torch, rank, world, dist, rest):
                     model = measure.build(torch, models, whole)[0]
                 mods.append(stage_module(torch, model, cfg["family"], c * world + rank, world * V))
             del model
-            if not first:
-                del idx
-            if not last:
-                del targets
+            idx = idx if first else None  # the whole batch's inputs, where the stage reads them
+            targets = targets if last else None
             stages = [PipelineStage(mod, c * world + rank, world * V, torch.device("cpu")) for c, mod in enumerate(mods)]
             if V == 1:
                 sched = sched_cls(stages[0], n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
@@ -146,7 +146,8 @@ def measure_one(torch, rank, world, dist, rest):
                 sched = sched_cls(stages, n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
             module = torch.nn.ModuleList(mods)
             opt = measure.make_optimizer(torch, cfg, [p for p in module.parameters() if p.requires_grad])
-        # Every action of the stage in a profiler range named after its phase.
+        # Every action of the stages in a profiler range named after its phase.
+
         def ranged(name, fn):
             def run(*a, **k):
                 with record_function(name):
@@ -157,7 +158,7 @@ def measure_one(torch, rank, world, dist, rest):
             stage.backward_one_chunk = ranged("actsim::B", stage.backward_one_chunk)
         sched._maybe_compute_loss = ranged("actsim::F", sched._maybe_compute_loss)
 
-        def step(ranged):
+        def step(measured):
             def run():
                 if first:
                     sched.step(idx, return_outputs=False)
@@ -165,7 +166,7 @@ def measure_one(torch, rank, world, dist, rest):
                     sched.step(target=targets, return_outputs=False)
                 else:
                     sched.step(return_outputs=False)
-            if not ranged:
+            if not measured:
                 run()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -182,8 +183,7 @@ def measure_one(torch, rank, world, dist, rest):
             step(False)
         step(True)
         torch.distributed.barrier()  # the peer's last receive is done before its buffers go
-    result = analyse(torch, prof, cfg, module, opt, [t for t in (locals().get("idx"), locals().get("targets"))
-                                                      if t is not None])
+    result = analyse(torch, prof, cfg, module, opt, [t for t in (idx, targets) if t is not None])
     result["rank"] = rank
     result["parallel"] = dist
     return result
