@@ -92,7 +92,8 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
     pg_total += t.storage_bytes(x.storage);
   }
   std::sort(produced.begin(), produced.end());
-  // The loss begins with the first op that reads the logits (the last stage).
+  // The loss begins with the first op that reads the logits (the last stage): the first op of the
+  // lowering's cross_entropy scope.
   const bool first = s.training.parallel.pp_embedding, last = s.training.parallel.pp_head;
   uint32_t loss_begin = std::numeric_limits<uint32_t>::max();
   graph::TensorId logits = graph::kNoTensor;
@@ -111,6 +112,7 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
     // A helper op of a node (a bias gradient's sum_to) has no forward op of its own.
     node[i] = f != graph::kNoOp ? graph::index(f) : i > 0 ? node[i - 1] : 0;
   }
+  ACTSIM_ASSERT(!last || logits != graph::kNoTensor, "a last stage's loss is found by its ops' names (lowered with names)");
   PhasePeaks pk(t, std::move(produced), std::move(node), loss_begin);
   sim::Observer* obs[] = {&pk};
   const sim::SimResult r = sim::simulate(t, obs);
