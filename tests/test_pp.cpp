@@ -321,4 +321,15 @@ TEST_CASE("torch2-cpu stages: PipelineStage's buffers, the whole batch, a steady
   CHECK(s1["peak"]["bytes"] == 405080);
   CHECK(s1["live_bytes"]["end_forward"] == 380248);
   CHECK(s1["live_bytes"]["end_backward"] == 272444);
+  // The same model under GPipe over 3 micro-batches with dropout 0.1, and with 4 layers
+  // interleaved over 2 chunks per stage and 4 micro-batches: each stage's peak as torch measured it.
+  auto peaks = [&](std::vector<std::string> more) {
+    std::vector<std::string> all = sets;
+    all.insert(all.end(), more.begin(), more.end());
+    const nlohmann::json k = report::to_json(study::analyze(study::load_scenario("", all)), -1);
+    return std::vector<int64_t>{k["ranks"][0]["figures"]["peak"]["bytes"], k["ranks"][1]["figures"]["peak"]["bytes"]};
+  };
+  CHECK(peaks({"model.dropout=0.1", "parallel.pp_schedule=gpipe", "parallel.microbatches=3"}) ==
+        std::vector<int64_t>{565072, 618220});
+  CHECK(peaks({"model.n_layers=4", "parallel.pp_schedule=interleaved:2"}) == std::vector<int64_t>{955280, 815768});
 }
