@@ -62,6 +62,59 @@ def label(over, par):
     return ",".join(f"{k}={v}" for k, v in list(over.items()) + list(par.items()))
 
 
+# ---- issue 13: DTensor tensor and sequence parallelism (measure_dtensor.py, lower_dtensor.cpp) ----
+MEASURE_DTENSOR = os.path.join(HERE, "measure_dtensor.py")
+TP = 2
+# (overrides of test_against_torch's BASE, sp): torchtitan's plan on the reference llama, the
+# vocabulary divisible by TP; at most 4 (CI budget).
+DTENSOR_CONFIGS = [
+    ({"family": "llama", "vocab_size": 96}, 0),
+    ({"family": "llama", "vocab_size": 96}, 1),
+]
+
+
+def dtensor_label(over, sp):
+    return ",".join(["dtensor", f"sp={sp}"] + [f"{k}={v}" for k, v in over.items()])
+
+
+def check_dtensor(actsim, only):
+    """Every rank of each DTENSOR_CONFIGS entry against `actsim simulate --json` with
+    parallel.tp_impl = "dtensor"; returns (configurations, failures)."""
+    configs = [(o, sp) for o, sp in DTENSOR_CONFIGS if only is None or only in dtensor_label(o, sp)]
+    if not configs:
+        return 0, 0
+    groups = []
+    for over, sp in configs:
+        if groups:
+            groups.append("--")
+        groups += [f"{k}={v}" for k, v in dict(BASE, **over).items()] + [f"tp={TP}", f"sp={sp}"]
+    p = subprocess.run([PYTHON, MEASURE_DTENSOR] + groups, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stderr[-4000:])
+        return len(configs), len(configs)
+    failures = 0
+    for (over, sp), m in zip(configs, json.loads(p.stdout)["configs"]):
+        cfg = dict(BASE, **over)
+        sets = actsim_sets(cfg, {})
+        sets[sets.index(f"parallel.dp={DP}")] = f"parallel.tp={TP}"
+        sets += ["--set", "parallel.tp_impl=dtensor", "--set", f"parallel.sp={'true' if sp else 'false'}"]
+        a = run_json([actsim, "simulate", "--json", "--no-fit"] + sets)
+        bad = []
+        for rank, r in enumerate(m["ranks"]):
+            pairs = figure_pairs(a, r, inputs=False)
+            bad += [f"rank {rank} {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
+            if r["inconsistent_totals"] or r["gloo_strays"]:
+                bad.append(f"rank {rank}: the profiler's trace is incomplete ({r['inconsistent_totals']} "
+                           f"inconsistent totals, {len(r['gloo_strays'])} strays)")
+        status = "ok" if not bad else "MISMATCH"
+        print(f"{status:8} {dtensor_label(over, sp)}: peak {a['peak']['bytes']} bytes per rank")
+        for b in bad:
+            print("         " + b)
+        failures += bool(bad)
+    return len(configs), failures
+# ---- end DTensor ----
+
+
 def main(argv):
     actsim = argv[1]
     only = argv[argv.index("--only") + 1] if "--only" in argv else None
@@ -103,7 +156,10 @@ def main(argv):
             print("         " + b)
         failures += bool(bad)
     print(f"{len(configs) - failures}/{len(configs)} configurations byte-exact on {DP} ranks")
-    return 1 if failures else 0
+    n_dt, failed_dt = check_dtensor(actsim, only)  # issue 13: DTensor
+    if n_dt:
+        print(f"{n_dt - failed_dt}/{n_dt} DTensor configurations byte-exact on {TP} ranks")
+    return 1 if failures or failed_dt else 0
 
 
 if __name__ == "__main__":
