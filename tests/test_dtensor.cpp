@@ -26,7 +26,10 @@ std::vector<std::string> llama(int64_t t, bool sp, const char* impl) {
                              "model.attention=flash", "model.d_model=" + std::to_string(kH), "model.n_heads=8",
                              "model.n_layers=2", "model.vocab_size=" + std::to_string(kV),
                              "model.seq_len=" + std::to_string(kS), "training.batch_size=" + std::to_string(kB),
-                             "device.name=H100-SXM-80GB"};
+                             "device.name=H100-SXM-80GB",
+                             // torch.optim's foreach fails on a mix of DTensor and plain parameters
+                             // (the norms without sp): the per-parameter loop, for both
+                             "training.optimizer_impl=for_loop"};
   if (t > 1) {
     v.push_back(fmt::format("parallel.tp={}", t));
     v.push_back(fmt::format("parallel.tp_impl={}", impl));
@@ -123,6 +126,9 @@ TEST_CASE("DTensor: bad combinations are one line naming the key", "[dtensor]") 
         std::string::npos);
   CHECK(with({"runtime.profile=torch-cpu", "model.attention=eager", "training.dtype=fp32"}).find("needs PyTorch 2") !=
         std::string::npos);
+  CHECK(with({"training.optimizer_impl=foreach"}).find("training.optimizer_impl: the foreach optimizer fails") !=
+        std::string::npos);
+  CHECK(with({"training.optimizer_impl=foreach", "parallel.sp=true"}).empty());
   CHECK(with({"parallel.dp=2"}).find("2-D mesh") != std::string::npos);
   CHECK(with({"checkpoint.policy=full"}).find("checkpoint.policy: activation checkpointing with DTensor") !=
         std::string::npos);

@@ -2,6 +2,7 @@
 // parallel.tp_impl, parsed where they are written, and the combinations Megatron-LM refuses.
 #include <fmt/format.h>
 
+#include "actsim/graph/profile.hpp"
 #include "scenario_values.hpp"
 
 namespace actsim::study::scenario_detail {
@@ -63,6 +64,13 @@ std::optional<std::string> tp_problem(const Scenario& sc) {
       return problem(blame({"parallel.tp_impl", "parallel.dp", "parallel.pp"}),
                      "DTensor tensor parallelism on a 2-D mesh (with parallel.dp or parallel.pp) is not lowered yet; "
                      "use parallel.tp_impl = \"megatron\"");
+    }
+    const graph::OptimizerImpl impl = t.optimizer_impl == graph::OptimizerImpl::profile_default
+                                          ? graph::profile(sc.profile).default_impl : t.optimizer_impl;
+    if (!pc.sp && impl == graph::OptimizerImpl::foreach) {
+      return problem(blame({"training.optimizer_impl", "parallel.sp", "parallel.tp_impl"}),
+                     "the foreach optimizer fails on DTensor tensor parallelism without sp (the norms stay plain tensors: "
+                     "\"got mixed torch.Tensor and DTensor\"); set parallel.sp = true or training.optimizer_impl = \"for_loop\"");
     }
     if (sc.checkpoint_text() != "none") {
       return problem(blame({"checkpoint.policy", "parallel.tp_impl"}),
