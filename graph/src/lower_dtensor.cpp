@@ -145,11 +145,13 @@ TensorId Lowering::dt_cross_entropy(TensorId logits2d, TensorId target1d) {
   Graph& g = out.graph;
   const Tensor lt = g.tensor(logits2d);
   const int64_t N = lt.shape[0], L = g.view_bytes(logits2d), e = dtype_size(lt.dtype);
-  // _log_softmax on the shard: amax and its all-reduce, x - max, exp, sum and its all-reduce,
-  // log, then (x - max) - log; the shifted logits live until the result exists.
+  // _log_softmax on the shard, in fp32: amax and its all-reduce, x - max, exp, sum and its
+  // all-reduce, log, then (x - max) - log (fp32 values per token: 12 bytes live at the end); the
+  // shifted logits live until the result exists. 16-bit logits are copied to fp32 first and the
+  // fp32 result cast back: the copy, the shifted logits and the fp32 result live at once.
   TensorId logp = b.fresh("dt.log_softmax", lt.shape, lt.dtype);
   Op ls = dt_op(OpKind::log_softmax, "dt.loss_parallel.log_softmax", kDtLogSoftmax, tp(), 3 * L);
-  ls.workspace_bytes = L + 3 * N * e;
+  ls.workspace_bytes = (e < 4 ? 3 * (L / e * 4) : L) + 12 * N;
   ls.inputs = {logits2d};
   ls.outputs = {logp};
   b.emit(std::move(ls));

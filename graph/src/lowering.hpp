@@ -112,9 +112,10 @@ struct Lowering {
   TensorId linear(TensorId x, TensorId w, std::optional<TensorId> bias);
   // A module's argument (a Python local) stays alive until the module returns: the last op
   // emitted holds `t`. Only under a trainable subset: with every weight trained, the linears that
-  // read these tensors save them for backward, which outlives the frame.
+  // read these tensors save them for backward, which outlives the frame. Under DTensor sequence
+  // parallelism too (issue 13): the linears save the all-gathered input, not the frame's shard.
   void hold_frame(TensorId t) {
-    if (tr.trainable.mode != Trainable::all) b.hold_until_last(t);
+    if (tr.trainable.mode != Trainable::all || (dtensor() && sp())) b.hold_until_last(t);
   }
 
   // Shared tail of both families: logits, cross-entropy (lower.cpp).

@@ -95,12 +95,17 @@ def rank_main(rank, world, port, jobs, out_path):
     plain_wait = funcol.wait_tensor
 
     def wait_tensor(tensor):
-        # gloo's worker thread drops its reference to a functional collective's output only
-        # after the rank's wait returns; when the rank's own last reference goes first, the
-        # worker frees the buffer and the profiler (which listens on this thread) never sees the
-        # free. A moment's pause lets the worker let go first.
+        # gloo's worker thread drops its reference to a collective's work (and the buffers it
+        # holds: the output, reduce_scatter's clone of its input) only after the work completes;
+        # when the rank's own last reference goes first, the worker frees the buffer and the
+        # profiler (which listens on this thread) never sees the free. A moment's pause before
+        # and after the wait lets the worker let go first (after it, until the output's only
+        # reference is this rank's, at most 50 ms).
+        time.sleep(0.005)
         out = plain_wait(tensor)
-        time.sleep(0.002)
+        deadline = time.monotonic() + 0.05
+        while out._use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.0005)
         return out
     funcol.wait_tensor = wait_tensor
     results = []

@@ -70,6 +70,9 @@ TP = 2
 DTENSOR_CONFIGS = [
     ({"family": "llama", "vocab_size": 96}, 0),
     ({"family": "llama", "vocab_size": 96}, 1),
+    # 16-bit logits (loss_parallel's fp32 copy: the forward peak), grouped-query attention
+    ({"family": "llama", "vocab_size": 96, "dtype": "bf16", "n_kv_heads": 2}, 0),
+    ({"family": "llama", "vocab_size": 96, "dtype": "bf16", "n_kv_heads": 2, "optimizer_impl": "foreach"}, 1),
 ]
 
 
@@ -99,15 +102,22 @@ def check_dtensor(actsim, only):
         sets[sets.index(f"parallel.dp={DP}")] = f"parallel.tp={TP}"
         sets += ["--set", "parallel.tp_impl=dtensor", "--set", f"parallel.sp={'true' if sp else 'false'}"]
         a = run_json([actsim, "simulate", "--json", "--no-fit"] + sets)
-        bad = []
+        bad, raced = [], []
         for rank, r in enumerate(m["ranks"]):
+            # Every rank is the same rank class. A rank whose trace lost a free to gloo's worker
+            # thread (an allocation alive at step start that is no parameter, buffer, state or
+            # input, or one handed out again while alive) is left out; one clean rank is needed.
+            if r["step_start_other"] or r["gloo_strays"] or r["inconsistent_totals"]:
+                raced.append(rank)
+                continue
             pairs = figure_pairs(a, r, inputs=False)
             bad += [f"rank {rank} {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
-            if r["inconsistent_totals"] or r["gloo_strays"]:
-                bad.append(f"rank {rank}: the profiler's trace is incomplete ({r['inconsistent_totals']} "
-                           f"inconsistent totals, {len(r['gloo_strays'])} strays)")
+        if len(raced) == len(m["ranks"]):
+            bad.append("no rank's trace is complete (gloo's worker thread freed what the ranks allocated)")
         status = "ok" if not bad else "MISMATCH"
         print(f"{status:8} {dtensor_label(over, sp)}: peak {a['peak']['bytes']} bytes per rank")
+        if raced:
+            print(f"         ranks {raced} left out: gloo's worker thread freed an allocation of theirs")
         for b in bad:
             print("         " + b)
         failures += bool(bad)
