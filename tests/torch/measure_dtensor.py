@@ -99,12 +99,14 @@ def rank_main(rank, world, port, jobs, out_path):
         # holds: the output, reduce_scatter's clone of its input) only after the work completes;
         # when the rank's own last reference goes first, the worker frees the buffer and the
         # profiler (which listens on this thread) never sees the free. A moment's pause before
-        # and after the wait lets the worker let go first (after it, until the output's only
-        # reference is this rank's, at most 50 ms).
+        # and after the wait lets the worker let go first (after it, until this rank holds the
+        # output's tensor and storage alone, as measure_dist.released checks; at most 50 ms: a
+        # view of the output may legitimately share its storage).
         time.sleep(0.005)
         out = plain_wait(tensor)
         deadline = time.monotonic() + 0.05
-        while out._use_count() > 1 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+                out._use_count() > 1 or torch._C._storage_Use_Count(out.untyped_storage()._cdata) > 2):
             time.sleep(0.0005)
         return out
     funcol.wait_tensor = wait_tensor

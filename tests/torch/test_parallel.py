@@ -80,12 +80,7 @@ def dtensor_label(over, sp):
     return ",".join(["dtensor", f"sp={sp}"] + [f"{k}={v}" for k, v in over.items()])
 
 
-def check_dtensor(actsim, only):
-    """Every rank of each DTENSOR_CONFIGS entry against `actsim simulate --json` with
-    parallel.tp_impl = "dtensor"; returns (configurations, failures)."""
-    configs = [(o, sp) for o, sp in DTENSOR_CONFIGS if only is None or only in dtensor_label(o, sp)]
-    if not configs:
-        return 0, 0
+def measure_dtensor(configs):
     groups = []
     for over, sp in configs:
         if groups:
@@ -94,30 +89,58 @@ def check_dtensor(actsim, only):
     p = subprocess.run([PYTHON, MEASURE_DTENSOR] + groups, capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stderr[-4000:])
+        return None
+    return json.loads(p.stdout)["configs"]
+
+
+def raced(r):
+    """Did gloo's worker thread free an allocation of this rank (so that the profiler, which
+    listens on the rank's thread, never saw the free)? Signs: an allocation alive at step start
+    that is no parameter, buffer, optimizer state or input; one alive after zero_grad besides the
+    loss; one handed out again while alive (measure_dist's strays)."""
+    extra = [e for e in r["after_zero_grad_extra"] if e["bytes"] > 4]
+    return bool(r["step_start_other"] or r["gloo_strays"] or r["inconsistent_totals"] or extra)
+
+
+def check_dtensor(actsim, only):
+    """Every rank of each DTENSOR_CONFIGS entry against `actsim simulate --json` with
+    parallel.tp_impl = "dtensor"; returns (configurations, failures)."""
+    configs = [(o, sp) for o, sp in DTENSOR_CONFIGS if only is None or only in dtensor_label(o, sp)]
+    if not configs:
+        return 0, 0
+    measured = measure_dtensor(configs)
+    if measured is None:
         return len(configs), len(configs)
+    # A configuration none of whose ranks has a complete trace (gloo's race, below) is measured
+    # once more.
+    again = [i for i, m in enumerate(measured) if all(raced(r) for r in m["ranks"])]
+    if again:
+        print(f"measuring {len(again)} configuration(s) again: gloo's worker thread freed allocations of every rank")
+        remeasured = measure_dtensor([configs[i] for i in again]) or []
+        for i, m in zip(again, remeasured):
+            measured[i] = m
     failures = 0
-    for (over, sp), m in zip(configs, json.loads(p.stdout)["configs"]):
+    for (over, sp), m in zip(configs, measured):
         cfg = dict(BASE, **over)
         sets = actsim_sets(cfg, {})
         sets[sets.index(f"parallel.dp={DP}")] = f"parallel.tp={TP}"
         sets += ["--set", "parallel.tp_impl=dtensor", "--set", f"parallel.sp={'true' if sp else 'false'}"]
         a = run_json([actsim, "simulate", "--json", "--no-fit"] + sets)
-        bad, raced = [], []
+        bad, left_out = [], []
         for rank, r in enumerate(m["ranks"]):
-            # Every rank is the same rank class. A rank whose trace lost a free to gloo's worker
-            # thread (an allocation alive at step start that is no parameter, buffer, state or
-            # input, or one handed out again while alive) is left out; one clean rank is needed.
-            if r["step_start_other"] or r["gloo_strays"] or r["inconsistent_totals"]:
-                raced.append(rank)
+            # Every rank is the same rank class: a rank whose trace gloo's race made incomplete
+            # is left out; one complete rank is needed.
+            if raced(r):
+                left_out.append(rank)
                 continue
             pairs = figure_pairs(a, r, inputs=False)
             bad += [f"rank {rank} {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
-        if len(raced) == len(m["ranks"]):
+        if len(left_out) == len(m["ranks"]):
             bad.append("no rank's trace is complete (gloo's worker thread freed what the ranks allocated)")
         status = "ok" if not bad else "MISMATCH"
         print(f"{status:8} {dtensor_label(over, sp)}: peak {a['peak']['bytes']} bytes per rank")
-        if raced:
-            print(f"         ranks {raced} left out: gloo's worker thread freed an allocation of theirs")
+        if left_out:
+            print(f"         ranks {left_out} left out: gloo's worker thread freed an allocation of theirs")
         for b in bad:
             print("         " + b)
         failures += bool(bad)
