@@ -105,7 +105,6 @@ TensorId Lowering::dt_row(TensorId x, TensorId w, std::optional<TensorId> bias) 
 TensorId Lowering::dt_embedding(TensorId w, TensorId idx, bool scatter) {
   Graph& g = out.graph;
   const Shape is = g.tensor(idx).shape;
-  const Tensor wt = g.tensor(w);
   // _MaskPartial: mask = (ids < start) | (ids >= end), kept for the reduction; the masked ids
   // (ids.clone() - start, masked to 0) live through the lookup.
   TensorId mask = b.fresh("dt.embedding.mask", is, DType::b8);
