@@ -1,7 +1,7 @@
 """Byte-exact cross-check of actsim's per-rank simulation of data parallelism against real
 torch.distributed on the CPU (issue 13).
 
-usage: test_parallel.py ACTSIM_BINARY [--only SUBSTRING]
+usage: test_parallel.py ACTSIM_BINARY [--only SUBSTRING] [--all-dtensor]
 
 Runs every configuration below in 2 ranks (processes joined by the gloo backend on localhost,
 tests/torch/measure_dist.py: all configurations in the same two processes, one after another),
@@ -66,13 +66,16 @@ def label(over, par):
 MEASURE_DTENSOR = os.path.join(HERE, "measure_dtensor.py")
 TP = 2
 # (overrides of test_against_torch's BASE, sp): torchtitan's plan on the reference llama, the
-# vocabulary divisible by TP; at most 4 (CI budget).
+# vocabulary divisible by TP. Two run in CI (about 10 s each with the processes' start); the other
+# two with --all-dtensor.
 DTENSOR_CONFIGS = [
-    ({"family": "llama", "vocab_size": 96}, 0),
-    ({"family": "llama", "vocab_size": 96}, 1),
-    # 16-bit logits (loss_parallel's fp32 copy: the forward peak), grouped-query attention
-    ({"family": "llama", "vocab_size": 96, "dtype": "bf16", "n_kv_heads": 2}, 0),
+    ({"family": "llama", "vocab_size": 96}, 0),  # the peak in loss_parallel's backward
+    # 16-bit logits (loss_parallel's fp32 copy: the forward peak), grouped-query attention, sp
     ({"family": "llama", "vocab_size": 96, "dtype": "bf16", "n_kv_heads": 2, "optimizer_impl": "foreach"}, 1),
+]
+DTENSOR_MORE = [
+    ({"family": "llama", "vocab_size": 96}, 1),
+    ({"family": "llama", "vocab_size": 96, "dtype": "bf16", "n_kv_heads": 2}, 0),
 ]
 
 
@@ -97,15 +100,17 @@ def raced(r):
     """Did gloo's worker thread free an allocation of this rank (so that the profiler, which
     listens on the rank's thread, never saw the free)? Signs: an allocation alive at step start
     that is no parameter, buffer, optimizer state or input; one alive after zero_grad besides the
-    loss; one handed out again while alive (measure_dist's strays)."""
+    loss. (One whose pointer was handed out again while it was alive, such as gloo's clone of a
+    reduce-scatter's input, is a stray that measure_dist's flatten takes out of the trace.)"""
     extra = [e for e in r["after_zero_grad_extra"] if e["bytes"] > 4]
-    return bool(r["step_start_other"] or r["gloo_strays"] or r["inconsistent_totals"] or extra)
+    return bool(r["step_start_other"] or r["inconsistent_totals"] or extra)
 
 
-def check_dtensor(actsim, only):
-    """Every rank of each DTENSOR_CONFIGS entry against `actsim simulate --json` with
-    parallel.tp_impl = "dtensor"; returns (configurations, failures)."""
-    configs = [(o, sp) for o, sp in DTENSOR_CONFIGS if only is None or only in dtensor_label(o, sp)]
+def check_dtensor(actsim, only, more=False):
+    """Every rank of each DTENSOR_CONFIGS entry (and DTENSOR_MORE's with `more`) against
+    `actsim simulate --json` with parallel.tp_impl = "dtensor"; returns (configurations, failures)."""
+    configs = [(o, sp) for o, sp in DTENSOR_CONFIGS + (DTENSOR_MORE if more else [])
+               if only is None or only in dtensor_label(o, sp)]
     if not configs:
         return 0, 0
     measured = measure_dtensor(configs)
@@ -189,7 +194,7 @@ def main(argv):
             print("         " + b)
         failures += bool(bad)
     print(f"{len(configs) - failures}/{len(configs)} configurations byte-exact on {DP} ranks")
-    n_dt, failed_dt = check_dtensor(actsim, only)  # issue 13: DTensor
+    n_dt, failed_dt = check_dtensor(actsim, only, "--all-dtensor" in argv)  # issue 13: DTensor
     if n_dt:
         print(f"{n_dt - failed_dt}/{n_dt} DTensor configurations byte-exact on {TP} ranks")
     return 1 if failures or failed_dt else 0
