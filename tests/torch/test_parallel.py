@@ -9,6 +9,7 @@ each rank measured as tests/torch/measure.py measures one process (the CPU profi
 trace of a steady-state step: the third, after DDP has rebuilt its buckets), and requires each
 rank's figures to equal those of `actsim simulate --json` (runtime.profile = torch2-cpu) for its
 rank class, to the byte. Exits 77 (skipped) when .venv's python cannot import torch.
+The DTensor block below does the same for tensor parallelism (measure_dtensor.py, tp = 2).
 """
 import json
 import os
