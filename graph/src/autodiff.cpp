@@ -271,7 +271,9 @@ void Engine::run_node(OpId fid) {
     if (grads[i] == kNoTensor) continue;
     TensorId gi = grads[i];
     const Tensor& x = in(i);
-    if (g_.tensor(gi).shape != x.shape) {
+    // issue 13, DTensor: the embedding weight's gradient is the full Replicate [V, h] of a shard
+    const bool dt_full_grad = is_tp_region(f) && f.params.start == kDtEmbedding;
+    if (g_.tensor(gi).shape != x.shape && !dt_full_grad) {
       // validate_outputs: at::sum_to(grad, metadata.shape()).
       TensorId r = new_grad(fmt::format("grad_sum_to{}", i), x.shape, dt);
       b_.emit({.kind = OpKind::sum_to, .name = "sum_to", .inputs = {gi}, .outputs = {r}, .holds = node_holds,

@@ -128,7 +128,7 @@ struct ParallelConfig {
   // ---- issue 13: tensor and sequence parallelism (lower_tp.cpp) ----
   int64_t tp = 1;                       // tensor-parallel degree: this rank holds 1/tp of each sharded layer
   bool sp = false;                      // sequence parallelism (Megatron-LM): norms and dropouts on s/tp
-  TpImpl tp_impl = TpImpl::megatron;    // megatron: Megatron-LM's layers; dtensor: not lowered yet (refused)
+  TpImpl tp_impl = TpImpl::megatron;    // megatron: Megatron-LM's layers; dtensor: PyTorch DTensor (lower_dtensor.cpp)
   // ---- end tensor and sequence parallelism ----
   // --- dp2 (issue 13, data-parallel half): accumulation ---
   bool no_sync = true;                  // DDP + accumulation: the first N-1 micro-batches under no_sync()
