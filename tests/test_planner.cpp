@@ -12,6 +12,7 @@
 #include "actsim/report/summary.hpp"
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/planner.hpp"
+#include "actsim/study/resolve.hpp"
 
 using namespace actsim;
 
@@ -199,4 +200,34 @@ TEST_CASE("study::plan_for_budget: the kept analysis is the chosen plan's, and e
     ++checked;
   }
   CHECK(checked == 7);
+}
+
+TEST_CASE("study::simulate_step_result: the planner's figures-only probes (no names, no report) give the analysis's figures",
+          "[planner]") {
+  const study::Scenario s = small(6);
+  std::vector<graph::BlockPlan> plans;
+  for (const auto kind : {graph::CheckpointPolicy::Kind::none, graph::CheckpointPolicy::Kind::full,
+                          graph::CheckpointPolicy::Kind::selective, graph::CheckpointPolicy::Kind::offload}) {
+    graph::CheckpointPolicy p;
+    p.kind = kind;
+    plans.push_back(graph::block_plan(p, 6));
+  }
+  // The DP's least-memory plan, the other plan the planner simulates for its figures alone.
+  const study::Chain c = study::measure_chain(s);
+  int64_t total = 0;
+  for (size_t i = 0; i < c.size(); ++i) total += c.input_bytes[i] + c.activation_bytes[i];
+  const study::RotorDP dp(c, (total + 191) / 192, 192);
+  int lo = 0;
+  while (lo <= 192 && dp.cost(lo) >= study::RotorDP::kInfeasible) ++lo;
+  REQUIRE(lo <= 192);
+  plans.push_back(dp.plan(lo));
+  REQUIRE(!plans.back().before_backward.empty());
+  for (const graph::BlockPlan& bp : plans) {
+    const study::Analysis a = study::simulate_step(study::resolve(s, bp), s);
+    const sim::SimResult r = study::simulate_step_result(study::resolve(s, bp), s);
+    CHECK(r.peak_bytes == a.result.peak_bytes);
+    CHECK(r.step_time_ns == a.result.step_time_ns);
+    CHECK(r.events == a.result.events);
+    CHECK(r.live_end_step == a.result.live_end_step);
+  }
 }

@@ -92,6 +92,7 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
     Op op{.kind = orig.kind, .phase = Phase::backward, .layer = orig.layer, .name = orig.name + ".recompute",
           .workspace_bytes = orig.workspace_bytes, .flops = orig.flops, .bytes_moved = orig.bytes_moved,
           .kernels = orig.kernels, .forward = ops[k], .recompute = true, .params = orig.params};
+    op.inputs.reserve(orig.inputs.size()), op.holds.reserve(orig.holds.size());
     for (TensorId t : orig.inputs) op.inputs.push_back(mapped(t));
     for (TensorId t : orig.holds) op.holds.push_back(mapped(t));
     for (size_t j = 0; j < orig.outputs.size(); ++j) {

@@ -28,14 +28,31 @@ Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
   return simulate_step(resolve(s, runtime), s);
 }
 
+namespace {
+
+// An overflow of a scenario's step names the keys that size it.
+[[noreturn]] void overflow_of(const Scenario& s, const ByteOverflow& e) {
+  throw ByteOverflow(fmt::format("{}, {}, {}, {}: {}", s.where("model.n_layers"), s.where("model.seq_len"),
+                                 s.where("training.batch_size"), s.where("model.d_model"), e.what()));
+}
+
+}  // namespace
+
 Analysis simulate_step(const ResolvedStep& step, const Scenario& s) {
   try {
     Analysis a = simulate_step(step);
     a.scenario = s;
     return a;
   } catch (const ByteOverflow& e) {
-    throw ByteOverflow(fmt::format("{}, {}, {}, {}: {}", s.where("model.n_layers"), s.where("model.seq_len"),
-                                   s.where("training.batch_size"), s.where("model.d_model"), e.what()));
+    overflow_of(s, e);
+  }
+}
+
+SimResult simulate_step_result(const ResolvedStep& step, const Scenario& s) {
+  try {
+    return simulate_step_result(step);
+  } catch (const ByteOverflow& e) {
+    overflow_of(s, e);
   }
 }
 

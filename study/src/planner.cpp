@@ -150,11 +150,13 @@ RotorDP::RotorDP(const Chain& chain, int64_t unit, int levels)
         const int64_t* right = &c_[at(k, t, 0)];
         const int64_t* left = &c_[at(s, k - 1, 0)];
         const int32_t rel = k - s;  // relative: keys are shared by equal chains
+        // An infeasible side (kInfeasible = INT64_MAX / 4, never exceeded) makes the sum at least
+        // kInfeasible, which never beats best[m]: no test for it (a loop without branches).
         for (int m = ik; m <= levels_; ++m) {
-          const int64_t r = right[m - ik], l = left[m];
-          if (r >= kInfeasible || l >= kInfeasible) continue;
-          const int64_t cost = fwd_k + r + l;
-          if (cost < best[m]) best[m] = cost, pick[m] = rel;
+          const int64_t cost = fwd_k + right[m - ik] + left[m];
+          const bool better = cost < best[m];
+          best[m] = better ? cost : best[m];
+          pick[m] = better ? rel : pick[m];
         }
       }
     }
@@ -385,12 +387,21 @@ using Probe = PlanProbe;
 
 namespace {
 
-// The one place the planner simulates: the step lowered with plan `bp`, run by the engine, with
-// the report's figures (kept: the answer's is what `actsim plan` prints).
+// The planner simulates a plan in one of two ways. A plan that may be the answer: the step lowered
+// with plan `bp`, run by the engine, with the report's figures (kept: the answer's is what
+// `actsim plan` prints).
 std::shared_ptr<const Analysis> simulate_plan(const Scenario& s, const graph::BlockPlan& bp) {
   Scenario t = s;
   t.checkpoint = bp;
   return std::make_shared<const Analysis>(simulate_step(resolve(t, bp), t));
+}
+
+// A plan that is the answer only when little else fits (the least-memory plans): its peak and step
+// time alone (the same figures: the engine reads no names), lowered without names and freed at
+// once by the thread that built it, whose next lowering reuses the memory.
+PlanProbe simulate_figures(const Scenario& s, const graph::BlockPlan& bp) {
+  const SimResult r = simulate_step_result(resolve(s, bp), s);
+  return {r.peak_bytes, r.step_time_ns};
 }
 
 // A plan's identity: equal keys, equal lowered steps.
@@ -460,7 +471,8 @@ class Reaper {
 // What every variant of the search shares (each simulation is a lowering and simulation of the
 // whole step, the bulk of a plan's time at many layers): the chain, and every plan simulated so
 // far (the variants and levels propose the same plans again and again: the trivial plan, full
-// recomputation, the least-memory plan), and the analysis of the fastest plan that fits so far.
+// recomputation, the least-memory plan), and the fastest plan that fits so far, with its analysis
+// when it was simulated as a possible answer (simulate_plan; else `actsim plan` analyzes it).
 struct PlanShared {
   std::optional<Chain> chain;
   std::map<std::string, Probe> probes;  // plan_key -> figures
@@ -468,44 +480,83 @@ struct PlanShared {
   int64_t estimate = 0;                 // simulations expected in all (progress)
   int64_t budget = 0;
   const PlanOptions* options = nullptr;
-  std::shared_ptr<const Analysis> fastest;  // of the fastest plan within the budget so far
-  std::string fastest_key;
+  std::shared_ptr<const Analysis> fastest;  // of the fastest plan within the budget so far, if kept
+  std::string fastest_key;                  // that plan's key (empty: none fits yet)
+  int64_t fastest_time = 0;
   Reaper reaper;  // last member: destroyed (joined) first
 
-  void record(std::string key, std::shared_ptr<const Analysis> a) {
-    const Probe p{a->result.peak_bytes, a->result.step_time_ns};
+  // A simulated plan: `a` its analysis, or null when only its figures `p` were simulated.
+  void record(std::string key, Probe p, std::shared_ptr<const Analysis> a) {
     ++simulations;
     if (options && options->progress) options->progress(simulations, std::max(simulations, estimate));
-    if (p.peak <= budget && (!fastest || p.time < fastest->result.step_time_ns)) {
+    if (p.peak <= budget && (fastest_key.empty() || p.time < fastest_time)) {
       reaper.drop(std::move(fastest));
-      fastest = a, fastest_key = key;
+      fastest = std::move(a), fastest_key = key, fastest_time = p.time;
     } else {
       reaper.drop(std::move(a));
     }
     probes.emplace(std::move(key), p);
   }
-  Probe probe(const Scenario& s, const graph::BlockPlan& bp) {
+  // `answer`: a plan that may be the answer (its analysis `a` is kept while it is the fastest that
+  // fits); otherwise its figures alone.
+  static Probe simulate(const Scenario& s, const graph::BlockPlan& bp, bool answer, std::shared_ptr<const Analysis>& a) {
+    if (!answer) return simulate_figures(s, bp);
+    a = simulate_plan(s, bp);
+    return {a->result.peak_bytes, a->result.step_time_ns};
+  }
+  Probe probe(const Scenario& s, const graph::BlockPlan& bp, bool answer = true) {
     std::string k = plan_key(bp);
     auto it = probes.find(k);
     if (it != probes.end()) return it->second;
-    record(k, simulate_plan(s, bp));
+    std::shared_ptr<const Analysis> a;
+    const Probe p = simulate(s, bp, answer, a);
+    record(k, p, std::move(a));
     return probes.at(k);
   }
-  // Simulates the plans not simulated yet, several at once (independent lowerings).
-  void probe_all(const Scenario& s, const std::vector<const graph::BlockPlan*>& plans) {
-    std::vector<std::pair<std::string, const graph::BlockPlan*>> todo;
-    for (const graph::BlockPlan* bp : plans) {
-      std::string k = plan_key(*bp);
+  // Simulates the plans not simulated yet, several at once (independent lowerings); `answers[i]`
+  // as probe's `answer` for plans[i].
+  void probe_all(const Scenario& s, const std::vector<const graph::BlockPlan*>& plans, const std::vector<bool>& answers) {
+    struct Todo {
+      std::string key;
+      const graph::BlockPlan* plan;
+      bool answer;
+      Probe figures{};
+      std::shared_ptr<const Analysis> analysis;
+    };
+    std::vector<Todo> todo;
+    for (size_t i = 0; i < plans.size(); ++i) {
+      std::string k = plan_key(*plans[i]);
       bool dup = probes.count(k) > 0;
-      for (const auto& t : todo) dup = dup || t.first == k;
-      if (!dup) todo.emplace_back(std::move(k), bp);
+      for (Todo& t : todo) {
+        if (t.key != k) continue;
+        dup = true;
+        t.answer = t.answer || answers[i];
+      }
+      if (!dup) todo.push_back({std::move(k), plans[i], answers[i]});
     }
-    std::vector<std::shared_ptr<const Analysis>> out(todo.size());
-    util::parallel_for(static_cast<int64_t>(todo.size()), util::hardware_threads(),
-                       [&](int64_t i) { out[static_cast<size_t>(i)] = simulate_plan(s, *todo[static_cast<size_t>(i)].second); });
-    for (size_t i = 0; i < todo.size(); ++i) {
-      record(std::move(todo[i].first), std::move(out[i]));
+    // The figures-only plans run first: each thread frees such a graph before its next lowering,
+    // which reuses the memory (fewer pages to fault in). Every plan runs; an error is the first
+    // plan's in `plans` order, as one loop over them would throw.
+    std::vector<size_t> order;
+    for (int pass = 0; pass < 2; ++pass) {
+      for (size_t i = 0; i < todo.size(); ++i) {
+        if (todo[i].answer == (pass == 1)) order.push_back(i);
+      }
     }
+    std::vector<std::exception_ptr> errors(todo.size());
+    util::parallel_for(static_cast<int64_t>(order.size()), util::hardware_threads(), [&](int64_t j) {
+      const size_t i = order[static_cast<size_t>(j)];
+      Todo& t = todo[i];
+      try {
+        t.figures = simulate(s, *t.plan, t.answer, t.analysis);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    });
+    for (const std::exception_ptr& e : errors) {
+      if (e) std::rethrow_exception(e);
+    }
+    for (Todo& t : todo) record(std::move(t.key), t.figures, std::move(t.analysis));
   }
 };
 
@@ -537,7 +588,10 @@ PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions&
   if (options.selective) consider(plan_for_budget_impl(s, budget, true, false, shared));
   if (options.offload) consider(plan_for_budget_impl(s, budget, options.selective, true, shared));
   best.simulations = shared.simulations;
-  if (shared.fastest && shared.fastest_key == plan_key(best.plan)) best.analysis = shared.fastest;
+  if (!shared.fastest_key.empty() && shared.fastest_key == plan_key(best.plan)) {
+    // Simulated for its figures alone (a least-memory plan): its report is lowered now, once.
+    best.analysis = shared.fastest ? shared.fastest : simulate_plan(s, best.plan);
+  }
   return best;
 }
 
@@ -597,7 +651,11 @@ PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selectiv
   // Plans every answer needs, simulated together: no checkpointing (the baseline), the
   // least-memory plan and full recomputation (does anything fit? the least memory any plan
   // reaches), the most-memory plan (the answer for a generous budget).
-  if (lo_level <= kLevels) shared.probe_all(s, {&none, &plan_at(lo_level), &full_plan, &plan_at(kLevels)});
+  // The least-memory plans (the DP's, full recomputation) are answers only when little fits:
+  // their figures alone.
+  if (lo_level <= kLevels) {
+    shared.probe_all(s, {&none, &plan_at(lo_level), &full_plan, &plan_at(kLevels)}, {true, false, false, true});
+  }
   const Probe base = simulate_plan(none);
   r.baseline_peak_bytes = base.peak;
   r.baseline_step_time_ns = base.time;

@@ -70,6 +70,8 @@ Analysis simulate_step(const ResolvedStep& step, const Scenario& s);
 // The engine's result alone (the probes of the planner and the batch search); the graph and the
 // tables are freed before it returns. `observers` see the run. Throws ByteOverflow.
 sim::SimResult simulate_step_result(const ResolvedStep& step, std::span<sim::Observer* const> observers = {});
+// ... for a scenario's step (the planner's probes): an overflow names its keys as analyze() does.
+sim::SimResult simulate_step_result(const ResolvedStep& step, const Scenario& s);
 // ... or nullopt when the step's totals overflow int64 (`why` gets the engine's message): for a
 // search over sizes, such a step does not fit.
 std::optional<sim::SimResult> try_simulate_step(const ResolvedStep& step,
