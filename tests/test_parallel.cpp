@@ -150,6 +150,44 @@ TEST_CASE("ZeRO paper: model-state bytes per GPU, term by term (K = 12)", "[para
   // end fsdp
 }
 
+// fsdp: ZeRO-3's gathered parameters
+TEST_CASE("ZeRO-3: a block's gathered parameters live around its forward, the root's to the end of backward", "[parallel][zero]") {
+  // gpt2 (wte tied with lm_head: one root parameter), 2 blocks, 4 ranks, fp32, Adam.
+  const std::vector<std::string> base{"model.d_model=512", "model.n_heads=8", "model.n_layers=2", "model.seq_len=64",
+                                      "model.vocab_size=50257", "training.batch_size=1", "training.optimizer=adam",
+                                      "runtime.profile=torch-cuda", "parallel.dp=4"};
+  auto with = [&](const std::string& sharding) {
+    std::vector<std::string> s = base;
+    s.push_back("parallel.sharding=" + sharding);
+    return run(s);
+  };
+  const study::Analysis z2 = with("zero2"), z3 = with("zero3");
+  const auto& g = z3.step->graph;
+  int64_t root = 0, partitioned = 0, persistent = 0;
+  for (auto p : z3.step->params) {
+    const int64_t n = graph::numel(g.tensor(p).shape);
+    if (n < 100000) {
+      persistent += n;
+      continue;
+    }
+    partitioned += ceil_div(n, 4);
+    if (g.storage(g.tensor(p).storage).layer < 0) root += n;
+  }
+  CHECK(root == (50257 + 0) * 512);  // wte (and the tied head); wpe (64 x 512) is persistent
+  CHECK(z3.params_bytes == 4 * (partitioned + persistent));
+  // Same activations and gradients: the end of forward differs by the parameters (partitions, not
+  // whole) and the root unit's gathered copy, nothing of the blocks.
+  CHECK(z3.result.live_end_forward - z3.result.live_step_start ==
+        z2.result.live_end_forward - z2.result.live_step_start + 4 * root);
+  // By the end of backward the root's copy and every block's backward copy are freed: the same
+  // gradient shards (and loss) as ZeRO-2 are all that is new, and after zero_grad nothing is.
+  CHECK(z3.grads_bytes == z2.grads_bytes);
+  CHECK(z3.result.live_end_backward - z3.result.live_step_start ==
+        z2.result.live_end_backward - z2.result.live_step_start);
+  CHECK(z3.result.live_end_step - z3.result.live_step_start == z2.result.live_end_step - z2.result.live_step_start);
+}
+// end fsdp
+
 TEST_CASE("DDP: buckets are persistent gradients; gradient_as_bucket_view drops the copies", "[parallel][ddp]") {
   const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
                                       "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
