@@ -339,6 +339,11 @@ def measure_one(torch, rank, world, dist, rest):
         return plain_step(model, opt, idx, targets, record_function, n=n)
 
     plain_flatten, plain_storage_key = measure.flatten, measure.storage_key
+    plain_optimizer_tensors = measure.optimizer_tensors
+
+    def optimizer_tensors(torch_, opt):
+        # ZeroRedundancyOptimizer keeps this rank's state in its local optimizer (.optim)
+        return plain_optimizer_tensors(torch_, getattr(opt, "optim", opt))
 
     def storage_key(t):
         # FSDP2's parameters and the optimizer state made from them are DTensors: their bytes are
@@ -359,11 +364,13 @@ def measure_one(torch, rank, world, dist, rest):
 
     measure.build, measure.make_optimizer, measure.train_step = build_and_keep, make_optimizer, train_step
     measure.flatten, measure.storage_key = flatten, storage_key
+    measure.optimizer_tensors = optimizer_tensors
     try:
         result = measure.measure_memory(torch, models, cfg, trace=bool(os.environ.get("ACTSIM_DIST_TRACE")))
     finally:
         measure.build, measure.make_optimizer, measure.train_step = plain_build, plain_opt, plain_step
         measure.flatten, measure.storage_key = plain_flatten, plain_storage_key
+        measure.optimizer_tensors = plain_optimizer_tensors
     result["gloo_strays"] = list(STRAYS)
     result["rank"] = rank
     result["parallel"] = dist
