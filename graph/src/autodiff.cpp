@@ -148,8 +148,8 @@ void Engine::regather_block(int32_t layer) {
   if (it == b_.regather.end()) return;
   const Builder::Regather rg = it->second;
   b_.regather.erase(it);
-  const Storage& st = g_.storage(rg.forward);
-  const Tensor& ft = g_.tensor(st.first);
+  const Storage st = g_.storage(rg.forward);  // copies: fresh() may grow the graph's tables
+  const Tensor ft = g_.tensor(st.first);
   b_.set_layer(layer);
   b_.set_scope("zero3");
   const std::string unit = fmt::format("blocks.{}", layer);  // named in scope zero3

@@ -320,7 +320,7 @@ void Lowering::zero3_gather(int32_t layer) {
     par->zero3_laid_out = true;
     std::map<int32_t, std::vector<TensorId>> members;
     for (TensorId p : out.params) {
-      const Tensor& t = g.tensor(p);
+      const Tensor t = g.tensor(p);  // a copy: add_tensor below
       const int64_t n = numel(t.shape);
       if (!zero3_partitioned(n)) {
         par->partitions.push_back(p);  // persistent: whole on every rank, never gathered
