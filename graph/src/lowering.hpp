@@ -150,6 +150,11 @@ struct Lowering {
   TensorId parallel_grad_ready(size_t param, TensorId grad);  // the gradient hook
   void parallel_backward_end();             // DDP's finalize; ZeRO-1's last all-reduce
   bool parallel_hooks(bool last_micro_batch) const;  // does this backward reduce (no_sync)?
+  // fsdp: ZeRO-3 (lower_parallel.cpp): block i's parameters gathered before its forward, freed after
+  void zero3_block(int32_t layer, bool begin);
+  void zero3_gather(int32_t layer);         // a unit's parameters all-gathered (root: layer -1)
+  void zero3_release(int32_t layer);
+  void members_view(int32_t layer, const std::vector<TensorId>& members);
   TensorId ddp_refill(size_t param, TensorId grad);  // a later backward's hook, buckets laid out
   void optimizer_flat();                    // master weights / ZeRO: fp32 flat partitions
   // ---- issue 13: tensor and sequence parallelism (Megatron-LM), lower_tp.cpp -----------------

@@ -109,8 +109,9 @@ struct TrainableConfig {
 // ---- issue 13: data parallelism and sharding (parallel.*), master weights -----------------
 // none: DistributedDataParallel (gradients all-reduced in buckets). zero1/zero2: DeepSpeed's ZeRO
 // stages 1 and 2 (fp32 master, exp_avg and exp_avg_sq partitioned over the ranks as flat shards;
-// stage 2 reduce-scatters each gradient and keeps only its shard).
-enum class Sharding : uint8_t { none, zero1, zero2 };
+// stage 2 reduce-scatters each gradient and keeps only its shard; stage 3 also partitions each
+// parameter and gathers a block's parameters around its forward and its backward).
+enum class Sharding : uint8_t { none, zero1, zero2, zero3 };
 std::string_view to_string(Sharding s);
 // Tensor parallelism's implementation: Megatron-LM's ColumnParallelLinear/RowParallelLinear, or
 // PyTorch's DTensor ColwiseParallel/RowwiseParallel/SequenceParallel.
