@@ -6,13 +6,17 @@
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "actsim/report/export.hpp"    // pprank: the pipeline trace
 #include "actsim/report/summary.hpp"
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/pipeline.hpp"
+#include "actsim/study/planner.hpp"    // pprank: plan on a pipeline
 #include "actsim/study/scenario.hpp"
 #include "actsim/util/error.hpp"
 
@@ -333,3 +337,171 @@ TEST_CASE("torch2-cpu stages: PipelineStage's buffers, the whole batch, a steady
         std::vector<int64_t>{565072, 618220});
   CHECK(peaks({"model.n_layers=4", "parallel.pp_schedule=interleaved:2"}) == std::vector<int64_t>{955280, 815768});
 }
+
+// ---- pprank (issue 13): tensor parallelism inside pipeline stages, the rank classes, the trace
+// per rank class, and `plan` on a pipeline ----
+namespace {
+// Megatron-LM's setting (as tests/test_tp.cpp's): gpt2, fp16, dropout > 0 with 1-byte masks
+// (torch-cuda), eager attention, 4 layers.
+std::vector<std::string> megatron_gpt2(int64_t s, int64_t h, int64_t a, int64_t b, int64_t t, bool sp,
+                                       std::vector<std::string> more) {
+  std::vector<std::string> v{"model.family=gpt2", "runtime.profile=torch-cuda", "training.dtype=fp16",
+                             "model.dropout=0.1", "model.attention=eager", "model.vocab_size=512",
+                             "model.n_layers=4", fmt::format("model.seq_len={}", s), fmt::format("model.d_model={}", h),
+                             fmt::format("model.n_heads={}", a), fmt::format("training.batch_size={}", b),
+                             "device.name=H100-SXM-80GB", fmt::format("parallel.tp={}", t)};
+  if (sp) v.push_back("parallel.sp=true");
+  v.insert(v.end(), more.begin(), more.end());
+  return v;
+}
+}  // namespace
+
+TEST_CASE("tp inside pipeline stages: Korthikanti per layer on every stage, times the micro-batches in flight",
+          "[pp][tp][formula]") {
+  // Sizes whose every saved tensor is a multiple of the allocator's 512-byte blocks (the LayerNorm
+  // statistics on s/t tokens too), so the stage's live bytes are the formula's.
+  const int64_t s = 128, h = 256, a = 8, b = 4, L = 4, p = 2;
+  for (int64_t t : {2, 4}) {
+    for (bool sp : {false, true}) {
+      INFO("t=" << t << " sp=" << sp);
+      // Korthikanti et al.: sbh(10 + 24/t + 5as/(ht)) without sp, (sbh/t)(34 + 5as/h) with it,
+      // plus the reference's extras (the LayerNorm statistics, 16sb, /t with sp; the s^2 bool mask).
+      const int64_t per_layer = sp ? s * b * h * 34 / t + 5 * a * s * s * b / t + 16 * s * b / t + s * s
+                                   : 10 * s * b * h + 24 * s * b * h / t + 5 * a * s * s * b / t + 16 * s * b + s * s;
+      const study::Analysis tp_only = study::analyze(study::load_scenario("", megatron_gpt2(s, h, a, b, t, sp, {})));
+      for (int64_t kept : tp_only.per_layer_saved) CHECK(kept == per_layer);
+      const study::Analysis pp = study::analyze(
+          study::load_scenario("", megatron_gpt2(s, h, a, b, t, sp, {"parallel.pp=2", "parallel.microbatches=4"})));
+      REQUIRE(pp.pipeline);
+      const study::Pipeline& pl = *pp.pipeline;
+      // Each stage lowers L/p of the tp-only lowering's layers, saving the same bytes per layer.
+      for (const auto& k : pl.kinds) {
+        REQUIRE(k->per_layer_saved.size() == static_cast<size_t>(L / p));
+        for (int64_t kept : k->per_layer_saved) CHECK(kept == per_layer);
+      }
+      // The last stage's received input is the tp rank's share of the activation: [b, s/t, h]
+      // with sequence parallelism, [b, s, h] without.
+      const graph::Graph& last = pl.kinds.back()->step->graph;
+      for (const graph::Tensor& x : last.tensors()) {
+        if (x.name == "pp.recv_activation") CHECK(x.shape == graph::Shape{b, sp ? s / t : s, h});
+      }
+      // 1F1B: stage 0 holds p micro-batches of L/p layers at once; each micro-batch's held bytes
+      // are its layers' Korthikanti terms plus what the stage saves outside its blocks.
+      const study::PpSegment& s0 = pl.segments[0];
+      const study::PpStageResult& r0 = pl.result.stages[0];
+      CHECK(r0.max_in_flight == p);
+      CHECK(s0.held == (L / p) * per_layer + pl.kinds[0]->outside_saved);
+      // Its peak holds the stage's parameters and state (base, and the runtime's buffers), the
+      // p - 1 other micro-batches in flight (exactly, at the peak), and one micro-batch's forward
+      // or backward peak (the runtime's sent outputs and gradients on top: Note
+      // [torch.distributed.pipelining's lifetimes]).
+      const int64_t others = (p - 1) * s0.held;
+      CHECK(r0.peak_bytes >= s0.base + s0.persist + others + std::max(s0.fwd_peak, s0.bwd_peak));
+      CHECK(r0.extra_held == others);
+    }
+  }
+}
+
+TEST_CASE("rank classes of dp 2 x tp 2 x pp 2: one class per stage, 4 ranks each", "[pp][tp][lowering]") {
+  const study::Analysis a = study::analyze(study::load_scenario(
+      "", small_llama({"parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=4"})));
+  REQUIRE(a.pipeline);
+  const nlohmann::json j = report::to_json(a, -1);
+  REQUIRE(j["ranks"].size() == 2);
+  int64_t count = 0;
+  for (int64_t st = 0; st < 2; ++st) {
+    const auto& r = j["ranks"][static_cast<size_t>(st)];
+    CHECK(r["coordinates"]["dp"] == nlohmann::json({0, 1}));
+    CHECK(r["coordinates"]["tp"] == nlohmann::json({0, 1}));
+    CHECK(r["coordinates"]["pp"] == st);
+    CHECK(r["count"] == 4);
+    count += r["count"].get<int64_t>();
+  }
+  CHECK(count == 2 * 2 * 2);
+  CHECK(j["parallel"]["tp"] == 2);
+  CHECK(j["parallel"]["sp"] == false);
+  // Each tp rank holds half of the tp-sharded weights: the stages' parameters add up to the
+  // tp-only lowering's (one tp rank of the whole model).
+  const study::Analysis tp_only = study::analyze(study::load_scenario("", small_llama({"parallel.tp=2"})));
+  CHECK(j["ranks"][0]["figures"]["param_count"].get<int64_t>() + j["ranks"][1]["figures"]["param_count"].get<int64_t>() ==
+        tp_only.param_count);
+  // The table names the tensor parallelism and the class's rank count.
+  const std::string table = report::to_table(a, -1);
+  CHECK_THAT(table, Catch::Contains("tensor parallel over 2 ranks"));
+  CHECK_THAT(table, Catch::Contains("4 ranks alike"));
+  // tp alone: the parallel object and one class of t ranks.
+  const nlohmann::json jt = report::to_json(tp_only, -1);
+  CHECK(jt["parallel"]["tp"] == 2);
+  CHECK(jt["ranks"].size() == 1);
+  CHECK(jt["ranks"][0]["count"] == 2);
+  CHECK_THAT(report::to_table(tp_only, -1), Catch::Contains("tensor parallel over 2 ranks"));
+}
+
+TEST_CASE("the trace of a pipeline: one process per rank class, its peak the class's", "[pp][trace]") {
+  for (const char* sched : {"1f1b", "gpipe", "interleaved:2"}) {
+    INFO(sched);
+    const study::Analysis a = study::analyze(study::load_scenario(
+        "", small_llama({"parallel.pp=2", "parallel.microbatches=4", fmt::format("parallel.pp_schedule={}", sched)})));
+    const nlohmann::json j = report::to_json(a, -1);
+    const nlohmann::json tr = nlohmann::json::parse(report::pipeline_trace_json(a));
+    std::map<int64_t, std::string> names;
+    std::map<int64_t, int64_t> peak, slices;
+    for (const auto& e : tr["traceEvents"]) {
+      const int64_t pid = e["pid"];
+      if (e["ph"] == "M" && e["name"] == "process_name") names[pid] = e["args"]["name"];
+      if (e["ph"] == "C") peak[pid] = std::max(peak[pid], e["args"]["bytes"].get<int64_t>());
+      if (e["ph"] == "X") ++slices[pid];
+    }
+    REQUIRE(names.size() == 2);
+    for (int64_t st = 0; st < 2; ++st) {
+      CHECK_THAT(names[st + 1], Catch::Contains(fmt::format("pp stage {}", st)));
+      CHECK(peak[st + 1] == j["ranks"][static_cast<size_t>(st)]["figures"]["peak"]["bytes"].get<int64_t>());
+      // every forward and backward of every micro-batch (per chunk), and the optimizer step
+      CHECK(slices[st + 1] == 2 * 4 * a.scenario.training.parallel.pp_chunks + 1);
+    }
+  }
+  // The one-device exports are refused with one line naming parallel.pp.
+  const study::Analysis a = study::analyze(study::load_scenario("", small_llama({"parallel.pp=2"})));
+  for (const report::ExportRequest& r : {report::ExportRequest{.memviz = "x.pickle"}, report::ExportRequest{.csv = "x.csv"},
+                                         report::ExportRequest{.report = "x.html"}, report::ExportRequest{.svg = "x.svg"}}) {
+    try {
+      report::check_pipeline_exports(a, r);
+      FAIL("not refused");
+    } catch (const InputError& e) {
+      CHECK_THAT(std::string(e.what()), Catch::Contains("parallel.pp") && Catch::Contains("--trace"));
+      CHECK(std::string(e.what()).find('\n') == std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("plan on a pipeline: the worst stage planned, verified on the pipeline, never above the budget, monotone",
+          "[pp][planner]") {
+  const study::Scenario s = study::load_scenario(
+      "", small_llama({"parallel.pp=2", "parallel.microbatches=4", "model.n_layers=8", "model.seq_len=128"}));
+  const study::Analysis base = study::analyze(s);
+  graph::CheckpointPolicy full;
+  full.kind = graph::CheckpointPolicy::Kind::full;
+  study::Scenario sf = s;
+  sf.checkpoint = full;
+  const int64_t lo = study::analyze(sf).result.peak_bytes, hi = base.result.peak_bytes;
+  REQUIRE(lo < hi);
+  int64_t last_time = -1;
+  for (int i = 0; i <= 4; ++i) {
+    const int64_t budget = lo + (hi - lo) * i / 4;
+    INFO("budget " << budget);
+    const study::PlanResult r = study::plan_for_budget(s, budget);
+    REQUIRE(r.fits);
+    CHECK(r.peak_bytes <= budget);
+    CHECK(r.plan.mode.size() == 4);  // each stage's L/p blocks
+    // Verified: the pipeline simulated with the plan has that peak (its worst stage, micro-batches in flight).
+    study::Scenario chosen = s;
+    chosen.checkpoint = r.plan;
+    const study::Analysis v = study::analyze(chosen);
+    REQUIRE(v.pipeline);
+    CHECK(v.result.peak_bytes == r.peak_bytes);
+    CHECK(v.result.step_time_ns == r.step_time_ns);
+    if (last_time >= 0) CHECK(r.step_time_ns <= last_time);
+    last_time = r.step_time_ns;
+  }
+}
+// ---- end pprank ----

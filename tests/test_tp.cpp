@@ -9,6 +9,7 @@
 
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/make_schedule.hpp"
+#include "actsim/study/pipeline.hpp"  // pprank: tp inside pipeline stages
 #include "actsim/study/scenario.hpp"
 #include "actsim/sim/engine.hpp"
 #include "actsim/util/error.hpp"
@@ -206,3 +207,29 @@ TEST_CASE("tensor parallelism: bad combinations are one line naming the key", "[
   const std::string hf = error_of({"model.family=hf_llama", "runtime.profile=torch-cuda", "parallel.tp=2"});
   CHECK(!hf.empty());
 }
+
+// ---- pprank (issue 13): tensor parallelism inside pipeline stages ----
+TEST_CASE("tensor parallelism inside pipeline stages: lowered; tp's own refusals still apply", "[tp][pp]") {
+  auto with = [](std::vector<std::string> more) {
+    std::vector<std::string> v = megatron(64, 256, 8, 1, 1, false);
+    v.insert(v.end(), more.begin(), more.end());
+    return v;
+  };
+  for (const char* sp : {"parallel.sp=false", "parallel.sp=true"}) {
+    CHECK(error_of(with({"parallel.tp=2", sp, "parallel.pp=2"})).empty());
+    // The stage lowerings are one tp rank's: the two stages hold the tp-only lowering's parameters.
+    const study::Analysis pp = run(with({"parallel.tp=2", sp, "parallel.pp=2"}));
+    const study::Analysis tp = run(with({"parallel.tp=2", sp}));
+    REQUIRE(pp.pipeline);
+    int64_t params = 0;
+    for (size_t st = 0; st < 2; ++st) params += pp.pipeline->kinds[pp.pipeline->stage_kinds[st][0]]->param_count;
+    // gpt2 ties lm_head to wte: the last stage holds its own copy of the head's vocabulary shard
+    // (512 rows, a multiple of 128 x 2 already: 256 per rank, d 256).
+    CHECK(params == tp.param_count + (512 / 2) * 256);
+  }
+  CHECK(error_of(with({"parallel.tp=3", "parallel.pp=2"})).find("parallel.tp = 3 does not divide model.n_heads = 8") !=
+        std::string::npos);
+  CHECK(error_of(with({"parallel.tp=4", "parallel.sp=true", "model.seq_len=66", "parallel.pp=2"}))
+            .find("does not divide model.seq_len = 66") != std::string::npos);
+}
+// ---- end pprank ----

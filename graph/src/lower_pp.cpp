@@ -19,7 +19,11 @@ std::string_view to_string(PpSchedule s) {
 }
 
 TensorId Lowering::pp_input() {
-  pp_recv = b.leaf("pp.recv_activation", {tr.batch_size, m.seq_len, m.d_model}, dt, Category::input, true);
+  // With tensor parallelism each tp rank of a stage receives what its peer of the previous stage
+  // sends: the block output, replicated [b, s, h] without sequence parallelism, the sequence
+  // shard [b, s/t, h] with it (Megatron-LM's p2p tensor_shape divides the sequence by t when
+  // sequence_parallel), which is what the first block's norm and tp_in expect.
+  pp_recv = b.leaf("pp.recv_activation", {tr.batch_size, tp_seq(), m.d_model}, dt, Category::input, true);
   return pp_recv;
 }
 

@@ -173,6 +173,11 @@ std::vector<TimelineRow> coarsen(const Timeline& t, int64_t max_events) {
 void add_exports(const Analysis& a, const ExportRequest& r, OutputSet& out) {
   if (r.trace.empty() && r.memviz.empty() && r.csv.empty() && r.report.empty() && r.svg.empty()) return;
   if (r.max_events < 0) throw InputError(fmt::format("--max-events {}: must be 0 (all) or positive", r.max_events));
+  if (a.pipeline) {  // issue 13: one trace process per rank class; the one-device exports refused
+    check_pipeline_exports(a, r);
+    out.add("--trace", r.trace, pipeline_trace_json(a));
+    return;
+  }
   const Timeline t = record_timeline(a);
   // Render everything first, then write: a rendering bug never leaves some files written.
   if (!r.trace.empty()) out.add("--trace", r.trace, chrome_trace_json(a, t, r.max_events));

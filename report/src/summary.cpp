@@ -53,16 +53,33 @@ namespace {
 nlohmann::json figures_json(const Analysis& a, int64_t max_batch);
 void add_pipeline_json(nlohmann::json& j, const Analysis& a);
 
+// ---- pprank (issue 13): tensor parallelism in the parallel object and the rank coordinates ----
+// With parallel.tp > 1 the parallel object names tp, sp and tp_impl, and a rank class spans every
+// tp rank (they hold the same bytes: tp divides the lowering, not the classes); tp == 1 adds nothing.
+void add_tp_json(nlohmann::json& parallel, const graph::ParallelConfig& p) {
+  if (p.tp == 1) return;
+  parallel["tp"] = p.tp;
+  parallel["sp"] = p.sp;
+  parallel["tp_impl"] = graph::to_string(p.tp_impl);
+}
+nlohmann::json class_coordinates(const graph::ParallelConfig& p) {
+  nlohmann::json c = {{"dp", {0, p.dp - 1}}};
+  if (p.tp > 1) c["tp"] = {0, p.tp - 1};
+  return c;
+}
+// ---- end pprank ----
+
 void add_parallel_json(nlohmann::json& j, const Analysis& a) {
   const graph::TrainingConfig& t = a.scenario.training;
   if (t.master_weights != graph::MasterWeights::none) j["training"]["master_weights"] = "fp32";
   if (a.pipeline) return add_pipeline_json(j, a);
-  if (!t.parallel.active()) return;
+  if (!t.parallel.active() && t.parallel.tp == 1) return;
   const graph::ParallelConfig& p = t.parallel;
   j["parallel"] = {{"dp", p.dp}, {"sharding", graph::to_string(p.sharding)}, {"bucket_cap_mb", p.bucket_cap_mb},
                    {"gradient_as_bucket_view", p.gradient_as_bucket_view}};
+  add_tp_json(j["parallel"], p);
   nlohmann::json figures = j;
-  j["ranks"] = nlohmann::json::array({{{"class", 0}, {"coordinates", {{"dp", {0, p.dp - 1}}}}, {"count", p.dp},
+  j["ranks"] = nlohmann::json::array({{{"class", 0}, {"coordinates", class_coordinates(p)}, {"count", p.dp * p.tp},
                                        {"figures", std::move(figures)}}});
   j["peak_rank_class"] = 0;
 }
@@ -73,8 +90,8 @@ std::string schedule_name(const graph::ParallelConfig& p) {
                                                         : std::string(graph::to_string(p.pp_schedule));
 }
 
-// The rank classes of a pipeline: the ranks of one stage (every dp rank, and every tp rank once
-// tensor parallelism lands: it divides the lowering, not the classes) hold the same bytes; the
+// The rank classes of a pipeline: the ranks of one stage (every dp rank and every tp rank: tensor
+// parallelism divides the lowering, not the classes) hold the same bytes; the
 // stages differ (the embedding, the head, the micro-batches in flight), so each is a class.
 void add_pipeline_json(nlohmann::json& j, const Analysis& a) {
   const study::Pipeline& pl = *a.pipeline;
@@ -82,6 +99,7 @@ void add_pipeline_json(nlohmann::json& j, const Analysis& a) {
   j["parallel"] = {{"dp", p.dp}, {"sharding", graph::to_string(p.sharding)}, {"bucket_cap_mb", p.bucket_cap_mb},
                    {"gradient_as_bucket_view", p.gradient_as_bucket_view}, {"pp", p.pp},
                    {"microbatches", p.pp_micro()}, {"pp_schedule", schedule_name(p)}};
+  add_tp_json(j["parallel"], p);
   nlohmann::json ranks = nlohmann::json::array();
   for (int64_t st = 0; st < p.pp; ++st) {
     // The stage's first chunk's lowering, given the stage's figures for the moment of to_json.
@@ -95,9 +113,11 @@ void add_pipeline_json(nlohmann::json& j, const Analysis& a) {
     std::tie(k.params_bytes, k.param_count, k.grads_bytes, k.optimizer_bytes, k.optimizer_host_bytes, k.buffers_bytes,
              k.inputs_bytes) = statics;
     const study::PpStageResult& r = pl.result.stages[static_cast<size_t>(st)];
+    nlohmann::json coordinates = class_coordinates(p);
+    coordinates["pp"] = st;
     ranks.push_back({{"class", st},
-                     {"coordinates", {{"dp", {0, p.dp - 1}}, {"pp", st}}},
-                     {"count", p.dp},
+                     {"coordinates", std::move(coordinates)},
+                     {"count", p.dp * p.tp},
                      {"pipeline", {{"layers", a.scenario.model.n_layers / p.pp}, {"max_in_flight", r.max_in_flight},
                                    {"busy_ns", r.busy_ns}, {"idle_ns", pl.result.step_time_ns - r.busy_ns}}},
                      {"figures", std::move(fig)}});
@@ -109,6 +129,13 @@ void add_pipeline_json(nlohmann::json& j, const Analysis& a) {
                    {"bubble_ns", pl.result.bubble_ns}};
 }
 
+// pprank (issue 13): the table's "tensor parallel" line, for tp > 1 only.
+std::string tp_line(const graph::ParallelConfig& p) {
+  if (p.tp == 1) return "";
+  return fmt::format("        tensor parallel over {} ranks ({}{}); figures of one tp rank (its shards), a rank class spans all {}\n",
+                     p.tp, p.tp_impl == graph::TpImpl::megatron ? "Megatron-LM" : "DTensor", p.sp ? ", sequence parallel" : "", p.tp);
+}
+
 std::string pipeline_line(const Analysis& a) {
   const study::Pipeline& pl = *a.pipeline;
   const graph::ParallelConfig& p = pl.config;
@@ -118,8 +145,9 @@ std::string pipeline_line(const Analysis& a) {
       "{} ranks alike), the highest peak: {} micro-batches in flight; bubble {:.1f}% of the step\n",
       p.pp, schedule_name(p), p.pp_micro(), a.scenario.training.batch_size,
       p.dp > 1 ? fmt::format(" x data parallel {} ({})", p.dp, p.sharding == graph::Sharding::none ? "DDP" : graph::to_string(p.sharding)) : "",
-      pl.worst, pl.worst, p.dp, w.max_in_flight,
+      pl.worst, pl.worst, p.dp * p.tp, w.max_in_flight,
       pl.result.step_time_ns > 0 ? 100.0 * static_cast<double>(pl.result.bubble_ns) / static_cast<double>(pl.result.step_time_ns) : 0.0);
+  out += tp_line(p);
   for (int64_t st = 0; st < p.pp; ++st) {
     const auto& r = pl.result.stages[static_cast<size_t>(st)];
     out += fmt::format("          stage {}: peak {}, {} in flight, busy {:.3f} ms of {:.3f}\n", st, human_bytes(r.peak_bytes),
@@ -131,10 +159,11 @@ std::string pipeline_line(const Analysis& a) {
 std::string parallel_line(const Analysis& a) {
   const graph::ParallelConfig& p = a.scenario.training.parallel;
   if (a.pipeline) return pipeline_line(a);
-  if (!p.active()) return "";
+  if (!p.active()) return tp_line(p);
   return fmt::format("        data parallel over {} ranks ({}); figures of rank class 0 (dp ranks 0-{}, {} ranks alike), "
                      "the highest peak\n",
-                     p.dp, p.sharding == graph::Sharding::none ? "DDP" : graph::to_string(p.sharding), p.dp - 1, p.dp);
+                     p.dp, p.sharding == graph::Sharding::none ? "DDP" : graph::to_string(p.sharding), p.dp - 1, p.dp * p.tp) +
+         tp_line(p);
 }
 
 }  // namespace

@@ -140,8 +140,11 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
   // the whole model's ranks fit one node, else the network (stages are the outermost coordinate,
   // as Megatron-LM orders ranks).
   const graph::ParallelConfig& p = s.training.parallel;
-  const int64_t bytes = s.training.batch_size * s.model.seq_len * s.model.d_model * graph::dtype_size(s.training.dtype);
-  const double bw = p.dp * p.pp <= s.device.gpus_per_node ? s.device.link_bandwidth : s.device.network_bandwidth;
+  // With tensor parallelism each tp rank sends to its peer: under sequence parallelism its
+  // sequence shard (s/t tokens), without it the replicated output.
+  const int64_t seq = p.tp > 1 && p.sp ? s.model.seq_len / p.tp : s.model.seq_len;
+  const int64_t bytes = s.training.batch_size * seq * s.model.d_model * graph::dtype_size(s.training.dtype);
+  const double bw = p.tp * p.dp * p.pp <= s.device.gpus_per_node ? s.device.link_bandwidth : s.device.network_bandwidth;
   sg.p2p_ns = (bw > 0 ? static_cast<int64_t>(static_cast<double>(bytes) / bw * 1e9 + 0.5) : 0) + s.device.link_latency_ns;
   // Note [PipelineStage's buffers]: torch.distributed.pipelining's PipelineStage allocates, when
   // the schedule first runs, one receive buffer per micro-batch for the activation it receives

@@ -85,10 +85,6 @@ std::optional<std::string> pipeline_problem(const Scenario& sc) {
     return fail(blame_pp(sc, {"training.grad_accum_steps", "parallel.pp"}),
                 "pipeline parallelism accumulates over its micro-batches; use parallel.microbatches instead of training.grad_accum_steps");
   }
-  if (t.parallel.tp > 1) {
-    return fail(blame_pp(sc, {"parallel.tp", "parallel.pp"}),
-                "tensor parallelism inside pipeline stages is not lowered yet; set parallel.tp = 1 or parallel.pp = 1");
-  }
   if (t.autocast_on()) {
     return fail(blame_pp(sc, {"training.autocast", "parallel.pp"}), "autocast with pipeline parallelism is not lowered yet; set training.autocast = \"none\"");
   }

@@ -67,7 +67,7 @@ struct StageMemory {
 };
 
 StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<PpSegment>& seg, int64_t p, int64_t s,
-                         graph::PpSchedule kind) {
+                         graph::PpSchedule kind, std::vector<PpSpan>* spans = nullptr) {
   const int64_t V = static_cast<int64_t>(seg.size()) / p;
   const int64_t n = static_cast<int64_t>(acts.size());
   const bool torch_rules = kind != graph::PpSchedule::interleaved;  // Schedule1F1B's and ScheduleGPipe's locals
@@ -103,14 +103,17 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
       if (at == point) live -= bytes, bytes = 0, at = -1;
     }
   };
+  int64_t act_before = 0, act_peak = 0;  // pprank: the current action's live bytes, for its trace span
   auto see = [&](int64_t cand, int64_t others, graph::Phase ph) {
     if (cand > out.peak) out.peak = cand, out.extra_held = others, out.peak_phase = ph;
+    act_peak = std::max(act_peak, cand);
   };
   std::vector<bool> grads(static_cast<size_t>(V), false);
   int32_t fwd_seen = 0;
   for (int64_t k = 0; k < n; ++k) {
     const PpAction& x = acts[static_cast<size_t>(k)];
     const PpSegment& sg = seg_of(x);
+    act_before = act_peak = live;
     if (!x.backward) {
       see(live + sg.fwd_peak_body, held, graph::Phase::forward);
       release(3 * k + 1);
@@ -151,6 +154,12 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
       }
     }
     release(after(k));
+    if (spans) {  // pprank: the same order as the timing pass
+      PpSpan& sp = (*spans)[static_cast<size_t>(k)];
+      sp.live_before = act_before;
+      sp.peak = act_peak;
+      sp.live_after = live;
+    }
   }
   release(kEnd);
   out.end = live - losses;
@@ -213,6 +222,7 @@ PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std
         at(x.backward ? bend : fend, vs, x.mb) = end;
         free_at[static_cast<size_t>(s)] = end;
         PpStageResult& st = r.stages[static_cast<size_t>(s)];
+        st.spans.push_back({.action = x, .start_ns = start, .end_ns = end});  // pprank: the trace's slices
         st.busy_ns += end - start;
         (x.backward ? st.backward_end_ns : st.forward_end_ns) = end;
         ++k, --left, progress = true;
@@ -233,7 +243,7 @@ PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std
       opt_mid += sg.opt_mid;
       opt_end += sg.opt_end;
     }
-    const StageMemory mem = stage_memory(sched[static_cast<size_t>(s)], seg, p, s, kind);
+    const StageMemory mem = stage_memory(sched[static_cast<size_t>(s)], seg, p, s, kind, &st.spans);
     st.live_step_start = mem.start;
     st.live_end_forward = mem.end_forward;
     st.max_in_flight = mem.max_in_flight;
@@ -247,6 +257,8 @@ PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std
     st.live_end_step = live + opt_end;
     st.peak_bytes = peak;
     st.end_ns = st.backward_end_ns + opt_ns;
+    st.spans.push_back({.action = {.backward = false, .mb = -1, .chunk = 0}, .start_ns = st.backward_end_ns, .end_ns = st.end_ns,
+                        .live_before = live, .peak = live + std::max<int64_t>(0, opt_peak), .live_after = st.live_end_step});
     st.busy_ns += opt_ns;
     r.step_time_ns = std::max(r.step_time_ns, st.end_ns);
     busiest = std::max(busiest, st.busy_ns);

@@ -18,6 +18,7 @@
 #include "actsim/util/error.hpp"
 #include "actsim/util/parallel.hpp"
 #include "actsim/graph/profile.hpp"
+#include "actsim/study/pipeline.hpp"  // issue 13: a pipeline planned on its worst stage
 
 namespace actsim::study {
 
@@ -367,6 +368,8 @@ Chain measure_chain(const Scenario& s) {
 
 struct PlanShared;
 PlanResult plan_for_budget_impl(const Scenario& s, int64_t budget, bool selective, bool offload, PlanShared& shared);
+// The search on stage scenario `s`, its candidates simulated on `pipeline` when not null (issue 13).
+PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options, const Scenario* pipeline);
 
 constexpr int64_t kMaxRecomputePerBlock = 4;  // Note [Planner size]
 
@@ -393,6 +396,9 @@ namespace {
 std::shared_ptr<const Analysis> simulate_plan(const Scenario& s, const graph::BlockPlan& bp) {
   Scenario t = s;
   t.checkpoint = bp;
+  // issue 13 (pprank): a pipeline's plan is verified on the whole pipeline (every stage's blocks
+  // under it, the schedule replayed: the worst stage's peak with its micro-batches in flight).
+  if (t.training.parallel.pp > 1 && !t.training.parallel.pp_stage()) return std::make_shared<const Analysis>(analyze(t));
   return std::make_shared<const Analysis>(simulate_step(resolve(t, bp), t));
 }
 
@@ -400,6 +406,10 @@ std::shared_ptr<const Analysis> simulate_plan(const Scenario& s, const graph::Bl
 // time alone (the same figures: the engine reads no names), lowered without names and freed at
 // once by the thread that built it, whose next lowering reuses the memory.
 PlanProbe simulate_figures(const Scenario& s, const graph::BlockPlan& bp) {
+  if (s.training.parallel.pp > 1 && !s.training.parallel.pp_stage()) {  // issue 13: the replayed pipeline's
+    const std::shared_ptr<const Analysis> a = simulate_plan(s, bp);
+    return {a->result.peak_bytes, a->result.step_time_ns};
+  }
   const SimResult r = simulate_step_result(resolve(s, bp), s);
   return {r.peak_bytes, r.step_time_ns};
 }
@@ -483,6 +493,7 @@ struct PlanShared {
   std::shared_ptr<const Analysis> fastest;  // of the fastest plan within the budget so far, if kept
   std::string fastest_key;                  // that plan's key (empty: none fits yet)
   int64_t fastest_time = 0;
+  const Scenario* pipeline = nullptr;   // issue 13 (pprank): probes simulate this pipeline, not the stage
   Reaper reaper;  // last member: destroyed (joined) first
 
   // A simulated plan: `a` its analysis, or null when only its figures `p` were simulated.
@@ -509,7 +520,7 @@ struct PlanShared {
     auto it = probes.find(k);
     if (it != probes.end()) return it->second;
     std::shared_ptr<const Analysis> a;
-    const Probe p = simulate(s, bp, answer, a);
+    const Probe p = simulate(pipeline ? *pipeline : s, bp, answer, a);
     record(k, p, std::move(a));
     return probes.at(k);
   }
@@ -548,7 +559,7 @@ struct PlanShared {
       const size_t i = order[static_cast<size_t>(j)];
       Todo& t = todo[i];
       try {
-        t.figures = simulate(s, *t.plan, t.answer, t.analysis);
+        t.figures = simulate(pipeline ? *pipeline : s, *t.plan, t.answer, t.analysis);
       } catch (...) {
         errors[i] = std::current_exception();
       }
@@ -561,19 +572,29 @@ struct PlanShared {
 };
 
 PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options) {
-  // issue 13: a pipeline's stages hold several micro-batches, whose held bytes a plan changes too;
-  // the planner plans one stage's single micro-batch (checkpoint.policy = "budget:..." under
-  // parallel.pp plans each stage so), not yet the replayed pipeline.
+  // issue 13 (pprank): a pipeline is planned on its worst stage (the highest peak under the
+  // replayed schedule, without checkpointing): the chain is that stage's blocks, the plan covers
+  // each stage's L/(pV) blocks (every stage runs it), and every candidate is verified by
+  // simulating the whole pipeline with it, so the micro-batches in flight are counted.
   if (s.training.parallel.pp > 1 && !s.training.parallel.pp_stage()) {
-    throw InputError(s.where("parallel.pp") + ": actsim plan does not plan a pipeline yet (the micro-batches in flight); "
-                     "use checkpoint.policy with simulate");
+    Scenario none = s;
+    none.checkpoint = graph::CheckpointPolicy{};
+    const Analysis base = analyze(none);
+    const Pipeline& pl = *base.pipeline;
+    Scenario stage = pl.kinds[static_cast<size_t>(pl.stage_kinds[static_cast<size_t>(pl.worst)][0])]->scenario;
+    return plan_for_budget(stage, budget, options, &none);
   }
+  return plan_for_budget(s, budget, options, nullptr);
+}
+
+PlanResult plan_for_budget(const Scenario& s, int64_t budget, const PlanOptions& options, const Scenario* pipeline) {
   // The keep/recompute plan (the DP is exact there), then with the op-level and offload options
   // (estimated in the DP): every answer is simulated, and the fastest that fits wins, so the
   // options never make a plan slower.
   PlanShared shared;
   shared.options = &options;
   shared.budget = budget;
+  shared.pipeline = pipeline;
   // The baseline and full recomputation, then per variant its least-memory plan and about three
   // probes around the memory model's guess.
   shared.estimate = 2 + 4 * (1 + options.selective + options.offload);

@@ -72,8 +72,43 @@ def check_csv(folder, summary, coarsened):
     assert rows[0]["event"] == "step_start" and int(rows[0]["total"]) == summary["live_bytes"]["step_start"]
 
 
+def check_pipeline_trace(actsim):
+    """issue 13 (pprank): `simulate --trace` on a pipeline writes one process per rank class, each
+    counter peaking at its class's peak in the JSON; a one-device export with it is refused with one
+    line and nothing is written."""
+    import subprocess
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="actsim_pp_trace_")
+    try:
+        trace = os.path.join(folder, "trace.json")
+        sets = ["--set", "model.family=llama", "--set", "parallel.pp=2", "--set", "parallel.microbatches=4"]
+        for kv in MEDIUM:
+            sets += ["--set", kv]
+        p = subprocess.run([actsim, "simulate", "--no-fit", "--json", "--trace", trace] + sets,
+                           check=True, capture_output=True, text=True)
+        summary = json.loads(p.stdout)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+        names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+        assert sorted(names) == [1, 2], names
+        for cls in summary["ranks"]:
+            pid = cls["class"] + 1
+            assert f"pp stage {cls['coordinates']['pp']}" in names[pid], names[pid]
+            best = max(e["args"]["bytes"] for e in events if e["ph"] == "C" and e["pid"] == pid)
+            assert best == cls["figures"]["peak"]["bytes"], (pid, best, cls["figures"]["peak"]["bytes"])
+        os.remove(trace)
+        p = subprocess.run([actsim, "simulate", "--no-fit", "--trace", trace, "--csv", os.path.join(folder, "e.csv")] + sets,
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and "--csv" in p.stderr and "parallel.pp" in p.stderr, (p.returncode, p.stderr)
+        assert p.stderr.strip().count("\n") == 0 and os.listdir(folder) == [], (p.stderr, os.listdir(folder))
+        print(f"ok: pipeline trace, {len(names)} processes")
+    finally:
+        shutil.rmtree(folder)
+
+
 def main():
     actsim = sys.argv[1]
+    check_pipeline_trace(actsim)
     for sets, max_events in ((TINY, 0), (MEDIUM, 0), (MEDIUM, 200)):
         folder, summary = run_exports(actsim, sets, max_events)
         try:

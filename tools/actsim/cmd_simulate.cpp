@@ -71,7 +71,11 @@ int cmd_simulate(const std::vector<std::string>& args) {
                   fmt::format("simulate at {} layers{}", s.model.n_layers, vm.count("no-fit") ? "" : " with the batch search (--no-fit skips it)"));
   study::Analysis a = study::analyze(s);
   if (a.pipeline) {  // issue 13: a pipeline's figures are its stages' replay, not one event log
-    for (const char* k : {"calibration", "emit-schedule", "timeline", "trace", "memviz", "csv", "report", "svg"}) {
+    // --trace writes one process per rank class; --memviz, --csv, --report and --svg hold one
+    // device: refused with one line before any work (report::check_pipeline_exports).
+    report::check_pipeline_exports(a, {.memviz = vm.count("memviz") ? "-" : "", .csv = vm.count("csv") ? "-" : "",
+                                       .report = vm.count("report") ? "-" : "", .svg = vm.count("svg") ? "-" : ""});
+    for (const char* k : {"calibration", "emit-schedule", "timeline"}) {
       if (vm.count(k)) {
         throw InputError(fmt::format("--{}: not written for a pipeline yet ({}); simulate a stage alone without parallel.pp",
                                      k, s.where("parallel.pp")));
@@ -97,7 +101,8 @@ int cmd_simulate(const std::vector<std::string>& args) {
 void add_export_options(po::options_description& opts) {
   opts.add_options()
       ("trace", po::value<std::string>(), "FILE.json: Chrome trace (Perfetto, chrome://tracing): memory counters per "
-                                          "category, op slices per stream, the peak")
+                                          "category, op slices per stream, the peak; on a pipeline one process per "
+                                          "rank class")
       ("memviz", po::value<std::string>(), "FILE.pickle: snapshot for PyTorch's memory viewer (pytorch.org/memory_viz)")
       ("csv", po::value<std::string>(), "FILE.csv: one row per memory event with live bytes per category")
       ("report", po::value<std::string>(), "FILE.html: self-contained report (stacked memory chart, peak, tables)")

@@ -107,6 +107,15 @@ std::vector<TimelineRow> coarsen(const Timeline& t, int64_t max_events);
 int64_t coarsen_threshold(const Timeline& t, int64_t max_events);
 
 std::string chrome_trace_json(const study::Analysis& a, const Timeline& t, int64_t max_events = 0);
+// ---- pprank (issue 13): a pipeline's exports (export_pipeline.cpp) ----
+// The Chrome trace of a pipeline: one process per rank class (a stage; pid stage + 1, its
+// process_name naming its coordinates), its actions as slices and its live bytes as a counter
+// whose highest point is the class's peak.
+std::string pipeline_trace_json(const study::Analysis& a);
+// Throws the one-line InputError for an export that holds one device (--memviz, --csv, --report,
+// --svg) asked of a pipeline; does nothing for a single-rank analysis.
+void check_pipeline_exports(const study::Analysis& a, const ExportRequest& r);
+// ---- end pprank ----
 std::string memviz_pickle(const study::Analysis& a, const Timeline& t, int64_t max_events = 0);
 std::string timeline_csv(const study::Analysis& a, const Timeline& t, int64_t max_events = 0);
 std::string report_html(const study::Analysis& a, const Timeline& t);

@@ -63,6 +63,14 @@ struct PpSegment {
   int64_t bwd_peak_later = 0;  // a later backward's peak, .grad existing (its new gradients temporaries)
 };
 
+// pprank (issue 13): one action of a stage as the replay ran it, for the per-class trace: its
+// times and the stage's live bytes before, at its peak and after (mb -1: the optimizer step).
+struct PpSpan {
+  PpAction action;
+  int64_t start_ns = 0, end_ns = 0;
+  int64_t live_before = 0, peak = 0, live_after = 0;
+};
+
 struct PpStageResult {
   int64_t peak_bytes = 0;
   int64_t max_in_flight = 0;   // micro-batches whose activations the stage held at once
@@ -74,6 +82,7 @@ struct PpStageResult {
   int64_t live_end_backward = 0, live_end_optimizer = 0, live_end_step = 0;
   int64_t extra_held = 0;      // at the peak: held bytes of the other micro-batches in flight
   graph::Phase peak_phase = graph::Phase::forward;
+  std::vector<PpSpan> spans;   // pprank: every action in schedule order, then the optimizer step
 };
 
 struct PpResult {
