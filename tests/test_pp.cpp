@@ -193,3 +193,143 @@ TEST_CASE("bad pipeline combinations are one-line errors naming the key", "[pp][
     CHECK(m.find('\n') == std::string::npos);
   }
 }
+
+// torch.distributed.pipelining's runtime (issue 13, pporacle; Note [torch.distributed.pipelining's
+// lifetimes] in study/src/pipeline_schedule.cpp): what its schedules keep alive beyond autograd's
+// saved tensors, on hand-made segments.
+namespace {
+study::PpSegment torch_segment(int64_t held, int64_t out, int64_t in_grad) {
+  study::PpSegment s;
+  s.held = held;
+  s.fwd_peak = held;
+  s.fwd_peak_body = held;
+  s.bwd_peak = held;
+  s.bwd_peak_later = held;
+  s.out = out;
+  s.in_grad = in_grad;
+  return s;
+}
+}  // namespace
+
+TEST_CASE("torch's 1F1B keeps the warm-up's last sent output until the cool-down", "[pp][torch]") {
+  // Stage 0 of 2, 4 micro-batches: F0 F1 B0 F2 B1 F3 B2 B3. Schedule1F1B's send_work keeps
+  // micro-batch 0's output (its last fired warm-up send) until the cool-down's first send, so
+  // B1 and B2 run with three outputs live: micro-batch 0's, and those of the two in flight.
+  const int64_t H = 1000, O = 10;
+  const std::vector<study::PpSegment> seg{torch_segment(H, O, 0), torch_segment(H, 0, 0)};
+  const study::PpResult f = study::run_pipeline(study::pp_schedule(PpSchedule::one_f_one_b, 2, 4, 1), seg, 2,
+                                                PpSchedule::one_f_one_b);
+  CHECK(f.stages[0].peak_bytes == 2 * H + 3 * O);
+  CHECK(f.stages[0].peak_phase == graph::Phase::backward);
+  // GPipe keeps each output until its backward (fwd_cache): all four at B0.
+  const study::PpResult g = study::run_pipeline(study::pp_schedule(PpSchedule::gpipe, 2, 4, 1), seg, 2, PpSchedule::gpipe);
+  CHECK(g.stages[0].peak_bytes == 4 * H + 4 * O);
+  // Nothing is left after the last backward.
+  CHECK(f.stages[0].live_end_backward == 0);
+  CHECK(g.stages[0].live_end_backward == 0);
+}
+
+TEST_CASE("torch's 1F1B last stage holds the previous logits through the next forward's body", "[pp][torch]") {
+  // The schedule's local `output` keeps micro-batch i's logits until forward_one_chunk of i + 1
+  // returns: its body (before the loss) runs with them, its loss without.
+  study::PpSegment last = torch_segment(1000, 500, 0);
+  last.fwd_peak = last.fwd_peak_body = 1200;
+  const std::vector<study::PpSegment> seg{torch_segment(1000, 0, 0), last};
+  const study::PpResult r = study::run_pipeline(study::pp_schedule(PpSchedule::one_f_one_b, 2, 3, 1), seg, 2,
+                                                PpSchedule::one_f_one_b);
+  CHECK(r.stages[1].peak_bytes == 500 + 1200);
+  CHECK(r.stages[1].peak_phase == graph::Phase::forward);
+  // Past its body the previous logits are gone: a loss peak above the body's does not see them.
+  last.fwd_peak_body = 1000;
+  last.fwd_peak = 1600;
+  const std::vector<study::PpSegment> seg2{torch_segment(1000, 0, 0), last};
+  const study::PpResult r2 = study::run_pipeline(study::pp_schedule(PpSchedule::one_f_one_b, 2, 3, 1), seg2, 2,
+                                                 PpSchedule::one_f_one_b);
+  CHECK(r2.stages[1].peak_bytes == 1600);
+}
+
+TEST_CASE("torch's input gradients: 1F1B sends keep one until the next backward, GPipe keeps all", "[pp][torch]") {
+  const int64_t H = 100, G = 5000;
+  study::PpSegment last = torch_segment(H, 0, G);
+  last.bwd_peak_later = H + 10000;  // a large transient in the later backwards
+  const std::vector<study::PpSegment> seg{torch_segment(H, 0, 0), last};
+  const study::PpResult f = study::run_pipeline(study::pp_schedule(PpSchedule::one_f_one_b, 2, 4, 1), seg, 2,
+                                                PpSchedule::one_f_one_b);
+  const study::PpResult g = study::run_pipeline(study::pp_schedule(PpSchedule::gpipe, 2, 4, 1), seg, 2, PpSchedule::gpipe);
+  CHECK(f.stages[1].peak_bytes == G + H + 10000);      // the previous micro-batch's
+  CHECK(g.stages[1].peak_bytes == 3 * G + H + 10000);  // the last backward: the three before it
+  CHECK(f.stages[1].live_end_backward == 0);
+  CHECK(g.stages[1].live_end_backward == 0);
+}
+
+TEST_CASE("torch's interleaved runtime keeps every send until step() returns", "[pp][torch]") {
+  // ScheduleInterleaved1F1B runs on _PipelineScheduleRuntime, whose send_ops list keeps every
+  // send's work: stage 0 of 2 with 2 chunks (virtual stages 0 and 2) over 2 micro-batches sends
+  // 4 outputs and (virtual stage 2) 2 input gradients, all live at its last two backwards (the
+  // first of them with both micro-batches' held bytes of chunk 0).
+  const int64_t H = 1, O = 1000, G = 100;
+  auto sent = [&](int64_t in_grad) {
+    study::PpSegment x = torch_segment(H, O, in_grad);
+    x.out_sent = true;
+    return x;
+  };
+  const std::vector<study::PpSegment> seg{sent(0), sent(G), sent(G), torch_segment(H, 0, G)};
+  const study::PpResult r = study::run_pipeline(study::pp_schedule(PpSchedule::interleaved, 2, 2, 2), seg, 2,
+                                                PpSchedule::interleaved);
+  CHECK(r.stages[0].peak_bytes == 4 * O + 2 * G + 2 * H);
+  CHECK(r.stages[0].live_end_backward == 0);
+}
+
+TEST_CASE("a later backward adds into .grad: its own peak, the losses kept until step() returns", "[pp][torch]") {
+  study::PpSegment last = torch_segment(1000, 0, 0);
+  last.grads = 500 + 4;  // the parameters' gradients and the micro-batch's loss (kept by the lowering)
+  last.loss = 4;
+  last.bwd_peak = 2000;
+  last.bwd_peak_later = 4000;  // .grad exists: 500 of it, plus the new gradients as temporaries
+  const std::vector<study::PpSegment> seg{torch_segment(1000, 0, 0), last};
+  const study::PpResult r = study::run_pipeline(study::pp_schedule(PpSchedule::gpipe, 2, 2, 1), seg, 2, PpSchedule::gpipe);
+  // B0 peaks at 1000 (B1's held) + 2000; B1 at the later peak (its held and .grad included),
+  // plus B0's loss, still in the schedule's list.
+  CHECK(r.stages[1].peak_bytes == 4 + 4000);
+  CHECK(r.stages[1].live_end_backward == 500);  // the losses are gone once step() returns
+}
+
+TEST_CASE("torch2-cpu stages: PipelineStage's buffers, the whole batch, a steady step; figures measured by torch", "[pp][torch]") {
+  // test_against_torch's BASE (gpt2, d 32, 2 layers, batch 2, seq 16, fp32, AdamW) on 2 stages,
+  // 1F1B over 4 micro-batches. The figures below are tests/torch/measure_pp.py's (torch 2.13,
+  // gloo, 2 ranks; torch2.pp checks them live where torch is installed).
+  const std::vector<std::string> sets{"model.family=gpt2", "model.vocab_size=97", "model.seq_len=16", "model.d_model=32",
+                                      "model.n_heads=4", "model.n_layers=2", "training.batch_size=2",
+                                      "runtime.profile=torch2-cpu", "parallel.pp=2", "parallel.microbatches=4"};
+  const nlohmann::json j = report::to_json(study::analyze(study::load_scenario("", sets)), -1);
+  REQUIRE(j["ranks"].size() == 2);
+  const int64_t m = 4, idx = 2 * 16 * 8, act = 2 * 16 * 32 * 4;
+  for (int st = 0; st < 2; ++st) {
+    const auto& f = j["ranks"][st]["figures"];
+    const auto& live = f["live_bytes"];
+    CHECK(live["end_step"] == live["step_start"]);  // the step leaves what it found
+    // parameters, AdamW's state, the masks; m micro-batches of idx (or targets); m receive
+    // buffers (activations on stage 1, output gradients on stage 0)
+    CHECK(live["step_start"].get<int64_t>() == f["params_bytes"].get<int64_t>() + f["optimizer_bytes"].get<int64_t>() +
+                                                   f["buffers_bytes"].get<int64_t>() + m * idx + m * act);
+  }
+  const auto& s0 = j["ranks"][0]["figures"];
+  const auto& s1 = j["ranks"][1]["figures"];
+  CHECK(s0["peak"]["bytes"] == 474056);
+  CHECK(s0["live_bytes"]["end_forward"] == 441160);
+  CHECK(s0["live_bytes"]["end_backward"] == 279608);
+  CHECK(s1["peak"]["bytes"] == 405080);
+  CHECK(s1["live_bytes"]["end_forward"] == 380248);
+  CHECK(s1["live_bytes"]["end_backward"] == 272444);
+  // The same model under GPipe over 3 micro-batches with dropout 0.1, and with 4 layers
+  // interleaved over 2 chunks per stage and 4 micro-batches: each stage's peak as torch measured it.
+  auto peaks = [&](std::vector<std::string> more) {
+    std::vector<std::string> all = sets;
+    all.insert(all.end(), more.begin(), more.end());
+    const nlohmann::json k = report::to_json(study::analyze(study::load_scenario("", all)), -1);
+    return std::vector<int64_t>{k["ranks"][0]["figures"]["peak"]["bytes"], k["ranks"][1]["figures"]["peak"]["bytes"]};
+  };
+  CHECK(peaks({"model.dropout=0.1", "parallel.pp_schedule=gpipe", "parallel.microbatches=3"}) ==
+        std::vector<int64_t>{565072, 618220});
+  CHECK(peaks({"model.n_layers=4", "parallel.pp_schedule=interleaved:2"}) == std::vector<int64_t>{955280, 815768});
+}

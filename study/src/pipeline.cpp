@@ -3,6 +3,7 @@
 #include "actsim/study/pipeline.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <map>
 
 #include "actsim/study/analyze.hpp"
@@ -12,44 +13,107 @@ namespace actsim::study {
 
 namespace {
 
-// Live bytes per phase from one micro-batch's simulation: the peak of each phase and the
-// gradients live at the backward's peak.
+// Live bytes per phase from one micro-batch's simulation: the peak of each phase, the gradients
+// live at the backward's peak, the forward's peak before the loss, and a later micro-batch's
+// backward peak (PpSegment::bwd_peak_later).
 class PhasePeaks : public sim::Observer {
  public:
-  explicit PhasePeaks(const sim::StepTables& t) : t_(t) {}
+  // `produced`: (op, bytes) of each parameter's gradient, by the op that produces the tensor
+  // (.grad), in op order; `node`: per op, the autograd node it belongs to; `loss_begin`: the
+  // first op of the loss (the last stage; else past every op).
+  PhasePeaks(const sim::StepTables& t, std::vector<std::pair<uint32_t, int64_t>> produced, std::vector<uint32_t> node,
+             uint32_t loss_begin)
+      : t_(t), produced_(std::move(produced)), node_(std::move(node)), loss_begin_(loss_begin) {
+    for (const auto& [op, bytes] : produced_) pg_total_ += bytes;
+  }
   void on_alloc(graph::StorageId s, graph::OpId by, int64_t, int64_t live) override {
     if (!t_.storage_on_host(s) && t_.storage_category(s) == static_cast<uint8_t>(graph::Category::gradient)) {
       grads_ += t_.storage_bytes(s);
     }
+    retire(by);
     see(by, live);
   }
-  void on_free(graph::StorageId s, graph::OpId, int64_t, int64_t) override {
+  void on_free(graph::StorageId s, graph::OpId by, int64_t, int64_t) override {
     if (!t_.storage_on_host(s) && t_.storage_category(s) == static_cast<uint8_t>(graph::Category::gradient)) {
       grads_ -= t_.storage_bytes(s);
     }
+    retire(by);
   }
   void on_workspace(graph::OpId op, int64_t bytes, int64_t, int64_t live) override {
+    retire(op);
     if (bytes > 0) see(op, live);
   }
   std::array<int64_t, 3> peak{};
+  int64_t fwd_peak_body = 0;   // the forward's peak before loss_begin
+  int64_t bwd_peak_later = 0;  // a later micro-batch's backward: .grad exists, new gradients retire
   int64_t grads_at_bwd_peak = 0;
 
  private:
+  // A later backward's gradient of a parameter is a temporary: AccumulateGrad (which runs as
+  // soon as its node has) adds it into .grad and frees it. Once an op of another node runs, the
+  // gradients produced by earlier nodes are gone.
+  void retire(graph::OpId op) {
+    if (t_.phase(op) != graph::Phase::backward) return;
+    const uint32_t k = graph::index(op);
+    while (next_ < produced_.size() && produced_[next_].first < k && node_[produced_[next_].first] != node_[k]) {
+      retired_ += produced_[next_++].second;
+    }
+  }
   void see(graph::OpId op, int64_t live) {
     const size_t ph = static_cast<size_t>(t_.phase(op));
     if (live > peak[ph]) {
       peak[ph] = live;
       if (ph == static_cast<size_t>(graph::Phase::backward)) grads_at_bwd_peak = grads_;
     }
+    if (ph == static_cast<size_t>(graph::Phase::forward) && graph::index(op) < loss_begin_) fwd_peak_body = std::max(fwd_peak_body, live);
+    if (ph == static_cast<size_t>(graph::Phase::backward)) bwd_peak_later = std::max(bwd_peak_later, live + pg_total_ - retired_);
   }
   const sim::StepTables& t_;
-  int64_t grads_ = 0;
+  std::vector<std::pair<uint32_t, int64_t>> produced_;
+  std::vector<uint32_t> node_;
+  uint32_t loss_begin_ = 0;
+  size_t next_ = 0;
+  int64_t pg_total_ = 0, grads_ = 0, retired_ = 0;
 };
 
 PpSegment segment_of(const Analysis& a, const Scenario& s) {
   const sim::StepTables& t = *a.tables;
   const graph::Graph& g = a.step->graph;
-  PhasePeaks pk(t);
+  // Each parameter's gradient (.grad) by the op producing it, once per storage (tied weights).
+  std::vector<std::pair<uint32_t, int64_t>> produced;
+  std::vector<bool> seen(g.storages().size(), false);
+  int64_t pg_total = 0;
+  for (graph::TensorId gr : a.step->param_grads) {
+    if (gr == graph::kNoTensor) continue;
+    const graph::Tensor& x = g.tensor(gr);
+    if (seen[graph::index(x.storage)] || x.producer == graph::kNoOp) continue;
+    seen[graph::index(x.storage)] = true;
+    produced.emplace_back(graph::index(x.producer), t.storage_bytes(x.storage));
+    pg_total += t.storage_bytes(x.storage);
+  }
+  std::sort(produced.begin(), produced.end());
+  // The loss begins with the first op that reads the logits (the last stage): the first op of the
+  // lowering's cross_entropy scope.
+  const bool first = s.training.parallel.pp_embedding, last = s.training.parallel.pp_head;
+  uint32_t loss_begin = std::numeric_limits<uint32_t>::max();
+  graph::TensorId logits = graph::kNoTensor;
+  if (last) {
+    for (size_t i = 0; i < g.n_ops() && logits == graph::kNoTensor; ++i) {
+      const graph::Op& o = g.op(graph::OpId{static_cast<uint32_t>(i)});
+      if (o.name.find("cross_entropy") != std::string::npos && !o.inputs.empty()) {
+        loss_begin = static_cast<uint32_t>(i);
+        logits = o.inputs[0];
+      }
+    }
+  }
+  std::vector<uint32_t> node(g.n_ops());
+  for (size_t i = 0; i < g.n_ops(); ++i) {
+    const graph::OpId f = g.op(graph::OpId{static_cast<uint32_t>(i)}).forward;
+    // A helper op of a node (a bias gradient's sum_to) has no forward op of its own.
+    node[i] = f != graph::kNoOp ? graph::index(f) : i > 0 ? node[i - 1] : 0;
+  }
+  ACTSIM_ASSERT(!last || logits != graph::kNoTensor, "a last stage's loss is found by its ops' names (lowered with names)");
+  PhasePeaks pk(t, std::move(produced), std::move(node), loss_begin);
   sim::Observer* obs[] = {&pk};
   const sim::SimResult r = sim::simulate(t, obs);
   int64_t recv = 0;
@@ -79,6 +143,38 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
   const int64_t bytes = s.training.batch_size * s.model.seq_len * s.model.d_model * graph::dtype_size(s.training.dtype);
   const double bw = p.dp * p.pp <= s.device.gpus_per_node ? s.device.link_bandwidth : s.device.network_bandwidth;
   sg.p2p_ns = (bw > 0 ? static_cast<int64_t>(static_cast<double>(bytes) / bw * 1e9 + 0.5) : 0) + s.device.link_latency_ns;
+  // Note [PipelineStage's buffers]: torch.distributed.pipelining's PipelineStage allocates, when
+  // the schedule first runs, one receive buffer per micro-batch for the activation it receives
+  // (not on the first stage) and one for the gradient of its output (not on the last), reused by
+  // every step and never freed; the lowering's received input is the first of them. The
+  // schedule's step() splits the whole batch, m micro-batches of idx (first stage) or targets
+  // (last stage), the caller's tensors: m - 1 more than the lowering's. The last stage's loss
+  // of each micro-batch stays in the schedule's list until step() returns (no `losses` list passed).
+  const int64_t m = p.pp_micro();
+  int64_t inputs = 0;
+  for (const graph::Tensor& x : g.tensors()) {
+    if (x.producer == graph::kNoOp && x.name != "pp.recv_activation" && g.storage(x.storage).category == graph::Category::input) {
+      inputs += t.storage_bytes(x.storage);
+    }
+  }
+  sg.persist = (m - 1) * inputs + (first ? 0 : m * recv) + (last ? 0 : m * bytes);
+  // The lowering's received input is one micro-batch's (live from the step's start): here it is
+  // one of the persistent buffers, so not held per micro-batch.
+  sg.held -= recv, sg.fwd_peak -= recv, sg.bwd_peak -= recv;
+  sg.fwd_peak_body = last ? std::max(pk.fwd_peak_body, r.live_step_start) - r.live_step_start : sg.fwd_peak;
+  sg.bwd_peak_later = std::max(pk.bwd_peak_later, r.live_end_forward + pg_total) - r.live_step_start;
+  sg.out = last ? (logits != graph::kNoTensor ? t.storage_bytes(g.tensor(logits).storage) : 0) : bytes;
+  sg.in_grad = first ? 0 : bytes;
+  sg.out_sent = !last;
+  // The lowering seeds a non-last stage's backward with a new gradient of its output, alive
+  // through the backward; torch's seed is the gradient receive buffer, counted in persist.
+  if (!last) sg.bwd_peak -= bytes, sg.bwd_peak_later -= bytes;
+  // The lowering's gradient of the received input is released after the backward; torch's is
+  // pinned by the send (in_grad), so not among the stage's gradients.
+  sg.opt_mid = r.live_end_optimizer - r.live_end_backward + sg.in_grad;
+  sg.opt_end += sg.in_grad, sg.grads -= sg.in_grad;
+  sg.opt_peak = std::max(pk.peak[2], r.live_end_backward - sg.in_grad) - (r.live_end_backward - sg.in_grad);
+  if (last && a.step->loss != graph::kNoTensor) sg.loss = t.storage_bytes(g.tensor(a.step->loss).storage);
   return sg;
 }
 
@@ -115,7 +211,7 @@ Analysis analyze_pipeline(const Scenario& s, const graph::RuntimeProfile& runtim
   for (int64_t st = 0; st < P; ++st) {
     for (int64_t c = 0; c < V; ++c) pl->stage_kinds[static_cast<size_t>(st)].push_back(kind_index[kind_of(c * P + st)]);
   }
-  pl->result = run_pipeline(pp_schedule(p.pp_schedule, P, m, V), pl->segments, P);
+  pl->result = run_pipeline(pp_schedule(p.pp_schedule, P, m, V), pl->segments, P, p.pp_schedule);
   for (int64_t st = 1; st < P; ++st) {
     if (pl->result.stages[static_cast<size_t>(st)].peak_bytes > pl->result.stages[static_cast<size_t>(pl->worst)].peak_bytes) {
       pl->worst = static_cast<int>(st);
@@ -138,7 +234,11 @@ void apply_stage(Analysis& a, const Pipeline& pl, int stage) {
   r.peak_bytes = st.peak_bytes;
   r.step_time_ns = pl.result.step_time_ns;
   r.phase_end_ns = {st.forward_end_ns, st.backward_end_ns, st.end_ns};
+  r.peak_phase = st.peak_phase;
+  r.live_step_start = st.live_step_start;
+  r.live_end_forward = st.live_end_forward;
   r.live_end_backward = st.live_end_backward;
+  r.live_end_optimizer = st.live_end_optimizer;
   r.live_end_step = st.live_end_step;
   // More chunks than one (interleaved): the stage's static figures are its chunks' sums.
   for (size_t c = 1; c < kinds.size(); ++c) {

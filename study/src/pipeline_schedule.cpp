@@ -26,7 +26,8 @@ std::vector<std::vector<PpAction>> pp_schedule(graph::PpSchedule kind, int64_t p
       // chunks in groups of p; step k of a stage is micro-batch (k / pV) p + k % p of chunk
       // (k % pV) / p (backward: the chunks in reverse).
       const int64_t total = m * V;
-      const int64_t warm = m == p ? total : std::min((p - s - 1) * 2 + (V - 1) * p, total);
+      // (torch's ScheduleInterleaved1F1B; Megatron-LM runs every forward first when m == p)
+      const int64_t warm = std::min((p - s - 1) * 2 + (V - 1) * p, total);
       auto mb_of = [&](int64_t k) { return (k / (p * V)) * p + k % p; };
       auto fchunk = [&](int64_t k) { return (k % (p * V)) / p; };
       auto bchunk = [&](int64_t k) { return V - 1 - (k % (p * V)) / p; };
@@ -41,18 +42,136 @@ std::vector<std::vector<PpAction>> pp_schedule(graph::PpSchedule kind, int64_t p
   return out;
 }
 
+// Note [torch.distributed.pipelining's lifetimes]: what torch's schedules (ScheduleGPipe,
+// Schedule1F1B; tests/torch/measure_pp.py measures them) keep alive beyond autograd's saved
+// tensors, each found in the CPU profiler's allocation trace of a 2-rank gloo step:
+// - the stage's output (the activation sent on, or the last stage's logits) stays in fwd_cache
+//   until its micro-batch's backward returns; the schedule's local `output` keeps it until the
+//   next forward_one_chunk returns (the last stage frees it before that micro-batch's loss), and
+//   the last forward's until step() returns; in 1F1B the warm-up's last fired send (`send_work`,
+//   micro-batch w - 2 of w warm-up forwards) keeps its output until the cool-down begins; GPipe's
+//   fwd_sends_to_wait keeps every sent output until step() returns;
+// - the gradient of a received input (sent back) is kept by the send ops until the next backward
+//   returns (1F1B; GPipe's bwd_sends_to_wait keeps them all until step() returns);
+// - each micro-batch's loss (last stage) stays in the schedule's list until step() returns;
+// - a later backward adds into .grad: each parameter's new gradient is a temporary freed once
+//   its AccumulateGrad has run (PpSegment::bwd_peak_later).
+// The interleaved schedule (torch's ScheduleInterleaved1F1B, Megatron-LM's order) runs on
+// _PipelineScheduleRuntime, whose send_ops list keeps every send, so every sent output and input
+// gradient, until step() returns; the last stage's logits go with their backward.
+namespace {
+
+struct StageMemory {
+  int64_t start = 0, end_forward = 0, end = 0, peak = 0, extra_held = 0, max_in_flight = 0;
+  graph::Phase peak_phase = graph::Phase::forward;
+};
+
+StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<PpSegment>& seg, int64_t p, int64_t s,
+                         graph::PpSchedule kind) {
+  const int64_t V = static_cast<int64_t>(seg.size()) / p;
+  const int64_t n = static_cast<int64_t>(acts.size());
+  const bool torch_rules = kind != graph::PpSchedule::interleaved;  // Schedule1F1B's and ScheduleGPipe's locals
+  // Release points: 3k + 1 after action k's module part (before its loss), 3k + 2 after it ends.
+  const int64_t kEnd = 3 * n;
+  auto after = [](int64_t k) { return 3 * k + 2; };
+  auto seg_of = [&](const PpAction& x) -> const PpSegment& { return seg[static_cast<size_t>(x.chunk * p + s)]; };
+  int64_t warm = 0;
+  while (warm < n && !acts[static_cast<size_t>(warm)].backward) ++warm;
+  int64_t cooldown = kEnd;  // after the backward that follows the last forward
+  {
+    int64_t last_f = -1;
+    for (int64_t k = 0; k < n; ++k) if (!acts[static_cast<size_t>(k)].backward) last_f = k;
+    for (int64_t k = last_f + 1; k < n; ++k) {
+      if (acts[static_cast<size_t>(k)].backward) { cooldown = after(k); break; }
+    }
+  }
+  auto find = [&](int64_t from, bool backward, int32_t mb, int32_t chunk) -> int64_t {
+    for (int64_t k = from; k < n; ++k) {
+      const PpAction& x = acts[static_cast<size_t>(k)];
+      if (x.backward == backward && (mb < 0 || x.mb == mb) && x.chunk == chunk) return k;
+    }
+    return -1;
+  };
+  std::vector<std::pair<int64_t, int64_t>> pins;  // (release point, bytes)
+  StageMemory out;
+  int64_t live = 0, held = 0, in_flight = 0, losses = 0;
+  for (int64_t c = 0; c < V; ++c) live += seg[static_cast<size_t>(c * p + s)].base + seg[static_cast<size_t>(c * p + s)].persist;
+  out.start = live;
+  out.peak = live;
+  auto release = [&](int64_t point) {
+    for (auto& [at, bytes] : pins) {
+      if (at == point) live -= bytes, bytes = 0, at = -1;
+    }
+  };
+  auto see = [&](int64_t cand, int64_t others, graph::Phase ph) {
+    if (cand > out.peak) out.peak = cand, out.extra_held = others, out.peak_phase = ph;
+  };
+  std::vector<bool> grads(static_cast<size_t>(V), false);
+  int32_t fwd_seen = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const PpAction& x = acts[static_cast<size_t>(k)];
+    const PpSegment& sg = seg_of(x);
+    if (!x.backward) {
+      see(live + sg.fwd_peak_body, held, graph::Phase::forward);
+      release(3 * k + 1);
+      see(live + sg.fwd_peak, held, graph::Phase::forward);
+      live += sg.held, held += sg.held;
+      out.max_in_flight = std::max(out.max_in_flight, ++in_flight);
+      if (sg.out > 0) {
+        int64_t at = kEnd;
+        const int64_t b = find(k + 1, true, x.mb, x.chunk);
+        if (b >= 0) at = after(b);
+        if (!torch_rules && sg.out_sent) at = kEnd;  // the runtime's send_ops
+        if (torch_rules) {
+          const int64_t f = find(k + 1, false, -1, x.chunk);  // the next forward rebinds `output`
+          at = std::max(at, f >= 0 ? 3 * f + 1 : kEnd);
+          if (kind == graph::PpSchedule::gpipe && sg.out_sent) at = kEnd;  // fwd_sends_to_wait
+          if (kind == graph::PpSchedule::one_f_one_b && warm >= 2 && fwd_seen == warm - 2) at = std::max(at, cooldown);
+        }
+        live += sg.out;
+        pins.emplace_back(at, sg.out);
+      }
+      ++fwd_seen;
+      out.end_forward = live;
+    } else {
+      const bool first = !grads[static_cast<size_t>(x.chunk)];
+      const int64_t inc = first ? sg.bwd_peak : sg.bwd_peak_later - (sg.grads - sg.loss);
+      see(live - sg.held + inc, held - sg.held, graph::Phase::backward);
+      // The micro-batch's loss stays in the schedule's list until step() returns.
+      live -= sg.held - sg.loss, held -= sg.held, --in_flight, losses += sg.loss;
+      if (first) live += sg.grads - sg.loss, grads[static_cast<size_t>(x.chunk)] = true;
+      if (sg.in_grad > 0) {
+        int64_t at = kEnd;  // GPipe's bwd_sends_to_wait, the interleaved runtime's send_ops
+        if (kind == graph::PpSchedule::one_f_one_b) {
+          const int64_t b = find(k + 1, true, -1, x.chunk);
+          if (b >= 0) at = after(b);
+        }
+        live += sg.in_grad;
+        pins.emplace_back(at, sg.in_grad);
+      }
+    }
+    release(after(k));
+  }
+  release(kEnd);
+  out.end = live - losses;
+  return out;
+}
+
+}  // namespace
+
 // Note [Pipeline replay]: every stage runs its actions in its schedule's order on its compute
 // stream, one at a time, so an action starts when the stage's previous action has ended and its
 // input has arrived: a forward of virtual stage v needs virtual stage v - 1's forward of the same
 // micro-batch plus the send of its output, a backward needs v + 1's backward plus the send of its
 // input gradient. Sends and receives run beside the compute (their own stream), so they cost only
 // the latency they add on that path. Memory does not depend on the times: each forward adds its
-// micro-batch's held bytes (saved activations, its received input) until that micro-batch's
-// backward, and each action's transient peak is its own single-micro-batch peak above everything
-// else the stage holds. The first backward of a chunk creates its gradients (they stay); a later
-// one peaks at the first's peak less the gradients it created then, since .grad exists and it
-// adds into it in place.
-PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std::vector<PpSegment>& seg, int64_t p) {
+// micro-batch's held bytes (saved activations) until that micro-batch's backward, and each
+// action's transient peak is its own single-micro-batch peak above everything else the stage
+// holds (what the runtime keeps: Note [torch.distributed.pipelining's lifetimes]). The first
+// backward of a chunk creates its gradients (they stay); a later one peaks at its own peak, .grad
+// existing and its new gradients temporaries (PpSegment::bwd_peak_later).
+PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std::vector<PpSegment>& seg, int64_t p,
+                      graph::PpSchedule kind) {
   const int64_t n_virtual = static_cast<int64_t>(seg.size());
   const int64_t V = n_virtual / p;
   int64_t m = 0;
@@ -101,38 +220,30 @@ PpResult run_pipeline(const std::vector<std::vector<PpAction>>& sched, const std
     }
     ACTSIM_ASSERT(progress, "pipeline schedule deadlocks (an action waits for one that never runs)");
   }
-  // Memory (Note [Pipeline replay]) and the optimizer step after the stage's last backward.
+  // Memory (Note [Pipeline replay], Note [torch.distributed.pipelining's lifetimes]) and the
+  // optimizer step after the stage's last backward.
   int64_t busiest = 0;
   for (int64_t s = 0; s < p; ++s) {
     PpStageResult& st = r.stages[static_cast<size_t>(s)];
-    int64_t live = 0, opt_ns = 0, opt_peak = 0, opt_end = 0;
+    int64_t opt_ns = 0, opt_peak = 0, opt_mid = 0, opt_end = 0;
     for (int64_t c = 0; c < V; ++c) {
       const PpSegment& sg = seg[static_cast<size_t>(c * p + s)];
-      live += sg.base;
       opt_ns += sg.opt_ns;
       opt_peak = std::max(opt_peak, sg.opt_peak);
+      opt_mid += sg.opt_mid;
       opt_end += sg.opt_end;
     }
-    int64_t peak = live, in_flight = 0, held = 0;
-    std::vector<bool> grads(static_cast<size_t>(V), false);
-    for (const PpAction& x : sched[static_cast<size_t>(s)]) {
-      const PpSegment& sg = seg[static_cast<size_t>(x.chunk * p + s)];
-      int64_t cand;
-      if (!x.backward) {
-        cand = live + sg.fwd_peak;
-        if (cand > peak) peak = cand, st.extra_held = held;
-        live += sg.held, held += sg.held;
-        st.max_in_flight = std::max(st.max_in_flight, ++in_flight);
-      } else {
-        const bool first = !grads[static_cast<size_t>(x.chunk)];
-        cand = live - sg.held + (first ? sg.bwd_peak : sg.bwd_peak - sg.bwd_peak_grads);
-        if (cand > peak) peak = cand, st.extra_held = held - sg.held;
-        live -= sg.held, held -= sg.held, --in_flight;
-        if (first) live += sg.grads, grads[static_cast<size_t>(x.chunk)] = true;
-      }
-    }
+    const StageMemory mem = stage_memory(sched[static_cast<size_t>(s)], seg, p, s, kind);
+    st.live_step_start = mem.start;
+    st.live_end_forward = mem.end_forward;
+    st.max_in_flight = mem.max_in_flight;
+    st.extra_held = mem.extra_held;
+    st.peak_phase = mem.peak_phase;
+    int64_t peak = mem.peak;
+    const int64_t live = mem.end;
     st.live_end_backward = live;
-    if (live + opt_peak > peak) peak = live + opt_peak, st.extra_held = 0;
+    if (live + opt_peak > peak) peak = live + opt_peak, st.extra_held = 0, st.peak_phase = graph::Phase::optimizer;
+    st.live_end_optimizer = live + opt_mid;
     st.live_end_step = live + opt_end;
     st.peak_bytes = peak;
     st.end_ns = st.backward_end_ns + opt_ns;

@@ -46,9 +46,21 @@ struct PpSegment {
   int64_t bwd_peak_grads = 0;  // gradients live at that peak (a later backward adds into existing ones)
   int64_t grads = 0;         // left after the first backward (.grad)
   int64_t opt_peak = 0;      // the optimizer's peak above the bytes live when it starts
+  int64_t opt_mid = 0;       // live change over the optimizer step alone
   int64_t opt_end = 0;       // live change over the optimizer step and zero_grad
   int64_t fwd_ns = 0, bwd_ns = 0, opt_ns = 0;  // compute-stream time of one forward, backward, step
   int64_t p2p_ns = 0;        // sending this stage's output (or input gradient) to its neighbour
+  // torch.distributed.pipelining's runtime (Note [PipelineStage's buffers]): bytes the stage holds
+  // for the whole step beyond one micro-batch's lowering (the receive buffers, allocated once per
+  // micro-batch and reused; the rest of the whole batch's idx or targets), and the loss of each
+  // micro-batch, which the schedule keeps until step() returns (last stage only).
+  int64_t persist = 0;
+  int64_t loss = 0;
+  int64_t out = 0;             // the stage's output (the activation sent on; the last stage's logits)
+  bool out_sent = false;       // the output is sent to the next stage (every stage but the last)
+  int64_t in_grad = 0;         // the gradient of the received input, sent back
+  int64_t fwd_peak_body = 0;   // the forward's peak before the loss (the last stage; else fwd_peak)
+  int64_t bwd_peak_later = 0;  // a later backward's peak, .grad existing (its new gradients temporaries)
 };
 
 struct PpStageResult {
@@ -58,8 +70,10 @@ struct PpStageResult {
   int64_t forward_end_ns = 0;  // the stage's last forward ends
   int64_t backward_end_ns = 0; // its last backward ends
   int64_t end_ns = 0;          // its optimizer step ends
-  int64_t live_end_backward = 0, live_end_step = 0;
+  int64_t live_step_start = 0, live_end_forward = 0;  // before the step; after the stage's last forward
+  int64_t live_end_backward = 0, live_end_optimizer = 0, live_end_step = 0;
   int64_t extra_held = 0;      // at the peak: held bytes of the other micro-batches in flight
+  graph::Phase peak_phase = graph::Phase::forward;
 };
 
 struct PpResult {
@@ -69,8 +83,10 @@ struct PpResult {
 };
 
 // The pipeline replay: `segments` per virtual stage (chunk * p + stage). Pure: tests check it.
+// `kind` chooses torch's lifetimes of the stage outputs and input gradients (Note
+// [torch.distributed.pipelining's lifetimes]); segments without them (out, in_grad 0) do not care.
 PpResult run_pipeline(const std::vector<std::vector<PpAction>>& schedule, const std::vector<PpSegment>& segments,
-                      int64_t stages);
+                      int64_t stages, graph::PpSchedule kind = graph::PpSchedule::one_f_one_b);
 
 // The stage analyses of a pipeline-parallel scenario (analyze() calls it when parallel.pp > 1).
 struct Pipeline {

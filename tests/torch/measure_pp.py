@@ -1,0 +1,286 @@
+#!/usr/bin/python3
+"""Measure one rank of a pipeline-parallel training step with real torch.distributed.pipelining
+on the CPU (issue 13).
+
+The reference model (shared/reference/models.py) is built whole on every rank (same seed, same
+weights) and cut into stages as actsim cuts it: the embedding (gpt2: wte, wpe, dropout) on the
+first stage, the blocks split evenly, the final norm and the head on the last, whose output is the
+logits; the loss is the schedule's loss_fn, the reference's cross-entropy. Each stage is a manual
+`PipelineStage` on its own rank (gloo on localhost, ranks as processes: tests/torch/measure_dist.py's
+harness, imported), driven by `ScheduleGPipe`, `Schedule1F1B` or `ScheduleInterleaved1F1B` (V
+stages per rank, each cut from its own copy of the model, as torchtitan builds one model per
+stage) over `microbatches` micro-batches of `batch_size` each (the whole batch, microbatches x
+batch_size rows, is what `step` splits), as torchtitan drives it: `step(idx)` on the first stage,
+`step(target=targets)` on the last, `step()` between, `return_outputs=False`, the default
+`scale_grads=True`; then the optimizer's step and `zero_grad(set_to_none=True)`.
+
+Each rank is measured as measure.py measures one process: everything is created under the CPU
+profiler, two warm-up steps (the first initialises the stage: shape inference, receive buffers;
+the optimizer's state exists after it), then one steady step whose allocation trace gives the
+live bytes at the step's boundaries (step start; after the stage's last forward; after `step`
+returns, i.e. every backward, `scale_grads` and the losses dropped; after the optimizer; after
+zero_grad) and the peak, each allocation's phase being that of the action running it (forward:
+`forward_one_chunk` and the loss; backward: `backward_one_chunk`; else the phase around it).
+
+Usage: measure_pp.py [KEY=VALUE ...] [-- KEY=VALUE ... ] with measure.py's keys plus
+pp_schedule=gpipe|1f1b|interleaved, microbatches=M, chunks=V (interleaved: V stages per rank,
+virtual stage c * P + rank) and dp=P, the ranks (measure_dist's world size; default 2, every
+configuration the same). Prints {"configs": [{"ranks": [rank 0's result, ...]}, ...]}.
+"""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import measure  # noqa: E402
+import measure_dist  # noqa: E402
+
+PP = 2
+# measure_dist's argument split knows these keys too (its "dp" is the world size: the pp ranks).
+PP_DEFAULTS = {"pp_schedule": "1f1b", "microbatches": 2, "chunks": 1}
+measure_dist.DIST_DEFAULTS.update(PP_DEFAULTS)
+measure_dist.DIST_DEFAULTS["dp"] = PP
+
+
+def stage_module(torch, model, family, stage, n_stages):
+    """Stage `stage` of the reference model: blocks [stage L/P, (stage + 1) L/P). The module holds
+    its parts only (not the whole model: the other stages' parameters are freed)."""
+    import torch.nn as nn
+    per = len(model.blocks) // n_stages
+    first, last = stage == 0, stage == n_stages - 1
+    st = _stage_class(torch)(family, first, last)
+    if first:
+        for name in (("wte", "wpe", "drop") if family == "gpt2" else ("tok_embeddings",)):
+            setattr(st, name, getattr(model, name))
+    st.blocks = nn.ModuleList(list(model.blocks)[stage * per:(stage + 1) * per])
+    if last:
+        for name in (("ln_f", "lm_head") if family == "gpt2" else ("norm", "lm_head")):
+            setattr(st, name, getattr(model, name))
+    return st
+
+
+_STAGE = []
+
+
+def _stage_class(torch):
+    if _STAGE:
+        return _STAGE[0]
+    import torch.nn as nn
+
+    class Stage(nn.Module):
+        """The reference's forward, restricted to one stage's parts."""
+
+        def __init__(self, family, first, last):
+            super().__init__()
+            self.family, self.first, self.last = family, first, last
+
+        def forward(self, x):
+            if self.family == "gpt2":
+                if self.first:
+                    b, t = x.size()
+                    pos = torch.arange(0, t, dtype=torch.long, device=x.device)
+                    x = self.drop(self.wte(x) + self.wpe(pos))
+                for block in self.blocks:
+                    x = block(x)
+                if self.last:
+                    x = self.lm_head(self.ln_f(x))
+                return x
+            T = x.shape[1]
+            token_positions = torch.arange(T, device=x.device)
+            if self.first:
+                x = self.tok_embeddings(x)
+            for block in self.blocks:
+                x = block(x, token_positions)
+            if self.last:
+                x = self.lm_head(self.norm(x))
+            return x
+    _STAGE.append(Stage)
+    return Stage
+
+
+def loss_fn_for(torch, family):
+    import torch.nn.functional as F
+
+    def loss_fn(logits, targets):  # the reference's loss, on the last stage's output
+        if family == "gpt2":
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    return loss_fn
+
+
+def measure_one(torch, rank, world, dist, rest):
+    """One configuration on this rank (stage `rank`, and `rank` + P, ... interleaved): measure.py's
+    figures of the steady step."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.profiler import ProfilerActivity, profile
+    cfg = measure.parse_config(rest)
+    models = measure.load_reference()
+    if cfg["d_ff"] is None:
+        cfg["d_ff"] = models.default_d_ff(cfg["family"], cfg["d_model"])
+    torch.set_num_threads(cfg["threads"])
+    m = dist["microbatches"]
+    sched_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[dist["pp_schedule"]]
+    V = dist["chunks"]
+    record_function = measure.profiler_range(torch)
+    first, last = rank == 0, rank == world - 1  # this rank holds stage 0 / the last stage
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=False) as prof:
+        with record_function("actsim::setup"):
+            whole = dict(cfg, batch_size=cfg["batch_size"] * m)
+            model, idx, targets = measure.build(torch, models, whole)
+            # virtual stage c * world + rank for chunk c (torch's and Megatron-LM's interleaving),
+            # each chunk cut from its own copy of the model (same seed), as torchtitan builds one
+            # model per stage: no module (llama's shared RoPE tables) shared between chunks
+            mods = []
+            for c in range(V):
+                if c:
+                    model = measure.build(torch, models, whole)[0]
+                mods.append(stage_module(torch, model, cfg["family"], c * world + rank, world * V))
+            del model
+            idx = idx if first else None  # the whole batch's inputs, where the stage reads them
+            targets = targets if last else None
+            stages = [PipelineStage(mod, c * world + rank, world * V, torch.device("cpu")) for c, mod in enumerate(mods)]
+            if V == 1:
+                sched = sched_cls(stages[0], n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
+            else:
+                sched = sched_cls(stages, n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
+            module = torch.nn.ModuleList(mods)
+            opt = measure.make_optimizer(torch, cfg, [p for p in module.parameters() if p.requires_grad])
+        # Every action of the stages in a profiler range named after its phase.
+
+        def ranged(name, fn):
+            def run(*a, **k):
+                with record_function(name):
+                    return fn(*a, **k)
+            return run
+        for stage in stages:
+            stage.forward_one_chunk = ranged("actsim::F", stage.forward_one_chunk)
+            stage.backward_one_chunk = ranged("actsim::B", stage.backward_one_chunk)
+        sched._maybe_compute_loss = ranged("actsim::F", sched._maybe_compute_loss)
+
+        def step(measured):
+            def run():
+                if first:
+                    sched.step(idx, return_outputs=False)
+                elif last:
+                    sched.step(target=targets, return_outputs=False)
+                else:
+                    sched.step(return_outputs=False)
+            if not measured:
+                run()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return
+            with record_function("actsim::pipeline"):
+                run()
+            with record_function("actsim::optimizer"):
+                opt.step()
+            with record_function("actsim::zero_grad"):
+                opt.zero_grad(set_to_none=True)
+
+        with record_function("actsim::warmup"):
+            step(False)
+            step(False)
+        step(True)
+        torch.distributed.barrier()  # the peer's last receive is done before its buffers go
+    result = analyse(torch, prof, cfg, module, opt, [t for t in (idx, targets) if t is not None])
+    result["rank"] = rank
+    result["parallel"] = dist
+    return result
+
+
+def analyse(torch, prof, cfg, module, opt, inputs):
+    nodes = list(measure.flatten(prof.profiler.kineto_results.experimental_event_tree()))
+    ranges = {}  # name -> [(start, end)]
+    for n in nodes:
+        if n.name.startswith("actsim::") and "Allocation" not in str(n.tag):
+            ranges.setdefault(n.name[len("actsim::"):], []).append((n.start_time_ns, n.end_time_ns))
+    for name in ("setup", "warmup", "pipeline", "optimizer", "zero_grad"):
+        if name not in ranges:
+            raise RuntimeError("profiler lost the range %s" % name)
+    (t0, t_bwd_end), = ranges["pipeline"]
+    (_, t_opt_end), = ranges["optimizer"]
+    (_, t_end), = ranges["zero_grad"]
+    actions = sorted([(s, e, "forward") for s, e in ranges.get("F", []) if s >= t0]
+                     + [(s, e, "backward") for s, e in ranges.get("B", []) if s >= t0])
+    t_fwd_end = max(e for s, e, p in actions if p == "forward")
+
+    def phase_of(t):
+        if t < t0:
+            return "before"
+        for s, e, p in actions:
+            if s <= t <= e:
+                return p
+        if t <= t_bwd_end:
+            return "pipeline"  # the schedule's own code between actions (sends, receives)
+        if t <= t_opt_end:
+            return "optimizer"
+        return "zero_grad" if t <= t_end else "after"
+
+    mem = sorted((n for n in nodes if "Allocation" in str(n.tag)), key=lambda n: n.start_time_ns)
+    base = mem[0].extra_fields.total_allocated - mem[0].extra_fields.alloc_size if mem else 0
+    events, total, inconsistent = [], 0, 0
+    for n in mem:
+        f = n.extra_fields
+        if f.total_allocated - base != total + f.alloc_size:
+            inconsistent += 1
+        total = f.total_allocated - base
+        events.append({"t": n.start_time_ns, "phase": phase_of(n.start_time_ns), "bytes": f.alloc_size,
+                       "total": total, "ops": measure.op_chain(n)})
+
+    def total_at(t, inclusive):
+        value = 0
+        for e in events:
+            if e["t"] > t or (e["t"] == t and not inclusive):
+                break
+            value = e["total"]
+        return value
+
+    live = {
+        "step_start": total_at(t0, False),
+        "end_forward": total_at(t_fwd_end, True),
+        "end_backward": total_at(t_bwd_end, True),
+        "end_optimizer": total_at(t_opt_end, True),
+        "after_zero_grad": total_at(t_end, True),
+    }
+    peak = None
+    step = [e for e in events if t0 <= e["t"] <= t_end]
+    for i, e in enumerate(step):
+        if peak is None or e["total"] > peak["bytes"]:
+            peak = {"bytes": e["total"], "phase": e["phase"], "op": e["ops"][0] if e["ops"] else None, "index": i}
+    params_bytes, _ = measure.distinct_storage_bytes(module.parameters())
+    buffers_bytes, _ = measure.distinct_storage_bytes(module.buffers())
+    opt_bytes, _ = measure.distinct_storage_bytes(measure.optimizer_tensors(torch, opt))
+    inputs_bytes, _ = measure.distinct_storage_bytes(inputs)
+    result = {
+        "config": cfg,
+        "live_bytes": live,
+        "peak": peak,
+        "params_bytes": params_bytes,
+        "buffers_bytes": buffers_bytes,
+        "optimizer_bytes": opt_bytes,
+        "inputs_bytes": inputs_bytes,
+        "n_step_events": len(step),
+        "inconsistent_totals": inconsistent,
+    }
+    if os.environ.get("ACTSIM_DIST_TRACE"):
+        result["events"] = [{k: e[k] for k in ("phase", "bytes", "total", "ops")} for e in step]
+    return result
+
+
+def rank_main(rank, world, port, jobs, out_path):
+    """measure_dist's rank process, measuring pipeline stages instead of data-parallel ranks."""
+    measure_dist.measure_one = measure_one
+    measure_dist.rank_main(rank, world, port, jobs, out_path)
+
+
+def main(argv):
+    measure_dist.rank_main, plain = rank_main, measure_dist.rank_main
+    try:
+        return measure_dist.main(argv)
+    finally:
+        measure_dist.rank_main = plain
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
