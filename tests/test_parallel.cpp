@@ -89,7 +89,104 @@ TEST_CASE("ZeRO paper: model-state bytes per GPU, term by term (K = 12)", "[para
     CHECK(a.params_bytes + 2 * psi / N + a.optimizer_bytes - step - 12 * (part * N - psi) / N ==
           2 * psi + 14 * psi / N);
   }
+  // fsdp: ZeRO-3
+  SECTION("P_os+g+p (ZeRO-3): 16 psi / N") {
+    const study::Analysis a = run(zero_model(N, "zero3"));
+    const auto& g = a.step->graph;
+    // DeepSpeed stage 3 partitions each parameter of at least stage3_param_persistence_threshold
+    // (1e5) elements, ceil(numel / N) per rank; the smaller ones (here the 73 RMSNorm weights of
+    // 4,096) stay whole on every rank. The extras, named: those persistent parameters, each
+    // tensor's own partition padding (< 1 element), Adam's step.
+    int64_t part3 = 0, persistent = 0, partitioned = 0, n_persistent = 0;
+    for (auto p : a.step->params) {
+      const int64_t n = graph::numel(g.tensor(p).shape);
+      part3 += ceil_div(n, N);
+      if (n < 100000) {
+        persistent += n;
+        ++n_persistent;
+      } else {
+        partitioned += ceil_div(n, N);
+      }
+    }
+    CHECK(n_persistent == 2 * 36 + 1);
+    CHECK(persistent == n_persistent * 4096);
+    CHECK(a.params_bytes == 2 * (partitioned + persistent));
+    CHECK(a.grads_bytes == 2 * part3);
+    CHECK(a.optimizer_bytes == 12 * part3 + step);
+    CHECK(part3 - psi / N < static_cast<int64_t>(a.step->params.size()));  // padding < 1 element each
+    // 2 psi / N + 2 psi / N + 12 psi / N, term by term, less the extras
+    const int64_t pad = part3 * N - psi;  // the partitions' padding over all ranks (elements)
+    const int64_t n_params = static_cast<int64_t>(a.step->params.size());
+    const int64_t params_padding = (a.params_bytes - 2 * persistent) * N - 2 * (psi - persistent);
+    CHECK(params_padding >= 0);
+    CHECK(params_padding < 2 * N * n_params);  // < 1 element of each partitioned tensor on each rank
+    CHECK(a.grads_bytes * N - 2 * pad == 2 * psi);
+    CHECK((a.optimizer_bytes - step) * N - 12 * pad == 12 * psi);
+    CHECK(std::round((a.params_bytes + a.grads_bytes + a.optimizer_bytes) / 1e8) == 19);  // 1.9 GB, as the paper
+    // Extras during the step, named: a block's parameters gathered around its forward and its
+    // backward (2 bytes x its partitioned elements, all-gathered), the root unit's (embedding and
+    // head, 2 x 32000 x 4096 each, gathered from the forward's start to the end of backward).
+    int64_t block0 = 0, root = 0;
+    for (auto p : a.step->params) {
+      const int64_t n = graph::numel(g.tensor(p).shape);
+      if (n < 100000) continue;
+      const int32_t layer = g.storage(g.tensor(p).storage).layer;
+      if (layer == 0) block0 += n;
+      if (layer < 0) root += n;
+    }
+    CHECK(root == 2 * 32000 * 4096);
+    int gathers0 = 0;
+    for (const auto& op : g.ops()) {
+      if (op.name == "zero3.blocks.0.all_gather") {
+        ++gathers0;
+        CHECK(op.bytes_moved == 2 * block0);
+      }
+      if (op.name == "zero3.root.all_gather") CHECK(op.bytes_moved == 2 * root);
+      CHECK(op.name != "zero.params.all_gather");  // ZeRO-3's parameters stay partitioned after the step
+    }
+    CHECK(gathers0 == 2);  // before its forward and before its backward
+    CHECK(a.result.peak_bytes > a.params_bytes + a.grads_bytes + a.optimizer_bytes + 2 * root + 2 * block0);
+  }
+  // end fsdp
 }
+
+// fsdp: ZeRO-3's gathered parameters
+TEST_CASE("ZeRO-3: a block's gathered parameters live around its forward, the root's to the end of backward", "[parallel][zero]") {
+  // gpt2 (wte tied with lm_head: one root parameter), 2 blocks, 4 ranks, fp32, Adam.
+  const std::vector<std::string> base{"model.d_model=512", "model.n_heads=8", "model.n_layers=2", "model.seq_len=64",
+                                      "model.vocab_size=50257", "training.batch_size=1", "training.optimizer=adam",
+                                      "runtime.profile=torch-cuda", "parallel.dp=4"};
+  auto with = [&](const std::string& sharding) {
+    std::vector<std::string> s = base;
+    s.push_back("parallel.sharding=" + sharding);
+    return run(s);
+  };
+  const study::Analysis z2 = with("zero2"), z3 = with("zero3");
+  const auto& g = z3.step->graph;
+  int64_t root = 0, partitioned = 0, persistent = 0;
+  for (auto p : z3.step->params) {
+    const int64_t n = graph::numel(g.tensor(p).shape);
+    if (n < 100000) {
+      persistent += n;
+      continue;
+    }
+    partitioned += ceil_div(n, 4);
+    if (g.storage(g.tensor(p).storage).layer < 0) root += n;
+  }
+  CHECK(root == (50257 + 0) * 512);  // wte (and the tied head); wpe (64 x 512) is persistent
+  CHECK(z3.params_bytes == 4 * (partitioned + persistent));
+  // Same activations and gradients: the end of forward differs by the parameters (partitions, not
+  // whole) and the root unit's gathered copy, nothing of the blocks.
+  CHECK(z3.result.live_end_forward - z3.result.live_step_start ==
+        z2.result.live_end_forward - z2.result.live_step_start + 4 * root);
+  // By the end of backward the root's copy and every block's backward copy are freed: the same
+  // gradient shards (and loss) as ZeRO-2 are all that is new, and after zero_grad nothing is.
+  CHECK(z3.grads_bytes == z2.grads_bytes);
+  CHECK(z3.result.live_end_backward - z3.result.live_step_start ==
+        z2.result.live_end_backward - z2.result.live_step_start);
+  CHECK(z3.result.live_end_step - z3.result.live_step_start == z2.result.live_end_step - z2.result.live_step_start);
+}
+// end fsdp
 
 TEST_CASE("DDP: buckets are persistent gradients; gradient_as_bucket_view drops the copies", "[parallel][ddp]") {
   const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
@@ -176,6 +273,16 @@ TEST_CASE("bad parallel combinations are one-line errors naming the key", "[para
   CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero2", "training.autocast=bf16"}),
              Catch::Contains("autocast"));
   CHECK(message({"parallel.dp=2", "training.grad_accum_steps=2", "parallel.no_sync=false"}) == "no error");
+  // fsdp: ZeRO-3 without tensor or pipeline parallelism; FSDP2 not lowered yet
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero3", "parallel.tp=2"}),
+             Catch::Contains("parallel.tp") && Catch::Contains("zero3"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero3", "parallel.pp=2"}),
+             Catch::Contains("parallel.pp") && Catch::Contains("zero3"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=fsdp2"}),
+             Catch::Contains("parallel.sharding") && Catch::Contains("not lowered"));
+  CHECK_THAT(message({"parallel.sharding=zero3"}), Catch::Contains("dp > 1"));
+  CHECK(message({"parallel.dp=2", "parallel.sharding=zero3"}) == "no error");
+  // end fsdp
   CHECK(message({"parallel.dp=2", "training.autocast=bf16", "training.trainable=frozen:wte"}) == "no error");
   for (const auto& m : {message({"parallel.dp=0"}), message({"parallel.sharding=zero2"}),
                         message({"parallel.dp=2", "parallel.no_sync=false"})}) {

@@ -141,12 +141,32 @@ std::vector<TensorId> Engine::run(TensorId loss) {
   return param_grad_;
 }
 
+// fsdp (issue 13): ZeRO-3 gathers a block's partitioned parameters again before its first backward
+// node; the backward reads them there (the forward's gathered copy was freed after the forward).
+void Engine::regather_block(int32_t layer) {
+  auto it = b_.regather.find(layer);
+  if (it == b_.regather.end()) return;
+  const Builder::Regather rg = it->second;
+  b_.regather.erase(it);
+  const Storage st = g_.storage(rg.forward);  // copies: fresh() may grow the graph's tables
+  const Tensor ft = g_.tensor(st.first);
+  b_.set_layer(layer);
+  b_.set_scope("zero3");
+  const std::string unit = fmt::format("blocks.{}", layer);  // named in scope zero3
+  TensorId t = b_.fresh(unit + ".gathered_params.backward", ft.shape, ft.dtype, st.category);
+  const OpId gather = b_.emit({.kind = OpKind::all_gather, .name = unit + ".all_gather", .outputs = {t},
+                               .bytes_moved = st.bytes, .stream = 2, .params = {.group_size = rg.group}});
+  b_.emit({.kind = OpKind::bucket_copy, .name = unit + ".wait", .kernels = 0, .after = {gather}});
+  set_remap(index(rg.forward), g_.tensor(t).storage);
+}
+
 void Engine::run_node(OpId fid) {
   const Op& f = g_.op(fid);  // stable: the graph's ops live in a deque
   if (f.layer >= 0 && !b_.offloaded.empty()) {
     prefetch_block(f.layer);
     prefetch_block(f.layer - 1);
   }
+  if (f.layer >= 0 && !b_.regather.empty()) regather_block(f.layer);  // fsdp: ZeRO-3
   // (Reentrant: each recomputed block is one CheckpointFunction call; rotor's nested schedule needs
   // non-reentrant frames, so the call's own backward recomputes it.)
   if (plan_ && !plan_->before_backward.empty() && !reentrant_ && f.layer >= 0 && !scheduled_[f.layer]) {
@@ -271,7 +291,9 @@ void Engine::run_node(OpId fid) {
     if (grads[i] == kNoTensor) continue;
     TensorId gi = grads[i];
     const Tensor& x = in(i);
-    if (g_.tensor(gi).shape != x.shape) {
+    // issue 13, DTensor: the embedding weight's gradient is the full Replicate [V, h] of a shard
+    const bool dt_full_grad = is_tp_region(f) && f.params.start == kDtEmbedding;
+    if (g_.tensor(gi).shape != x.shape && !dt_full_grad) {
       // validate_outputs: at::sum_to(grad, metadata.shape()).
       TensorId r = new_grad(fmt::format("grad_sum_to{}", i), x.shape, dt);
       b_.emit({.kind = OpKind::sum_to, .name = "sum_to", .inputs = {gi}, .outputs = {r}, .holds = node_holds,

@@ -123,6 +123,7 @@ class Engine {
     return false;
   }
   void prefetch_block(int32_t layer);
+  void regather_block(int32_t layer);  // fsdp: ZeRO-3's all-gather of a block's parameters
 
   // Reentrant checkpoint (CheckpointFunction): the call's backward node is the region's nodes
   // run as one nested backward. Per region: its nodes still to run, the gradients it received

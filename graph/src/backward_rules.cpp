@@ -253,10 +253,52 @@ void cast_backward(const Node& n, BackwardRule& r) {
   if (n.needs(0)) r.grads[0] = new_grad(n.b, "grad_cast", n.in(0).shape, n.in(0).dtype);
 }
 
+// issue 13: the backward of DTensor's redistributions and loss_parallel (lower_dtensor.cpp).
+// params.scalar carries the op's extra transient bytes in backward (gloo's buffers, the loss's
+// temporaries), set by the lowering.
+void dtensor_backward(const Node& n, BackwardRule& r) {
+  r.workspace = static_cast<int64_t>(n.f.params.scalar);
+  switch (n.f.params.start) {
+    case kDtFromLocal:  // _FromTorchTensor.backward: Partial -> Replicate, a functional all-reduce (a clone)
+      r.grads[0] = n.fresh_for(0);
+      r.collective = OpKind::all_reduce;
+      return;
+    case kDtAllReduce:  // Redistribute.backward of Partial -> Replicate: the Replicate gradient as is
+    case kDtLogSoftmax:  // loss_parallel: nll_loss_backward already returned the logits' gradient
+      r.grads[0] = n.g;
+      r.kernels = 0;
+      r.collective = OpKind::backward;
+      return;
+    case kDtGather:  // Partial -> Shard(1): reduce-scatter
+      r.grads[0] = n.fresh_for(0);
+      r.collective = OpKind::reduce_scatter;
+      return;
+    case kDtReduceScatter:  // Shard(1) -> Replicate: all-gather
+      r.grads[0] = n.fresh_for(0);
+      r.collective = OpKind::all_gather;
+      r.bytes = numel(n.in(0).shape) * dtype_size(n.dt);
+      return;
+    case kDtEmbedding: {  // embedding_dense_backward on the Replicate gradient: zeros [V, h] + index_add
+      Shape full = n.in(0).shape;
+      full[0] *= n.f.params.group_size;
+      if (n.needs(0)) r.grads[0] = new_grad(n.b, "grad_embedding", full, n.in(0).dtype);
+      r.collective = OpKind::backward;
+      r.kernels = 2;
+      return;
+    }
+    default:  // kDtNllLoss: grad_input = (exp(logp) - one_hot(target)) * grad / total_weight
+      r.grads[0] = n.fresh_for(0);
+      r.collective = OpKind::backward;
+      r.kernels = 12;
+      return;
+  }
+}
+
 // issue 13: the backward of Megatron-LM's tensor-parallel regions (mappings.py), a collective.
 void tp_region_backward(const Node& n, BackwardRule& r) {
   r.group_size = n.f.params.group_size;
   r.bytes = n.b.graph().view_bytes(n.g);
+  if (n.f.params.start >= kDtFromLocal) return dtensor_backward(n, r);  // issue 13: DTensor
   switch (n.f.params.start) {
     case kTpCopyTo:  // _CopyToModelParallelRegion.backward: all_reduce(grad), in place
       r.grads[0] = n.g;

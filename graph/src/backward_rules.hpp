@@ -31,6 +31,14 @@ enum TpRegion : int64_t {
   kTpGatherFromSp = 3,   // gather_from_sequence_parallel_region: all-gather; backward reduce-scatter
   kTpReduceScatterToSp = 4,  // reduce_scatter_to_sequence_parallel_region; backward all-gather
   kTpScatterToSp = 5,    // scatter_to_sequence_parallel_region: split (no communication); backward all-gather
+  // issue 13, DTensor (lower_dtensor.cpp): functional collectives are out of place.
+  kDtFromLocal = 6,      // DTensor.from_local(Replicate): identity; backward all-reduce into a new buffer
+  kDtAllReduce = 7,      // redistribute Partial -> Replicate: all-reduce into a new buffer; backward identity
+  kDtGather = 8,         // redistribute Shard(1) -> Replicate: all-gather; backward reduce-scatter
+  kDtReduceScatter = 9,  // redistribute Partial -> Shard(1): reduce-scatter; backward all-gather
+  kDtLogSoftmax = 10,    // loss_parallel's _log_softmax: backward passes the gradient through
+  kDtNllLoss = 11,       // loss_parallel's nll_loss_forward: backward the whole softmax gradient
+  kDtEmbedding = 12,     // RowwiseParallel embedding: backward a full [V, h] weight gradient
 };
 inline bool is_tp_region(const Op& f) { return f.phase == Phase::forward && f.params.group_size > 0 && f.params.start >= kTpCopyTo; }
 

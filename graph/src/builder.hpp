@@ -32,6 +32,8 @@ class Builder {
   void set_scope(std::string scope) {
     if (names_) scope_ = std::move(scope);
   }
+  int32_t layer() const { return layer_; }
+  const std::string& scope() const { return scope_; }
   // Unnamed lowering (LowerOptions::names = false): ops and the tensors they make get empty names.
   void set_names(bool on) { names_ = on, scope_.clear(); }
   void set_phase(Phase p) { phase_ = p; }
@@ -67,6 +69,13 @@ class Builder {
   };
   std::unordered_map<uint32_t, Offloaded> offloaded;
   std::vector<uint32_t> offload_order;     // device storages in the order they were offloaded
+  // fsdp (issue 13, ZeRO-3, lower_parallel.cpp): a block's parameters, gathered for its forward
+  // (this storage), are gathered again when the backward reaches the block (autodiff.cpp).
+  struct Regather {
+    StorageId forward;
+    int64_t group = 1;
+  };
+  std::unordered_map<int32_t, Regather> regather;
   std::vector<TensorId> block_outputs;     // [n_layers] each block's output (the residual stream)
   // torch.utils.checkpoint(preserve_rng_state=True): each checkpoint call's stash of the CPU RNG
   // state, by recompute region; autograd holds it until the region's backward has run.

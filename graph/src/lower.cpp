@@ -67,7 +67,7 @@ void Lowering::finish_loss(TensorId x, TensorId lm_head, TensorId targets, Tenso
   TensorId lv = b.view(logits, {B * T, V});
   TensorId tv = b.view(targets, {B * T});
   tp_loss_reductions();  // issue 13: vocab-parallel cross-entropy's all-reduces (tp > 1)
-  out.loss = b.cross_entropy(lv, tv);
+  out.loss = dtensor() ? dt_cross_entropy(lv, tv) : b.cross_entropy(lv, tv);  // issue 13: DTensor's loss_parallel
   b.hold_until_last(logits);
   if (held != kNoTensor) b.hold_until_last(held);  // a last pipeline stage of gpt2 has no positions
 }

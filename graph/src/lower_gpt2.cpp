@@ -130,7 +130,11 @@ void Lowering::gpt2() {
   } else {
     x = pp_input();
   }
-  for (int i = 0; i < L; ++i) x = gpt2_block(i, blocks[i], x);
+  for (int i = 0; i < L; ++i) {
+    zero3_block(i, true);  // ZeRO-3 (lower_parallel.cpp): the block's parameters gathered around it
+    x = gpt2_block(i, blocks[i], x);
+    zero3_block(i, false);
+  }
   if (!last) return pp_output(x, pos);
   scope(-1, "ln_f");
   x = b.layer_norm(x, lnf_w, lnf_b);

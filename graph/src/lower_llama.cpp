@@ -153,7 +153,11 @@ void Lowering::llama() {
     scope(-1, "tok_embeddings");
     x = tp_embedding(emb, idx, true);
   }
-  for (int i = 0; i < L; ++i) x = llama_block(i, blocks[i], x, cos_c, sin_c, pos);
+  for (int i = 0; i < L; ++i) {
+    zero3_block(i, true);  // ZeRO-3 (lower_parallel.cpp): the block's parameters gathered around it
+    x = llama_block(i, blocks[i], x, cos_c, sin_c, pos);
+    zero3_block(i, false);
+  }
   if (!last) return pp_output(x, pos);
   scope(-1, "norm");
   x = rmsnorm(x, norm);

@@ -16,8 +16,19 @@
 //    (fp32 master copy, exp_avg, exp_avg_sq) is one flat fp32 partition of ceil(P / N) elements
 //    per rank; after the step the updated bf16/fp32 parameter shards are all-gathered.
 //  - ZeRO-2: each gradient is reduce-scattered as soon as it is ready and only its shard kept.
+//  - ZeRO-3 (DeepSpeed stage 3, zero3.md / partition_parameters.py): every parameter of at least
+//    stage3_param_persistence_threshold (1e5) elements is partitioned, this rank keeping
+//    ceil(numel / N) elements of it (ds_tensor, padded per parameter); smaller ones stay whole
+//    (persistent). A unit's partitioned parameters are all-gathered into their full size before
+//    it runs and released after: each block around its forward and again around its backward
+//    (gathered when the backward reaches it: the first gradient of the step for the last block,
+//    the previous block's last gradient for the others), the model's other parameters (embedding,
+//    final norm, head: the root unit) from the forward's start to the end of backward.
+//    Gradients are reduce-scattered as ZeRO-2's; the fp32 partition is the sum of the parameters'
+//    partitions; nothing is all-gathered after the step (the parameters stay partitioned).
 //  - master_weights = fp32 without sharding: the same flat fp32 partition with N = 1.
 #include <algorithm>
+#include <map>
 #include <unordered_map>
 
 #include "lowering.hpp"
@@ -44,6 +55,16 @@ struct Lowering::Parallel {
   // first one; a later one fills the same buckets (param -> bucket, offset in elements).
   bool laid_out = false;
   std::unordered_map<size_t, std::pair<size_t, int64_t>> slot;
+  // fsdp: ZeRO-3's units (layer -> unit; -1 the root): gathered parameters and backward progress.
+  struct Unit {
+    TensorId gathered = kNoTensor;        // the all-gathered full parameters while the unit runs
+    OpId gather = kNoOp;
+    int64_t elements = 0;                 // partitioned parameters' full elements
+  };
+  std::map<int32_t, Unit> units;
+  bool zero3_laid_out = false;
+  std::vector<TensorId> partitions;       // this rank's partition of each parameter (params order)
+  std::map<int32_t, std::vector<TensorId>> pending;  // each unit's partitioned parameters
 };
 
 std::string_view to_string(Sharding s) {
@@ -51,6 +72,7 @@ std::string_view to_string(Sharding s) {
     case Sharding::none: return "none";
     case Sharding::zero1: return "zero1";
     case Sharding::zero2: return "zero2";
+    case Sharding::zero3: return "zero3";
   }
   return "?";
 }
@@ -59,12 +81,15 @@ namespace {
 constexpr int32_t kCommStream = 2;
 constexpr int64_t kFirstBucketBytes = 1024 * 1024;  // torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 int64_t shard(int64_t n, int64_t ranks) { return (n + ranks - 1) / ranks; }
+constexpr int64_t kPersistenceThreshold = 100000;  // DeepSpeed's stage3_param_persistence_threshold
+bool zero3_partitioned(int64_t numel) { return numel >= kPersistenceThreshold; }
 }  // namespace
 
 void Lowering::parallel_forward_begin() {
   if (!tr.parallel.active()) return;
   if (!par) par = std::make_shared<Parallel>();
   const size_t k = par->forwards++;
+  if (tr.parallel.sharding == Sharding::zero3) return zero3_gather(-1);
   if (tr.parallel.sharding != Sharding::none) return;
   // _pre_forward broadcasts the buffers when the previous forward left require_forward_param_sync
   // set, i.e. ran outside no_sync: every micro-batch's forward, or with no_sync only the first
@@ -113,7 +138,7 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
   ++par->ready;
   const bool last = par->ready == par->trainable;
   if (par->laid_out && pc.sharding == Sharding::none) return ddp_refill(i, grad);
-  if (pc.sharding == Sharding::zero2) {
+  if (pc.sharding == Sharding::zero2 || pc.sharding == Sharding::zero3) {
     // reduce_scatter of the gradient; this rank keeps its shard, the full gradient dies with it.
     TensorId sh = b.fresh(name + ".grad_shard", {shard(numel(g.tensor(p).shape), N)}, g.tensor(grad).dtype,
                           Category::gradient);
@@ -236,9 +261,10 @@ void Lowering::optimizer_flat() {
   out.optimizer_impl = OptimizerImpl::fused;
   Graph& g = out.graph;
   const int64_t N = tr.parallel.sharding == Sharding::none ? 1 : tr.parallel.dp;
-  int64_t P = 0;
-  for (TensorId p : out.params) P += numel(g.tensor(p).shape);
-  const int64_t S = shard(P, N);
+  int64_t P = 0, S3 = 0;
+  for (TensorId p : out.params) P += numel(g.tensor(p).shape), S3 += shard(numel(g.tensor(p).shape), N);
+  const bool zero3 = tr.parallel.sharding == Sharding::zero3;
+  const int64_t S = zero3 ? S3 : shard(P, N);  // ZeRO-3: the parameters' own partitions, flattened
   TensorId master = b.leaf("optimizer.fp32_master", {S}, DType::f32, Category::optimizer_state, false);
   TensorId m = b.leaf("optimizer.exp_avg", {S}, DType::f32, Category::optimizer_state, false);
   TensorId v = b.leaf("optimizer.exp_avg_sq", {S}, DType::f32, Category::optimizer_state, false);
@@ -258,14 +284,113 @@ void Lowering::optimizer_flat() {
           .flops = 16.0 * static_cast<double>(S), .bytes_moved = 4 * 7 * S, .params = op});
   // The updated master shard cast into this rank's shard of the parameters.
   std::vector<TensorId> ins{master};
-  ins.insert(ins.end(), out.params.begin(), out.params.end());
+  const std::vector<TensorId>& targets = zero3 ? par->partitions : out.params;  // ZeRO-3: the partitions
+  ins.insert(ins.end(), targets.begin(), targets.end());
   OpId cast = b.emit({.kind = OpKind::optim_update, .name = "optimizer.master_to_params", .inputs = ins,
                       .flops = static_cast<double>(S), .bytes_moved = S * (4 + dtype_size(dt))});
-  if (N > 1) {
+  if (N > 1 && !zero3) {
     b.emit({.kind = OpKind::all_gather, .name = "zero.params.all_gather", .inputs = out.params,
             .bytes_moved = P * dtype_size(dt), .stream = kCommStream, .after = {cast},
             .params = {.group_size = N}});
   }
+}
+
+// ---- fsdp: ZeRO-3's gathered units ----
+
+void Lowering::zero3_block(int32_t layer, bool begin) {
+  if (!par || tr.parallel.sharding != Sharding::zero3) return;
+  const int32_t was_layer = b.layer();
+  const std::string was_scope = b.scope();
+  if (begin) {
+    zero3_gather(layer);
+  } else {
+    zero3_release(layer);
+  }
+  b.set_layer(was_layer);
+  b.set_scope(was_scope);
+}
+
+void Lowering::zero3_gather(int32_t layer) {
+  Graph& g = out.graph;
+  const int64_t N = tr.parallel.dp;
+  if (!par->zero3_laid_out && layer >= 0) {
+    // The parameters exist once the forward reaches the first block (the root's gather was
+    // emitted before them, sized here). Each partitioned parameter becomes a view of its unit's
+    // gathered parameters; its own storage shrinks to this rank's partition (ds_tensor).
+    par->zero3_laid_out = true;
+    std::map<int32_t, std::vector<TensorId>> members;
+    for (TensorId p : out.params) {
+      const Tensor t = g.tensor(p);  // a copy: add_tensor below
+      const int64_t n = numel(t.shape);
+      if (!zero3_partitioned(n)) {
+        par->partitions.push_back(p);  // persistent: whole on every rank, never gathered
+        continue;
+      }
+      const int32_t layer_of = g.storage(t.storage).layer;
+      Parallel::Unit& u = par->units[layer_of];
+      u.elements += n;
+      members[layer_of].push_back(p);
+      TensorId part = g.add_tensor({.name = t.name + ".partition", .shape = {shard(n, N)}, .dtype = t.dtype,
+                                    .storage = t.storage});
+      Storage& st = g.mutable_storage(t.storage);
+      st.bytes = shard(n, N) * dtype_size(t.dtype);
+      st.first = part;
+      par->partitions.push_back(part);
+    }
+    Parallel::Unit& root = par->units[-1];
+    if (root.gather != kNoOp) {
+      Tensor& gt = g.mutable_tensor(root.gathered);
+      gt.shape[0] = root.elements;
+      g.mutable_storage(gt.storage).bytes = root.elements * dtype_size(dt);
+      g.mutable_op(root.gather).bytes_moved = root.elements * dtype_size(dt);
+      if (root.elements == 0) g.mutable_op(root.gather).kernels = 0;
+      members_view(-1, members[-1]);
+    }
+    par->pending = std::move(members);
+  }
+  Parallel::Unit& u = par->units[layer];
+  const std::string unit = layer < 0 ? std::string("root") : fmt::format("blocks.{}", layer);
+  b.set_layer(layer);
+  b.set_scope("zero3");
+  u.gathered = b.fresh(fmt::format("{}.gathered_params", unit), {u.elements}, dt, Category::parameter);
+  u.gather = b.emit({.kind = OpKind::all_gather, .name = fmt::format("{}.all_gather", unit),
+                     .outputs = {u.gathered}, .bytes_moved = u.elements * dtype_size(dt), .stream = kCommStream,
+                     .params = {.group_size = N}});
+  // The unit's compute waits for its parameters (fetch_sub_module's wait on the gather).
+  b.emit({.kind = OpKind::bucket_copy, .name = fmt::format("{}.wait", unit), .kernels = 0,
+          .after = {u.gather}});
+  if (layer >= 0) {
+    if (u.elements == 0) g.mutable_op(u.gather).kernels = 0;
+    members_view(layer, par->pending[layer]);
+    b.regather[layer] = {.forward = g.tensor(u.gathered).storage, .group = N};
+  }
+}
+
+void Lowering::members_view(int32_t layer, const std::vector<TensorId>& members) {
+  // The unit's parameters as views of its gathered storage, in parameter order.
+  Graph& g = out.graph;
+  const TensorId gathered = par->units[layer].gathered;
+  int64_t offset = 0;
+  for (TensorId p : members) {
+    Tensor& t = g.mutable_tensor(p);
+    t.storage = g.tensor(gathered).storage;
+    t.offset = offset;
+    t.is_view = true;
+    offset += numel(t.shape);
+  }
+}
+
+void Lowering::zero3_release(int32_t layer) {
+  Parallel::Unit& u = par->units[layer];
+  if (u.gathered == kNoTensor) return;
+  b.set_layer(layer);
+  b.set_scope("zero3");
+  // release_sub_module: the gathered parameters freed after the block's forward (their
+  // partitions stay); the backward reads its own gathered copy (autodiff.cpp regather_block).
+  b.emit({.kind = OpKind::bucket_copy,
+          .name = fmt::format("{}.release", layer < 0 ? std::string("root") : fmt::format("blocks.{}", layer)),
+          .inputs = {u.gathered}, .kernels = 0});
+  u.gathered = kNoTensor;
 }
 
 }  // namespace actsim::graph

@@ -37,6 +37,7 @@ std::string_view to_string(TpImpl t) { return t == TpImpl::megatron ? "megatron"
 
 int64_t Lowering::tp_vocab() const {
   if (tp() == 1) return m.vocab_size;
+  if (dtensor()) return m.vocab_size / tp();  // DTensor: equal shards (the loader checks t | V)
   const int64_t multiple = 128 * tp();  // megatron/training/tokenizer: _vocab_size_with_padding
   return (m.vocab_size + multiple - 1) / multiple * multiple / tp();
 }
@@ -51,6 +52,7 @@ Op region(OpKind k, const char* name, TpRegion r, int64_t tp, int64_t bytes) {
 
 TensorId Lowering::tp_in(TensorId x) {
   if (tp() == 1) return x;
+  if (dtensor()) return dt_in(x);  // lower_dtensor.cpp
   Graph& g = out.graph;
   const Tensor xt = g.tensor(x);
   if (!sp()) {
@@ -73,6 +75,7 @@ TensorId Lowering::tp_in(TensorId x) {
 }
 
 TensorId Lowering::tp_column(TensorId xin, TensorId w, std::optional<TensorId> bias) {
+  if (dtensor()) return dt_column(xin, w, bias);
   Graph& g = out.graph;
   const size_t first = g.n_ops();
   TensorId y = linear(xin, w, bias);
@@ -91,6 +94,7 @@ TensorId Lowering::tp_column(TensorId xin, TensorId w, std::optional<TensorId> b
 
 TensorId Lowering::tp_row(TensorId x, TensorId w, std::optional<TensorId> bias) {
   if (tp() == 1) return linear(x, w, bias);
+  if (dtensor()) return dt_row(x, w, bias);
   Graph& g = out.graph;
   TensorId y = linear(x, w, std::nullopt);
   const Tensor yt = g.tensor(y);
@@ -116,6 +120,7 @@ TensorId Lowering::tp_row(TensorId x, TensorId w, std::optional<TensorId> bias) 
 
 TensorId Lowering::tp_embedding(TensorId w, TensorId idx, bool scatter) {
   if (tp() == 1) return b.embedding(w, idx);
+  if (dtensor()) return dt_embedding(w, idx, scatter);
   Graph& g = out.graph;
   const Shape is = g.tensor(idx).shape;
   // input_mask = (ids < start) | (ids >= end); masked_input = ids - start; masked_input[input_mask] = 0
@@ -160,7 +165,7 @@ TensorId Lowering::tp_scatter(TensorId x) {
 }
 
 void Lowering::tp_loss_reductions() {
-  if (tp() == 1) return;
+  if (tp() == 1 || dtensor()) return;  // DTensor: loss_parallel's own (dt_cross_entropy)
   const int64_t bytes = tr.batch_size * m.seq_len * 4;  // one fp32 value per token
   for (const char* n : {"vocab_parallel_ce.logits_max.all_reduce", "vocab_parallel_ce.predicted_logits.all_reduce",
                         "vocab_parallel_ce.sum_exp_logits.all_reduce"}) {

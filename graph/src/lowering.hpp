@@ -112,9 +112,10 @@ struct Lowering {
   TensorId linear(TensorId x, TensorId w, std::optional<TensorId> bias);
   // A module's argument (a Python local) stays alive until the module returns: the last op
   // emitted holds `t`. Only under a trainable subset: with every weight trained, the linears that
-  // read these tensors save them for backward, which outlives the frame.
+  // read these tensors save them for backward, which outlives the frame. Under DTensor sequence
+  // parallelism too (issue 13): the linears save the all-gathered input, not the frame's shard.
   void hold_frame(TensorId t) {
-    if (tr.trainable.mode != Trainable::all) b.hold_until_last(t);
+    if (tr.trainable.mode != Trainable::all || (dtensor() && sp())) b.hold_until_last(t);
   }
 
   // Shared tail of both families: logits, cross-entropy (lower.cpp).
@@ -149,6 +150,11 @@ struct Lowering {
   TensorId parallel_grad_ready(size_t param, TensorId grad);  // the gradient hook
   void parallel_backward_end();             // DDP's finalize; ZeRO-1's last all-reduce
   bool parallel_hooks(bool last_micro_batch) const;  // does this backward reduce (no_sync)?
+  // fsdp: ZeRO-3 (lower_parallel.cpp): block i's parameters gathered before its forward, freed after
+  void zero3_block(int32_t layer, bool begin);
+  void zero3_gather(int32_t layer);         // a unit's parameters all-gathered (root: layer -1)
+  void zero3_release(int32_t layer);
+  void members_view(int32_t layer, const std::vector<TensorId>& members);
   TensorId ddp_refill(size_t param, TensorId grad);  // a later backward's hook, buckets laid out
   void optimizer_flat();                    // master weights / ZeRO: fp32 flat partitions
   // ---- issue 13: tensor and sequence parallelism (Megatron-LM), lower_tp.cpp -----------------
@@ -172,6 +178,17 @@ struct Lowering {
   TensorId tp_scatter(TensorId x);          // scatter_to_sequence_parallel_region (sp)
   void tp_loss_reductions();                // vocab-parallel cross-entropy's three all-reduces
   std::unordered_map<uint32_t, TensorId> tp_shard_of;  // gathered input -> its sequence shard
+  // ---- issue 13: DTensor tensor parallelism (tp_impl = "dtensor"), lower_dtensor.cpp ---------
+  // torchtitan's plan (ColwiseParallel/RowwiseParallel/SequenceParallel, loss_parallel); the tp_*
+  // hooks above call these when parallel.tp_impl == dtensor.
+  bool dtensor() const { return tr.parallel.tp > 1 && tr.parallel.tp_impl == TpImpl::dtensor; }
+  bool gloo() const;                        // torch2-cpu: the gloo backend's extra buffers
+  TensorId dt_in(TensorId x);
+  TensorId dt_column(TensorId xin, TensorId w, std::optional<TensorId> bias);
+  TensorId dt_row(TensorId x, TensorId w, std::optional<TensorId> bias);
+  TensorId dt_embedding(TensorId w, TensorId idx, bool scatter);
+  TensorId dt_cross_entropy(TensorId logits2d, TensorId target1d);  // under loss_parallel()
+  // ---- end DTensor ----
   // ---- issue 13: pipeline stages, lower_pp.cpp (pp helper) -----------------------------------
   // A stage without the embedding receives its input: a leaf requiring grad (torch.distributed.
   // pipelining's recv buffer, detached with requires_grad_()), whose .grad is sent back after

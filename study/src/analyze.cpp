@@ -89,9 +89,16 @@ Analysis simulate_step(const ResolvedStep& step) {
   a.tables = std::make_unique<StepTables>(a.step->graph, step.device);
   a.result = simulate(*a.tables);
   const graph::Graph& g = a.step->graph;
+  std::vector<bool> param_storage(g.storages().size(), false);
   for (graph::TensorId p : a.step->params) {
-    a.params_bytes += g.storage(g.tensor(p).storage).bytes;
+    param_storage[graph::index(g.tensor(p).storage)] = true;
+    // issue 13 (ZeRO-3): a partitioned parameter is a view of its block's gathered parameters
+    if (g.storage(g.tensor(p).storage).producer == graph::kNoOp) a.params_bytes += g.storage(g.tensor(p).storage).bytes;
     a.param_count += graph::numel(g.tensor(p).shape);
+  }
+  for (size_t s = 0; s < g.storages().size(); ++s) {  // ZeRO-3: this rank's partitions of those
+    const graph::Storage& st = g.storages()[s];
+    if (st.category == Category::parameter && st.producer == graph::kNoOp && !param_storage[s]) a.params_bytes += st.bytes;
   }
   std::vector<graph::StorageId> grad_storages;  // distinct: DDP's bucket views share a bucket
   for (graph::TensorId t : a.step->param_grads) {

@@ -2,6 +2,7 @@
 // parallel.tp_impl, parsed where they are written, and the combinations Megatron-LM refuses.
 #include <fmt/format.h>
 
+#include "actsim/graph/profile.hpp"
 #include "scenario_values.hpp"
 
 namespace actsim::study::scenario_detail {
@@ -43,17 +44,45 @@ std::optional<std::string> tp_problem(const Scenario& sc) {
     if (sc.origin.count("parallel.tp_impl")) return problem(sc.where("parallel.tp_impl"), "tp_impl needs parallel.tp > 1");
     return std::nullopt;
   }
-  if (pc.tp_impl == graph::TpImpl::dtensor) {
-    return problem(sc.where("parallel.tp_impl"),
-                   "DTensor tensor parallelism (ColwiseParallel/RowwiseParallel/SequenceParallel) is not lowered yet; "
-                   "use parallel.tp_impl = \"megatron\"");
+  const bool dtensor = pc.tp_impl == graph::TpImpl::dtensor;
+  if (dtensor) {  // issue 13: DTensor as torchtitan applies it (lower_dtensor.cpp)
+    if (m.family != Family::llama) {
+      return problem(blame({"parallel.tp_impl", "model.family", "model.hf_config"}),
+                     fmt::format("DTensor tensor parallelism is lowered for the llama family (torchtitan's plan), not {}; "
+                                 "use parallel.tp_impl = \"megatron\"", graph::to_string(m.family)));
+    }
+    if (sc.profile != graph::ProfileId::torch_cuda && sc.profile != graph::ProfileId::torch2_cpu) {
+      return problem(blame({"runtime.profile", "parallel.tp_impl"}),
+                     "DTensor tensor parallelism needs PyTorch 2: use runtime.profile = \"torch-cuda\" or \"torch2-cpu\"");
+    }
+    if (m.vocab_size % tp != 0) {
+      return problem(blame({"parallel.tp", "model.vocab_size"}),
+                     fmt::format("parallel.tp = {} does not divide model.vocab_size = {} (DTensor shards the embedding and "
+                                 "lm_head in equal parts; uneven shards are not lowered)", tp, m.vocab_size));
+    }
+    if (pc.dp > 1 || pc.pp > 1) {
+      return problem(blame({"parallel.tp_impl", "parallel.dp", "parallel.pp"}),
+                     "DTensor tensor parallelism on a 2-D mesh (with parallel.dp or parallel.pp) is not lowered yet; "
+                     "use parallel.tp_impl = \"megatron\"");
+    }
+    const graph::OptimizerImpl impl = t.optimizer_impl == graph::OptimizerImpl::profile_default
+                                          ? graph::profile(sc.profile).default_impl : t.optimizer_impl;
+    if (!pc.sp && impl == graph::OptimizerImpl::foreach) {
+      return problem(blame({"training.optimizer_impl", "parallel.sp", "parallel.tp_impl"}),
+                     "the foreach optimizer fails on DTensor tensor parallelism without sp (the norms stay plain tensors: "
+                     "\"got mixed torch.Tensor and DTensor\"); set parallel.sp = true or training.optimizer_impl = \"for_loop\"");
+    }
+    if (sc.checkpoint_text() != "none") {
+      return problem(blame({"checkpoint.policy", "parallel.tp_impl"}),
+                     "activation checkpointing with DTensor tensor parallelism is not lowered yet; set checkpoint.policy = \"none\"");
+    }
   }
-  if (m.family != Family::gpt2 && m.family != Family::llama) {
+  if (!dtensor && m.family != Family::gpt2 && m.family != Family::llama) {
     return problem(blame({"parallel.tp", "model.family", "model.hf_config"}),
                    fmt::format("tensor parallelism is lowered for the gpt2 and llama families (Megatron-LM's layers), not {}",
                                graph::to_string(m.family)));
   }
-  if (sc.profile != graph::ProfileId::torch_cuda) {
+  if (!dtensor && sc.profile != graph::ProfileId::torch_cuda) {
     return problem(blame({"runtime.profile", "parallel.tp"}),
                    "Megatron-LM's tensor parallelism runs on CUDA: use runtime.profile = \"torch-cuda\"");
   }

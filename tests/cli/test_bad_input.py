@@ -144,8 +144,8 @@ BAD_SCENARIOS = [
     # data parallelism (issue 13, dp2)
     ("no_sync without accumulation", "[parallel]\ndp = 2\nno_sync = false\n", 3, "parallel.no_sync",
      ["grad_accum_steps > 1"]),
-    ("ZeRO-3 not lowered", "[parallel]\ndp = 4\nsharding = \"zero3\"\n", 3, "parallel.sharding",
-     ["not lowered yet"]),
+    ("ZeRO-3 with tensor parallelism", "[parallel]\ndp = 4\nsharding = \"zero3\"\ntp = 2\n", 4, "parallel.tp",
+     ["not lowered"]),
     ("FSDP2 not lowered", "[parallel]\ndp = 4\nsharding = \"fsdp2\"\n", 3, "parallel.sharding",
      ["not lowered yet"]),
     # tensor parallelism inside pipeline stages (issue 13: tp x pp)

@@ -9,7 +9,10 @@ each of `dp` processes joined by the gloo backend on localhost, with the model w
            gradient_as_bucket_view), gradients all-reduced during backward
   zero1    DDP + torch.distributed.optim.ZeroRedundancyOptimizer (optimizer state sharded by
            parameter, broadcast of the updated parameters after the step)
-  fsdp2    torch.distributed.fsdp.fully_shard per block and on the root
+  fsdp2    torch.distributed.fsdp.fully_shard per block and on the root, reshard_after_forward
+           (its parameters and optimizer state are DTensors: counted by their local shard's
+           storage; its all-gather and reduce-scatter run as gloo runs them, but the buffers gloo
+           holds are freed on the rank's thread: see all_gather_single, reduce_scatter_single)
 
 Usage: measure_dist.py [KEY=VALUE ...] with measure.py's keys plus parallel=..., dp=N,
 bucket_cap_mb=F, gradient_as_bucket_view=0|1, reshard_after_forward=0|1, no_sync=0|1 (with
@@ -137,6 +140,62 @@ def broadcast_coalesced(process_group, tensors, buffer_size, src):
         finish()
 
 
+def gloo_settled(tensors, before):
+    """Wait until gloo's worker thread has dropped its references to these tensors (their and
+    their storages' use counts back to `before`, taken before the collective was launched), so
+    that whoever frees them later is this thread."""
+    import time
+    import torch
+
+    def uses():
+        return [n for t in tensors for n in (t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata))]
+    if before is None:
+        return uses()
+    deadline = time.monotonic() + 10
+    while any(a > b for a, b in zip(uses(), before)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("gloo's worker thread kept a collective's tensors")
+        time.sleep(0)
+    return before
+
+
+def reduce_scatter_single(self, output_tensor, input_tensor, group, op, async_op=False):
+    """FSDP2's reduce-scatter (DefaultReduceScatter: dist.reduce_scatter_single) with gloo's
+    allocations (ProcessGroupGloo::_reduce_scatter_base: a clone of the input all-reduced, the
+    rank's chunk copied out; AVG a div_ on gloo's worker thread), but the clone is a stand-in
+    this thread allocates and frees and the all-reduce runs in the input itself (FSDP2 only keeps
+    the input alive afterwards), and this waits until gloo's worker has let go of it. Why: a
+    tensor gloo holds is freed by whichever thread lets go last; when that is the worker, the
+    profiler never sees the free and the rank appears to hold it forever (the whole flat gradient
+    of a block, 50,816 bytes on a rank of the gpt2 base configuration)."""
+    import torch
+    import torch.distributed as td
+    clone = torch.empty_like(input_tensor)
+    before = gloo_settled([input_tensor], None)
+    work = td.all_reduce(input_tensor, op=op, group=group, async_op=True)
+    work.wait()
+    del work
+    gloo_settled([input_tensor], before)
+    rank = td.get_rank(group)
+    with torch.no_grad():
+        output_tensor.copy_(input_tensor.view(group.size(), -1)[rank])
+    del clone
+    return None
+
+
+def all_gather_single(self, output_tensor, input_tensor, group, async_op=False):
+    """FSDP2's all-gather (DefaultAllGather: dist.all_gather_single into the flat output), waited
+    for here until gloo's worker thread has let go of the output and its input view, so that the
+    output's free (when FSDP2 drops its AllGatherState) is always seen on this thread."""
+    import torch.distributed as td
+    before = gloo_settled([output_tensor, input_tensor], None)
+    work = td.all_gather_single(output_tensor, input_tensor, group=group, async_op=True)
+    work.wait()
+    del work
+    gloo_settled([output_tensor, input_tensor], before)
+    return None
+
+
 class _Fields:
     def __init__(self, fields, total):
         self._f, self.total_allocated = fields, total
@@ -251,6 +310,9 @@ def measure_one(torch, rank, world, dist, rest):
                 model.register_forward_pre_hook(no_sync)
         elif kind == "fsdp2":
             from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+            _fsdp_collectives.DefaultReduceScatter.__call__ = reduce_scatter_single
+            _fsdp_collectives.DefaultAllGather.__call__ = all_gather_single
             from torch.distributed.device_mesh import init_device_mesh
             mesh = init_device_mesh("cpu", (world,))
             raf = bool(dist["reshard_after_forward"])
@@ -276,7 +338,18 @@ def measure_one(torch, rank, world, dist, rest):
             plain_step(model, opt, idx, targets, n=n)
         return plain_step(model, opt, idx, targets, record_function, n=n)
 
-    plain_flatten = measure.flatten
+    plain_flatten, plain_storage_key = measure.flatten, measure.storage_key
+    plain_optimizer_tensors = measure.optimizer_tensors
+
+    def optimizer_tensors(torch_, opt):
+        # ZeroRedundancyOptimizer keeps this rank's state in its local optimizer (.optim)
+        return plain_optimizer_tensors(torch_, getattr(opt, "optim", opt))
+
+    def storage_key(t):
+        # FSDP2's parameters and the optimizer state made from them are DTensors: their bytes are
+        # the local shard's storage (FSDP2's padded per-parameter shard).
+        return plain_storage_key(t.to_local() if hasattr(t, "to_local") else t)
+
     built = []
 
     def build_and_keep(torch_, models_, cfg_):
@@ -290,12 +363,14 @@ def measure_one(torch, rank, world, dist, rest):
         return make_flatten(plain_flatten, candidates)(tree)
 
     measure.build, measure.make_optimizer, measure.train_step = build_and_keep, make_optimizer, train_step
-    measure.flatten = flatten
+    measure.flatten, measure.storage_key = flatten, storage_key
+    measure.optimizer_tensors = optimizer_tensors
     try:
         result = measure.measure_memory(torch, models, cfg, trace=bool(os.environ.get("ACTSIM_DIST_TRACE")))
     finally:
         measure.build, measure.make_optimizer, measure.train_step = plain_build, plain_opt, plain_step
-        measure.flatten = plain_flatten
+        measure.flatten, measure.storage_key = plain_flatten, plain_storage_key
+        measure.optimizer_tensors = plain_optimizer_tensors
     result["gloo_strays"] = list(STRAYS)
     result["rank"] = rank
     result["parallel"] = dist

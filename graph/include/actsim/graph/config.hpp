@@ -109,8 +109,9 @@ struct TrainableConfig {
 // ---- issue 13: data parallelism and sharding (parallel.*), master weights -----------------
 // none: DistributedDataParallel (gradients all-reduced in buckets). zero1/zero2: DeepSpeed's ZeRO
 // stages 1 and 2 (fp32 master, exp_avg and exp_avg_sq partitioned over the ranks as flat shards;
-// stage 2 reduce-scatters each gradient and keeps only its shard).
-enum class Sharding : uint8_t { none, zero1, zero2 };
+// stage 2 reduce-scatters each gradient and keeps only its shard; stage 3 also partitions each
+// parameter and gathers a block's parameters around its forward and its backward).
+enum class Sharding : uint8_t { none, zero1, zero2, zero3 };
 std::string_view to_string(Sharding s);
 // Tensor parallelism's implementation: Megatron-LM's ColumnParallelLinear/RowParallelLinear, or
 // PyTorch's DTensor ColwiseParallel/RowwiseParallel/SequenceParallel.
@@ -128,7 +129,7 @@ struct ParallelConfig {
   // ---- issue 13: tensor and sequence parallelism (lower_tp.cpp) ----
   int64_t tp = 1;                       // tensor-parallel degree: this rank holds 1/tp of each sharded layer
   bool sp = false;                      // sequence parallelism (Megatron-LM): norms and dropouts on s/tp
-  TpImpl tp_impl = TpImpl::megatron;    // megatron: Megatron-LM's layers; dtensor: not lowered yet (refused)
+  TpImpl tp_impl = TpImpl::megatron;    // megatron: Megatron-LM's layers; dtensor: PyTorch DTensor (lower_dtensor.cpp)
   // ---- end tensor and sequence parallelism ----
   // --- dp2 (issue 13, data-parallel half): accumulation ---
   bool no_sync = true;                  // DDP + accumulation: the first N-1 micro-batches under no_sync()
