@@ -13,6 +13,7 @@
 #include "actsim/util/hash.hpp"
 #include "actsim/util/parallel.hpp"
 #include "actsim/util/rng.hpp"
+#include "actsim/util/small_vector.hpp"
 #include "actsim/util/text.hpp"
 
 using namespace actsim;
@@ -96,4 +97,68 @@ TEST_CASE("util::describe_failure: one line and a defined exit code for every ex
   f = of([] { throw 42; });
   CHECK(f.exit_code == 1);
   CHECK(f.line == "actsim: internal error: an exception of unknown type");
+}
+
+// issue 9 (speed4): the graph's small lists (shapes, strides, op and tensor id lists).
+TEST_CASE("util::SmallVector: inline up to N, spills to the heap past it, behaves as std::vector", "[util]") {
+  using SV = util::SmallVector<int64_t, 4>;
+  SV a{8, 1024, 1600};
+  CHECK(a.size() == 3);
+  CHECK(a.capacity() == 4);
+  CHECK(a == std::vector<int64_t>{8, 1024, 1600});
+  const int64_t* inline_data = a.data();
+  a.push_back(2);
+  CHECK(a.data() == inline_data);  // the 4th element still inline
+  a.push_back(3);                  // the 5th spills
+  CHECK(a.capacity() > 4);
+  CHECK(a == SV{8, 1024, 1600, 2, 3});
+  for (int i = 0; i < 100; ++i) a.push_back(a[static_cast<size_t>(i)]);  // an element of itself, while it grows
+  CHECK(a.size() == 105);
+  CHECK(a[5] == 8);
+  CHECK(a[104] == a[99]);
+  SV b = a;  // copies the heap block
+  CHECK(b == a);
+  b[0] = 7;
+  CHECK(a[0] == 8);
+  SV c = std::move(b);  // takes the heap block
+  CHECK(c[0] == 7);
+  CHECK(b.empty());
+  b.push_back(1);
+  CHECK(b == SV{1});
+  SV d{1, 2, 3};
+  SV e = std::move(d);  // inline: copied
+  CHECK(e == SV{1, 2, 3});
+  e.insert(e.begin() + 1, 9);
+  CHECK(e == SV{1, 9, 2, 3});
+  e.insert(e.end(), {4, 5});
+  CHECK(e == SV{1, 9, 2, 3, 4, 5});
+  e.erase(e.begin());
+  e.erase(e.begin() + 1, e.begin() + 3);
+  CHECK(e == SV{9, 4, 5});
+  e.insert(e.begin(), e.begin(), e.end());  // a range of itself
+  CHECK(e == SV{9, 4, 5, 9, 4, 5});
+  e.resize(2);
+  CHECK(e == SV{9, 4});
+  e.resize(6, -1);
+  CHECK(e == SV{9, 4, -1, -1, -1, -1});
+  e.pop_back();
+  CHECK(e.back() == -1);
+  CHECK(e.front() == 9);
+  e.assign(3, 0);
+  CHECK(e == SV{0, 0, 0});
+  CHECK_THROWS_AS(e.at(3), std::out_of_range);
+  std::vector<int64_t> v = e;  // to std::vector and back
+  CHECK(v == std::vector<int64_t>{0, 0, 0});
+  SV f = std::vector<int64_t>{5, 6};
+  CHECK(f == SV{5, 6});
+  CHECK(SV{1, 2} < SV{1, 3});
+  CHECK(SV{1, 2} < SV{1, 2, 0});
+  CHECK(SV(2, 7) == SV{7, 7});
+  CHECK(SV(3).size() == 3);
+  CHECK(std::vector<int64_t>(f.rbegin(), f.rend()) == std::vector<int64_t>{6, 5});
+  e = {1, 2, 3, 4, 5, 6};  // heap
+  e = f;                   // back to two elements in the heap block
+  CHECK(e == f);
+  e.clear();
+  CHECK(e.empty());
 }

@@ -203,12 +203,12 @@ void Engine::run_node(OpId fid) {
     recompute_region(f.region);
   }
   // Saved tensors, replaced by their recomputed or prefetched copies where there are some.
-  std::vector<TensorId> remapped_saved;
+  TensorIds remapped_saved;
   if (n_remapped_ > 0) {
     remapped_saved = f.saved;
     for (TensorId& t : remapped_saved) t = mapped(t);
   }
-  const std::vector<TensorId>& saved = n_remapped_ > 0 ? remapped_saved : f.saved;  // f never moves
+  const TensorIds& saved = n_remapped_ > 0 ? remapped_saved : f.saved;  // f never moves
   b_.set_layer(f.layer);
   b_.set_scope(f.name);
   std::vector<Slot>& slots = slots_[index(fid)];

@@ -175,7 +175,7 @@ OpId Builder::emit(Op op) {
     }
   }
   const bool offload_saves = op.offload && !op.saved.empty();
-  std::vector<TensorId> saved = offload_saves ? op.saved : std::vector<TensorId>{};
+  TensorIds saved = offload_saves ? op.saved : TensorIds{};
   const OpId id = g_.add_op(std::move(op));
   // Offload (save_on_cpu with a copy stream): each newly saved activation is copied to pinned host
   // memory as soon as it exists; the device copy is freed once forward no longer needs it.

@@ -4,7 +4,10 @@
 
 #include <boost/program_options.hpp>
 #include <chrono>
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "actsim/util/output.hpp"
@@ -66,6 +69,28 @@ class ProgressLine {
   bool bar_, enabled_, drawn_ = false;
   std::chrono::steady_clock::time_point t0_;
 };
+
+// Note [Teardown at exit]: a command's last big structure (the reported analysis: its graph, event
+// log and side tables) is handed to keep_until_exit once its output is built: it stays reachable
+// from a static until the process ends, which reclaims the memory without running the destructors
+// (~6% of simulate's CPU was freeing them one by one). Only after success: on an exception the
+// owner frees it as usual. Sanitizer builds free it here, so their checks still see the teardown.
+#if defined(__SANITIZE_ADDRESS__)
+#define ACTSIM_CLI_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(leak_sanitizer) || __has_feature(memory_sanitizer)
+#define ACTSIM_CLI_SANITIZED 1
+#endif
+#endif
+template <typename Owner>
+void keep_until_exit(Owner&& owner) {
+#ifdef ACTSIM_CLI_SANITIZED
+  Owner freed = std::move(owner);
+#else
+  static auto* kept = new std::decay_t<Owner>(std::move(owner));  // NOLINT: reachable until exit
+  (void)kept;
+#endif
+}
 
 int cmd_simulate(const std::vector<std::string>& args);
 int cmd_compare(const std::vector<std::string>& args);

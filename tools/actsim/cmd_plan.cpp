@@ -131,6 +131,7 @@ int cmd_plan(const std::vector<std::string>& args) {
   j["planner"] = {{"simulations", r.simulations}};
   if (vm.count("timings")) j["planner"]["dp_ns"] = r.dp_ns;
   if (vm.count("timeline")) j["timeline"] = report::timeline_json(a);
+  keep_until_exit(std::move(kept));  // Note [Teardown at exit]: `a` is not read past here
   if (vm.count("json")) {
     std::cout << j.dump(2) << "\n";
     return 0;

@@ -69,7 +69,8 @@ int cmd_simulate(const std::vector<std::string>& args) {
   // One lowering and simulation, and about 14 more for the batch search (Note [Long work]).
   check_long_work(vm, (vm.count("no-fit") ? 1 : 15) * static_cast<double>(s.model.n_layers) * kSecondsPerLayer,
                   fmt::format("simulate at {} layers{}", s.model.n_layers, vm.count("no-fit") ? "" : " with the batch search (--no-fit skips it)"));
-  study::Analysis a = study::analyze(s);
+  std::unique_ptr<study::Analysis> owned(new study::Analysis(study::analyze(s)));
+  study::Analysis& a = *owned;
   if (a.pipeline) {  // issue 13: a pipeline's figures are its stages' replay, not one event log
     // --trace writes one process per rank class; --memviz, --csv, --report and --svg hold one
     // device: refused with one line before any work (report::check_pipeline_exports).
@@ -95,6 +96,7 @@ int cmd_simulate(const std::vector<std::string>& args) {
   files.commit();
   if (vm.count("json")) std::cout << j.dump(2) << "\n";
   else std::cout << report::to_table(a, max_batch);
+  keep_until_exit(std::move(owned));  // Note [Teardown at exit]
   return 0;
 }
 

@@ -133,29 +133,29 @@ struct Op {
   Phase phase = Phase::forward;
   int32_t layer = -1;                      // block index, -1 outside blocks
   std::string name;                        // e.g. "blocks.3.attn.softmax"
-  std::vector<TensorId> inputs;            // tensors read
-  std::vector<TensorId> outputs;           // tensors produced (new storage, or views)
-  std::vector<TensorId> saved;             // forward ops: tensors autograd keeps for this op's backward
-  std::vector<TensorId> holds;             // kept alive until this op ends without being read
+  TensorIds inputs;                        // tensors read
+  TensorIds outputs;                       // tensors produced (new storage, or views)
+  TensorIds saved;                         // forward ops: tensors autograd keeps for this op's backward
+  TensorIds holds;                         // kept alive until this op ends without being read
                                            // (a Python reference going out of scope here)
-  std::vector<TensorId> releases;          // storages explicitly released when this op ends
+  TensorIds releases;                      // storages explicitly released when this op ends
                                            // (zero_grad releases the gradients)
   int64_t workspace_bytes = 0;             // transient bytes, allocated at start, freed at end
   double flops = 0;                        // floating-point operations
   int64_t bytes_moved = 0;                 // bytes read + written by the kernel(s)
   int32_t kernels = 1;                     // kernel launches (launch overhead in the time model)
   OpId forward = kNoOp;                    // backward/recompute ops: the forward op
-  std::vector<int8_t> grad_of;             // backward ops: [grad_outputs] forward input index whose
+  util::SmallVector<int8_t, 8> grad_of;    // backward ops: [grad_outputs] forward input index whose
                                            // gradient each entry is (see grad_outputs)
-  std::vector<TensorId> grad_outputs;      // backward ops: the gradients produced, including
+  TensorIds grad_outputs;                  // backward ops: the gradients produced, including
                                            // pass-throughs that alias an incoming gradient
   int8_t n_grad_inputs = 0;                // backward ops: inputs[0..n) are incoming gradients,
                                            // the rest the forward op's saved tensors
-  std::vector<int8_t> grad_in_of;          // backward ops: [n_grad_inputs] forward output index of
+  util::SmallVector<int8_t, 8> grad_in_of; // backward ops: [n_grad_inputs] forward output index of
                                            // each incoming gradient
   int32_t stream = 0;                      // 0 = compute, 1 = copy (offload/prefetch),
                                            // 2 = communication (collectives)
-  std::vector<OpId> after;                 // ops that must end before this one starts (besides
+  OpIds after;                             // ops that must end before this one starts (besides
                                            // the producers of its inputs)
   int32_t region = -1;                     // forward ops: recompute region (checkpointing), -1 = none
   bool cached = false;                     // forward ops in a region whose outputs are kept (ops:LIST)

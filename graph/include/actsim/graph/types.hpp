@@ -11,6 +11,8 @@
 #include <string_view>
 #include <vector>
 
+#include "actsim/util/small_vector.hpp"
+
 namespace actsim::graph {
 
 enum class TensorId : uint32_t {};
@@ -51,8 +53,12 @@ std::string_view to_string(Phase p);
 // Where a storage lives: device memory, or host memory (CUDA's 0-dim CPU scalars).
 enum class Location : uint8_t { device, host };
 
-using Shape = std::vector<int64_t>;
-using Strides = std::vector<int64_t>;
+// Dims and strides inline up to 4 (a heap block past them): most tensors have at most 4 dims.
+using Shape = util::SmallVector<int64_t, 4>;
+using Strides = util::SmallVector<int64_t, 4>;
+// An op's or a tensor's small lists of ids, inline up to 4 (as big as a std::vector).
+using TensorIds = util::SmallVector<TensorId, 4>;
+using OpIds = util::SmallVector<OpId, 4>;
 
 int64_t numel(const Shape& s);
 Strides contiguous_strides(const Shape& s);
