@@ -265,29 +265,43 @@ def make_flatten(plain_flatten, candidates):
 
 def rank_main(rank, world, port, jobs, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    import gc
     import torch
     import torch.distributed as td
     td.init_process_group("gloo", rank=rank, world_size=world)
     td._broadcast_coalesced = broadcast_coalesced
     import torch.nn.parallel.distributed as ddp_module
     ddp_module._verify_param_shape_across_processes = verify_params
+    run_jobs(measure_one, torch, rank, world, jobs, out_path)
+
+
+def run_jobs(measure, torch, rank, world, jobs, out_path):
+    """A rank process's jobs measured one after another (garbage collected around each), the
+    results written to out_path for the parent, the process group destroyed. measure_dtensor.py
+    and measure_pp.py pass their own measure."""
+    import gc
+    import torch.distributed as td
     results = []
-    for dist, rest in jobs:
+    for job, rest in jobs:
         gc.collect()
-        results.append(measure_one(torch, rank, world, dist, rest))
+        results.append(measure(torch, rank, world, job, rest))
         gc.collect()
     with open(out_path, "w") as f:
         json.dump(results, f)
     td.destroy_process_group()
 
 
-def measure_one(torch, rank, world, dist, rest):
+def load_config(torch, rest):
+    """A job's model configuration (measure.py's keys and defaults) and the reference models."""
     cfg = measure.parse_config(rest)
     models = measure.load_reference()
     if cfg["d_ff"] is None:
         cfg["d_ff"] = models.default_d_ff(cfg["family"], cfg["d_model"])
     torch.set_num_threads(cfg["threads"])
+    return cfg, models
+
+
+def measure_one(torch, rank, world, dist, rest):
+    cfg, models = load_config(torch, rest)
     plain_build, plain_opt = measure.build, measure.make_optimizer
 
     def build(torch_, models_, cfg_):

@@ -86,7 +86,6 @@ def parallelize(torch, model, cfg, mesh, sp):
 
 def rank_main(rank, world, port, jobs, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    import gc
     import torch
     import torch.distributed as td
     td.init_process_group("gloo", rank=rank, world_size=world)
@@ -110,24 +109,13 @@ def rank_main(rank, world, port, jobs, out_path):
             time.sleep(0.0005)
         return out
     funcol.wait_tensor = wait_tensor
-    results = []
-    for tp, rest in jobs:
-        gc.collect()
-        results.append(measure_one(torch, rank, world, tp, rest))
-        gc.collect()
-    with open(out_path, "w") as f:
-        json.dump(results, f)
-    td.destroy_process_group()
+    measure_dist.run_jobs(measure_one, torch, rank, world, jobs, out_path)
 
 
 def measure_one(torch, rank, world, tp, rest):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel
-    cfg = measure.parse_config(rest)
-    models = measure.load_reference()
-    if cfg["d_ff"] is None:
-        cfg["d_ff"] = models.default_d_ff(cfg["family"], cfg["d_model"])
-    torch.set_num_threads(cfg["threads"])
+    cfg, models = measure_dist.load_config(torch, rest)
     mesh = init_device_mesh("cpu", (world,))
     plain_build, plain_step, plain_flatten = measure.build, measure.train_step, measure.flatten
     plain_key = measure.storage_key

@@ -113,11 +113,7 @@ def measure_one(torch, rank, world, dist, rest):
     figures of the steady step."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     from torch.profiler import ProfilerActivity, profile
-    cfg = measure.parse_config(rest)
-    models = measure.load_reference()
-    if cfg["d_ff"] is None:
-        cfg["d_ff"] = models.default_d_ff(cfg["family"], cfg["d_model"])
-    torch.set_num_threads(cfg["threads"])
+    cfg, models = measure_dist.load_config(torch, rest)
     m = dist["microbatches"]
     sched_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[dist["pp_schedule"]]
     V = dist["chunks"]
