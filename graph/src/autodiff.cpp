@@ -211,7 +211,7 @@ void Engine::run_node(OpId fid) {
   const TensorIds& saved = n_remapped_ > 0 ? remapped_saved : f.saved;  // f never moves
   b_.set_layer(f.layer);
   b_.set_scope(f.name);
-  std::vector<Slot>& slots = slots_[index(fid)];
+  auto& slots = slots_[index(fid)];
   slots.resize(f.outputs.size());
   TensorId g = slots[0].grad;
   for (const Slot& s : slots) {
@@ -224,7 +224,7 @@ void Engine::run_node(OpId fid) {
   // The op kind's backward rule (backward_rules.cpp): grads[i] is the gradient this node
   // produces for input i (kNoTensor if none).
   BackwardRule rule = backward_rule(b_, f, g);
-  const std::vector<TensorId>& grads = rule.grads;
+  const TensorIds& grads = rule.grads;
   const int64_t workspace = rule.workspace;
   const int kernels = rule.kernels;
 
@@ -273,7 +273,7 @@ void Engine::run_node(OpId fid) {
   for (TensorId t : grads) {
     if (t != kNoTensor) add_ref(t);
   }
-  std::vector<TensorId> node_holds;
+  TensorIds node_holds;  // inline lists (issue 9: no allocation per node)
   node_holds.reserve(slots.size() + saved.size());
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) node_holds.push_back(s.grad);
@@ -285,7 +285,10 @@ void Engine::run_node(OpId fid) {
         f.region >= 0 && saved[i] != f.saved[i] && b_.prof().checkpoint_unpack_releases && !reentrant_;
     if (!handed_over) node_holds.push_back(saved[i]);
   }
-  std::vector<std::pair<TensorId, TensorId>> outs;  // (grad, input) after reduction
+  struct Out {
+    TensorId grad, input;
+  };
+  util::SmallVector<Out, 4> outs;  // (grad, input) after reduction
   outs.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i] == kNoTensor) continue;
@@ -316,12 +319,12 @@ void Engine::run_node(OpId fid) {
       add_ref(r);
       gi = r;
     }
-    outs.emplace_back(gi, f.inputs[i]);
+    outs.push_back({gi, f.inputs[i]});
   }
   for (const Slot& s : slots) {
     if (s.grad != kNoTensor) drop_ref(s.grad);
   }
-  for (auto& [gi, x] : outs) deliver(gi, x, f.region);
+  for (const Out& o : outs) deliver(o.grad, o.input, f.region);
   if (is_reentrant_region(f.region) && --reentrant_calls_[f.region].pending == 0) finish_reentrant(f.region);
 }
 
@@ -428,7 +431,7 @@ void Engine::deliver(TensorId grad, TensorId input, int32_t from_region) {
       add_ref(c);
       gx = c;
     }
-    std::vector<Slot>& slots = slots_[index(e.op)];
+    auto& slots = slots_[index(e.op)];
     slots.resize(g_.op(e.op).outputs.size());
     accumulate(slots[e.out].grad, gx, layer);
     if (--deps_[index(e.op)] == 0) ready_.push(index(e.op));
@@ -440,7 +443,7 @@ void Engine::deliver(TensorId grad, TensorId input, int32_t from_region) {
     if (--param_deps_[e.param] == 0) accumulate_grad(e.param);
     return;
   }
-  std::vector<Slot>& slots = slots_[index(e.op)];
+  auto& slots = slots_[index(e.op)];
   slots.resize(g_.op(e.op).outputs.size());
   accumulate(slots[e.out].grad, grad, g_.op(e.op).layer);
   if (--deps_[index(e.op)] == 0) ready_.push(index(e.op));

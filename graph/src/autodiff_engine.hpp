@@ -86,7 +86,9 @@ class Engine {
   std::vector<TensorId> param_grad_;
   std::vector<TensorId> param_buf_;                        // AccumulateGrad's InputBuffer
   std::vector<int> param_deps_;                            // AccumulateGrad's pending edges
-  std::vector<std::vector<Slot>> slots_;                   // [forward ops] per-output gradient
+  std::vector<uint32_t> needed_mark_;                      // recompute_region's [storages] scratch
+  uint32_t needed_stamp_ = 0;
+  std::vector<util::SmallVector<Slot, 2>> slots_;          // [forward ops] per-output gradient
   std::vector<int> deps_;                                  // [forward ops] pending edges
   std::vector<int> refs_;                                  // [storages] live gradient references
   std::priority_queue<uint32_t> ready_;                    // forward op index: latest first

@@ -3,6 +3,8 @@
 // early, 1.13 and reentrant rerun the whole function); offloaded blocks come back on the copy stream.
 #include "autodiff_engine.hpp"
 
+#include <algorithm>
+
 #include <unordered_map>
 
 #include "actsim/util/error.hpp"
@@ -19,15 +21,18 @@ bool Engine::wrapped_scalar(TensorId t) const {
 void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   recomputed_[r] = true;
   const std::vector<OpId>& ops = regions_[r];
-  std::vector<bool> needed_st(g_.storages().size(), false);  // [storages existing now]
+  // [storages existing now]: needed when marked with this recomputation's stamp (issue 9: one
+  // array for the whole backward, not one of every storage per recomputation).
+  if (needed_mark_.size() < g_.storages().size()) needed_mark_.resize(g_.storages().size(), 0);
+  const uint32_t stamp = ++needed_stamp_;
   // (Reentrant: the forward ran under no_grad and saved nothing; the recomputation saves as usual.)
   const bool keep_scalars = b_.prof().wrapped_numbers_unhooked && !reentrant_;
   if (targets) {
-    for (uint32_t sid : *targets) needed_st[sid] = true;
+    for (uint32_t sid : *targets) needed_mark_[sid] = stamp;
   } else {
     for (OpId o : ops) {
       for (TensorId t : g_.op(o).saved) {
-        if (!wrapped_scalar(t)) needed_st[index(g_.tensor(t).storage)] = true;
+        if (!wrapped_scalar(t)) needed_mark_[index(g_.tensor(t).storage)] = stamp;
       }
     }
   }
@@ -44,12 +49,12 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   for (size_t k = ops.size(); !whole && k-- > 0;) {
     const Op& op = g_.op(ops[k]);
     bool need = false;
-    for (TensorId t : op.outputs) need = need || needed_st[index(g_.tensor(t).storage)];
+    for (TensorId t : op.outputs) need = need || needed_mark_[index(g_.tensor(t).storage)] == stamp;
     if (!need) continue;
     if (!reached) reached = true, reach = k;
     if (op.cached) continue;
     rerun[k] = true;
-    for (TensorId t : op.inputs) needed_st[index(g_.tensor(t).storage)] = true;
+    for (TensorId t : op.inputs) needed_mark_[index(g_.tensor(t).storage)] = stamp;
   }
   // 2.x's early stop (_StopRecomputationError at the frame's last pack): the function runs in
   // order up to there, so every op before the stop runs, needed or not (a frozen base linear's
@@ -57,17 +62,21 @@ void Engine::recompute_region(int32_t r, const std::vector<uint32_t>* targets) {
   // still read (its Python locals: peft's float32 copy of x, `result`) lives until the stop.
   std::vector<TensorId> until_stop;
   if (!whole && !targets && reached) {
-    std::unordered_map<uint32_t, size_t> pos;
+    // (op index, k) sorted by op index: a binary search, no map (issue 9).
+    std::vector<std::pair<uint32_t, uint32_t>> pos;
+    pos.reserve(reach + 1);
     for (size_t k = 0; k <= reach; ++k) {
       rerun[k] = !g_.op(ops[k]).cached;
-      pos[index(ops[k])] = k;
+      pos.emplace_back(index(ops[k]), static_cast<uint32_t>(k));
     }
+    std::sort(pos.begin(), pos.end());
     for (size_t k = reach + 1; k < ops.size(); ++k) {
       for (const auto* list : {&g_.op(ops[k]).inputs, &g_.op(ops[k]).holds}) {
         for (TensorId t : *list) {
           const OpId p = g_.tensor(t).producer;
-          auto it = p == kNoOp ? pos.end() : pos.find(index(p));
-          if (it != pos.end() && rerun[it->second]) until_stop.push_back(t);
+          if (p == kNoOp) continue;
+          auto it = std::lower_bound(pos.begin(), pos.end(), std::pair<uint32_t, uint32_t>{index(p), 0});
+          if (it != pos.end() && it->first == index(p) && rerun[it->second]) until_stop.push_back(t);
         }
       }
     }

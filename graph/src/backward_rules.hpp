@@ -13,7 +13,7 @@ namespace actsim::graph {
 
 // What a node's backward produces.
 struct BackwardRule {
-  std::vector<TensorId> grads;  // [forward inputs] the gradient for input i, kNoTensor if none
+  TensorIds grads;              // [forward inputs] the gradient for input i, kNoTensor if none
   int64_t workspace = 0;        // transient bytes while the node runs
   int kernels = 1;              // kernel launches; 0 = no kernel (views and pass-throughs)
   // issue 13, tensor parallelism: a node that is a collective (the backward of Megatron-LM's

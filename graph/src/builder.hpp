@@ -36,6 +36,7 @@ class Builder {
   const std::string& scope() const { return scope_; }
   // Unnamed lowering (LowerOptions::names = false): ops and the tensors they make get empty names.
   void set_names(bool on) { names_ = on, scope_.clear(); }
+  bool names() const { return names_; }
   void set_phase(Phase p) { phase_ = p; }
   // Checkpointing: ops emitted from now on belong to recompute region `r` (-1 = none); ops of
   // `cached` kinds keep their outputs instead of being recomputed; `offload` marks their saves.

@@ -224,7 +224,8 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   }
   if (scaled) l.scaler_update();
   l.zero_grad();
-  l.out.graph.freeze();
+  if (options.validate) l.out.graph.freeze();
+  else l.out.graph.freeze_unchecked();
   return std::move(l.out);
 }
 

@@ -53,21 +53,24 @@ void Lowering::optimizer() {
   // In-place updates with Python-number operands (mul_(beta1), step += 1, ...) hold a wrapped
   // scalar and its cast while they run; the largest cast is to float32 ('step').
   const int64_t scalar_ws = prof.scalar_temp_bytes(DType::f32);
-  auto update = [&](size_t i, const std::string& what, OptimStep kind, std::vector<TensorId> ins, int kernels,
+  // An op's name: the parameter's and `what`, or none in an unnamed lowering (LowerOptions::names;
+  // issue 9: no string built to be dropped).
+  auto op_name = [&](const Tensor& p, const char* what) { return b.names() ? p.name + "." + what : std::string(); };
+  auto update = [&](size_t i, const char* what, OptimStep kind, TensorIds ins, int kernels,
                     double per, int64_t ws = 0) {
     const int64_t e = numel(g.tensor(out.params[i]).shape);
     b.set_layer(g.storage(g.tensor(out.params[i]).storage).layer);
-    b.emit({.kind = OpKind::optim_update, .name = g.tensor(out.params[i]).name + "." + what, .inputs = std::move(ins),
+    b.emit({.kind = OpKind::optim_update, .name = op_name(g.tensor(out.params[i]), what), .inputs = std::move(ins),
             .workspace_bytes = ws, .flops = per * e,
             .bytes_moved = static_cast<int64_t>(kernels) * 3 * e * dtype_size(dt), .kernels = kernels,
             .params = params_for(kind)});
   };
-  auto temp = [&](size_t i, const std::string& what, OptimStep kind, std::vector<TensorId> ins, int64_t ws,
-                  std::vector<TensorId> holds = {}) {
+  auto temp = [&](size_t i, const char* what, OptimStep kind, TensorIds ins, int64_t ws,
+                  TensorIds holds = {}) {
     const Tensor& p = g.tensor(out.params[i]);
     b.set_layer(g.storage(p.storage).layer);
-    TensorId o = b.fresh(p.name + "." + what, p.shape, dt, Category::temporary);
-    b.emit({.kind = OpKind::optim_temp, .name = p.name + "." + what, .inputs = std::move(ins), .outputs = {o},
+    TensorId o = b.fresh(op_name(p, what), p.shape, dt, Category::temporary);
+    b.emit({.kind = OpKind::optim_temp, .name = op_name(p, what), .inputs = std::move(ins), .outputs = {o},
             .holds = std::move(holds), .workspace_bytes = ws, .flops = static_cast<double>(numel(p.shape)),
             .bytes_moved = 2 * g.view_bytes(o), .params = params_for(kind)});
     return o;
@@ -86,7 +89,7 @@ void Lowering::optimizer() {
     return;
   }
   auto moments_in = [&](size_t i) {
-    return std::vector<TensorId>{out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step};
+    return TensorIds{out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step};
   };
   if (impl == OptimizerImpl::fused) {
     for (size_t i = 0; i < n; ++i) {
@@ -102,7 +105,7 @@ void Lowering::optimizer() {
       if (grad_of(i) == kNoTensor) continue;
       update(i, "moments", OptimStep::adam_moments, moments_in(i), 5, 6, scalar_ws);
       TensorId sq = temp(i, "sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0);
-      std::vector<TensorId> holds;
+      TensorIds holds;
       if (prev_denom != kNoTensor) holds.push_back(prev_denom);
       TensorId denom = temp(i, "denom", OptimStep::adam_denom, {sq, st[i].step}, prof.scalar_temp_bytes(dt), holds);
       // param.addcdiv_(exp_avg, denom, value=-step_size); the .add_(eps) before it wraps a number.

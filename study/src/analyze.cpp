@@ -62,7 +62,7 @@ namespace {
 // reads it (LowerOptions::names).
 std::unique_ptr<graph::StepGraph> lower(const ResolvedStep& step, bool names = true) {
   return std::make_unique<graph::StepGraph>(
-      graph::lower_training_step(step.model, step.training, *step.runtime, &step.plan, {.names = names}));
+      graph::lower_training_step(step.model, step.training, *step.runtime, &step.plan, {.names = names, .validate = names}));
 }
 
 }  // namespace

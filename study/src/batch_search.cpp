@@ -177,7 +177,7 @@ class BatchSearch {
   Probe simulate_at(int64_t b) const {
     ResolvedStep r = base_;
     r.training.batch_size = b;
-    const graph::StepGraph step = graph::lower_training_step(r.model, r.training, *r.runtime, &r.plan, {.names = false});
+    const graph::StepGraph step = graph::lower_training_step(r.model, r.training, *r.runtime, &r.plan, {.names = false, .validate = false});
     std::optional<StepTables> t = StepTables::try_build(step.graph, r.device);
     Probe p;
     if (!t) return p;                    // its byte or time totals overflow int64: it does not fit
@@ -270,7 +270,7 @@ int64_t max_batch_size(const Scenario& s) {
   const ResolvedStep base = resolve(s);
   BatchSearch search(base, kMaxSearchedSize);
   const graph::StepGraph step =
-      graph::lower_training_step(base.model, base.training, *base.runtime, &base.plan, {.names = false});
+      graph::lower_training_step(base.model, base.training, *base.runtime, &base.plan, {.names = false, .validate = false});
   std::optional<StepTables> t = StepTables::try_build(step.graph, base.device);
   if (!t) return search.run(1);          // the scenario's own batch overflows: no guess from it
   const SimResult r = sim::simulate(*t);

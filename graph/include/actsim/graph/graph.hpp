@@ -204,6 +204,9 @@ class Graph {
   void validate() const;
   bool is_frozen() const { return frozen_; }
   void freeze() { validate(); frozen_ = true; }
+  // Frozen without the checks: for lowerings only the engine's figures are read from (issue 9:
+  // LowerOptions::validate), whose lowering code is the same as a checked one's.
+  void freeze_unchecked() { frozen_ = true; }
 
   int32_t n_layers = 0;                    // number of transformer blocks
   int64_t alloc_granularity = 1;           // bytes; a device allocation occupies a multiple of it

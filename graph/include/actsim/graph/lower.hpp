@@ -33,6 +33,10 @@ struct LowerOptions {
   // lowerings whose graph only the engine reads (the batch search's probes): names are about a
   // fifth of a lowering's allocations. Sizes, order and everything simulated are the same.
   bool names = true;
+  // false: the graph's invariants (Graph::validate) are not checked when it is frozen. For the
+  // same probes (issue 9): the checks are a few percent of a lowering, and every lowering a
+  // command reports (and every test's) is still checked.
+  bool validate = true;
 };
 
 // `plan` (optional) checkpoints, recomputes or offloads blocks (checkpoint.hpp).

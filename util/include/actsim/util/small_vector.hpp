@@ -52,12 +52,18 @@ class SmallVector {
     requires(!std::is_integral_v<It>)
   SmallVector(It first, It last) { assign(first, last); }
   SmallVector(const std::vector<T>& v) { append(v.data(), v.size()); }  // NOLINT: drop-in
-  SmallVector(const SmallVector& o) { append(o.data(), o.size()); }
+  SmallVector(const SmallVector& o) {
+    if (o.size_ <= N) copy_small(o);
+    else append(o.data(), o.size());
+  }
   SmallVector(SmallVector&& o) noexcept { steal(o); }
   ~SmallVector() { release(); }
 
   SmallVector& operator=(const SmallVector& o) {
-    if (this != &o) { size_ = 0; append(o.data(), o.size()); }
+    if (this == &o) return *this;
+    size_ = 0;
+    if (o.size_ <= N) copy_small(o);
+    else append(o.data(), o.size());
     return *this;
   }
   SmallVector& operator=(SmallVector&& o) noexcept {
@@ -164,7 +170,7 @@ class SmallVector {
   uint32_t size_ = 0;
   uint32_t cap_ = N;  // > N: the elements live in heap_
   union {
-    T inline_[N];
+    T inline_[N] = {};  // zeroed: the fixed-size copies below read all N (issue 9)
     T* heap_;
   };
 
@@ -189,6 +195,13 @@ class SmallVector {
     heap_ = p;
     cap_ = static_cast<uint32_t>(cap);
   }
+  // o's at most N elements: N copied whatever o's size (a fixed-size copy the compiler inlines,
+  // where a copy of o.size_ elements is a call to memcpy: issue 9, copying ops into the graph).
+  // Both sides hold room for N (inline, or a larger heap block).
+  void copy_small(const SmallVector& o) {
+    std::memcpy(static_cast<void*>(data()), o.data(), sizeof(inline_));
+    size_ = o.size_;
+  }
   void check(size_t i) const {
     if (i >= size_) throw std::out_of_range("SmallVector::at");
   }
@@ -203,7 +216,7 @@ class SmallVector {
       size_ = o.size_;
       o.cap_ = N;
     } else {
-      std::memcpy(static_cast<void*>(inline_), o.inline_, o.size_ * sizeof(T));
+      std::memcpy(static_cast<void*>(inline_), o.inline_, sizeof(inline_));  // fixed size: no call
       size_ = o.size_;
     }
     o.size_ = 0;
