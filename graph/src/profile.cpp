@@ -4,6 +4,8 @@
 #include "actsim/graph/profile.hpp"
 
 #include <array>
+#include <span>
+#include <vector>
 
 namespace actsim::graph {
 namespace {
@@ -276,7 +278,32 @@ bool RuntimeProfile::autocast_supports(DType dt) const {
   return dt != DType::f16 || id != ProfileId::torch_cpu;
 }
 
+namespace {
+
+// The first rule of each op kind in a rule table, by kind: rule() runs for every op the builder
+// emits, and the tables are a few dozen entries long (issue 9).
+struct RuleIndex {
+  std::vector<const SaveRule*> by_kind;
+  explicit RuleIndex(std::span<const SaveRule> rules) {
+    for (const SaveRule& r : rules) {
+      const size_t i = static_cast<size_t>(r.op);
+      if (i >= by_kind.size()) by_kind.resize(i + 1, nullptr);
+      if (by_kind[i] == nullptr) by_kind[i] = &r;
+    }
+  }
+  const SaveRule* find(OpKind k) const {
+    const size_t i = static_cast<size_t>(k);
+    return i < by_kind.size() ? by_kind[i] : nullptr;
+  }
+};
+
+}  // namespace
+
 const SaveRule* RuntimeProfile::rule(OpKind k) const {
+  // The built-in tables through their index; any other table by a scan (the same first match).
+  static const RuleIndex cpu113(kCpu113Rules), torch2(kTorch2Rules);
+  if (rules.data() == kCpu113Rules.data() && rules.size() == kCpu113Rules.size()) return cpu113.find(k);
+  if (rules.data() == kTorch2Rules.data() && rules.size() == kTorch2Rules.size()) return torch2.find(k);
   for (const SaveRule& r : rules) {
     if (r.op == k) return &r;
   }
