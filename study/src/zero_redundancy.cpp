@@ -55,8 +55,9 @@ Analysis analyze_zero_redundancy(const Scenario& s, const graph::RuntimeProfile&
   for (size_t c = 0; c < analyses.size(); ++c) {
     if (static_cast<int>(c) != zr->worst) zr->classes[c].analysis = analyses[c];
   }
-  // The scenario as given (every rank): a later analyze() of it (fit, sweep) compares all ranks again.
-  out.scenario.training.parallel.zero_rank = -1;
+  // out.scenario keeps the class's rank (zero_rank): what is asked of this analysis later (fit's
+  // batch search) lowers the partition with the highest peak (the partition does not depend on
+  // the batch size).
   out.zero_ranks = std::move(zr);
   return out;
 }
