@@ -343,7 +343,7 @@ TEST_CASE("ZeroRedundancyOptimizer: the greedy partition of whole parameters, la
   CHECK(graph::zero_redundancy_partition({}, 2).empty());
 }
 
-TEST_CASE("ZeroRedundancyOptimizer: this rank's state only, in the parameters' dtype; a class per partition",
+TEST_CASE("ZeroRedundancyOptimizer: this rank's state only, in the parameters' dtype, a class per partition",
           "[parallel][zero_redundancy]") {
   const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
                                       "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
