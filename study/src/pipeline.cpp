@@ -194,14 +194,6 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
   sg.opt_mid = r.live_end_optimizer - end_bwd + sg.in_grad;
   sg.opt_end += sg.in_grad, sg.grads -= sg.in_grad;
   sg.opt_peak = std::max(pk.peak[2], end_bwd - sg.in_grad) - (end_bwd - sg.in_grad);
-  // ppdp: torch.distributed.pipelining runs every backward but the stage's last under DDP's
-  // no_sync; with gradient_as_bucket_view the lowering's .grad are bucket views, the no_sync
-  // backwards' plain tensors.
-  if (p.dp > 1 && p.sharding == graph::Sharding::none && p.gradient_as_bucket_view && m > 1) {
-    for (graph::TensorId gr : a.step->param_grads) {
-      if (gr != graph::kNoTensor) sg.grads_nosync += g.view_bytes(gr);
-    }
-  }
   if (last && a.step->loss != graph::kNoTensor) sg.loss = t.storage_bytes(g.tensor(a.step->loss).storage);
   return sg;
 }
@@ -242,6 +234,20 @@ Analysis analyze_pipeline(const Scenario& s, const graph::RuntimeProfile& runtim
   }
   std::vector<PpSegment> kind_seg;
   for (size_t i = 0; i < pl->kinds.size(); ++i) kind_seg.push_back(segment_of(*pl->kinds[i], kind_scenarios[i]));
+  // ppdp: DDP inside each stage with more than one micro-batch: the no_sync backwards are the
+  // stage's without DDP (Note [DDP inside a stage]), lowered once more per kind.
+  if (p.dp > 1 && p.sharding == graph::Sharding::none && m > 1) {
+    for (size_t i = 0; i < pl->kinds.size(); ++i) {
+      Scenario plain = kind_scenarios[i];
+      plain.training.parallel.dp = 1;
+      const PpSegment ps = segment_of(analyze(plain, runtime), plain);
+      PpSegment& sg = kind_seg[i];
+      sg.ddp_nosync = true;
+      sg.bwd_peak_nosync = ps.bwd_peak;
+      sg.bwd_peak_later_nosync = ps.bwd_peak_later;
+      sg.grads_nosync = ps.grads - sg.grads;  // gradient_as_bucket_view: the plain .grad
+    }
+  }
   pl->stage_kinds.assign(static_cast<size_t>(P), {});
   for (int64_t vs = 0; vs < n; ++vs) {
     const int ki = kind_index[kind_of(vs)];

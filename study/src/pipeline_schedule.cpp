@@ -151,8 +151,12 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
       out.end_forward = live;
     } else {
       const bool first = !grads[static_cast<size_t>(x.chunk)];
-      // (ppdp: bwd_peak_later counts .grad whole, grads_nosync is it)
-      const int64_t inc = first ? sg.bwd_peak : sg.bwd_peak_later - (sg.grads - sg.loss) - sg.grads_nosync;
+      // ppdp: under no_sync (every backward of a DDP stage but its last) the stage's own peaks;
+      // the last's bwd_peak_later counts .grad whole, grads_nosync included.
+      const bool nosync = sg.ddp_nosync && k != last_bwd[static_cast<size_t>(x.chunk)];
+      const int64_t inc = first ? (nosync ? sg.bwd_peak_nosync : sg.bwd_peak)
+                        : nosync ? sg.bwd_peak_later_nosync - (sg.grads + sg.grads_nosync - sg.loss)
+                                 : sg.bwd_peak_later - (sg.grads - sg.loss) - sg.grads_nosync;
       see(live - sg.held + inc, held - sg.held, graph::Phase::backward);
       // The micro-batch's loss stays in the schedule's list until step() returns.
       live -= sg.held - sg.loss, held -= sg.held, --in_flight, losses += sg.loss;

@@ -233,12 +233,14 @@ def _no_sync_outputs(fn):
 
 def pp_flatten(candidates):
     """ppdp: measure_dist.make_flatten (the bytes gloo's worker thread freed, which the profiler
-    never sees) with DDP's forward running inside the stage's forward_one_chunk (actsim::F)."""
+    never sees) with DDP's forward running inside the stage's forward_one_chunk (actsim::F) and
+    the schedule's own ranges ("Forward 0", the interleaved runtime's "PP:1F0"): the chain it
+    compares is the allocation's, those ranges left out."""
     plain = measure.op_chain
+    keep = {"aten::empty", "DistributedDataParallel.forward", "actsim::warmup"}
 
     def chain(node):
-        c = plain(node)
-        return [n for n in c if n != "actsim::F"]
+        return [n for n in plain(node) if n in keep]
     flatten = measure_dist.make_flatten(measure.flatten, candidates)
 
     def run(tree):
