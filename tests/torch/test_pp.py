@@ -25,7 +25,7 @@ PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 MEASURE_PP = os.path.join(HERE, "measure_pp.py")
 PP = 2
 
-# (overrides of test_against_torch's BASE, pipeline settings); at most 4 (CI budget).
+# (overrides of test_against_torch's BASE, pipeline settings); at most 4 on 2 ranks and one pp x dp (CI budget).
 CONFIGS = [
     ({}, {"pp_schedule": "1f1b", "microbatches": 4}),
     ({"dropout": 0.1}, {"pp_schedule": "gpipe", "microbatches": 3}),
@@ -62,6 +62,46 @@ def label(over, par):
     return ",".join(f"{k}={v}" for k, v in list(over.items()) + list(par.items()))
 
 
+def measure(configs):
+    """measure_pp.py's result for each of `configs` (one run per data-parallel degree: PP x dp
+    processes), or None when a run failed."""
+    measured = {}
+    for dp in sorted({p.get("dp", 1) for _, p in configs}):
+        groups = []
+        for over, par in configs:
+            if par.get("dp", 1) != dp:
+                continue
+            if groups:
+                groups.append("--")
+            groups += [f"{k}={v}" for k, v in dict(BASE, **over).items()] + [f"{k}={v}" for k, v in par.items()]
+        p = subprocess.run([PYTHON, MEASURE_PP] + groups, capture_output=True, text=True)
+        if p.returncode != 0:
+            print(p.stderr[-4000:])
+            return None
+        done = iter(json.loads(p.stdout)["configs"])
+        for i, (over, par) in enumerate(configs):
+            if par.get("dp", 1) == dp:
+                measured[i] = next(done)
+    return [measured[i] for i in range(len(configs))]
+
+
+def compare(a, m):
+    """Every measured rank against its rank class in actsim's JSON: the mismatches."""
+    bad = []
+    for r in m["ranks"]:
+        stage, d = r["coordinates"]["pp"], r["coordinates"]["dp"]
+        cls = [c for c in a["ranks"] if c["coordinates"]["pp"] == stage
+               and c["coordinates"]["dp"][0] <= d <= c["coordinates"]["dp"][1]]
+        if len(cls) != 1:
+            bad.append(f"rank {r['rank']} (stage {stage}) is in {len(cls)} rank classes")
+            continue
+        pairs = figure_pairs(cls[0]["figures"], r, inputs=False)
+        bad += [f"rank {r['rank']} (stage {stage}) {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
+        if r["inconsistent_totals"]:
+            bad.append(f"rank {r['rank']}: the profiler's totals are inconsistent ({r['inconsistent_totals']})")
+    return bad
+
+
 def main(argv):
     actsim = argv[1]
     only = argv[argv.index("--only") + 1] if "--only" in argv else None
@@ -70,42 +110,24 @@ def main(argv):
         print("skipped: no torch in .venv")
         return 77
     configs = [(o, p) for o, p in CONFIGS if only is None or only in label(o, p)]
-    # One measure_pp.py run per data-parallel degree (its ranks: PP x dp processes).
-    measured = {}
-    for dp in sorted({p.get("dp", 1) for _, p in configs}):
-        groups = []
-        for i, (over, par) in enumerate(configs):
-            if par.get("dp", 1) != dp:
-                continue
-            cfg = dict(BASE, **over)
-            if groups:
-                groups.append("--")
-            groups += [f"{k}={v}" for k, v in cfg.items()] + [f"{k}={v}" for k, v in par.items()]
-        p = subprocess.run([PYTHON, MEASURE_PP] + groups, capture_output=True, text=True)
-        if p.returncode != 0:
-            print(p.stderr[-4000:])
-            return 1
-        done = iter(json.loads(p.stdout)["configs"])
-        for i, (over, par) in enumerate(configs):
-            if par.get("dp", 1) == dp:
-                measured[i] = next(done)
+    measured = measure(configs)
+    if measured is None:
+        return 1
     failures = 0
-    for i, (over, par) in enumerate(configs):
-        m = measured[i]
+    for (over, par), m in zip(configs, measured):
         cfg = dict(BASE, **over)
         a = run_json([actsim, "simulate", "--json", "--no-fit"] + actsim_sets(cfg, par))
-        bad = []
-        for r in m["ranks"]:
-            stage, d = r["coordinates"]["pp"], r["coordinates"]["dp"]
-            cls = [c for c in a["ranks"] if c["coordinates"]["pp"] == stage
-                   and c["coordinates"]["dp"][0] <= d <= c["coordinates"]["dp"][1]]
-            if len(cls) != 1:
-                bad.append(f"rank {r['rank']} (stage {stage}) is in {len(cls)} rank classes")
-                continue
-            pairs = figure_pairs(cls[0]["figures"], r, inputs=False)
-            bad += [f"rank {r['rank']} (stage {stage}) {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
-            if r["inconsistent_totals"]:
-                bad.append(f"rank {r['rank']}: the profiler's totals are inconsistent ({r['inconsistent_totals']})")
+        bad = compare(a, m)
+        again = 0
+        while bad and par.get("dp", 1) > 1 and again < 2:
+            # ppdp: test_parallel.py's Note [A rank measured again]: DDP's gloo collectives can
+            # leave one rank off by one constant at every phase (a warm-up tensor freed by gloo's
+            # worker thread, out of the profiler's sight; its identical dp peer matches). A wrong
+            # rule repeats, a race does not: measured again in fresh processes, at most twice.
+            again += 1
+            print(f"         measured again ({again}): {bad[0]}")
+            twice = measure([(over, par)])
+            bad = compare(a, twice[0]) if twice else ["measuring again failed"]
         worst = a["ranks"][a["peak_rank_class"]]["figures"]["peak"]
         if a["peak"] != worst:
             bad.append("top-level peak is not the peak rank class's")
