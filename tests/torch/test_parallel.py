@@ -37,6 +37,12 @@ CONFIGS = [
     # accumulation under no_sync (the last of 3 micro-batches reduces), autocast, frozen parameters
     ({"family": "llama", "autocast": "bf16", "trainable": "frozen:tok_embeddings,blocks.0", "grad_accum_steps": 3},
      {"parallel": "ddp"}),
+    # fsdp2: FSDP2's fully_shard per block and on the root (lower_fsdp.cpp), the vocabulary divisible
+    # by DP (uneven shards are refused); at most 3 (CI budget)
+    ({"vocab_size": 96}, {"parallel": "fsdp2"}),  # the peak: block 0's prefetch in block 1's backward
+    ({"vocab_size": 96}, {"parallel": "fsdp2", "reshard_after_forward": 0}),  # the peak in the forward's loss
+    ({"family": "llama", "vocab_size": 96}, {"parallel": "fsdp2"}),
+    # end fsdp2
 ]
 
 
@@ -56,6 +62,10 @@ def actsim_sets(cfg, par):
         sets += ["--set", f"parallel.bucket_cap_mb={par['bucket_cap_mb']}"]
     if par.get("gradient_as_bucket_view"):
         sets += ["--set", "parallel.gradient_as_bucket_view=true"]
+    if par.get("parallel") == "fsdp2":  # fsdp2
+        sets += ["--set", "parallel.sharding=fsdp2"]
+        if "reshard_after_forward" in par:
+            sets += ["--set", f"parallel.reshard_after_forward={'true' if par['reshard_after_forward'] else 'false'}"]
     return sets
 
 
