@@ -26,9 +26,12 @@
 //    wrapped number (the collective's workspace); the root's input is freed at the end of
 //    backward;
 //  - an 8-byte tensor allocated at setup stays alive (a leaf).
-// Every collective runs on the communication stream and the compute stream waits for it at once
-// (gloo is synchronous; on a GPU the prefetch would overlap, which the time model does not give).
-// On a CUDA profile gloo's temporaries are left out (NCCL needs none).
+// Every collective runs on the communication stream. On the CPU profiles (gloo, synchronous) the
+// compute stream waits for it at once, which keeps the allocations in the order the trace shows.
+// On a CUDA profile gloo's temporaries are left out (NCCL needs none) and the backward overlaps:
+// a prefetched all-gather is waited for at its unit's copy-out, a reduce-scatter at the next
+// unit's post_backward_rs_wait (the allocations then follow the simulated time, not the CPU's
+// issue order).
 #include <fmt/format.h>
 
 #include <map>
@@ -43,6 +46,7 @@ struct Lowering::Fsdp {
     std::vector<size_t> members;          // indices into out.params, in parameter order
     int64_t bytes = 0;                    // the unit's unsharded bytes (= its flat all-gather output)
     TensorId flat = kNoTensor;            // the flat all-gather output of the gather in flight
+    OpId gather = kNoOp;                  // that all-gather (backward: waited for at the copy-out)
     TensorId unsharded = kNoTensor;       // the storage the parameters are views of now
     StorageId forward_storage{};          // the forward's unsharded storage (remapped in backward)
     std::vector<TensorId> grads;          // full gradients by member (the AccumulateGrad's .grad)
@@ -55,6 +59,7 @@ struct Lowering::Fsdp {
   bool backward_started = false;
   int32_t current = -1;                   // backward: the block whose nodes run (-1 the root)
   TensorId prev_rs_in = kNoTensor;        // the last reduce-scatter input (freed by the next wait)
+  OpId prev_rs = kNoOp;                   // the last reduce-scatter (CUDA: waited for by the next unit)
   std::vector<TensorId> shards;           // per parameter: its local shard (the leaf's storage)
   std::vector<TensorId> shard_grads;      // per parameter: its view of the unit's reduce-scatter output
   std::vector<int32_t> unit_of;           // per parameter: its unit (-1 the root)
@@ -231,15 +236,16 @@ void Lowering::fsdp2_backward_node(int32_t layer) {
   const int64_t N = tr.parallel.dp;
   const bool reshard = tr.parallel.reshard_after_forward;
   const int32_t last_block = static_cast<int32_t>(m.n_layers) - 1;
+  const bool sync = gloo_bytes(prof, 1) > 0;  // gloo: every collective waited for at once
   auto gather = [&](int32_t l) {  // an all-gather in backward (its flat output)
     Fsdp::Unit& u = fsdp->units[l];
     FsdpScope s(b, l);
     const std::string name = unit_name(l);
     u.flat = b.fresh(name + ".all_gather_output.backward", {u.bytes / dtype_size(dt)}, dt, Category::parameter);
-    const OpId op = b.emit({.kind = OpKind::all_gather, .name = name + ".all_gather", .outputs = {u.flat},
-                            .workspace_bytes = gloo_bytes(prof, u.bytes), .bytes_moved = u.bytes,
-                            .stream = kCommStream, .after = after_last(g), .params = {.group_size = N}});
-    b.emit({.kind = OpKind::bucket_copy, .name = name + ".wait", .kernels = 0, .after = {op}});
+    u.gather = b.emit({.kind = OpKind::all_gather, .name = name + ".all_gather", .outputs = {u.flat},
+                       .workspace_bytes = gloo_bytes(prof, u.bytes), .bytes_moved = u.bytes,
+                       .stream = kCommStream, .after = after_last(g), .params = {.group_size = N}});
+    if (sync) b.emit({.kind = OpKind::bucket_copy, .name = name + ".wait", .kernels = 0, .after = {u.gather}});
   };
   auto copy_out = [&](int32_t l) {  // the unit's pre_backward: unsharded again, the flat output freed
     Fsdp::Unit& u = fsdp->units[l];
@@ -247,7 +253,7 @@ void Lowering::fsdp2_backward_node(int32_t layer) {
     const std::string name = unit_name(l);
     u.unsharded = b.fresh(name + ".unsharded_params.backward", {u.bytes / dtype_size(dt)}, dt, Category::parameter);
     b.emit({.kind = OpKind::bucket_copy, .name = name + ".all_gather_copy_out", .inputs = {u.flat},
-            .outputs = {u.unsharded}, .bytes_moved = 2 * u.bytes});
+            .outputs = {u.unsharded}, .bytes_moved = 2 * u.bytes, .after = {u.gather}});
     u.flat = kNoTensor;
     b.fsdp_remap.emplace_back(u.forward_storage, g.tensor(u.unsharded).storage);
   };
@@ -261,6 +267,7 @@ void Lowering::fsdp2_backward_node(int32_t layer) {
     Op rs_wait{.kind = OpKind::bucket_copy, .name = name + ".post_backward_reshard", .inputs = {u.unsharded},
                .kernels = 0};
     if (fsdp->prev_rs_in != kNoTensor) rs_wait.holds.push_back(fsdp->prev_rs_in);
+    if (fsdp->prev_rs != kNoOp) rs_wait.after.push_back(fsdp->prev_rs);
     b.emit(std::move(rs_wait));
     const int64_t elems = u.bytes / dtype_size(dt);
     TensorId rs_in = b.fresh(name + ".reduce_scatter_input", {elems}, dt, Category::gradient);
@@ -280,7 +287,8 @@ void Lowering::fsdp2_backward_node(int32_t layer) {
                             .workspace_bytes = gloo_bytes(prof, u.bytes + prof.scalar_temp_bytes(dt)),
                             .bytes_moved = u.bytes, .stream = kCommStream, .after = after_last(g),
                             .params = {.group_size = N}});
-    b.emit({.kind = OpKind::bucket_copy, .name = name + ".reduce_scatter.wait", .kernels = 0, .after = {rs}});
+    if (sync) b.emit({.kind = OpKind::bucket_copy, .name = name + ".reduce_scatter.wait", .kernels = 0, .after = {rs}});
+    fsdp->prev_rs = rs;
     int64_t offset = 0;
     for (size_t i : u.members) {
       const Tensor& sh = g.tensor(fsdp->shards[i]);
@@ -299,7 +307,7 @@ void Lowering::fsdp2_backward_node(int32_t layer) {
     post_backward(-1);
     FsdpScope s(b, -1);
     b.emit({.kind = OpKind::bucket_copy, .name = "root.post_backward_rs_wait", .holds = {fsdp->prev_rs_in},
-            .kernels = 0});
+            .kernels = 0, .after = {fsdp->prev_rs}});
     fsdp->prev_rs_in = kNoTensor;
     b.fsdp_node = nullptr;
     return;

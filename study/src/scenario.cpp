@@ -619,9 +619,9 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     for (const auto& [key, n] : dims) {
       if (n % t.parallel.dp != 0)
         return fail(blame(sc, {key, "parallel.dp"}),
-                    fmt::format("fsdp2 shards every parameter on dim 0; a dimension of {} is not divisible by "
-                                "parallel.dp = {} (the ranks would hold different shards: not lowered)",
-                                n, t.parallel.dp));
+                    fmt::format("fsdp2 shards every parameter on dim 0; {} gives a dimension of {}, not divisible "
+                                "by parallel.dp = {} (uneven shards: the ranks would differ, not lowered)",
+                                key, n, t.parallel.dp));
     }
   }
   // ---- end fsdp2 ----
