@@ -25,7 +25,7 @@
 //    storage per unit, freed by zero_grad), gloo's clone of the input and its AVG division's
 //    wrapped number (the collective's workspace); the root's input is freed at the end of
 //    backward;
-//  - an 8-byte tensor allocated at setup stays alive (a leaf).
+//  - an 8-byte tensor allocated at setup stays alive (a leaf; on the CPU profiles).
 // Every collective runs on the communication stream. On the CPU profiles (gloo, synchronous) the
 // compute stream waits for it at once, which keeps the allocations in the order the trace shows.
 // On a CUDA profile gloo's temporaries are left out (NCCL needs none) and the backward overlaps:
@@ -78,6 +78,12 @@ OpIds after_last(const Graph& g) {
 }
 }  // namespace
 
+namespace {
+int64_t gloo_bytes(const RuntimeProfile& prof, int64_t bytes) {  // gloo's temporaries: the CPU profiles'
+  return prof.id == ProfileId::torch_cpu || prof.id == ProfileId::torch2_cpu ? bytes : 0;
+}
+}  // namespace
+
 void Lowering::fsdp2_forward_begin() {
   fsdp = std::make_shared<Fsdp>();
   // The root's pre-forward: the parameters do not exist yet (the family makes them); the gather
@@ -94,16 +100,10 @@ void Lowering::fsdp2_forward_begin() {
   fsdp->root_copy = b.emit({.kind = OpKind::bucket_copy, .name = "root.all_gather_copy_out",
                             .inputs = {root.flat}, .outputs = {root.unsharded}});
   fsdp->prev_flat = root.flat;
-  // measure_dist's setup leaves one 8-byte tensor alive (step_start_other: resize_ in arange).
-  TensorId setup = b.leaf("fsdp2.setup", {1}, DType::i64, Category::temporary, false);
-  (void)setup;
+  // The setup leaves one 8-byte tensor alive on the CPU (step_start_other: resize_ in arange, the
+  // CPU device mesh's); on a GPU it is host memory.
+  if (gloo_bytes(prof, 1) > 0) (void)b.leaf("fsdp2.setup", {1}, DType::i64, Category::temporary, false);
 }
-
-namespace {
-int64_t gloo_bytes(const RuntimeProfile& prof, int64_t bytes) {
-  return prof.id == ProfileId::torch_cpu || prof.id == ProfileId::torch2_cpu ? bytes : 0;
-}
-}  // namespace
 
 void Lowering::fsdp2_block(int32_t layer, bool begin) {
   Graph& g = out.graph;
