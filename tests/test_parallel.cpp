@@ -188,7 +188,7 @@ TEST_CASE("ZeRO-3: a block's gathered parameters live around its forward, the ro
 }
 // end fsdp
 
-TEST_CASE("DDP: buckets are persistent gradients; gradient_as_bucket_view drops the copies", "[parallel][ddp]") {
+TEST_CASE("DDP: buckets are persistent gradients, gradient_as_bucket_view drops the copies", "[parallel][ddp]") {
   const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
                                       "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
                                       "training.batch_size=2", "training.optimizer_impl=for_loop"};

@@ -57,7 +57,7 @@ TEST_CASE("schedules: every stage runs each micro-batch's forward and backward o
   }
 }
 
-TEST_CASE("1F1B: stage s holds p - s micro-batches; the first holds p micro-batches of L/p layers", "[pp][formula]") {
+TEST_CASE("1F1B: stage s holds p - s micro-batches, the first holds p micro-batches of L/p layers", "[pp][formula]") {
   // Narayanan et al. 2021 (PipeDream-Flush), Korthikanti et al. 2022 section 4.2.3: the first
   // stage holds p micro-batches' activations, each of L/p layers, so L layers' worth whatever p is.
   const int64_t L = 48, per_layer = 1000;
@@ -119,7 +119,7 @@ std::vector<std::string> small_llama(std::vector<std::string> more) {
 }
 }  // namespace
 
-TEST_CASE("stages: every parameter on one stage; the ranks JSON, one class per stage", "[pp][lowering]") {
+TEST_CASE("stages: every parameter on one stage, the ranks JSON, one class per stage", "[pp][lowering]") {
   const study::Analysis one = study::analyze(study::load_scenario("", small_llama({})));
   for (const char* sched : {"gpipe", "1f1b", "interleaved:2"}) {
     const study::Analysis a =
@@ -298,7 +298,7 @@ TEST_CASE("a later backward adds into .grad: its own peak, the losses kept until
   CHECK(r.stages[1].live_end_backward == 500);  // the losses are gone once step() returns
 }
 
-TEST_CASE("torch2-cpu stages: PipelineStage's buffers, the whole batch, a steady step; figures measured by torch", "[pp][torch]") {
+TEST_CASE("torch2-cpu stages: PipelineStage's buffers, the whole batch, a steady step, figures measured by torch", "[pp][torch]") {
   // test_against_torch's BASE (gpt2, d 32, 2 layers, batch 2, seq 16, fp32, AdamW) on 2 stages,
   // 1F1B over 4 micro-batches. The figures below are tests/torch/measure_pp.py's (torch 2.13,
   // gloo, 2 ranks; torch2.pp checks them live where torch is installed).
