@@ -353,9 +353,9 @@ TEST_CASE("FSDP2: shards P/N, optimizer 2P/N + 4k, and what each phase adds", "[
   CHECK(f.params_bytes == P / 2);
   CHECK(f.optimizer_bytes == 2 * (P / 2) + 4 * k);  // exp_avg, exp_avg_sq on the shard; a 4-byte step each
   CHECK(f.grads_bytes == P / 2);                    // the reduce-scatter outputs' views
-  // step start: parameters, buffers, optimizer state, inputs and measure_dist's 8-byte setup tensor
+  // step start: parameters, buffers, optimizer state, inputs and the device mesh's rank map (N int32)
   CHECK(f.result.live_step_start ==
-        f.params_bytes + f.optimizer_bytes + one.buffers_bytes + one.inputs_bytes + 8);
+        f.params_bytes + f.optimizer_bytes + one.buffers_bytes + one.inputs_bytes + 4 * 2);
   CHECK(f.result.live_step_start == 177016);
   // end of forward: the activations of one rank (resharded: no parameter left unsharded); without
   // resharding every unit's unsharded parameters stay (P more)

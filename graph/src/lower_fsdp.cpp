@@ -25,7 +25,7 @@
 //    storage per unit, freed by zero_grad), gloo's clone of the input and its AVG division's
 //    wrapped number (the collective's workspace); the root's input is freed at the end of
 //    backward;
-//  - an 8-byte tensor allocated at setup stays alive (a leaf; on the CPU profiles).
+//  - the device mesh's rank map (N int32) stays alive from setup (a leaf; on the CPU profiles).
 // Every collective runs on the communication stream. On the CPU profiles (gloo, synchronous) the
 // compute stream waits for it at once, which keeps the allocations in the order the trace shows.
 // On a CUDA profile gloo's temporaries are left out (NCCL needs none) and the backward overlaps:
@@ -100,9 +100,10 @@ void Lowering::fsdp2_forward_begin() {
   fsdp->root_copy = b.emit({.kind = OpKind::bucket_copy, .name = "root.all_gather_copy_out",
                             .inputs = {root.flat}, .outputs = {root.unsharded}});
   fsdp->prev_flat = root.flat;
-  // The setup leaves one 8-byte tensor alive on the CPU (step_start_other: resize_ in arange, the
-  // CPU device mesh's); on a GPU it is host memory.
-  if (gloo_bytes(prof, 1) > 0) (void)b.leaf("fsdp2.setup", {1}, DType::i64, Category::temporary, false);
+  // init_device_mesh's rank map, torch.arange(N, dtype=torch.int), stays alive (4N bytes, 8 on 2
+  // ranks: step_start_other's resize_ in arange); counted on the CPU profiles only (with a CUDA
+  // mesh it is host memory).
+  if (gloo_bytes(prof, 1) > 0) (void)b.leaf("fsdp2.device_mesh", {tr.parallel.dp}, DType::i32, Category::temporary, false);
 }
 
 void Lowering::fsdp2_block(int32_t layer, bool begin) {
