@@ -68,17 +68,11 @@ struct Lowering::Fsdp {
 namespace {
 constexpr int32_t kCommStream = 2;
 std::string unit_name(int32_t layer) { return layer < 0 ? std::string("root") : fmt::format("blocks.{}", layer); }
-}  // namespace
-
-namespace {
 // The last op emitted (the new collective starts after it: memory in program order).
 OpIds after_last(const Graph& g) {
   if (g.n_ops() == 0) return {};
   return {OpId{static_cast<uint32_t>(g.n_ops() - 1)}};
 }
-}  // namespace
-
-namespace {
 int64_t gloo_bytes(const RuntimeProfile& prof, int64_t bytes) {  // gloo's temporaries: the CPU profiles'
   return prof.id == ProfileId::torch_cpu || prof.id == ProfileId::torch2_cpu ? bytes : 0;
 }
