@@ -26,7 +26,7 @@ PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 MEASURE_DIST = os.path.join(HERE, "measure_dist.py")
 DP = 2
 
-# (overrides of test_against_torch's BASE, parallel settings); at most 6 (CI budget).
+# (overrides of test_against_torch's BASE, parallel settings); at most 6 DDP and 3 FSDP2 ones (CI budget).
 CONFIGS = [
     ({}, {"parallel": "ddp"}),
     ({"dropout": 0.1}, {"parallel": "ddp", "gradient_as_bucket_view": 1}),
