@@ -97,6 +97,9 @@ void Lowering::parallel_forward_begin() {
   // set, i.e. ran outside no_sync: every micro-batch's forward, or with no_sync only the first
   // one's (the step before ended with a synchronised forward); .params are built by then.
   if (k > 0 && tr.parallel.no_sync) return;
+  // ppdp: a pipeline stage's DDP runs every forward under no_sync (torch.distributed.pipelining's
+  // forward_maybe_with_nosync), so no steady step broadcasts.
+  if (tr.parallel.pp > 1) return;
   b.set_layer(-1);
   b.set_scope("ddp");
   // _sync_buffers -> _distributed_broadcast_coalesced: flatten, broadcast, copy back, free.
