@@ -168,6 +168,9 @@ struct Lowering {
   void fsdp2_backward_end();                // the sharded gradients become .grad
   void fsdp2_optimizer();                   // the optimizer on the local shards
   // ---- end fsdp2 ----
+  // zero_redundancy: torch's ZeroRedundancyOptimizer (lower_zero_redundancy.cpp)
+  std::vector<size_t> optimizer_order() const;  // the optimizer's parameters (this rank's partition)
+  void zero_redundancy_broadcast();         // _sync_params after the local step
   // ---- issue 13: tensor and sequence parallelism (Megatron-LM), lower_tp.cpp -----------------
   // One tensor-parallel rank: with tp == 1 every hook is the plain op (the graph is unchanged).
   int64_t tp() const { return tr.parallel.tp; }

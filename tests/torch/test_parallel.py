@@ -26,7 +26,7 @@ PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 MEASURE_DIST = os.path.join(HERE, "measure_dist.py")
 DP = 2
 
-# (overrides of test_against_torch's BASE, parallel settings); at most 6 DDP and 3 FSDP2 ones (CI budget).
+# (overrides of test_against_torch's BASE, parallel settings); at most 11 (CI budget: 6 DDP, 2 zero_redundancy, 3 fsdp2).
 CONFIGS = [
     ({}, {"parallel": "ddp"}),
     ({"dropout": 0.1}, {"parallel": "ddp", "gradient_as_bucket_view": 1}),
@@ -43,6 +43,11 @@ CONFIGS = [
     ({"vocab_size": 96}, {"parallel": "fsdp2", "reshard_after_forward": 0}),  # the peak in the forward's loss
     ({"family": "llama", "vocab_size": 96}, {"parallel": "fsdp2"}),
     # end fsdp2
+    # zero_redundancy: torch's ZeroRedundancyOptimizer over DDP (parallel.zero_impl = "torch"); the
+    # ranks differ (the greedy partition), each compared with its own rank class
+    ({}, {"parallel": "zero1"}),
+    ({"family": "llama", "autocast": "bf16", "trainable": "frozen:tok_embeddings,blocks.0", "grad_accum_steps": 3,
+      "optimizer_impl": "foreach"}, {"parallel": "zero1"}),
 ]
 
 
@@ -66,6 +71,8 @@ def actsim_sets(cfg, par):
         sets += ["--set", "parallel.sharding=fsdp2"]
         if "reshard_after_forward" in par:
             sets += ["--set", f"parallel.reshard_after_forward={'true' if par['reshard_after_forward'] else 'false'}"]
+    if par.get("parallel") == "zero1":  # zero_redundancy: torch's ZeroRedundancyOptimizer
+        sets += ["--set", "parallel.sharding=zero1", "--set", "parallel.zero_impl=torch"]
     return sets
 
 
@@ -183,15 +190,23 @@ def measure_ddp(configs):
 def compare_ddp(a, m):
     """What differs between actsim's JSON `a` and the measured ranks `m` of one configuration."""
     bad = []
-    cls = a["ranks"][0]
+
+    def class_of(rank):  # zero_redundancy: a class lists its ranks (dp_ranks); else a range
+        for c in a["ranks"]:
+            co = c["coordinates"]
+            if rank in co.get("dp_ranks", range(co["dp"][0], co["dp"][1] + 1)):
+                return c
+        return None
     for rank, r in enumerate(m["ranks"]):
-        if not (cls["coordinates"]["dp"][0] <= rank <= cls["coordinates"]["dp"][1]):
+        cls = class_of(rank)
+        if cls is None:
             bad.append(f"rank {rank} is in no rank class")
+            continue
         pairs = figure_pairs(cls["figures"], r, inputs=False)
         bad += [f"rank {rank} {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
         if r["inconsistent_totals"]:
             bad.append(f"rank {rank}: the profiler's totals are inconsistent ({r['inconsistent_totals']})")
-    if a["peak"] != cls["figures"]["peak"]:
+    if a["peak"] != a["ranks"][a["peak_rank_class"]]["figures"]["peak"]:
         bad.append("top-level peak is not the peak rank class's")
     return bad
 
