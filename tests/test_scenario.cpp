@@ -206,6 +206,15 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   CHECK(tps.training.parallel.tp == 2);
   CHECK(tps.training.parallel.sp);
   CHECK(tps.where("parallel.tp_impl") == tpath + ":4: parallel.tp_impl");
+  // fsdp2 (issue 13): its key in a scenario of its own (every sharded dimension divisible by dp)
+  const std::string fpath = dir.write("every-fsdp2-key.toml",
+                                      "[parallel]\n"                       // 1
+                                      "dp = 2\n"                           // 2
+                                      "sharding = \"fsdp2\"\n"             // 3
+                                      "reshard_after_forward = false\n");  // 4
+  const study::Scenario fs = study::load_scenario(fpath, {"model.vocab_size=96"});
+  CHECK_FALSE(fs.training.parallel.reshard_after_forward);
+  CHECK(fs.where("parallel.reshard_after_forward") == fpath + ":4: parallel.reshard_after_forward");
   // zero_redundancy (issue 13): parallel.zero_impl in a scenario of its own
   const std::string zpath = dir.write("every-zero-redundancy-key.toml",
                                       "[parallel]\n"               // 1
@@ -221,6 +230,7 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   for (const auto& [k, where] : par.origin) set_keys.insert(k);  // issue 13
   for (const auto& [k, where] : tps.origin) set_keys.insert(k);  // issue 13: tensor parallelism
   for (const auto& [k, where] : pps.origin) set_keys.insert(k);  // issue 13, pipeline parallelism
+  for (const auto& [k, where] : fs.origin) set_keys.insert(k);   // fsdp2
   for (const auto& [k, where] : zrs.origin) set_keys.insert(k);  // zero_redundancy (issue 13)
   const auto& keys = study::scenario_keys();
   CHECK(set_keys == std::set<std::string>(keys.begin(), keys.end()));

@@ -136,6 +136,7 @@ std::vector<TensorId> Engine::run(TensorId loss) {
     ready_.pop();
     run_node(f);
   }
+  if (b_.fsdp_node) b_.fsdp_node(Builder::kFsdpBackwardEnd);  // fsdp2: the root's post-backward
   b_.hold_until_last(seed);
   keep_checkpoint_frames(g_, b_.rng_stash, regions_, recomputations_, b_.ckpt_kwargs);
   return param_grad_;
@@ -167,6 +168,11 @@ void Engine::run_node(OpId fid) {
     prefetch_block(f.layer - 1);
   }
   if (f.layer >= 0 && !b_.regather.empty()) regather_block(f.layer);  // fsdp: ZeRO-3
+  if (b_.fsdp_node) {  // fsdp2: pre-/post-backward of the units (lower_fsdp.cpp)
+    b_.fsdp_node(f.layer);
+    for (const auto& [from, to] : b_.fsdp_remap) remap_storage(index(from), to);
+    b_.fsdp_remap.clear();
+  }
   // (Reentrant: each recomputed block is one CheckpointFunction call; rotor's nested schedule needs
   // non-reentrant frames, so the call's own backward recomputes it.)
   if (plan_ && !plan_->before_backward.empty() && !reentrant_ && f.layer >= 0 && !scheduled_[f.layer]) {

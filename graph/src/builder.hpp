@@ -3,6 +3,8 @@
 // would), and records what autograd saves (the profile's rules). Used by lower.cpp.
 #pragma once
 
+#include <climits>
+#include <functional>
 #include <initializer_list>
 #include <optional>
 #include <unordered_map>
@@ -77,6 +79,12 @@ class Builder {
     int64_t group = 1;
   };
   std::unordered_map<int32_t, Regather> regather;
+  // fsdp2 (issue 13, lower_fsdp.cpp): called before each backward node runs (with its layer) and
+  // once when the engine's work is done (kFsdpBackwardEnd); the storage pairs it leaves in
+  // fsdp_remap are remapped (a unit's parameters gathered again) before the node reads them.
+  static constexpr int32_t kFsdpBackwardEnd = INT32_MIN;
+  std::function<void(int32_t)> fsdp_node;
+  std::vector<std::pair<StorageId, StorageId>> fsdp_remap;
   std::vector<TensorId> block_outputs;     // [n_layers] each block's output (the residual stream)
   // torch.utils.checkpoint(preserve_rng_state=True): each checkpoint call's stash of the CPU RNG
   // state, by recompute region; autograd holds it until the region's backward has run.

@@ -75,6 +75,7 @@ std::string_view to_string(Sharding s) {
     case Sharding::zero1: return "zero1";
     case Sharding::zero2: return "zero2";
     case Sharding::zero3: return "zero3";
+    case Sharding::fsdp2: return "fsdp2";  // fsdp2: lower_fsdp.cpp
   }
   return "?";
 }
@@ -91,6 +92,7 @@ void Lowering::parallel_forward_begin() {
   if (!tr.parallel.active()) return;
   if (!par) par = std::make_shared<Parallel>();
   const size_t k = par->forwards++;
+  if (tr.parallel.sharding == Sharding::fsdp2) return fsdp2_forward_begin();  // fsdp2
   if (tr.parallel.sharding == Sharding::zero3) return zero3_gather(-1);
   if (!tr.parallel.ddp()) return;  // zero_redundancy: DDP's too
   // _pre_forward broadcasts the buffers when the previous forward left require_forward_param_sync
@@ -108,6 +110,7 @@ void Lowering::parallel_forward_begin() {
 }
 
 void Lowering::parallel_forward_end() {
+  if (fsdp) fsdp2_forward_end();  // fsdp2
   if (!par || par->broadcasts.empty()) return;
   Graph& g = out.graph;
   int64_t by_dtype[8] = {};
@@ -137,6 +140,7 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
   const TensorId p = out.params[i];
   const std::string name = g.tensor(p).name;
   const int64_t bytes = g.view_bytes(grad);
+  if (pc.sharding == Sharding::fsdp2) return fsdp2_grad_ready(i, grad);  // fsdp2
   if (par->trainable == 0) {  // the model's parameters exist once its forward is lowered
     for (TensorId q : out.params) par->trainable += g.tensor(q).requires_grad ? 1 : 0;
   }
@@ -202,6 +206,7 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
 
 void Lowering::parallel_backward_end() {
   if (!par) return;
+  if (tr.parallel.sharding == Sharding::fsdp2) return fsdp2_backward_end();  // fsdp2
   b.set_layer(-1);
   b.set_scope(tr.parallel.ddp() ? "ddp" : "zero");
   // The reducer's finalize (queue_callback at the end of backward) waits for every reduction;
@@ -260,6 +265,7 @@ TensorId Lowering::ddp_refill(size_t i, TensorId grad) {
 void Lowering::optimizer_flat() {
   // A flat fp32 partition (DeepSpeed's single_partition_of_fp32_groups, Megatron's main params):
   // master copy, exp_avg and exp_avg_sq of ceil(P / N) elements; FusedAdam over it.
+  if (tr.parallel.sharding == Sharding::fsdp2) return fsdp2_optimizer();  // fsdp2: per-parameter state
   b.set_phase(Phase::optimizer);
   b.set_layer(-1);
   b.set_scope("optimizer");
@@ -303,6 +309,7 @@ void Lowering::optimizer_flat() {
 // ---- fsdp: ZeRO-3's gathered units ----
 
 void Lowering::zero3_block(int32_t layer, bool begin) {
+  if (par && tr.parallel.sharding == Sharding::fsdp2) return fsdp2_block(layer, begin);  // fsdp2
   if (!par || tr.parallel.sharding != Sharding::zero3) return;
   const int32_t was_layer = b.layer();
   const std::string was_scope = b.scope();

@@ -157,6 +157,17 @@ struct Lowering {
   void members_view(int32_t layer, const std::vector<TensorId>& members);
   TensorId ddp_refill(size_t param, TensorId grad);  // a later backward's hook, buckets laid out
   void optimizer_flat();                    // master weights / ZeRO: fp32 flat partitions
+  // ---- fsdp2 (issue 13): FSDP2's fully_shard, lower_fsdp.cpp ----
+  struct Fsdp;                              // units, flat all-gather outputs, reduce-scatter state
+  std::shared_ptr<Fsdp> fsdp;
+  void fsdp2_forward_begin();               // the root's pre-forward all-gather
+  void fsdp2_block(int32_t layer, bool begin);  // a block's pre-forward gather / post-forward reshard
+  void fsdp2_forward_end();                 // the root's post-forward
+  TensorId fsdp2_grad_ready(size_t param, TensorId grad);
+  void fsdp2_backward_node(int32_t layer);  // before each backward node (Builder::fsdp_node)
+  void fsdp2_backward_end();                // the sharded gradients become .grad
+  void fsdp2_optimizer();                   // the optimizer on the local shards
+  // ---- end fsdp2 ----
   // zero_redundancy: torch's ZeroRedundancyOptimizer (lower_zero_redundancy.cpp)
   std::vector<size_t> optimizer_order() const;  // the optimizer's parameters (this rank's partition)
   void zero_redundancy_broadcast();         // _sync_params after the local step

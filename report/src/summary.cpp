@@ -124,6 +124,7 @@ void add_parallel_json(nlohmann::json& j, const Analysis& a) {
   const graph::ParallelConfig& p = t.parallel;
   j["parallel"] = {{"dp", p.dp}, {"sharding", graph::to_string(p.sharding)}, {"bucket_cap_mb", p.bucket_cap_mb},
                    {"gradient_as_bucket_view", p.gradient_as_bucket_view}};
+  if (p.sharding == graph::Sharding::fsdp2) j["parallel"]["reshard_after_forward"] = p.reshard_after_forward;  // fsdp2
   add_tp_json(j["parallel"], p);
   if (a.zero_ranks) return add_zero_redundancy_json(j, a);  // zero_redundancy (issue 13)
   nlohmann::json figures = j;

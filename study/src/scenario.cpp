@@ -84,6 +84,8 @@ const std::vector<std::string>& scenario_keys() {
       "parallel.pp",
       "parallel.microbatches",
       "parallel.pp_schedule",
+      // fsdp2 (issue 13): FSDP2's fully_shard (lower_fsdp.cpp)
+      "parallel.reshard_after_forward",
       // zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer (scenario_zero_redundancy.cpp)
       "parallel.zero_impl",
   };
@@ -241,20 +243,17 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   // ---- issue 13: data parallelism and sharding, master weights ----
   else if (key == "parallel.dp") t.parallel.dp = positive(as_int(v, where));
   else if (key == "parallel.sharding") {
-    // fsdp: FSDP2's fully_shard is measured by tests/torch/measure_dist.py (parallel=fsdp2) but not lowered yet
-    if (const std::string s = as_str(v, where); s == "fsdp2")
-      fail(where, "\"fsdp2\" (FSDP2's fully_shard) is not lowered yet; use \"zero3\" (DeepSpeed ZeRO stage 3), "
-                  "\"none\", \"zero1\" or \"zero2\"");
     t.parallel.sharding = pick<graph::Sharding>(
         as_str(v, where),
         {{"none", graph::Sharding::none}, {"zero1", graph::Sharding::zero1}, {"zero2", graph::Sharding::zero2},
-         {"zero3", graph::Sharding::zero3}},
+         {"zero3", graph::Sharding::zero3}, {"fsdp2", graph::Sharding::fsdp2}},  // fsdp2: lower_fsdp.cpp
         where, "sharding");
   } else if (key == "parallel.bucket_cap_mb") {
     t.parallel.bucket_cap_mb = as_num(v, where);
     if (!(t.parallel.bucket_cap_mb > 0 && t.parallel.bucket_cap_mb < 1e9)) fail(where, "must be a positive number of MiB");
   } else if (key == "parallel.gradient_as_bucket_view") t.parallel.gradient_as_bucket_view = as_bool(v, where);
   else if (key == "parallel.no_sync") t.parallel.no_sync = as_bool(v, where);
+  else if (key == "parallel.reshard_after_forward") t.parallel.reshard_after_forward = as_bool(v, where);  // fsdp2
   else if (key == "training.master_weights")
     t.master_weights = pick<graph::MasterWeights>(
         as_str(v, where), {{"none", graph::MasterWeights::none}, {"fp32", graph::MasterWeights::fp32}}, where,
@@ -565,8 +564,9 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(blame(sc, {"training.master_weights", "training.dtype"}),
                 "master_weights = \"fp32\" keeps an fp32 copy of bf16/fp16 parameters; the parameters are fp32 already");
   }
-  const bool flat = t.master_weights == graph::MasterWeights::fp32 || ds_zero;
-  if (flat && t.optimizer != Optimizer::adamw && t.optimizer != Optimizer::adam) {
+  const bool fsdp2 = t.parallel.sharding == graph::Sharding::fsdp2;  // fsdp2: per-parameter state, any impl
+  const bool flat = t.master_weights == graph::MasterWeights::fp32 || (ds_zero && !fsdp2);
+  if ((flat || fsdp2) && t.optimizer != Optimizer::adamw && t.optimizer != Optimizer::adam) {
     return fail(blame(sc, {"training.optimizer", "parallel.sharding", "training.master_weights"}),
                 "master weights and ZeRO are modelled for Adam/AdamW (the fp32 flat partitions of FusedAdam)");
   }
@@ -598,6 +598,38 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                   "zero3 is lowered for the reference gpt2 and llama families only");
   }
   // end fsdp
+  // ---- fsdp2 (issue 13): FSDP2's fully_shard, checked against it on the CPU (measure_dist.py) ----
+  if (sc.origin.count("parallel.reshard_after_forward") && !fsdp2) {
+    return fail(sc.where("parallel.reshard_after_forward"), "reshard_after_forward is FSDP2's (parallel.sharding = \"fsdp2\")");
+  }
+  if (fsdp2) {
+    if (t.parallel.tp > 1)
+      return fail(blame(sc, {"parallel.tp", "parallel.sharding"}),
+                  "fsdp2 with tensor parallelism (a 2-D mesh) is not lowered; set parallel.tp = 1");
+    if (t.parallel.pp > 1)
+      return fail(blame(sc, {"parallel.pp", "parallel.sharding"}), "fsdp2 with pipeline stages is not lowered; set parallel.pp = 1");
+    if (graph::is_hf(m.family))
+      return fail(blame(sc, {"model.hf_config", "parallel.sharding"}),
+                  "fsdp2 is lowered for the reference gpt2 and llama families only");
+    if (t.master_weights != graph::MasterWeights::none)
+      return fail(blame(sc, {"training.master_weights", "parallel.sharding"}),
+                  "fsdp2 keeps the optimizer state in the parameters' dtype (its MixedPrecisionPolicy is not lowered); "
+                  "set training.master_weights = \"none\"");
+    // Uneven dim-0 shards make the ranks differ (rank 0 holds more rows): not lowered.
+    const int64_t hd = m.head_dim > 0 ? m.head_dim : m.d_model / m.n_heads;
+    const std::vector<std::pair<const char*, int64_t>> dims{
+        {"model.vocab_size", m.vocab_size}, {"model.d_model", m.d_model}, {"model.d_ff", m.ff()},
+        {"model.n_heads", m.n_heads * hd}, {"model.n_kv_heads", m.kv_heads() * hd},
+        {"model.seq_len", m.family == graph::Family::gpt2 ? m.seq_len : t.parallel.dp}};
+    for (const auto& [key, n] : dims) {
+      if (n % t.parallel.dp != 0)
+        return fail(blame(sc, {key, "parallel.dp"}),
+                    fmt::format("fsdp2 shards every parameter on dim 0; {} gives a dimension of {}, not divisible "
+                                "by parallel.dp = {} (uneven shards: the ranks would differ, not lowered)",
+                                key, n, t.parallel.dp));
+    }
+  }
+  // ---- end fsdp2 ----
   // ---- end issue 13 ----
   if (std::optional<std::string> p = tp_problem(sc)) return p;  // issue 13: tensor and sequence parallelism
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {

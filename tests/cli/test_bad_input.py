@@ -146,8 +146,13 @@ BAD_SCENARIOS = [
      ["grad_accum_steps > 1"]),
     ("ZeRO-3 with tensor parallelism", "[parallel]\ndp = 4\nsharding = \"zero3\"\ntp = 2\n", 4, "parallel.tp",
      ["not lowered"]),
-    ("FSDP2 not lowered", "[parallel]\ndp = 4\nsharding = \"fsdp2\"\n", 3, "parallel.sharding",
-     ["not lowered yet"]),
+    # fsdp2: FSDP2's fully_shard (lower_fsdp.cpp)
+    ("FSDP2 with uneven shards", "[model]\nvocab_size = 97\n[parallel]\ndp = 2\nsharding = \"fsdp2\"\n", 2,
+     "model.vocab_size", ["not divisible by parallel.dp = 2"]),
+    ("reshard_after_forward without FSDP2", "[parallel]\ndp = 2\nreshard_after_forward = false\n", 3,
+     "parallel.reshard_after_forward", ["fsdp2"]),
+    ("FSDP2 with tensor parallelism", "[model]\nvocab_size = 96\n[parallel]\ndp = 2\nsharding = \"fsdp2\"\ntp = 2\n",
+     6, "parallel.tp", ["not lowered"]),
     # pipeline stages (issue 13; tensor parallelism inside them is lowered since pprank)
     ("autocast inside pipeline stages", "[training]\nautocast = \"bf16\"\n[parallel]\npp = 2\n", 2, "training.autocast",
      ["not lowered yet"]),

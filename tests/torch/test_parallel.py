@@ -26,7 +26,7 @@ PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 MEASURE_DIST = os.path.join(HERE, "measure_dist.py")
 DP = 2
 
-# (overrides of test_against_torch's BASE, parallel settings); at most 8 (CI budget: 6 DDP, 2 zero_redundancy).
+# (overrides of test_against_torch's BASE, parallel settings); at most 11 (CI budget: 6 DDP, 2 zero_redundancy, 3 fsdp2).
 CONFIGS = [
     ({}, {"parallel": "ddp"}),
     ({"dropout": 0.1}, {"parallel": "ddp", "gradient_as_bucket_view": 1}),
@@ -37,6 +37,12 @@ CONFIGS = [
     # accumulation under no_sync (the last of 3 micro-batches reduces), autocast, frozen parameters
     ({"family": "llama", "autocast": "bf16", "trainable": "frozen:tok_embeddings,blocks.0", "grad_accum_steps": 3},
      {"parallel": "ddp"}),
+    # fsdp2: FSDP2's fully_shard per block and on the root (lower_fsdp.cpp), the vocabulary divisible
+    # by DP (uneven shards are refused); at most 3 (CI budget)
+    ({"vocab_size": 96}, {"parallel": "fsdp2"}),  # the peak: block 0's prefetch in block 1's backward
+    ({"vocab_size": 96}, {"parallel": "fsdp2", "reshard_after_forward": 0}),  # the peak in the forward's loss
+    ({"family": "llama", "vocab_size": 96}, {"parallel": "fsdp2"}),
+    # end fsdp2
     # zero_redundancy: torch's ZeroRedundancyOptimizer over DDP (parallel.zero_impl = "torch"); the
     # ranks differ (the greedy partition), each compared with its own rank class
     ({}, {"parallel": "zero1"}),
@@ -61,6 +67,10 @@ def actsim_sets(cfg, par):
         sets += ["--set", f"parallel.bucket_cap_mb={par['bucket_cap_mb']}"]
     if par.get("gradient_as_bucket_view"):
         sets += ["--set", "parallel.gradient_as_bucket_view=true"]
+    if par.get("parallel") == "fsdp2":  # fsdp2
+        sets += ["--set", "parallel.sharding=fsdp2"]
+        if "reshard_after_forward" in par:
+            sets += ["--set", f"parallel.reshard_after_forward={'true' if par['reshard_after_forward'] else 'false'}"]
     if par.get("parallel") == "zero1":  # zero_redundancy: torch's ZeroRedundancyOptimizer
         sets += ["--set", "parallel.sharding=zero1", "--set", "parallel.zero_impl=torch"]
     return sets

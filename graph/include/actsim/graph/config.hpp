@@ -110,8 +110,9 @@ struct TrainableConfig {
 // none: DistributedDataParallel (gradients all-reduced in buckets). zero1/zero2: DeepSpeed's ZeRO
 // stages 1 and 2 (fp32 master, exp_avg and exp_avg_sq partitioned over the ranks as flat shards;
 // stage 2 reduce-scatters each gradient and keeps only its shard; stage 3 also partitions each
-// parameter and gathers a block's parameters around its forward and its backward).
-enum class Sharding : uint8_t { none, zero1, zero2, zero3 };
+// parameter and gathers a block's parameters around its forward and its backward). fsdp2:
+// PyTorch's fully_shard per block and on the root (lower_fsdp.cpp).
+enum class Sharding : uint8_t { none, zero1, zero2, zero3, fsdp2 };
 std::string_view to_string(Sharding s);
 // Tensor parallelism's implementation: Megatron-LM's ColumnParallelLinear/RowParallelLinear, or
 // PyTorch's DTensor ColwiseParallel/RowwiseParallel/SequenceParallel.
@@ -130,6 +131,9 @@ struct ParallelConfig {
   double bucket_cap_mb = 25;            // DDP's bucket_cap_mb (MiB); the first bucket is 1 MiB
   bool gradient_as_bucket_view = false; // DDP: gradients are views into the buckets
   bool active() const { return dp > 1; }
+  // ---- fsdp2 (issue 13, lower_fsdp.cpp) ----
+  bool reshard_after_forward = true;    // fully_shard(reshard_after_forward=...), the root's included
+  // ---- end fsdp2 ----
   // ---- issue 13: tensor and sequence parallelism (lower_tp.cpp) ----
   int64_t tp = 1;                       // tensor-parallel degree: this rank holds 1/tp of each sharded layer
   bool sp = false;                      // sequence parallelism (Megatron-LM): norms and dropouts on s/tp
