@@ -36,7 +36,7 @@ study::Analysis run(const std::string& family, int64_t n, std::vector<std::strin
 
 }  // namespace
 
-TEST_CASE("lower: accumulation creates .grad once; the later micro-batch adds into it in place", "[accum]") {
+TEST_CASE("lower: accumulation creates .grad once, the later micro-batch adds into it in place", "[accum]") {
   for (const char* family : {"gpt2", "llama"}) {
     const study::Analysis one = run(family, 1), two = run(family, 2);
     const graph::Graph& g = two.step->graph;
@@ -112,7 +112,7 @@ TEST_CASE("sim: accumulation composes with checkpointing and the torch-cuda prof
   CHECK(c2.result.live_end_forward == c1.result.live_end_forward + grads);
 }
 
-TEST_CASE("report: simulate --json has micro_batches; schedules refuse accumulation", "[accum]") {
+TEST_CASE("report: simulate --json has micro_batches, schedules refuse accumulation", "[accum]") {
   CHECK(report::to_json(run("gpt2", 1))["micro_batches"] == 1);
   const study::Analysis a = run("gpt2", 3);
   CHECK(report::to_json(a)["micro_batches"] == 3);

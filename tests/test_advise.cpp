@@ -239,7 +239,7 @@ TEST_CASE("study::advise: each candidate's --set overrides reproduce its peak an
   CHECK(some_planned);
 }
 
-TEST_CASE("study::advise: a budget that fits un-checkpointed needs no planner; the profile rules out flash",
+TEST_CASE("study::advise: a budget that fits un-checkpointed needs no planner, the profile rules out flash",
           "[advise]") {
   const study::AdviseResult r = study::advise(tiny(), {.threads = 2});
   CHECK(r.plans == 0);

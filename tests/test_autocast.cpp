@@ -67,7 +67,7 @@ TEST_CASE("graph::profile: autocast op lists per profile", "[graph][profile][aut
   CHECK(cuda.autocast_supports(DType::f16));
 }
 
-TEST_CASE("autocast bf16: each weight is cast once and saved in bf16; gradients stay float32",
+TEST_CASE("autocast bf16: each weight is cast once and saved in bf16, gradients stay float32",
           "[lower][autocast]") {
   for (const char* fam : {"model.family=gpt2", "model.family=llama"}) {
     INFO(fam);

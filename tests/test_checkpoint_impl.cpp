@@ -97,7 +97,7 @@ TEST_CASE("checkpoint.impl: what each implementation keeps to restore the RNG", 
   }
 }
 
-TEST_CASE("checkpoint.impl: 2.x non-reentrant stops recomputing early; 1.13 and reentrant rerun the whole call",
+TEST_CASE("checkpoint.impl: 2.x non-reentrant stops recomputing early, 1.13 and reentrant rerun the whole call",
           "[checkpoint][ckimpl]") {
   const int early = counts(run(example("torch2-cpu", "nonreentrant", "true"))).recomputes;
   const int whole_113 = counts(run(example("torch-cpu", "nonreentrant", "true"))).recomputes;

@@ -394,7 +394,7 @@ TEST_CASE("graph::profile: mean(-1) saves its input on torch-cpu only", "[graph]
   }
 }
 
-TEST_CASE("graph::Graph: reads are const; writes are explicit and refused once frozen, but for rewrite()", "[graph]") {
+TEST_CASE("graph::Graph: reads are const, writes are explicit and refused once frozen, but for rewrite()", "[graph]") {
   // tensor(), storage() and op() give const references on a mutable graph too.
   static_assert(std::is_const_v<std::remove_reference_t<decltype(std::declval<Graph&>().tensor(TensorId{0}))>>);
   static_assert(std::is_const_v<std::remove_reference_t<decltype(std::declval<Graph&>().storage(StorageId{0}))>>);

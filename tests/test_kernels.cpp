@@ -521,7 +521,7 @@ TEST_CASE("kernels: the counter-based RNG is fixed (backends must reproduce thes
   CHECK(std::abs(kept / 100000.0 - 0.75) < 5 * std::sqrt(0.75 * 0.25 / 100000));
 }
 
-TEST_CASE("backends::make_backend: cpu exists; unknown names are input errors with a suggestion", "[kernels]") {
+TEST_CASE("backends::make_backend: cpu exists, unknown names are input errors with a suggestion", "[kernels]") {
   auto be = backends::make_backend("cpu");
   CHECK(be->name() == "cpu");
   void* p = be->alloc(16);

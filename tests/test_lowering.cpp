@@ -165,7 +165,7 @@ TEST_CASE("lower: flash attention saves no T x T tensor, eager saves the attenti
 
 // ---- dropout ----------------------------------------------------------------------------------
 
-TEST_CASE("lower: dropout p = 0 emits no dropout ops; p > 0 emits one per nn.Dropout call", "[lowering]") {
+TEST_CASE("lower: dropout p = 0 emits no dropout ops, p > 0 emits one per nn.Dropout call", "[lowering]") {
   for (const char* prof : {"torch-cuda", "torch-cpu"}) {
     INFO(prof);
     study::Analysis none = analyze_small("gpt2", {std::string("runtime.profile=") + prof});

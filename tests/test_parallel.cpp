@@ -188,7 +188,7 @@ TEST_CASE("ZeRO-3: a block's gathered parameters live around its forward, the ro
 }
 // end fsdp
 
-TEST_CASE("DDP: buckets are persistent gradients; gradient_as_bucket_view drops the copies", "[parallel][ddp]") {
+TEST_CASE("DDP: buckets are persistent gradients, gradient_as_bucket_view drops the copies", "[parallel][ddp]") {
   const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
                                       "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
                                       "training.batch_size=2", "training.optimizer_impl=for_loop"};
@@ -331,4 +331,111 @@ TEST_CASE("DDP with gradient accumulation: no_sync reduces in the last micro-bat
   }
   CHECK(bucket == trainable);
   CHECK(bucket < frozen.params_bytes);
+}
+
+// ---- zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer ----------------------------
+TEST_CASE("ZeroRedundancyOptimizer: the greedy partition of whole parameters, largest first", "[parallel][zero_redundancy]") {
+  // _partition_parameters: sorted by numel (largest first, stable), each to the rank with the fewest
+  // elements so far, the lowest such rank on a tie.
+  CHECK(graph::zero_redundancy_partition({10, 30, 20, 30}, 2) == std::vector<int64_t>{1, 0, 0, 1});
+  CHECK(graph::zero_redundancy_partition({1, 1, 4}, 2) == std::vector<int64_t>{1, 1, 0});  // not round-robin in order
+  CHECK(graph::zero_redundancy_partition({5, 5, 5}, 4) == std::vector<int64_t>{0, 1, 2});  // rank 3 gets none
+  CHECK(graph::zero_redundancy_partition({}, 2).empty());
+}
+
+TEST_CASE("ZeroRedundancyOptimizer: this rank's state only, in the parameters' dtype, a class per partition",
+          "[parallel][zero_redundancy]") {
+  const std::vector<std::string> base{"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
+                                      "model.d_model=32", "model.n_heads=4", "model.n_layers=2",
+                                      "training.batch_size=2", "training.optimizer_impl=for_loop", "parallel.dp=2"};
+  auto with = [&](std::vector<std::string> more) {
+    std::vector<std::string> s = base;
+    s.insert(s.end(), more.begin(), more.end());
+    return run(s);
+  };
+  const study::Analysis ddp = with({});
+  const study::Analysis zr = with({"parallel.sharding=zero1", "parallel.zero_impl=torch"});
+  REQUIRE(zr.zero_ranks);
+  const auto& classes = zr.zero_ranks->classes;
+  REQUIRE(classes.size() == 2);  // the two ranks' partitions differ
+  auto of = [&](size_t c) -> const study::Analysis& { return classes[c].analysis ? *classes[c].analysis : zr; };
+  // Measured by tests/torch/test_parallel.py (gpt2 base, fp32 AdamW, 2 ranks): 116,552 and 116,264
+  // bytes of state (exp_avg, exp_avg_sq in fp32 and a 4-byte 'step' per parameter of the partition).
+  CHECK(of(0).optimizer_bytes == 116'552);
+  CHECK(of(1).optimizer_bytes == 116'264);
+  CHECK(of(0).optimizer_bytes + of(1).optimizer_bytes == ddp.optimizer_bytes);
+  CHECK(classes[0].params + classes[1].params == ddp.param_count);
+  for (size_t c = 0; c < 2; ++c) {
+    // DDP's full gradients and buckets on every rank; only the state differs
+    CHECK(of(c).grads_bytes == ddp.grads_bytes);
+    CHECK(of(c).result.live_step_start == ddp.result.live_step_start - ddp.optimizer_bytes + of(c).optimizer_bytes);
+  }
+  CHECK(zr.zero_ranks->worst == 0);  // rank 0 holds more state, the same activations
+  const nlohmann::json j = report::to_json(zr, -1);
+  REQUIRE(j["ranks"].size() == 2);
+  CHECK(j["ranks"][1]["coordinates"]["dp_ranks"] == nlohmann::json::array({1}));
+  CHECK(j["ranks"][1]["figures"]["optimizer_bytes"] == 116'264);
+  CHECK(j["peak"] == j["ranks"][j["peak_rank_class"].get<int>()]["figures"]["peak"]);
+  CHECK(j["parallel"]["zero_impl"] == "torch");
+  // The state is in the parameters' dtype (no fp32 master copy): bf16 moments, fp32 'step' scalars.
+  const study::Analysis bf = with({"parallel.sharding=zero1", "parallel.zero_impl=torch", "training.dtype=bf16"});
+  int64_t state = 0, n = 0;
+  for (const auto& k : bf.zero_ranks->classes) state += (k.analysis ? *k.analysis : bf).optimizer_bytes;
+  for (auto p : bf.step->params) n += bf.step->graph.tensor(p).requires_grad;
+  CHECK(state == 2 * bf.params_bytes + 4 * n);
+  // the updated parameters are broadcast from their owners after the local step, on stream 2
+  int broadcasts = 0;
+  for (const auto& op : zr.step->graph.ops()) {
+    if (op.name.find(".params.broadcast") != std::string::npos) broadcasts += op.stream == 2;
+  }
+  CHECK(broadcasts == 2);
+}
+
+TEST_CASE("ZeroRedundancyOptimizer: ranks with equal partitions share a class", "[parallel][zero_redundancy]") {
+  const study::Analysis a = run({"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
+                                 "model.d_model=32", "model.n_heads=4", "model.n_layers=4", "training.batch_size=2",
+                                 "parallel.dp=8", "parallel.sharding=zero1", "parallel.zero_impl=torch"});
+  REQUIRE(a.zero_ranks);
+  int64_t ranks = 0, elements = 0;
+  std::vector<int64_t> numels;
+  for (auto p : a.step->params) numels.push_back(graph::numel(a.step->graph.tensor(p).shape));
+  const std::vector<int64_t> part = graph::zero_redundancy_partition(numels, 8);
+  for (const auto& k : a.zero_ranks->classes) {
+    ranks += static_cast<int64_t>(k.ranks.size());
+    elements += k.params * static_cast<int64_t>(k.ranks.size());
+    for (int64_t r : k.ranks) {
+      int64_t mine = 0;
+      for (size_t i = 0; i < numels.size(); ++i) mine += part[i] == r ? numels[i] : 0;
+      CHECK(mine == k.params);
+    }
+  }
+  CHECK(ranks == 8);
+  CHECK(elements == a.param_count);
+  CHECK(a.zero_ranks->classes.size() < 8);  // some ranks hold the same sizes
+}
+
+TEST_CASE("ZeroRedundancyOptimizer: bad combinations are one-line errors naming the key", "[parallel][zero_redundancy][scenario]") {
+  auto message = [](const std::vector<std::string>& sets) {
+    try {
+      (void)study::load_scenario("", sets);
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK_THAT(message({"parallel.dp=2", "parallel.zero_impl=torch"}),
+             Catch::Contains("parallel.zero_impl") && Catch::Contains("zero1"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.zero_impl=megatron"}),
+             Catch::Contains("parallel.zero_impl") && Catch::Contains("deepspeed"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.zero_impl=torch", "training.dtype=bf16",
+                      "training.master_weights=fp32"}),
+             Catch::Contains("training.master_weights"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.zero_impl=torch", "parallel.tp=2"}),
+             Catch::Contains("parallel.tp"));
+  CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.zero_impl=torch", "parallel.pp=2"}),
+             Catch::Contains("parallel.pp"));
+  // DDP's own keys and the local optimizer's implementation are torch's to choose
+  CHECK(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.zero_impl=torch",
+                 "parallel.gradient_as_bucket_view=true", "training.optimizer_impl=foreach"}) == "no error");
+  CHECK(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.zero_impl=deepspeed"}) == "no error");
 }

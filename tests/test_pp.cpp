@@ -57,7 +57,7 @@ TEST_CASE("schedules: every stage runs each micro-batch's forward and backward o
   }
 }
 
-TEST_CASE("1F1B: stage s holds p - s micro-batches; the first holds p micro-batches of L/p layers", "[pp][formula]") {
+TEST_CASE("1F1B: stage s holds p - s micro-batches, the first holds p micro-batches of L/p layers", "[pp][formula]") {
   // Narayanan et al. 2021 (PipeDream-Flush), Korthikanti et al. 2022 section 4.2.3: the first
   // stage holds p micro-batches' activations, each of L/p layers, so L layers' worth whatever p is.
   const int64_t L = 48, per_layer = 1000;
@@ -119,7 +119,7 @@ std::vector<std::string> small_llama(std::vector<std::string> more) {
 }
 }  // namespace
 
-TEST_CASE("stages: every parameter on one stage; the ranks JSON, one class per stage", "[pp][lowering]") {
+TEST_CASE("stages: every parameter on one stage, the ranks JSON, one class per stage", "[pp][lowering]") {
   const study::Analysis one = study::analyze(study::load_scenario("", small_llama({})));
   for (const char* sched : {"gpipe", "1f1b", "interleaved:2"}) {
     const study::Analysis a =
@@ -298,7 +298,7 @@ TEST_CASE("a later backward adds into .grad: its own peak, the losses kept until
   CHECK(r.stages[1].live_end_backward == 500);  // the losses are gone once step() returns
 }
 
-TEST_CASE("torch2-cpu stages: PipelineStage's buffers, the whole batch, a steady step; figures measured by torch", "[pp][torch]") {
+TEST_CASE("torch2-cpu stages: PipelineStage's buffers, the whole batch, a steady step, figures measured by torch", "[pp][torch]") {
   // test_against_torch's BASE (gpt2, d 32, 2 layers, batch 2, seq 16, fp32, AdamW) on 2 stages,
   // 1F1B over 4 micro-batches. The figures below are tests/torch/measure_pp.py's (torch 2.13,
   // gloo, 2 ranks; torch2.pp checks them live where torch is installed).
@@ -505,3 +505,57 @@ TEST_CASE("plan on a pipeline: the worst stage planned, verified on the pipeline
   }
 }
 // ---- end pprank ----
+
+// ---- ppdp (issue 13): checkpoint.policy = "budget:X" under pp; pp x dp against torch ----
+TEST_CASE("budget policy under pp plans the micro-batches in flight: every stage within the budget, `plan`'s answer",
+          "[pp][planner]") {
+  const std::vector<std::string> sets =
+      small_llama({"parallel.pp=2", "parallel.microbatches=4", "model.n_layers=8", "model.seq_len=128"});
+  const study::Scenario s = study::load_scenario("", sets);
+  std::vector<std::string> full_sets = sets;
+  full_sets.push_back("checkpoint.policy=full");
+  const int64_t hi = study::analyze(s).result.peak_bytes;
+  const int64_t lo = study::analyze(study::load_scenario("", full_sets)).result.peak_bytes;
+  REQUIRE(lo < hi);
+  for (int i = 1; i <= 3; ++i) {
+    const int64_t budget = lo + (hi - lo) * i / 4;
+    INFO("budget " << budget);
+    std::vector<std::string> b = sets;
+    b.push_back(fmt::format("checkpoint.policy=budget:{}", budget));
+    const study::Analysis a = study::analyze(study::load_scenario("", b));
+    REQUIRE(a.pipeline);
+    // One micro-batch of a stage fits every one of these budgets without checkpointing (the old
+    // behaviour planned that, and the pipeline peaked at hi).
+    CHECK(a.result.peak_bytes <= budget);
+    for (const study::PpStageResult& st : a.pipeline->result.stages) CHECK(st.peak_bytes <= budget);
+    // The plan is `plan`'s for the pipeline (its worst stage, verified on the replay).
+    const study::PlanResult r = study::plan_for_budget(s, budget);
+    CHECK(a.result.peak_bytes == r.peak_bytes);
+    CHECK(a.block_plan.mode == r.plan.mode);
+  }
+}
+
+TEST_CASE("pp 2 x dp 2 (DDP per stage, torch2-cpu): every rank's figures as torch measured them", "[pp][ppdp][torch]") {
+  // test_against_torch's BASE on 2 stages x 2 data-parallel ranks, 1F1B over 2 micro-batches;
+  // tests/torch/measure_pp.py dp=2 (torch 2.13, gloo, 4 ranks): DDP on each stage's dp group, the
+  // schedule's backwards under no_sync but the last, whose hooks fill the persistent buckets.
+  const std::vector<std::string> sets{"model.family=gpt2", "model.vocab_size=97", "model.seq_len=16", "model.d_model=32",
+                                      "model.n_heads=4", "model.n_layers=2", "training.batch_size=2",
+                                      "runtime.profile=torch2-cpu", "parallel.pp=2", "parallel.microbatches=2",
+                                      "parallel.dp=2"};
+  const nlohmann::json j = report::to_json(study::analyze(study::load_scenario("", sets)), -1);
+  REQUIRE(j["ranks"].size() == 2);
+  const auto& s0 = j["ranks"][0]["figures"];
+  const auto& s1 = j["ranks"][1]["figures"];
+  CHECK(s0["peak"]["bytes"] == 461256);
+  CHECK(s0["live_bytes"]["end_forward"] == 428360);
+  CHECK(s0["live_bytes"]["end_backward"] == 336184);
+  CHECK(s1["peak"]["bytes"] == 459856);
+  // The last stage's received-input gradient is still held when step() returns: DDP's finalize
+  // ends the lowering's backward after pp.send_input_grad (study/src/pipeline.cpp, segment_of).
+  CHECK(s1["live_bytes"]["step_start"] == 263740);
+  CHECK(s1["live_bytes"]["end_forward"] == 435024);
+  CHECK(s1["live_bytes"]["end_backward"] == 327228);
+  CHECK(s1["live_bytes"]["end_optimizer"] == 327228);
+}
+// ---- end ppdp ----

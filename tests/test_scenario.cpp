@@ -206,12 +206,22 @@ TEST_CASE("study::load_scenario: every key is parsed and remembers its line", "[
   CHECK(tps.training.parallel.tp == 2);
   CHECK(tps.training.parallel.sp);
   CHECK(tps.where("parallel.tp_impl") == tpath + ":4: parallel.tp_impl");
+  // zero_redundancy (issue 13): parallel.zero_impl in a scenario of its own
+  const std::string zpath = dir.write("every-zero-redundancy-key.toml",
+                                      "[parallel]\n"               // 1
+                                      "dp = 2\n"                   // 2
+                                      "sharding = \"zero1\"\n"     // 3
+                                      "zero_impl = \"torch\"\n");  // 4
+  study::Scenario zrs = study::load_scenario(zpath, {});
+  CHECK(zrs.training.parallel.zero_redundancy());
+  CHECK(zrs.where("parallel.zero_impl") == zpath + ":4: parallel.zero_impl");
   // Every key was set, each at its own line.
   std::set<std::string> set_keys;
   for (const auto& [k, where] : s.origin) set_keys.insert(k);
   for (const auto& [k, where] : par.origin) set_keys.insert(k);  // issue 13
   for (const auto& [k, where] : tps.origin) set_keys.insert(k);  // issue 13: tensor parallelism
   for (const auto& [k, where] : pps.origin) set_keys.insert(k);  // issue 13, pipeline parallelism
+  for (const auto& [k, where] : zrs.origin) set_keys.insert(k);  // zero_redundancy (issue 13)
   const auto& keys = study::scenario_keys();
   CHECK(set_keys == std::set<std::string>(keys.begin(), keys.end()));
   CHECK(s.where("name") == path + ":1: name");

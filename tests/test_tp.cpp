@@ -209,7 +209,7 @@ TEST_CASE("tensor parallelism: bad combinations are one line naming the key", "[
 }
 
 // ---- pprank (issue 13): tensor parallelism inside pipeline stages ----
-TEST_CASE("tensor parallelism inside pipeline stages: lowered; tp's own refusals still apply", "[tp][pp]") {
+TEST_CASE("tensor parallelism inside pipeline stages: lowered, tp's own refusals still apply", "[tp][pp]") {
   auto with = [](std::vector<std::string> more) {
     std::vector<std::string> v = megatron(64, 256, 8, 1, 1, false);
     v.insert(v.end(), more.begin(), more.end());

@@ -59,7 +59,7 @@ TEST_CASE("graph::pattern_matches: whole names, module prefixes and globs", "[tr
   CHECK_FALSE(pattern_matches("*bias", "blocks.0.mlp.c_fc.weight"));
 }
 
-TEST_CASE("graph::expand_braces: {a..b} is the integers a to b; a bad brace is refused", "[trainable]") {
+TEST_CASE("graph::expand_braces: {a..b} is the integers a to b, a bad brace is refused", "[trainable]") {
   CHECK(*expand_braces("blocks.{0..2}") == std::vector<std::string>{"blocks.0", "blocks.1", "blocks.2"});
   CHECK(*expand_braces("wte") == std::vector<std::string>{"wte"});
   CHECK(*expand_braces("blocks.{3..3}.attn") == std::vector<std::string>{"blocks.3.attn"});
@@ -91,7 +91,7 @@ TEST_CASE("graph::model_names: named_parameters() and the Linear modules, as PyT
                                                      "blocks.1.mlp.c_fc", "blocks.1.mlp.c_proj", "lm_head"});
 }
 
-TEST_CASE("lower: LoRA r=4 on gpt2's c_attn trains only A and B; the optimizer holds state for them alone",
+TEST_CASE("lower: LoRA r=4 on gpt2's c_attn trains only A and B, the optimizer holds state for them alone",
           "[trainable]") {
   study::Analysis all = analyze_small("gpt2");
   study::Analysis a = analyze_small("gpt2", {"training.trainable=lora", "lora.targets=c_attn", "lora.r=4"});
@@ -113,7 +113,7 @@ TEST_CASE("lower: LoRA r=4 on gpt2's c_attn trains only A and B; the optimizer h
   }
 }
 
-TEST_CASE("lower: a frozen base linear saves nothing of its input; LoRA's A saves it instead", "[trainable]") {
+TEST_CASE("lower: a frozen base linear saves nothing of its input, LoRA's A saves it instead", "[trainable]") {
   study::Analysis a = analyze_small("gpt2", {"training.trainable=lora", "lora.targets=c_fc"});
   const Graph& g = a.step->graph;
   int base = 0, lora_a = 0;
@@ -217,7 +217,7 @@ TEST_CASE("study::analyze: a checkpointed frozen block saves only its argument, 
   }
 }
 
-TEST_CASE("lower: under autocast peft copies a bf16 input to lora_A's float32 dtype; the recomputation keeps it",
+TEST_CASE("lower: under autocast peft copies a bf16 input to lora_A's float32 dtype, the recomputation keeps it",
           "[trainable][autocast][checkpoint]") {
   // x = self._cast_input_dtype(x, lora_A.weight.dtype): the MLP product and the attention output
   // reach o_proj and down_proj in bf16, the norm outputs reach the others in float32.

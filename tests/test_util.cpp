@@ -18,7 +18,7 @@
 
 using namespace actsim;
 
-TEST_CASE("util::split_list: commas outside quotes; quotes and empty items kept", "[util]") {
+TEST_CASE("util::split_list: commas outside quotes, quotes and empty items kept", "[util]") {
   using V = std::vector<std::string>;
   CHECK(util::split_list("none,full") == V{"none", "full"});
   CHECK(util::split_list("none,\"ops:mm,bmm\",full") == V{"none", "\"ops:mm,bmm\"", "full"});
@@ -58,7 +58,7 @@ TEST_CASE("util::to_f16: round to nearest even, overflow to infinity, NaN kept",
   for (uint32_t h = 0; h < 0x7c00; ++h) CHECK(util::to_f16(util::from_f16(static_cast<uint16_t>(h))) == h);
 }
 
-TEST_CASE("util::parallel_for: every job runs; the lowest failed job's exception is rethrown", "[util]") {
+TEST_CASE("util::parallel_for: every job runs, the lowest failed job's exception is rethrown", "[util]") {
   std::vector<std::atomic<int>> ran(100);
   util::parallel_for(100, 4, [&](int64_t i) { ++ran[static_cast<size_t>(i)]; });
   for (const auto& r : ran) CHECK(r == 1);

@@ -217,10 +217,12 @@ StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& tr
   // The training loop's `loss` stays referenced after the step (until the next one reassigns it).
   if (training.parallel.pp_head) l.out.graph.mutable_storage(l.out.graph.tensor(l.out.loss).storage).keep = true;
   if (scaled) l.scaler_unscale();
-  if (training.master_weights == MasterWeights::fp32 || training.parallel.sharding != Sharding::none) {
+  if (training.master_weights == MasterWeights::fp32 ||
+      (training.parallel.sharding != Sharding::none && !training.parallel.zero_redundancy())) {
     l.optimizer_flat();
   } else {
     l.optimizer();
+    l.zero_redundancy_broadcast();  // zero_redundancy: torch's ZeroRedundancyOptimizer syncs its parameters
   }
   if (scaled) l.scaler_update();
   l.zero_grad();

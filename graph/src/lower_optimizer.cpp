@@ -22,7 +22,8 @@ void Lowering::optimizer() {
     TensorId exp_avg = kNoTensor, exp_avg_sq = kNoTensor, step = kNoTensor, momentum = kNoTensor;
   };
   std::vector<State> st(out.params.size());
-  for (size_t i = 0; i < out.params.size(); ++i) {
+  const std::vector<size_t> order = optimizer_order();  // zero_redundancy: this rank's partition
+  for (size_t i : order) {
     const Tensor& p = g.tensor(out.params[i]);
     if (!p.requires_grad) continue;  // frozen (training.trainable): not in the optimizer's list
     b.set_layer(g.storage(p.storage).layer);
@@ -73,7 +74,7 @@ void Lowering::optimizer() {
     return o;
   };
   if (!adam) {
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i : order) {
       if (grad_of(i) == kNoTensor) continue;
       // param.add_(grad, alpha=-lr) takes a Scalar; buf.mul_(momentum) wraps a number.
       if (momentum) {
@@ -89,7 +90,7 @@ void Lowering::optimizer() {
     return std::vector<TensorId>{out.params[i], grad_of(i), st[i].exp_avg, st[i].exp_avg_sq, st[i].step};
   };
   if (impl == OptimizerImpl::fused) {
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i : order) {
       if (grad_of(i) != kNoTensor) update(i, "fused_adam", OptimStep::adam_fused, moments_in(i), 1, 16);
     }
     return;
@@ -98,7 +99,7 @@ void Lowering::optimizer() {
     // _single_tensor_adam(w): denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     // holds sqrt and the division at once, and the previous parameter's denom until reassigned.
     TensorId prev_denom = kNoTensor;
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i : order) {
       if (grad_of(i) == kNoTensor) continue;
       update(i, "moments", OptimStep::adam_moments, moments_in(i), 5, 6, scalar_ws);
       TensorId sq = temp(i, "sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0);
@@ -116,15 +117,15 @@ void Lowering::optimizer() {
   // foreach: _multi_tensor_adam(w) -- whole lists of temporaries. CPU foreach falls back to
   // per-tensor ops, so mul_(beta1), step += 1 and + eps wrap numbers there.
   std::vector<TensorId> sq(n, kNoTensor), denom(n, kNoTensor);
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i : order) {
     if (grad_of(i) != kNoTensor) update(i, "foreach_moments", OptimStep::adam_moments, moments_in(i), 5, 6, scalar_ws);
   }
   const bool two_lists = prof.foreach_adam_two_lists;
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i : order) {
     if (grad_of(i) == kNoTensor) continue;
     sq[i] = temp(i, "foreach_sqrt", OptimStep::adam_sqrt, {st[i].exp_avg_sq, st[i].step}, 0);
   }
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i : order) {
     if (grad_of(i) == kNoTensor) continue;
     if (two_lists) {
       denom[i] = temp(i, "foreach_add", OptimStep::adam_denom, {sq[i], st[i].step}, prof.scalar_temp_bytes(dt));
@@ -136,13 +137,13 @@ void Lowering::optimizer() {
       denom[i] = sq[i];
     }
   }
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i : order) {
     if (grad_of(i) != kNoTensor) {
       update(i, "foreach_addcdiv", OptimStep::adam_update, {out.params[i], st[i].exp_avg, denom[i], st[i].step}, 1, 4);
     }
   }
   // Both lists are locals of _multi_tensor_adam(w): released when it returns.
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i : order) {
     if (sq[i] != kNoTensor) b.hold_until_last(sq[i]);
     if (denom[i] != kNoTensor && denom[i] != sq[i]) b.hold_until_last(denom[i]);
   }

@@ -27,6 +27,8 @@
 //    Gradients are reduce-scattered as ZeRO-2's; the fp32 partition is the sum of the parameters'
 //    partitions; nothing is all-gathered after the step (the parameters stay partitioned).
 //  - master_weights = fp32 without sharding: the same flat fp32 partition with N = 1.
+//  - zero_redundancy: sharding = zero1 with zero_impl = torch is DDP here (ParallelConfig::ddp());
+//    its optimizer is lower_zero_redundancy.cpp's.
 #include <algorithm>
 #include <map>
 #include <unordered_map>
@@ -90,11 +92,14 @@ void Lowering::parallel_forward_begin() {
   if (!par) par = std::make_shared<Parallel>();
   const size_t k = par->forwards++;
   if (tr.parallel.sharding == Sharding::zero3) return zero3_gather(-1);
-  if (tr.parallel.sharding != Sharding::none) return;
+  if (!tr.parallel.ddp()) return;  // zero_redundancy: DDP's too
   // _pre_forward broadcasts the buffers when the previous forward left require_forward_param_sync
   // set, i.e. ran outside no_sync: every micro-batch's forward, or with no_sync only the first
   // one's (the step before ended with a synchronised forward); .params are built by then.
   if (k > 0 && tr.parallel.no_sync) return;
+  // ppdp: a pipeline stage's DDP runs every forward under no_sync (torch.distributed.pipelining's
+  // forward_maybe_with_nosync), so no steady step broadcasts.
+  if (tr.parallel.pp > 1) return;
   b.set_layer(-1);
   b.set_scope("ddp");
   // _sync_buffers -> _distributed_broadcast_coalesced: flatten, broadcast, copy back, free.
@@ -137,7 +142,7 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
   }
   ++par->ready;
   const bool last = par->ready == par->trainable;
-  if (par->laid_out && pc.sharding == Sharding::none) return ddp_refill(i, grad);
+  if (par->laid_out && pc.ddp()) return ddp_refill(i, grad);
   if (pc.sharding == Sharding::zero2 || pc.sharding == Sharding::zero3) {
     // reduce_scatter of the gradient; this rank keeps its shard, the full gradient dies with it.
     TensorId sh = b.fresh(name + ".grad_shard", {shard(numel(g.tensor(p).shape), N)}, g.tensor(grad).dtype,
@@ -150,7 +155,7 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
   }
   if (par->buckets.empty() || par->buckets.back().closed) {
     par->buckets.emplace_back();
-    if (pc.sharding == Sharding::none) {
+    if (pc.ddp()) {
       Parallel::Bucket& nb = par->buckets.back();
       nb.flat = b.leaf(fmt::format("ddp.bucket{}", par->buckets.size() - 1), {0}, g.tensor(grad).dtype,
                        Category::gradient, false);
@@ -158,7 +163,7 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
   }
   Parallel::Bucket& bk = par->buckets.back();
   TensorId result = grad;
-  if (pc.sharding == Sharding::none) {
+  if (pc.ddp()) {
     Tensor& flat = g.mutable_tensor(bk.flat);
     const int64_t offset = flat.shape[0];
     flat.shape[0] += numel(g.tensor(grad).shape);
@@ -183,9 +188,9 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
                                                  : static_cast<int64_t>(pc.bucket_cap_mb * 1024 * 1024);
   if (bk.bytes >= limit || last) {
     bk.closed = true;
-    std::vector<TensorId> ins = pc.sharding == Sharding::none ? std::vector<TensorId>{bk.flat} : bk.grads;
+    std::vector<TensorId> ins = pc.ddp() ? std::vector<TensorId>{bk.flat} : bk.grads;
     Op ar{.kind = OpKind::all_reduce, .name = fmt::format("{}.bucket{}.all_reduce",
-                                                          pc.sharding == Sharding::none ? "ddp" : "zero",
+                                                          pc.ddp() ? "ddp" : "zero",
                                                           par->buckets.size() - 1),
           .inputs = std::move(ins), .bytes_moved = bk.bytes, .stream = kCommStream,
           .params = {.group_size = N}};
@@ -198,12 +203,12 @@ TensorId Lowering::parallel_grad_ready(size_t i, TensorId grad) {
 void Lowering::parallel_backward_end() {
   if (!par) return;
   b.set_layer(-1);
-  b.set_scope(tr.parallel.sharding == Sharding::none ? "ddp" : "zero");
+  b.set_scope(tr.parallel.ddp() ? "ddp" : "zero");
   // The reducer's finalize (queue_callback at the end of backward) waits for every reduction;
   // DDP then copies each bucket back into the gradients (in place) unless they are its views.
-  Op fin{.kind = OpKind::bucket_copy, .name = tr.parallel.sharding == Sharding::none ? "ddp.finalize" : "zero.finalize",
+  Op fin{.kind = OpKind::bucket_copy, .name = tr.parallel.ddp() ? "ddp.finalize" : "zero.finalize",
          .kernels = 0, .after = par->reductions};
-  if (tr.parallel.sharding == Sharding::none && !tr.parallel.gradient_as_bucket_view) {
+  if (tr.parallel.ddp() && !tr.parallel.gradient_as_bucket_view) {
     int64_t total = 0;
     for (const auto& bk : par->buckets) {
       fin.inputs.push_back(bk.flat);

@@ -157,6 +157,9 @@ struct Lowering {
   void members_view(int32_t layer, const std::vector<TensorId>& members);
   TensorId ddp_refill(size_t param, TensorId grad);  // a later backward's hook, buckets laid out
   void optimizer_flat();                    // master weights / ZeRO: fp32 flat partitions
+  // zero_redundancy: torch's ZeroRedundancyOptimizer (lower_zero_redundancy.cpp)
+  std::vector<size_t> optimizer_order() const;  // the optimizer's parameters (this rank's partition)
+  void zero_redundancy_broadcast();         // _sync_params after the local step
   // ---- issue 13: tensor and sequence parallelism (Megatron-LM), lower_tp.cpp -----------------
   // One tensor-parallel rank: with tp == 1 every hook is the plain op (the graph is unchanged).
   int64_t tp() const { return tr.parallel.tp; }

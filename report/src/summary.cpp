@@ -53,6 +53,53 @@ namespace {
 nlohmann::json figures_json(const Analysis& a, int64_t max_batch);
 void add_pipeline_json(nlohmann::json& j, const Analysis& a);
 
+// ---- zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer, one class per distinct partition ----
+std::string rank_list(const std::vector<int64_t>& ranks) {  // "0, 2-5, 7"
+  std::string out;
+  for (size_t i = 0; i < ranks.size();) {
+    size_t k = i;
+    while (k + 1 < ranks.size() && ranks[k + 1] == ranks[k] + 1) ++k;
+    out += fmt::format("{}{}", out.empty() ? "" : ", ", k == i ? fmt::format("{}", ranks[i]) : fmt::format("{}-{}", ranks[i], ranks[k]));
+    i = k + 1;
+  }
+  return out;
+}
+void add_zero_redundancy_json(nlohmann::json& j, const Analysis& a) {
+  const study::ZeroRedundancyRanks& zr = *a.zero_ranks;
+  j["parallel"]["zero_impl"] = "torch";
+  nlohmann::json ranks = nlohmann::json::array();
+  for (size_t c = 0; c < zr.classes.size(); ++c) {
+    const study::ZeroRankClass& k = zr.classes[c];
+    nlohmann::json fig = k.analysis ? figures_json(*k.analysis, -1) : j;
+    if (k.analysis) fig["parallel"] = j["parallel"];
+    ranks.push_back({{"class", c},
+                     {"coordinates", {{"dp", {k.ranks.front(), k.ranks.back()}}, {"dp_ranks", k.ranks}}},
+                     {"count", k.ranks.size()},
+                     {"zero_redundancy", {{"partition_param_count", k.params}}},
+                     {"figures", std::move(fig)}});
+  }
+  j["ranks"] = std::move(ranks);
+  j["peak_rank_class"] = zr.worst;
+}
+std::string zero_redundancy_line(const Analysis& a) {
+  const study::ZeroRedundancyRanks& zr = *a.zero_ranks;
+  const graph::ParallelConfig& p = a.scenario.training.parallel;
+  const study::ZeroRankClass& w = zr.classes[static_cast<size_t>(zr.worst)];
+  std::string out = fmt::format(
+      "        data parallel over {} ranks (zero1: torch's ZeroRedundancyOptimizer over DDP); figures of rank class {} "
+      "(dp ranks {}, {} rank{} alike), the highest peak\n",
+      p.dp, zr.worst, rank_list(w.ranks), w.ranks.size(), w.ranks.size() == 1 ? "" : "s");
+  for (size_t c = 0; c < zr.classes.size(); ++c) {
+    const study::ZeroRankClass& k = zr.classes[c];
+    const Analysis& ka = k.analysis ? *k.analysis : a;
+    out += fmt::format("          class {} (dp ranks {}): {} parameters' state, optimizer state {}, peak {}\n", c,
+                       rank_list(k.ranks), with_commas(k.params), human_bytes(ka.optimizer_bytes),
+                       human_bytes(ka.result.peak_bytes));
+  }
+  return out;
+}
+// ---- end zero_redundancy ----
+
 // ---- pprank (issue 13): tensor parallelism in the parallel object and the rank coordinates ----
 // With parallel.tp > 1 the parallel object names tp, sp and tp_impl, and a rank class spans every
 // tp rank (they hold the same bytes: tp divides the lowering, not the classes); tp == 1 adds nothing.
@@ -78,6 +125,7 @@ void add_parallel_json(nlohmann::json& j, const Analysis& a) {
   j["parallel"] = {{"dp", p.dp}, {"sharding", graph::to_string(p.sharding)}, {"bucket_cap_mb", p.bucket_cap_mb},
                    {"gradient_as_bucket_view", p.gradient_as_bucket_view}};
   add_tp_json(j["parallel"], p);
+  if (a.zero_ranks) return add_zero_redundancy_json(j, a);  // zero_redundancy (issue 13)
   nlohmann::json figures = j;
   j["ranks"] = nlohmann::json::array({{{"class", 0}, {"coordinates", class_coordinates(p)}, {"count", p.dp * p.tp},
                                        {"figures", std::move(figures)}}});
@@ -159,6 +207,7 @@ std::string pipeline_line(const Analysis& a) {
 std::string parallel_line(const Analysis& a) {
   const graph::ParallelConfig& p = a.scenario.training.parallel;
   if (a.pipeline) return pipeline_line(a);
+  if (a.zero_ranks) return zero_redundancy_line(a);  // zero_redundancy (issue 13)
   if (!p.active()) return tp_line(p);
   return fmt::format("        data parallel over {} ranks ({}); figures of rank class 0 (dp ranks 0-{}, {} ranks alike), "
                      "the highest peak\n",

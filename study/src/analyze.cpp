@@ -25,6 +25,9 @@ Analysis analyze(const Scenario& s) { return analyze(s, s.runtime()); }
 
 Analysis analyze(const Scenario& s, const graph::RuntimeProfile& runtime) {
   if (s.training.parallel.pp > 1 && !s.training.parallel.pp_stage()) return analyze_pipeline(s, runtime);  // issue 13
+  if (s.training.parallel.zero_redundancy() && s.training.parallel.zero_rank < 0) {
+    return analyze_zero_redundancy(s, runtime);  // zero_redundancy (issue 13): one lowering per distinct rank
+  }
   return simulate_step(resolve(s, runtime), s);
 }
 

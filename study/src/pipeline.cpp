@@ -5,8 +5,11 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <string_view>
+#include <variant>
 
 #include "actsim/study/analyze.hpp"
+#include "actsim/study/planner.hpp"
 #include "actsim/util/error.hpp"
 
 namespace actsim::study {
@@ -120,15 +123,29 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
   for (const graph::Tensor& x : g.tensors()) {
     if (x.producer == graph::kNoOp && x.name == "pp.recv_activation") recv = t.storage_bytes(x.storage);
   }
+  // ppdp: the live bytes at the end of backward as if the received input's gradient were still
+  // held. The lowering drops it by pp.send_input_grad, which (a release, not an op of the phase)
+  // ends the backward after it (r.live_end_backward counts it) unless DDP's finalize follows it.
+  int64_t end_bwd = r.live_end_backward;
+  {
+    bool sent = false, after = false;
+    for (size_t i = 0; i < g.n_ops(); ++i) {
+      const graph::Op& o = g.op(graph::OpId{static_cast<uint32_t>(i)});
+      const std::string_view nm = o.name;
+      if (nm.size() >= 18 && nm.substr(nm.size() - 18) == "pp.send_input_grad") sent = true;  // in its scope
+      else if (sent && o.phase == graph::Phase::backward && o.kind != graph::OpKind::zero_grad) after = true;
+    }
+    if (after) end_bwd += recv;  // the input's gradient has its shape and dtype
+  }
   PpSegment sg;
   sg.base = r.live_step_start - recv;
   sg.held = r.live_end_forward - sg.base;
   sg.fwd_peak = std::max(pk.peak[0], r.live_step_start) - sg.base;
   sg.bwd_peak = std::max(pk.peak[1], r.live_end_forward) - sg.base;
   sg.bwd_peak_grads = pk.grads_at_bwd_peak;
-  sg.grads = r.live_end_backward - r.live_step_start;
-  sg.opt_peak = std::max(pk.peak[2], r.live_end_backward) - r.live_end_backward;
-  sg.opt_end = r.live_end_step - r.live_end_backward;
+  sg.grads = end_bwd - r.live_step_start;
+  sg.opt_peak = std::max(pk.peak[2], end_bwd) - end_bwd;
+  sg.opt_end = r.live_end_step - end_bwd;
   for (size_t i = 0; i < g.n_ops(); ++i) {
     const graph::OpId op{static_cast<uint32_t>(i)};
     if (t.stream(op) != 0) continue;
@@ -174,9 +191,9 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
   if (!last) sg.bwd_peak -= bytes, sg.bwd_peak_later -= bytes;
   // The lowering's gradient of the received input is released after the backward; torch's is
   // pinned by the send (in_grad), so not among the stage's gradients.
-  sg.opt_mid = r.live_end_optimizer - r.live_end_backward + sg.in_grad;
+  sg.opt_mid = r.live_end_optimizer - end_bwd + sg.in_grad;
   sg.opt_end += sg.in_grad, sg.grads -= sg.in_grad;
-  sg.opt_peak = std::max(pk.peak[2], r.live_end_backward - sg.in_grad) - (r.live_end_backward - sg.in_grad);
+  sg.opt_peak = std::max(pk.peak[2], end_bwd - sg.in_grad) - (end_bwd - sg.in_grad);
   if (last && a.step->loss != graph::kNoTensor) sg.loss = t.storage_bytes(g.tensor(a.step->loss).storage);
   return sg;
 }
@@ -184,6 +201,17 @@ PpSegment segment_of(const Analysis& a, const Scenario& s) {
 }  // namespace
 
 Analysis analyze_pipeline(const Scenario& s, const graph::RuntimeProfile& runtime) {
+  // ppdp (issue 13): checkpoint.policy = "budget:X" plans what a stage holds, not one micro-batch:
+  // `plan`'s search on the worst stage, every candidate verified by replaying the whole pipeline
+  // (the micro-batches in flight counted), so the worst stage peaks at most at X when any plan
+  // fits (else the least-memory plan). Every stage runs the plan (it covers L/(pV) blocks).
+  if (s.is_budget()) {
+    Scenario planned = s;
+    planned.checkpoint = plan_for_budget(s, std::get<graph::CheckpointPolicy>(s.checkpoint).budget_bytes).plan;
+    Analysis a = analyze_pipeline(planned, runtime);
+    a.scenario = s;
+    return a;
+  }
   const graph::ParallelConfig& p = s.training.parallel;
   const int64_t P = p.pp, V = p.pp_chunks, m = p.pp_micro(), n = P * V;
   ACTSIM_ASSERT(s.model.n_layers % n == 0, "layers split evenly (checked by the loader)");
@@ -206,6 +234,20 @@ Analysis analyze_pipeline(const Scenario& s, const graph::RuntimeProfile& runtim
   }
   std::vector<PpSegment> kind_seg;
   for (size_t i = 0; i < pl->kinds.size(); ++i) kind_seg.push_back(segment_of(*pl->kinds[i], kind_scenarios[i]));
+  // ppdp: DDP inside each stage with more than one micro-batch: the no_sync backwards are the
+  // stage's without DDP (Note [DDP inside a stage]), lowered once more per kind.
+  if (p.dp > 1 && p.sharding == graph::Sharding::none && m > 1) {
+    for (size_t i = 0; i < pl->kinds.size(); ++i) {
+      Scenario plain = kind_scenarios[i];
+      plain.training.parallel.dp = 1;
+      const PpSegment ps = segment_of(analyze(plain, runtime), plain);
+      PpSegment& sg = kind_seg[i];
+      sg.ddp_nosync = true;
+      sg.bwd_peak_nosync = ps.bwd_peak;
+      sg.bwd_peak_later_nosync = ps.bwd_peak_later;
+      sg.grads_nosync = ps.grads - sg.grads;  // gradient_as_bucket_view: the plain .grad
+    }
+  }
   pl->stage_kinds.assign(static_cast<size_t>(P), {});
   for (int64_t vs = 0; vs < n; ++vs) {
     const int ki = kind_index[kind_of(vs)];

@@ -56,6 +56,15 @@ std::vector<std::vector<PpAction>> pp_schedule(graph::PpSchedule kind, int64_t p
 // - each micro-batch's loss (last stage) stays in the schedule's list until step() returns;
 // - a later backward adds into .grad: each parameter's new gradient is a temporary freed once
 //   its AccumulateGrad has run (PpSegment::bwd_peak_later).
+// Note [DDP inside a stage] (ppdp): with dp > 1 each stage's module is DDP on its dp group;
+// PipelineStage runs every forward, and every backward but the stage's last, under no_sync, and
+// prepares the reducer for the last one: .grad accumulates as without DDP, and only the last
+// backward's hooks copy it into the persistent buckets, all-reduce them and copy them back (the
+// lowering's single backward, hooks armed: its bucket_copy scalars and finalize). The buckets
+// are in every step's base. With gradient_as_bucket_view the first backward still makes plain
+// .grad tensors, which the last one's hooks replace by the buckets' views
+// (PpSegment::grads_nosync). DDP broadcasts no buffers in a steady step (no forward runs outside
+// no_sync). tests/torch/measure_pp.py dp=2 measures it.
 // The interleaved schedule (torch's ScheduleInterleaved1F1B, Megatron-LM's order) runs on
 // _PipelineScheduleRuntime, whose send_ops list keeps every send, so every sent output and input
 // gradient, until step() returns; the last stage's logits go with their backward.
@@ -109,6 +118,10 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
     act_peak = std::max(act_peak, cand);
   };
   std::vector<bool> grads(static_cast<size_t>(V), false);
+  std::vector<int64_t> last_bwd(static_cast<size_t>(V), -1);  // ppdp: each chunk's last backward
+  for (int64_t k = 0; k < n; ++k) {
+    if (acts[static_cast<size_t>(k)].backward) last_bwd[static_cast<size_t>(acts[static_cast<size_t>(k)].chunk)] = k;
+  }
   int32_t fwd_seen = 0;
   for (int64_t k = 0; k < n; ++k) {
     const PpAction& x = acts[static_cast<size_t>(k)];
@@ -138,11 +151,18 @@ StageMemory stage_memory(const std::vector<PpAction>& acts, const std::vector<Pp
       out.end_forward = live;
     } else {
       const bool first = !grads[static_cast<size_t>(x.chunk)];
-      const int64_t inc = first ? sg.bwd_peak : sg.bwd_peak_later - (sg.grads - sg.loss);
+      // ppdp: under no_sync (every backward of a DDP stage but its last) the stage's own peaks;
+      // the last's bwd_peak_later counts .grad whole, grads_nosync included.
+      const bool nosync = sg.ddp_nosync && k != last_bwd[static_cast<size_t>(x.chunk)];
+      const int64_t inc = first ? (nosync ? sg.bwd_peak_nosync : sg.bwd_peak)
+                        : nosync ? sg.bwd_peak_later_nosync - (sg.grads + sg.grads_nosync - sg.loss)
+                                 : sg.bwd_peak_later - (sg.grads - sg.loss) - sg.grads_nosync;
       see(live - sg.held + inc, held - sg.held, graph::Phase::backward);
       // The micro-batch's loss stays in the schedule's list until step() returns.
       live -= sg.held - sg.loss, held -= sg.held, --in_flight, losses += sg.loss;
-      if (first) live += sg.grads - sg.loss, grads[static_cast<size_t>(x.chunk)] = true;
+      if (first) live += sg.grads - sg.loss + sg.grads_nosync, grads[static_cast<size_t>(x.chunk)] = true;
+      // ppdp: the last backward's DDP hooks make .grad the buckets' views (Note [DDP inside a stage])
+      if (k == last_bwd[static_cast<size_t>(x.chunk)]) live -= sg.grads_nosync;
       if (sg.in_grad > 0) {
         int64_t at = kEnd;  // GPipe's bwd_sends_to_wait, the interleaved runtime's send_ops
         if (kind == graph::PpSchedule::one_f_one_b) {

@@ -84,6 +84,8 @@ const std::vector<std::string>& scenario_keys() {
       "parallel.pp",
       "parallel.microbatches",
       "parallel.pp_schedule",
+      // zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer (scenario_zero_redundancy.cpp)
+      "parallel.zero_impl",
   };
   return keys;
 }
@@ -261,7 +263,8 @@ void set_key(Scenario& sc, const std::string& key, const Value& v, const std::st
   else if (key == "checkpoint.policy") {
     sc.checkpoint = graph::parse_policy(as_str(v, where), where);  // parsed once, rejected where it is written
   }
-  else if (set_tp_key(sc, key, v, where)) {  // issue 13: tensor and sequence parallelism
+  else if (set_zero_redundancy_key(sc, key, v, where)) {  // zero_redundancy (issue 13)
+  } else if (set_tp_key(sc, key, v, where)) {  // issue 13: tensor and sequence parallelism
   } else if (set_pipeline_key(sc, key, v, where)) {  // issue 13: pipeline parallelism (pipeline_keys.cpp)
   } else if (set_trainable_key(sc, key, v, where)) {
   }
@@ -534,18 +537,21 @@ std::optional<std::string> first_problem(const Scenario& sc) {
                 "\"torch2-cpu\"");
   }
   // ---- issue 13: data parallelism and sharding, master weights ----
-  if (t.parallel.sharding != graph::Sharding::none && t.grad_accum_steps > 1) {
+  // zero_redundancy: torch's ZeroRedundancyOptimizer is DDP's with a partitioned optimizer (ddp())
+  if (std::optional<std::string> p = zero_redundancy_problem(sc)) return p;
+  const bool ds_zero = t.parallel.sharding != graph::Sharding::none && !t.parallel.zero_redundancy();
+  if (ds_zero && t.grad_accum_steps > 1) {
     return fail(blame(sc, {"parallel.sharding", "training.grad_accum_steps"}),
                 "ZeRO with gradient accumulation is not lowered yet; set training.grad_accum_steps = 1");
   }
-  if (sc.origin.count("parallel.no_sync") && (t.parallel.dp < 2 || t.parallel.sharding != graph::Sharding::none ||
+  if (sc.origin.count("parallel.no_sync") && (!t.parallel.ddp() ||
                                               t.grad_accum_steps < 2)) {
     return fail(sc.where("parallel.no_sync"),
                 "no_sync is DDP's with gradient accumulation (parallel.dp > 1, sharding = \"none\", "
                 "training.grad_accum_steps > 1)");
   }
   // DDP (sharding none) runs with autocast and trainable subsets; the flat fp32 partitions do not.
-  const bool flat_state = t.parallel.sharding != graph::Sharding::none || t.master_weights != graph::MasterWeights::none;
+  const bool flat_state = ds_zero || t.master_weights != graph::MasterWeights::none;
   if (flat_state && t.autocast_on()) {
     return fail(blame(sc, {"training.autocast", "parallel.sharding", "training.master_weights"}),
                 "autocast with ZeRO or master weights is not lowered yet; set training.autocast = \"none\"");
@@ -559,7 +565,7 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(blame(sc, {"training.master_weights", "training.dtype"}),
                 "master_weights = \"fp32\" keeps an fp32 copy of bf16/fp16 parameters; the parameters are fp32 already");
   }
-  const bool flat = t.master_weights == graph::MasterWeights::fp32 || t.parallel.sharding != graph::Sharding::none;
+  const bool flat = t.master_weights == graph::MasterWeights::fp32 || ds_zero;
   if (flat && t.optimizer != Optimizer::adamw && t.optimizer != Optimizer::adam) {
     return fail(blame(sc, {"training.optimizer", "parallel.sharding", "training.master_weights"}),
                 "master weights and ZeRO are modelled for Adam/AdamW (the fp32 flat partitions of FusedAdam)");
@@ -575,8 +581,7 @@ std::optional<std::string> first_problem(const Scenario& sc) {
     return fail(blame(sc, {"parallel.bucket_cap_mb", "parallel.gradient_as_bucket_view"}),
                 "DDP's buckets need parallel.dp > 1");
   }
-  if (t.parallel.sharding != graph::Sharding::none &&
-      sc.origin.count("parallel.gradient_as_bucket_view")) {
+  if (ds_zero && sc.origin.count("parallel.gradient_as_bucket_view")) {
     return fail(sc.where("parallel.gradient_as_bucket_view"), "gradient_as_bucket_view is DDP's (parallel.sharding = \"none\")");
   }
   // fsdp: ZeRO-3 gathers each block's parameters around the reference models' block loops only.

@@ -87,5 +87,9 @@ std::optional<std::string> trainable_problem(const Scenario& sc);
 // parallel.tp_impl (false if `key` is none of them), and the combinations that are refused.
 bool set_tp_key(Scenario& sc, const std::string& key, const Value& v, const std::string& where);
 std::optional<std::string> tp_problem(const Scenario& sc);
+// zero_redundancy (issue 13, scenario_zero_redundancy.cpp): parallel.zero_impl (false if `key` is
+// not it), and the combinations torch's ZeroRedundancyOptimizer is not lowered for.
+bool set_zero_redundancy_key(Scenario& sc, const std::string& key, const Value& v, const std::string& where);
+std::optional<std::string> zero_redundancy_problem(const Scenario& sc);
 
 }  // namespace actsim::study::scenario_detail

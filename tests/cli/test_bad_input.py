@@ -151,6 +151,14 @@ BAD_SCENARIOS = [
     # pipeline stages (issue 13; tensor parallelism inside them is lowered since pprank)
     ("autocast inside pipeline stages", "[training]\nautocast = \"bf16\"\n[parallel]\npp = 2\n", 2, "training.autocast",
      ["not lowered yet"]),
+    # zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer
+    ("zero_impl without zero1", "[parallel]\ndp = 2\nzero_impl = \"torch\"\n", 3, "parallel.zero_impl",
+     ["sharding = \"zero1\""]),
+    ("unknown ZeRO implementation", "[parallel]\ndp = 2\nsharding = \"zero1\"\nzero_impl = \"torch2\"\n", 4,
+     "parallel.zero_impl", ['did you mean "torch"', "one of: deepspeed, torch"]),
+    ("torch's ZeRO with fp32 master weights",
+     "[training]\ndtype = \"bf16\"\nmaster_weights = \"fp32\"\n[parallel]\ndp = 2\nsharding = \"zero1\"\n"
+     "zero_impl = \"torch\"\n", 3, "training.master_weights", ["parameters' dtype"]),
 ]
 
 # (name, file text, line) -- TOML syntax errors name the line only.

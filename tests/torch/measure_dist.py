@@ -8,7 +8,9 @@ each of `dp` processes joined by the gloo backend on localhost, with the model w
   ddp      torch.nn.parallel.DistributedDataParallel (buckets of bucket_cap_mb, a 1 MiB first one,
            gradient_as_bucket_view), gradients all-reduced during backward
   zero1    DDP + torch.distributed.optim.ZeroRedundancyOptimizer (optimizer state sharded by
-           parameter, broadcast of the updated parameters after the step)
+           parameter, broadcast of the updated parameters after the step); actsim's
+           parallel.zero_impl = "torch". DDP's keys, no_sync accumulation, autocast and frozen
+           parameters apply as for ddp; the local optimizer gets the trainable parameters
   fsdp2    torch.distributed.fsdp.fully_shard per block and on the root, reshard_after_forward
            (its parameters and optimizer state are DTensors: counted by their local shard's
            storage; its all-gather and reduce-scatter run as gloo runs them, but the buffers gloo

@@ -22,10 +22,17 @@ returns, i.e. every backward, `scale_grads` and the losses dropped; after the op
 zero_grad) and the peak, each allocation's phase being that of the action running it (forward:
 `forward_one_chunk` and the loss; backward: `backward_one_chunk`; else the phase around it).
 
+ppdp: with dp=D > 1 the P x D ranks form torchtitan's mesh ("pp", "dp"): rank = stage x D + d; each
+stage's module (each chunk's) is wrapped in DistributedDataParallel on its dp group (the D ranks
+of its stage; measure_dist's keys bucket_cap_mb and gradient_as_bucket_view) and the
+PipelineStage runs on its pp group (the P ranks of its d). The schedule drives DDP as
+torch.distributed.pipelining does: every forward and every backward but the stage's last under
+no_sync, the last with the reducer prepared (its buckets all-reduced, then copied back).
+
 Usage: measure_pp.py [KEY=VALUE ...] [-- KEY=VALUE ... ] with measure.py's keys plus
 pp_schedule=gpipe|1f1b|interleaved, microbatches=M, chunks=V (interleaved: V stages per rank,
-virtual stage c * P + rank) and dp=P, the ranks (measure_dist's world size; default 2, every
-configuration the same). Prints {"configs": [{"ranks": [rank 0's result, ...]}, ...]}.
+virtual stage c * P + rank), pp=P (default 2) and dp=D (default 1), every configuration the same
+P and D. Prints {"configs": [{"ranks": [rank 0's result, ...]}, ...]}, ranks in mesh order.
 """
 import os
 import sys
@@ -36,8 +43,9 @@ import measure  # noqa: E402
 import measure_dist  # noqa: E402
 
 PP = 2
-# measure_dist's argument split knows these keys too (its "dp" is the world size: the pp ranks).
-PP_DEFAULTS = {"pp_schedule": "1f1b", "microbatches": 2, "chunks": 1}
+# measure_dist's argument split knows these keys too. Its "dp" is the world size: main() turns
+# dp=D into dp=P x D for it, and measure_one reads the data-parallel degree back as dp / pp.
+PP_DEFAULTS = {"pp_schedule": "1f1b", "microbatches": 2, "chunks": 1, "pp": PP}
 measure_dist.DIST_DEFAULTS.update(PP_DEFAULTS)
 measure_dist.DIST_DEFAULTS["dp"] = PP
 
@@ -118,7 +126,18 @@ def measure_one(torch, rank, world, dist, rest):
     sched_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}[dist["pp_schedule"]]
     V = dist["chunks"]
     record_function = measure.profiler_range(torch)
-    first, last = rank == 0, rank == world - 1  # this rank holds stage 0 / the last stage
+    P = dist["pp"]
+    D = world // P  # ppdp: the data-parallel degree
+    stage_rank, dp_rank = divmod(rank, D)  # torchtitan's mesh ("pp", "dp"), row-major
+    pp_group = dp_group = None
+    if D > 1:  # every rank creates every group, in the same order
+        for d in range(D):
+            g = torch.distributed.new_group([s * D + d for s in range(P)])
+            pp_group = g if d == dp_rank else pp_group
+        for s in range(P):
+            g = torch.distributed.new_group([s * D + d for d in range(D)])
+            dp_group = g if s == stage_rank else dp_group
+    first, last = stage_rank == 0, stage_rank == P - 1  # this rank holds stage 0 / the last stage
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=False) as prof:
         with record_function("actsim::setup"):
@@ -131,11 +150,29 @@ def measure_one(torch, rank, world, dist, rest):
             for c in range(V):
                 if c:
                     model = measure.build(torch, models, whole)[0]
-                mods.append(stage_module(torch, model, cfg["family"], c * world + rank, world * V))
+                mods.append(stage_module(torch, model, cfg["family"], c * P + stage_rank, P * V))
             del model
             idx = idx if first else None  # the whole batch's inputs, where the stage reads them
             targets = targets if last else None
-            stages = [PipelineStage(mod, c * world + rank, world * V, torch.device("cpu")) for c, mod in enumerate(mods)]
+            run_mods = mods
+            if D > 1:  # ppdp: each chunk's module data-parallel on its stage's dp group
+                # broadcast_buffers=False: the schedule runs every forward under no_sync, so DDP
+                # broadcasts its buffers only in the first forward it ever runs (the stage's shape
+                # inference, outside no_sync): never in a steady step. That broadcast hangs
+                # measure_dist's broadcast_coalesced (its flat copy's use count never drops
+                # inside the shape inference), hence off.
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                run_mods = [DDP(mod, process_group=dp_group, bucket_cap_mb=dist["bucket_cap_mb"], broadcast_buffers=False,
+                                gradient_as_bucket_view=bool(dist["gradient_as_bucket_view"])) for mod in mods]
+            stages = [PipelineStage(mod, c * P + stage_rank, P * V, torch.device("cpu"), group=pp_group)
+                      for c, mod in enumerate(run_mods)]
+            if D > 1:
+                # The stage's shape inference runs its module's forward outside no_sync, and the
+                # reducer then records the parameters twice before its first rebuild (torch 2.13:
+                # "rebuilt parameter indices size is not same as original model parameters size",
+                # in the first step's first forward): run it under no_sync, as every other forward.
+                for st in stages:
+                    st._compute_outputs = _no_sync_outputs(st._compute_outputs)
             if V == 1:
                 sched = sched_cls(stages[0], n_microbatches=m, loss_fn=loss_fn_for(torch, cfg["family"]))
             else:
@@ -179,14 +216,45 @@ def measure_one(torch, rank, world, dist, rest):
             step(False)
         step(True)
         torch.distributed.barrier()  # the peer's last receive is done before its buffers go
-    result = analyse(torch, prof, cfg, module, opt, [t for t in (idx, targets) if t is not None])
+    candidates = set().union(*(measure_dist.gloo_race_candidates(m) for m in run_mods)) if D > 1 else set()
+    result = analyse(torch, prof, cfg, module, opt, [t for t in (idx, targets) if t is not None], candidates)
     result["rank"] = rank
-    result["parallel"] = dist
+    result["coordinates"] = {"pp": stage_rank, "dp": dp_rank}
+    result["parallel"] = dict(dist, dp=D)
     return result
 
 
-def analyse(torch, prof, cfg, module, opt, inputs):
-    nodes = list(measure.flatten(prof.profiler.kineto_results.experimental_event_tree()))
+def _no_sync_outputs(fn):
+    def run(*args, module, **kwargs):
+        with module.no_sync():
+            return fn(*args, module=module, **kwargs)
+    return run
+
+
+def pp_flatten(candidates):
+    """ppdp: measure_dist.make_flatten (the bytes gloo's worker thread freed, which the profiler
+    never sees) with DDP's forward running inside the stage's forward_one_chunk (actsim::F) and
+    the schedule's own ranges ("Forward 0", the interleaved runtime's "PP:1F0"): the chain it
+    compares is the allocation's, those ranges left out."""
+    plain = measure.op_chain
+    keep = {"aten::empty", "DistributedDataParallel.forward", "actsim::warmup"}
+
+    def chain(node):
+        return [n for n in plain(node) if n in keep]
+    flatten = measure_dist.make_flatten(measure.flatten, candidates)
+
+    def run(tree):
+        measure.op_chain = chain
+        try:
+            return flatten(tree)
+        finally:
+            measure.op_chain = plain
+    return run
+
+
+def analyse(torch, prof, cfg, module, opt, inputs, candidates=frozenset()):
+    flatten = pp_flatten(candidates) if candidates else measure.flatten
+    nodes = list(flatten(prof.profiler.kineto_results.experimental_event_tree()))
     ranges = {}  # name -> [(start, end)]
     for n in nodes:
         if n.name.startswith("actsim::") and "Allocation" not in str(n.tag):
@@ -259,6 +327,8 @@ def analyse(torch, prof, cfg, module, opt, inputs):
         "n_step_events": len(step),
         "inconsistent_totals": inconsistent,
     }
+    if candidates:
+        result["gloo_strays"] = list(measure_dist.STRAYS)
     if os.environ.get("ACTSIM_DIST_TRACE"):
         result["events"] = [{k: e[k] for k in ("phase", "bytes", "total", "ops")} for e in step]
     return result
@@ -271,6 +341,17 @@ def rank_main(rank, world, port, jobs, out_path):
 
 
 def main(argv):
+    # ppdp: dp=D means P x D ranks for measure_dist (its dp is the world size)
+    groups, cur = [], []
+    for a in argv + ["--"]:
+        if a != "--":
+            cur.append(a)
+            continue
+        kv = dict(x.partition("=")[::2] for x in cur if "=" in x)
+        P, D = int(kv.get("pp", PP)), int(kv.get("dp", 1))
+        groups += [x for x in cur if not x.startswith("dp=")] + ["dp=%d" % (P * D), "--"]
+        cur = []
+    argv = groups[:-1]
     measure_dist.rank_main, plain = rank_main, measure_dist.rank_main
     try:
         return measure_dist.main(argv)

@@ -26,7 +26,7 @@ PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 MEASURE_DIST = os.path.join(HERE, "measure_dist.py")
 DP = 2
 
-# (overrides of test_against_torch's BASE, parallel settings); at most 6 (CI budget).
+# (overrides of test_against_torch's BASE, parallel settings); at most 8 (CI budget: 6 DDP, 2 zero_redundancy).
 CONFIGS = [
     ({}, {"parallel": "ddp"}),
     ({"dropout": 0.1}, {"parallel": "ddp", "gradient_as_bucket_view": 1}),
@@ -37,6 +37,11 @@ CONFIGS = [
     # accumulation under no_sync (the last of 3 micro-batches reduces), autocast, frozen parameters
     ({"family": "llama", "autocast": "bf16", "trainable": "frozen:tok_embeddings,blocks.0", "grad_accum_steps": 3},
      {"parallel": "ddp"}),
+    # zero_redundancy: torch's ZeroRedundancyOptimizer over DDP (parallel.zero_impl = "torch"); the
+    # ranks differ (the greedy partition), each compared with its own rank class
+    ({}, {"parallel": "zero1"}),
+    ({"family": "llama", "autocast": "bf16", "trainable": "frozen:tok_embeddings,blocks.0", "grad_accum_steps": 3,
+      "optimizer_impl": "foreach"}, {"parallel": "zero1"}),
 ]
 
 
@@ -56,6 +61,8 @@ def actsim_sets(cfg, par):
         sets += ["--set", f"parallel.bucket_cap_mb={par['bucket_cap_mb']}"]
     if par.get("gradient_as_bucket_view"):
         sets += ["--set", "parallel.gradient_as_bucket_view=true"]
+    if par.get("parallel") == "zero1":  # zero_redundancy: torch's ZeroRedundancyOptimizer
+        sets += ["--set", "parallel.sharding=zero1", "--set", "parallel.zero_impl=torch"]
     return sets
 
 
@@ -173,15 +180,23 @@ def measure_ddp(configs):
 def compare_ddp(a, m):
     """What differs between actsim's JSON `a` and the measured ranks `m` of one configuration."""
     bad = []
-    cls = a["ranks"][0]
+
+    def class_of(rank):  # zero_redundancy: a class lists its ranks (dp_ranks); else a range
+        for c in a["ranks"]:
+            co = c["coordinates"]
+            if rank in co.get("dp_ranks", range(co["dp"][0], co["dp"][1] + 1)):
+                return c
+        return None
     for rank, r in enumerate(m["ranks"]):
-        if not (cls["coordinates"]["dp"][0] <= rank <= cls["coordinates"]["dp"][1]):
+        cls = class_of(rank)
+        if cls is None:
             bad.append(f"rank {rank} is in no rank class")
+            continue
         pairs = figure_pairs(cls["figures"], r, inputs=False)
         bad += [f"rank {rank} {n}: actsim {x} != torch {y}" for n, x, y in pairs if x != y]
         if r["inconsistent_totals"]:
             bad.append(f"rank {rank}: the profiler's totals are inconsistent ({r['inconsistent_totals']})")
-    if a["peak"] != cls["figures"]["peak"]:
+    if a["peak"] != a["ranks"][a["peak_rank_class"]]["figures"]["peak"]:
         bad.append("top-level peak is not the peak rank class's")
     return bad
 

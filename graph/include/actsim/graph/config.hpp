@@ -116,6 +116,10 @@ std::string_view to_string(Sharding s);
 // Tensor parallelism's implementation: Megatron-LM's ColumnParallelLinear/RowParallelLinear, or
 // PyTorch's DTensor ColwiseParallel/RowwiseParallel/SequenceParallel.
 enum class TpImpl : uint8_t { megatron, dtensor };
+// zero_redundancy: who implements sharding = "zero1": DeepSpeed's ZeRO stage 1 (flat fp32
+// partitions) or torch.distributed.optim.ZeroRedundancyOptimizer over DDP (whole parameters).
+enum class ZeroImpl : uint8_t { deepspeed, torch };
+std::string_view to_string(ZeroImpl z);
 std::string_view to_string(TpImpl t);
 // Pipeline schedules (pp helper): GPipe, 1F1B (PipeDream-Flush), Megatron's interleaved 1F1B.
 enum class PpSchedule : uint8_t { gpipe, one_f_one_b, interleaved };
@@ -145,10 +149,24 @@ struct ParallelConfig {
   int64_t pp_micro() const { return microbatches > 0 ? microbatches : pp; }
   bool pp_stage() const { return !pp_embedding || !pp_head; }
   // ---- end pipeline parallelism ----
+  // ---- zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer (lower_zero_redundancy.cpp) ----
+  ZeroImpl zero_impl = ZeroImpl::deepspeed;
+  // The rank lowered (set by study per rank class, never by a key): -1 = every rank, analyze()
+  // simulates each distinct partition and reports the highest peak's (a lowering of -1 is rank 0's).
+  int64_t zero_rank = -1;
+  bool zero_redundancy() const { return active() && sharding == Sharding::zero1 && zero_impl == ZeroImpl::torch; }
+  bool ddp() const { return active() && (sharding == Sharding::none || zero_redundancy()); }  // DDP's buckets
+  // ---- end zero_redundancy ----
 };
 // none: the optimizer updates the parameters in their own dtype. fp32: bf16/fp16 parameters and
 // gradients, an fp32 master copy and fp32 moments in the optimizer (Megatron-LM, DeepSpeed).
 enum class MasterWeights : uint8_t { none, fp32 };
+// ---- zero_redundancy (issue 13): torch.distributed.optim.ZeroRedundancyOptimizer ----------
+// The greedy partition of whole parameters over `ranks` (_partition_parameters: sorted by numel,
+// largest first, a stable sort; each to the rank with the fewest elements so far, the lowest such
+// rank on a tie). `numels` in the optimizer's parameter order; returns each parameter's rank.
+std::vector<int64_t> zero_redundancy_partition(const std::vector<int64_t>& numels, int64_t ranks);
+// ---- end zero_redundancy ----
 // ---- end issue 13 --------------------------------------------------------------------------
 
 struct TrainingConfig {

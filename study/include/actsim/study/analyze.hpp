@@ -23,6 +23,7 @@
 namespace actsim::study {
 
 struct Pipeline;  // pipeline.hpp
+struct ZeroRedundancyRanks;  // zero_redundancy (issue 13), below
 
 struct Analysis {
   Scenario scenario;                       // empty from simulate_step; analyze() sets it
@@ -52,7 +53,26 @@ struct Analysis {
   std::vector<SavedItem> block_saved;
   // issue 13, pipeline parallelism: every stage (pipeline.hpp); null without parallel.pp > 1
   std::shared_ptr<const Pipeline> pipeline;
+  // zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer, every distinct rank; null otherwise
+  std::shared_ptr<const ZeroRedundancyRanks> zero_ranks;
 };
+
+// ---- zero_redundancy (issue 13): torch's ZeroRedundancyOptimizer, rank classes ----------------
+// Its ranks hold different parameters' optimizer state (the greedy partition): the ranks whose
+// partitions hold the same parameter sizes (numel and element size, in the local optimizer's
+// order) step alike, to the byte and the nanosecond, and form one class, simulated once (its
+// lowest rank); analyze() returns the class with the highest peak (the lowest rank on a tie).
+struct ZeroRankClass {
+  std::vector<int64_t> ranks;                 // its dp ranks, ascending
+  int64_t params = 0;                         // elements of the parameters in its partition
+  std::shared_ptr<const Analysis> analysis;   // null for the class analyze() returned (that Analysis)
+};
+struct ZeroRedundancyRanks {
+  std::vector<ZeroRankClass> classes;         // by lowest rank
+  int worst = 0;                              // the class returned
+};
+Analysis analyze_zero_redundancy(const Scenario& s, const graph::RuntimeProfile& runtime);
+// ---- end zero_redundancy ----
 
 // Resolves, lowers and simulates one scenario. A step whose byte or time totals overflow int64 is
 // bad input: ByteOverflow naming the scenario keys that size it.

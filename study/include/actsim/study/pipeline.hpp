@@ -61,6 +61,13 @@ struct PpSegment {
   int64_t in_grad = 0;         // the gradient of the received input, sent back
   int64_t fwd_peak_body = 0;   // the forward's peak before the loss (the last stage; else fwd_peak)
   int64_t bwd_peak_later = 0;  // a later backward's peak, .grad existing (its new gradients temporaries)
+  // ppdp: DDP inside the stage (Note [DDP inside a stage]): the backwards before the stage's last
+  // run under no_sync, as the stage without DDP runs them (its first and later backward's peaks);
+  // the last one arms the hooks (bwd_peak, bwd_peak_later above). With gradient_as_bucket_view
+  // the no_sync backwards make plain .grad tensors (grads_nosync bytes beyond `grads`), which
+  // the last backward's hooks replace by the buckets' views.
+  bool ddp_nosync = false;
+  int64_t bwd_peak_nosync = 0, bwd_peak_later_nosync = 0, grads_nosync = 0;
 };
 
 // pprank (issue 13): one action of a stage as the replay ran it, for the per-class trace: its
