@@ -2,7 +2,8 @@
 # The sanitizer job and the fuzz smoke runs (issue 14), called by scripts/test.sh after ctest.
 #
 #   scripts/sanitize.sh              build ./build-asan (clang, ASan + UBSan, -O1, no CUDA, no
-#                                    benches, with the libFuzzer harnesses), run the Catch2 unit tests
+#                                    benches, with the libFuzzer harnesses; the test sources' own
+#                                    code at -O0, half the build time), run the Catch2 unit tests
 #                                    and the CLI tests under it, then each harness for FUZZ_SECONDS
 #   FUZZ_SECONDS=600 scripts/sanitize.sh --fuzz-only    a longer local fuzzing run
 #
@@ -21,7 +22,7 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" -DCMAKE_CXX_FLAGS="$san" \
   -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" \
-  -DACTSIM_CUDA=OFF -DACTSIM_BUILD_BENCH=OFF -DACTSIM_FUZZ=ON >/dev/null
+  -DACTSIM_CUDA=OFF -DACTSIM_BUILD_BENCH=OFF -DACTSIM_FUZZ=ON -DACTSIM_TESTS_OPT=-O0 >/dev/null
 cmake --build build-asan -j2
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
