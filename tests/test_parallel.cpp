@@ -5,10 +5,12 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "actsim/report/export.hpp"
 #include "actsim/report/summary.hpp"
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/scenario.hpp"
@@ -412,6 +414,40 @@ TEST_CASE("ZeroRedundancyOptimizer: ranks with equal partitions share a class", 
   CHECK(ranks == 8);
   CHECK(elements == a.param_count);
   CHECK(a.zero_ranks->classes.size() < 8);  // some ranks hold the same sizes
+}
+
+TEST_CASE("ZeroRedundancyOptimizer: the trace has one process per rank class, its peak the class's", "[parallel][zero_redundancy][trace]") {
+  const study::Analysis a = run({"runtime.profile=torch2-cpu", "model.vocab_size=97", "model.seq_len=16",
+                                 "model.d_model=32", "model.n_heads=4", "model.n_layers=4", "training.batch_size=2",
+                                 "parallel.dp=8", "parallel.sharding=zero1", "parallel.zero_impl=torch"});
+  REQUIRE(a.zero_ranks);
+  const size_t n = a.zero_ranks->classes.size();
+  REQUIRE(n > 1);
+  const nlohmann::json j = report::to_json(a, -1);
+  const nlohmann::json tr = nlohmann::json::parse(report::zero_redundancy_trace_json(a));
+  std::map<int64_t, std::string> names;
+  std::map<int64_t, int64_t> peak, marker, slices;
+  for (const auto& e : tr["traceEvents"]) {
+    const int64_t pid = e["pid"];
+    if (e["ph"] == "M" && e["name"] == "process_name") names[pid] = e["args"]["name"];
+    if (e["ph"] == "C" && e["name"] == "memory.total") peak[pid] = std::max(peak[pid], e["args"]["bytes"].get<int64_t>());
+    if (e["ph"] == "i") marker[pid] = e["args"]["bytes"];
+    if (e["ph"] == "X") ++slices[pid];
+  }
+  REQUIRE(names.size() == n);
+  bool differ = false;
+  for (size_t c = 0; c < n; ++c) {
+    const int64_t pid = static_cast<int64_t>(c) + 1;
+    const int64_t want = j["ranks"][c]["figures"]["peak"]["bytes"];
+    CHECK_THAT(names[pid], Catch::StartsWith(fmt::format("rank class {}: dp {}", c, a.zero_ranks->classes[c].ranks.front())));
+    CHECK(peak[pid] == want);
+    CHECK(marker[pid] == want);
+    CHECK(slices[pid] > 0);
+    differ = differ || want != j["ranks"][0]["figures"]["peak"]["bytes"].get<int64_t>();
+  }
+  CHECK(differ);  // the classes are told apart, not one process drawn n times
+  CHECK(tr["metadata"]["peak_bytes"] == j["peak"]["bytes"]);
+  CHECK(tr["metadata"]["rank_classes"] == n);
 }
 
 TEST_CASE("ZeroRedundancyOptimizer: bad combinations are one-line errors naming the key", "[parallel][zero_redundancy][scenario]") {

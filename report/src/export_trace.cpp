@@ -180,7 +180,11 @@ void add_exports(const Analysis& a, const ExportRequest& r, OutputSet& out) {
   }
   const Timeline t = record_timeline(a);
   // Render everything first, then write: a rendering bug never leaves some files written.
-  if (!r.trace.empty()) out.add("--trace", r.trace, chrome_trace_json(a, t, r.max_events));
+  // Under torch's ZeroRedundancyOptimizer the trace has one process per rank class (issue 13); the
+  // one-device exports draw the class with the highest peak, as the JSON's top level.
+  if (!r.trace.empty()) {
+    out.add("--trace", r.trace, a.zero_ranks ? zero_redundancy_trace_json(a, r.max_events) : chrome_trace_json(a, t, r.max_events));
+  }
   if (!r.memviz.empty()) out.add("--memviz", r.memviz, memviz_pickle(a, t, r.max_events));
   if (!r.csv.empty()) out.add("--csv", r.csv, timeline_csv(a, t, r.max_events));
   if (!r.report.empty()) out.add("--report", r.report, report_html(a, t));
@@ -198,31 +202,25 @@ namespace {
 // Simulated nanoseconds as trace microseconds, exactly ("1234.567").
 void append_us(std::string& out, int64_t ns) { fmt::format_to(std::back_inserter(out), "{}.{:03}", ns / 1000, ns % 1000); }
 
-}  // namespace
-
-std::string chrome_trace_json(const Analysis& a, const Timeline& t, int64_t max_events) {
+// One process of a Chrome trace (pid, named `process_name`): the memory counters, one slice per
+// op on its stream's track, and the peak with what makes it up. pid 1 is the trace's first event.
+void append_process(std::string& o, const Analysis& a, const Timeline& t, int64_t max_events, int pid,
+                    const std::string& process_name) {
   const graph::Graph& g = a.step->graph;
   const SimResult& res = a.result;
-  std::string o;
-  o.reserve(t.events.size() * 110 + g.n_ops() * 200 + 4096);
   auto out = std::back_inserter(o);
-  fmt::format_to(out,
-                 "{{\"displayTimeUnit\":\"ns\",\n\"metadata\":{{\"tool\":\"actsim\",\"scenario\":\"{}\",\"device\":\"{}\","
-                 "\"device_memory_bytes\":{},\"peak_bytes\":{},\"peak_time_ns\":{},\"step_time_ns\":{},"
-                 "\"memory_events\":{},\"max_events\":{}}},\n\"traceEvents\":[\n",
-                 json_escape(a.scenario.name), json_escape(a.scenario.device.name), a.scenario.device.memory_bytes,
-                 res.peak_bytes, res.peak_time_ns, t.step_time_ns, t.events.size(), max_events);
-  fmt::format_to(out, "{{\"ph\":\"M\",\"pid\":1,\"name\":\"process_name\",\"args\":{{\"name\":\"actsim: {}\"}}}}",
-                 json_escape(a.scenario.name));
+  fmt::format_to(out, "{}{{\"ph\":\"M\",\"pid\":{},\"name\":\"process_name\",\"args\":{{\"name\":\"{}\"}}}}",
+                 pid == 1 ? "" : ",\n", pid, json_escape(process_name));
+  if (pid != 1) fmt::format_to(out, ",\n{{\"ph\":\"M\",\"pid\":{},\"name\":\"process_sort_index\",\"args\":{{\"sort_index\":{}}}}}", pid, pid - 1);
   int32_t n_streams = 1;
   for (const graph::Op& op : g.ops()) n_streams = std::max(n_streams, op.stream + 1);
   for (int32_t s = 0; s < n_streams; ++s) {
-    fmt::format_to(out, ",\n{{\"ph\":\"M\",\"pid\":1,\"tid\":{},\"name\":\"thread_name\",\"args\":{{\"name\":\"stream {}{}\"}}}}",
-                   s, s, s == 0 ? " (compute)" : s == 1 ? " (copy)" : "");
+    fmt::format_to(out, ",\n{{\"ph\":\"M\",\"pid\":{},\"tid\":{},\"name\":\"thread_name\",\"args\":{{\"name\":\"stream {}{}\"}}}}",
+                   pid, s, s, s == 0 ? " (compute)" : s == 1 ? " (copy)" : "");
   }
   // Counters: one track for the total and one per category (emitted when it changes).
   auto counter = [&](std::string_view name, int64_t ns, int64_t v) {
-    o += ",\n{\"ph\":\"C\",\"pid\":1,\"name\":\"";
+    fmt::format_to(out, ",\n{{\"ph\":\"C\",\"pid\":{},\"name\":\"", pid);
     o += name;
     o += "\",\"ts\":";
     append_us(o, ns);
@@ -259,7 +257,7 @@ std::string chrome_trace_json(const Analysis& a, const Timeline& t, int64_t max_
     const OpSpan& s = t.ops[i];
     const graph::Op& op = g.ops()[i];
     if (s.start_ns < 0 || s.end_ns - s.start_ns < min_dur) continue;
-    o += ",\n{\"ph\":\"X\",\"pid\":1,\"tid\":";
+    fmt::format_to(out, ",\n{{\"ph\":\"X\",\"pid\":{},\"tid\":", pid);
     fmt::format_to(out, "{},\"name\":\"{}\",\"cat\":\"{}\",\"ts\":", op.stream,
                    json_escape(op.name.empty() ? graph::to_string(op.kind) : std::string_view(op.name)),
                    graph::to_string(op.phase));
@@ -283,7 +281,7 @@ std::string chrome_trace_json(const Analysis& a, const Timeline& t, int64_t max_
   }
   // The peak, with what makes it up.
   const graph::Op& pop = g.op(res.peak_op);
-  o += ",\n{\"ph\":\"i\",\"s\":\"g\",\"pid\":1,\"tid\":0,\"name\":\"peak\",\"ts\":";
+  fmt::format_to(out, ",\n{{\"ph\":\"i\",\"s\":\"g\",\"pid\":{},\"tid\":0,\"name\":\"peak\",\"ts\":", pid);
   append_us(o, res.peak_time_ns);
   fmt::format_to(out, ",\"args\":{{\"bytes\":{},\"human\":\"{}\",\"op\":\"{}\",\"phase\":\"{}\",\"top\":[", res.peak_bytes,
                  human_bytes(res.peak_bytes), json_escape(pop.name), graph::to_string(res.peak_phase));
@@ -293,7 +291,52 @@ std::string chrome_trace_json(const Analysis& a, const Timeline& t, int64_t max_
     fmt::format_to(out, "{}\"{} {} layer {} ({} storages): {}\"", k ? "," : "", graph::to_string(pg.category),
                    json_escape(pg.op), pg.layer, pg.count, human_bytes(pg.bytes));
   }
-  o += "]}}\n]}\n";
+  o += "]}}";
+}
+
+}  // namespace
+
+std::string chrome_trace_json(const Analysis& a, const Timeline& t, int64_t max_events) {
+  const graph::Graph& g = a.step->graph;
+  const SimResult& res = a.result;
+  std::string o;
+  o.reserve(t.events.size() * 110 + g.n_ops() * 200 + 4096);
+  auto out = std::back_inserter(o);
+  fmt::format_to(out,
+                 "{{\"displayTimeUnit\":\"ns\",\n\"metadata\":{{\"tool\":\"actsim\",\"scenario\":\"{}\",\"device\":\"{}\","
+                 "\"device_memory_bytes\":{},\"peak_bytes\":{},\"peak_time_ns\":{},\"step_time_ns\":{},"
+                 "\"memory_events\":{},\"max_events\":{}}},\n\"traceEvents\":[\n",
+                 json_escape(a.scenario.name), json_escape(a.scenario.device.name), a.scenario.device.memory_bytes,
+                 res.peak_bytes, res.peak_time_ns, t.step_time_ns, t.events.size(), max_events);
+  append_process(o, a, t, max_events, 1, fmt::format("actsim: {}", a.scenario.name));
+  o += "\n]}\n";
+  return o;
+}
+
+// zero_redundancy (issue 13): one process per rank class of torch's ZeroRedundancyOptimizer, each
+// drawn from its own analysis; the metadata's peak is the highest class's (the JSON's top level).
+std::string zero_redundancy_trace_json(const Analysis& a, int64_t max_events) {
+  const study::ZeroRedundancyRanks& zr = *a.zero_ranks;
+  std::string o;
+  auto out = std::back_inserter(o);
+  int64_t step_ns = 0;
+  for (const study::ZeroRankClass& c : zr.classes) step_ns = std::max(step_ns, (c.analysis ? *c.analysis : a).result.step_time_ns);
+  fmt::format_to(out,
+                 "{{\"displayTimeUnit\":\"ns\",\n\"metadata\":{{\"tool\":\"actsim\",\"scenario\":\"{}\",\"device\":\"{}\","
+                 "\"device_memory_bytes\":{},\"peak_bytes\":{},\"peak_rank_class\":{},\"step_time_ns\":{},\"rank_classes\":{},"
+                 "\"max_events\":{}}},\n\"traceEvents\":[\n",
+                 json_escape(a.scenario.name), json_escape(a.scenario.device.name), a.scenario.device.memory_bytes,
+                 a.result.peak_bytes, zr.worst, step_ns, zr.classes.size(), max_events);
+  for (size_t c = 0; c < zr.classes.size(); ++c) {
+    const study::ZeroRankClass& rc = zr.classes[c];
+    const Analysis& ca = rc.analysis ? *rc.analysis : a;
+    std::string ranks;
+    for (size_t k = 0; k < rc.ranks.size(); ++k) ranks += fmt::format("{}{}", k ? "," : "", rc.ranks[k]);
+    append_process(o, ca, record_timeline(ca), max_events, static_cast<int>(c) + 1,
+                   fmt::format("rank class {}: dp {} ({} rank{}, {} parameter elements)", c, ranks, rc.ranks.size(),
+                               rc.ranks.size() == 1 ? "" : "s", rc.params));
+  }
+  o += "\n]}\n";
   return o;
 }
 

@@ -107,6 +107,9 @@ std::vector<TimelineRow> coarsen(const Timeline& t, int64_t max_events);
 int64_t coarsen_threshold(const Timeline& t, int64_t max_events);
 
 std::string chrome_trace_json(const study::Analysis& a, const Timeline& t, int64_t max_events = 0);
+// zero_redundancy (issue 13): under torch's ZeroRedundancyOptimizer, one process per rank class
+// (`a.zero_ranks`), each drawn from its class's own analysis as chrome_trace_json draws one.
+std::string zero_redundancy_trace_json(const study::Analysis& a, int64_t max_events = 0);
 // ---- pprank (issue 13): a pipeline's exports (export_pipeline.cpp) ----
 // The Chrome trace of a pipeline: one process per rank class (a stage; pid stage + 1, its
 // process_name naming its coordinates), its actions as slices and its live bytes as a counter
