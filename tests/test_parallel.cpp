@@ -39,6 +39,16 @@ std::vector<std::string> zero_model(int64_t dp, const std::string& sharding) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The one-line error loading `sets` gives, or "no error".
+std::string message(const std::vector<std::string>& sets) {
+  try {
+    (void)study::load_scenario("", sets);
+  } catch (const InputError& e) {
+    return std::string(e.what());
+  }
+  return std::string("no error");
+}
+
 }  // namespace
 
 TEST_CASE("ZeRO paper: model-state bytes per GPU, term by term (K = 12)", "[parallel][zero]") {
@@ -248,14 +258,6 @@ TEST_CASE("DDP buckets: 1 MiB first, then bucket_cap_mb, in the order gradients 
 }
 
 TEST_CASE("bad parallel combinations are one-line errors naming the key", "[parallel][scenario]") {
-  auto message = [](const std::vector<std::string>& sets) {
-    try {
-      (void)study::load_scenario("", sets);
-    } catch (const InputError& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   CHECK_THAT(message({"parallel.dp=0"}), Catch::Contains("parallel.dp") && Catch::Contains("positive"));
   CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero9"}), Catch::Contains("parallel.sharding"));
   CHECK_THAT(message({"parallel.sharding=zero2"}), Catch::Contains("parallel.sharding") && Catch::Contains("dp > 1"));
@@ -451,14 +453,6 @@ TEST_CASE("ZeroRedundancyOptimizer: the trace has one process per rank class, it
 }
 
 TEST_CASE("ZeroRedundancyOptimizer: bad combinations are one-line errors naming the key", "[parallel][zero_redundancy][scenario]") {
-  auto message = [](const std::vector<std::string>& sets) {
-    try {
-      (void)study::load_scenario("", sets);
-    } catch (const InputError& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   CHECK_THAT(message({"parallel.dp=2", "parallel.zero_impl=torch"}),
              Catch::Contains("parallel.zero_impl") && Catch::Contains("zero1"));
   CHECK_THAT(message({"parallel.dp=2", "parallel.sharding=zero1", "parallel.zero_impl=megatron"}),
@@ -535,14 +529,6 @@ TEST_CASE("FSDP2: shards P/N, optimizer 2P/N + 4k, and what each phase adds", "[
 }
 
 TEST_CASE("FSDP2: bad combinations are one-line errors naming the key", "[parallel][fsdp2][scenario]") {
-  auto message = [](const std::vector<std::string>& sets) {
-    try {
-      (void)study::load_scenario("", sets);
-    } catch (const InputError& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
   const std::vector<std::string> ok{"parallel.dp=2", "parallel.sharding=fsdp2", "model.vocab_size=96"};
   auto plus = [&](std::initializer_list<std::string> more) {
     std::vector<std::string> s = ok;
