@@ -391,15 +391,6 @@ bool fits_int64(const std::vector<int64_t>& xs) {
   return true;
 }
 
-// Where to report a constraint between keys: the first of `keys` that the user set (file:line or
-// --set), so the message points at their input; the first key when all are defaults.
-std::string blame(const Scenario& sc, std::initializer_list<const char*> keys) {
-  for (const char* k : keys) {
-    if (sc.origin.count(k)) return sc.where(k);
-  }
-  return sc.where(*keys.begin());
-}
-
 // The first constraint `sc` breaks, as the one-line message validate() throws; nullopt if none.
 std::optional<std::string> first_problem(const Scenario& sc) {
   auto fail = [](const std::string& where, const std::string& msg) { return std::optional<std::string>(where + ": " + msg); };
@@ -584,52 +575,7 @@ std::optional<std::string> first_problem(const Scenario& sc) {
   if (ds_zero && sc.origin.count("parallel.gradient_as_bucket_view")) {
     return fail(sc.where("parallel.gradient_as_bucket_view"), "gradient_as_bucket_view is DDP's (parallel.sharding = \"none\")");
   }
-  // fsdp: ZeRO-3 gathers each block's parameters around the reference models' block loops only.
-  if (t.parallel.sharding == graph::Sharding::zero3) {
-    if (t.parallel.tp > 1)
-      return fail(blame(sc, {"parallel.tp", "parallel.sharding"}),
-                  "zero3 with tensor parallelism is not lowered (its parameters would be sharded twice); use "
-                  "sharding = \"zero1\" or \"zero2\" with tp, or tp = 1");
-    if (t.parallel.pp > 1)
-      return fail(blame(sc, {"parallel.pp", "parallel.sharding"}),
-                  "zero3 with pipeline stages is not lowered; use sharding = \"zero1\" or \"zero2\" with pp, or pp = 1");
-    if (graph::is_hf(m.family))
-      return fail(blame(sc, {"model.hf_config", "parallel.sharding"}),
-                  "zero3 is lowered for the reference gpt2 and llama families only");
-  }
-  // end fsdp
-  // ---- fsdp2 (issue 13): FSDP2's fully_shard, checked against it on the CPU (measure_dist.py) ----
-  if (sc.origin.count("parallel.reshard_after_forward") && !fsdp2) {
-    return fail(sc.where("parallel.reshard_after_forward"), "reshard_after_forward is FSDP2's (parallel.sharding = \"fsdp2\")");
-  }
-  if (fsdp2) {
-    if (t.parallel.tp > 1)
-      return fail(blame(sc, {"parallel.tp", "parallel.sharding"}),
-                  "fsdp2 with tensor parallelism (a 2-D mesh) is not lowered; set parallel.tp = 1");
-    if (t.parallel.pp > 1)
-      return fail(blame(sc, {"parallel.pp", "parallel.sharding"}), "fsdp2 with pipeline stages is not lowered; set parallel.pp = 1");
-    if (graph::is_hf(m.family))
-      return fail(blame(sc, {"model.hf_config", "parallel.sharding"}),
-                  "fsdp2 is lowered for the reference gpt2 and llama families only");
-    if (t.master_weights != graph::MasterWeights::none)
-      return fail(blame(sc, {"training.master_weights", "parallel.sharding"}),
-                  "fsdp2 keeps the optimizer state in the parameters' dtype (its MixedPrecisionPolicy is not lowered); "
-                  "set training.master_weights = \"none\"");
-    // Uneven dim-0 shards make the ranks differ (rank 0 holds more rows): not lowered.
-    const int64_t hd = m.head_dim > 0 ? m.head_dim : m.d_model / m.n_heads;
-    const std::vector<std::pair<const char*, int64_t>> dims{
-        {"model.vocab_size", m.vocab_size}, {"model.d_model", m.d_model}, {"model.d_ff", m.ff()},
-        {"model.n_heads", m.n_heads * hd}, {"model.n_kv_heads", m.kv_heads() * hd},
-        {"model.seq_len", m.family == graph::Family::gpt2 ? m.seq_len : t.parallel.dp}};
-    for (const auto& [key, n] : dims) {
-      if (n % t.parallel.dp != 0)
-        return fail(blame(sc, {key, "parallel.dp"}),
-                    fmt::format("fsdp2 shards every parameter on dim 0; {} gives a dimension of {}, not divisible "
-                                "by parallel.dp = {} (uneven shards: the ranks would differ, not lowered)",
-                                key, n, t.parallel.dp));
-    }
-  }
-  // ---- end fsdp2 ----
+  if (std::optional<std::string> p = sharding_problem(sc)) return p;  // ZeRO-3 and FSDP2 (scenario_sharding.cpp)
   // ---- end issue 13 ----
   if (std::optional<std::string> p = tp_problem(sc)) return p;  // issue 13: tensor and sequence parallelism
   if (t.optimizer_impl == OptimizerImpl::fused && !sc.runtime().has_fused_optimizers) {

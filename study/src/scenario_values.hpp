@@ -87,6 +87,18 @@ std::optional<std::string> trainable_problem(const Scenario& sc);
 // parallel.tp_impl (false if `key` is none of them), and the combinations that are refused.
 bool set_tp_key(Scenario& sc, const std::string& key, const Value& v, const std::string& where);
 std::optional<std::string> tp_problem(const Scenario& sc);
+// Where to report a constraint between keys: the first of `keys` that the user set (file:line or
+// --set), so the message points at their input; the first key when all are defaults.
+inline std::string blame(const Scenario& sc, std::initializer_list<const char*> keys) {
+  for (const char* k : keys) {
+    if (sc.origin.count(k)) return sc.where(k);
+  }
+  return sc.where(*keys.begin());
+}
+
+// issue 13 (scenario_sharding.cpp): the combinations ZeRO-3 and FSDP2 are not lowered for.
+std::optional<std::string> sharding_problem(const Scenario& sc);
+
 // zero_redundancy (issue 13, scenario_zero_redundancy.cpp): parallel.zero_impl (false if `key` is
 // not it), and the combinations torch's ZeroRedundancyOptimizer is not lowered for.
 bool set_zero_redundancy_key(Scenario& sc, const std::string& key, const Value& v, const std::string& where);
