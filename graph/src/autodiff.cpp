@@ -156,7 +156,7 @@ void Engine::regather_block(int32_t layer) {
   const std::string unit = fmt::format("blocks.{}", layer);  // named in scope zero3
   TensorId t = b_.fresh(unit + ".gathered_params.backward", ft.shape, ft.dtype, st.category);
   const OpId gather = b_.emit({.kind = OpKind::all_gather, .name = unit + ".all_gather", .outputs = {t},
-                               .bytes_moved = st.bytes, .stream = 2, .params = {.group_size = rg.group}});
+                               .bytes_moved = st.bytes, .stream = kCommStream, .params = {.group_size = rg.group}});
   b_.emit({.kind = OpKind::bucket_copy, .name = unit + ".wait", .kernels = 0, .after = {gather}});
   set_remap(index(rg.forward), g_.tensor(t).storage);
 }

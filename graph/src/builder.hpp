@@ -18,6 +18,9 @@
 
 namespace actsim::graph {
 
+// Op::stream of the collectives (0 compute, 1 copy, 2 communication: graph.hpp).
+inline constexpr int32_t kCommStream = 2;
+
 // PyTorch's computeStride: strides to view (shape, strides) as new_shape, or nullopt when a view
 // is impossible and reshape must copy.
 std::optional<Strides> view_strides(const Shape& shape, const Strides& strides, const Shape& new_shape);

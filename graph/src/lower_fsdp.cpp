@@ -66,7 +66,6 @@ struct Lowering::Fsdp {
 };
 
 namespace {
-constexpr int32_t kCommStream = 2;
 std::string unit_name(int32_t layer) { return layer < 0 ? std::string("root") : fmt::format("blocks.{}", layer); }
 // The last op emitted (the new collective starts after it: memory in program order).
 OpIds after_last(const Graph& g) {

@@ -81,7 +81,6 @@ std::string_view to_string(Sharding s) {
 }
 
 namespace {
-constexpr int32_t kCommStream = 2;
 constexpr int64_t kFirstBucketBytes = 1024 * 1024;  // torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 int64_t shard(int64_t n, int64_t ranks) { return (n + ranks - 1) / ranks; }
 constexpr int64_t kPersistenceThreshold = 100000;  // DeepSpeed's stage3_param_persistence_threshold

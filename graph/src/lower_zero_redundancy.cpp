@@ -24,10 +24,6 @@
 
 namespace actsim::graph {
 
-namespace {
-constexpr int32_t kCommStreamZero = 2;  // the communication stream (lower_parallel.cpp's)
-}  // namespace
-
 std::string_view to_string(ZeroImpl z) { return z == ZeroImpl::torch ? "torch" : "deepspeed"; }
 
 std::vector<int64_t> zero_redundancy_partition(const std::vector<int64_t>& numels, int64_t ranks) {
@@ -44,20 +40,33 @@ std::vector<int64_t> zero_redundancy_partition(const std::vector<int64_t>& numel
   return rank;
 }
 
+namespace {
+
+// The parameters ZeroRedundancyOptimizer partitions (measure.py passes those that require grad),
+// as indices into `params`, and their element counts.
+struct Partitioned {
+  std::vector<size_t> index;
+  std::vector<int64_t> numels;
+};
+Partitioned partitioned_params(const Graph& g, const std::vector<TensorId>& params) {
+  Partitioned p;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!g.tensor(params[i]).requires_grad) continue;
+    p.index.push_back(i);
+    p.numels.push_back(numel(g.tensor(params[i]).shape));
+  }
+  return p;
+}
+
+}  // namespace
+
 std::vector<size_t> Lowering::optimizer_order() const {
   // The optimizer's parameter list, as indices into out.params: all of them (frozen ones skipped
   // by the optimizer), or this rank's partition in the local optimizer's order.
-  const Graph& g = out.graph;
   std::vector<size_t> all(out.params.size());
   std::iota(all.begin(), all.end(), size_t{0});
   if (!tr.parallel.zero_redundancy()) return all;
-  std::vector<size_t> trainable;
-  std::vector<int64_t> numels;
-  for (size_t i : all) {
-    if (!g.tensor(out.params[i]).requires_grad) continue;  // measure.py passes requires_grad parameters only
-    trainable.push_back(i);
-    numels.push_back(numel(g.tensor(out.params[i]).shape));
-  }
+  const auto [trainable, numels] = partitioned_params(out.graph, out.params);
   const std::vector<int64_t> rank = zero_redundancy_partition(numels, tr.parallel.dp);
   const int64_t me = std::max<int64_t>(tr.parallel.zero_rank, 0);
   std::vector<size_t> mine;  // trainable order; then sorted by numel, largest first, as the partition
@@ -78,23 +87,18 @@ void Lowering::zero_redundancy_broadcast() {
   b.set_layer(-1);
   b.set_scope("zero_redundancy");
   const int64_t N = tr.parallel.dp;
-  std::vector<TensorId> trainable;
-  std::vector<int64_t> numels;
-  for (TensorId p : out.params) {
-    if (!g.tensor(p).requires_grad) continue;
-    trainable.push_back(p);
-    numels.push_back(numel(g.tensor(p).shape));
-  }
+  const auto [trainable, numels] = partitioned_params(g, out.params);
   const std::vector<int64_t> rank = zero_redundancy_partition(numels, N);
   const OpId local_step = OpId{static_cast<uint32_t>(g.n_ops() - 1)};
   std::vector<OpId> handles;
   for (int64_t r = 0; r < N; ++r) {
     Op bc{.kind = OpKind::all_gather, .name = fmt::format("zero_redundancy.rank{}.params.broadcast", r),
-          .stream = kCommStreamZero, .after = {local_step}, .params = {.group_size = N}};
+          .stream = kCommStream, .after = {local_step}, .params = {.group_size = N}};
     for (size_t k = 0; k < trainable.size(); ++k) {
       if (rank[k] != r) continue;
-      bc.inputs.push_back(trainable[k]);
-      bc.bytes_moved += g.view_bytes(trainable[k]);
+      const TensorId p = out.params[trainable[k]];
+      bc.inputs.push_back(p);
+      bc.bytes_moved += g.view_bytes(p);
     }
     bc.kernels = static_cast<int32_t>(bc.inputs.size());
     handles.push_back(b.emit(std::move(bc)));
