@@ -66,7 +66,9 @@ std::vector<size_t> Lowering::optimizer_order() const {
   std::vector<size_t> all(out.params.size());
   std::iota(all.begin(), all.end(), size_t{0});
   if (!tr.parallel.zero_redundancy()) return all;
-  const auto [trainable, numels] = partitioned_params(out.graph, out.params);
+  const Partitioned part = partitioned_params(out.graph, out.params);
+  const std::vector<size_t>& trainable = part.index;
+  const std::vector<int64_t>& numels = part.numels;  // not a structured binding: the lambda below reads it (clang 14)
   const std::vector<int64_t> rank = zero_redundancy_partition(numels, tr.parallel.dp);
   const int64_t me = std::max<int64_t>(tr.parallel.zero_rank, 0);
   std::vector<size_t> mine;  // trainable order; then sorted by numel, largest first, as the partition
@@ -87,7 +89,9 @@ void Lowering::zero_redundancy_broadcast() {
   b.set_layer(-1);
   b.set_scope("zero_redundancy");
   const int64_t N = tr.parallel.dp;
-  const auto [trainable, numels] = partitioned_params(g, out.params);
+  const Partitioned part = partitioned_params(g, out.params);
+  const std::vector<size_t>& trainable = part.index;
+  const std::vector<int64_t>& numels = part.numels;
   const std::vector<int64_t> rank = zero_redundancy_partition(numels, N);
   const OpId local_step = OpId{static_cast<uint32_t>(g.n_ops() - 1)};
   std::vector<OpId> handles;
