@@ -190,6 +190,9 @@ StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training
 
 StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
                               const BlockPlan* plan, LowerOptions options) {
+  if (options.stamp) {
+    if (std::optional<StepGraph> s = lower_stamped(model, training, prof, plan, options)) return std::move(*s);
+  }
   Lowering l(model, training, prof, plan);
   l.b.set_names(options.names);
   lower_model(l, model, prof);

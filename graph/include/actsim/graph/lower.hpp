@@ -9,6 +9,7 @@
 // torch.optim's implementation for the configured optimizer.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,11 +38,22 @@ struct LowerOptions {
   // same probes (issue 9): the checks are a few percent of a lowering, and every lowering a
   // command reports (and every test's) is still checked.
   bool validate = true;
+  // false: every block is lowered and differentiated. true: a run of six or more blocks with one
+  // checkpoint mode is lowered as five and its middle block stamped out (Note [Block stamping] in
+  // stamp.cpp); the graph is the same, id for id. Steps stamping cannot reproduce are lowered in
+  // full either way.
+  bool stamp = true;
 };
 
 // `plan` (optional) checkpoints, recomputes or offloads blocks (checkpoint.hpp).
 StepGraph lower_training_step(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
                               const BlockPlan* plan = nullptr, LowerOptions options = {});
+
+// Block stamping (Note [Block stamping] in stamp.cpp): the step graph stamped from a lowering of
+// fewer blocks, the same as lower_training_step(..., {.stamp = false}) id for id; nullopt when the
+// step is not one stamping reproduces (then lower_training_step lowers every block).
+std::optional<StepGraph> lower_stamped(const ModelConfig& model, const TrainingConfig& training,
+                                       const RuntimeProfile& prof, const BlockPlan* plan, LowerOptions options = {});
 
 // The forward graph alone (params, buffers, inputs and the forward ops up to the loss).
 StepGraph lower_forward(const ModelConfig& model, const TrainingConfig& training, const RuntimeProfile& prof,
