@@ -14,6 +14,7 @@
 #include "actsim/study/planner.hpp"
 #include "actsim/study/resolve.hpp"
 #include "actsim/study/scenario.hpp"
+#include "batch_scaling.hpp"  // study/src: ScaledStep
 
 using namespace actsim;
 
@@ -121,4 +122,58 @@ TEST_CASE("study::max_batch_size: 0 when not even one sample fits", "[resolve]")
            "model.seq_len=65536", "device.name=RTX-4090-24GB"});
   CHECK(study::max_batch_size(study::analyze(s)) == 0);
   CHECK(study::max_batch_size(s) == 0);
+}
+
+TEST_CASE("study::ScaledStep: a batch's sizes from two lowerings, each the lowering's own", "[batch_search][scaled]") {
+  // Step 4 of Note [Batch search]: the batch search's later probes are the graph at g with its
+  // sizes rewritten; every size the engine reads must be the lowering's at that batch.
+  const std::vector<std::vector<std::string>> cases = {
+      {"model.family=llama"},
+      {"model.family=gpt2", "model.dropout=0.1", "checkpoint.policy=full"},
+      {"model.family=gpt2", "checkpoint.policy=offload"},
+      {"model.family=llama", "checkpoint.policy=selective", "training.autocast=bf16"},
+      {"model.family=gpt2", "training.autocast=fp16", "training.grad_accum_steps=2"},
+      {"model.family=llama", "parallel.dp=2"},
+      {"model.family=gpt2", "parallel.dp=2", "parallel.sharding=zero2"},
+      {"model.family=llama", "parallel.tp=2"},
+      {"model.family=llama", "model.n_layers=8", "checkpoint.policy=mlp"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> o{"model.vocab_size=96", "model.seq_len=32", "model.d_model=64", "model.n_heads=4",
+                               "model.n_layers=2", "device.name=RTX-4090-24GB"};
+    o.insert(o.end(), c.begin(), c.end());
+    const study::ResolvedStep r = study::resolve(study::load_scenario("", o));
+    auto lower_at = [&](int64_t b) {
+      graph::TrainingConfig t = r.training;
+      t.batch_size = b;
+      return graph::lower_training_step(r.model, t, *r.runtime, &r.plan);
+    };
+    study::ScaledStep s(lower_at(2), lower_at(3), 2);
+    INFO(fmt::format("{}", fmt::join(c, " ")));
+    REQUIRE(s.ok());
+    for (int64_t b : {2, 3, 5, 9, 17, 4}) {
+      INFO("batch " << b);
+      const graph::StepGraph want = lower_at(b);
+      const graph::Graph* got = s.at(b);
+      REQUIRE(got != nullptr);
+      REQUIRE(got->storages().size() == want.graph.storages().size());
+      bool same = true;
+      for (size_t i = 0; i < got->storages().size(); ++i) same = same && got->storages()[i].bytes == want.graph.storages()[i].bytes;
+      for (size_t i = 0; i < got->ops().size(); ++i) {
+        const graph::Op &p = got->ops()[i], &q = want.graph.ops()[i];
+        same = same && p.workspace_bytes == q.workspace_bytes && p.bytes_moved == q.bytes_moved && p.flops == q.flops;
+      }
+      CHECK(same);
+      const sim::SimResult x = sim::simulate(sim::StepTables(*got, r.device)), y = sim::simulate(sim::StepTables(want.graph, r.device));
+      CHECK(x.peak_bytes == y.peak_bytes);
+      CHECK(x.step_time_ns == y.step_time_ns);
+    }
+  }
+  // A batch of 1 is another structure (size-1 dims make views): no ScaledStep through it.
+  const study::ResolvedStep r = study::resolve(study::load_scenario("", {"model.family=gpt2", "model.n_layers=2", "model.d_model=64", "model.n_heads=4"}));
+  graph::TrainingConfig t1 = r.training, t2 = r.training;
+  t1.batch_size = 1;
+  t2.batch_size = 2;
+  CHECK_FALSE(study::ScaledStep(graph::lower_training_step(r.model, t1, *r.runtime, &r.plan),
+                                graph::lower_training_step(r.model, t2, *r.runtime, &r.plan), 1).ok());
 }

@@ -29,8 +29,6 @@ using graph::StorageId;
 using sim::DeviceSpec;
 using sim::Observer;
 
-namespace {
-
 // A hash of everything the engine reads from a graph except sizes, FLOPs and bytes moved.
 uint64_t structure_hash(const graph::Graph& g) {
   util::Fnv1a h;
@@ -57,6 +55,45 @@ uint64_t structure_hash(const graph::Graph& g) {
   }
   return h.value();
 }
+
+
+ScaledStep::ScaledStep(graph::StepGraph lo, const graph::StepGraph& hi, int64_t b) : step_(std::move(lo)), lo_(b) {
+  const graph::Graph &g = step_.graph, &h = hi.graph;
+  ok_ = g.ops().size() == h.ops().size() && g.storages().size() == h.storages().size() &&
+        structure_hash(g) == structure_hash(h);
+  if (!ok_) return;
+  storage_.reserve(g.storages().size());
+  for (size_t i = 0; i < g.storages().size(); ++i) {
+    storage_.push_back({g.storages()[i].bytes, h.storages()[i].bytes - g.storages()[i].bytes});
+  }
+  for (size_t i = 0; i < g.ops().size(); ++i) {
+    const graph::Op &p = g.ops()[i], &q = h.ops()[i];
+    workspace_.push_back({p.workspace_bytes, q.workspace_bytes - p.workspace_bytes});
+    moved_.push_back({p.bytes_moved, q.bytes_moved - p.bytes_moved});
+    flops_.push_back({p.flops, q.flops - p.flops});
+  }
+}
+
+const graph::Graph* ScaledStep::at(int64_t b) {
+  bool overflow = false;
+  auto value = [&](const AffineI& a) {
+    int64_t d = 0, v = 0;
+    overflow |= __builtin_mul_overflow(a.slope, b - lo_, &d) || __builtin_add_overflow(a.at_lo, d, &v) || v < 0;
+    return v;
+  };
+  step_.graph.rewrite_sizes([&](graph::Graph& g) {
+    for (size_t i = 0; i < storage_.size(); ++i) g.mutable_storage(StorageId{static_cast<uint32_t>(i)}).bytes = value(storage_[i]);
+    for (size_t i = 0; i < workspace_.size(); ++i) {
+      graph::Op& op = g.mutable_op(OpId{static_cast<uint32_t>(i)});
+      op.workspace_bytes = value(workspace_[i]);
+      op.bytes_moved = value(moved_[i]);
+      op.flops = flops_[i].at(b, lo_);
+    }
+  });
+  return overflow ? nullptr : &step_.graph;
+}
+
+namespace {
 
 // Records, for every op start, the device bytes live once its outputs and workspace are allocated
 // (the figure the engine compares against the peak).

@@ -33,6 +33,10 @@ struct Reference {
   std::shared_ptr<const graph::StepGraph> step;
 };
 
+// A hash of everything the engine reads from a graph except sizes, FLOPs and bytes moved: equal
+// for two batches of one structure (Note [Batch scaling]).
+uint64_t structure_hash(const graph::Graph& g);
+
 // Analyzes `s` in full and records what a batch model needs.
 Reference analyze_reference(const Scenario& s);
 
@@ -44,6 +48,26 @@ struct AffineI {
 struct AffineD {
   double at_lo = 0, slope = 0;
   double at(int64_t b, int64_t lo) const { return at_lo + slope * static_cast<double>(b - lo); }
+};
+
+// The step at any batch >= 2 from lowerings at two consecutive batches of one structure (step 4
+// of Note [Batch search] in batch_search.cpp): the lower one's graph with its sizes rewritten in
+// place (storage bytes, workspaces, FLOPs, bytes moved), each affine through the two.
+//
+//   ScaledStep s(lower(b), lower(b + 1), b);   // s.ok(): one structure
+//   const graph::Graph* g = s.at(7);           // null when a size overflows int64
+class ScaledStep {
+ public:
+  ScaledStep(graph::StepGraph lo, const graph::StepGraph& hi, int64_t b);
+  bool ok() const { return ok_; }
+  const graph::Graph* at(int64_t b);
+
+ private:
+  graph::StepGraph step_;
+  int64_t lo_;
+  bool ok_ = false;
+  std::vector<AffineI> storage_, workspace_, moved_;
+  std::vector<AffineD> flops_;
 };
 
 // The batch-scaling model of one group (Note [Batch scaling]); `ok` false when it does not hold.

@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <map>
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "actsim/graph/lower.hpp"
 #include "actsim/sim/engine.hpp"
 #include "actsim/study/resolve.hpp"
+#include "batch_scaling.hpp"
 
 // Note [Batch search]
 // Doubling then bisection lowers and simulates the whole step about 2 log2(b) times (6 for the
@@ -28,7 +30,13 @@
 //      are an affine model in the batch; its answer is the next guess. After kRounds rounds, or
 //      when the model and the simulations disagree, the search is doubling then bisection over real
 //      simulations (largest_fitting), reusing every answer it has.
-// Any answer is two real simulations, b fitting and b + 1 not: for a peak that grows with the
+//   4. Only the first two batches >= 2 the search simulates (g and g + 1) are lowered. Once two
+//      consecutive batches of one structure are lowered (equal structure_hash, batch_scaling.hpp),
+//      every later probe at a batch >= 2 is the g graph with its sizes rewritten (ScaledStep):
+//      storage bytes, workspaces, FLOPs and bytes moved, each affine in the batch through the two
+//      lowerings (Note [Batch scaling]); the engine simulates it as it would the lowering
+//      (tests: "[batch_search][scaled]" compares every size with the lowering's).
+// Any answer is two simulations, b fitting and b + 1 not: for a peak that grows with the
 // batch (what doubling then bisection assumes too) it is the one answer. A budget policy plans
 // again at every batch (the plan depends on it), so its search is doubling then bisection.
 
@@ -99,7 +107,7 @@ class StartLive : public Observer {
   Point cur_;
 };
 
-// One real simulation of the step at a batch size.
+// One simulation of the step at a batch size.
 struct Probe {
   bool fits = false;
   std::vector<int64_t> start_live;     // [op starts] total live bytes; empty when its totals overflow
@@ -174,19 +182,42 @@ class BatchSearch {
   }
 
  private:
-  Probe simulate_at(int64_t b) const {
+  Probe simulate_at(int64_t b) {
+    if (scaled_ && b >= 2) {
+      const graph::Graph* g = scaled_->at(b);
+      return g ? simulate(*g) : Probe{};
+    }
     ResolvedStep r = base_;
     r.training.batch_size = b;
-    const graph::StepGraph step = graph::lower_training_step(r.model, r.training, *r.runtime, &r.plan, {.names = false, .validate = false});
-    std::optional<StepTables> t = StepTables::try_build(step.graph, r.device);
+    graph::StepGraph step = graph::lower_training_step(r.model, r.training, *r.runtime, &r.plan, {.names = false, .validate = false});
+    Probe p = simulate(step.graph);
+    if (b >= 2) keep(b, std::move(step));
+    return p;
+  }
+  Probe simulate(const graph::Graph& g) const {
+    std::optional<StepTables> t = StepTables::try_build(g, base_.device);
     Probe p;
     if (!t) return p;                    // its byte or time totals overflow int64: it does not fit
     StartLive obs(*t);
     Observer* list[] = {&obs};
     const SimResult res = sim::simulate(*t, list);
-    p.fits = res.peak_bytes <= r.device.memory_bytes;
+    p.fits = res.peak_bytes <= base_.device.memory_bytes;
     p.start_live = totals(obs, res);
     return p;
+  }
+  // Step 4: the first lowering at a batch >= 2 is kept; with a second at a neighbouring batch
+  // they make the ScaledStep every later probe uses.
+  void keep(int64_t b, graph::StepGraph step) {
+    if (!kept_) {
+      kept_ = std::make_unique<graph::StepGraph>(std::move(step));
+      kept_batch_ = b;
+      return;
+    }
+    if (b == kept_batch_ + 1) scaled_ = std::make_unique<ScaledStep>(std::move(*kept_), step, kept_batch_);
+    else if (b + 1 == kept_batch_) scaled_ = std::make_unique<ScaledStep>(std::move(step), *kept_, b);
+    else return;
+    kept_.reset();
+    if (!scaled_->ok()) scaled_.reset();
   }
   const Probe& probe(int64_t b) {
     auto it = known_.find(b);
@@ -222,6 +253,9 @@ class BatchSearch {
   ResolvedStep base_;
   int64_t limit_;
   std::map<int64_t, Probe> known_;
+  std::unique_ptr<graph::StepGraph> kept_;  // step 4: the first lowering at a batch >= 2
+  int64_t kept_batch_ = 0;
+  std::unique_ptr<ScaledStep> scaled_;      // step 4: every later probe's graph
 };
 
 }  // namespace

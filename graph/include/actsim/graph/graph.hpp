@@ -190,6 +190,17 @@ class Graph {
     freeze();
   }
 
+  // The explicit rewrite of a frozen graph's sizes and costs alone (storage bytes, workspaces,
+  // FLOPs, bytes moved; never ids, shapes or order), without the checks: the batch search's probes
+  // rescale one lowering to another batch (Note [Batch search] in study/src/batch_search.cpp), and
+  // only the engine reads the result (tensor shapes stay the lowered batch's).
+  template <typename F>
+  void rewrite_sizes(F&& edit) {
+    frozen_ = false;
+    edit(*this);
+    frozen_ = true;
+  }
+
   const ChunkedVector<Tensor>& tensors() const { return tensors_; }
   const ChunkedVector<Storage>& storages() const { return storages_; }
   const ChunkedVector<Op>& ops() const { return ops_; }
