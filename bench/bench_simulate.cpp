@@ -44,6 +44,18 @@ void bench(const char* label, const study::Scenario& s, int reps) {
   graph::StepGraph step;
   const double t_lower =
       median_seconds(reps, [&] { step = graph::lower_training_step(s.model, s.training, prof); });
+  // Block stamping (Note [Block stamping] in graph/src/stamp.cpp) against lowering every block,
+  // and the unnamed lowering the batch search's probes use.
+  graph::StepGraph full;
+  const double t_full = median_seconds(reps, [&] {
+    full = graph::lower_training_step(s.model, s.training, prof, nullptr, {.stamp = false});
+  });
+  const double t_unnamed = median_seconds(reps, [&] {
+    (void)graph::lower_training_step(s.model, s.training, prof, nullptr, {.names = false, .validate = false});
+  });
+  const double t_unnamed_full = median_seconds(reps, [&] {
+    (void)graph::lower_training_step(s.model, s.training, prof, nullptr, {.names = false, .validate = false, .stamp = false});
+  });
   sim::StepTables* tables = nullptr;
   const double t_tables = median_seconds(reps, [&] {
     delete tables;
@@ -57,6 +69,9 @@ void bench(const char* label, const study::Scenario& s, int reps) {
              label, step.graph.n_ops(), r.events, t_lower * 1e3, t_tables * 1e3, t_sim * 1e3,
              static_cast<double>(r.events) / t_sim / 1e6, (t_lower + t_tables + t_sim) * 1e3 / s.model.n_layers,
              r.peak_bytes);
+  fmt::print("{:<28} stamped {:8.3f} ms, every block lowered {:8.3f} ms ({:.2f}x); unnamed {:8.3f} ms against {:8.3f} ms ({:.2f}x){}\n",
+             "", t_lower * 1e3, t_full * 1e3, t_full / t_lower, t_unnamed * 1e3, t_unnamed_full * 1e3,
+             t_unnamed_full / t_unnamed, full.graph.n_ops() == step.graph.n_ops() ? "" : "  (op counts differ!)");
 }
 
 // The batch search of `actsim simulate` (Note [Batch search]) against doubling then bisection
