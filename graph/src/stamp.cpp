@@ -3,7 +3,7 @@
 
 #include <fmt/format.h>
 
-#include <iterator>
+#include <charconv>
 
 #include <optional>
 #include <string>
@@ -308,22 +308,16 @@ class Stamper {
   void name(std::string& s, int32_t from, int32_t at) const {
     if (from < 0 || at == from || s.empty()) return;
     static constexpr std::string_view kBlocks = "blocks.";
-    size_t p = s.find(kBlocks);
-    if (p == std::string::npos) return;
-    std::string out;
-    size_t done = 0;
-    for (; p != std::string::npos; p = s.find(kBlocks, p + 1)) {
-      size_t q = p + kBlocks.size(), e = q;
+    for (size_t p = s.find(kBlocks); p != std::string::npos; p = s.find(kBlocks, p + 1)) {
+      const size_t q = p + kBlocks.size();
+      size_t e = q;
       int32_t b = 0;
       while (e < s.size() && s[e] >= '0' && s[e] <= '9') b = b * 10 + (s[e++] - '0');
       if (e == q || e >= s.size() || s[e] != '.') continue;
-      out.append(s, done, q - done);
-      fmt::format_to(std::back_inserter(out), "{}", at + (b - from));
-      done = e;
+      char digits[16];
+      const auto r = std::to_chars(digits, digits + sizeof digits, at + (b - from));
+      s.replace(q, e - q, digits, static_cast<size_t>(r.ptr - digits));  // in place: the name was just copied
     }
-    if (done == 0) return;
-    out.append(s, done, std::string::npos);
-    s = std::move(out);
   }
 
   int32_t region(int32_t r, int32_t from, int32_t at) const {

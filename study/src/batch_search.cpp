@@ -30,7 +30,7 @@
 //      are an affine model in the batch; its answer is the next guess. After kRounds rounds, or
 //      when the model and the simulations disagree, the search is doubling then bisection over real
 //      simulations (largest_fitting), reusing every answer it has.
-//   4. Only the first two batches >= 2 the search simulates (g and g + 1) are lowered. Once two
+//   4. Only the first two batches >= 2 the search simulates (g and g + 1) are lowered. When two
 //      consecutive batches of one structure are lowered (equal structure_hash, batch_scaling.hpp),
 //      every later probe at a batch >= 2 is the g graph with its sizes rewritten (ScaledStep):
 //      storage bytes, workspaces, FLOPs and bytes moved, each affine in the batch through the two
@@ -183,6 +183,12 @@ class BatchSearch {
 
  private:
   Probe simulate_at(int64_t b) {
+    if (!scaled_ && pair_ && b >= 2) {    // step 4, once a third batch >= 2 is probed
+      scaled_ = std::make_unique<ScaledStep>(std::move(*kept_), *pair_, kept_batch_);
+      kept_.reset();
+      pair_.reset();
+      if (!scaled_->ok()) scaled_.reset(), failed_ = true;
+    }
     if (scaled_ && b >= 2) {
       const graph::Graph* g = scaled_->at(b);
       return g ? simulate(*g) : Probe{};
@@ -205,19 +211,20 @@ class BatchSearch {
     p.start_live = totals(obs, res);
     return p;
   }
-  // Step 4: the first lowering at a batch >= 2 is kept; with a second at a neighbouring batch
-  // they make the ScaledStep every later probe uses.
+  // Step 4: the first lowering at a batch >= 2 is kept, and a second at the next batch; the
+  // ScaledStep is made from them when a third batch is probed (most searches end before).
   void keep(int64_t b, graph::StepGraph step) {
+    if (failed_ || pair_) return;
     if (!kept_) {
       kept_ = std::make_unique<graph::StepGraph>(std::move(step));
       kept_batch_ = b;
-      return;
+    } else if (b == kept_batch_ + 1) {
+      pair_ = std::make_unique<graph::StepGraph>(std::move(step));
+    } else if (b + 1 == kept_batch_) {
+      pair_ = std::move(kept_);
+      kept_ = std::make_unique<graph::StepGraph>(std::move(step));
+      kept_batch_ = b;
     }
-    if (b == kept_batch_ + 1) scaled_ = std::make_unique<ScaledStep>(std::move(*kept_), step, kept_batch_);
-    else if (b + 1 == kept_batch_) scaled_ = std::make_unique<ScaledStep>(std::move(step), *kept_, b);
-    else return;
-    kept_.reset();
-    if (!scaled_->ok()) scaled_.reset();
   }
   const Probe& probe(int64_t b) {
     auto it = known_.find(b);
@@ -254,8 +261,10 @@ class BatchSearch {
   int64_t limit_;
   std::map<int64_t, Probe> known_;
   std::unique_ptr<graph::StepGraph> kept_;  // step 4: the first lowering at a batch >= 2
+  std::unique_ptr<graph::StepGraph> pair_;  // ... and the one at kept_batch_ + 1
   int64_t kept_batch_ = 0;
   std::unique_ptr<ScaledStep> scaled_;      // step 4: every later probe's graph
+  bool failed_ = false;                     // the two were not one structure: lower every probe
 };
 
 }  // namespace
