@@ -33,12 +33,17 @@
 // kContext, and when nothing outside the blocks sums over them. Data, tensor and pipeline
 // parallelism (buckets and stages span blocks), trainable subsets (patterns may name blocks),
 // master weights (one flat buffer), fp16's GradScaler (its unscale op counts every gradient's
-// elements), reentrant checkpointing, nested recompute schedules and segments spanning blocks are
-// lowered block by block.
-// Anything else the stamp cannot place (a count or shape that differs between a block and its
-// neighbour) makes it give up and the step is lowered in full. tests/test_stamp.cpp checks the
-// stamped graph against the full lowering, field by field, across families, modes, optimizers,
-// profiles, offload, accumulation and autocast.
+// elements), reentrant checkpointing, offload (its prefetches reach further), nested recompute
+// schedules and segments spanning blocks are lowered block by block.
+//
+// Autograd does not keep to block boundaries: the accumulation of block b's input gradient runs
+// inside block b + 1's backward, tagged b. So a run is grouped by its `home`, the stretch it sits
+// in (Numbering::number); what matters is that the grouping repeats from block to block, which
+// the position checks (a count, kind, shape or size that differs between a block and the one a
+// reference is moved to) test as the stamp goes: anything it cannot place makes it give up, and
+// the step is lowered in full. tests/test_stamp.cpp checks the stamped graph against the full
+// lowering, field by field, across families, modes and runs of modes, optimizers, profiles,
+// dtypes, autocast and accumulation.
 
 namespace actsim::graph {
 
@@ -48,9 +53,7 @@ constexpr int32_t kContext = 2;                    // blocks kept on each side o
 constexpr int64_t kMinRun = 2 * kContext + 2;      // the shortest run worth stamping
 constexpr int32_t kRegionShift = 20;               // Lowering's region bases are multiples of 1 << 20
 
-struct Fail {
-  int line;
-};                                                 // the stamp cannot place something: lower in full
+struct Fail {};                                    // the stamp cannot place something: lower in full
 
 bool eligible(const ModelConfig& m, const TrainingConfig& t, const BlockPlan* plan) {
   const ParallelConfig& p = t.parallel;
@@ -202,7 +205,7 @@ class Stamper {
     auto op_at = [&](OpId o) {
       if (o == kNoOp) return o;
       if (index(o) == g_.n_ops()) return OpId{ops_.total};
-      if (ops_.stride[index(o)] != 0) throw Fail{__LINE__};
+      if (ops_.stride[index(o)] != 0) throw Fail{};
       return OpId{ops_.new0[index(o)]};
     };
     g.last_micro_batch = op_at(g_.last_micro_batch);
@@ -239,18 +242,18 @@ class Stamper {
     const int32_t tx = k.home[ix];
     if (tx < 0) return Id{k.new0[ix]};
     if (from < 0) {
-      if (k.stride[ix] != 0) throw Fail{__LINE__};      // outside a list, a block is referenced from outside the blocks
+      if (k.stride[ix] != 0) throw Fail{};      // outside a list, a block is referenced from outside the blocks
       return Id{k.new0[ix]};
     }
     const int32_t target = at + (tx - from);
-    if (target < 0 || target >= static_cast<int32_t>(l_.comp.size())) throw Fail{__LINE__};
+    if (target < 0 || target >= static_cast<int32_t>(l_.comp.size())) throw Fail{};
     const int32_t u = l_.comp[static_cast<size_t>(target)], j = l_.copy[static_cast<size_t>(target)];
     uint32_t y = ix;
     if (u != tx) {
       const auto& m = k.members[static_cast<size_t>(u)];
-      if (k.pos[ix] >= m.size()) throw Fail{__LINE__};
+      if (k.pos[ix] >= m.size()) throw Fail{};
       y = m[k.pos[ix]];
-      if (!same(x, Id{y})) throw Fail{__LINE__};
+      if (!same(x, Id{y})) throw Fail{};
     }
     return Id{static_cast<uint32_t>(static_cast<int64_t>(k.new0[y]) + static_cast<int64_t>(j) * k.stride[y])};
   }
@@ -327,10 +330,10 @@ class Stamper {
     int32_t b;
     if (from >= 0) b = at + (v - from);
     else if (v < static_cast<int32_t>(l_.copies.size()) && l_.copies[static_cast<size_t>(v)] == 1) b = l_.first[static_cast<size_t>(v)];
-    else throw Fail{__LINE__};
-    if (b < 0 || b >= static_cast<int32_t>(l_.comp.size())) throw Fail{__LINE__};
+    else throw Fail{};
+    if (b < 0 || b >= static_cast<int32_t>(l_.comp.size())) throw Fail{};
     if (base != 0) return base + b;
-    if (!plan_) throw Fail{__LINE__};
+    if (!plan_) throw Fail{};
     return plan_->segment[static_cast<size_t>(b)];
   }
 
