@@ -105,6 +105,11 @@ TEST_CASE("stamped step graphs equal the full lowering, field by field", "[stamp
       {"model.family=gpt2", "model.n_layers=10", "checkpoint.policy=mlp"},
       {"model.family=llama", "model.n_layers=10", "checkpoint.policy=ops:mm,softmax"},
       {"model.family=llama", "model.n_layers=10", "checkpoint.policy=full", "training.grad_accum_steps=2"},
+      {"model.family=llama", "model.n_layers=9", "parallel.tp=2"},
+      {"model.family=gpt2", "model.n_layers=9", "parallel.tp=2", "parallel.sp=true", "model.dropout=0.1"},
+      {"model.family=llama", "model.n_layers=9", "parallel.tp=2", "model.vocab_size=96", "parallel.tp_impl=dtensor", "training.optimizer_impl=for_loop"},
+      {"model.family=llama", "model.n_layers=9", "parallel.tp=2", "model.vocab_size=96", "parallel.tp_impl=dtensor", "parallel.sp=true"},
+      {"model.family=llama", "model.n_layers=9", "parallel.tp=2", "checkpoint.policy=selective"},
   };
   int stamped = 0;
   for (const auto& c : cases) {
@@ -211,6 +216,7 @@ TEST_CASE("stamping equals the full lowering across profiles, optimizers and dty
           if (n % 5 == 1) c.push_back("checkpoint.preserve_rng_state=false");
           if (n % 7 == 2 && std::string(family) == "llama") c.push_back("model.tie_embeddings=true");
           if (n % 4 == 3) c.push_back("training.grad_accum_steps=2");
+          if (n % 6 == 5) c.push_back("parallel.tp=2");
           ++n;
           std::vector<std::string> all{"model.vocab_size=97", "model.seq_len=16", "model.d_model=32", "model.n_heads=4",
                                        "training.batch_size=2"};

@@ -30,8 +30,9 @@
 // Checkpoint regions and names ("blocks.7.attn") follow the same shift.
 //
 // This holds when a block's structure depends only on its own mode and its neighbours' within
-// kContext, and when nothing outside the blocks sums over them. Data, tensor and pipeline
-// parallelism (buckets and stages span blocks), trainable subsets (patterns may name blocks),
+// kContext, and when nothing outside the blocks sums over them (tensor parallelism's collectives
+// are per block: stamped). Data and pipeline parallelism (buckets, flat partitions and stages span
+// blocks), trainable subsets (frozen patterns may name blocks; LoRA's adapters do not repeat),
 // master weights (one flat buffer), fp16's GradScaler (its unscale op counts every gradient's
 // elements), reentrant checkpointing, offload (its prefetches reach further), nested recompute
 // schedules and segments spanning blocks are lowered block by block.
@@ -58,7 +59,7 @@ struct Fail {};                                    // the stamp cannot place som
 bool eligible(const ModelConfig& m, const TrainingConfig& t, const BlockPlan* plan) {
   const ParallelConfig& p = t.parallel;
   if (m.family != Family::gpt2 && m.family != Family::llama) return false;
-  if (p.dp != 1 || p.tp != 1 || p.sp || p.pp != 1 || p.pp_stage()) return false;
+  if (p.dp != 1 || p.pp != 1 || p.pp_stage()) return false;
   if (t.trainable.mode != Trainable::all || t.master_weights != MasterWeights::none) return false;
   if (t.autocast == DType::f16) return false;
   if (t.checkpoint_impl == CheckpointImpl::reentrant) return false;  // its backward recomputes across blocks
