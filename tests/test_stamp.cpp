@@ -1,6 +1,7 @@
 // Block stamping (Note [Block stamping], graph/src/stamp.cpp): the stamped step graph is the full
 // lowering's, id for id and field for field, and every figure simulated from it is the same.
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 
 #include <optional>
 #include <string>
@@ -10,6 +11,8 @@
 #include "actsim/study/analyze.hpp"
 #include "actsim/study/resolve.hpp"
 #include "actsim/study/scenario.hpp"
+#include "actsim/sim/engine.hpp"
+#include "actsim/util/error.hpp"
 
 using namespace actsim;
 using namespace actsim::graph;
