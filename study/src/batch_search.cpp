@@ -30,9 +30,9 @@
 //      are an affine model in the batch; its answer is the next guess. After kRounds rounds, or
 //      when the model and the simulations disagree, the search is doubling then bisection over real
 //      simulations (largest_fitting), reusing every answer it has.
-//   4. Only the first two batches >= 2 the search simulates (g and g + 1) are lowered. When two
-//      consecutive batches of one structure are lowered (equal structure_hash, batch_scaling.hpp),
-//      every later probe at a batch >= 2 is the g graph with its sizes rewritten (ScaledStep):
+//   4. The search lowers until it holds lowerings at two consecutive batches >= 2 (its first pair,
+//      g and g + 1). When they are one structure (equal structure_hash, batch_scaling.hpp), every
+//      later probe at a batch >= 2 is the g graph with its sizes rewritten (ScaledStep):
 //      storage bytes, workspaces, FLOPs and bytes moved, each affine in the batch through the two
 //      lowerings (Note [Batch scaling]); the engine simulates it as it would the lowering
 //      (tests: "[batch_search][scaled]" compares every size with the lowering's).
@@ -164,11 +164,11 @@ class BatchSearch {
         if (probe(g).fits) return g;
         break;
       }
-      // One after the other on this thread: g + 1's lowering reuses the memory g's graph freed
-      // (a second thread would fault in a heap of its own, and make every malloc take its locks).
-      // On the loaded 2-core machine that is 1.18x less CPU time and wall clock for the whole
-      // command, and 25 MiB peak RSS instead of 34 (bench/compare_cpu.py, 11 runs alternated);
-      // on an idle machine the wall clock grows by about one probe (~20 ms).
+      // One after the other on this thread (a second thread would fault in a heap of its own, and
+      // make every malloc take its locks). On the loaded 2-core machine that was 1.18x less CPU
+      // time and wall clock for the whole command (bench/compare_cpu.py, 11 runs alternated); on
+      // an idle machine the wall clock grows by about one probe. Both lowerings are kept for step
+      // 4 (the seed's peak RSS: 29 MiB).
       const Probe& p = probe(g);
       if (!known_.count(g + 1)) remember(g + 1, simulate_at(g + 1));
       if (std::optional<int64_t> b = answer()) return *b;
