@@ -83,6 +83,20 @@ struct Layers {
   std::vector<int32_t> comp, copy;                 // [block] its compressed block and copy
 };
 
+// Whether the blocks around positions [begin, end) of a sequence, all of block u, go downwards
+// (backward): the nearest other block before them is a later one, or the nearest after an earlier
+// one. `block(i)` is position i's block, -1 outside the blocks.
+template <typename BlockAt>
+bool downwards(size_t begin, size_t end, size_t n, int32_t u, BlockAt block) {
+  for (size_t y = begin; y-- > 0;) {
+    if (const int32_t b = block(y); b >= 0 && b != u) return b > u;
+  }
+  for (size_t y = end; y < n; ++y) {
+    if (const int32_t b = block(y); b >= 0 && b != u) return b < u;
+  }
+  return false;
+}
+
 // The entities of one kind (ops, tensors or storages) of the compressed graph, numbered for the
 // stamped one.
 struct Numbering {
@@ -137,7 +151,7 @@ struct Numbering {
       if (k > 1) {
         while (e < n && home[e] == u) ++e;
       }
-      const bool down = k > 1 && descending(x, e, u);
+      const bool down = k > 1 && downwards(x, e, n, u, [&](size_t y) { return home[y]; });
       const auto len = static_cast<int32_t>(e - x);
       for (uint32_t y = x; y < e; ++y) {
         new0[y] = total + (y - x) + (down ? static_cast<uint32_t>((k - 1) * len) : 0);
@@ -147,17 +161,6 @@ struct Numbering {
       total += (e - x) * static_cast<uint32_t>(k);
       x = e;
     }
-  }
-  // Whether the blocks around run [x, e) of block u go downwards (backward: the next block's
-  // entities come before it, or the previous block's after it).
-  bool descending(uint32_t x, uint32_t e, int32_t u) const {
-    for (uint32_t y = x; y-- > 0;) {
-      if (home[y] >= 0 && home[y] != u) return home[y] > u;
-    }
-    for (uint32_t y = e; y < home.size(); ++y) {
-      if (home[y] >= 0 && home[y] != u) return home[y] < u;
-    }
-    return false;
   }
 };
 
@@ -290,15 +293,9 @@ class Stamper {
       }
       size_t e = i + 1;
       while (e < in.size() && index(in[e]) != 0xffffffffu && k.home[index(in[e])] == u) ++e;
-      // The list's order around the run: blocks downwards when the next block comes before it.
-      bool down = false, found = false;
-      auto tag_at = [&](size_t y) { return index(in[y]) == 0xffffffffu ? -1 : k.home[index(in[y])]; };
-      for (size_t y = i; y-- > 0 && !found;) {
-        if (tag_at(y) >= 0 && tag_at(y) != u) found = true, down = tag_at(y) > u;
-      }
-      for (size_t y = e; y < in.size() && !found; ++y) {
-        if (tag_at(y) >= 0 && tag_at(y) != u) found = true, down = tag_at(y) < u;
-      }
+      const bool down = downwards(i, e, in.size(), u, [&](size_t y) {  // the list's order around the run
+        return index(in[y]) == 0xffffffffu ? -1 : k.home[index(in[y])];
+      });
       const int32_t copies = l_.copies[static_cast<size_t>(u)];
       for (int32_t c = 0; c < copies; ++c) {
         const int32_t j = down ? copies - 1 - c : c;
