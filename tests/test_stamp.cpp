@@ -183,6 +183,7 @@ TEST_CASE("steps stamping cannot reproduce are lowered in full", "[stamp]") {
   CHECK_FALSE(stamped({"model.n_layers=12", "checkpoint.policy=every:2"}));     // segments span blocks
   CHECK_FALSE(stamped({"model.n_layers=12", "training.autocast=fp16"}));         // GradScaler sums over blocks
   CHECK_FALSE(stamped({"model.n_layers=12", "parallel.dp=2"}));                 // DDP's buckets span blocks
+  CHECK_FALSE(stamped({"model.n_layers=12", "parallel.pp=2"}));                 // a stage's last block holds every block's lists
   CHECK_FALSE(stamped({"model.n_layers=12", "checkpoint.policy=full", "checkpoint.impl=reentrant"}));
   CHECK_FALSE(stamped({"model.n_layers=12", "checkpoint.policy=offload"}));      // prefetches reach across blocks
   CHECK(stamped({"model.n_layers=12"}));

@@ -40,9 +40,10 @@
 // Autograd does not keep to block boundaries: the accumulation of block b's input gradient runs
 // inside block b + 1's backward, tagged b. So a run is grouped by its `home`, the stretch it sits
 // in (Numbering::number); what matters is that the grouping repeats from block to block, which
-// the position checks (a count, kind, shape or size that differs between a block and the one a
-// reference is moved to) test as the stamp goes: anything it cannot place makes it give up, and
-// the step is lowered in full. tests/test_stamp.cpp checks the stamped graph against the full
+// the checks test as the stamp goes: a reference between blocks further apart than kContext (a
+// pipeline stage's last block holds the optimizer's lists over every block), or a count, kind,
+// shape or size that differs between a block and the one a reference is moved to, makes it give
+// up, and the step is lowered in full. tests/test_stamp.cpp checks the stamped graph against the full
 // lowering, field by field, across families, modes and runs of modes, optimizers, profiles,
 // dtypes, autocast and accumulation.
 
@@ -249,6 +250,9 @@ class Stamper {
       if (k.stride[ix] != 0) throw Fail{};      // outside a list, a block is referenced from outside the blocks
       return Id{k.new0[ix]};
     }
+    // Blocks further apart than the context: not the local structure a stamp repeats (a list
+    // over every block held by a block's op, say).
+    if (tx - from > kContext || from - tx > kContext) throw Fail{};
     const int32_t target = at + (tx - from);
     if (target < 0 || target >= static_cast<int32_t>(l_.comp.size())) throw Fail{};
     const int32_t u = l_.comp[static_cast<size_t>(target)], j = l_.copy[static_cast<size_t>(target)];
