@@ -207,11 +207,19 @@ if ok:
     p2, _ = run(["simulate"] + sets(base) + ["--no-fit", "--json", "--calibration", cal])
     if p2.returncode == 0:
         calibrated = json.loads(p2.stdout)["step_time_ns"]
-        # Same shapes: every op's duration is its measured time, so the step time is their sum.
-        check("simulate --calibration predicts the measured step time (within 1%)",
-              abs(calibrated - measured_ns) <= 0.01 * measured_ns + 1000,
+        # Same shapes: an op with a name of its own gets its measured time, so the step time is
+        # nearly their sum. Ops that share a name but not a size get the kind's measured/roofline
+        # ratio instead, which follows the machine's load: 0.2-0.5% off on a quiet machine, 1.3%
+        # once under ctest -j2 beside the torch tests. 5% still tells a calibrated prediction from
+        # the roofline's (off by far more on a CPU).
+        check("simulate --calibration predicts the measured step time (within 5%)",
+              abs(calibrated - measured_ns) <= 0.05 * measured_ns + 1000,
               "calibrated %d ns vs measured %d ns" % (calibrated, measured_ns))
         print("      calibrated prediction %.3f ms, measured %.3f ms" % (calibrated / 1e6, measured_ns / 1e6))
+        p4, _ = run(["simulate"] + sets(base) + ["--no-fit", "--json"])
+        roofline = json.loads(p4.stdout)["step_time_ns"] if p4.returncode == 0 else 0
+        check("simulate without --calibration is not within 5% (the check above tells them apart)",
+              abs(roofline - measured_ns) > 0.05 * measured_ns + 1000, "roofline %d ns" % roofline)
     else:
         check("simulate --calibration", False, p2.stderr.strip())
     bad = os.path.join(tmp, "bad-cal.json")
